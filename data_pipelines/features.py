@@ -1,0 +1,133 @@
+"""Feature-key constants, the canonical source record, and the MixedBatch specification.
+
+Two contracts live here:
+
+1. **Canonical record** (what every source yields, before any transform). JSON-lines, ArrayRecord
+   and the synthetic world all produce exactly this dict, so readers can be compared for equality
+   and transforms never care where a record came from:
+
+   common:   'kind'   str  one of KINDS
+             'id'     str  stable id of the record (given by the data, else "<file>:<line>")
+   image:    'image'    bytes   the encoded image file (JPEG/PNG/...), not decoded
+             'captions' list[str]  >= 1 caption (one is drawn per use)
+   region:   'image'    bytes
+             'captions' list[str]  whole-image captions (may be empty)
+             'elems'    list[dict]: 'bb' list[float] [x, y, w, h] pixels of the original image
+                                    (top-left + size), 'captions' list[str] (>= 1),
+                                    'attributes' list[str] (may be empty)
+   video:    'clips'        list[list[bytes]]  one or more clips of encoded frames
+             'captions'     list[str]  one per clip when there are several clips, else >= 1
+             'is_continuous' bool
+
+2. **MixedBatch** (what one training step consumes): a dict kind -> dict field -> numpy array,
+   with static shapes from `BatchSizes` (see `batch_spec`). Padding rows have valid = 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+IMAGE, REGION, VIDEO = "image", "region", "video"
+KINDS = (IMAGE, REGION, VIDEO)
+
+# Text fields shared by every kind.
+TEXT_IDS = "text_ids"  # int32 [B, L] token ids of the unmasked caption, [PAD]=0 padded
+TEXT_MASK = "text_mask"  # int32 [B, L] 1 for real tokens
+MLM_IDS = "mlm_ids"  # int32 [B, L] ids after MLM masking
+MLM_POSITIONS = "mlm_positions"  # int32 [B, M] masked positions, padded with 0
+MLM_LABELS = "mlm_labels"  # int32 [B, M] original ids at those positions, padded with 0
+MLM_WEIGHTS = "mlm_weights"  # float32 [B, M] 1 for real masked positions, 0 for padding
+VALID = "valid"  # int32 [B] 1 for a real row, 0 for padding
+RECORD_ID = "record_id"  # int32 [B] index of the record within its source (-1 for padding)
+SOURCE_ID = "source_id"  # int32 [B] index of the source within the kind (-1 for padding)
+
+# Vision fields.
+PIXELS = "pixels"  # uint8 [N, R, R, 3] (image kind: N = B; region kind: N = max_images)
+IMAGE_VALID = "image_valid"  # int32 [N] region kind: 1 for a real image slot
+IMAGE_INDEX = "image_index"  # int32 [B] region kind: which image of PIXELS each text belongs to
+BOX = "box"  # float32 [B, 4] region kind: normalised (cx, cy, w, h)
+PATCH_MASK = "patch_mask"  # int32 [B, T] region kind: 1 for patches inside the box (no token 0)
+IS_IMAGE = "is_image"  # int32 [B] region kind: 1 if the text describes the whole image
+FRAMES = "frames"  # uint8 [B, F, R, R, 3] video kind
+FRAME_VALID = "frame_valid"  # int32 [B, F] video kind
+
+TEXT_FIELDS = (TEXT_IDS, TEXT_MASK, MLM_IDS, MLM_POSITIONS, MLM_LABELS, MLM_WEIGHTS, VALID,
+               RECORD_ID, SOURCE_ID)
+# Fields that stay on the host (bookkeeping, not model inputs).
+HOST_ONLY_FIELDS = (RECORD_ID, SOURCE_ID)
+
+# Reasons a record can be skipped; every skip increments exactly one of these counters.
+SKIP_REASONS = (
+    "bad_json",  # the line is not a JSON object
+    "bad_field_type",  # a field has the wrong type or a required field is missing
+    "corrupt_image",  # image bytes that do not decode (truncated, garbage, bad base64)
+    "missing_image",  # an image path that does not exist
+    "empty_caption",  # caption empty or whitespace after pre_caption
+    "caption_no_tokens",  # caption that tokenises to nothing
+    "bad_box",  # every elem box non-positive or outside the image
+    "no_usable_elem",  # region record whose elems all fail (e.g. min_perc_in_image)
+    "empty_video",  # video with 0 frames
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSizes:
+  """Static per-step sizes. All batch sizes are per process (host-local)."""
+
+  image_res: int = 224
+  patch_size: int = 16
+  max_tokens: int = 40  # L
+  max_masks: int = 12  # M
+  image_batch: int = 0  # B_i texts = images
+  region_batch: int = 0  # B_r texts
+  region_max_images: int = 0  # N_i image slots of a region sub-batch
+  video_batch: int = 0  # B_v clips
+  frame_len: int = 3  # F
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_res // self.patch_size) ** 2
+
+
+def batch_spec(s: BatchSizes) -> dict[str, dict[str, tuple[tuple[int, ...], np.dtype]]]:
+  """kind -> field -> (shape, dtype). A kind with batch size 0 is absent."""
+  R, L, M = s.image_res, s.max_tokens, s.max_masks
+
+  def text(b):
+    return {
+        TEXT_IDS: ((b, L), np.int32), TEXT_MASK: ((b, L), np.int32), MLM_IDS: ((b, L), np.int32),
+        MLM_POSITIONS: ((b, M), np.int32), MLM_LABELS: ((b, M), np.int32),
+        MLM_WEIGHTS: ((b, M), np.float32), VALID: ((b,), np.int32),
+        RECORD_ID: ((b,), np.int32), SOURCE_ID: ((b,), np.int32),
+    }
+
+  spec = {}
+  if s.image_batch:
+    spec[IMAGE] = {PIXELS: ((s.image_batch, R, R, 3), np.uint8), **text(s.image_batch)}
+  if s.region_batch:
+    b, n = s.region_batch, s.region_max_images
+    spec[REGION] = {
+        PIXELS: ((n, R, R, 3), np.uint8), IMAGE_VALID: ((n,), np.int32),
+        IMAGE_INDEX: ((b,), np.int32), BOX: ((b, 4), np.float32),
+        PATCH_MASK: ((b, s.num_patches), np.int32), IS_IMAGE: ((b,), np.int32), **text(b),
+    }
+  if s.video_batch:
+    b, f = s.video_batch, s.frame_len
+    spec[VIDEO] = {FRAMES: ((b, f, R, R, 3), np.uint8), FRAME_VALID: ((b, f), np.int32), **text(b)}
+  return spec
+
+
+def check_batch(batch, s: BatchSizes) -> None:
+  """Raises ValueError naming the kind and field if a batch deviates from the spec."""
+  spec = batch_spec(s)
+  if set(batch) != set(spec):
+    raise ValueError(f"batch kinds {sorted(batch)} != configured kinds {sorted(spec)}")
+  for kind, fields in spec.items():
+    if set(batch[kind]) != set(fields):
+      raise ValueError(f"{kind}: fields {sorted(batch[kind])} != spec {sorted(fields)}")
+    for name, (shape, dtype) in fields.items():
+      arr = batch[kind][name]
+      if tuple(arr.shape) != shape or arr.dtype != dtype:
+        raise ValueError(f"{kind}/{name}: got {arr.shape} {arr.dtype}, expected {shape} {np.dtype(dtype)}")

@@ -1,0 +1,125 @@
+"""Typed, named architecture sizes for the three towers and the whole model.
+
+A frozen dataclass per tower plus a variant table; `ModelConfig.tiny/base/large` compose them.
+`tiny` uses deliberately unusual widths (36, 40, 52, 56, 24) so that a transposed kernel or a
+swapped head/feature axis fails loudly in tests instead of going unnoticed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """BEiT-2 ViT as configured by the official code (see reference §1.2)."""
+
+  width: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  patch_size: int = 16
+  image_size: int = 224
+  drop_path_rate: float = 0.1  # linspace(0, rate, depth); hard-coded 0.1 in the official code
+  layer_scale_init: float = 0.1
+  ln_eps: float = 1e-6
+
+  @property
+  def grid(self) -> int:  # P: patches per side
+    return self.image_size // self.patch_size
+
+  @property
+  def num_patches(self) -> int:  # T
+    return self.grid**2
+
+  @property
+  def num_rel(self) -> int:  # rows of the relative-position-bias table
+    return (2 * self.grid - 1) ** 2 + 3
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  """Post-LN BERT text tower (layers 0-11 of the official 18-layer stack)."""
+
+  vocab_size: int = 30522
+  width: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  max_positions: int = 512
+  type_vocab_size: int = 2
+  pad_token_id: int = 0
+  ln_eps: float = 1e-12
+  dropout: float = 0.1  # hidden and attention-probability dropout
+
+
+@dataclasses.dataclass(frozen=True)
+class FusionConfig:
+  """Fusion tower: self-attn -> cross-attn (to vision) -> FFN, post-LN, text width."""
+
+  depth: int = 6
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  ln_eps: float = 1e-12
+  dropout: float = 0.1
+  # Additive key-mask value of cross-attention (transformers 4.12 `invert_attention_mask`, fp32).
+  cross_mask_value: float = -1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The whole X2-VLM model. `frame_len` > 0 adds the learned video frame embedding."""
+
+  vision: VisionConfig = VisionConfig()
+  text: TextConfig = TextConfig()
+  fusion: FusionConfig = FusionConfig()
+  embed_dim: int = 256  # ITC projection size
+  temp_init: float = 0.07
+  temp_min: float = 0.001
+  temp_max: float = 0.5
+  head_ln_eps: float = 1e-5  # LayerNorm inside the ITM/box MLP heads (PyTorch default)
+  frame_len: int = 0  # 0: no video frame embedding
+  dtype: Any = jnp.float32  # compute dtype
+  param_dtype: Any = jnp.float32
+  remat: bool = False  # rematerialise each transformer block in the backward pass
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+  @classmethod
+  def tiny(cls, **kw) -> "ModelConfig":
+    """Oddly sized, 2-layer towers at 64 px (P=4, T=16) for fast CPU tests."""
+    base = cls(
+        vision=VisionConfig(width=36, depth=2, num_heads=3, mlp_dim=52, image_size=64),
+        text=TextConfig(width=40, depth=2, num_heads=4, mlp_dim=56, max_positions=64),
+        fusion=FusionConfig(depth=2, num_heads=4, mlp_dim=56),
+        embed_dim=24,
+    )
+    return dataclasses.replace(base, **kw)
+
+  @classmethod
+  def base(cls, **kw) -> "ModelConfig":
+    """BEiT-2 B/16 + bert-base (12 text + 6 fusion layers): 254,758,401 parameters."""
+    return dataclasses.replace(cls(), **kw)
+
+  @classmethod
+  def large(cls, **kw) -> "ModelConfig":
+    """BEiT-2 L/16 + 1024-wide BERT; with frame_len=3: 592,952,129 parameters."""
+    base = cls(
+        vision=VisionConfig(width=1024, depth=24, num_heads=16, mlp_dim=4096),
+        text=TextConfig(width=1024, depth=12, num_heads=16, mlp_dim=4096),
+        fusion=FusionConfig(depth=6, num_heads=16, mlp_dim=4096),
+        frame_len=3,
+    )
+    return dataclasses.replace(base, **kw)
+
+  @classmethod
+  def named(cls, name: str, **kw) -> "ModelConfig":
+    try:
+      factory = {"tiny": cls.tiny, "base": cls.base, "large": cls.large}[name]
+    except KeyError:
+      raise ValueError(f"unknown model variant {name!r}; expected tiny, base or large") from None
+    return factory(**kw)

@@ -1,0 +1,170 @@
+"""All sharding decisions live here: mesh axes, the logical-axis rules, and placement helpers.
+
+Parameters carry *logical* axis names (via `nnx.with_partitioning`); this module maps them to the
+mesh axes ('data', 'fsdp', 'tensor'). The rules table has exactly one entry per logical name and
+`check_rules_cover` verifies that every name used by a model is in it (NNX would otherwise let an
+unknown name pass through silently as "replicated").
+
+A dimension that the mapped mesh axes do not divide evenly is replicated instead (and reported), so
+oddly sized test models run on any mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical name -> mesh axis (or tuple of axes, or None = replicated). One entry per name.
+LOGICAL_RULES: dict[str, Any] = {
+    # parameters
+    "embed": "fsdp",  # model width of any tower (vision, text, fusion)
+    "mlp": "tensor",  # FFN hidden units
+    "heads": "tensor",  # attention heads
+    "kv": None,  # per-head feature (d_h)
+    "qkv": None,  # the q/k/v selector axis of a fused projection
+    "vocab": "tensor",  # word-piece vocabulary
+    "proj": None,  # ITC embedding (256)
+    "classes": None,  # head outputs (2 for ITM, 4 for boxes)
+    "layers": None,  # stacked-layer axis of scanned towers
+    "rel_pos": None,  # rows of a relative-position-bias table
+    "positions": None,  # rows of a position-embedding table
+    "frames": None,  # video frame axis
+    "patch": None,  # kernel height/width/channels of the patch embedding
+    "norm": None,  # LayerNorm scale/bias (small; replicated)
+    # activations
+    "batch": ("data", "fsdp"),
+    "seq": None,
+    "act_embed": None,
+    "act_mlp": "tensor",
+    "act_heads": "tensor",
+}
+
+
+def make_mesh(shape: Mapping[str, int] | Sequence[int], devices=None) -> Mesh:
+  """Builds a ('data', 'fsdp', 'tensor') mesh. One size may be -1: it takes the remaining devices."""
+  devices = list(jax.devices() if devices is None else devices)
+  if isinstance(shape, Mapping):
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+      raise ValueError(f"unknown mesh axes {sorted(unknown)}; expected a subset of {MESH_AXES}")
+    sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+  else:
+    sizes = [int(s) for s in shape]
+    if len(sizes) != len(MESH_AXES):
+      raise ValueError(f"mesh shape {shape} must have {len(MESH_AXES)} entries {MESH_AXES}")
+  n = len(devices)
+  if sizes.count(-1) > 1:
+    raise ValueError(f"at most one mesh axis may be -1, got {sizes}")
+  if -1 in sizes:
+    known = math.prod(s for s in sizes if s != -1)
+    if n % known:
+      raise ValueError(f"{n} devices cannot be split into mesh {sizes}")
+    sizes[sizes.index(-1)] = n // known
+  if math.prod(sizes) != n:
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {n}")
+  arr = np.asarray(devices, dtype=object).reshape(sizes)
+  return Mesh(arr, MESH_AXES)
+
+
+def _axis_size(mesh: Mesh, axes) -> int:
+  if axes is None:
+    return 1
+  if isinstance(axes, str):
+    axes = (axes,)
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def logical_to_spec(
+    names: Sequence[str | None] | None,
+    shape: Sequence[int] | None = None,
+    mesh: Mesh | None = None,
+    rules: Mapping[str, Any] = LOGICAL_RULES,
+) -> P:
+  """Logical names -> PartitionSpec. With shape and mesh, non-dividing axes fall back to None."""
+  if names is None:
+    return P()
+  out, used = [], set()
+  for i, name in enumerate(names):
+    if name is None:
+      out.append(None)
+      continue
+    if name not in rules:
+      raise KeyError(f"logical axis {name!r} has no sharding rule; add it to LOGICAL_RULES")
+    axes = rules[name]
+    if axes is not None:
+      flat = (axes,) if isinstance(axes, str) else tuple(axes)
+      # A mesh axis may appear only once per spec; and the dim must divide evenly.
+      if used & set(flat):
+        axes = None
+      elif shape is not None and mesh is not None and shape[i] % _axis_size(mesh, axes):
+        axes = None
+      else:
+        used |= set(flat)
+    out.append(axes)
+  return P(*out)
+
+
+def logical_sharding(names, shape, mesh: Mesh, rules=LOGICAL_RULES) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Leading (batch) axis over ('data', 'fsdp'), all other axes replicated."""
+  return NamedSharding(mesh, P(LOGICAL_RULES["batch"], *([None] * (ndim - 1))))
+
+
+def _names_of(var) -> tuple | None:
+  meta = var.get_metadata() if hasattr(var, "get_metadata") else {}
+  return meta.get("sharding_names", meta.get("sharding"))
+
+
+def state_shardings(state, mesh: Mesh, rules=LOGICAL_RULES):
+  """Maps an nnx.State (abstract or concrete) to a matching tree of NamedShardings."""
+  from flax import nnx
+
+  def one(var):
+    names = _names_of(var)
+    return logical_sharding(names, var.value.shape, mesh, rules)
+
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def check_rules_cover(state, rules=LOGICAL_RULES) -> list[str]:
+  """Returns the paths of parameters without a complete annotation (empty list = all covered)."""
+  from flax import nnx
+
+  bad = []
+  for path, var in nnx.to_flat_state(state) if hasattr(nnx, "to_flat_state") else state.flat_state():
+    names = _names_of(var)
+    shape = var.value.shape
+    if names is None or len(names) != len(shape) or any(n is not None and n not in rules for n in names):
+      bad.append("/".join(map(str, path)))
+  return bad
+
+
+def sharding_report(state, mesh: Mesh, rules=LOGICAL_RULES) -> str:
+  """A table of every parameter's logical names, partition spec and bytes per device."""
+  from flax import nnx
+
+  lines, total = [], 0
+  flat = nnx.to_flat_state(state) if hasattr(nnx, "to_flat_state") else state.flat_state()
+  for path, var in flat:
+    arr = var.value
+    names = _names_of(var)
+    spec = logical_to_spec(names, arr.shape, mesh, rules)
+    shard_elems = math.prod(arr.shape)
+    for dim, axes in zip(arr.shape, tuple(spec) + (None,) * (len(arr.shape) - len(spec))):
+      if axes is not None:
+        shard_elems = shard_elems // _axis_size(mesh, axes) if dim else shard_elems
+    nbytes = shard_elems * np.dtype(arr.dtype).itemsize
+    total += nbytes
+    lines.append(f"{'/'.join(map(str, path)):<70} {str(tuple(arr.shape)):<22} {str(names):<40} {spec} {nbytes:,} B")
+  lines.append(f"total parameter bytes per device: {total:,} ({total / 2**20:.1f} MiB)")
+  return "\n".join(lines)
