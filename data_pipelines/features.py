@@ -131,3 +131,36 @@ def check_batch(batch, s: BatchSizes) -> None:
       arr = batch[kind][name]
       if tuple(arr.shape) != shape or arr.dtype != dtype:
         raise ValueError(f"{kind}/{name}: got {arr.shape} {arr.dtype}, expected {shape} {np.dtype(dtype)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocConfig:
+  """Per-example preprocessing settings (reference §5; released pre-training values)."""
+
+  image_res: int = 224
+  patch_size: int = 16
+  max_tokens: int = 40
+  max_masks: int = 12
+  mask_prob: float = 0.5
+  skipgram_prb: float = 0.2
+  skipgram_size: int = 3
+  mask_whole_word: bool = True
+  min_perc_in_image: float = 0.5
+  max_regions: int = 5  # texts kept per region record
+  frame_len: int = 3
+  randaugment: bool = True
+  crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop scale (fine-tuning: (0.5, 1))
+  train: bool = True  # False: deterministic test transform (bicubic resize, eval frame sampling)
+
+
+class SkipRecord(Exception):
+  """Raised by readers and per-example transforms for a record that must be skipped.
+
+  `reason` is one of SKIP_REASONS; the message names the record and the offending field.
+  """
+
+  def __init__(self, reason: str, record_id: str, field: str, detail: str = ""):
+    if reason not in SKIP_REASONS:
+      raise ValueError(f"unknown skip reason {reason!r}")
+    self.reason, self.record_id, self.field, self.detail = reason, record_id, field, detail
+    super().__init__(f"{record_id}: {reason} in field {field!r}" + (f": {detail}" if detail else ""))
