@@ -1,0 +1,211 @@
+"""Random-access data sources over official JSON-lines files (grain `RandomAccessDataSource`).
+
+A source is a file or a directory of files (names containing `_SUCCESS` are skipped, as the
+official reader does, reference §5.1). Each file gets a line-offset index, built by a cheap
+newline scan and cached (in memory, and on disk when `index_cache_dir` is given), so
+`source[i]` seeks straight to line i. `__getitem__` returns a canonical record (`features.py`)
+or raises `SkipRecord`; record ids are "<file basename>:<line number>" (1-based) unless the line
+has an "id". `open_source` also dispatches to the ArrayRecord reader.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import os
+from typing import Sequence
+
+import numpy as np
+
+from data_pipelines import features as F
+from data_pipelines.jsonl_format import JsonlFormat, default_format, parse_line
+
+_CHUNK = 1 << 24  # bytes read per step of the newline scan
+_INDEX_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def list_files(path: str | os.PathLike) -> list[str]:
+  """The data files of a source: the file itself, or the sorted regular files of a directory.
+
+  Skips names containing `_SUCCESS` (§5.1) and hidden files (`.crc`, editor droppings).
+  """
+  path = os.fspath(path)
+  if os.path.isfile(path):
+    return [path]
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"data source {path!r} does not exist")
+  files = [os.path.join(path, n) for n in sorted(os.listdir(path))
+           if "_SUCCESS" not in n and not n.startswith(".")
+           and os.path.isfile(os.path.join(path, n))]
+  if not files:
+    raise FileNotFoundError(f"data source {path!r} holds no data files")
+  return files
+
+
+def _scan_lines(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """(start offsets, 1-based line numbers) of the non-blank lines of a file; int64 [N] each."""
+  starts, ends, base, last_byte = [np.zeros(1, np.int64)], [], 0, b"\n"
+  with open(path, "rb") as f:
+    while chunk := f.read(_CHUNK):
+      nl = np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10).astype(np.int64) + base
+      ends.append(nl)
+      starts.append(nl + 1)
+      base += len(chunk)
+      last_byte = chunk[-1:]
+  if last_byte != b"\n":  # a last line without a newline
+    ends.append(np.array([base], np.int64))
+  if not ends:
+    return np.zeros(0, np.int64), np.zeros(0, np.int64)
+  ends = np.concatenate(ends)
+  starts = np.concatenate(starts)[:len(ends)]
+  numbers = np.arange(1, len(ends) + 1, dtype=np.int64)
+  # Blank lines (empty, or a lone '\r') are not records: the trailing newline of a file must
+  # not create one, and the official reader would only drop them as broken lines anyway.
+  keep = (ends - starts) > 1
+  keep |= (ends - starts == 1) & (_first_bytes(path, starts, ends) != ord("\r"))
+  return starts[keep], numbers[keep]
+
+
+def _first_bytes(path: str, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+  """The first byte of each one-byte line (only those are read)."""
+  out = np.zeros(len(starts), np.int64)
+  idx = np.flatnonzero(ends - starts == 1)
+  if len(idx):
+    with open(path, "rb") as f:
+      for i in idx:
+        f.seek(int(starts[i]))
+        out[i] = f.read(1)[0]
+  return out
+
+
+def line_index(path: str, cache_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Cached (offsets, line numbers) of a file; the cache key includes size and mtime."""
+  st = os.stat(path)
+  key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+  if key in _INDEX_CACHE:
+    return _INDEX_CACHE[key]
+  cache_file = None
+  if cache_dir:
+    digest = hashlib.sha1(repr(key).encode()).hexdigest()[:20]
+    cache_file = os.path.join(cache_dir, f"{os.path.basename(path)}.{digest}.lineidx.npy")
+    if os.path.exists(cache_file):
+      both = np.load(cache_file)
+      _INDEX_CACHE[key] = (both[0], both[1])
+      return _INDEX_CACHE[key]
+  index = _scan_lines(path)
+  if cache_file:
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{cache_file}.{os.getpid()}.tmp.npy"
+    np.save(tmp, np.stack(index))
+    os.replace(tmp, cache_file)
+  _INDEX_CACHE[key] = index
+  return index
+
+
+class JsonLinesSource:
+  """grain `RandomAccessDataSource` over official JSON-lines files of one kind.
+
+  Args:
+    path: a file or a directory of files.
+    kind: one of `features.KINDS`.
+    fmt: key names / image storage (`jsonl_format.default_format(kind)` when None).
+    index_cache_dir: optional directory for on-disk line indices.
+  """
+
+  def __init__(self, path: str | os.PathLike, kind: str, fmt: JsonlFormat | None = None,
+               index_cache_dir: str | None = None):
+    if kind not in F.KINDS:
+      raise ValueError(f"unknown kind {kind!r}; expected one of {F.KINDS}")
+    self.kind, self.fmt = kind, fmt or default_format(kind)
+    self.files = list_files(path)
+    self._offsets, self._lines = [], []
+    for f in self.files:
+      offsets, numbers = line_index(f, index_cache_dir)
+      self._offsets.append(offsets)
+      self._lines.append(numbers)
+    self._cum = np.cumsum([0] + [len(o) for o in self._offsets]).tolist()  # [n_files + 1]
+
+  def __len__(self) -> int:
+    return self._cum[-1]
+
+  def __repr__(self) -> str:
+    return f"JsonLinesSource(kind={self.kind!r}, files={len(self.files)}, records={len(self)})"
+
+  def _locate(self, i: int) -> tuple[int, int]:
+    if not -len(self) <= i < len(self):
+      raise IndexError(f"record {i} out of range for {len(self)} records")
+    i %= len(self)
+    fi = bisect.bisect_right(self._cum, i) - 1
+    return fi, i - self._cum[fi]
+
+  def location(self, i: int) -> tuple[str, int]:
+    """(file path, 1-based line number) of record i."""
+    fi, j = self._locate(i)
+    return self.files[fi], int(self._lines[fi][j])
+
+  def raw_line(self, i: int) -> bytes:
+    """The bytes of line i (without the newline)."""
+    fi, j = self._locate(i)
+    offsets = self._offsets[fi]
+    start = int(offsets[j])
+    with open(self.files[fi], "rb") as f:
+      f.seek(start)
+      if j + 1 < len(offsets):
+        data = f.read(int(offsets[j + 1]) - start)
+      else:
+        data = f.read()
+    return data.split(b"\n", 1)[0].rstrip(b"\r")
+
+  def __getitem__(self, i: int) -> dict:
+    """Canonical record i; raises `SkipRecord` for a bad line (never anything else)."""
+    path, line = self.location(i)
+    rid = f"{os.path.basename(path)}:{line}"
+    return parse_line(self.kind, self.raw_line(i), rid, self.fmt, os.path.dirname(path))
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+    """Batch read; raises `SkipRecord` at the first bad record."""
+    return [self[i] for i in indices]
+
+
+def is_arrayrecord(path: str | os.PathLike) -> bool:
+  """Whether `path` is (or holds) a TFDS ArrayRecord dataset written by `arrayrecord.py`."""
+  from data_pipelines import arrayrecord  # tfds import is slow; only pay for it when needed
+  return arrayrecord.find_dataset_dir(path) is not None
+
+
+def open_source(path: str | os.PathLike, kind: str | None = None, fmt: JsonlFormat | None = None,
+                **kwargs):
+  """A random-access source for `path`: ArrayRecord dataset dir or JSON-lines file/dir.
+
+  `kind` is required for JSON lines unless it can be inferred from the first parseable line
+  (see `detect_kind`); ArrayRecord datasets record their kind.
+  """
+  from data_pipelines import arrayrecord
+  if arrayrecord.find_dataset_dir(path) is not None:
+    src = arrayrecord.ArrayRecordSource(path, **kwargs)
+    if kind is not None and kind != src.kind:
+      raise ValueError(f"{path}: holds {src.kind!r} records, not {kind!r}")
+    return src
+  return JsonLinesSource(path, kind or detect_kind(path), fmt, **kwargs)
+
+
+def detect_kind(path: str | os.PathLike, max_lines: int = 100) -> str:
+  """Infers the kind of a JSON-lines source from the keys of its first parseable line(s)."""
+  import json
+  for f in list_files(path):
+    with open(f, "rb") as fh:
+      for n, line in enumerate(fh):
+        if n >= max_lines:
+          break
+        try:
+          obj = json.loads(line)
+        except ValueError:
+          continue
+        if isinstance(obj, dict):
+          if "elems" in obj:
+            return F.REGION
+          if "video_frames" in obj:
+            return F.VIDEO
+          return F.IMAGE
+  raise ValueError(f"{path}: cannot infer the kind (no JSON object in the first lines); "
+                   "pass --kind")
