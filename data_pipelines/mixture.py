@@ -1,0 +1,322 @@
+"""Per-kind grain pipelines and the `MixedBatch` iterator that zips them, one dict per step.
+
+Per kind (image, region, video), records flow as
+
+  each source: range(len) → host shard [i::n] → shuffle(seed) → repeat(epochs) → (source, index)
+  sources of the kind: MapDataset.mix(weights)       (evaluation: concatenate, no shuffle)
+  → map_with_index: read the record + make_example with a per-example seed
+      np.random.default_rng([seed, shard_index, kind, 0, position])
+    a SkipRecord (from the reader or the transform) becomes a `Tagged` skip marker, not an error
+  → PackIterDataset (packing.py): per-example map in worker processes (mp_prefetch), skipping,
+    counting and packing into fixed-shape sub-batches in the consuming process.
+
+Every element of the per-kind stream is a pure function of its position, so a pipeline's state
+is just positions and counters: `MixedBatchIterator.get_state()` is a small JSON-able dict, and
+restoring it (with any number of worker processes) reproduces the remaining batches bit for bit.
+
+Host sharding follows the official reader in spirit (reference §5.1: each rank reads a disjoint
+part of the data) but shards records, not files, so the shards stay balanced for any file layout.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from data_pipelines import features as F
+from data_pipelines import packing
+from data_pipelines import workers
+
+STATE_VERSION = 1
+_EXAMPLE_TAG = 0  # seed tag of per-example randomness (packing uses tag 1)
+
+
+def seed32(*ints: int) -> int:
+  """A well-mixed 32-bit seed from several integers (grain shuffle seeds must fit in uint32)."""
+  return int(np.random.SeedSequence([int(i) for i in ints]).generate_state(1)[0])
+
+
+def _tag_source(source_id: int, record_index: int) -> tuple[int, int]:
+  return source_id, int(record_index)
+
+
+def source_indices(num_records: int, source_id: int, *, shard_index: int, shard_count: int,
+                   shuffle_seed: int | None, num_epochs: int | None) -> grain.MapDataset:
+  """MapDataset of (source_id, record_index) for this host's shard of one source.
+
+  Shards are strided ([shard_index::shard_count]) so they are disjoint, cover the source, and
+  differ in size by at most one record. Shuffling happens after sharding and is re-seeded every
+  epoch by grain's repeat.
+  """
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+  ds = grain.MapDataset.range(num_records)[shard_index::shard_count]
+  if shuffle_seed is not None:
+    ds = ds.shuffle(seed=shuffle_seed)
+  if num_epochs != 1:
+    if num_epochs is not None and num_epochs < 1:
+      raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
+    if len(ds) == 0:
+      raise ValueError(f"source {source_id}: shard {shard_index}/{shard_count} is empty; "
+                       "cannot repeat it")
+    ds = ds.repeat(num_epochs)
+  return ds.map(functools.partial(_tag_source, source_id))
+
+
+class ExampleFn:
+  """Reads one record and runs make_example on it; a SkipRecord becomes a skip marker.
+
+  Picklable (sources, tokenizer and make_example travel to the worker processes).
+  """
+
+  def __init__(self, kind: str, sources: Sequence[Any], make_example: Callable,
+               preproc: F.PreprocConfig, tokenizer, seed_key: Sequence[int]):
+    self.kind, self.sources, self.make_example = kind, list(sources), make_example
+    self.preproc, self.tokenizer, self.seed_key = preproc, tokenizer, tuple(seed_key)
+
+  def __call__(self, position: int, tagged: tuple[int, int]) -> packing.Tagged:
+    source_id, record_index = tagged
+    where = f"{self.kind} source {source_id} record {record_index}"
+    try:
+      record = self.sources[source_id][record_index]
+    except F.SkipRecord as e:
+      return packing.Tagged(None, e.reason, record_index, source_id)
+    if isinstance(record, Mapping) and record.get("kind", self.kind) != self.kind:
+      raise ValueError(f"{where}: record of kind {record.get('kind')!r} in a {self.kind} source")
+    rng = np.random.default_rng([*self.seed_key, _EXAMPLE_TAG, int(position)])
+    try:
+      example = self.make_example(self.kind, record, rng, self.preproc, self.tokenizer)
+    except F.SkipRecord as e:
+      return packing.Tagged(None, e.reason, record_index, source_id)
+    except Exception as e:  # a bug or a bad config, not bad data: fail loudly, naming the record
+      raise RuntimeError(f"{where} (id {record.get('id', '?') if isinstance(record, Mapping) else '?'}): "
+                         f"make_example failed: {type(e).__name__}: {e}") from e
+    return packing.Tagged(example, None, record_index, source_id)
+
+
+def _kind_id(kind: str) -> int:
+  return F.KINDS.index(kind)
+
+
+def kind_dataset(kind: str, sources: Sequence[Any], sizes: F.BatchSizes,
+                 preproc: F.PreprocConfig, tokenizer, *, seed: int,
+                 weights: Sequence[float] | None = None, make_example: Callable | None = None,
+                 shard_index: int = 0, shard_count: int = 1, num_epochs: int | None = None,
+                 shuffle: bool = True, num_workers: int = 0, worker_buffer_size: int = 4,
+                 read_threads: int = 1, num_batches: int | None = None,
+                 exit_with_parent: bool = True) -> packing.PackIterDataset:
+  """One kind's pipeline: sources → shard → shuffle → repeat → mix → make_example → pack.
+
+  Args:
+    sources: random-access sources (len + getitem) of canonical records of this kind.
+    weights: mixture weights, one per source (default uniform). With finite epochs the mixture
+      ends when its first source ends (grain's mix semantics); without shuffle (evaluation) the
+      sources are concatenated instead and weights are ignored.
+    make_example: (kind, record, rng, preproc, tokenizer) -> dict; default examples.make_example.
+    num_epochs: None repeats forever; n > 0 gives a finite stream.
+    shuffle: False keeps record order (evaluation).
+    num_batches: force exactly this many sub-batches (see PackIterDataset).
+    exit_with_parent: install the worker hook that ends workers when this process dies.
+  """
+  if not sources:
+    raise ValueError(f"{kind}: no sources configured")
+  if make_example is None:
+    from data_pipelines.examples import make_example  # pylint: disable=g-import-not-at-top
+  if weights is None:
+    weights = [1.0] * len(sources)
+  weights = [float(w) for w in weights]
+  if len(weights) != len(sources) or any(not w > 0 for w in weights):
+    raise ValueError(f"{kind}: need one positive weight per source, got {weights} "
+                     f"for {len(sources)} sources")
+  kind_id = _kind_id(kind)
+  streams = [
+      source_indices(len(src), i, shard_index=shard_index, shard_count=shard_count,
+                     shuffle_seed=seed32(seed, kind_id, i) if shuffle else None,
+                     num_epochs=num_epochs)
+      for i, src in enumerate(sources)
+  ]
+  if len(streams) == 1:
+    stream = streams[0]
+  elif shuffle:
+    stream = grain.MapDataset.mix(streams, weights)
+  else:
+    stream = grain.MapDataset.concatenate(streams)
+  seed_key = (int(seed), int(shard_index), kind_id)
+  stream = stream.map_with_index(ExampleFn(kind, sources, make_example, preproc, tokenizer,
+                                           seed_key))
+  return packing.PackIterDataset(
+      stream, kind, sizes, seed_key=seed_key, max_regions=preproc.max_regions,
+      num_workers=num_workers, worker_buffer_size=worker_buffer_size, read_threads=read_threads,
+      worker_init_fn=workers.worker_init_fn() if (exit_with_parent and num_workers) else None,
+      num_batches=num_batches)
+
+
+class MixedBatchIterator(grain.DatasetIterator):
+  """Zips the per-kind pipelines: each step is {kind: {field: np.ndarray}} as features.batch_spec.
+
+  Ends when any kind ends (finite epochs). The state is a JSON-serialisable dict, so it can be
+  stored by orbax (grain's DatasetIterator save/load) or as plain JSON next to a checkpoint.
+  """
+
+  def __init__(self, datasets: Mapping[str, packing.PackIterDataset]):
+    self._kinds = tuple(k for k in F.KINDS if k in datasets)
+    if set(self._kinds) != set(datasets):
+      raise ValueError(f"unknown kinds {sorted(set(datasets) - set(F.KINDS))}")
+    self._iters = {k: iter(datasets[k]) for k in self._kinds}
+    super().__init__([self._iters[k] for k in self._kinds])
+
+  @property
+  def kinds(self) -> tuple[str, ...]:
+    return self._kinds
+
+  def __next__(self) -> dict[str, dict[str, np.ndarray]]:
+    self._assert_not_closed()
+    # Kinds advance in lock-step; if one ends mid-step the others' batches of that step are
+    # dropped, which is what zip does and what a trainer wants from a finite mixture.
+    return {k: next(self._iters[k]) for k in self._kinds}
+
+  def skip_counts(self) -> dict[str, dict[str, int]]:
+    """{kind: {reason: records dropped so far}} (reasons with zero counts are omitted)."""
+    return {k: self._iters[k].skip_counts() for k in self._kinds}
+
+  def get_state(self) -> dict:
+    return {"version": STATE_VERSION,
+            "kinds": {k: self._iters[k].get_state() for k in self._kinds}}
+
+  def set_state(self, state: dict) -> None:
+    if state.get("version") != STATE_VERSION:
+      raise ValueError(f"data iterator state version {state.get('version')!r}, "
+                       f"expected {STATE_VERSION}")
+    if set(state.get("kinds", {})) != set(self._kinds):
+      raise ValueError(f"data iterator state has kinds {sorted(state.get('kinds', {}))}, "
+                       f"this pipeline has {list(self._kinds)}")
+    for k in self._kinds:
+      self._iters[k].set_state(state["kinds"][k])
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def __str__(self) -> str:
+    return f"MixedBatchIterator(kinds={self._kinds})"
+
+
+# ----------------------------------------------------------------------------------------------
+# Config-driven construction (used by the trainer and the evaluators).
+# ----------------------------------------------------------------------------------------------
+
+_BATCH_ATTR = {F.IMAGE: "image_batch", F.REGION: "region_batch", F.VIDEO: "video_batch"}
+
+
+def _as_dict(cfg) -> dict:
+  if hasattr(cfg, "to_dict"):  # ml_collections.ConfigDict
+    return cfg.to_dict()
+  return dict(cfg)
+
+
+def build_source(kind: str, spec: Mapping[str, Any]):
+  """One random-access source from its config entry (type 'jsonl' | 'arrayrecord' | 'synthetic')."""
+  from data_pipelines import sources  # pylint: disable=g-import-not-at-top
+  return sources.build_source(kind, spec)
+
+
+def _process(process_index, process_count) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  return int(process_index), int(process_count)
+
+
+def _kind_sources(data_cfg, kind) -> list[dict]:
+  entries = data_cfg.get(kind) or []
+  if isinstance(entries, Mapping):  # a single source given without a list
+    entries = [entries]
+  return [_as_dict(e) for e in entries]
+
+
+def _pipeline_options(data_cfg) -> dict:
+  return dict(num_workers=int(data_cfg.get("num_workers", 0)),
+              worker_buffer_size=int(data_cfg.get("worker_buffer_size", 4)),
+              read_threads=int(data_cfg.get("read_threads", 1)))
+
+
+def _configured_kinds(data_cfg, sizes: F.BatchSizes) -> dict[str, list[dict]]:
+  """kind -> source specs, for the kinds with a non-zero batch size; checks both agree."""
+  out = {}
+  for kind in F.KINDS:
+    specs = _kind_sources(data_cfg, kind)
+    if getattr(sizes, _BATCH_ATTR[kind]):
+      if not specs:
+        raise ValueError(f"{kind}: batch size {getattr(sizes, _BATCH_ATTR[kind])} but no "
+                         f"sources under data_cfg[{kind!r}]")
+      out[kind] = specs
+  if F.REGION in out and not sizes.region_max_images:
+    raise ValueError("region: region_batch > 0 needs region_max_images > 0")
+  return out
+
+
+def make_train_iterator(data_cfg, sizes: F.BatchSizes, preproc: F.PreprocConfig, tokenizer,
+                        seed: int, process_index: int | None = None,
+                        process_count: int | None = None, *, make_example=None,
+                        source_factory=build_source) -> MixedBatchIterator:
+  """The training stream: shuffled, repeated (data_cfg['num_epochs'], default forever) batches.
+
+  data_cfg: mapping with, per kind, a list of sources, each
+    {'type': 'jsonl' | 'arrayrecord' | 'synthetic', 'path': ..., 'weight': 1.0, key names...};
+    optional 'num_workers' (per kind), 'worker_buffer_size', 'read_threads', 'num_epochs'.
+  Batch sizes are host-local (per process). process_index/count default to JAX's.
+  """
+  data_cfg = _as_dict(data_cfg)
+  index, count = _process(process_index, process_count)
+  datasets = {}
+  for kind, specs in _configured_kinds(data_cfg, sizes).items():
+    datasets[kind] = kind_dataset(
+        kind, [source_factory(kind, s) for s in specs], sizes, preproc, tokenizer, seed=seed,
+        weights=[float(s.get("weight", 1.0)) for s in specs], make_example=make_example,
+        shard_index=index, shard_count=count, num_epochs=data_cfg.get("num_epochs"),
+        shuffle=True, **_pipeline_options(data_cfg))
+  return MixedBatchIterator(datasets)
+
+
+def eval_num_batches(num_records: Sequence[int], per_batch: int, process_count: int) -> int:
+  """Sub-batches of the largest host shard: every host runs this many steps in an eval pass."""
+  largest = sum(math.ceil(n / process_count) for n in num_records)  # shard 0 is the largest
+  return math.ceil(largest / per_batch)
+
+
+def make_eval_dataset(data_cfg, sizes: F.BatchSizes, preproc: F.PreprocConfig, tokenizer,
+                      process_index: int | None = None, process_count: int | None = None, *,
+                      seed: int = 0, make_example=None,
+                      source_factory=build_source) -> MixedBatchIterator:
+  """One deterministic pass (preproc.train must be False): every record of this host's shard once.
+
+  No shuffling, sources concatenated in config order. Every host yields the same number of steps
+  (that of the largest shard, over all kinds); rows past a host's data are padding (valid = 0),
+  so collective evaluation code never waits on a host that ran out.
+  """
+  if preproc.train:
+    raise ValueError("make_eval_dataset needs a PreprocConfig with train=False")
+  data_cfg = _as_dict(data_cfg)
+  index, count = _process(process_index, process_count)
+  kinds = _configured_kinds(data_cfg, sizes)
+  built = {kind: [source_factory(kind, s) for s in specs] for kind, specs in kinds.items()}
+  per_batch = {F.IMAGE: sizes.image_batch, F.VIDEO: sizes.video_batch,
+               F.REGION: sizes.region_max_images}
+  steps = max((eval_num_batches([len(s) for s in srcs], per_batch[k], count)
+               for k, srcs in built.items()), default=0)
+  datasets = {
+      kind: kind_dataset(kind, srcs, sizes, preproc, tokenizer, seed=seed,
+                         make_example=make_example, shard_index=index, shard_count=count,
+                         num_epochs=1, shuffle=False, num_batches=steps,
+                         **_pipeline_options(data_cfg))
+      for kind, srcs in built.items()
+  }
+  return MixedBatchIterator(datasets)

@@ -1,0 +1,169 @@
+"""Per-kind grain pipelines and the MixedBatch iterator: shapes, padding, packing, skips, mixing."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from data_pipelines import features as F
+from data_pipelines import mixture, packing
+from test_data_mixture_fakes import TAG_OFFSET, ListSource, fake_make_example, make_records
+
+SIZES = F.BatchSizes(image_res=16, patch_size=8, max_tokens=16, max_masks=4, image_batch=4,
+                     region_batch=6, region_max_images=3, video_batch=2, frame_len=3)
+PRE = F.PreprocConfig(image_res=16, patch_size=8, max_tokens=16, max_masks=4, max_regions=3)
+
+
+def _kind(kind, sources, **kw):
+  kw.setdefault("seed", 0)
+  return mixture.kind_dataset(kind, sources, SIZES, PRE, None, make_example=fake_make_example, **kw)
+
+
+def _record_nums(batch):
+  """Record numbers of the valid text rows, from the tag the fake writes into text_ids."""
+  valid = batch[F.VALID] == 1
+  return list(batch[F.TEXT_IDS][valid, 1] - TAG_OFFSET)
+
+
+def test_finite_epoch_shapes_and_padding_every_step():
+  """One epoch of 11 / 10 / 5 records: every step matches batch_spec; the last one is padded."""
+  its = {
+      F.IMAGE: _kind(F.IMAGE, [ListSource(make_records(F.IMAGE, 11))], num_epochs=1),
+      F.REGION: _kind(F.REGION, [ListSource(make_records(F.REGION, 10))], num_epochs=1),
+      F.VIDEO: _kind(F.VIDEO, [ListSource(make_records(F.VIDEO, 5))], num_epochs=1),
+  }
+  steps = {}
+  for kind, ds in its.items():
+    batches = list(ds)
+    steps[kind] = batches
+    only = dataclasses.replace(SIZES, **{a: 0 for k, a in mixture._BATCH_ATTR.items() if k != kind})
+    for b in batches:
+      F.check_batch({kind: b}, only)
+  img = steps[F.IMAGE]
+  assert len(img) == 3 and [int(b[F.VALID].sum()) for b in img] == [4, 4, 3]
+  last = img[-1]
+  assert last[F.RECORD_ID][3] == -1 and last[F.SOURCE_ID][3] == -1
+  assert not last[F.PIXELS][3].any() and not last[F.TEXT_IDS][3].any()
+  assert sorted(n for b in img for n in _record_nums(b)) == list(range(11))
+  vid = steps[F.VIDEO]
+  assert [int(b[F.VALID].sum()) for b in vid] == [2, 2, 1]
+  assert not vid[-1][F.FRAMES][1].any() and not vid[-1][F.FRAME_VALID][1].any()
+  reg = steps[F.REGION]
+  assert len(reg) == 4  # 10 images in loader batches of 3
+  assert list(reg[-1][F.IMAGE_VALID]) == [1, 0, 0]
+  # The last partial loader batch keeps its texts once and pads the rest with valid = 0.
+  (num,) = set(_record_nums(reg[-1]))
+  assert int(reg[-1][F.VALID].sum()) == 1 + num % 3
+
+
+def test_mixed_batch_matches_spec_and_drops_zero_kinds():
+  sizes = dataclasses.replace(SIZES, video_batch=0)
+  ds = {k: mixture.kind_dataset(k, [ListSource(make_records(k, 9))], sizes, PRE, None, seed=1,
+                                make_example=fake_make_example)
+        for k in (F.IMAGE, F.REGION)}
+  with mixture.MixedBatchIterator(ds) as it:
+    for _ in range(5):  # repeats forever: past the 9 records of one epoch
+      batch = next(it)
+      F.check_batch(batch, sizes)
+      assert F.VIDEO not in batch
+      assert batch[F.IMAGE][F.VALID].all() and batch[F.REGION][F.VALID].all()
+    json.dumps(it.get_state())  # JSON-serialisable as is
+
+
+def test_region_packing_indices_and_duplicates():
+  """Texts map to their image slot; few texts are padded with duplicates (reference §5.3)."""
+  recs = make_records(F.REGION, 6, n_texts=[1, 1, 1, 3, 3, 3])
+  batches = list(_kind(F.REGION, [ListSource(recs)], num_epochs=1, shuffle=False))
+  assert len(batches) == 2
+  few, many = batches  # 3 texts for 6 rows; 9 texts for 6 rows
+  for b in batches:
+    nums = _record_nums(b)
+    # Every text row carries the record of the image slot it points to.
+    slot_nums = b[F.PIXELS][b[F.IMAGE_INDEX], 0, 0, 0]
+    assert list(slot_nums) == [n % 251 for n in nums]
+    assert list(b[F.RECORD_ID]) == nums
+  assert few[F.VALID].all() and sorted(set(_record_nums(few))) == [0, 1, 2]
+  assert sorted(_record_nums(few)[:3]) == [0, 1, 2]  # all originals, then 3 duplicates
+  assert many[F.VALID].all()
+  # Sampling without replacement: each (record, text) at most once.
+  keys = [(int(r), int(m)) for r, m in zip(many[F.RECORD_ID], many[F.TEXT_IDS][:, 2])]
+  assert len(set(keys)) == 6
+
+
+def test_region_text_selection_rules():
+  rng = np.random.default_rng(0)
+  assert sorted(packing.region_text_selection(10, 4, rng, full=True)) != []
+  assert len(set(packing.region_text_selection(10, 4, rng, full=True))) == 4
+  sel = packing.region_text_selection(2, 7, rng, full=True)  # repeated expansion
+  assert len(sel) == 7 and list(sel[:2]) == [0, 1] and set(sel) == {0, 1}
+  assert list(packing.region_text_selection(2, 7, rng, full=False)) == [0, 1]
+
+
+def test_skip_counts_per_reason_exact():
+  """A full epoch with injected faults: counts per reason equal the injected ones, no crash."""
+  faults = {1: "corrupt_image", 4: "empty_caption", 5: "corrupt_image", 9: "bad_box",
+            12: "caption_no_tokens"}
+  src = ListSource(make_records(F.IMAGE, 17, faults=faults), bad_json=[2, 14])
+  it = iter(_kind(F.IMAGE, [src], num_epochs=1))
+  rows = [n for b in it for n in _record_nums(b)]
+  assert it.skip_counts() == {"corrupt_image": 2, "empty_caption": 1, "bad_box": 1,
+                              "caption_no_tokens": 1, "bad_json": 2}
+  assert sorted(rows) == sorted(set(range(17)) - set(faults) - {2, 14})
+
+
+def test_mixture_weights_and_source_ids():
+  a = ListSource(make_records(F.IMAGE, 50))
+  b = ListSource(make_records(F.IMAGE, 50, start=500))
+  it = iter(_kind(F.IMAGE, [a, b], weights=[3.0, 1.0]))
+  src = np.concatenate([next(it)[F.SOURCE_ID] for _ in range(10)])
+  assert set(src) == {0, 1} and abs((src == 0).mean() - 0.75) < 0.1
+
+
+def test_per_example_randomness_is_seeded():
+  recs = [ListSource(make_records(F.IMAGE, 8))]
+  one = next(iter(_kind(F.IMAGE, recs, seed=3)))
+  two = next(iter(_kind(F.IMAGE, recs, seed=3)))
+  other = next(iter(_kind(F.IMAGE, recs, seed=4)))
+  assert all(np.array_equal(one[k], two[k]) for k in one)
+  assert not np.array_equal(one[F.PIXELS], other[F.PIXELS])
+
+
+def test_bad_example_names_record_and_field():
+  def broken(kind, record, rng, cfg, tok):
+    ex = fake_make_example(kind, record, rng, cfg, tok)
+    ex[F.TEXT_IDS] = ex[F.TEXT_IDS][:5]
+    return ex
+
+  ds = mixture.kind_dataset(F.IMAGE, [ListSource(make_records(F.IMAGE, 4))], SIZES, PRE, None,
+                            seed=0, make_example=broken)
+  with pytest.raises(ValueError, match=r"image source 0 record \d+: field 'text_ids' has shape"):
+    next(iter(ds))
+
+
+def test_eval_pass_same_steps_on_every_host():
+  """Deterministic eval pass: shards are disjoint, cover all records, and step counts agree."""
+  cfg = {F.IMAGE: [{"n": 13}, {"n": 4}], F.REGION: [{"n": 5}]}
+
+  def factory(kind, spec):
+    return ListSource(make_records(kind, spec["n"], start=100 * (spec["n"] == 4)))
+
+  eval_pre = dataclasses.replace(PRE, train=False)
+  sizes = dataclasses.replace(SIZES, video_batch=0)
+  seen, steps = [], []
+  for host in range(3):
+    it = mixture.make_eval_dataset(cfg, sizes, eval_pre, None, host, 3,
+                                   make_example=fake_make_example, source_factory=factory)
+    batches = list(it)
+    steps.append(len(batches))
+    for b in batches:
+      F.check_batch(b, sizes)
+      seen += _record_nums(b[F.IMAGE])
+  # Largest image shard: ceil(13/3) + ceil(4/3) = 7 records -> 2 steps of 4.
+  assert steps == [2, 2, 2]
+  assert sorted(seen) == list(range(13)) + list(range(100, 104))
+  with pytest.raises(ValueError, match="train=False"):
+    mixture.make_eval_dataset(cfg, sizes, PRE, None, 0, 1, make_example=fake_make_example,
+                              source_factory=factory)
