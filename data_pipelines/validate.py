@@ -1,0 +1,136 @@
+"""Validator: lists every bad record of a data source and counts them per skip reason.
+
+    python -m data_pipelines.validate PATH [--kind K] [--tokenizer DIR] [--rpath] ...
+
+PATH is a JSON-lines file or directory, or an ArrayRecord dataset directory. Every record is
+read (reader faults: bad JSON, wrong types, missing/corrupt images, empty captions, empty
+videos) and checked with `checks.check_record` (decoding, captions that clean or tokenise to
+nothing, unusable region elems). Each bad record prints as `file:line: reason: field: detail`
+(ArrayRecord: `dataset_dir:index`), then the per-reason counts; the exit code is 1 if any
+record is bad, 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import sys
+from typing import Any, NamedTuple
+
+from data_pipelines import checks
+from data_pipelines import features as F
+from data_pipelines.jsonl_format import JsonlFormat, default_format
+
+
+class Problem(NamedTuple):
+  """One bad record: where it is, which reason, which field, and the record id."""
+
+  location: str  # "file:line" (JSON lines, 1-based) or "dataset_dir:index" (ArrayRecord)
+  reason: str
+  field: str
+  detail: str
+  record_id: str
+
+  def __str__(self) -> str:
+    return f"{self.location}: {self.reason}: {self.field}: {self.detail} (id {self.record_id})"
+
+
+@dataclasses.dataclass
+class Report:
+  """Result of a validation run."""
+
+  total: int
+  problems: list[Problem]
+
+  @property
+  def counts(self) -> dict[str, int]:
+    """Per-reason counts, in SKIP_REASONS order (reasons with 0 omitted)."""
+    c = collections.Counter(p.reason for p in self.problems)
+    return {r: c[r] for r in F.SKIP_REASONS if c[r]}
+
+
+def default_tokenizer(max_tokens: int = 40, directory: str | None = None):
+  """The MiniLM (bert-base-uncased vocabulary) word-piece tokenizer, or the one in `directory`."""
+  from data_pipelines.text_ops import Tokenizer
+  if directory is None:
+    from x2vlm_jax.assets import minilm_dir
+    directory = minilm_dir()
+  return Tokenizer(directory, max_tokens)
+
+
+def iter_checked(source, tokenizer: Any, preproc_cfg: F.PreprocConfig, check: bool = True):
+  """Yields (index, record or None, Problem or None) for every record of a source."""
+  for i in range(len(source)):
+    path, pos = source.location(i)
+    try:
+      record = source[i]
+      if check:
+        checks.check_record(record, tokenizer, preproc_cfg)
+      yield i, record, None
+    except F.SkipRecord as e:
+      yield i, None, Problem(f"{path}:{pos}", e.reason, e.field, e.detail, e.record_id)
+
+
+def validate(path: str, kind: str | None = None, tokenizer: Any = None,
+             preproc_cfg: F.PreprocConfig = F.PreprocConfig(), fmt: JsonlFormat | None = None,
+             ) -> Report:
+  """Reads and checks every record of `path`; see the module docstring."""
+  from data_pipelines.sources import open_source
+  source = open_source(path, kind, fmt)
+  tokenizer = tokenizer or default_tokenizer(preproc_cfg.max_tokens)
+  problems = [p for _, _, p in iter_checked(source, tokenizer, preproc_cfg) if p is not None]
+  return Report(total=len(source), problems=problems)
+
+
+def add_format_args(parser: argparse.ArgumentParser) -> None:
+  """Flags for the JSON-lines key names and image storage (shared with convert_jsonl)."""
+  parser.add_argument("--kind", choices=F.KINDS, help="record kind (inferred when omitted)")
+  parser.add_argument("--image-key", help="image / frames key (default: binary, video_frames)")
+  parser.add_argument("--caption-key", help="caption key (default: desc, caption, text)")
+  parser.add_argument("--rpath", action="store_true", help="images are file paths, not base64")
+  parser.add_argument("--image-root", help="base dir of relative image paths (default: the "
+                      "directory of each JSON-lines file)")
+  parser.add_argument("--language", help="pick this language of dict captions")
+
+
+def format_from_args(args: argparse.Namespace, kind: str) -> JsonlFormat:
+  """The JsonlFormat selected by `add_format_args` flags."""
+  overrides = {"is_image_rpath": args.rpath, "image_root": args.image_root,
+               "language": args.language}
+  if args.image_key:
+    overrides["image_key"] = args.image_key
+  if args.caption_key:
+    overrides["caption_key"] = args.caption_key
+  return default_format(kind, **overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+  """CLI entry point; returns the exit code."""
+  parser = argparse.ArgumentParser(prog="python -m data_pipelines.validate", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("path", help="JSON-lines file/dir or ArrayRecord dataset dir")
+  add_format_args(parser)
+  parser.add_argument("--tokenizer", help="HF tokenizer dir (default: MiniLM, bert-base-uncased vocab)")
+  parser.add_argument("--max-tokens", type=int, default=F.PreprocConfig().max_tokens,
+                      help="max_words of pre_caption (= max_tokens in pre-training)")
+  parser.add_argument("--quiet", action="store_true", help="print only the counts")
+  args = parser.parse_args(argv)
+  from data_pipelines.sources import detect_kind, is_arrayrecord
+  kind = args.kind
+  if kind is None and not is_arrayrecord(args.path):
+    kind = detect_kind(args.path)
+  fmt = format_from_args(args, kind) if kind else None
+  cfg = dataclasses.replace(F.PreprocConfig(), max_tokens=args.max_tokens)
+  report = validate(args.path, kind, default_tokenizer(args.max_tokens, args.tokenizer), cfg, fmt)
+  if not args.quiet:
+    for p in report.problems:
+      print(p)
+  print(f"{report.total} records, {len(report.problems)} bad")
+  for reason, n in report.counts.items():
+    print(f"  {reason}: {n}")
+  return 1 if report.problems else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
