@@ -221,10 +221,51 @@ def _as_dict(cfg) -> dict:
   return dict(cfg)
 
 
+_COMMON_KEYS = {"type", "path", "weight"}
+_JSONL_KEYS = {"image_key", "caption_key", "is_image_rpath", "image_root", "language",
+               "keys", "index_cache_dir"}
+_SOURCE_KEYS = {"jsonl": _COMMON_KEYS | _JSONL_KEYS,
+                "arrayrecord": _COMMON_KEYS | {"split"},
+                "synthetic": _COMMON_KEYS | {"size", "seed", "world"}}
+
+
 def build_source(kind: str, spec: Mapping[str, Any]):
-  """One random-access source from its config entry (type 'jsonl' | 'arrayrecord' | 'synthetic')."""
-  from data_pipelines import sources  # pylint: disable=g-import-not-at-top
-  return sources.build_source(kind, spec)
+  """One random-access source from its config entry.
+
+  spec['type']:
+    'jsonl':       path (file or directory); optional key names image_key / caption_key /
+                   is_image_rpath / image_root / language (top level or under 'keys', defaults:
+                   the released names of the kind), index_cache_dir.
+    'arrayrecord': path of a TFDS ArrayRecord dataset written by arrayrecord.write; split.
+    'synthetic':   size (records), seed (world seed), world (WorldConfig fields).
+  """
+  typ = spec.get("type")
+  if typ not in _SOURCE_KEYS:
+    raise ValueError(f"{kind} source {dict(spec)}: type must be one of {sorted(_SOURCE_KEYS)}")
+  unknown = set(spec) - _SOURCE_KEYS[typ]
+  if unknown:
+    raise ValueError(f"{kind} {typ} source: unknown keys {sorted(unknown)}")
+  # pylint: disable=g-import-not-at-top
+  if typ == "synthetic":
+    from data_pipelines import synthetic
+    if "size" not in spec:
+      raise ValueError(f"{kind} synthetic source: 'size' (number of records) is required")
+    world = synthetic.ShapesWorld(synthetic.WorldConfig(**dict(spec.get("world", {}))),
+                                  seed=int(spec.get("seed", synthetic.TRAIN_SEED)))
+    return synthetic.SyntheticSource(kind, int(spec["size"]), world)
+  if "path" not in spec:
+    raise ValueError(f"{kind} {typ} source: 'path' is required")
+  if typ == "arrayrecord":
+    from data_pipelines import arrayrecord
+    src = arrayrecord.ArrayRecordSource(spec["path"], split=spec.get("split", "train"))
+    if src.kind != kind:
+      raise ValueError(f"{spec['path']}: holds {src.kind!r} records, listed under {kind!r}")
+    return src
+  from data_pipelines import jsonl_format, sources
+  keys = {k: spec[k] for k in _JSONL_KEYS - {"keys", "index_cache_dir"} if k in spec}
+  keys.update(dict(spec.get("keys", {})))
+  return sources.JsonLinesSource(spec["path"], kind, jsonl_format.default_format(kind, **keys),
+                                 index_cache_dir=spec.get("index_cache_dir"))
 
 
 def _process(process_index, process_count) -> tuple[int, int]:
@@ -242,8 +283,11 @@ def _kind_sources(data_cfg, kind) -> list[dict]:
   return [_as_dict(e) for e in entries]
 
 
-def _pipeline_options(data_cfg) -> dict:
-  return dict(num_workers=int(data_cfg.get("num_workers", 0)),
+def _pipeline_options(data_cfg, kind: str) -> dict:
+  workers_cfg = data_cfg.get("num_workers", 0)
+  if isinstance(workers_cfg, Mapping):  # per kind, e.g. {'image': 6, 'region': 3}
+    workers_cfg = workers_cfg.get(kind, 0)
+  return dict(num_workers=int(workers_cfg),
               worker_buffer_size=int(data_cfg.get("worker_buffer_size", 4)),
               read_threads=int(data_cfg.get("read_threads", 1)))
 
@@ -271,7 +315,8 @@ def make_train_iterator(data_cfg, sizes: F.BatchSizes, preproc: F.PreprocConfig,
 
   data_cfg: mapping with, per kind, a list of sources, each
     {'type': 'jsonl' | 'arrayrecord' | 'synthetic', 'path': ..., 'weight': 1.0, key names...};
-    optional 'num_workers' (per kind), 'worker_buffer_size', 'read_threads', 'num_epochs'.
+    optional 'num_workers' (worker processes of each kind: an int, or {kind: int}),
+    'worker_buffer_size', 'read_threads', 'num_epochs'.
   Batch sizes are host-local (per process). process_index/count default to JAX's.
   """
   data_cfg = _as_dict(data_cfg)
@@ -282,7 +327,7 @@ def make_train_iterator(data_cfg, sizes: F.BatchSizes, preproc: F.PreprocConfig,
         kind, [source_factory(kind, s) for s in specs], sizes, preproc, tokenizer, seed=seed,
         weights=[float(s.get("weight", 1.0)) for s in specs], make_example=make_example,
         shard_index=index, shard_count=count, num_epochs=data_cfg.get("num_epochs"),
-        shuffle=True, **_pipeline_options(data_cfg))
+        shuffle=True, **_pipeline_options(data_cfg, kind))
   return MixedBatchIterator(datasets)
 
 
@@ -316,7 +361,7 @@ def make_eval_dataset(data_cfg, sizes: F.BatchSizes, preproc: F.PreprocConfig, t
       kind: kind_dataset(kind, srcs, sizes, preproc, tokenizer, seed=seed,
                          make_example=make_example, shard_index=index, shard_count=count,
                          num_epochs=1, shuffle=False, num_batches=steps,
-                         **_pipeline_options(data_cfg))
+                         **_pipeline_options(data_cfg, kind))
       for kind, srcs in built.items()
   }
   return MixedBatchIterator(datasets)

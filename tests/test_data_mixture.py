@@ -167,3 +167,28 @@ def test_eval_pass_same_steps_on_every_host():
   with pytest.raises(ValueError, match="train=False"):
     mixture.make_eval_dataset(cfg, sizes, PRE, None, 0, 1, make_example=fake_make_example,
                               source_factory=factory)
+
+
+def test_global_batch_shapes_shardings_and_host_fields():
+  import jax  # pylint: disable=g-import-not-at-top
+  from data_pipelines import global_batch
+  from x2vlm_jax import sharding
+
+  sizes = dataclasses.replace(SIZES, image_batch=8, region_batch=8, region_max_images=4,
+                              video_batch=0)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  ds = {k: mixture.kind_dataset(k, [ListSource(make_records(k, 9))], sizes, PRE, None, seed=0,
+                                make_example=fake_make_example) for k in (F.IMAGE, F.REGION)}
+  local = next(mixture.MixedBatchIterator(ds))
+  out = global_batch.to_global(local, mesh)
+  spec = F.batch_spec(sizes)
+  for kind, fields in spec.items():
+    assert set(out[kind]) == set(fields) - set(F.HOST_ONLY_FIELDS)
+    for name, arr in out[kind].items():
+      assert arr.shape == fields[name][0] and arr.dtype == fields[name][1], (kind, name)
+      assert arr.sharding.spec[0] == ("data", "fsdp")
+      np.testing.assert_array_equal(np.asarray(arr), local[kind][name])  # one process: offset 0
+  bad = {F.IMAGE: {F.VALID: np.ones(3, np.int32)}}
+  with pytest.raises(ValueError, match="image/valid"):
+    global_batch.to_global(bad, mesh)
+  assert jax.device_count() == 8

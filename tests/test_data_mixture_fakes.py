@@ -52,7 +52,7 @@ def fake_make_example(kind, record, rng, cfg, tokenizer):
     raise F.SkipRecord(record["fault"], record["id"], "injected")
   r, L, M = cfg.image_res, cfg.max_tokens, cfg.max_masks
   t = (cfg.image_res // cfg.patch_size) ** 2
-  num = record["num"]
+  num = record.get("num", 0)  # records of other sources (e.g. synthetic) carry no tag
 
   def text(n=None):
     shape = () if n is None else (n,)
@@ -76,7 +76,7 @@ def fake_make_example(kind, record, rng, cfg, tokenizer):
     f = cfg.frame_len
     return {F.FRAMES: np.stack([image() for _ in range(f)]), F.FRAME_VALID: np.ones(f, np.int32),
             **text()}
-  n = record["n_texts"]
+  n = record.get("n_texts", 1)
   box = rng.uniform(0, 1, size=(n, 4)).astype(np.float32)
   return {F.PIXELS: image(), **text(n), F.BOX: box,
           F.PATCH_MASK: rng.integers(0, 2, size=(n, t)).astype(np.int32),
