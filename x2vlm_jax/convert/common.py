@@ -446,7 +446,9 @@ def export(
       report.missing.append(f"{_slot(path, idx)} (needed for {key}; depth {leaf.shape[0]})")
       continue
     used.add(path)
-    out[key] = np.ascontiguousarray(rule.transform.to_foreign(leaf if idx is None else leaf[idx]))
+    val = rule.transform.to_foreign(leaf if idx is None else leaf[idx])
+    # np.ascontiguousarray would turn a 0-d array (e.g. `temp`) into shape (1,).
+    out[key] = val if val.flags.c_contiguous else np.ascontiguousarray(val)
   unused = sorted(set(flat) - used)
   (report.notes if allow_unused else report.unexpected).extend(
       f"{p}: our parameter is not written by any foreign key" for p in unused)
