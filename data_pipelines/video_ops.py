@@ -46,9 +46,9 @@ def sample_frame_ids(nf: int, num_frames: int, train: bool, rng: np.random.Gener
 
 @dataclasses.dataclass(frozen=True)
 class ClipChoice:
-  """Frames (encoded, still undecoded) and the raw caption selected from a video record."""
+  """The clips (indices into the record's clips, in order) and the raw caption selected."""
 
-  frames: list
+  clip_ids: tuple[int, ...]
   caption: str
 
 
@@ -59,7 +59,9 @@ def _is_music(caption: str) -> bool:
 def select_clip(clips: list[list], captions: list[str], is_continuous: bool,
                 rng: np.random.Generator, record_id: str = "?",
                 min_frames: int = MIN_FRAMES_BEFORE_SAMPLING) -> ClipChoice:
-  """Chooses the frames and caption of one training example from a video record (§5.4).
+  """Chooses the clips and caption of one training example from a video record (§5.4).
+
+  The frames of the example are the concatenated frames of `clip_ids`.
 
   - one clip: its frames, a random caption among `captions`;
   - several clips, not continuous: a random clip whose caption is not "[Music]";
@@ -78,7 +80,7 @@ def select_clip(clips: list[list], captions: list[str], is_continuous: bool,
       raise SkipRecord("empty_caption", record_id, "captions", "no caption")
     if not clips[0]:
       raise SkipRecord("empty_video", record_id, "clips", "the clip has 0 frames")
-    return ClipChoice(list(clips[0]), captions[int(rng.integers(0, len(captions)))])
+    return ClipChoice((0,), captions[int(rng.integers(0, len(captions)))])
   if len(captions) != len(clips):
     raise SkipRecord("bad_field_type", record_id, "captions",
                      f"{len(captions)} captions for {len(clips)} clips")
@@ -89,7 +91,7 @@ def select_clip(clips: list[list], captions: list[str], is_continuous: bool,
     i = ok[int(rng.integers(0, len(ok)))]
     if not clips[i]:
       raise SkipRecord("empty_video", record_id, "clips", f"clip {i} has 0 frames")
-    return ClipChoice(list(clips[i]), captions[i])
+    return ClipChoice((i,), captions[i])
 
   n = len(clips)
   lo = hi = int(rng.integers(0, n))  # window [lo, hi], inclusive
@@ -109,7 +111,6 @@ def select_clip(clips: list[list], captions: list[str], is_continuous: bool,
   keep = [k for k in range(lo, hi + 1) if not _is_music(captions[k])]
   if not keep:
     raise SkipRecord("empty_caption", record_id, "captions", "every clip in the window is [Music]")
-  frames = [fr for k in keep for fr in clips[k]]
-  if not frames:
+  if not any(len(clips[k]) for k in keep):
     raise SkipRecord("empty_video", record_id, "clips", "the selected clips have 0 frames")
-  return ClipChoice(frames, " ".join(captions[k] for k in keep))
+  return ClipChoice(tuple(keep), " ".join(captions[k] for k in keep))
