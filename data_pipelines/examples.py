@@ -112,7 +112,7 @@ def region_example(record: dict, rng: np.random.Generator, cfg: F.PreprocConfig,
   for i in ok:
     boxes[i] = [math.trunc(float(v)) for v in elems[i]["bb"]]
   anchor = ok[int(rng.integers(0, len(ok)))]
-  allow_flip = not (getattr(cfg, "careful_hflip", False) and _mentions_left_right(record))
+  allow_flip = not (cfg.careful_hflip and _mentions_left_right(record))
   view = image_ops.region_transform(
       img, boxes, anchor, rng, image_res=cfg.image_res, min_perc_in_image=cfg.min_perc_in_image,
       train=cfg.train, randaugment=cfg.randaugment, allow_flip=allow_flip)
