@@ -109,7 +109,8 @@ def kind_dataset(kind: str, sources: Sequence[Any], sizes: F.BatchSizes,
                  shard_index: int = 0, shard_count: int = 1, num_epochs: int | None = None,
                  shuffle: bool = True, num_workers: int = 0, worker_buffer_size: int = 4,
                  read_threads: int = 1, num_batches: int | None = None,
-                 exit_with_parent: bool = True) -> packing.PackIterDataset:
+                 exit_with_parent: bool = True,
+                 duplicate_texts: bool = True) -> packing.PackIterDataset:
   """One kind's pipeline: sources → shard → shuffle → repeat → mix → make_example → pack.
 
   Args:
@@ -122,6 +123,8 @@ def kind_dataset(kind: str, sources: Sequence[Any], sizes: F.BatchSizes,
     shuffle: False keeps record order (evaluation).
     num_batches: force exactly this many sub-batches (see PackIterDataset).
     exit_with_parent: install the worker hook that ends workers when this process dies.
+    duplicate_texts: region kind: pad a short full loader batch with duplicate texts (official
+      pre-training collate, §5.3); False pads with valid = 0 rows instead (evaluation).
   """
   if not sources:
     raise ValueError(f"{kind}: no sources configured")
@@ -153,7 +156,7 @@ def kind_dataset(kind: str, sources: Sequence[Any], sizes: F.BatchSizes,
       stream, kind, sizes, seed_key=seed_key, max_regions=preproc.max_regions,
       num_workers=num_workers, worker_buffer_size=worker_buffer_size, read_threads=read_threads,
       worker_init_fn=workers.worker_init_fn() if (exit_with_parent and num_workers) else None,
-      num_batches=num_batches)
+      num_batches=num_batches, duplicate_texts=duplicate_texts)
 
 
 class MixedBatchIterator(grain.DatasetIterator):
@@ -343,7 +346,9 @@ def make_eval_dataset(data_cfg, sizes: F.BatchSizes, preproc: F.PreprocConfig, t
                       source_factory=build_source) -> MixedBatchIterator:
   """One deterministic pass (preproc.train must be False): every record of this host's shard once.
 
-  No shuffling, sources concatenated in config order. Every host yields the same number of steps
+  No shuffling, sources concatenated in config order, no duplicate region texts (each text once,
+  as long as region_batch >= max_regions x region_max_images; otherwise texts beyond region_batch
+  in a loader batch are dropped, as in training). Every host yields the same number of steps
   (that of the largest shard, over all kinds); rows past a host's data are padding (valid = 0),
   so collective evaluation code never waits on a host that ran out.
   """
@@ -360,7 +365,7 @@ def make_eval_dataset(data_cfg, sizes: F.BatchSizes, preproc: F.PreprocConfig, t
   datasets = {
       kind: kind_dataset(kind, srcs, sizes, preproc, tokenizer, seed=seed,
                          make_example=make_example, shard_index=index, shard_count=count,
-                         num_epochs=1, shuffle=False, num_batches=steps,
+                         num_epochs=1, shuffle=False, num_batches=steps, duplicate_texts=False,
                          **_pipeline_options(data_cfg, kind))
       for kind, srcs in built.items()
   }

@@ -211,7 +211,8 @@ class PackIterDataset(grain.IterDataset):
   def __init__(self, stream: grain.MapDataset, kind: str, sizes: F.BatchSizes, *,
                seed_key: Sequence[int], max_regions: int | None = None,
                num_workers: int = 0, worker_buffer_size: int = 4, read_threads: int = 1,
-               read_buffer_size: int = 8, worker_init_fn=None, num_batches: int | None = None):
+               read_buffer_size: int = 8, worker_init_fn=None, num_batches: int | None = None,
+               duplicate_texts: bool = True):
     """
     Args:
       stream: MapDataset of `Tagged` (infinite, or finite for a number of epochs).
@@ -224,6 +225,8 @@ class PackIterDataset(grain.IterDataset):
       worker_init_fn: (worker_index, worker_count) -> None, run in each worker at start.
       num_batches: if set, exactly this many sub-batches: a stream that ends early is followed
         by all-padding sub-batches (fixed-length evaluation passes on every host).
+      duplicate_texts: region kind: fill a short full loader batch with duplicate texts as the
+        official pre-training collate does; False pads with valid = 0 rows (evaluation).
     """
     super().__init__(stream)
     if kind not in F.KINDS:
@@ -236,6 +239,7 @@ class PackIterDataset(grain.IterDataset):
     self.num_workers, self.worker_buffer_size = num_workers, worker_buffer_size
     self.read_threads, self.read_buffer_size = read_threads, read_buffer_size
     self.worker_init_fn, self.num_batches = worker_init_fn, num_batches
+    self.duplicate_texts = duplicate_texts
 
   @property
   def examples_per_batch(self) -> int:
@@ -320,7 +324,7 @@ class PackIterator(grain.DatasetIterator):
     items = self._collect()
     if not items and ds.num_batches is None:
       raise StopIteration
-    full = len(items) == ds.examples_per_batch
+    full = len(items) == ds.examples_per_batch and ds.duplicate_texts
     if ds.kind == F.REGION:
       batch = pack_region(items, ds.sizes, _pack_seed(ds.seed_key, self._batch_index), full)
     else:
