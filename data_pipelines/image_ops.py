@@ -172,6 +172,25 @@ def eval_transform(img: np.ndarray, image_res: int) -> np.ndarray:
   return Resize(w, h, image_res, image_res).pixels(img)
 
 
+def crop_boxes(crop: Crop, boxes: np.ndarray, min_perc_in_image: float
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """Visible part of each box in crop coordinates, and whether the box is kept (§5.3 step 4).
+
+  Kept iff the intersection is non-empty and its area / the original area > min_perc_in_image
+  (strict, as the official code: a box exactly half inside at 0.5 is dropped).
+
+  Returns: boxes float64 [N, 4] (x, y, w, h) in the crop, keep bool [N].
+  """
+  boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+  b = crop.boxes(boxes)
+  area = boxes[:, 2] * boxes[:, 3]
+  vis = b[:, 2] * b[:, 3]
+  # The ratio is computed as a division, like the official code, so boundary cases round alike.
+  ratio = np.divide(vis, area, out=np.zeros_like(vis), where=area > 0)
+  keep = (b[:, 2] > 0) & (b[:, 3] > 0) & (ratio > min_perc_in_image)
+  return b, keep
+
+
 @dataclasses.dataclass(frozen=True)
 class RegionView:
   """Result of `region_transform`.
@@ -208,11 +227,7 @@ def region_transform(img: np.ndarray, boxes: np.ndarray, anchor: int, rng: np.ra
     crop = Crop(0, 0, width, height)
   cw, ch = crop.size
   pix = crop.pixels(img)
-  b = crop.boxes(boxes)
-  area = boxes[:, 2] * boxes[:, 3]
-  vis = b[:, 2] * b[:, 3]
-  # Strict '>' as in the official code: a box exactly half inside at min_perc 0.5 is dropped.
-  keep = (b[:, 2] > 0) & (b[:, 3] > 0) & (vis / np.maximum(area, 1e-12) > min_perc_in_image)
+  b, keep = crop_boxes(crop, boxes, min_perc_in_image)
   flipped = bool(train and rng.random() < 0.5 and allow_flip)
   if flipped:
     flip = HFlip(cw)
