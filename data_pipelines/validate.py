@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import sys
 from typing import Any, NamedTuple
 
@@ -50,8 +51,12 @@ class Report:
     return {r: c[r] for r in F.SKIP_REASONS if c[r]}
 
 
+@functools.lru_cache(maxsize=4)
 def default_tokenizer(max_tokens: int = 40, directory: str | None = None):
-  """The MiniLM (bert-base-uncased vocabulary) word-piece tokenizer, or the one in `directory`."""
+  """The MiniLM (bert-base-uncased vocabulary) word-piece tokenizer, or the one in `directory`.
+
+  Cached: loading takes seconds and the tokenizer is only read.
+  """
   from data_pipelines.text_ops import Tokenizer
   if directory is None:
     from x2vlm_jax.assets import minilm_dir
