@@ -81,6 +81,18 @@ def test_spec_counts_and_order_base_and_large():
     assert ours == O.count_parameters(O.official_state_spec(cfg))
 
 
+@pytest.mark.parametrize("cfg", [ModelConfig.tiny(), ModelConfig.tiny(frame_len=3), ModelConfig.base()],
+                         ids=["tiny", "tiny_video", "base"])
+def test_param_table_matches_the_model(cfg):
+  """The converter's shape table is the real model's param state (nnx.eval_shape, no memory)."""
+  x2vlm = pytest.importorskip("x2vlm_jax.models.x2vlm")
+  from flax import nnx
+
+  state = nnx.state(x2vlm.abstract_model(cfg), nnx.Param)
+  got = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in C.flatten(nnx.to_pure_dict(state)).items()}
+  assert got == C.flatten(O.param_shapes(cfg))
+
+
 def test_relative_position_index_formula():
   idx = O.relative_position_index(24)  # R = 384: 2209 / 2210 / 2211 for num_rel 2212 (§1.2)
   assert idx.shape == (577, 577) and idx.dtype == np.int64
@@ -317,8 +329,9 @@ def _cli(*args):
                         capture_output=True, text=True, timeout=300)
 
 
-def test_cli_round_trip_and_errors(tmp_path):
+def test_cli_round_trip_and_errors(tmp_path, capsys):
   torch = pytest.importorskip("torch")
+  from x2vlm_jax.convert.__main__ import main
   from x2vlm_jax.convert.torch_io import load_th
 
   cfg = ModelConfig.tiny()
@@ -326,6 +339,7 @@ def test_cli_round_trip_and_errors(tmp_path):
   src = tmp_path / "src.th"
   torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()},
               "config": {"image_res": 64, "text_fusion_start_at": 2}}, src)
+  # The real entry point, in subprocesses, for the .th -> ours -> .th round trip.
   r = _cli("official-to-jax", src, tmp_path / "jax", "--variant", "tiny", "--num-heads", "4")
   assert r.returncode == 0, r.stdout + r.stderr
   assert "missing 0, unexpected 0" in r.stdout
@@ -334,18 +348,28 @@ def test_cli_round_trip_and_errors(tmp_path):
   assert r.returncode == 0, r.stdout + r.stderr
   back, config, _ = load_th(tmp_path / "back.th")
   assert_same_state(sd, back)
-  r = _cli("jax-to-safetensors", tmp_path / "jax", tmp_path / "a.safetensors")
-  assert r.returncode == 0, r.stdout + r.stderr
+  # The other commands in-process (same `main`, without paying the start-up cost again).
+  assert main(["jax-to-safetensors", str(tmp_path / "jax"), str(tmp_path / "a.safetensors")]) == 0
   assert_same_state(sd, load_safetensors(tmp_path / "a.safetensors")[0], ordered=False)
-  r = _cli("official-to-safetensors", tmp_path / "back.th", tmp_path / "b.safetensors")
-  assert r.returncode == 0, r.stdout + r.stderr
+  assert main(["official-to-safetensors", str(tmp_path / "back.th"), str(tmp_path / "b.safetensors")]) == 0
   assert_same_state(sd, load_safetensors(tmp_path / "b.safetensors")[0], ordered=False)
-  # An unexpected key fails the import with a non-zero exit naming it, unless allowed.
-  sd["vision_encoder.head.weight"] = np.zeros((3, 36), np.float32)
-  torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, tmp_path / "bad.th")
-  r = _cli("official-to-jax", tmp_path / "bad.th", tmp_path / "bad", "--variant", "tiny", "--num-heads", "4")
-  assert r.returncode != 0 and "vision_encoder.head.weight" in r.stdout + r.stderr
-  assert not (tmp_path / "bad").exists()
-  r = _cli("official-to-jax", tmp_path / "bad.th", tmp_path / "ok", "--variant", "tiny", "--num-heads", "4",
-           "--allow-unexpected")
-  assert r.returncode == 0, r.stdout + r.stderr
+  assert main(["official-to-jax", str(tmp_path / "b.safetensors"), str(tmp_path / "jax2")]) == 0
+  capsys.readouterr()
+  # Each kind of mismatch: non-zero exit naming the key, nothing written; allowed on request.
+  bad_cases = {
+      "unexpected": ("vision_encoder.head.weight", lambda d: d.update(
+          {"vision_encoder.head.weight": np.zeros((3, 36), np.float32)})),
+      "missing": ("vision.fc_norm.scale", lambda d: d.pop("vision_encoder.fc_norm.weight")),
+      "shape": ("text_proj.bias", lambda d: d.update({"text_proj.bias": np.zeros(23, np.float32)})),
+  }
+  for kind, (name, edit) in bad_cases.items():
+    bad = dict(sd)
+    edit(bad)
+    save_safetensors(tmp_path / f"{kind}.safetensors", bad, {"x2vlm_jax": {"text_num_heads": 4}})
+    out = tmp_path / f"out_{kind}"
+    assert main(["official-to-jax", str(tmp_path / f"{kind}.safetensors"), str(out), "--variant", "tiny"]) == 1
+    err = capsys.readouterr()
+    assert name in err.out + err.err and not out.exists(), kind
+  assert main(["official-to-jax", str(tmp_path / "unexpected.safetensors"), str(tmp_path / "ok"),
+               "--variant", "tiny", "--allow-unexpected"]) == 0
+  assert main(["official-to-jax", str(tmp_path / "nope.th"), str(tmp_path / "x")]) == 2
