@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -50,12 +51,25 @@ def mesh8():
   return make_mesh({"data": 8})
 
 
-def test_round_trip_async(tmp_path, mesh8):
+def test_round_trip_async(tmp_path, mesh8, monkeypatch):
+  from orbax.checkpoint._src.path import atomicity
+
+  # Hold the commit of the step until we release it, to see that `save` returned before it.
+  release = threading.Event()
+  original = atomicity.AtomicRenameTemporaryPath.finalize
+
+  async def held_finalize(self):
+    assert release.wait(timeout=60)
+    return await original(self)
+
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", held_finalize)
   state = _state(mesh8)
   data_iter = {"image": {"next_index": 12, "epoch": 1}, "region": {"next_index": 3}}
   config = {"model": {"variant": "tiny", "depth": 3}, "seed": 42, "lr": 1e-4, "kinds": ("image",)}
   mgr = ck.CheckpointManager(tmp_path / "ckpt", async_save=True)
   assert mgr.save(7, state, data_iter=data_iter, config=config)
+  assert mgr.all_steps() == []  # returned while the write is still pending
+  release.set()
   mgr.wait_until_finished()
   assert mgr.all_steps() == [7]
   out = mgr.restore(ck.abstract_target(state))
@@ -253,3 +267,22 @@ def test_restore_with_dtype_cast_is_not_corrupt(tmp_path):
   out = mgr.restore(target)
   assert out.step == 1 and out.state["w"].dtype == jnp.bfloat16 and out.skipped == ()
   np.testing.assert_allclose(np.asarray(out.state["w"], np.float32), np.asarray(state["w"]), atol=4e-3)
+
+
+def test_nnx_model_and_optimizer_state(tmp_path):
+  import optax
+  from flax import nnx
+
+  def build(seed):
+    model = nnx.Linear(3, 5, rngs=nnx.Rngs(seed))
+    return model, nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
+
+  state = nnx.state(build(0))
+  mgr = ck.CheckpointManager(tmp_path / "ckpt", async_save=False)
+  mgr.save(1, state)
+  target = nnx.state(nnx.eval_shape(lambda: build(1)))
+  out = mgr.restore(ck.abstract_target(target, SingleDeviceSharding(jax.devices()[0])))
+  _assert_tree_equal(out.state, state)
+  model, _ = build(2)
+  nnx.update(model, out.state[0])
+  np.testing.assert_array_equal(model.kernel[...], state[0]["kernel"][...])
