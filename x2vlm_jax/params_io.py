@@ -18,7 +18,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
 from x2vlm_jax.models.config import FusionConfig, ModelConfig, TextConfig, VisionConfig
@@ -114,7 +113,3 @@ def load_params(
     ckptr.close()
   return cfg, params
 
-
-def to_host(params: Any) -> Any:
-  """Tree of (possibly sharded) arrays -> numpy arrays (for exporting to other formats)."""
-  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)

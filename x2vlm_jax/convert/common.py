@@ -164,6 +164,7 @@ class Rule:
   expect: Callable[[re.Match], np.ndarray] | None = None
 
   def match(self, key: str) -> re.Match | None:
+    """The regex match if this rule applies to `key` (pattern and layer range), else None."""
     m = re.fullmatch(self.pattern, key)
     if m is None:
       return None
@@ -202,6 +203,7 @@ class CoverageReport:
     return {k: getattr(self, k) for k in MISMATCH_KINDS if getattr(self, k) and k not in allow}
 
   def ok(self, allow: Iterable[str] = ()) -> bool:
+    """True if no mismatch outside `allow` was found."""
     return not self.errors(allow)
 
   def summary(self, limit: int = 20) -> str:
@@ -221,6 +223,7 @@ class CoverageReport:
     return "\n".join(lines)
 
   def raise_unless_ok(self, allow: Iterable[str] = (), what: str = "conversion") -> None:
+    """Raises `ConversionError` (with this report attached) on any mismatch outside `allow`."""
     errs = self.errors(allow)
     if errs:
       raise ConversionError(
