@@ -115,7 +115,11 @@ def _elem(value: Any, rid: str, field: str) -> dict:
     # An elem without any text is unusable but the record's other elems may be fine.
     captions = [""]
   attrs = _str_list(value.get("attributes", []), rid, f"{field}.attributes")
-  return {"bb": [float(v) for v in bb], "captions": captions, "attributes": attrs}
+  try:
+    box = [float(v) for v in bb]
+  except OverflowError:  # JSON integers are unbounded
+    raise _bad(rid, f"{field}.bb", f"number too large in {bb!r:.60}") from None
+  return {"bb": box, "captions": captions, "attributes": attrs}
 
 
 def _frames(value: Any, fmt: JsonlFormat, base_dir: str, rid: str, field: str) -> list[list[bytes]]:
