@@ -76,7 +76,7 @@ def equalize(img: np.ndarray, _: float = 0.0) -> np.ndarray:
 
 def brightness(img: np.ndarray, factor: float) -> np.ndarray:
   """Multiplies pixel values by `factor` and clips (the official op; factor 1.36 brightens)."""
-  table = np.clip(np.arange(256, dtype=np.float32) * factor, 0, 255).astype(np.uint8)
+  table = np.clip(np.arange(256, dtype=np.float64) * factor, 0, 255).astype(np.uint8)
   return cv2.LUT(img, table)
 
 
