@@ -122,7 +122,11 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 def _names_of(var) -> tuple | None:
   meta = var.get_metadata() if hasattr(var, "get_metadata") else {}
-  return meta.get("sharding_names", meta.get("sharding"))
+  # flax >= 0.12 stores `nnx.with_partitioning` names as 'out_sharding' (older: 'sharding_names').
+  for field in ("out_sharding", "sharding_names", "sharding"):
+    if meta.get(field) is not None:
+      return tuple(meta[field])
+  return None
 
 
 def state_shardings(state, mesh: Mesh, rules=LOGICAL_RULES):

@@ -1,0 +1,245 @@
+"""Building blocks shared by the towers: parameters with logical names, dense layers with an
+explicit head axis, float32 LayerNorm, attention, MLP, dropout and drop path.
+
+Every parameter is created through `param`, which attaches the logical axis names of
+docs/architecture.md (resolved to mesh axes in `x2vlm_jax.sharding`). Eager sharding is switched
+off while a parameter is born: placement is decided once, by `jax.jit(..., out_shardings=...)`
+over the whole state (see `x2vlm.create_sharded`), so building a model never needs a mesh.
+
+Randomness is explicit: a function that can drop something takes `key`, and `key=None` means
+deterministic (evaluation).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from x2vlm_jax import sharding
+
+Init = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
+Names = tuple[str | None, ...]
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisers (reference §1.2 / §1.4).
+# ---------------------------------------------------------------------------------------------
+
+
+def normal(std: float) -> Init:
+  """N(0, std^2): BERT weights and embeddings (initializer_range 0.02)."""
+  return lambda key, shape, dtype: (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def trunc_normal(std: float, bound: float = 2.0) -> Init:
+  """timm `trunc_normal_(std=std)`: N(0, std^2) cut at +-`bound` in *absolute* units (timm's
+  defaults a=-2, b=2), i.e. practically untruncated for std 0.02 (BEiT weights, cls token)."""
+
+  def init(key, shape, dtype):
+    x = jax.random.truncated_normal(key, -bound / std, bound / std, shape, jnp.float32)
+    return (std * x).astype(dtype)
+
+  return init
+
+
+def torch_linear(fan_in: int) -> Init:
+  """PyTorch's default nn.Linear init for weight and bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+  (kaiming_uniform with a=sqrt(5) reduces to this bound). Used by the heads (reference §1.4)."""
+  bound = 1.0 / math.sqrt(fan_in)
+  return lambda key, shape, dtype: jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+
+def constant(value: float) -> Init:
+  """Every entry equal to `value` (layer-scale gammas, temperature, LayerNorm scale)."""
+  return lambda key, shape, dtype: jnp.full(shape, value, dtype)
+
+
+zeros = constant(0.0)
+ones = constant(1.0)
+
+
+def param(rngs: nnx.Rngs, init: Init, shape: Sequence[int], names: Names, dtype: Any) -> nnx.Param:
+  """A parameter annotated with logical axis names (`nnx.with_partitioning`), born unsharded."""
+  shape = tuple(int(s) for s in shape)
+  if len(names) != len(shape):
+    raise ValueError(f"logical names {names} do not match parameter shape {shape}")
+  with nnx.use_eager_sharding(False):
+    return nnx.Param(nnx.with_partitioning(init, tuple(names))(rngs.params(), shape, dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation sharding.
+# ---------------------------------------------------------------------------------------------
+
+
+def constrain(x: jax.Array, names: Names) -> jax.Array:
+  """Sharding constraint by logical names; a no-op unless a ('data','fsdp','tensor') mesh is set
+  as the ambient mesh (`jax.set_mesh`), so models also run on a bare device without a mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or set(mesh.axis_names) != set(sharding.MESH_AXES):
+    return x
+  spec = sharding.logical_to_spec(names, x.shape, mesh)
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+ACT = ("batch", "seq", "act_embed")  # [B, S, D] activations at block boundaries
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules.
+# ---------------------------------------------------------------------------------------------
+
+
+class Dense(nnx.Module):
+  """y = x . W + b, contracting the last len(in_shape) axes of x with the first axes of W.
+
+  W has shape in_shape + out_shape so attention projections keep an explicit head axis
+  (`[D, H, dh]`, `[H, dh, D]`); the bias has shape out_shape.
+  """
+
+  def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], *, kernel_names: Names,
+               bias_names: Names | None, kernel_init: Init, bias_init: Init = zeros,
+               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    self.in_ndim = len(in_shape)
+    self.dtype = dtype
+    self.kernel = param(rngs, kernel_init, (*in_shape, *out_shape), kernel_names, param_dtype)
+    self.bias = (param(rngs, bias_init, tuple(out_shape), bias_names, param_dtype)
+                 if bias_names is not None else None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = self.kernel[...].astype(self.dtype)
+    y = jnp.tensordot(x.astype(self.dtype), k, axes=self.in_ndim)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm whose statistics are always float32 (even in bfloat16 mode); output in `dtype`."""
+
+  def __init__(self, dim: int, eps: float, *, dtype: Any = jnp.float32,
+               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    self.eps = eps
+    self.dtype = dtype
+    self.scale = param(rngs, ones, (dim,), ("norm",), param_dtype)
+    self.bias = param(rngs, zeros, (dim,), ("norm",), param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)  # biased, as torch
+    y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact (erf) GELU everywhere, as nn.GELU / BERT "gelu" (reference §9 item 4)."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+class Mlp(nnx.Module):
+  """fc1 -> exact GELU -> fc2 (no dropout inside; callers add it where BERT has it)."""
+
+  def __init__(self, dim: int, hidden: int, *, kernel_init: Init, dtype: Any, param_dtype: Any,
+               rngs: nnx.Rngs, fc2_init: Init | None = None):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.fc1 = Dense((dim,), (hidden,), kernel_names=("embed", "mlp"), bias_names=("mlp",),
+                     kernel_init=kernel_init, **kw)
+    self.fc2 = Dense((hidden,), (dim,), kernel_names=("mlp", "embed"), bias_names=("embed",),
+                     kernel_init=fc2_init or kernel_init, **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(gelu(self.fc1(x)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional pieces: attention, masks, dropout, drop path.
+# ---------------------------------------------------------------------------------------------
+
+
+def padding_bias(mask: jax.Array, value: float) -> jax.Array:
+  """Key mask [B, S] (1 = attend) -> additive bias [B, 1, 1, S] = (1 - mask) * value, float32.
+
+  BERT uses value -10000 for text self-attention and transformers 4.12's -1e9 for
+  cross-attention (reference §1.3, §9 item 5)."""
+  return ((1.0 - mask.astype(jnp.float32)) * value)[:, None, None, :]
+
+
+def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, *,
+                  dropout_rate: float = 0.0, key: jax.Array | None = None) -> jax.Array:
+  """softmax(q.k^T + bias) . v with float32 logits/softmax; q must already be scaled.
+
+  q [B, L, H, dh], k/v [B, S, H, dh], bias broadcastable to [B, H, L, S] -> [B, L, H, dh].
+  Dropout on the probabilities only when `key` is given (BERT attention_probs_dropout).
+  """
+  logits = jnp.einsum("blhd,bshd->bhls", q, k).astype(jnp.float32)  # [B, H, L, S]
+  if bias is not None:
+    logits = logits + bias
+  probs = jax.nn.softmax(logits, axis=-1)
+  probs = dropout(probs, dropout_rate, key)
+  return jnp.einsum("bhls,bshd->blhd", probs.astype(v.dtype), v)
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  """Inverted dropout (kept entries scaled by 1/(1-rate)); identity when key is None or rate 0."""
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype)).astype(x.dtype)
+
+
+def drop_path(x: jax.Array, rate: jax.Array | float, key: jax.Array | None) -> jax.Array:
+  """timm-style stochastic depth: one Bernoulli(1-rate) per sample, kept samples scaled by
+  1/(1-rate) (reference §1.2). `rate` may be traced (per-layer rates are scan inputs)."""
+  if key is None:
+    return x
+  keep_prob = 1.0 - jnp.asarray(rate, jnp.float32)
+  keep = jax.random.bernoulli(key, keep_prob, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return (x * (keep.astype(jnp.float32) / keep_prob)).astype(x.dtype)
+
+
+def layer_keys(key: jax.Array | None, depth: int, per_layer: int) -> jax.Array:
+  """Keys for a scanned tower: [depth, per_layer] typed keys (dummy ones when key is None, in
+  which case the per-layer bodies are called with `deterministic=True` and never read them)."""
+  base = jax.random.key(0) if key is None else key
+  if not jnp.issubdtype(base.dtype, jax.dtypes.prng_key):
+    base = jax.random.wrap_key_data(base)
+  return jax.random.split(base, (depth, per_layer))
+
+
+def stacked(make: Callable[[nnx.Rngs], nnx.Module], depth: int, rngs: nnx.Rngs) -> nnx.Module:
+  """Creates `depth` copies of a layer with `nnx.vmap`, every parameter stacked on a leading
+  axis whose logical name is 'layers' (the scanned-tower layout of docs/architecture.md)."""
+  keys = jax.random.split(rngs.params(), depth)
+
+  @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def create(k):
+    return make(nnx.Rngs(params=k))
+
+  return create(keys)
+
+
+def scan_layers(layers: nnx.Module, body: Callable, x: jax.Array, xs: Any, *,
+                remat: bool = False) -> jax.Array:
+  """Runs `x = body(layer_i, x, xs_i)` over a stacked module with `nnx.scan`.
+
+  xs: pytree of per-layer inputs with a leading depth axis (drop-path rates, dropout keys,
+  precomputed cross-attention K/V). With `remat`, each layer's activations are recomputed in the
+  backward pass (`nnx.remat`), trading FLOPs for memory.
+  """
+  fn = nnx.remat(body) if remat else body
+  scan = nnx.scan(fn, in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry,
+                  transform_metadata={nnx.PARTITION_NAME: "layers"})
+  return scan(layers, x, xs)
+
+
+def depth_scale(depth: int) -> np.ndarray:
+  """1/sqrt(2(i+1)) per layer i: BEiT's `fix_init_weight` rescaling of attn.proj and mlp.fc2."""
+  return 1.0 / np.sqrt(2.0 * (np.arange(depth) + 1.0))

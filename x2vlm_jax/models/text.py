@@ -1,0 +1,126 @@
+"""Post-LN BERT text tower: embeddings + self-attention encoder layers (reference §1.3).
+
+Works for any width/depth/head count (bert-base, bert-large-12l, MiniLM-L6-H384). Layers are
+stacked and scanned; dropout (p = config.dropout) on the embedding output, the attention
+probabilities, after the attention output dense and after the FFN output dense -- only when a
+key is given.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from x2vlm_jax.models import layers as L
+from x2vlm_jax.models.config import TextConfig
+
+TEXT_MASK_VALUE = -10000.0  # BERT's additive self-attention mask (reference §1.3)
+
+
+class Attention(nnx.Module):
+  """BERT attention with separate query/key/value projections `[D, H, dh]` and output `[H, dh, D]`.
+
+  kv_width differs from width for cross-attention (keys/values come from the vision tokens).
+  """
+
+  def __init__(self, width: int, num_heads: int, *, kv_width: int | None = None, dtype,
+               param_dtype, rngs: nnx.Rngs):
+    if width % num_heads:
+      raise ValueError(f"text width {width} is not divisible by {num_heads} heads")
+    h, dh = num_heads, width // num_heads
+    kv_width = width if kv_width is None else kv_width
+    self.head_dim = dh
+    init = L.normal(0.02)  # BERT initializer_range
+    kw = dict(kernel_init=init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    heads = dict(kernel_names=("embed", "heads", "kv"), bias_names=("heads", "kv"))
+    self.query = L.Dense((width,), (h, dh), **heads, **kw)
+    self.key = L.Dense((kv_width,), (h, dh), **heads, **kw)
+    self.value = L.Dense((kv_width,), (h, dh), **heads, **kw)
+    self.out = L.Dense((h, dh), (width,), kernel_names=("heads", "kv", "embed"),
+                       bias_names=("embed",), **kw)
+
+  def project_kv(self, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[B, S, kv_width] -> keys, values [B, S, H, dh]."""
+    return self.key(y), self.value(y)
+
+  def __call__(self, x: jax.Array, kv: tuple[jax.Array, jax.Array], bias: jax.Array, *,
+               dropout_rate: float, keys) -> jax.Array:
+    """x [B, L, D]; kv from `project_kv`; bias [B, 1, 1, S] -> [B, L, D] (before residual/LN).
+
+    keys: None (deterministic) or two keys (probabilities, output)."""
+    k_probs, k_out = (None, None) if keys is None else keys
+    q = self.query(x) * self.head_dim**-0.5  # [B, L, H, dh]
+    ctx = L.dot_attention(q, kv[0], kv[1], bias, dropout_rate=dropout_rate, key=k_probs)
+    return L.dropout(self.out(ctx), dropout_rate, k_out)
+
+
+class TextLayer(nnx.Module):
+  """x = LN(x + drop(attn(x))); x = LN(x + drop(fc2(gelu(fc1 x))))."""
+
+  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.rate = cfg.dropout
+    self.attn = Attention(cfg.width, cfg.num_heads, **kw)
+    self.attn_norm = L.LayerNorm(cfg.width, cfg.ln_eps, **kw)
+    self.mlp = L.Mlp(cfg.width, cfg.mlp_dim, kernel_init=L.normal(0.02), **kw)
+    self.mlp_norm = L.LayerNorm(cfg.width, cfg.ln_eps, **kw)
+
+  def __call__(self, x, bias, keys, deterministic: bool):
+    ks = [None] * 3 if deterministic else [keys[i] for i in range(3)]
+    a = self.attn(x, self.attn.project_kv(x), bias, dropout_rate=self.rate,
+                  keys=None if deterministic else (ks[0], ks[1]))
+    x = self.attn_norm(x + a)
+    f = L.dropout(self.mlp(x), self.rate, ks[2])
+    return L.constrain(self.mlp_norm(x + f), L.ACT)
+
+
+class TextEmbeddings(nnx.Module):
+  """word + absolute position + token-type(0) embeddings -> LayerNorm -> dropout."""
+
+  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    init = L.normal(0.02)
+    self.cfg, self.dtype = cfg, dtype
+    self.word = L.param(rngs, init, (cfg.vocab_size, cfg.width), ("vocab", "embed"), param_dtype)
+    self.position = L.param(rngs, init, (cfg.max_positions, cfg.width), ("positions", "embed"),
+                            param_dtype)
+    self.token_type = L.param(rngs, init, (cfg.type_vocab_size, cfg.width), (None, "embed"),
+                              param_dtype)
+    self.norm = L.LayerNorm(cfg.width, cfg.ln_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, ids: jax.Array, key: jax.Array | None) -> jax.Array:
+    length = ids.shape[1]
+    x = jnp.take(self.word[...], ids, axis=0)  # [B, L, D]
+    # Position ids 0..L-1 and token type 0 for every token (the official code never sets types).
+    x = x + self.position[...][:length][None] + self.token_type[...][0][None, None]
+    x = self.norm(x.astype(self.dtype))
+    return L.dropout(x, self.cfg.dropout, key)
+
+
+class TextTower(nnx.Module):
+  """ids [B, L] + mask [B, L] -> hidden states [B, L, D] (output of the last text layer)."""
+
+  def __init__(self, cfg: TextConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               remat: bool = False, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.cfg, self.remat = cfg, remat
+    self.embeddings = TextEmbeddings(cfg, rngs=rngs, **kw)
+    self.layers = L.stacked(lambda r: TextLayer(cfg, rngs=r, **kw), cfg.depth, rngs)
+
+  def __call__(self, ids: jax.Array, mask: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    if ids.ndim != 2 or mask.shape != ids.shape:
+      raise ValueError(f"text ids {ids.shape} and mask {mask.shape} must both be [B, L]")
+    if ids.shape[1] > self.cfg.max_positions:
+      raise ValueError(f"text length {ids.shape[1]} exceeds max_positions {self.cfg.max_positions}")
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+      raise ValueError(f"text ids must be integers, got {ids.dtype}")
+    k_emb, k_layers = (None, None) if key is None else tuple(jax.random.split(key))
+    x = L.constrain(self.embeddings(ids, k_emb), L.ACT)
+    bias = L.padding_bias(mask, TEXT_MASK_VALUE)  # [B, 1, 1, L]
+    keys = L.layer_keys(k_layers, self.cfg.depth, 3)
+    deterministic = key is None
+
+    def body(layer, h, ks):
+      return layer(h, bias, ks, deterministic)
+
+    return L.scan_layers(self.layers, body, x, keys, remat=self.remat)
