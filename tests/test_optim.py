@@ -44,7 +44,7 @@ def np_hf_adamw(params, grads_per_step, cfg, groups):
   n, w = cfg.total_steps, cfg.num_warmup
   for step, grads in enumerate(grads_per_step):
     norm = np.sqrt(sum(np.sum(g**2) for g in grads.values()))
-    scale = min(1.0, cfg.clip_norm / norm)
+    scale = min(1.0, cfg.clip_norm / (norm + 1e-6))  # torch clip_grad_norm_
     factor = step / w if step < w else max(0.0, (n - step) / (n - w))
     t = step + 1
     for k in p:
@@ -180,3 +180,15 @@ def test_bad_paths_fail_at_init():
   with pytest.raises(ValueError, match="itm_hed"):
     optim.make_optimizer(optim.OptimConfig(total_steps=3), ["itm_hed"]).init(
         {"vision": {"gamma_1": jnp.ones(3)}})
+
+
+def test_clip_like_torch():
+  """coef = max / (norm + eps), applied only when < 1 (eps exaggerated to make it visible)."""
+  tx = optim.clip_by_global_norm(1.0, eps=0.5)
+  g = {"a": jnp.array([1.2, 0.0]), "b": jnp.array([1.6])}  # global norm 2
+  out, _ = tx.update(g, tx.init(g))
+  np.testing.assert_allclose(out["a"], [1.2 / 2.5, 0.0], rtol=1e-6)
+  np.testing.assert_allclose(out["b"], [1.6 / 2.5], rtol=1e-6)
+  small = {"a": jnp.array([0.3, 0.0]), "b": jnp.array([0.4])}  # norm 0.5: untouched
+  out, _ = tx.update(small, tx.init(small))
+  np.testing.assert_allclose(out["b"], [0.4])

@@ -4,6 +4,9 @@ The optimizer is one optax chain:
 
   clip_by_global_norm(1.0) -> scale_by_hf_adam(0.9, 0.98, 1e-8) -> hf_lr_and_decay(schedule, groups)
 
+`clip_by_global_norm` scales like PyTorch's `clip_grad_norm_` (coefficient max / (norm + 1e-6),
+applied only when below 1), which the official loop uses (§6.3); optax's version has no 1e-6.
+
 `scale_by_hf_adam` is the Adam direction of HF transformers' `AdamW` (the official optimizer):
 eps is added to the *uncorrected* sqrt(v) and the bias correction is folded into the step size,
 sqrt(1 - b2^t) / (1 - b1^t). `hf_lr_and_decay` applies each parameter's learning rate and then the
@@ -243,6 +246,22 @@ def param_groups_report(params_tree, fresh_paths: Iterable[str], cfg: OptimConfi
 # the optax transformations (§6.1)
 
 
+def clip_by_global_norm(max_norm: float, eps: float = 1e-6) -> optax.GradientTransformation:
+  """Global-L2-norm clipping as `torch.nn.utils.clip_grad_norm_`: g * min(1, max / (norm + eps))."""
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    del params
+    norm = optax.tree.norm(updates)
+    coef = jnp.minimum(1.0, max_norm / (norm + eps))
+    return jax.tree.map(lambda g: (g * coef).astype(jnp.result_type(g)), updates), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 class HFAdamState(NamedTuple):
   """Step count and the float32 first and second moments."""
 
@@ -333,7 +352,7 @@ def make_optimizer(cfg: OptimConfig, fresh_paths: Iterable[str] = ()
     return cache[path]
 
   base = optax.chain(
-      optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm else optax.identity(),
+      clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm else optax.identity(),
       scale_by_hf_adam(cfg.b1, cfg.b2, cfg.eps),
       hf_lr_and_decay(lr_schedule(cfg), group_of),
   )
