@@ -162,8 +162,9 @@ def kind_dataset(kind: str, sources: Sequence[Any], sizes: F.BatchSizes,
 class MixedBatchIterator(grain.DatasetIterator):
   """Zips the per-kind pipelines: each step is {kind: {field: np.ndarray}} as features.batch_spec.
 
-  Ends when any kind ends (finite epochs). The state is a JSON-serialisable dict, so it can be
-  stored by orbax (grain's DatasetIterator save/load) or as plain JSON next to a checkpoint.
+  Ends when any kind ends (finite epochs). The state is a JSON-serialisable dict with one entry
+  per kind (the `data_iter` of x2vlm_jax.checkpoint), also usable through grain's orbax
+  save/load of a DatasetIterator.
   """
 
   def __init__(self, datasets: Mapping[str, packing.PackIterDataset]):
@@ -188,18 +189,19 @@ class MixedBatchIterator(grain.DatasetIterator):
     return {k: self._iters[k].skip_counts() for k in self._kinds}
 
   def get_state(self) -> dict:
-    return {"version": STATE_VERSION,
-            "kinds": {k: self._iters[k].get_state() for k in self._kinds}}
+    """{kind: {'version', 'position', 'batch_index', 'exhausted', 'skips'}} (JSON-able)."""
+    return {k: {"version": STATE_VERSION, **self._iters[k].get_state()} for k in self._kinds}
 
   def set_state(self, state: dict) -> None:
-    if state.get("version") != STATE_VERSION:
-      raise ValueError(f"data iterator state version {state.get('version')!r}, "
-                       f"expected {STATE_VERSION}")
-    if set(state.get("kinds", {})) != set(self._kinds):
-      raise ValueError(f"data iterator state has kinds {sorted(state.get('kinds', {}))}, "
+    if set(state) != set(self._kinds):
+      raise ValueError(f"data iterator state has kinds {sorted(state)}, "
                        f"this pipeline has {list(self._kinds)}")
     for k in self._kinds:
-      self._iters[k].set_state(state["kinds"][k])
+      kind_state = dict(state[k])
+      version = kind_state.pop("version", None)
+      if version != STATE_VERSION:
+        raise ValueError(f"{k}: data iterator state version {version!r}, expected {STATE_VERSION}")
+      self._iters[k].set_state(kind_state)
 
   def __enter__(self):
     return self

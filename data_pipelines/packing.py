@@ -343,9 +343,10 @@ class PackIterator(grain.DatasetIterator):
             "exhausted": bool(self._exhausted), "skips": dict(sorted(self._skips.items()))}
 
   def set_state(self, state: dict) -> None:
-    missing = {"position", "batch_index", "exhausted", "skips"} - set(state)
-    if missing:
-      raise ValueError(f"{self._ds.kind}: iterator state lacks {sorted(missing)}")
+    keys = {"position", "batch_index", "exhausted", "skips"}
+    if set(state) != keys:
+      raise ValueError(f"{self._ds.kind}: iterator state has keys {sorted(state)}, "
+                       f"expected {sorted(keys)}")
     unknown = set(state["skips"]) - set(F.SKIP_REASONS)
     if unknown:
       raise ValueError(f"{self._ds.kind}: iterator state has unknown skip reasons {sorted(unknown)}")
