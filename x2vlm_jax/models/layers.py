@@ -57,7 +57,13 @@ def torch_linear(fan_in: int) -> Init:
 
 def constant(value: float) -> Init:
   """Every entry equal to `value` (layer-scale gammas, temperature, LayerNorm scale)."""
-  return lambda key, shape, dtype: jnp.full(shape, value, dtype)
+
+  def init(key, shape, dtype):
+    del key
+    return jnp.full(shape, value, dtype)
+
+  init.deterministic = True  # `param` draws no key for it (fewer PRNG ops to compile)
+  return init
 
 
 zeros = constant(0.0)
@@ -69,8 +75,9 @@ def param(rngs: nnx.Rngs, init: Init, shape: Sequence[int], names: Names, dtype:
   shape = tuple(int(s) for s in shape)
   if len(names) != len(shape):
     raise ValueError(f"logical names {names} do not match parameter shape {shape}")
+  key = None if getattr(init, "deterministic", False) else rngs.params()
   with nnx.use_eager_sharding(False):
-    return nnx.Param(nnx.with_partitioning(init, tuple(names))(rngs.params(), shape, dtype))
+    return nnx.Param(nnx.with_partitioning(init, tuple(names))(key, shape, dtype))
 
 
 # ---------------------------------------------------------------------------------------------

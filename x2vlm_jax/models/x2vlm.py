@@ -167,17 +167,20 @@ def count_params(cfg: ModelConfig) -> int:
   return sum(math.prod(v.shape) for v in jax.tree.leaves(state))
 
 
-def create_sharded(cfg: ModelConfig, mesh: Mesh, seed: int = 0) -> X2VLM:
+def create_sharded(cfg: ModelConfig, mesh: Mesh, key: int | jax.Array = 0) -> X2VLM:
   """Builds the model with every parameter born in its final sharding on `mesh`.
 
   The constructor runs inside one `jax.jit` whose out_shardings come from the logical names
   (`sharding.state_shardings`), so no device ever holds a whole unsharded copy.
+  key: an int seed or a PRNG key; its implementation decides the init generator (e.g.
+  `jax.random.key(0, impl='unsafe_rbg')` compiles much faster on CPU than threefry).
   """
   graphdef, abstract_state = nnx.split(abstract_model(cfg))
   shardings = sharding.state_shardings(abstract_state, mesh)
+  key = jax.random.key(key) if isinstance(key, int) else key
 
-  def init():
-    return nnx.state(X2VLM(cfg, rngs=nnx.Rngs(seed)))
+  def init(k):
+    return nnx.state(X2VLM(cfg, rngs=nnx.Rngs(params=k)))
 
-  state = jax.jit(init, out_shardings=shardings)()
+  state = jax.jit(init, out_shardings=shardings)(key)
   return nnx.merge(graphdef, state)

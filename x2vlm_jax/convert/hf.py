@@ -1,0 +1,466 @@
+"""Importers for the towers' initial weights: Hugging Face BERT and BEiT-2 (reference §7.6).
+
+* `load_bert`: a Hugging Face-layout BERT (safetensors or pytorch_model.bin, keys with or without
+  `bert.`, TF-style `LayerNorm.gamma/beta` too) -> text tower; fusion layers copied from BERT
+  layers (default: the last `fusion.depth` layers, i.e. 6..11 of a 12-layer BERT as the official
+  code copies 6-11 into 12-17; for a shallower BERT such as MiniLM-L6 its last `fusion.depth`
+  layers); cross-attention stays at its fresh init; the MLM head when the file has one.
+* `load_beit`: BEiT-2 weights in the official `.pth` layout (`blocks.{i}.attn.qkv.weight`, ...,
+  optionally under 'model'/'module', an optional shared table copied into every block, `head.*`
+  dropped) or in a transformers `BeitModel` layout (hub names `beit.encoder.layer.{i}.attention.
+  attention.query` ... and the v5 in-memory names `layers.{i}.attention.q_proj` ...); tables are
+  resized (§7.5) when the checkpoint's grid differs from the config's.
+
+Both return an `ImportResult` (our nested numpy params, the loaded / not-loaded paths, the
+coverage report) and are strict: unexpected, missing or mis-shaped keys raise
+`common.ConversionError` unless their kind is in `allow`. `apply` writes results into a model
+(keeping its shardings) and returns the paths left at init -- the official `init_params`, which
+the optimizer gives lr x lr_mult.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import pathlib
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from x2vlm_jax.convert import common as C
+from x2vlm_jax.convert.official import to_numpy
+from x2vlm_jax.models.config import ModelConfig, TextConfig
+
+Source = str | pathlib.Path | Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportResult:
+  """What one importer produced.
+
+  params: nested dict (our tree) holding only the loaded leaves, numpy arrays.
+  loaded: dotted paths of our parameters filled from the file.
+  not_loaded: dotted paths inside the importer's scope (text+fusion+MLM head, or vision) that
+    keep their fresh init (e.g. the fusion cross-attention).
+  report: the strict-merge coverage report (notes say what was dropped, copied or resized).
+  """
+
+  params: dict[str, Any]
+  loaded: frozenset[str]
+  not_loaded: frozenset[str]
+  report: C.CoverageReport
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files.
+# ---------------------------------------------------------------------------------------------
+
+
+def read_state_dict(src: Source, *, weights_only: bool = True) -> "collections.OrderedDict[str, np.ndarray]":
+  """A state dict as numpy arrays from a mapping, a safetensors / torch file, or an HF directory.
+
+  Directories are searched for `model.safetensors` then `pytorch_model.bin`. A top-level
+  'model', 'module' or 'state_dict' sub-dict is unwrapped (BEiT `.pth` files, official
+  checkpoints). Torch pickles need torch (imported lazily) and are read with
+  `weights_only=True` unless told otherwise (full unpickling is for trusted files only).
+  """
+  if isinstance(src, Mapping):
+    obj: Any = src
+  else:
+    path = pathlib.Path(src)
+    if path.is_dir():
+      for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).exists():
+          path = path / name
+          break
+      else:
+        raise FileNotFoundError(f"{src}: no model.safetensors or pytorch_model.bin in this directory")
+    if path.suffix == ".safetensors":
+      from safetensors.numpy import load_file
+      obj = load_file(str(path))
+    else:
+      try:
+        import torch
+      except ImportError as e:
+        raise ImportError(f"reading {path.name} needs PyTorch (`pip install torch`); "
+                          "safetensors files need no torch") from e
+      obj = torch.load(str(path), map_location="cpu", weights_only=weights_only)
+  for wrapper in ("model", "module", "state_dict"):
+    if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+      obj = obj[wrapper]
+      break
+  if not isinstance(obj, Mapping):
+    raise ValueError(f"{src}: expected a state dict, got {type(obj).__name__}")
+  bad = [k for k, v in obj.items() if not hasattr(v, "shape")]
+  if bad:
+    raise ValueError(f"{src}: entries {bad[:5]} are not tensors; is this a state dict?")
+  return collections.OrderedDict((str(k), to_numpy(v, str(k))) for k, v in obj.items())
+
+
+def text_config_from_hf(path: str | pathlib.Path, **overrides) -> TextConfig:
+  """TextConfig from a Hugging Face BERT `config.json` (file or its directory)."""
+  path = pathlib.Path(path)
+  if path.is_dir():
+    path = path / "config.json"
+  hf = json.loads(path.read_text())
+  act = hf.get("hidden_act", "gelu")
+  if act != "gelu":
+    raise ValueError(f"{path}: hidden_act {act!r}; the text tower implements exact 'gelu' only")
+  if hf.get("position_embedding_type", "absolute") != "absolute":
+    raise ValueError(f"{path}: only absolute position embeddings are supported")
+  cfg = TextConfig(
+      vocab_size=hf["vocab_size"], width=hf["hidden_size"], depth=hf["num_hidden_layers"],
+      num_heads=hf["num_attention_heads"], mlp_dim=hf["intermediate_size"],
+      max_positions=hf["max_position_embeddings"], type_vocab_size=hf.get("type_vocab_size", 2),
+      pad_token_id=hf.get("pad_token_id", 0) or 0, ln_eps=hf.get("layer_norm_eps", 1e-12),
+      dropout=hf.get("hidden_dropout_prob", 0.1))
+  return dataclasses.replace(cfg, **overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Our side: the expected tree (shapes of the real model, no allocation).
+# ---------------------------------------------------------------------------------------------
+
+
+def expected_shapes(model_cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """{dotted path: (shape, dtype)} of every parameter, via `nnx.eval_shape` of the model."""
+  from flax import nnx
+
+  from x2vlm_jax.models.x2vlm import abstract_model
+
+  state = nnx.state(abstract_model(model_cfg), nnx.Param)
+  return {".".join(map(str, p)): (tuple(v.shape), np.dtype(v.dtype))
+          for p, v in nnx.to_flat_state(state)}
+
+
+def _result(params: dict, report: C.CoverageReport, scope: Iterable[str]) -> ImportResult:
+  loaded = frozenset(C.flatten(params))
+  return ImportResult(params, loaded, frozenset(scope) - loaded, report)
+
+
+def _combine(a: C.CoverageReport, b: C.CoverageReport) -> C.CoverageReport:
+  return C.CoverageReport(*(getattr(a, f.name) + getattr(b, f.name)
+                            for f in dataclasses.fields(C.CoverageReport)))
+
+
+def _deep_update(dst: dict, src: Mapping) -> dict:
+  for k, v in src.items():
+    if isinstance(v, Mapping):
+      _deep_update(dst.setdefault(k, {}), v)
+    else:
+      dst[k] = v
+  return dst
+
+
+# ---------------------------------------------------------------------------------------------
+# BERT.
+# ---------------------------------------------------------------------------------------------
+
+_L = r"encoder\.layer\.(?P<layer>\d+)\."
+
+
+def _bert_layer_rules(ours: str, attn: str, attn_norm: str) -> list[C.Rule]:
+  """Rules of one post-LN BERT layer into our stacked `ours` (text.layers / fusion.layers)."""
+  r = []
+  for name in ("query", "key", "value"):
+    r += [C.Rule(_L + rf"attention\.self\.{name}\.weight", f"{ours}.{attn}.{name}.kernel",
+                 C.LINEAR_TO_HEADS),
+          C.Rule(_L + rf"attention\.self\.{name}\.bias", f"{ours}.{attn}.{name}.bias",
+                 C.BIAS_TO_HEADS)]
+  r += [
+      C.Rule(_L + r"attention\.output\.dense\.weight", f"{ours}.{attn}.out.kernel",
+             C.LINEAR_FROM_HEADS),
+      C.Rule(_L + r"attention\.output\.dense\.bias", f"{ours}.{attn}.out.bias"),
+      C.Rule(_L + r"attention\.output\.LayerNorm\.weight", f"{ours}.{attn_norm}.scale"),
+      C.Rule(_L + r"attention\.output\.LayerNorm\.bias", f"{ours}.{attn_norm}.bias"),
+      C.Rule(_L + r"intermediate\.dense\.weight", f"{ours}.mlp.fc1.kernel", C.LINEAR),
+      C.Rule(_L + r"intermediate\.dense\.bias", f"{ours}.mlp.fc1.bias"),
+      C.Rule(_L + r"output\.dense\.weight", f"{ours}.mlp.fc2.kernel", C.LINEAR),
+      C.Rule(_L + r"output\.dense\.bias", f"{ours}.mlp.fc2.bias"),
+      C.Rule(_L + r"output\.LayerNorm\.weight", f"{ours}.mlp_norm.scale"),
+      C.Rule(_L + r"output\.LayerNorm\.bias", f"{ours}.mlp_norm.bias"),
+  ]
+  return r
+
+
+def bert_rules(text: TextConfig) -> list[C.Rule]:
+  """HF BERT keys (after `bert.` stripping and gamma/beta renaming) -> text tower + MLM head."""
+  positions = np.arange(text.max_positions)[None]
+  return [
+      C.Rule(r"embeddings\.word_embeddings\.weight", "text.embeddings.word"),
+      C.Rule(r"embeddings\.position_embeddings\.weight", "text.embeddings.position"),
+      C.Rule(r"embeddings\.token_type_embeddings\.weight", "text.embeddings.token_type"),
+      C.Rule(r"embeddings\.LayerNorm\.weight", "text.embeddings.norm.scale"),
+      C.Rule(r"embeddings\.LayerNorm\.bias", "text.embeddings.norm.bias"),
+      C.Rule(r"embeddings\.position_ids", None, expect=lambda m: positions),
+      *_bert_layer_rules("text.layers", "attn", "attn_norm"),
+      C.Rule(r"cls\.predictions\.transform\.dense\.weight", "mlm_head.dense.kernel", C.LINEAR),
+      C.Rule(r"cls\.predictions\.transform\.dense\.bias", "mlm_head.dense.bias"),
+      C.Rule(r"cls\.predictions\.transform\.LayerNorm\.weight", "mlm_head.norm.scale"),
+      C.Rule(r"cls\.predictions\.transform\.LayerNorm\.bias", "mlm_head.norm.bias"),
+      C.Rule(r"cls\.predictions\.bias", "mlm_head.bias"),
+      # The decoder is tied to the word embeddings and its bias to cls.predictions.bias (§7.3).
+      C.Rule(r"cls\.predictions\.decoder\.weight", "text.embeddings.word", tied=True),
+      C.Rule(r"cls\.predictions\.decoder\.bias", "mlm_head.bias", tied=True),
+      # Never used by X2-VLM (no pooler, no NSP head): dropped, as the official loader ignores them.
+      C.Rule(r"pooler\..*", None),
+      C.Rule(r"cls\.seq_relationship\..*", None),
+  ]
+
+
+def _normalise_bert_keys(sd: Mapping[str, np.ndarray]) -> "collections.OrderedDict[str, np.ndarray]":
+  out = collections.OrderedDict()
+  for k, v in sd.items():
+    k2 = k[len("bert."):] if k.startswith("bert.") else k
+    k2 = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", k2)  # TF-era checkpoints
+    k2 = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k2)
+    if k2 in out:
+      raise C.ConversionError(f"{k}: duplicates another key after removing 'bert.' / gamma-beta")
+    out[k2] = v
+  return out
+
+
+def _check_hf_config(src: Source, text: TextConfig) -> None:
+  if isinstance(src, Mapping):
+    return
+  path = pathlib.Path(src)
+  cfg_file = (path if path.is_dir() else path.parent) / "config.json"
+  if not cfg_file.exists():
+    return
+  theirs = text_config_from_hf(cfg_file)
+  fields = ("vocab_size", "width", "depth", "num_heads", "mlp_dim", "max_positions",
+            "type_vocab_size", "ln_eps")
+  bad = [f"{f}: file {getattr(theirs, f)} vs model {getattr(text, f)}" for f in fields
+         if getattr(theirs, f) != getattr(text, f)]
+  if bad:
+    raise ValueError(f"{cfg_file} does not match the model's TextConfig: " + "; ".join(bad))
+
+
+def load_bert(src: Source, model_cfg: ModelConfig, *, fusion_layers: Iterable[int] | None = None,
+              allow: Iterable[str] = (), weights_only: bool = True) -> ImportResult:
+  """HF BERT -> text tower (+ fusion self-attn/FFN copies, + MLM head when present).
+
+  fusion_layers: BERT layer copied into each fusion layer (default: the last fusion.depth
+    layers). Cross-attention and its LayerNorm are not in BERT and stay at init.
+  allow: mismatch kinds that do not raise ('missing', 'unexpected', 'shape', 'check').
+  A file without `cls.predictions.*` leaves the MLM head at init (listed in not_loaded).
+  """
+  text, fusion = model_cfg.text, model_cfg.fusion
+  _check_hf_config(src, text)
+  sd = _normalise_bert_keys(read_state_dict(src, weights_only=weights_only))
+  shapes = expected_shapes(model_cfg)
+  scope = [p for p in shapes if p.split(".")[0] in ("text", "fusion", "mlm_head")]
+  layer_ids = sorted({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.layer\.(\d+)\.", k))})
+  n_src = (max(layer_ids) + 1) if layer_ids else 0
+  if n_src != text.depth:
+    raise C.ConversionError(f"BERT has {n_src} layers but the text tower has depth {text.depth}")
+
+  has_mlm = any(k.startswith("cls.predictions.") for k in sd)
+  text_expected = {p: s for p, s in shapes.items()
+                   if p.startswith("text.") or (has_mlm and p.startswith("mlm_head."))}
+  params, report = C.merge(sd, bert_rules(text), text_expected, allow=allow,
+                           what="HF BERT -> text tower")
+  if not has_mlm:
+    report.notes.append("no cls.predictions.* in the file: MLM head left at init")
+
+  # Fusion layers: self-attention + FFN copied from chosen BERT layers (reference §7.6).
+  fusion_layers = (list(range(n_src - fusion.depth, n_src)) if fusion_layers is None
+                   else [int(i) for i in fusion_layers])
+  if len(fusion_layers) != fusion.depth or any(not 0 <= i < n_src for i in fusion_layers):
+    raise ValueError(f"fusion_layers {fusion_layers} must name {fusion.depth} of the BERT's "
+                     f"{n_src} layers")
+  if (fusion.num_heads, fusion.mlp_dim) != (text.num_heads, text.mlp_dim):
+    raise ValueError("fusion layers can be copied from BERT only when their heads/mlp_dim equal "
+                     f"the text tower's: fusion ({fusion.num_heads}, {fusion.mlp_dim}) vs text "
+                     f"({text.num_heads}, {text.mlp_dim})")
+  sub = collections.OrderedDict()
+  for j, i in enumerate(fusion_layers):
+    prefix = f"encoder.layer.{i}."
+    for k, v in sd.items():
+      if k.startswith(prefix):
+        sub[f"encoder.layer.{j}." + k[len(prefix):]] = v
+  fusion_expected = {p: s for p, s in shapes.items()
+                     if re.match(r"fusion\.layers\.(self_attn|self_norm|mlp|mlp_norm)\.", p)}
+  fparams, freport = C.merge(sub, _bert_layer_rules("fusion.layers", "self_attn", "self_norm"),
+                             fusion_expected, allow=allow, what="HF BERT -> fusion self-attn/FFN")
+  freport.matched.clear()  # the same foreign keys were already counted as matched above
+  freport.notes.append(f"fusion layers 0..{fusion.depth - 1} <- BERT layers {fusion_layers} "
+                       "(self-attention + FFN); cross-attention left at init")
+  return _result(_deep_update(params, fparams), _combine(report, freport), scope)
+
+
+# ---------------------------------------------------------------------------------------------
+# BEiT-2.
+# ---------------------------------------------------------------------------------------------
+
+_B = r"blocks\.(?P<layer>\d+)\."
+
+
+def beit_rules() -> list[C.Rule]:
+  """Official BEiT-2 `.pth` keys -> vision tower (reference §7.2 / §7.6)."""
+  v = "vision.blocks"
+  return [
+      C.Rule(r"cls_token", "vision.cls_token"),
+      C.Rule(r"patch_embed\.proj\.weight", "vision.patch_embed.kernel", C.CONV_OIHW),
+      C.Rule(r"patch_embed\.proj\.bias", "vision.patch_embed.bias"),
+      C.Rule(_B + r"gamma_1", f"{v}.gamma_1"),
+      C.Rule(_B + r"gamma_2", f"{v}.gamma_2"),
+      C.Rule(_B + r"norm1\.weight", f"{v}.norm1.scale"),
+      C.Rule(_B + r"norm1\.bias", f"{v}.norm1.bias"),
+      C.Rule(_B + r"norm2\.weight", f"{v}.norm2.scale"),
+      C.Rule(_B + r"norm2\.bias", f"{v}.norm2.bias"),
+      C.Rule(_B + r"attn\.qkv\.weight", f"{v}.attn.qkv.kernel", C.FUSED_QKV),
+      C.Rule(_B + r"attn\.q_bias", f"{v}.attn.q_bias", C.BIAS_TO_HEADS),
+      C.Rule(_B + r"attn\.v_bias", f"{v}.attn.v_bias", C.BIAS_TO_HEADS),
+      C.Rule(_B + r"attn\.relative_position_bias_table", f"{v}.attn.rel_pos_bias"),
+      C.Rule(_B + r"attn\.proj\.weight", f"{v}.attn.proj.kernel", C.LINEAR_FROM_HEADS),
+      C.Rule(_B + r"attn\.proj\.bias", f"{v}.attn.proj.bias"),
+      C.Rule(_B + r"mlp\.fc1\.weight", f"{v}.mlp.fc1.kernel", C.LINEAR),
+      C.Rule(_B + r"mlp\.fc1\.bias", f"{v}.mlp.fc1.bias"),
+      C.Rule(_B + r"mlp\.fc2\.weight", f"{v}.mlp.fc2.kernel", C.LINEAR),
+      C.Rule(_B + r"mlp\.fc2\.bias", f"{v}.mlp.fc2.bias"),
+      C.Rule(r"fc_norm\.weight", "vision.fc_norm.scale"),
+      C.Rule(r"fc_norm\.bias", "vision.fc_norm.bias"),
+      C.Rule(r"head\..*", None),  # the ImageNet classifier; deleted by the official loader
+  ]
+
+
+# transformers BeitModel names -> official names. Hub checkpoints (v4) and v5 in-memory modules.
+_HF_BEIT = [
+    (r"embeddings\.cls_token", "cls_token"),
+    (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"embeddings\.position_embeddings", "pos_embed"),
+    (r"embeddings\.mask_token", "mask_token"),
+    (r"(?:encoder\.layer|layers)\.(\d+)\.lambda_(1|2)", r"blocks.\1.gamma_\2"),
+    (r"(?:encoder\.layer|layers)\.(\d+)\.layernorm_before\.(weight|bias)", r"blocks.\1.norm1.\2"),
+    (r"(?:encoder\.layer|layers)\.(\d+)\.layernorm_after\.(weight|bias)", r"blocks.\1.norm2.\2"),
+    (r"(?:encoder\.layer|layers)\.(\d+)\.attention\.(?:attention\.query|q_proj)\.(weight|bias)",
+     r"blocks.\1.attn.q.\2"),
+    (r"(?:encoder\.layer|layers)\.(\d+)\.attention\.(?:attention\.key|k_proj)\.(weight|bias)",
+     r"blocks.\1.attn.k.\2"),
+    (r"(?:encoder\.layer|layers)\.(\d+)\.attention\.(?:attention\.value|v_proj)\.(weight|bias)",
+     r"blocks.\1.attn.v.\2"),
+    (r"(?:encoder\.layer|layers)\.(\d+)\.attention\.(?:output\.dense|o_proj)\.(weight|bias)",
+     r"blocks.\1.attn.proj.\2"),
+    (r"(?:encoder\.layer\.(\d+)\.intermediate\.dense|layers\.(\d+)\.mlp\.fc1)\.(weight|bias)",
+     r"blocks.\1\2.mlp.fc1.\3"),
+    (r"(?:encoder\.layer\.(\d+)\.output\.dense|layers\.(\d+)\.mlp\.fc2)\.(weight|bias)",
+     r"blocks.\1\2.mlp.fc2.\3"),
+    (r"(?:encoder\.layer|layers)\.(\d+)\.(?:attention\.attention\.)?relative_position_bias\."
+     r"relative_position_bias_table", r"blocks.\1.attn.relative_position_bias_table"),
+    (r"(?:encoder\.relative_position_bias|shared_position_bias)\.relative_position_bias_table",
+     "rel_pos_bias.relative_position_bias_table"),
+    (r"pooler\.layernorm\.(weight|bias)", r"fc_norm.\1"),  # mean pooling's LayerNorm = fc_norm
+    (r"layernorm\.(weight|bias)", r"norm.\1"),  # final norm of a non-mean-pooling BEiT
+]
+
+
+def _is_hf_beit(keys: Iterable[str]) -> bool:
+  return any(re.match(r"(beit\.)?(embeddings\.|encoder\.layer\.|layers\.\d+\.)", k) for k in keys)
+
+
+def _hf_beit_to_official(sd: Mapping[str, np.ndarray], notes: list[str]) -> "collections.OrderedDict[str, np.ndarray]":
+  """Renames HF keys to the official layout and fuses separate q/k/v into `attn.qkv.weight`."""
+  out, unknown = collections.OrderedDict(), []
+  for k, v in sd.items():
+    k0 = k[len("beit."):] if k.startswith("beit.") else k
+    for pat, rep in _HF_BEIT:
+      if re.fullmatch(pat, k0):
+        out[re.sub(pat, rep, k0)] = v
+        break
+    else:
+      out[k] = v  # left as is; the strict merge reports it as unexpected
+      unknown.append(k)
+  blocks = sorted({int(m.group(1)) for k in out if (m := re.match(r"blocks\.(\d+)\.attn\.q\.weight$", k))})
+  for i in blocks:
+    p = f"blocks.{i}.attn."
+    parts = [out.pop(p + n + ".weight", None) for n in ("q", "k", "v")]
+    if any(x is None for x in parts):
+      raise C.ConversionError(f"BEiT layer {i}: query/key/value weights must all be present")
+    out[p + "qkv.weight"] = np.concatenate(parts, axis=0)  # rows [q; k; v] (reference §1.2)
+    k_bias = out.pop(p + "k.bias", None)
+    if k_bias is not None and np.any(k_bias != 0):
+      raise C.ConversionError(f"BEiT layer {i}: a non-zero key bias cannot be represented (the "
+                              "official attention fixes it at 0)")
+    for n, ours in (("q", "q_bias"), ("v", "v_bias")):
+      if p + n + ".bias" in out:
+        out[p + ours] = out.pop(p + n + ".bias")
+  notes.append(f"transformers BEiT layout: {len(blocks)} layers renamed to the official layout")
+  return out
+
+
+def load_beit(src: Source, model_cfg: ModelConfig, *, allow: Iterable[str] = (),
+              weights_only: bool = True) -> ImportResult:
+  """BEiT-2 weights (official `.pth` or transformers BeitModel layout) -> vision tower.
+
+  A shared `rel_pos_bias.relative_position_bias_table` is copied into every block; index
+  buffers are dropped (recomputed); tables of another grid are resized to the config's grid.
+  """
+  vcfg = model_cfg.vision
+  notes: list[str] = []
+  sd = read_state_dict(src, weights_only=weights_only)
+  if _is_hf_beit(sd):
+    sd = _hf_beit_to_official(sd, notes)
+  sd = collections.OrderedDict((k, v) for k, v in sd.items()
+                               if not k.endswith("relative_position_index"))
+  shared = sd.pop("rel_pos_bias.relative_position_bias_table", None)
+  if shared is not None:
+    blocks = sorted({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
+    for i in blocks:
+      key = f"blocks.{i}.attn.relative_position_bias_table"
+      if key in sd:
+        raise C.ConversionError(f"{key} and a shared rel_pos_bias table are both present")
+      sd[key] = shared
+    notes.append(f"shared relative_position_bias_table copied into {len(blocks)} blocks")
+  for k in list(sd):
+    if k.endswith("attn.relative_position_bias_table") and sd[k].shape[0] != vcfg.num_rel:
+      rows = sd[k].shape[0] - 3
+      side = int(round(np.sqrt(max(rows, 0))))
+      if side * side != rows or side % 2 == 0:
+        raise C.ConversionError(f"{k}: {sd[k].shape[0]} rows do not describe a square patch grid")
+      from x2vlm_jax.models.vision import resize_rel_pos_bias
+      src_grid = (side + 1) // 2
+      sd[k] = resize_rel_pos_bias(sd[k], src_grid, vcfg.grid)
+      notes.append(f"{k}: resized grid {src_grid} -> {vcfg.grid}")
+  shapes = expected_shapes(model_cfg)
+  expected = {p: s for p, s in shapes.items() if p.startswith("vision.")}
+  params, report = C.merge(sd, beit_rules(), expected, allow=allow, what="BEiT-2 -> vision tower")
+  report.notes[:0] = notes
+  return _result(params, report, expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing into a model.
+# ---------------------------------------------------------------------------------------------
+
+
+def apply(model, *results: ImportResult) -> frozenset[str]:
+  """Writes the results' params into `model` in place (same dtype and sharding as its params)
+  and returns the dotted paths of every model parameter that no result loaded: the set the
+  optimizer treats as new (lr x lr_mult, reference §6.1)."""
+  import jax
+  from flax import nnx
+
+  state = nnx.state(model, nnx.Param)
+  current = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
+  pure = nnx.to_pure_dict(state)
+  loaded: set[str] = set()
+  for res in results:
+    for path, arr in C.flatten(res.params).items():
+      if path not in current:
+        raise C.ConversionError(f"{path}: not a parameter of this model")
+      old = current[path][...]
+      if tuple(arr.shape) != tuple(old.shape):
+        raise C.ConversionError(f"{path}: loaded shape {arr.shape} vs model {old.shape}")
+      node = pure
+      *parents, last = path.split(".")
+      for part in parents:
+        node = node[int(part) if part.isdigit() and int(part) in node else part]
+      node[last] = jax.device_put(np.asarray(arr, dtype=old.dtype), old.sharding)
+      loaded.add(path)
+  nnx.replace_by_pure_dict(state, pure)
+  nnx.update(model, state)
+  return frozenset(current) - loaded
