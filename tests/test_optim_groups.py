@@ -28,7 +28,8 @@ OFFICIAL_NAME = {
     "vision.fc_norm.scale": "vision_encoder.fc_norm.weight",
     "text.embeddings.word": "text_encoder.bert.embeddings.word_embeddings.weight",
     "text.embeddings.norm.scale": "text_encoder.bert.embeddings.LayerNorm.weight",
-    "text.layers.attn.query.kernel": "text_encoder.bert.encoder.layer.0.attention.self.query.weight",
+    "text.layers.attn.query.kernel":
+        "text_encoder.bert.encoder.layer.0.attention.self.query.weight",
     "text.layers.attn_norm.scale":
         "text_encoder.bert.encoder.layer.0.attention.output.LayerNorm.weight",
     "text.layers.mlp_norm.scale": "text_encoder.bert.encoder.layer.0.output.LayerNorm.weight",

@@ -226,7 +226,8 @@ def sample_hard_negatives(key, image_feat, text_feat, temp, valid=None, ids=None
     return None if x is None else jnp.reshape(x, (num_shards, b) + jnp.shape(x)[1:])
 
   shard = jnp.arange(num_shards)
-  local = jax.vmap(_local_hard_negatives, in_axes=(None, 0, 0, 0, None, 0, None if ids is None else 0))
+  ids_axis = None if ids is None else 0
+  local = jax.vmap(_local_hard_negatives, in_axes=(None, 0, 0, 0, None, 0, ids_axis))
   neg_image, neg_text = local(key, shard, split(image_feat), split(text_feat), temp, split(w),
                               split(ids))  # [S, b] each
   offset = (shard * b)[:, None]
