@@ -84,8 +84,9 @@ class FusionTower(nnx.Module):
                key: jax.Array | None = None) -> jax.Array:
     """text [B, L, Dt], text_mask [B, L]; vision [N, S, Dv] tokens or a VisionKV;
     vision_mask [B, S] (per text row); kv_index [B] picks each text's row of N (None: N == B)."""
-    kv = vision if isinstance(vision, VisionKV) else self.vision_kv(vision)
-    b, n, s = text.shape[0], kv.key.shape[1], kv.key.shape[2]
+    is_kv = isinstance(vision, VisionKV)
+    b = text.shape[0]
+    n, s = (vision.key.shape[1:3] if is_kv else vision.shape[:2])
     if text_mask.shape != text.shape[:2]:
       raise ValueError(f"text_mask {text_mask.shape} does not match text {text.shape[:2]}")
     if vision_mask.shape != (b, s):
@@ -95,6 +96,7 @@ class FusionTower(nnx.Module):
       raise ValueError(f"{n} vision rows for {b} texts: pass kv_index [B] to pick rows")
     if kv_index is not None and kv_index.shape != (b,):
       raise ValueError(f"kv_index must be [B={b}], got {kv_index.shape}")
+    kv = vision if is_kv else self.vision_kv(vision)
     text_bias = L.padding_bias(text_mask, TEXT_MASK_VALUE)  # [B, 1, 1, L]
     vision_bias = L.padding_bias(vision_mask, self.cfg.cross_mask_value)  # [B, 1, 1, S]
     keys = L.layer_keys(key, self.cfg.depth, 5)
