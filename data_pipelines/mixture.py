@@ -94,8 +94,8 @@ class ExampleFn:
     except F.SkipRecord as e:
       return packing.Tagged(None, e.reason, record_index, source_id)
     except Exception as e:  # a bug or a bad config, not bad data: fail loudly, naming the record
-      raise RuntimeError(f"{where} (id {record.get('id', '?') if isinstance(record, Mapping) else '?'}): "
-                         f"make_example failed: {type(e).__name__}: {e}") from e
+      rid = record.get("id", "?") if isinstance(record, Mapping) else "?"
+      raise RuntimeError(f"{where} (id {rid}): make_example failed: {type(e).__name__}: {e}") from e
     return packing.Tagged(example, None, record_index, source_id)
 
 
@@ -128,6 +128,8 @@ def kind_dataset(kind: str, sources: Sequence[Any], sizes: F.BatchSizes,
   """
   if not sources:
     raise ValueError(f"{kind}: no sources configured")
+  if int(seed) < 0:
+    raise ValueError(f"{kind}: seed must be >= 0, got {seed}")
   if make_example is None:
     from data_pipelines.examples import make_example  # pylint: disable=g-import-not-at-top
   if weights is None:

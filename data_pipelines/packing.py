@@ -253,7 +253,8 @@ class PackIterDataset(grain.IterDataset):
   def reader(self, start: int) -> grain.DatasetIterator:
     """An iterator over stream[start:], with the per-example map in worker processes if any."""
     ds = self.stream[start:].to_iter_dataset(
-        grain.ReadOptions(num_threads=self.read_threads, prefetch_buffer_size=self.read_buffer_size))
+        grain.ReadOptions(num_threads=self.read_threads,
+                          prefetch_buffer_size=self.read_buffer_size))
     if self.num_workers > 0:
       workers.ensure_absl_flags_parsed()
       ds = ds.mp_prefetch(
@@ -349,7 +350,8 @@ class PackIterator(grain.DatasetIterator):
                        f"expected {sorted(keys)}")
     unknown = set(state["skips"]) - set(F.SKIP_REASONS)
     if unknown:
-      raise ValueError(f"{self._ds.kind}: iterator state has unknown skip reasons {sorted(unknown)}")
+      raise ValueError(f"{self._ds.kind}: iterator state has unknown skip reasons "
+                       f"{sorted(unknown)}")
     self._close_reader()
     self._position = int(state["position"])
     self._batch_index = int(state["batch_index"])

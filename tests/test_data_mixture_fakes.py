@@ -60,7 +60,8 @@ def fake_make_example(kind, record, rng, cfg, tokenizer):
     ids[..., 1] = num + TAG_OFFSET
     return {
         F.TEXT_IDS: ids, F.TEXT_MASK: np.ones(shape + (L,), np.int32),
-        F.MLM_IDS: ids.copy(), F.MLM_POSITIONS: rng.integers(0, L, size=shape + (M,)).astype(np.int32),
+        F.MLM_IDS: ids.copy(),
+        F.MLM_POSITIONS: rng.integers(0, L, size=shape + (M,)).astype(np.int32),
         F.MLM_LABELS: rng.integers(0, 500, size=shape + (M,)).astype(np.int32),
         F.MLM_WEIGHTS: np.ones(shape + (M,), np.float32),
     }
