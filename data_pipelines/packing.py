@@ -17,6 +17,7 @@ are zeros with valid = 0 and record_id = source_id = -1, so shapes never change.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import grain
@@ -47,10 +48,12 @@ class Tagged:
   source_id: int
 
 
+@functools.lru_cache(maxsize=64)
 def example_spec(kind: str, sizes: F.BatchSizes) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """Per-example field -> (shape, dtype) expected from make_example (batch axis removed).
 
   For the region kind the per-text fields keep a leading axis written as -1 (n texts).
+  Cached (checked for every example); treat the returned dict as read-only.
   """
   spec = F.batch_spec(sizes)[kind]
   out = {}
