@@ -114,14 +114,16 @@ def test_two_jax_processes_read_disjoint_shards():
   procs = [subprocess.Popen([sys.executable, __file__, "host", str(i), str(port)], cwd=ROOT,
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
+  outputs = []
+  try:
+    for p in procs:
+      outputs.append(p.communicate(timeout=180))
+  finally:  # only reached with live processes on a timeout or error: do not leak them
+    for q in procs:
+      if q.poll() is None:
+        q.kill()
   results = []
-  for p in procs:
-    try:
-      stdout, stderr = p.communicate(timeout=180)
-    finally:
-      for q in procs:
-        if q.poll() is None:
-          q.kill()
+  for p, (stdout, stderr) in zip(procs, outputs):
     lines = [l for l in stdout.splitlines() if l.startswith("RESULT ")]
     assert p.returncode == 0 and lines, f"host failed:\n{stderr[-3000:]}"
     results.append(json.loads(lines[0][len("RESULT "):]))
