@@ -101,6 +101,7 @@ def test_init_scheme(sharded8):
   assert abs(v(m.fusion.layers.cross_attn.key.kernel).std() / 0.02 - 1) < 0.1
   assert np.all(v(m.fusion.layers.cross_attn.key.bias) == 0)
   assert abs(v(m.text.embeddings.word).std() / 0.02 - 1) < 0.02
+  assert np.all(v(m.text.embeddings.word)[0] == 0)  # [PAD] row (padding_idx)
   # Heads: PyTorch Linear default, U(+-1/sqrt(fan_in)) for weight and bias.
   w, b = v(m.itm_head.fc1.kernel), v(m.itm_head.fc1.bias)
   bound = 1 / math.sqrt(40)
@@ -118,11 +119,21 @@ def test_build_on_one_device_mesh_runs_bf16_and_remat():
   mask = jnp.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], jnp.int32)
 
   def loss(m):
-    return jnp.sum(m.encode_text(ids, mask, jax.random.key(2)).astype(jnp.float32) ** 2)
+    out = m.encode_text(ids, mask, jax.random.key(2))
+    return jnp.sum(out.astype(jnp.float32) ** 2), out
 
-  grads = nnx.jit(nnx.grad(loss))(model)
+  (_, out), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
+  assert out.dtype == jnp.bfloat16  # compute dtype; LayerNorm/softmax statistics run in float32
   g = grads.text.layers.mlp.fc1.kernel[...]
   assert g.dtype == jnp.float32 and g.shape == (2, 40, 56) and bool(jnp.all(jnp.isfinite(g)))
   assert float(jnp.abs(g).max()) > 0
-  out = nnx.jit(lambda m: m.encode_text(ids, mask))(model)
-  assert out.dtype == jnp.bfloat16
+
+
+def test_activation_constraints_under_mesh(sharded8):
+  mesh, model = sharded8
+  ids = jax.device_put(jnp.ones((8, 5), jnp.int32), sharding.batch_sharding(mesh, 2))
+  fwd = nnx.jit(lambda m, i: m.encode_text(i, i))
+  with jax.set_mesh(mesh):  # constraints active: batch axis over ('data', 'fsdp')
+    out = fwd(model, ids)
+  assert out.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
+  np.testing.assert_allclose(np.asarray(out), np.asarray(fwd(model, ids)), atol=1e-5)

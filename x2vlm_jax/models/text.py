@@ -82,6 +82,8 @@ class TextEmbeddings(nnx.Module):
     init = L.normal(0.02)
     self.cfg, self.dtype = cfg, dtype
     self.word = L.param(rngs, init, (cfg.vocab_size, cfg.width), ("vocab", "embed"), param_dtype)
+    # nn.Embedding(padding_idx=pad) + BERT's _init_weights: the [PAD] row starts at zero.
+    self.word[...] = self.word[...].at[cfg.pad_token_id].set(0)
     self.position = L.param(rngs, init, (cfg.max_positions, cfg.width), ("positions", "embed"),
                             param_dtype)
     self.token_type = L.param(rngs, init, (cfg.type_vocab_size, cfg.width), (None, "embed"),
