@@ -35,6 +35,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers as ocp_policies
 
+from x2vlm_jax import treepath
+
 STATE, DATA_ITER, CONFIG, CHECKSUMS = "state", "data_iter", "config", "checksums"
 _ITEMS = (STATE, DATA_ITER, CONFIG, CHECKSUMS)
 _CHECKSUM_FORMAT = 1
@@ -80,19 +82,7 @@ _K1, _K2, _K3 = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D
 
 def _path_str(path) -> str:
   """A readable leaf path: 'opt_state/0/mu/w' instead of "[0].mu['w']"."""
-  parts = []
-  for k in path:
-    if isinstance(k, jax.tree_util.DictKey):
-      parts.append(str(k.key))
-    elif isinstance(k, jax.tree_util.GetAttrKey):
-      parts.append(str(k.name))
-    elif isinstance(k, jax.tree_util.SequenceKey):
-      parts.append(str(k.idx))
-    elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-      parts.append(str(k.key))
-    else:
-      parts.append(str(k))
-  return "/".join(parts) or "<root>"
+  return "/".join(treepath.path_parts(path)) or "<root>"
 
 
 def _mix(a, xp):

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from x2vlm_jax import treepath
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
@@ -145,26 +147,8 @@ class ParamGroup(NamedTuple):
 
 
 def path_str(keypath) -> str:
-  """A JAX key path -> our dotted parameter path ('vision.blocks.attn.qkv.kernel').
-
-  The trailing `.value` attribute of an `nnx.Variable` is dropped, so nnx.State trees (with
-  Variables) and pure array trees give the same paths.
-  """
-  parts = []
-  for i, k in enumerate(keypath):
-    if isinstance(k, jax.tree_util.GetAttrKey):
-      if k.name == "value" and i == len(keypath) - 1:
-        continue
-      parts.append(k.name)
-    elif isinstance(k, jax.tree_util.DictKey):
-      parts.append(str(k.key))
-    elif isinstance(k, jax.tree_util.SequenceKey):
-      parts.append(str(k.idx))
-    elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-      parts.append(str(k.key))
-    else:
-      parts.append(str(k))
-  return ".".join(parts)
+  """A JAX key path -> our dotted parameter path ('vision.blocks.attn.qkv.kernel')."""
+  return ".".join(treepath.path_parts(keypath))
 
 
 def flat_params(params) -> list[tuple[str, Any]]:
