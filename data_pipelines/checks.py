@@ -124,7 +124,7 @@ def check_record(record: dict, tokenizer: Any, preproc_cfg: F.PreprocConfig) -> 
   tokenizer (`.tokenize(text)`).
   """
   rid, kind = record["id"], record["kind"]
-  max_words = preproc_cfg.max_tokens
+  size = None
   if kind == F.VIDEO:
     if not record["clips"] or any(len(c) == 0 for c in record["clips"]):
       raise F.SkipRecord("empty_video", rid, "clips", "a clip has 0 frames")
@@ -132,16 +132,33 @@ def check_record(record: dict, tokenizer: Any, preproc_cfg: F.PreprocConfig) -> 
       for fi, frame in enumerate(clip):
         decode_image(frame, rid, f"clips[{ci}][{fi}]")
   else:
-    width, height = image_size(record["image"], rid, "image")
+    size = image_size(record["image"], rid, "image")
+  check_texts(record, tokenizer, preproc_cfg.max_tokens, size)
+
+
+def check_texts(record: dict, tokenizer: Any, max_words: int,
+                size: tuple[int, int] | None = None) -> list[int] | None:
+  """The text and box part of `check_record` (no image decoding), shared with the pipeline.
+
+  The training pipeline calls this on every example so that it skips exactly the records the
+  validator reports, whatever its random choices. `size` = (width, height) of the image, needed
+  for region records. Returns the usable elem indices of a region record (else None).
+  """
+  rid, kind = record["id"], record["kind"]
+  if kind == F.VIDEO and (not record["clips"] or any(len(c) == 0 for c in record["clips"])):
+    raise F.SkipRecord("empty_video", rid, "clips", "a clip has 0 frames")
   if kind in (F.IMAGE, F.VIDEO) and not record["captions"]:
     raise F.SkipRecord("empty_caption", rid, "captions", "no caption")
   for i, text in enumerate(record["captions"]):
     check_caption(text, tokenizer, max_words, rid, f"captions[{i}]")
-  if kind == F.REGION:
-    problems = [elem_problem(e, width, height, tokenizer, max_words, rid, f"elems[{i}]")
-                for i, e in enumerate(record["elems"])]
-    if all(p is not None for p in problems):
-      if problems and all(p == "bad_box" for p in problems):
-        raise F.SkipRecord("bad_box", rid, "elems", f"all {len(problems)} boxes fail the crop rule "
-                           f"in a {width}x{height} image")
-      raise F.SkipRecord("no_usable_elem", rid, "elems", f"elem problems: {problems}")
+  if kind != F.REGION:
+    return None
+  width, height = size
+  problems = [elem_problem(e, width, height, tokenizer, max_words, rid, f"elems[{i}]")
+              for i, e in enumerate(record["elems"])]
+  if all(p is not None for p in problems):
+    if problems and all(p == "bad_box" for p in problems):
+      raise F.SkipRecord("bad_box", rid, "elems", f"all {len(problems)} boxes fail the crop rule "
+                         f"in a {width}x{height} image")
+    raise F.SkipRecord("no_usable_elem", rid, "elems", f"elem problems: {problems}")
+  return [i for i, p in enumerate(problems) if p is None]

@@ -24,7 +24,7 @@ import numpy as np
 from data_pipelines import features as F
 from data_pipelines import image_ops
 from data_pipelines import video_ops
-from data_pipelines.checks import box_ok, decode_image
+from data_pipelines.checks import check_texts, decode_image
 from data_pipelines.masking import mask_caption
 from data_pipelines.text_ops import Tokenizer, pre_caption
 
@@ -62,9 +62,8 @@ def image_example(record: dict, rng: np.random.Generator, cfg: F.PreprocConfig,
   """Image-text pair: one random caption, pre-training (or test) image transform."""
   rid = record["id"]
   img = decode_image(record["image"], rid, "image")  # [H, W, 3]
-  k = int(rng.integers(0, len(record["captions"]))) if record["captions"] else -1
-  if k < 0:
-    raise F.SkipRecord("empty_caption", rid, "captions", "no caption")
+  check_texts(record, tokenizer, cfg.max_tokens)  # skip exactly what the validator reports
+  k = int(rng.integers(0, len(record["captions"])))
   if cfg.train:
     pixels = image_ops.image_text_transform(img, rng, cfg.image_res, cfg.crop_scale,
                                             cfg.randaugment)
@@ -103,11 +102,10 @@ def region_example(record: dict, rng: np.random.Generator, cfg: F.PreprocConfig,
   img = decode_image(record["image"], rid, "image")  # [H, W, 3]
   height, width = img.shape[:2]
   elems = record["elems"]
-  # Boxes are truncated with int() as in the official reader; unusable boxes drop their elem.
-  ok = [i for i, e in enumerate(elems) if box_ok(e.get("bb"), width, height)]
-  if not ok:
-    raise F.SkipRecord("bad_box", rid, "elems",
-                       f"no elem box of {len(elems)} lies inside the {width}x{height} image")
+  # Deterministic filter shared with the validator: an elem is usable when its box passes the
+  # crop rule and all its texts survive pre_caption + tokenisation; a bad whole-image caption
+  # skips the record (as the official reader drops the line on any caption error, §5.1).
+  ok = check_texts(record, tokenizer, cfg.max_tokens, (width, height))
   boxes = np.zeros((len(elems), 4), np.float64)  # [N, 4] (x, y, w, h)
   for i in ok:
     boxes[i] = [math.trunc(float(v)) for v in elems[i]["bb"]]
@@ -122,12 +120,9 @@ def region_example(record: dict, rng: np.random.Generator, cfg: F.PreprocConfig,
   problems: list[str] = []
   if record.get("captions"):
     k = int(rng.integers(0, len(record["captions"])))
-    try:
-      text = text_fields(record["captions"][k], rng, cfg, tokenizer, rid, f"captions[{k}]")
-      rows.append((text, np.array([0.5, 0.5, 1.0, 1.0], np.float32),
-                   np.ones(num_patches, np.int32), 1))
-    except F.SkipRecord as e:
-      problems.append(f"captions[{k}]: {e.reason}")
+    text = text_fields(record["captions"][k], rng, cfg, tokenizer, rid, f"captions[{k}]")
+    rows.append((text, np.array([0.5, 0.5, 1.0, 1.0], np.float32),
+                 np.ones(num_patches, np.int32), 1))
   order = rng.permutation(len(elems)) if cfg.train else np.arange(len(elems))
   kept_boxes = set(ok) & set(np.flatnonzero(view.keep).tolist())
   for i in order.tolist():
@@ -161,6 +156,7 @@ def video_example(record: dict, rng: np.random.Generator, cfg: F.PreprocConfig,
                   tokenizer: Tokenizer) -> dict[str, np.ndarray]:
   """Video record: clip selection (§5.4), F sampled frames (§3), each augmented independently."""
   rid = record["id"]
+  check_texts(record, tokenizer, cfg.max_tokens)  # skip exactly what the validator reports
   clips = record["clips"]
   choice = video_ops.select_clip(clips, record["captions"], bool(record.get("is_continuous")),
                                  rng, rid)
@@ -231,4 +227,4 @@ def make_example(kind: str, record: dict, rng: np.random.Generator, cfg: F.Prepr
     raise F.SkipRecord("bad_field_type", "?", "record", f"is {type(record).__name__}, not dict")
   rid = str(record.get("id", "?"))
   _check_fields(kind, record, rid)
-  return _BUILDERS[kind](dict(record, id=rid), rng, cfg, tokenizer)
+  return _BUILDERS[kind](dict(record, id=rid, kind=kind), rng, cfg, tokenizer)

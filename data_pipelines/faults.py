@@ -61,12 +61,23 @@ class _Injector:
         return f.read()
     return base64.b64decode(value)
 
+  def _all_frames(self, obj: dict) -> list[tuple[list, int]]:
+    frames = obj[self.fmt.image_key]
+    clips = frames if isinstance(frames[0], list) else [frames]
+    return [(clip, i) for clip in clips for i in range(len(clip))]
+
   def corrupt_image(self, obj: dict) -> None:
-    box, key = self._image_slot(obj)
+    # A video gets every frame corrupted: the pipeline decodes only the frames it samples, so a
+    # single bad frame is reported by the validator but may never be read in training.
+    slots = self._all_frames(obj) if self.kind == F.VIDEO else [self._image_slot(obj)]
     self.count += 1
+    for box, key in slots:
+      self._corrupt_one(box, key)
+
+  def _corrupt_one(self, box, key) -> None:
     if self.fmt.is_image_rpath:
       data = self._read_image(box[key])
-      rel = os.path.join("images", f"corrupt-{self.count}.bin")
+      rel = os.path.join("images", f"corrupt-{self.count}-{key}.bin")
       os.makedirs(os.path.join(self.dst_dir, "images"), exist_ok=True)
       with open(os.path.join(self.dst_dir, rel), "wb") as f:
         f.write(data[:len(data) * 3 // 5])  # truncated file
