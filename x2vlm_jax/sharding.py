@@ -135,7 +135,7 @@ def state_shardings(state, mesh: Mesh, rules=LOGICAL_RULES):
 
   def one(var):
     names = _names_of(var)
-    return logical_sharding(names, var.value.shape, mesh, rules)
+    return logical_sharding(names, var.get_value().shape, mesh, rules)
 
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
@@ -147,7 +147,7 @@ def check_rules_cover(state, rules=LOGICAL_RULES) -> list[str]:
   bad = []
   for path, var in nnx.to_flat_state(state) if hasattr(nnx, "to_flat_state") else state.flat_state():
     names = _names_of(var)
-    shape = var.value.shape
+    shape = var.get_value().shape
     if names is None or len(names) != len(shape) or any(n is not None and n not in rules for n in names):
       bad.append("/".join(map(str, path)))
   return bad
@@ -160,7 +160,7 @@ def sharding_report(state, mesh: Mesh, rules=LOGICAL_RULES) -> str:
   lines, total = [], 0
   flat = nnx.to_flat_state(state) if hasattr(nnx, "to_flat_state") else state.flat_state()
   for path, var in flat:
-    arr = var.value
+    arr = var.get_value()
     names = _names_of(var)
     spec = logical_to_spec(names, arr.shape, mesh, rules)
     shard_elems = math.prod(arr.shape)
