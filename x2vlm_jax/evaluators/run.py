@@ -1,0 +1,252 @@
+"""Runs the configured evaluators on a model: the glue between model, data and metric functions.
+
+`evaluate(model, eval_cfg, tokenizer, mesh)` is what `train.py` calls every `eval_every` steps
+and `eval.py` once on a checkpoint. It builds the evaluation sets from source entries (the same
+`{'type': 'jsonl' | 'arrayrecord' | 'synthetic', ...}` entries as training data,
+`eval_data.py`), computes features with a few jitted functions of fixed shapes, and hands arrays
+and an ITM scorer to the pure metric functions (`retrieval.py`, `grounding.py`).
+
+Jitted functions (each compiled once per evaluation shape, reused by every later call):
+  encode_images(pixels [B, R, R, 3])  -> vision tokens [B, S, Dv], ITC features [B, E]
+  encode_texts(ids, mask [B, L])      -> text states [B, L, Dt], ITC features [B, E]
+  itm(vision [C, S, Dv], text [C, L, Dt], mask [C, L]) -> ITM logit of class 1 [C]
+  boxes(vision [B, S, Dv], text [B, L, Dt], mask [B, L]) -> (cx, cy, w, h) [B, 4]
+Vision tokens and text states are computed once per image / text and kept on the host; the
+ITM scorer gathers the rows of a chunk of (image, text) pairs and runs only the fusion tower
+(its cross-attention keys/values come from the gathered vision tokens, reference §8.1).
+
+With a mesh, every input batch is laid out with its batch axis over ('data', 'fsdp') (the batch
+is rounded up to a multiple of that size) and outputs are replicated, so every process reads
+the full result; every process builds the same evaluation set (evaluation sets are small).
+
+eval_cfg (ml_collections.ConfigDict or a mapping):
+  evaluators: names to run, a subset of ('retrieval', 'grounding')
+  batch_size: images / texts / phrases per jitted call (global)
+  retrieval:  data (image-kind source entries), k_test (ITM re-ranked candidates per query),
+              itm_chunk (pairs per ITM call), max_images (0 = all)
+  grounding:  data (region-kind source entries), max_phrases (0 = all), png_examples (images
+              drawn by `visualize.py` when a png path is given)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from data_pipelines import features as F
+from data_pipelines import mixture
+from x2vlm_jax import sharding
+from x2vlm_jax.evaluators import eval_data, grounding, retrieval
+
+KNOWN = ("retrieval", "grounding")
+_DEFAULTS = {"batch_size": 32}
+_RETRIEVAL_DEFAULTS = {"k_test": 16, "itm_chunk": 64, "max_images": 0}
+_GROUNDING_DEFAULTS = {"max_phrases": 0, "png_examples": 6}
+
+
+def _as_dict(cfg) -> dict:
+  if cfg is None:
+    return {}
+  return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+
+
+def _section(cfg: dict, name: str, defaults: dict) -> dict:
+  sec = dict(cfg.get(name) or {})
+  unknown = set(sec) - set(defaults) - {"data"}
+  if unknown:
+    raise ValueError(f"eval.{name}: unknown keys {sorted(unknown)}; expected "
+                     f"{sorted(set(defaults) | {'data'})}")
+  out = {**defaults, **sec}
+  if not out.get("data"):
+    raise ValueError(f"eval.{name}.data: no sources configured for the {name} evaluator")
+  return out
+
+
+def _sources(kind: str, entries) -> list:
+  if isinstance(entries, Mapping):  # a single source given without a list
+    entries = [entries]
+  return [mixture.build_source(kind, _as_dict(e)) for e in entries]
+
+
+def _model(graphdef, state):
+  return nnx.merge(graphdef, state)
+
+
+def _encode_images(graphdef, state, pixels):
+  m = _model(graphdef, state)
+  tokens = m.encode_image(pixels)  # [B, S, Dv]
+  return tokens, m.vision_proj(tokens[:, 0])  # [B, S, Dv], [B, E]
+
+
+def _encode_texts(graphdef, state, ids, mask):
+  m = _model(graphdef, state)
+  states = m.encode_text(ids, mask)  # [B, L, Dt]
+  return states, m.text_proj(states[:, 0])  # [B, L, Dt], [B, E]
+
+
+def _fused(graphdef, state, vision, text, mask):
+  m = _model(graphdef, state)
+  vmask = jnp.ones(vision.shape[:2], jnp.int32)  # full image: every vision token visible
+  return m, m.fuse(text, mask, vision, vmask)  # [C, L, Dt]
+
+
+def _itm(graphdef, state, vision, text, mask):
+  m, fused = _fused(graphdef, state, vision, text, mask)
+  # The official ranking score is the raw class-1 logit, not a probability (§9.31).
+  return m.itm_logits(fused)[:, 1].astype(jnp.float32)  # [C]
+
+
+def _boxes(graphdef, state, vision, text, mask):
+  m, fused = _fused(graphdef, state, vision, text, mask)
+  return m.box(fused).astype(jnp.float32)  # [B, 4]
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted(mesh: Mesh | None) -> dict[str, Callable]:
+  """The jitted functions for one mesh; the graphdef is a static argument, so periodic
+  evaluation during training re-uses the compiled code of the previous call."""
+  out = None if mesh is None else NamedSharding(mesh, PartitionSpec())  # replicated outputs
+  jit = functools.partial(jax.jit, static_argnums=0, out_shardings=out)
+  return {"encode_images": jit(_encode_images), "encode_texts": jit(_encode_texts),
+          "itm": jit(_itm), "boxes": jit(_boxes)}
+
+
+class _Fns:
+  """The model's evaluation functions on one mesh, bound to its current parameters."""
+
+  def __init__(self, model, mesh: Mesh | None):
+    self.graphdef, self.state = nnx.split(model)
+    self.mesh = mesh
+    self.shards = 1
+    if mesh is not None:
+      self.shards = math.prod(mesh.shape[a] for a in sharding.LOGICAL_RULES["batch"])
+    jitted = _jitted(mesh)
+    for name, fn in jitted.items():
+      setattr(self, name, functools.partial(fn, self.graphdef))
+
+  def put(self, x: np.ndarray):
+    """Host batch -> device array with the batch axis sharded over the mesh (if any)."""
+    if self.mesh is None:
+      return x
+    sh = sharding.batch_sharding(self.mesh, x.ndim)
+    return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+
+  def round_batch(self, n: int) -> int:
+    return max(self.shards, -(-n // self.shards) * self.shards)
+
+  def batched(self, fn: Callable, batch: int, *arrays: np.ndarray) -> list[np.ndarray]:
+    """Applies fn over leading-axis batches of fixed size (last batch padded by repetition)."""
+    n = arrays[0].shape[0]
+    outs = None
+    for start in range(0, n, batch):
+      stop = min(start + batch, n)
+      take = np.minimum(np.arange(start, start + batch), stop - 1)  # pad with the last row
+      res = fn(self.state, *(self.put(a[take]) for a in arrays))
+      res = res if isinstance(res, tuple) else (res,)
+      host = [np.asarray(jax.device_get(r))[: stop - start] for r in res]
+      outs = [[h] for h in host] if outs is None else [o + [h] for o, h in zip(outs, host)]
+    return [np.concatenate(o) for o in outs]
+
+
+def run_retrieval(fns: _Fns, data: eval_data.RetrievalSet, batch: int, k_test: int,
+                  itm_chunk: int, prefix: str = "eval/retrieval") -> dict[str, float]:
+  """ITC features for all images and texts, then the official ITM re-ranking (§8.1)."""
+  vis_tokens, img_feat = fns.batched(fns.encode_images, batch, data.pixels)
+  txt_states, txt_feat = fns.batched(fns.encode_texts, batch, data.ids, data.mask)
+
+  def itm_score_fn(img_idx: np.ndarray, txt_idx: np.ndarray) -> np.ndarray:
+    scores = fns.itm(fns.state, fns.put(vis_tokens[img_idx]), fns.put(txt_states[txt_idx]),
+                     fns.put(data.mask[txt_idx]))
+    return np.asarray(jax.device_get(scores))
+
+  out = retrieval.evaluate_retrieval(img_feat, txt_feat, data.txt2img, data.img2txt, itm_score_fn,
+                                     k_test=k_test, chunk_size=itm_chunk, prefix=prefix)
+  out.update(retrieval.evaluate_retrieval_itc(img_feat, txt_feat, data.txt2img, data.img2txt,
+                                              prefix=prefix + "_itc"))
+  out[f"{prefix}/num_images"] = float(len(data.img2txt))
+  out[f"{prefix}/num_texts"] = float(len(data.captions))
+  out[f"{prefix}/chance_r1"] = 100.0 / len(data.img2txt)  # text -> image R@1 of a random ranker
+  return out
+
+
+def predict_boxes(fns: _Fns, data: eval_data.GroundingSet, batch: int) -> np.ndarray:
+  """[Np, 4] normalised (cx, cy, w, h) for every phrase, from the full image (§8.2)."""
+  vis_tokens, _ = fns.batched(fns.encode_images, batch, data.pixels)
+  txt_states, _ = fns.batched(fns.encode_texts, batch, data.ids, data.mask)
+  vision = vis_tokens[data.image_index]  # [Np, S, Dv]
+  (boxes,) = fns.batched(fns.boxes, batch, vision, txt_states, data.mask)
+  return boxes
+
+
+def evaluate(model, eval_cfg, tokenizer, mesh: Mesh | None = None, *,
+             png_path: str | None = None, log: Callable[[str], None] | None = print,
+             fns: _Fns | None = None) -> dict[str, float]:
+  """Runs the evaluators named in eval_cfg.evaluators; returns {'eval/<name>/<metric>': value}.
+
+  Args:
+    model: an `X2VLM` (parameters possibly sharded over `mesh`).
+    eval_cfg: see the module docstring.
+    tokenizer: a `text_ops.Tokenizer`; its max_tokens is the text length L.
+    mesh: shard evaluation batches over this mesh's ('data', 'fsdp') axes; None = no sharding.
+    png_path: if given (and grounding runs), write predicted vs true boxes of a few images there.
+    log: where to report progress and skip counts (None = silent).
+  """
+  cfg = {**_DEFAULTS, **_as_dict(eval_cfg)}
+  names = list(cfg.get("evaluators") or ())
+  unknown = [n for n in names if n not in KNOWN]
+  if unknown:
+    raise ValueError(f"eval.evaluators: unknown {unknown}; known evaluators are {list(KNOWN)}")
+  say = log or (lambda _: None)
+  fns = fns or _Fns(model, mesh)
+  batch = fns.round_batch(int(cfg["batch_size"]))
+  res = model.cfg.vision.image_size
+  metrics: dict[str, float] = {}
+  if "retrieval" in names:
+    t0 = time.time()
+    sec = _section(cfg, "retrieval", _RETRIEVAL_DEFAULTS)
+    data = eval_data.retrieval_set(_sources(F.IMAGE, sec["data"]), tokenizer, res,
+                                   int(sec["max_images"]))
+    if data.skips:
+      say(f"eval/retrieval: skipped {data.skips}")
+    chunk = fns.round_batch(int(sec["itm_chunk"]))
+    metrics.update(run_retrieval(fns, data, batch, int(sec["k_test"]), chunk))
+    metrics["eval/retrieval/seconds"] = time.time() - t0
+  if "grounding" in names:
+    t0 = time.time()
+    sec = _section(cfg, "grounding", _GROUNDING_DEFAULTS)
+    data = eval_data.grounding_set(_sources(F.REGION, sec["data"]), tokenizer, res,
+                                   int(sec["max_phrases"]))
+    if data.skips:
+      say(f"eval/grounding: skipped {data.skips}")
+    boxes = predict_boxes(fns, data, batch)
+    metrics.update(grounding.evaluate_grounding(boxes, data.image_wh, data.gt_boxes,
+                                                prefix="eval/grounding"))
+    metrics["eval/grounding/seconds"] = time.time() - t0
+    if png_path and int(sec["png_examples"]) > 0 and jax.process_index() == 0:
+      from x2vlm_jax.evaluators import visualize  # pylint: disable=g-import-not-at-top
+      visualize.write_grounding_png(png_path, data, boxes, int(sec["png_examples"]))
+      say(f"eval/grounding: wrote {png_path}")
+  return metrics
+
+
+def format_metrics(metrics: Mapping[str, Any]) -> str:
+  """The headline numbers on one line (R@1/5/10 both directions, grounding vs baseline)."""
+  parts = []
+  for key, label in (("eval/retrieval/img_r", "text->image R@"), ("eval/retrieval/txt_r", "image->text R@")):
+    if f"{key}1" in metrics:
+      parts.append(label + "1/5/10 " + "/".join(f"{metrics[f'{key}{k}']:.1f}" for k in (1, 5, 10)))
+  if "eval/retrieval/chance_r1" in metrics:
+    parts.append(f"chance R@1 {metrics['eval/retrieval/chance_r1']:.1f}")
+  if "eval/grounding/acc" in metrics:
+    parts.append(f"grounding acc {metrics['eval/grounding/acc']:.1f} "
+                 f"(whole-image baseline {metrics['eval/grounding/acc_whole_image']:.1f})")
+  return "; ".join(parts)
