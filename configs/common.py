@@ -1,0 +1,200 @@
+"""The shared base of every training config: `base_config()` and small helpers.
+
+Each config file is a `get_config(arg=None)` returning an `ml_collections.ConfigDict`; the files
+for the released settings (reference §6.5) only override what differs from this base. The
+trainer locks the config (`config_flags.DEFINE_config_file(..., lock_config=True)`), so a
+misspelt `--config.optim.lrr=...` is rejected instead of silently ignored.
+
+Sections:
+  model  architecture variant and overrides (image_res, frame_len, dtype, remat)
+  init   where the initial weights come from (empty string = not used)
+  data   tokenizer, preprocessing, per-kind source lists, aux sources, workers
+  batch  GLOBAL batch sizes per kind (all processes together; see docs/training.md)
+  loss   per-kind loss weights, ITM switches, the aux-stream probabilities
+  optim  OptimConfig fields (x2vlm_jax/optim.py)
+  mesh   device mesh (data, fsdp, tensor); one axis may be -1 = all remaining devices
+  train  steps, seed, logging, checkpointing, fault handling, debugging switches
+  eval   evaluators run every `train.eval_every` steps (empty = none)
+
+Derived values are `FieldReference`s, so a command-line override of `train.total_steps` also
+moves `optim.total_steps` (the schedule length).
+"""
+
+from __future__ import annotations
+
+import ml_collections as mlc
+from ml_collections import config_dict
+
+KINDS = ("image", "region", "video")
+
+
+def source(path: str, type: str = "jsonl", weight: float = 1.0, **kw) -> dict:  # pylint: disable=redefined-builtin
+  """One data-source entry: {'type': 'jsonl' | 'arrayrecord' | 'synthetic', 'path', 'weight', ...}.
+
+  Extra keys are passed to `data_pipelines.mixture.build_source` (e.g. image_root, split, size).
+  """
+  entry = {"type": type, "weight": float(weight), **kw}
+  if type != "synthetic":
+    entry["path"] = path
+  return entry
+
+
+def synthetic(size: int, seed: int = 0, weight: float = 1.0, **world) -> dict:
+  """An in-memory shapes-world source of `size` records (data_pipelines/synthetic.py)."""
+  entry = {"type": "synthetic", "size": int(size), "seed": int(seed), "weight": float(weight)}
+  if world:
+    entry["world"] = dict(world)
+  return entry
+
+
+def base_config() -> mlc.ConfigDict:
+  """The base: official pre-training settings (§6.1-6.5) with an empty data mixture."""
+  c = mlc.ConfigDict()
+
+  c.model = mlc.ConfigDict()
+  c.model.variant = "base"  # tiny | base | large (x2vlm_jax/models/config.py)
+  c.model.image_res = 224
+  c.model.frame_len = 0  # > 0 adds the learned frame embedding (stage 2 with video: 3)
+  c.model.dtype = "bfloat16"  # compute dtype; parameters and optimizer state stay float32
+  c.model.remat = False
+
+  c.init = mlc.ConfigDict()
+  # From-scratch pre-training loads BERT (text + fusion copies) and BEiT-2 (vision), §7.6.
+  # bert_dir may be 'minilm' (the MiniLM-L6 BERT shipped as a package, x2vlm_jax/assets.py).
+  c.init.bert_dir = ""
+  c.init.beit_path = ""
+  c.init.official_th = ""  # an official X2-VLM .th (continued pre-training, §7.7)
+  c.init.params_dir = ""  # our own params directory (params_io.save_params; e.g. an export)
+
+  c.data = mlc.ConfigDict()
+  c.data.tokenizer = ""  # tokenizer directory; '' = init.bert_dir; 'minilm' = the packaged one
+  c.data.max_tokens = 40
+  c.data.max_masks = 12
+  c.data.mask_prob = 0.5
+  c.data.skipgram_prb = 0.2
+  c.data.skipgram_size = 3
+  c.data.mask_whole_word = True
+  c.data.min_perc_in_image = 0.5
+  c.data.max_regions = 5
+  c.data.randaugment = True
+  c.data.crop_scale = (0.2, 1.0)
+  c.data.careful_hflip = False  # pre-training flips without editing texts (§9.16)
+  # Per-kind source lists (see `source` / `synthetic` above); mixture weights inside entries.
+  c.data.image = []
+  c.data.region = []
+  c.data.video = []
+  # Aux streams (§6.4): with probability loss.aux_iter_perc[kind] a step takes that kind's batch
+  # from these sources instead of the main ones. 1B stage 1: clean images; stage 2: WebVid.
+  c.data.aux = mlc.ConfigDict({"image": [], "video": []})
+  c.data.num_workers = 0  # worker processes per kind and stream (grain mp_prefetch)
+  c.data.worker_buffer_size = 4
+  c.data.read_threads = 1
+
+  c.batch = mlc.ConfigDict()
+  # GLOBAL sizes: summed over all processes/devices. The official configs give per-GPU sizes;
+  # each released config below writes them as per_gpu x world_size.
+  c.batch.image = 0
+  c.batch.region = 0  # region/object texts
+  c.batch.region_max_images = 0  # image slots of the region sub-batch
+  c.batch.video = 0
+  c.batch.frame_len = 3
+
+  c.loss = mlc.ConfigDict()
+  c.loss.iter_perc = mlc.ConfigDict({"image": 1.0, "region": 1.0, "video": 1.0})
+  c.loss.itm = True  # False: never compute ITM
+  c.loss.stop_calc_itm = -1  # ITM only for steps < this; -1 = always (official default: inf)
+  # 0 = ordinary gradients (default). W > 0 reproduces the official 1/W ITC gradient on the
+  # encoders of a W-GPU run (§4.1, §9.11).
+  c.loss.itc_grad_world_size = 0
+  c.loss.neg_shards = 0  # ITM hard negatives per data shard (0 = per device slice, §4.2)
+  c.loss.aux_iter_perc = mlc.ConfigDict({"image": 0.0, "video": 0.0})
+
+  total_steps = config_dict.FieldReference(1000)
+  c.optim = mlc.ConfigDict()
+  c.optim.lr = 1e-4
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.98
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.01
+  c.optim.lr_mult = 2.0
+  c.optim.clip_norm = 1.0
+  c.optim.total_steps = total_steps  # the schedule ends with the run
+  c.optim.warmup_steps = 2500.0  # steps, or a fraction of total_steps when < 1
+  c.optim.min_lr = 0.0
+  c.optim.vision_lr = config_dict.placeholder(float)
+  c.optim.text_lr = config_dict.placeholder(float)
+  c.optim.fusion_lr = config_dict.placeholder(float)
+
+  c.mesh = mlc.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+
+  c.train = mlc.ConfigDict()
+  c.train.total_steps = total_steps
+  c.train.seed = 42  # the official runs re-seed every rank with 42 (§6.3)
+  c.train.accum_steps = 1
+  c.train.log_every = 50
+  c.train.ckpt_every = 5000
+  c.train.keep = 3  # newest checkpoints kept
+  c.train.keep_every = 50_000  # additionally kept forever (the official save frequency, §6.3)
+  c.train.async_checkpoint = True
+  c.train.eval_every = 0  # 0 = no periodic evaluation
+  c.train.max_consecutive_nonfinite = 20
+  c.train.export_at_end = True  # params dir + official .th (needs torch) + safetensors
+  c.train.profile_steps = ""  # 'first,last' (e.g. '10,15'): JAX profiler trace in workdir/profile
+  c.train.peak_tflops = 0.0  # per-device peak, for MFU in the progress line (0 = not shown)
+  c.train.compilation_cache_dir = ""  # persistent XLA compilation cache ('' = off)
+  # Debugging / tests.
+  c.train.debug_nan_steps = ()  # steps whose gradients get a NaN injected (fault tests)
+  c.train.log_example_ids = False  # per-step (source, record) ids per kind -> example_ids.*.jsonl
+  c.train.stop_after = -1  # end the run (saving) after this step, < total_steps (tests; -1 off)
+
+  c.eval = mlc.ConfigDict()
+  c.eval.evaluators = mlc.ConfigDict()  # name -> settings, see x2vlm_jax/evaluators
+  return c
+
+
+def pretrain_config(variant: str) -> mlc.ConfigDict:
+  """The 4M pre-training base (§6.5): BERT + BEiT-2 init, 4M image and region data.
+
+  Data paths are placeholders of the official file layout under `data/`; point them at your
+  copies with `--config.data.image=...` or edit a copy of the config.
+  """
+  c = base_config()
+  c.model.variant = variant
+  bert = {"base": "data/bert-base-uncased", "large": "data/bert-large-uncased-12l"}[variant]
+  c.init.bert_dir = bert
+  c.init.beit_path = {"base": "data/beitv2_base_patch16_224_pt1k_ft21k.pth",
+                      "large": "data/beitv2_large_patch16_224_pt1k_ft21k.pth"}[variant]
+  c.data.image = [source(f"data/pretrain_4m/{name}") for name in ("coco", "vg", "sbu", "cc3m")]
+  c.data.region = [source(f"data/pretrain_4m/{name}")
+                   for name in ("coco_objs", "vg_objs", "vg_regions", "refcoco_regions",
+                                "gqa_objs", "flickr_entities")]
+  c.data.num_workers = 6
+  return c
+
+
+OPENIMAGES_OBJECTS365 = ("openimages_v6", "objects365")
+
+
+def use_1b_regions(c: mlc.ConfigDict) -> None:
+  """Adds the 1B region sources (OpenImages-v6 and Objects365) to the 4M ones (§6.5)."""
+  c.data.region = list(c.data.region) + [source(f"data/pretrain_1b/{n}") for n in OPENIMAGES_OBJECTS365]
+
+
+def use_video(c: mlc.ConfigDict, per_gpu: int, world: int) -> None:
+  """Stage-2 video: HowTo100M + YT-Temporal main stream, WebVid-2.5M aux with p 0.35 (§6.4)."""
+  c.model.frame_len = 3
+  c.batch.frame_len = 3
+  c.batch.video = per_gpu * world
+  c.data.video = [source("data/video/howto100m_filtered"), source("data/video/yt_temporal_filtered")]
+  c.data.aux.video = [source("data/video/webvid_2.5m")]
+  c.loss.aux_iter_perc.video = 0.35
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+  """'a=1,b' -> {'a': '1', 'b': ''}: the config-string convention of `get_config(arg)`."""
+  out = {}
+  for part in (arg or "").split(","):
+    if part:
+      k, _, v = part.partition("=")
+      out[k.strip()] = v.strip()
+  return out

@@ -1,0 +1,191 @@
+"""Initial weights of a training run and the set of "fresh" parameters (lr x lr_mult).
+
+Sources, chosen by the `init` section of the config (empty string = unused):
+
+  nothing            every parameter from its initializer (e.g. the shapes-world demo vision)
+  bert_dir           Hugging Face BERT -> text tower, fusion self-attn/FFN copies, MLM head (§7.6)
+  beit_path          BEiT-2 weights -> vision tower (§7.6); combinable with bert_dir
+  official_th        an official X2-VLM `.th` (continued pre-training, §7.7)
+  params_dir         our own params directory (`params_io.save_params`, e.g. a run's export)
+
+The model is always first created with every parameter born sharded on the mesh, then the
+loaded arrays overwrite their slots shard by shard, so nothing is materialised whole on one
+device.
+
+Fresh parameters follow the official `init_params` (§6.1): from BERT/BEiT, the from-scratch
+list (projections, temp, ITM/box heads, fusion cross-attention, frame embedding) plus anything
+else of the BERT scope the file lacked (e.g. an MLM head); parameters the BEiT file does not
+cover are *not* added, as in the official loader. From an official `.th` or our params, exactly
+the parameters the file lacks (stage 2: the frame embedding). With no source at all we use the
+from-scratch list too, so the heads keep their official 2x rate relative to the towers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import jax
+from absl import logging
+from flax import nnx
+
+from x2vlm_jax import assets
+from x2vlm_jax import optim
+from x2vlm_jax.models.config import ModelConfig
+from x2vlm_jax.models.x2vlm import X2VLM, create_sharded
+
+
+@dataclasses.dataclass(frozen=True)
+class InitResult:
+  """The initialised model, the fresh parameter paths and a human-readable account."""
+
+  model: X2VLM
+  fresh_paths: tuple[str, ...]
+  notes: tuple[str, ...]
+
+
+def resolve_dir(path: str) -> str:
+  """'minilm' -> the packaged MiniLM directory; anything else unchanged."""
+  return str(assets.minilm_dir()) if path == "minilm" else path
+
+
+def model_config(cfg) -> ModelConfig:
+  """ModelConfig from the config's `model` section (variant + overrides)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  m = cfg.model
+  try:
+    dtype = jnp.dtype(m.dtype).type
+  except TypeError as e:
+    raise ValueError(f"config.model.dtype {m.dtype!r} is not a dtype name") from e
+  base = ModelConfig.named(m.variant)
+  vision = dataclasses.replace(base.vision, image_size=int(m.image_res))
+  if vision.image_size % vision.patch_size:
+    raise ValueError(f"config.model.image_res {m.image_res} is not a multiple of the patch size "
+                     f"{vision.patch_size}")
+  return base.replace(vision=vision, frame_len=int(m.frame_len), dtype=dtype, remat=bool(m.remat))
+
+
+def _check_exists(path: str, key: str) -> pathlib.Path:
+  p = pathlib.Path(path)
+  if not p.exists():
+    raise FileNotFoundError(f"config.init.{key} = {path!r} does not exist")
+  return p
+
+
+def _from_official(model: X2VLM, path: str, model_cfg: ModelConfig, notes: list[str]):
+  from x2vlm_jax.convert import hf, official  # pylint: disable=g-import-not-at-top
+  from x2vlm_jax.convert.torch_io import load_th  # pylint: disable=g-import-not-at-top
+
+  p = _check_exists(path, "official_th")
+  if p.suffix == ".safetensors":
+    from x2vlm_jax.convert.safetensors_io import load_safetensors  # pylint: disable=g-import-not-at-top
+    sd, _ = load_safetensors(p)
+  else:
+    sd, _, read_notes = load_th(p)
+    notes.extend(read_notes)
+  # Missing keys are allowed (§7.7: e.g. the frame embedding of stage 2); they stay at init.
+  params, report = official.official_to_params(sd, model_cfg, allow={"missing"})
+  notes.append(f"official checkpoint {path}:\n{report.summary()}")
+  loaded = frozenset(p for p, _ in optim.flat_params(params))
+  result = hf.ImportResult(params, loaded, frozenset(), report)
+  return hf.apply(model, result)
+
+
+def _from_params_dir(model: X2VLM, path: str, notes: list[str]):
+  """Our params directory; parameters absent from it stay at init (and are fresh)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  from x2vlm_jax import params_io  # pylint: disable=g-import-not-at-top
+
+  directory = _check_exists(path, "params_dir").absolute()
+  state = nnx.state(model, nnx.Param)
+  ours = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(state)}
+  ckptr = ocp.StandardCheckpointer()
+  try:
+    meta = ckptr.metadata(directory / params_io.PARAMS_DIR).item_metadata
+    saved = {p: m for p, m in optim.flat_params(meta)}
+    unknown = sorted(set(saved) - set(ours))
+    if unknown:
+      raise ValueError(f"{path}: parameters {unknown[:10]} are not in this model "
+                       f"(config.model differs from the saved model_config.json?)")
+    bad = [f"{p}: saved {tuple(saved[p].shape)} vs model {tuple(ours[p][...].shape)}"
+           for p in saved if tuple(saved[p].shape) != tuple(ours[p][...].shape)]
+    if bad:
+      raise ValueError(f"{path}: shapes differ from the model: " + "; ".join(bad[:10]))
+    # Restore straight into the model's shardings (only the saved leaves).
+    flat_target = {p: jax.ShapeDtypeStruct(tuple(m.shape), ours[p][...].dtype,
+                                           sharding=ours[p][...].sharding)
+                   for p, m in saved.items()}
+    target = _unflatten_like(meta, flat_target)
+    restored = ckptr.restore(directory / params_io.PARAMS_DIR, target)
+  finally:
+    ckptr.close()
+  # The restored arrays already sit in the model's shardings: write them in place (no host copy,
+  # so this also works when no process can address every shard).
+  flat = dict(optim.flat_params(restored))
+  pure = nnx.to_pure_dict(state)
+  for p, arr in flat.items():
+    node = pure
+    *parents, last = p.split(".")
+    for part in parents:
+      node = node[int(part) if part.isdigit() and int(part) in node else part]
+    node[last] = arr
+  nnx.replace_by_pure_dict(state, pure)
+  nnx.update(model, state)
+  notes.append(f"params dir {path}: {len(flat)} of {len(ours)} parameters loaded")
+  return frozenset(ours) - frozenset(flat)
+
+
+def _unflatten_like(tree, flat: dict):
+  """A tree shaped like `tree` whose leaves come from `flat` (dotted paths)."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  return jax.tree_util.tree_unflatten(treedef, [flat[optim.path_str(kp)] for kp, _ in leaves])
+
+
+def initialize(cfg, model_cfg: ModelConfig, mesh, key) -> InitResult:
+  """Creates the sharded model on `mesh` and loads the configured initial weights.
+
+  Args:
+    cfg: the run config (its `init` section is read).
+    model_cfg: the architecture (from `model_config`).
+    mesh: the device mesh; parameters are born in their final sharding.
+    key: PRNG key for the initializers.
+  """
+  init = cfg.init
+  bert, beit = resolve_dir(init.bert_dir), init.beit_path
+  official_th, params_dir = init.official_th, init.params_dir
+  chosen = [k for k, v in (("bert_dir/beit_path", bert or beit), ("official_th", official_th),
+                           ("params_dir", params_dir)) if v]
+  if len(chosen) > 1:
+    raise ValueError(f"config.init: choose one weight source, got {chosen}")
+  model = create_sharded(model_cfg, mesh, key)
+  notes: list[str] = []
+  params_state = nnx.state(model, nnx.Param)
+  scratch = optim.from_scratch_fresh_paths(params_state)
+  if official_th:
+    fresh = tuple(sorted(_from_official(model, official_th, model_cfg, notes)))
+  elif params_dir:
+    fresh = tuple(sorted(_from_params_dir(model, params_dir, notes)))
+  elif bert or beit:
+    from x2vlm_jax.convert import hf  # pylint: disable=g-import-not-at-top
+    results, bert_scope_fresh = [], set()
+    if bert:
+      _check_exists(bert, "bert_dir")
+      res = hf.load_bert(bert, model_cfg)
+      notes.append(f"BERT {bert}:\n{res.report.summary()}")
+      results.append(res)
+      bert_scope_fresh = set(res.not_loaded)
+    if beit:
+      _check_exists(beit, "beit_path")
+      res = hf.load_beit(beit, model_cfg)
+      notes.append(f"BEiT {beit}:\n{res.report.summary()}")
+      results.append(res)
+    hf.apply(model, *results)
+    fresh = tuple(sorted(set(scratch) | bert_scope_fresh))
+  else:
+    notes.append("no init source: every parameter from its initializer")
+    fresh = scratch
+  for n in notes:
+    logging.info("init: %s", n)
+  return InitResult(model, fresh, tuple(notes))
