@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from x2vlm_jax.convert import common as C
+from x2vlm_jax.convert import torch_io
 from x2vlm_jax.convert.official import to_numpy
 from x2vlm_jax.models.config import ModelConfig, TextConfig
 
@@ -82,12 +83,7 @@ def read_state_dict(src: Source, *, weights_only: bool = True) -> "collections.O
       from safetensors.numpy import load_file
       obj = load_file(str(path))
     else:
-      try:
-        import torch
-      except ImportError as e:
-        raise ImportError(f"reading {path.name} needs PyTorch (`pip install torch`); "
-                          "safetensors files need no torch") from e
-      obj = torch.load(str(path), map_location="cpu", weights_only=weights_only)
+      return torch_io.load_th(path, weights_only=weights_only)[0]
   for wrapper in ("model", "module", "state_dict"):
     if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
       obj = obj[wrapper]

@@ -41,34 +41,39 @@ def _plain(obj: Any) -> Any:
   return str(obj)
 
 
-def load_th(path: str | pathlib.Path) -> tuple["collections.OrderedDict[str, np.ndarray]", dict | None, list[str]]:
-  """Reads `{'model': sd, 'config': cfg}` or a bare state dict -> (numpy sd, config or None, notes).
+def load_th(path: str | pathlib.Path, weights_only: bool | None = None
+            ) -> tuple["collections.OrderedDict[str, np.ndarray]", dict | None, list[str]]:
+  """Reads a torch pickle -> (numpy state dict, config or None, notes).
 
-  Tries `torch.load(weights_only=True)` first (no arbitrary code runs). Only if that fails --
-  typically because the embedded YAML config holds non-plain objects -- it retries with
-  `weights_only=False` and says so in the notes: do that only for files you trust.
+  Accepts `{'model': sd, 'config': cfg}` (official checkpoints), a sub-dict under 'module' or
+  'state_dict' (BEiT `.pth`, other trainers), or a bare state dict. With `weights_only=None` it
+  tries `torch.load(weights_only=True)` first (no arbitrary code runs) and only if that fails --
+  typically because an embedded YAML config holds non-plain objects -- retries with
+  `weights_only=False`, saying so in the notes: do that only for files you trust.
   """
   torch = _torch()
   notes: list[str] = []
   try:
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    obj = torch.load(str(path), map_location="cpu", weights_only=weights_only is not False)
   except FileNotFoundError:
     raise
   except Exception as e:  # pickle refused by the safe unpickler
+    if weights_only:
+      raise
     notes.append(f"weights_only=True failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
                  "re-read with weights_only=False (full unpickling: trusted files only)")
     obj = torch.load(str(path), map_location="cpu", weights_only=False)
   if not isinstance(obj, Mapping):
     raise ValueError(f"{path}: expected a dict (state dict or {{'model': ..., 'config': ...}}), "
                      f"got {type(obj).__name__}")
-  config = None
-  if "model" in obj and isinstance(obj["model"], Mapping):
-    sd, config = obj["model"], obj.get("config")
-    extra = sorted(set(obj) - {"model", "config"})
-    if extra:
-      notes.append(f"ignored top-level entries {extra}")
-  else:
-    sd = obj
+  config, sd = None, obj
+  for wrapper in ("model", "module", "state_dict"):
+    if isinstance(obj.get(wrapper), Mapping):
+      sd, config = obj[wrapper], obj.get("config")
+      extra = sorted(set(obj) - {wrapper, "config"})
+      if extra:
+        notes.append(f"ignored top-level entries {extra}")
+      break
   non_tensors = [k for k, v in sd.items() if not hasattr(v, "shape")]
   if non_tensors:
     raise ValueError(f"{path}: entries {non_tensors[:5]} are not tensors; top-level keys "
