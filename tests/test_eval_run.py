@@ -73,7 +73,8 @@ def test_grounding_set_phrases_and_pixel_boxes(tokenizer):
 def test_scorers_match_the_model_and_full_rerank(model, tokenizer):
   cfg = _cfg()
   fns = run._Fns(model, None)
-  data = eval_data.retrieval_set(run._sources("image", cfg["retrieval"]["data"]), tokenizer, 64)
+  data = eval_data.retrieval_set(run._sources("image", cfg["retrieval"]["data"]),
+                                 tokenizer, 64)
   ni, nt = len(data.img2txt), len(data.captions)
   # Direct model calls, no batching or padding.
   tokens = model.encode_image(data.pixels)
@@ -95,7 +96,8 @@ def test_scorers_match_the_model_and_full_rerank(model, tokenizer):
     assert got[k] == pytest.approx(val), k
   assert got["r/chance_r1"] == pytest.approx(100 / ni)
 
-  g = eval_data.grounding_set(run._sources("region", cfg["grounding"]["data"]), tokenizer, 64)
+  g = eval_data.grounding_set(run._sources("region", cfg["grounding"]["data"]),
+                              tokenizer, 64)
   img = model.encode_image(g.pixels)[g.image_index]
   txt = model.encode_text(g.ids, g.mask)
   want_boxes = model.box(model.fuse(txt, g.mask, img, np.ones(img.shape[:2], np.int32)))
@@ -106,7 +108,9 @@ def test_evaluate_on_mesh_equals_single_device(model, tokenizer, tmp_path):
   png = tmp_path / "boxes.png"
   single = run.evaluate(model, _cfg(), tokenizer, None, log=None)
   mesh = sharding.make_mesh({"data": -1})
-  sharded = run.evaluate(model, _cfg(), tokenizer, mesh, png_path=str(png), log=None)
+  # The whole config is accepted as well as its eval section.
+  sharded = run.evaluate(model, {"eval": _cfg()}, tokenizer, mesh, step=7, png_path=str(png),
+                         log=None)
   names = {f"eval/retrieval/{d}_r{k}" for d in ("txt", "img") for k in (1, 5, 10)}
   names |= {"eval/grounding/acc", "eval/grounding/acc_whole_image", "eval/retrieval/r_mean"}
   assert names <= set(single)
@@ -123,13 +127,14 @@ def test_evaluate_on_mesh_equals_single_device(model, tokenizer, tmp_path):
 def test_bad_config_is_named(model, tokenizer):
   with pytest.raises(ValueError, match="unknown.*'retrevial'"):
     run.evaluate(model, _cfg(evaluators=("retrevial",)), tokenizer, log=None)
+  data = _cfg()["grounding"]["data"]
   with pytest.raises(ValueError, match=r"eval.grounding: unknown keys \['k_test'\]"):
-    run.evaluate(model, _cfg(evaluators=("grounding",),
-                             grounding={"data": _cfg()["grounding"]["data"], "k_test": 3}),
+    run.evaluate(model, _cfg(evaluators=("grounding",), grounding={"data": data, "k_test": 3}),
                  tokenizer, log=None)
   with pytest.raises(ValueError, match="eval.retrieval.data: no sources"):
     run.evaluate(model, _cfg(evaluators=("retrieval",), retrieval={"k_test": 3}), tokenizer,
                  log=None)
+  assert run.evaluate(model, _cfg(evaluators=()), tokenizer, log=None) == {}
 
 
 def test_png_marks_both_boxes(tokenizer, tmp_path):

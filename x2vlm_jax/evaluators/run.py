@@ -19,8 +19,9 @@ With a mesh, every input batch is laid out with its batch axis over ('data', 'fs
 is rounded up to a multiple of that size) and outputs are replicated, so every process reads
 the full result; every process builds the same evaluation set (evaluation sets are small).
 
-eval_cfg (ml_collections.ConfigDict or a mapping):
-  evaluators: names to run, a subset of ('retrieval', 'grounding')
+eval_cfg: the config's `eval` section (ml_collections.ConfigDict or a mapping; the whole config
+is accepted too):
+  evaluators: names to run, a subset of ('retrieval', 'grounding'); empty = none
   batch_size: images / texts / phrases per jitted call (global)
   retrieval:  data (image-kind source entries), k_test (ITM re-ranked candidates per query),
               itm_chunk (pairs per ITM call), max_images (0 = all)
@@ -48,9 +49,11 @@ from x2vlm_jax import sharding
 from x2vlm_jax.evaluators import eval_data, grounding, retrieval
 
 KNOWN = ("retrieval", "grounding")
-_DEFAULTS = {"batch_size": 32}
-_RETRIEVAL_DEFAULTS = {"k_test": 16, "itm_chunk": 64, "max_images": 0}
-_GROUNDING_DEFAULTS = {"max_phrases": 0, "png_examples": 6}
+_BATCH_SIZE = 32
+_DEFAULTS = {
+    "retrieval": {"k_test": 16, "itm_chunk": 64, "max_images": 0},
+    "grounding": {"max_phrases": 0, "png_examples": 6},
+}
 
 
 def _as_dict(cfg) -> dict:
@@ -59,8 +62,10 @@ def _as_dict(cfg) -> dict:
   return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
 
 
-def _section(cfg: dict, name: str, defaults: dict) -> dict:
-  sec = dict(cfg.get(name) or {})
+def _settings(cfg: dict, name: str) -> dict:
+  """One evaluator's section over its defaults; unknown keys and missing data are errors."""
+  defaults = _DEFAULTS[name]
+  sec = _as_dict(cfg.get(name))
   unknown = set(sec) - set(defaults) - {"data"}
   if unknown:
     raise ValueError(f"eval.{name}: unknown keys {sorted(unknown)}; expected "
@@ -187,46 +192,50 @@ def predict_boxes(fns: _Fns, data: eval_data.GroundingSet, batch: int) -> np.nda
   return boxes
 
 
-def evaluate(model, eval_cfg, tokenizer, mesh: Mesh | None = None, *,
-             png_path: str | None = None, log: Callable[[str], None] | None = print,
-             fns: _Fns | None = None) -> dict[str, float]:
+def evaluate(model, eval_cfg, tokenizer, mesh: Mesh | None = None, *, step: int | None = None,
+             png_path: str | None = None,
+             log: Callable[[str], None] | None = print) -> dict[str, float]:
   """Runs the evaluators named in eval_cfg.evaluators; returns {'eval/<name>/<metric>': value}.
 
   Args:
     model: an `X2VLM` (parameters possibly sharded over `mesh`).
-    eval_cfg: see the module docstring.
+    eval_cfg: the `eval` config section (or the whole config); see the module docstring.
     tokenizer: a `text_ops.Tokenizer`; its max_tokens is the text length L.
     mesh: shard evaluation batches over this mesh's ('data', 'fsdp') axes; None = no sharding.
+    step: training step, only used in log lines.
     png_path: if given (and grounding runs), write predicted vs true boxes of a few images there.
     log: where to report progress and skip counts (None = silent).
   """
-  cfg = {**_DEFAULTS, **_as_dict(eval_cfg)}
-  names = list(cfg.get("evaluators") or ())
-  unknown = [n for n in names if n not in KNOWN]
+  cfg = _as_dict(eval_cfg)
+  if "eval" in cfg and "evaluators" not in cfg:  # the whole config was passed
+    cfg = _as_dict(cfg["eval"])
+  evaluators = list(cfg.get("evaluators") or ())
+  unknown = [n for n in evaluators if n not in KNOWN]
   if unknown:
     raise ValueError(f"eval.evaluators: unknown {unknown}; known evaluators are {list(KNOWN)}")
+  where = "" if step is None else f" (step {step})"
   say = log or (lambda _: None)
-  fns = fns or _Fns(model, mesh)
-  batch = fns.round_batch(int(cfg["batch_size"]))
+  fns = _Fns(model, mesh)
+  batch = fns.round_batch(int(cfg.get("batch_size", _BATCH_SIZE)))
   res = model.cfg.vision.image_size
   metrics: dict[str, float] = {}
-  if "retrieval" in names:
+  if "retrieval" in evaluators:
     t0 = time.time()
-    sec = _section(cfg, "retrieval", _RETRIEVAL_DEFAULTS)
+    sec = _settings(cfg, "retrieval")
     data = eval_data.retrieval_set(_sources(F.IMAGE, sec["data"]), tokenizer, res,
                                    int(sec["max_images"]))
     if data.skips:
-      say(f"eval/retrieval: skipped {data.skips}")
-    chunk = fns.round_batch(int(sec["itm_chunk"]))
-    metrics.update(run_retrieval(fns, data, batch, int(sec["k_test"]), chunk))
+      say(f"eval/retrieval{where}: skipped {data.skips}")
+    metrics.update(run_retrieval(fns, data, batch, int(sec["k_test"]),
+                                 fns.round_batch(int(sec["itm_chunk"]))))
     metrics["eval/retrieval/seconds"] = time.time() - t0
-  if "grounding" in names:
+  if "grounding" in evaluators:
     t0 = time.time()
-    sec = _section(cfg, "grounding", _GROUNDING_DEFAULTS)
+    sec = _settings(cfg, "grounding")
     data = eval_data.grounding_set(_sources(F.REGION, sec["data"]), tokenizer, res,
                                    int(sec["max_phrases"]))
     if data.skips:
-      say(f"eval/grounding: skipped {data.skips}")
+      say(f"eval/grounding{where}: skipped {data.skips}")
     boxes = predict_boxes(fns, data, batch)
     metrics.update(grounding.evaluate_grounding(boxes, data.image_wh, data.gt_boxes,
                                                 prefix="eval/grounding"))

@@ -117,9 +117,23 @@ class ModelConfig:
     return dataclasses.replace(base, **kw)
 
   @classmethod
+  def demo(cls, **kw) -> "ModelConfig":
+    """The CPU demo (configs/demo.py): a small ViT (192 wide, 4 blocks) trained from scratch at
+    128 px (8x8 patches) and the MiniLM-L6-H384 BERT as text tower (its layers 4-5 are copied
+    into the 2 fusion layers), so it loads the packaged MiniLM weights unchanged."""
+    base = cls(
+        vision=VisionConfig(width=192, depth=4, num_heads=3, mlp_dim=768, image_size=128,
+                            drop_path_rate=0.0),
+        text=TextConfig(width=384, depth=6, num_heads=12, mlp_dim=1536),
+        fusion=FusionConfig(depth=2, num_heads=12, mlp_dim=1536),
+        embed_dim=128,
+    )
+    return dataclasses.replace(base, **kw)
+
+  @classmethod
   def named(cls, name: str, **kw) -> "ModelConfig":
     try:
-      factory = {"tiny": cls.tiny, "base": cls.base, "large": cls.large}[name]
+      factory = {"tiny": cls.tiny, "base": cls.base, "large": cls.large, "demo": cls.demo}[name]
     except KeyError:
-      raise ValueError(f"unknown model variant {name!r}; expected tiny, base or large") from None
+      raise ValueError(f"unknown model variant {name!r}; expected tiny, base, large or demo") from None
     return factory(**kw)

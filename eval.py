@@ -1,0 +1,57 @@
+"""Evaluation entry point (thin): flags -> model weights -> x2vlm_jax.evaluators.run -> JSON.
+
+  python eval.py --config=configs/demo.py --checkpoint=/tmp/demo/run
+  python eval.py --config=configs/demo.py --checkpoint=/tmp/demo/run/export/params
+  python eval.py --config=configs/pretrain_base_4m.py --official_th=x2vlm_base_4m.th \
+      --config.eval.evaluators.retrieval.data='[...]'
+
+The config is the same file the run was trained with (its `model`, `data.tokenizer`,
+`data.max_tokens` and `eval` sections are used). The metrics are printed as one JSON object on
+stdout (and written to --output); with --png a picture of predicted vs true grounding boxes is
+written. See docs/evaluation.md.
+"""
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (as for train.py).",
+                                          lock_config=True)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "", "A training workdir, its checkpoints/ "
+                                  "directory, or a params directory (params_io).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest good one).")
+_OFFICIAL = flags.DEFINE_string("official_th", "", "An official X2-VLM .th (or .safetensors).")
+_OUTPUT = flags.DEFINE_string("output", "", "Also write the metrics JSON to this file.")
+_PNG = flags.DEFINE_string("png", "", "Write predicted vs true grounding boxes to this PNG.")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  import json  # pylint: disable=g-import-not-at-top
+
+  from absl import logging  # pylint: disable=g-import-not-at-top
+
+  from data_pipelines.text_ops import Tokenizer  # pylint: disable=g-import-not-at-top
+  from x2vlm_jax import sharding, train_data  # pylint: disable=g-import-not-at-top
+  from x2vlm_jax.evaluators import run, weights  # pylint: disable=g-import-not-at-top
+
+  cfg = _CONFIG.value
+  mesh = sharding.make_mesh(cfg.mesh.to_dict())
+  model, source = weights.load_model(cfg, mesh, checkpoint=_CHECKPOINT.value,
+                                     official_th=_OFFICIAL.value, step=_STEP.value)
+  logging.info("evaluating %s", source)
+  tokenizer = Tokenizer(train_data.tokenizer_dir(cfg), int(cfg.data.max_tokens))
+  metrics = run.evaluate(model, cfg.eval, tokenizer, mesh, png_path=_PNG.value or None,
+                         log=lambda s: logging.info("%s", s))
+  text = json.dumps(metrics, indent=1, sort_keys=True)
+  if _OUTPUT.value:
+    with open(_OUTPUT.value, "w") as f:
+      f.write(text + "\n")
+  print(text)
+  logging.info("%s", run.format_metrics(metrics))
+
+
+if __name__ == "__main__":
+  app.run(main)
