@@ -17,7 +17,7 @@ Sections:
   eval   evaluators run every `train.eval_every` steps (empty = none)
 
 Derived values are `FieldReference`s, so a command-line override of `train.total_steps` also
-moves `optim.total_steps` (the schedule length).
+moves `optim.total_steps` (the schedule length), unless the schedule length is set itself.
 """
 
 from __future__ import annotations
@@ -57,6 +57,9 @@ def base_config() -> mlc.ConfigDict:
   c.model.frame_len = 0  # > 0 adds the learned frame embedding (stage 2 with video: 3)
   c.model.dtype = "bfloat16"  # compute dtype; parameters and optimizer state stay float32
   c.model.remat = False
+  # '' = the variant's text tower; else a BERT directory ('minilm' allowed) whose config.json
+  # sizes the text tower (fusion heads / FFN follow it).
+  c.model.text_config_from = ""
 
   c.init = mlc.ConfigDict()
   # From-scratch pre-training loads BERT (text + fusion copies) and BEiT-2 (vision), §7.6.
@@ -118,7 +121,9 @@ def base_config() -> mlc.ConfigDict:
   c.optim.weight_decay = 0.01
   c.optim.lr_mult = 2.0
   c.optim.clip_norm = 1.0
-  c.optim.total_steps = total_steps  # the schedule ends with the run
+  # The schedule ends with the run: a derived reference follows train.total_steps until it is
+  # set explicitly (large-4M: a 504,495-step schedule stopped at 250K; tests).
+  c.optim.total_steps = total_steps + 0
   c.optim.warmup_steps = 2500.0  # steps, or a fraction of total_steps when < 1
   c.optim.min_lr = 0.0
   c.optim.vision_lr = config_dict.placeholder(float)
@@ -143,12 +148,18 @@ def base_config() -> mlc.ConfigDict:
   c.train.peak_tflops = 0.0  # per-device peak, for MFU in the progress line (0 = not shown)
   c.train.compilation_cache_dir = ""  # persistent XLA compilation cache ('' = off)
   # Debugging / tests.
-  c.train.debug_nan_steps = ()  # steps whose gradients get a NaN injected (fault tests)
+  c.train.debug_nan_steps = ()  # steps whose update gets a NaN injected (fault tests)
+  # 'grads': the step's grad_hook sets every gradient to NaN (a separately compiled step);
+  # 'data': one MLM weight of the batch is NaN, so loss and gradients are (same compiled step).
+  c.train.debug_nan_in = "grads"
   c.train.log_example_ids = False  # per-step (source, record) ids per kind -> example_ids.*.jsonl
   c.train.stop_after = -1  # end the run (saving) after this step, < total_steps (tests; -1 off)
 
+  # Evaluation (x2vlm_jax/evaluators/run.py): names to run, e.g. ('retrieval', 'grounding'),
+  # plus one section per evaluator with its data (configs/demo.py shows a complete one).
   c.eval = mlc.ConfigDict()
-  c.eval.evaluators = mlc.ConfigDict()  # name -> settings, see x2vlm_jax/evaluators
+  c.eval.evaluators = ()
+  c.eval.batch_size = 32
   return c
 
 

@@ -59,6 +59,13 @@ def model_config(cfg) -> ModelConfig:
   except TypeError as e:
     raise ValueError(f"config.model.dtype {m.dtype!r} is not a dtype name") from e
   base = ModelConfig.named(m.variant)
+  if m.text_config_from:
+    # Text tower sized like a given BERT (e.g. the demo's MiniLM); the fusion layers take the
+    # BERT's heads and FFN width so they can start as copies of its last layers (§7.6).
+    from x2vlm_jax.convert.hf import text_config_from_hf  # pylint: disable=g-import-not-at-top
+    text = text_config_from_hf(resolve_dir(m.text_config_from))
+    fusion = dataclasses.replace(base.fusion, num_heads=text.num_heads, mlp_dim=text.mlp_dim)
+    base = base.replace(text=text, fusion=fusion)
   vision = dataclasses.replace(base.vision, image_size=int(m.image_res))
   if vision.image_size % vision.patch_size:
     raise ValueError(f"config.model.image_res {m.image_res} is not a multiple of the patch size "

@@ -109,6 +109,26 @@ def _nan_hook(steps):
   return hook
 
 
+def itm_for_step(cfg, step: int, aux_choice: Mapping[str, bool], image_aux: bool) -> bool:
+  """Whether `step` computes ITM (§6.4 step 3): loss.itm, only before loss.stop_calc_itm
+  (-1 = always), and with an aux image stream (1B stage 1) only on steps that drew the clean
+  aux image batch -- for every kind of that step, regions included (§9.29)."""
+  stop = int(cfg.loss.stop_calc_itm)
+  itm = bool(cfg.loss.itm) and (stop < 0 or step < stop)
+  if image_aux:
+    itm = itm and bool(aux_choice.get(F.IMAGE, False))
+  return itm
+
+
+def _poison(local: dict) -> None:
+  """Puts a NaN into one MLM weight of the host batch: loss and gradients become NaN, and the
+  compiled step stays the one every other run uses (fault tests share its compilation cache)."""
+  fields = local[next(iter(local))]
+  w = np.array(fields[F.MLM_WEIGHTS], copy=True)
+  w[0, 0] = np.nan
+  fields[F.MLM_WEIGHTS] = w
+
+
 def _opt_state_shardings(abstract_opt, param_shardings: Mapping, mesh):
   """Optimizer-state leaves mirroring a parameter (Adam moments) get its sharding; the rest
   (counters) are replicated. Matched by the longest dotted-path suffix and the shape."""
@@ -309,7 +329,10 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
       writer.log(f"checkpoint: rejected newer step: {why}")
     writer.log(f"resumed from step {start_step} ({workdir / CKPT_DIR})")
   else:
-    init = init_lib.initialize(cfg, model_cfg, mesh, jax.random.fold_in(base_key, 0x1517))
+    # Initializers draw from an 'unsafe_rbg' key: its init program compiles much faster on CPU
+    # than threefry's, and initial values need no cross-platform reproducibility.
+    init_key = jax.random.key(int(tr.seed), impl="unsafe_rbg")
+    init = init_lib.initialize(cfg, model_cfg, mesh, init_key)
     m = _build(cfg, model_cfg, mesh, init.fresh_paths)
     params = nnx.to_pure_dict(nnx.state(init.model, nnx.Param))
     del init
@@ -358,7 +381,10 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
     writer = metrics_writer.MetricsWriter(workdir)
 
   # --- the step ---------------------------------------------------------------------------------
-  hook = _nan_hook(tr.debug_nan_steps) if tuple(tr.debug_nan_steps) else None
+  nan_steps = frozenset(int(x) for x in tr.debug_nan_steps)
+  if tr.debug_nan_in not in ("grads", "data"):
+    raise ValueError(f"config.train.debug_nan_in must be 'grads' or 'data', got {tr.debug_nan_in!r}")
+  hook = _nan_hook(nan_steps) if nan_steps and tr.debug_nan_in == "grads" else None
   step_fn = ts.make_train_step(m.graphdef, m.abstract_params, m.tx, step_config(cfg), mesh,
                                model_cfg, accum_steps=int(tr.accum_steps), grad_hook=hook)
 
@@ -388,7 +414,6 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
   peak = float(tr.peak_tflops) * 1e12
   pending = None  # (step number after the update, device metrics)
   status, step = "done", start_step
-  stop_cfg = cfg.loss.stop_calc_itm
   image_aux = F.IMAGE in streams.aux_prob
 
   def process(pending_item):
@@ -425,7 +450,10 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
       return 0.0
     return (len(last_times) - 1) / max(last_times[-1] - last_times[0], 1e-9)
 
+  last_saved = [start_step if restored is not None else None]
+
   def save(at_step, force=False):
+    last_saved[0] = at_step
     manager.save(at_step, {"train": state, "rng": jax.random.key_data(base_key)},
                  data_iter=train_data.gather_process_states(streams.get_state()),
                  config=config_json, force=force)
@@ -437,8 +465,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
         if pending is not None:
           process(pending)
           pending = None
-        writer.log(f"preemption notice: saving step {step} and exiting")
-        save(step, force=True)
+        logging.warning("preemption notice: saving step %d and exiting (process %d)", step, pi)
+        if last_saved[0] != step:
+          save(step, force=True)
         manager.wait_until_finished()
         status = "preempted"
         break
@@ -449,10 +478,10 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
         with ids_path.open("a") as f:
           f.write(json.dumps({"step": step, "ids": train_data.example_ids(local),
                               "aux": choice}) + "\n")
+      if step in nan_steps and tr.debug_nan_in == "data":
+        _poison(local)
       batch = global_batch.to_global(local, mesh)
-      itm = bool(cfg.loss.itm) and (stop_cfg < 0 or step < stop_cfg)
-      if image_aux:  # 1B stage 1: ITM only on clean (aux) image steps, for every kind (§9.29)
-        itm = itm and choice[F.IMAGE]
+      itm = itm_for_step(cfg, step, choice, image_aux)
       key = jax.random.fold_in(base_key, step)
       state, metrics = run_step(state, batch, key, itm)
       step += 1
@@ -470,7 +499,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
         pending = None
         save(step, force=at_end)
       if int(tr.eval_every) and step % int(tr.eval_every) == 0 and len(cfg.eval.evaluators):
-        _evaluate(cfg, m, state, mesh, tokenizer, step, writer)
+        _evaluate(cfg, m, state, mesh, tokenizer, step, writer, workdir)
       if step == stop_after:
         status = "stopped"
         break
@@ -491,16 +520,14 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
   return RunResult(status, step, str(workdir))
 
 
-def _evaluate(cfg, m: _Model, state, mesh, tokenizer, step: int, writer) -> None:
-  """Runs the configured evaluators through `x2vlm_jax.evaluators.run.evaluate`, if present."""
-  try:
-    from x2vlm_jax.evaluators import run as eval_run  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    writer.log("config.eval lists evaluators but x2vlm_jax.evaluators.run is not available")
-    return
+def _evaluate(cfg, m: _Model, state, mesh, tokenizer, step: int, writer, workdir) -> None:
+  """Runs the configured evaluators through `x2vlm_jax.evaluators.run.evaluate`."""
+  from x2vlm_jax.evaluators import run as eval_run  # pylint: disable=g-import-not-at-top
+
   model_state = jax.tree.map(lambda x: x, m.abstract_params)
   nnx.replace_by_pure_dict(model_state, state["params"])
   model = nnx.merge(m.graphdef, model_state)
-  results = eval_run.evaluate(cfg, model, mesh=mesh, tokenizer=tokenizer, step=step)
-  writer.write_scalars(step, {k if k.startswith("eval/") else f"eval/{k}": v
-                              for k, v in dict(results).items()})
+  results = eval_run.evaluate(model, cfg.eval, tokenizer, mesh, step=step,
+                              png_path=str(workdir / f"grounding_{step}.png"), log=writer.log)
+  writer.write_scalars(step, results)
+  writer.log(f"step {step}: " + eval_run.format_metrics(results))
