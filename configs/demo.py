@@ -23,7 +23,7 @@ import ml_collections as mlc
 
 from configs import common
 
-WORLD = {"image_size": 128, "max_shapes": 3}
+WORLD = {"image_size": 128, "max_shapes": 2}
 TRAIN_SIZE = 20_000  # records per kind: more than the run ever reads, so no example repeats
 HELDOUT = {"retrieval_images": 100, "grounding_records": 60}
 CI_HELDOUT = {"retrieval_images": 50, "grounding_records": 30}
@@ -49,8 +49,8 @@ def get_config(arg=None):
   c.model.dtype = "float32"  # CPU: bfloat16 matmuls are emulated and slower
   c.init.bert_dir = "minilm"
   c.data.tokenizer = "minilm"
-  c.data.max_tokens = 24  # the longest 3-shape caption is 21 tokens
-  c.data.max_masks = 8
+  c.data.max_tokens = 16  # the longest 2-shape caption is 14 tokens
+  c.data.max_masks = 4
   c.data.max_regions = 5
   c.data.randaugment = False
   c.data.crop_scale = (0.6, 1.0)
@@ -71,7 +71,7 @@ def get_config(arg=None):
                                     **WORLD)]
   c.data.num_workers = 0  # two cores: worker processes would only compete with the step
 
-  c.batch.image = 16
+  c.batch.image = 12
   c.batch.region = 8
   c.batch.region_max_images = 2
 
@@ -79,7 +79,7 @@ def get_config(arg=None):
   c.optim.vision_lr = 5e-4  # the vision tower starts from scratch
   c.optim.lr_mult = 2.0  # heads, projections, cross-attention (official init_params rate)
   c.optim.warmup_steps = 20.0
-  c.train.total_steps = 60 if ci else 300
+  c.train.total_steps = 60 if ci else 200
   c.train.log_every = 10
   c.train.ckpt_every = 100
   c.train.keep = 1

@@ -124,12 +124,14 @@ def main(argv=None) -> dict:
 def print_summary(summary: dict, work: pathlib.Path) -> None:
   """The demo's result block."""
   m, t = summary["metrics"], summary["seconds"]
-  r = lambda d: " / ".join(f"{m[f'eval/retrieval/{d}_r{k}']:5.1f}" for k in (1, 5, 10))
+  r = lambda d, p="retrieval": " / ".join(f"{m[f'eval/{p}/{d}_r{k}']:5.1f}" for k in (1, 5, 10))
   print("\n==== X2-VLM demo: held-out shapes world ====")
   print(f"images {m['eval/retrieval/num_images']:.0f}, captions {m['eval/retrieval/num_texts']:.0f}, "
         f"grounding phrases {m['eval/grounding/count']:.0f}")
   print(f"text->image  R@1/5/10: {r('img')}   (chance R@1 {m['eval/retrieval/chance_r1']:.1f})")
   print(f"image->text  R@1/5/10: {r('txt')}")
+  print(f"ranked by ITC similarity only (no ITM re-ranking): text->image {r('img', 'retrieval_itc')}, "
+        f"image->text {r('txt', 'retrieval_itc')}")
   print(f"grounding accuracy (IoU >= 0.5): {m['eval/grounding/acc']:.1f} "
         f"(whole-image baseline {m['eval/grounding/acc_whole_image']:.1f}; "
         f"mean IoU {m['eval/grounding/mean_iou']:.2f})")
