@@ -265,8 +265,11 @@ def _export(workdir: pathlib.Path, model_cfg, params, writer) -> None:
 
   out = workdir / "export"
   params_io.save_params(out / "params", model_cfg, params)  # collective: all processes
-  host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params) if jax.process_count() == 1 \
-      else jax.tree.map(np.asarray, jax.experimental.multihost_utils.process_allgather(params, tiled=True))
+  if jax.process_count() == 1:
+    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
+  else:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    host = jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
   if jax.process_index() != 0:
     return
   sd = official.params_to_official(host, model_cfg)
@@ -322,7 +325,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
     restored = manager.restore(_restore_target(m, mesh), config=config_json,
                                critical_keys=CRITICAL_KEYS, allow_config_change=allow_config_change)
     state = restored.state["train"]
-    if not np.array_equal(np.asarray(restored.state["rng"]), np.asarray(jax.random.key_data(base_key))):
+    saved_rng = np.asarray(restored.state["rng"].addressable_data(0))
+    if not np.array_equal(saved_rng, np.asarray(jax.random.key_data(base_key))):
       raise ckpt_lib.ConfigChangedError("the checkpoint's PRNG key differs from key(train.seed)")
     start_step = int(restored.step)
     for why in restored.skipped:
@@ -452,9 +456,13 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
 
   last_saved = [start_step if restored is not None else None]
 
+  # The base key's data as a replicated global array (a single-device array cannot be saved
+  # by several processes).
+  rng_data = jax.jit(lambda: jax.random.key_data(base_key), out_shardings=replicated)()
+
   def save(at_step, force=False):
     last_saved[0] = at_step
-    manager.save(at_step, {"train": state, "rng": jax.random.key_data(base_key)},
+    manager.save(at_step, {"train": state, "rng": rng_data},
                  data_iter=train_data.gather_process_states(streams.get_state()),
                  config=config_json, force=force)
 
