@@ -145,3 +145,24 @@ def test_png_marks_both_boxes(tokenizer, tmp_path):
   pixels = np.asarray(Image.open(path).convert("RGB"))
   assert (pixels == visualize.TRUE_COLOUR).all(-1).sum() > 100
   assert (pixels == visualize.PRED_COLOUR).all(-1).sum() > 100
+
+
+def test_load_model_from_params_dir(model, tmp_path):
+  from flax import nnx
+
+  from configs import tiny
+  from x2vlm_jax import params_io
+  from x2vlm_jax.evaluators import weights
+
+  cfg = tiny.get_config()
+  mesh = sharding.make_mesh({"data": -1})
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  params_io.save_params(tmp_path / "params", model.cfg, params)
+  loaded, where = weights.load_model(cfg, mesh, checkpoint=str(tmp_path / "params"))
+  assert "params directory" in where
+  got = nnx.to_pure_dict(nnx.state(loaded, nnx.Param))
+  jax.tree.map(np.testing.assert_array_equal, got, params)
+  with pytest.raises(ValueError, match="exactly one of --checkpoint"):
+    weights.load_model(cfg, mesh)
+  with pytest.raises(FileNotFoundError, match="neither a params directory"):
+    weights.load_model(cfg, mesh, checkpoint=str(tmp_path))
