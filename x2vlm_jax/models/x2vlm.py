@@ -73,13 +73,23 @@ class X2VLM(nnx.Module):
     if frames.ndim != 5:
       raise ValueError(f"frames must be uint8 [B, F, R, R, 3], got {tuple(frames.shape)}")
     b, f = frames.shape[:2]
+    x = self.encode_image(frames.reshape((b * f,) + frames.shape[2:]), key)
+    return self.pool_frames(x.reshape((b, f) + x.shape[1:]), frame_valid)
+
+  def pool_frames(self, frame_tokens: jax.Array, frame_valid: jax.Array | None = None
+                  ) -> jax.Array:
+    """Per-frame tower outputs [B, F, 1+T, Dv] -> clip tokens [B, 1+T, Dv] (reference §3).
+
+    The second half of `encode_video`, public so that a train step can run the frames of a
+    video batch through one shared vision-tower call with its images.
+    """
+    b, f = frame_tokens.shape[:2]
     if self.frame_embed is not None and f != self.cfg.frame_len:
       raise ValueError(f"frames has {f} frames but the model's frame embedding has frame_len "
                        f"{self.cfg.frame_len}")
     if frame_valid is not None and frame_valid.shape != (b, f):
       raise ValueError(f"frame_valid must be [B={b}, F={f}], got {tuple(frame_valid.shape)}")
-    x = self.encode_image(frames.reshape((b * f,) + frames.shape[2:]), key)
-    x = x.reshape((b, f) + x.shape[1:]).astype(jnp.float32)  # [B, F, 1+T, Dv]
+    x = frame_tokens.astype(jnp.float32)  # [B, F, 1+T, Dv]
     if self.frame_embed is not None:
       x = x + self.frame_embed[...].astype(jnp.float32)[None, :, None, :]
     if frame_valid is None:
