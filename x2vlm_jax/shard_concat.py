@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from x2vlm_jax.models.layers import constrain
+
 
 def num_shards(mesh: Mesh | None, sizes: Sequence[int]) -> int:
   """Shards of the batch axis ('data' x 'fsdp') if they divide every size, else 1."""
@@ -34,14 +36,20 @@ def num_shards(mesh: Mesh | None, sizes: Sequence[int]) -> int:
   return s if all(n % s == 0 for n in sizes) else 1
 
 
+def _batch(x: jax.Array, axis: int) -> jax.Array:
+  """Pins `axis` of x to the batch sharding (a no-op without an ambient mesh): tells XLA the
+  layout that makes the reshapes free, instead of letting it guess one that moves data."""
+  return constrain(x, tuple("batch" if i == axis else None for i in range(x.ndim)))
+
+
 def cat(xs: Sequence[jax.Array], shards: int, axis: int = 0) -> jax.Array:
   """Shard-by-shard concatenation of `xs` along `axis` (see the module docstring)."""
   if shards == 1:
     return jnp.concatenate(xs, axis)
-  parts = [x.reshape(x.shape[:axis] + (shards, x.shape[axis] // shards) + x.shape[axis + 1:])
-           for x in xs]
+  parts = [_batch(x.reshape(x.shape[:axis] + (shards, x.shape[axis] // shards)
+                            + x.shape[axis + 1:]), axis) for x in xs]
   y = jnp.concatenate(parts, axis + 1)  # [..., s, sum n_k / s, ...]
-  return y.reshape(y.shape[:axis] + (-1,) + y.shape[axis + 2:])
+  return _batch(y.reshape(y.shape[:axis] + (-1,) + y.shape[axis + 2:]), axis)
 
 
 def split(y: jax.Array, sizes: Sequence[int], shards: int, axis: int = 0) -> list[jax.Array]:
@@ -49,8 +57,8 @@ def split(y: jax.Array, sizes: Sequence[int], shards: int, axis: int = 0) -> lis
   bounds = [sum(sizes[:i]) // shards for i in range(1, len(sizes))]
   if shards == 1:
     return jnp.split(y, bounds, axis)
-  y = y.reshape(y.shape[:axis] + (shards, -1) + y.shape[axis + 1:])
-  return [p.reshape(p.shape[:axis] + (-1,) + p.shape[axis + 2:])
+  y = _batch(y.reshape(y.shape[:axis] + (shards, -1) + y.shape[axis + 1:]), axis)
+  return [_batch(p.reshape(p.shape[:axis] + (-1,) + p.shape[axis + 2:]), axis)
           for p in jnp.split(y, bounds, axis + 1)]
 
 
