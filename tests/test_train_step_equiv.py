@@ -14,7 +14,6 @@ numbers, not speed.
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
