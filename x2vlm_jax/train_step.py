@@ -377,7 +377,7 @@ def make_train_step(graphdef, abstract_state, tx: optax.GradientTransformation,
       grads = grad_hook(grads, state["step"])
     # One reduction (the norm that clipping and the metric need anyway) instead of one
     # isfinite-reduction per parameter: fewer kernels to compile, same decision.
-    l2_grads = optax.global_norm(grads)
+    l2_grads = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(l2_grads)
     updates, new_opt = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
@@ -391,7 +391,7 @@ def make_train_step(graphdef, abstract_state, tx: optax.GradientTransformation,
     }
     metrics = dict(metrics)
     metrics["l2_grads"] = l2_grads
-    metrics["l2_params"] = optax.global_norm(params)
+    metrics["l2_params"] = optax.tree.norm(params)
     metrics["update_skipped"] = (~finite).astype(jnp.float32)
     return new_state, metrics
 
