@@ -16,6 +16,7 @@ import sys
 import time
 
 import numpy as np
+from proc_testlib import alive, children
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -146,42 +147,20 @@ def test_two_jax_processes_read_disjoint_shards():
     assert set(r["index_shift"]) == {2 * r["process_index"]}
 
 
-def _children(pid: int) -> list[int]:
-  out = []
-  for entry in os.listdir("/proc"):
-    if entry.isdigit():
-      try:
-        with open(f"/proc/{entry}/stat") as f:
-          fields = f.read().rsplit(")", 1)[1].split()
-      except OSError:
-        continue
-      if int(fields[1]) == pid:
-        out.append(int(entry))
-  return out
-
-
-def _alive(pid: int) -> bool:
-  try:
-    with open(f"/proc/{pid}/stat") as f:
-      return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
-  except OSError:
-    return False
-
-
 def test_workers_exit_when_parent_is_killed():
   parent = subprocess.Popen([sys.executable, __file__, "parent"], cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     line = parent.stdout.readline()
     assert line.strip() == "READY", parent.stderr.read()[-3000:]
-    workers = [p for p in _children(parent.pid) if "spawn_main" in _cmdline(p)]
-    assert len(workers) >= 2, [(p, _cmdline(p)) for p in _children(parent.pid)]
+    workers = [p for p in children(parent.pid) if "spawn_main" in _cmdline(p)]
+    assert len(workers) >= 2, [(p, _cmdline(p)) for p in children(parent.pid)]
     os.kill(parent.pid, signal.SIGKILL)
     parent.wait(timeout=10)
     deadline = time.time() + 10
-    while time.time() < deadline and any(_alive(p) for p in workers):
+    while time.time() < deadline and any(alive(p) for p in workers):
       time.sleep(0.2)
-    left = [p for p in workers if _alive(p)]
+    left = [p for p in workers if alive(p)]
     for p in left:  # do not leak them into the rest of the test session
       os.kill(p, signal.SIGKILL)
     assert not left, f"workers {left} still running 10 s after the parent was killed"

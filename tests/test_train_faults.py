@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 import pytest
+from proc_testlib import alive, children
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -155,36 +156,14 @@ def test_reference_run_logs_everything(reference):
   assert "ETA" in out and "ex/s image" in out
 
 
-def _children(pid: int) -> list[int]:
-  out = []
-  for entry in os.listdir("/proc"):
-    if entry.isdigit():
-      try:
-        with open(f"/proc/{entry}/stat") as f:
-          fields = f.read().rsplit(")", 1)[1].split()
-      except OSError:
-        continue
-      if int(fields[1]) == pid:
-        out.append(int(entry))
-  return out
-
-
-def _alive(pid: int) -> bool:
-  try:
-    with open(f"/proc/{pid}/stat") as f:
-      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-  except OSError:
-    return False
-
-
 def _kill9_and_check_workers(proc) -> None:
-  workers = _children(proc.pid)
+  workers = children(proc.pid)
   os.kill(proc.pid, signal.SIGKILL)
   proc.wait(timeout=30)
   deadline = time.time() + 10
-  while time.time() < deadline and any(_alive(p) for p in workers):
+  while time.time() < deadline and any(alive(p) for p in workers):
     time.sleep(0.2)
-  left = [p for p in workers if _alive(p)]
+  left = [p for p in workers if alive(p)]
   for p in left:
     os.kill(p, signal.SIGKILL)
   assert not left, f"worker processes {left} still alive 10 s after kill -9 of the trainer"
