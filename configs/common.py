@@ -126,6 +126,7 @@ def base_config() -> mlc.ConfigDict:
   c.optim.total_steps = total_steps + 0
   c.optim.warmup_steps = 2500.0  # steps, or a fraction of total_steps when < 1
   c.optim.min_lr = 0.0
+  # Per-tower rates (fine-tuning): typed None so `--config.optim.vision_lr=1e-5` parses as float.
   c.optim.vision_lr = config_dict.placeholder(float)
   c.optim.text_lr = config_dict.placeholder(float)
   c.optim.fusion_lr = config_dict.placeholder(float)
@@ -166,7 +167,7 @@ def base_config() -> mlc.ConfigDict:
 def pretrain_config(variant: str) -> mlc.ConfigDict:
   """The 4M pre-training base (§6.5): BERT + BEiT-2 init, 4M image and region data.
 
-  Data paths are placeholders of the official file layout under `data/`; point them at your
+  Data paths default to the official file layout under `data/`; point them at your
   copies with `--config.data.image=...` or edit a copy of the config.
   """
   c = base_config()
