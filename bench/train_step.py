@@ -93,7 +93,7 @@ def main():
 
   from data_pipelines import features as F
   from data_pipelines.random_batch import random_batch
-  from x2vlm_jax import optim, sharding, step_jit
+  from x2vlm_jax import flops as flops_lib, optim, sharding, step_jit
   from x2vlm_jax import train_step as ts
   from x2vlm_jax.models.config import ModelConfig
 
@@ -146,7 +146,7 @@ def main():
 
   flops = _flops(compiled)
   n_dev = mesh.devices.size
-  mflops = model_flops(cfg, sizes, itm)
+  mflops = flops_lib.step_flops(cfg, sizes, itm)
   examples = {F.IMAGE: args.image_batch, "region_texts": args.region_batch,
               "region_images": sizes.region_max_images, F.VIDEO: args.video_batch}
   out = {
@@ -171,26 +171,6 @@ def main():
       "loss_finite": bool(np.isfinite(float(metrics["loss/total"]))),
   }
   print(json.dumps(out, indent=1))
-
-
-def model_flops(cfg, sizes, itm: bool) -> float:
-  """Analytic matmul + attention FLOPs of one training step (forward x 3), see the docstring."""
-  v, t, f = cfg.vision, cfg.text, cfg.fusion
-  s_v, length = v.num_patches + 1, sizes.max_tokens
-  n_img = sizes.image_batch + sizes.region_max_images + sizes.video_batch * sizes.frame_len
-  vision = n_img * v.depth * (2 * s_v * (4 * v.width**2 + 2 * v.width * v.mlp_dim)
-                              + 4 * s_v**2 * v.width)
-  vision += n_img * 2 * v.num_patches * v.patch_size**2 * 3 * v.width  # patch embedding
-  texts = sizes.image_batch + sizes.region_batch + sizes.video_batch
-  text = 2 * texts * t.depth * (2 * length * (4 * t.width**2 + 2 * t.width * t.mlp_dim)
-                                + 4 * length**2 * t.width)
-  rows = texts * (4 if itm else 1) + sizes.region_batch  # ITM x3, MLM, box pass
-  fusion = rows * f.depth * (2 * length * (6 * t.width**2 + 2 * t.width * f.mlp_dim)
-                             + 4 * length**2 * t.width + 4 * length * s_v * t.width)
-  table = sizes.image_batch + sizes.region_max_images + sizes.video_batch
-  kv = table * f.depth * 2 * s_v * 2 * v.width * t.width
-  mlm = texts * sizes.max_masks * 2 * (t.width**2 + t.width * t.vocab_size)
-  return 3.0 * (vision + text + fusion + kv + mlm)
 
 
 def _flops(compiled) -> float | None:

@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from data_pipelines import features as F
 from data_pipelines import global_batch
+from x2vlm_jax import flops as flops_lib
 from x2vlm_jax import checkpoint as ckpt_lib
 from x2vlm_jax import init_lib
 from x2vlm_jax import metrics_writer
@@ -245,17 +246,6 @@ def _progress_metrics(m: Mapping[str, float]) -> dict[str, float]:
   return out
 
 
-def _flops_per_device(compiled) -> float | None:
-  try:
-    cost = compiled.cost_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  flops = (cost or {}).get("flops")
-  return float(flops) if flops and flops > 0 else None
-
-
 def _export(workdir: pathlib.Path, model_cfg, params, writer) -> None:
   """Params directory + safetensors + official .th (if torch is importable), process 0."""
   from x2vlm_jax import params_io  # pylint: disable=g-import-not-at-top
@@ -435,7 +425,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
     if done_step % int(tr.log_every) == 0 or done_step == total_steps:
       avg = window.pop()
       mfu = None
-      flops = max((_flops_per_device(c) or 0.0) for c in compiled.values()) if compiled else 0.0
+      # Analytic FLOPs of the global step per device (XLA's cost analysis counts a scanned layer
+      # once); the ITM variant is the larger one.
+      flops = flops_lib.step_flops(model_cfg, sizes, itm=any(compiled)) * pc / jax.device_count()
       if peak and flops:
         mfu = flops * progress_rate() / peak
       line = progress.update(done_step, _progress_metrics(avg), mfu=mfu)
