@@ -41,6 +41,7 @@ from x2vlm_jax import metrics_writer
 from x2vlm_jax import optim
 from x2vlm_jax import preemption
 from x2vlm_jax import sharding
+from x2vlm_jax import step_jit
 from x2vlm_jax import train_data
 from x2vlm_jax import train_step as ts
 from x2vlm_jax.models.x2vlm import abstract_model
@@ -130,23 +131,6 @@ def _poison(local: dict) -> None:
   fields[F.MLM_WEIGHTS] = w
 
 
-def _opt_state_shardings(abstract_opt, param_shardings: Mapping, mesh):
-  """Optimizer-state leaves mirroring a parameter (Adam moments) get its sharding; the rest
-  (counters) are replicated. Matched by the longest dotted-path suffix and the shape."""
-  replicated = NamedSharding(mesh, P())
-  by_path = dict(param_shardings)
-
-  def one(kp, leaf):
-    parts = optim.path_str(kp).split(".")
-    for i in range(len(parts)):
-      sh = by_path.get(".".join(parts[i:]))
-      if sh is not None and sh[1] == tuple(leaf.shape):
-        return sh[0]
-    return replicated
-
-  return jax.tree_util.tree_map_with_path(one, abstract_opt)
-
-
 def parse_profile_steps(text: str) -> tuple[int, int] | None:
   """'10,15' -> (10, 15): trace steps [10, 15); '' -> None."""
   if not text:
@@ -192,19 +176,9 @@ class _Model:
 
 def _build(cfg, model_cfg, mesh, fresh_paths) -> _Model:
   graphdef, abstract_params = nnx.split(abstract_model(model_cfg), nnx.Param)
-  param_sh = sharding.state_shardings(abstract_params, mesh)
-  param_sh = nnx.to_pure_dict(param_sh)
-  pure_abstract = nnx.to_pure_dict(abstract_params)
   tx = optim.make_optimizer(optim_config(cfg), fresh_paths)
-  abstract = jax.eval_shape(lambda p: ts.init_state(p, tx), pure_abstract)
-  flat_sh = {optim.path_str(kp): (s, tuple(a.shape)) for (kp, s), a in zip(
-      jax.tree_util.tree_flatten_with_path(param_sh)[0], jax.tree.leaves(pure_abstract))}
-  replicated = NamedSharding(mesh, P())
-  shardings = {
-      "params": param_sh,
-      "opt_state": _opt_state_shardings(abstract["opt_state"], flat_sh, mesh),
-      "step": replicated, "nonfinite_run": replicated, "nonfinite_total": replicated,
-  }
+  abstract = jax.eval_shape(lambda p: ts.init_state(p, tx), nnx.to_pure_dict(abstract_params))
+  shardings = step_jit.train_state_shardings(abstract_params, tx, mesh)
   abstract = ckpt_lib.abstract_target(abstract, shardings)
   return _Model(graphdef, abstract_params, shardings, abstract, tx, tuple(fresh_paths))
 
