@@ -82,6 +82,7 @@ def base_config() -> mlc.ConfigDict:
   c.data.randaugment = True
   c.data.crop_scale = (0.2, 1.0)
   c.data.careful_hflip = False  # pre-training flips without editing texts (§9.16)
+  c.data.hflip = True  # random horizontal flips of images, frames and region crops
   # Per-kind source lists (see `source` / `synthetic` above); mixture weights inside entries.
   c.data.image = []
   c.data.region = []

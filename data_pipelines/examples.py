@@ -66,7 +66,7 @@ def image_example(record: dict, rng: np.random.Generator, cfg: F.PreprocConfig,
   k = int(rng.integers(0, len(record["captions"])))
   if cfg.train:
     pixels = image_ops.image_text_transform(img, rng, cfg.image_res, cfg.crop_scale,
-                                            cfg.randaugment)
+                                            cfg.randaugment, allow_flip=cfg.hflip)
   else:
     pixels = image_ops.eval_transform(img, cfg.image_res)
   text = text_fields(record["captions"][k], rng, cfg, tokenizer, rid, f"captions[{k}]")
@@ -110,7 +110,7 @@ def region_example(record: dict, rng: np.random.Generator, cfg: F.PreprocConfig,
   for i in ok:
     boxes[i] = [math.trunc(float(v)) for v in elems[i]["bb"]]
   anchor = ok[int(rng.integers(0, len(ok)))]
-  allow_flip = not (cfg.careful_hflip and _mentions_left_right(record))
+  allow_flip = cfg.hflip and not (cfg.careful_hflip and _mentions_left_right(record))
   view = image_ops.region_transform(
       img, boxes, anchor, rng, image_res=cfg.image_res, min_perc_in_image=cfg.min_perc_in_image,
       train=cfg.train, randaugment=cfg.randaugment, allow_flip=allow_flip)
@@ -170,7 +170,7 @@ def video_example(record: dict, rng: np.random.Generator, cfg: F.PreprocConfig,
     # Independent crop/flip/RandAugment per frame, even for a repeated frame (§9 item 19).
     if cfg.train:
       out[f] = image_ops.image_text_transform(decoded[i], rng, cfg.image_res, cfg.crop_scale,
-                                              cfg.randaugment)
+                                              cfg.randaugment, allow_flip=cfg.hflip)
     else:
       out[f] = image_ops.eval_transform(decoded[i], cfg.image_res)
   text = text_fields(choice.caption, rng, cfg, tokenizer, rid, "captions")

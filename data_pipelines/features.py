@@ -151,6 +151,7 @@ class PreprocConfig:
   randaugment: bool = True
   crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop scale (fine-tuning: (0.5, 1))
   careful_hflip: bool = False  # region crops: no flip if "left"/"right" occurs in a text (§5.3)
+  hflip: bool = True  # random horizontal flips (official); False keeps "left"/"right" texts true
   train: bool = True  # False: deterministic test transform (bicubic resize, eval frame sampling)
 
 

@@ -149,17 +149,19 @@ def sample_region_crop(box: tuple[int, int, int, int], width: int, height: int,
 
 
 def image_text_transform(img: np.ndarray, rng: np.random.Generator, image_res: int,
-                         crop_scale: tuple[float, float], randaugment: bool = True) -> np.ndarray:
+                         crop_scale: tuple[float, float], randaugment: bool = True,
+                         allow_flip: bool = True) -> np.ndarray:
   """Pre-training transform for images and video frames (§5.6); uint8 [H, W, 3] -> [R, R, 3].
 
   RandomResizedCrop(R, crop_scale, (3/4, 4/3), bicubic) -> horizontal flip with p 0.5 (texts are
-  never edited, §9 item 16) -> RandAugment(2, 7, full op list).
+  never edited, §9 item 16; none when allow_flip is False) -> RandAugment(2, 7, full op list).
   """
   h, w = img.shape[:2]
   crop = sample_resized_crop(h, w, crop_scale, rng)
   cw, ch = crop.size
   out = Resize(cw, ch, image_res, image_res).pixels(crop.pixels(img))
-  if rng.random() < 0.5:
+  # The coin is drawn even when flips are off, so the later random choices stay the same.
+  if rng.random() < 0.5 and allow_flip:
     out = HFlip(image_res).pixels(out)
   if randaugment:
     out = FULL_AUGMENT(np.ascontiguousarray(out), rng)

@@ -195,6 +195,21 @@ def test_image_text_transform_shapes_and_eval():
       ev, np.asarray(Image.fromarray(img).resize((64, 64), Image.BICUBIC)))
 
 
+def test_image_text_transform_without_flips():
+  """allow_flip=False: the same crop as with flips allowed (the coin is still drawn), never
+  mirrored; with flips allowed some seeds mirror it."""
+  img = _smooth_image(120, 90)
+  mirrored = 0
+  for seed in range(16):
+    on = io.image_text_transform(img, np.random.default_rng(seed), 64, (0.2, 1.0), False)
+    off = io.image_text_transform(img, np.random.default_rng(seed), 64, (0.2, 1.0), False,
+                                  allow_flip=False)
+    if not np.array_equal(on, off):
+      np.testing.assert_array_equal(on, off[:, ::-1])
+      mirrored += 1
+  assert 0 < mirrored < 16
+
+
 # --------------------------------------------------------------------------- RandAugment
 
 
