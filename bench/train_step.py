@@ -33,7 +33,7 @@ import time
 
 def _args():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--variant", default="tiny", choices=["tiny", "base", "large"])
+  p.add_argument("--variant", default="tiny", choices=["tiny", "demo", "base", "large"])
   p.add_argument("--image_batch", type=int, default=8)
   p.add_argument("--region_batch", type=int, default=8)
   p.add_argument("--region_max_images", type=int, default=4)

@@ -81,8 +81,9 @@ def test_spec_counts_and_order_base_and_large():
     assert ours == O.count_parameters(O.official_state_spec(cfg))
 
 
-@pytest.mark.parametrize("cfg", [ModelConfig.tiny(), ModelConfig.tiny(frame_len=3), ModelConfig.base()],
-                         ids=["tiny", "tiny_video", "base"])
+@pytest.mark.parametrize("cfg", [ModelConfig.tiny(), ModelConfig.tiny(frame_len=3), ModelConfig.base(),
+                                 ModelConfig.demo()],
+                         ids=["tiny", "tiny_video", "base", "demo_abs_pos"])
 def test_param_table_matches_the_model(cfg):
   """The converter's shape table is the real model's param state (nnx.eval_shape, no memory)."""
   x2vlm = pytest.importorskip("x2vlm_jax.models.x2vlm")
@@ -116,10 +117,14 @@ def test_relative_position_index_formula():
 # layers: exercises every base shape at ~55M floats instead of 255M (too heavy for a 2-core CI).
 BASE_WIDTH_SHALLOW = ModelConfig.base(
     vision=VisionConfig(depth=1), text=TextConfig(depth=1), fusion=FusionConfig(depth=1))
+# BEiT's optional absolute position embedding (the demo's from-scratch ViT has it).
+TINY_ABS_POS = ModelConfig.tiny(vision=dataclasses.replace(ModelConfig.tiny().vision,
+                                                           abs_pos_embed=True))
 
 
-@pytest.mark.parametrize("cfg", [ModelConfig.tiny(), ModelConfig.tiny(frame_len=3), BASE_WIDTH_SHALLOW],
-                         ids=["tiny", "tiny_video", "base_width_shallow"])
+@pytest.mark.parametrize("cfg", [ModelConfig.tiny(), ModelConfig.tiny(frame_len=3), BASE_WIDTH_SHALLOW,
+                                 TINY_ABS_POS],
+                         ids=["tiny", "tiny_video", "base_width_shallow", "tiny_abs_pos"])
 def test_official_round_trip_bit_exact(cfg):
   sd = random_official(cfg)
   params, report = O.official_to_params(sd, cfg)
@@ -297,6 +302,14 @@ def test_infer_config_from_state_and_yaml_keys():
   assert got == BASE_WIDTH_SHALLOW and src == 224
   got, src, _ = infer_config(base_like, image_size=384)
   assert got.vision.image_size == 384 and src == 224
+  # The absolute position embedding is recognised by its key, and not resized.
+  abs_sd = random_official(TINY_ABS_POS)
+  got, _, notes = infer_config(abs_sd, variant="tiny", num_heads=4)
+  assert got == TINY_ABS_POS and any("pos_embed" in n for n in notes)
+  with pytest.raises(ValueError, match="absolute position embedding"):
+    O.official_to_params(abs_sd, dataclasses.replace(
+        TINY_ABS_POS, vision=dataclasses.replace(TINY_ABS_POS.vision, image_size=96)),
+        source_image_size=64)
 
 
 def test_resolution_change_on_import():

@@ -103,6 +103,8 @@ def official_state_spec(cfg: ModelConfig, layout: str = PRETRAIN) -> dict[str, t
 
   dv = v.width
   add("vision_encoder.cls_token", (1, 1, dv))
+  if v.abs_pos_embed:  # BEiT's optional absolute position embedding (`use_abs_pos_emb`)
+    add("vision_encoder.pos_embed", (1, v.num_patches + 1, dv))
   add("vision_encoder.patch_embed.proj.weight", (dv, 3, v.patch_size, v.patch_size))
   add("vision_encoder.patch_embed.proj.bias", (dv,))
   tokens = v.num_patches + 1
@@ -247,6 +249,7 @@ def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
       "vision": {
           "patch_embed": {"kernel": s(v.patch_size, v.patch_size, 3, dv), "bias": s(dv)},
           "cls_token": s(1, 1, dv),
+          **({"pos_embed": s(1, v.num_patches + 1, dv)} if v.abs_pos_embed else {}),
           "blocks": {
               "norm1": norm(nv, dv),
               "norm2": norm(nv, dv),
@@ -324,6 +327,7 @@ def official_rules(cfg: ModelConfig) -> list[C.Rule]:
       C.Rule(r"absolute_frame_pos_embed", "frame_embed", FRAME_EMBED),
       C.Rule(r"temp", "temp"),
       C.Rule(r"vision_encoder\.cls_token", "vision.cls_token"),
+      C.Rule(r"vision_encoder\.pos_embed", "vision.pos_embed"),
       *_linear_rules(r"vision_encoder\.patch_embed\.proj", "vision.patch_embed", C.CONV_OIHW),
       *_ln_rules(r"vision_encoder\.fc_norm", "vision.fc_norm"),
   ]
@@ -425,6 +429,9 @@ def official_to_params(
   sd = collections.OrderedDict((k, to_numpy(val, k)) for k, val in state_dict.items())
   notes: list[str] = []
   if source_image_size is not None and source_image_size != cfg.vision.image_size:
+    if cfg.vision.abs_pos_embed:
+      raise ValueError("resizing a vision tower with an absolute position embedding is not "
+                       "supported (only the relative-position tables are resized, §7.5)")
     sd, notes = _resize_vision(sd, cfg, source_image_size, resize_fn, allow)
   params, report = C.merge(sd, official_rules(cfg), param_shapes(cfg), allow=allow, init=init,
                            what="official -> jax import")

@@ -79,6 +79,9 @@ def infer_config(
   vkw: dict[str, Any] = {}
   if cls is not None:
     vkw["width"] = cls[-1]
+  if _shape(sd, "vision_encoder.pos_embed") is not None:
+    vkw["abs_pos_embed"] = True
+    notes.append("vision absolute position embedding: present (vision_encoder.pos_embed)")
   if blocks:
     vkw["depth"] = max(blocks) + 1
   if fc1 is not None:
@@ -175,6 +178,8 @@ def official_config_dict(cfg: ModelConfig, variant: str | None = None) -> dict[s
   if cfg.frame_len > 0:
     out.update(video_encoding="avgpool", frame_len=cfg.frame_len, add_frame_pos=True)
   ours: dict[str, Any] = {"text_num_heads": cfg.text.num_heads}
+  if cfg.vision.abs_pos_embed:  # not an official YAML key: BEiT's use_abs_pos_emb is hard-coded off
+    ours["vision_abs_pos_embed"] = True
   if variant is not None:
     ours["variant"] = variant
   out[OURS_KEY] = ours

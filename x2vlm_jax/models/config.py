@@ -26,6 +26,9 @@ class VisionConfig:
   drop_path_rate: float = 0.1  # linspace(0, rate, depth); hard-coded 0.1 in the official code
   layer_scale_init: float = 0.1
   ln_eps: float = 1e-6
+  # BEiT's optional learned absolute position embedding (official `use_abs_pos_emb`), off in every
+  # released X2-VLM model; the demo's from-scratch ViT uses it to locate boxes within minutes.
+  abs_pos_embed: bool = False
 
   @property
   def grid(self) -> int:  # P: patches per side
@@ -120,10 +123,13 @@ class ModelConfig:
   def demo(cls, **kw) -> "ModelConfig":
     """The CPU demo (configs/demo.py): a small ViT (192 wide, 4 blocks) trained from scratch at
     128 px (8x8 patches) and the MiniLM-L6-H384 BERT as text tower (its layers 4-5 are copied
-    into the 2 fusion layers), so it loads the packaged MiniLM weights unchanged."""
+    into the 2 fusion layers), so it loads the packaged MiniLM weights unchanged. Unlike the
+    released models its ViT has BEiT's optional absolute position embedding: a from-scratch
+    tower with only relative position biases has no cheap way to tell where a patch is, and the
+    box head must say where a phrase is after a few hundred CPU steps."""
     base = cls(
         vision=VisionConfig(width=192, depth=4, num_heads=3, mlp_dim=768, image_size=128,
-                            drop_path_rate=0.0),
+                            drop_path_rate=0.0, abs_pos_embed=True),
         text=TextConfig(width=384, depth=6, num_heads=12, mlp_dim=1536),
         fusion=FusionConfig(depth=2, num_heads=12, mlp_dim=1536),
         embed_dim=128,

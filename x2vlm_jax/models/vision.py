@@ -1,6 +1,7 @@
 """BEiT-2 ViT vision tower as the official X2-VLM code configures it (reference §1.2).
 
-16x16 conv patch embedding, a cls token and NO absolute position embedding; pre-LN blocks with a
+16x16 conv patch embedding, a cls token and NO absolute position embedding (BEiT's optional one,
+`VisionConfig.abs_pos_embed`, is off in every released model); pre-LN blocks with a
 per-block relative position bias table, fused qkv (no key bias), layer scale and drop path; the
 output is [mean of fc_norm(patch tokens), fc_norm(patch tokens)] -- BEiT's own CLS output is
 dropped (reference §9 item 1).
@@ -188,6 +189,8 @@ class VisionTower(nnx.Module):
     self.patch_embed = L.Dense((p, p, 3), (d,), kernel_names=("patch", "patch", "patch", "embed"),
                                bias_names=("embed",), kernel_init=init, rngs=rngs, **kw)
     self.cls_token = L.param(rngs, init, (1, 1, d), (None, None, "embed"), param_dtype)
+    self.pos_embed = (L.param(rngs, init, (1, 1 + cfg.num_patches, d), (None, None, "embed"),
+                              param_dtype) if cfg.abs_pos_embed else None)
     self.blocks = L.stacked(lambda r: VisionBlock(cfg, rngs=r, **kw), cfg.depth, rngs)
     # fix_init_weight: proj and fc2 of block i divided by sqrt(2 (i + 1)) (reference §1.2).
     scale = L.depth_scale(cfg.depth)
@@ -212,7 +215,10 @@ class VisionTower(nnx.Module):
     n = images.shape[0]
     x = self.patch_embed(self.patchify(images.astype(self.dtype)))  # [N, T, D]
     cls = jnp.broadcast_to(self.cls_token[...].astype(self.dtype), (n, 1, cfg.width))
-    x = L.constrain(jnp.concatenate([cls, x], axis=1), L.ACT)  # [N, 1+T, D]; no abs. pos. emb.
+    x = jnp.concatenate([cls, x], axis=1)  # [N, 1+T, D]
+    if self.pos_embed is not None:  # absent in the released models (reference §1.2)
+      x = x + self.pos_embed[...].astype(self.dtype)
+    x = L.constrain(x, L.ACT)
     rel_index = relative_position_index(cfg.grid)
     deterministic = key is None
     rates = jnp.asarray(np.linspace(0.0, cfg.drop_path_rate, cfg.depth), jnp.float32)
