@@ -239,6 +239,25 @@ def test_nan_updates_skipped_then_run_stops(reference, cache_dir, tmp_path):
   assert _same_state(workdir, 9, 10) and _same_state(workdir, 10, 11)
 
 
+def test_gradient_accumulation_reads_micro_batches_in_order(reference, cache_dir, tmp_path):
+  """accum_steps=2: each update reads two micro-batches of half the global batch, in the order
+  the un-accumulated run reads its records, and trains on them."""
+  workdir = tmp_path / "run"
+  rc, out = _run(workdir, cache_dir, "--config.train.accum_steps=2", "--config.train.total_steps=3")
+  assert rc == 0, out[-4000:]
+  ids = _ids(workdir)
+  assert [(r["step"], r["micro"]) for r in ids] == [(s, i) for s in range(3) for i in range(2)]
+  images = [tuple(x) for r in ids for x in r["ids"]["image"]]
+  assert all(len(r["ids"]["image"]) == 2 for r in ids)  # global batch 4 = 2 micro-batches of 2
+  ref = [tuple(x) for r in _ids(reference)[:3] for x in r["ids"]["image"]]
+  assert images == ref
+  m = _metrics(workdir)
+  assert sorted(m) == [1, 2, 3] and m[3]["train/update_skipped"] == 1  # NaN in step 2's data
+  assert all(np.isfinite(m[s]["train/loss/total"]) for s in (1, 2))
+  # l2_params is logged before each update; update 0 has lr 0 (warm-up), update 1 moves.
+  assert m[3]["train/l2_params"] != m[2]["train/l2_params"]
+
+
 def test_changed_critical_config_refused(reference, cache_dir, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(reference, workdir)

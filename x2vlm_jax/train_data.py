@@ -42,16 +42,24 @@ def _per_process(name: str, global_size: int, process_count: int, shards: int) -
   return local
 
 
-def local_batch_sizes(cfg, mesh, process_count: int) -> F.BatchSizes:
-  """Per-process BatchSizes from the config's GLOBAL sizes; errors name the offending field."""
+def local_batch_sizes(cfg, mesh, process_count: int, accum_steps: int = 1) -> F.BatchSizes:
+  """Per-process BatchSizes of one micro-batch from the config's GLOBAL sizes (per update;
+  with gradient accumulation each of the `accum_steps` micro-batches holds 1/accum_steps of
+  them); errors name the offending field."""
   b = cfg.batch
   shards = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
+  if accum_steps < 1:
+    raise ValueError(f"config.train.accum_steps must be >= 1, got {accum_steps}")
   sizes = {}
   for name, field in (("image", "image_batch"), ("region", "region_batch"),
                       ("region_max_images", "region_max_images"), ("video", "video_batch")):
     value = int(b[name])
     if value < 0:
       raise ValueError(f"config.batch.{name} must be >= 0, got {value}")
+    if value % accum_steps:
+      raise ValueError(f"config.batch.{name} = {value} (global, per update) is not divisible by "
+                       f"config.train.accum_steps = {accum_steps} micro-batches")
+    value //= accum_steps
     sizes[field] = _per_process(name, value, process_count, shards) if value else 0
   if sizes["region_batch"] and not sizes["region_max_images"]:
     raise ValueError("config.batch.region > 0 needs config.batch.region_max_images > 0")
@@ -72,7 +80,7 @@ def preproc_config(cfg) -> F.PreprocConfig:
       mask_whole_word=bool(d.mask_whole_word), min_perc_in_image=float(d.min_perc_in_image),
       max_regions=int(d.max_regions), frame_len=int(cfg.batch.frame_len),
       randaugment=bool(d.randaugment), crop_scale=tuple(float(x) for x in d.crop_scale),
-      careful_hflip=bool(d.careful_hflip), train=True)
+      careful_hflip=bool(d.careful_hflip), hflip=bool(d.hflip), train=True)
 
 
 def tokenizer_dir(cfg) -> str:

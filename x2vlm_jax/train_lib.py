@@ -70,10 +70,23 @@ class RunResult:
 # Set-up helpers.
 
 
+class _QuietOrbax(py_logging.Filter):
+  """Drops orbax's INFO records (a few dozen lines per checkpoint would bury the progress
+  lines); its warnings and errors pass."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno >= py_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
 def _setup_logging(workdir: pathlib.Path) -> py_logging.Handler:
   name = "train.log" if jax.process_index() == 0 else f"train.p{jax.process_index()}.log"
   handler = py_logging.FileHandler(workdir / name)
   handler.setFormatter(py_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+  quiet = _QuietOrbax()
+  handler.addFilter(quiet)
+  absl_handler = logging.get_absl_handler()
+  if not any(isinstance(f, _QuietOrbax) for f in absl_handler.filters):
+    absl_handler.addFilter(quiet)
   py_logging.getLogger().addHandler(handler)
   logging.set_verbosity(logging.INFO)
   return handler
@@ -267,7 +280,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
 
   mesh = sharding.make_mesh(cfg.mesh.to_dict())
   model_cfg = init_lib.model_config(cfg)
-  sizes = train_data.local_batch_sizes(cfg, mesh, pc)
+  accum = int(tr.accum_steps)
+  sizes = train_data.local_batch_sizes(cfg, mesh, pc, accum)  # one micro-batch
   total_steps = int(tr.total_steps)
   stop_after = int(tr.stop_after)
   logging.info("process %d/%d, %d devices, mesh %s; per-process batch sizes %s", pi, pc,
@@ -354,7 +368,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
     raise ValueError(f"config.train.debug_nan_in must be 'grads' or 'data', got {tr.debug_nan_in!r}")
   hook = _nan_hook(nan_steps) if nan_steps and tr.debug_nan_in == "grads" else None
   step_fn = ts.make_train_step(m.graphdef, m.abstract_params, m.tx, step_config(cfg), mesh,
-                               model_cfg, accum_steps=int(tr.accum_steps), grad_hook=hook)
+                               model_cfg, accum_steps=accum, grad_hook=hook)
 
   def wrapped(state, batch, key, itm):
     new, metrics = step_fn(state, batch, key, itm)
@@ -363,16 +377,41 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
     return new, metrics
 
   replicated = NamedSharding(mesh, P())
-  jitted = jax.jit(wrapped, static_argnames=("itm",), donate_argnums=(0,),
-                   out_shardings=(m.state_shardings, replicated))
+  sharded: list[step_jit.ShardedStep] = []  # built at the first batch (its tree structure)
   compiled: dict[bool, object] = {}
 
   def run_step(state, batch, key, itm):
     if itm not in compiled:
+      if not sharded:  # the mesh is ambient while tracing: activation constraints apply
+        sharded.append(step_jit.ShardedStep(wrapped, mesh, m.state_shardings,
+                                            step_jit.batch_shardings(batch, mesh, accum)))
       t0 = time.time()
-      compiled[itm] = jitted.lower(state, batch, key, itm=itm).compile()
+      compiled[itm] = sharded[0].lower(state, batch, key, itm).compile()
       writer.log(f"compiled the step (itm={itm}) in {time.time() - t0:.1f} s")
     return compiled[itm](state, batch, key)
+
+  stack_fn: list = []  # accum > 1: A global micro-batches -> one [A, B, ...] batch
+
+  def next_batch(step):
+    """The step's global batch (its accum micro-batches stacked) and its aux choice."""
+    micro = []
+    for i in range(accum):
+      local, choice = streams.next(step)  # the aux coin depends on the step only
+      if tr.log_example_ids:
+        with ids_path.open("a") as f:
+          f.write(json.dumps({"step": step, "micro": i, "ids": train_data.example_ids(local),
+                              "aux": choice}) + "\n")
+      if step in nan_steps and tr.debug_nan_in == "data" and i == 0:
+        _poison(local)
+      micro.append(global_batch.to_global(local, mesh))
+    if accum == 1:
+      return micro[0], choice
+    if not stack_fn:  # the batch axis stays sharded as in every micro-batch (now axis 1)
+      stacked = jax.tree.map(lambda x: jax.ShapeDtypeStruct((accum,) + x.shape, x.dtype),
+                             micro[0])
+      stack_fn.append(jax.jit(lambda *mb: jax.tree.map(lambda *a: jnp.stack(a), *mb),
+                              out_shardings=step_jit.batch_shardings(stacked, mesh, accum)))
+    return stack_fn[0](*micro), choice
 
   examples_per_step = {k: int(cfg.batch[k]) for k in streams.kinds}  # global, per step
   progress = metrics_writer.Progress(total_steps, examples_per_step, start_step=start_step)
@@ -401,7 +440,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
       mfu = None
       # Analytic FLOPs of the global step per device (XLA's cost analysis counts a scanned layer
       # once); the ITM variant is the larger one.
-      flops = flops_lib.step_flops(model_cfg, sizes, itm=any(compiled)) * pc / jax.device_count()
+      flops = (flops_lib.step_flops(model_cfg, sizes, itm=any(compiled)) * accum * pc
+               / jax.device_count())
       if peak and flops:
         mfu = flops * progress_rate() / peak
       line = progress.update(done_step, _progress_metrics(avg), mfu=mfu)
@@ -447,14 +487,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
         break
       if profile and step == profile[0]:
         jax.profiler.start_trace(str(workdir / "profile"))
-      local, choice = streams.next(step)
-      if tr.log_example_ids:
-        with ids_path.open("a") as f:
-          f.write(json.dumps({"step": step, "ids": train_data.example_ids(local),
-                              "aux": choice}) + "\n")
-      if step in nan_steps and tr.debug_nan_in == "data":
-        _poison(local)
-      batch = global_batch.to_global(local, mesh)
+      batch, choice = next_batch(step)
       itm = itm_for_step(cfg, step, choice, image_aux)
       key = jax.random.fold_in(base_key, step)
       state, metrics = run_step(state, batch, key, itm)

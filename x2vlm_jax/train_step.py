@@ -366,7 +366,8 @@ def make_train_step(graphdef, abstract_state, tx: optax.GradientTransformation,
         (l, m), g = grad_fn(params, sub, jax.random.fold_in(key, i), itm)
         return jax.tree.map(jnp.add, carry, (l, m, g)), None
 
-      shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], batch), key, itm)
+      shapes = jax.eval_shape(lambda p, b, k: grad_fn(p, b, k, itm), params,
+                              jax.tree.map(lambda x: x[0], batch), key)  # itm stays static
       zero = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
                           (shapes[0][0], shapes[0][1], shapes[1]))
       (loss, metrics, grads), _ = jax.lax.scan(body, zero, (jnp.arange(accum_steps), batch))
