@@ -137,3 +137,24 @@ def test_activation_constraints_under_mesh(sharded8):
     out = fwd(model, ids)
   assert out.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
   np.testing.assert_allclose(np.asarray(out), np.asarray(fwd(model, ids)), atol=1e-5)
+
+
+def test_sincos_position_embedding_init():
+  """pos_embed_init='sincos': the cls row is zero, patch (row y, col x) holds sin/cos of x in the
+  first half of the channels and of y in the second, frequency 1 in the first pair."""
+  from x2vlm_jax.models.config import VisionConfig
+  from x2vlm_jax.models.vision import VisionTower
+
+  cfg = VisionConfig(width=36, depth=1, num_heads=3, mlp_dim=52, image_size=64,
+                     abs_pos_embed=True, pos_embed_init="sincos")
+  table = np.asarray(VisionTower(cfg, rngs=nnx.Rngs(0)).pos_embed[...])[0]  # [1 + 16, 36]
+  assert table.shape == (17, 36) and np.all(table[0] == 0)
+  q = 36 // 4
+  for t, (y, x) in enumerate([(0, 0), (0, 3), (2, 1), (3, 3)]):
+    row = table[1 + 4 * y + x]
+    np.testing.assert_allclose(row[[0, q, 2 * q, 3 * q]], [np.sin(x), np.cos(x), np.sin(y),
+                                                           np.cos(y)], atol=1e-6)
+  assert len({tuple(np.round(r, 5)) for r in table[1:]}) == 16  # every patch distinct
+  with pytest.raises(ValueError, match="pos_embed_init"):
+    VisionTower(VisionConfig(width=36, depth=1, num_heads=3, mlp_dim=52, image_size=64,
+                             abs_pos_embed=True, pos_embed_init="learned"), rngs=nnx.Rngs(0))

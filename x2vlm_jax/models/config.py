@@ -29,6 +29,10 @@ class VisionConfig:
   # BEiT's optional learned absolute position embedding (official `use_abs_pos_emb`), off in every
   # released X2-VLM model; the demo's from-scratch ViT uses it to locate boxes within minutes.
   abs_pos_embed: bool = False
+  # Its initial values: "trunc_normal" (BEiT's, std 0.02) or "sincos" (fixed 2-D sine-cosine
+  # values of the patch grid, as MAE; still trained). A from-scratch tower learns positions from
+  # sincos at once, where a random table first has to be taught them by the losses.
+  pos_embed_init: str = "trunc_normal"
 
   @property
   def grid(self) -> int:  # P: patches per side
@@ -129,7 +133,7 @@ class ModelConfig:
     box head must say where a phrase is after a few hundred CPU steps."""
     base = cls(
         vision=VisionConfig(width=192, depth=4, num_heads=3, mlp_dim=768, image_size=128,
-                            drop_path_rate=0.0, abs_pos_embed=True),
+                            drop_path_rate=0.0, abs_pos_embed=True, pos_embed_init="sincos"),
         text=TextConfig(width=384, depth=6, num_heads=12, mlp_dim=1536),
         fusion=FusionConfig(depth=2, num_heads=12, mlp_dim=1536),
         embed_dim=128,

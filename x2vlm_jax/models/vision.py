@@ -172,6 +172,30 @@ class VisionBlock(nnx.Module):
     return L.constrain(x, L.ACT)
 
 
+def sincos_2d(grid: int, width: int) -> np.ndarray:
+  """float32 [1 + grid^2, width]: a zero row for the cls slot, then per patch (row-major, row = y)
+  sin/cos of its x in the first half of the channels and of its y in the second half, at
+  width/4 frequencies 1/10000^(k / (width/4)) (MAE's fixed embedding)."""
+  if width % 4:
+    raise ValueError(f"a 2-D sine-cosine position embedding needs width % 4 == 0, got {width}")
+  freqs = 1.0 / 10000 ** (np.arange(width // 4, dtype=np.float64) / (width // 4))  # [D/4]
+  y, x = np.mgrid[0:grid, 0:grid].reshape(2, -1).astype(np.float64)  # [T] each
+  half = lambda pos: np.concatenate([np.sin(pos[:, None] * freqs), np.cos(pos[:, None] * freqs)], 1)
+  table = np.concatenate([half(x), half(y)], axis=1)  # [T, D]
+  return np.concatenate([np.zeros((1, width)), table], axis=0).astype(np.float32)
+
+
+def sincos_init(grid: int) -> L.Init:
+  """Initialiser of a [1, 1 + grid^2, D] absolute position embedding with `sincos_2d`."""
+
+  def init(key, shape, dtype):
+    del key
+    return jnp.asarray(sincos_2d(grid, shape[-1])[None], dtype)
+
+  init.deterministic = True
+  return init
+
+
 class VisionTower(nnx.Module):
   """BEiT-2 ViT: normalised images [N, R, R, 3] -> [N, 1+T, D] = [patch mean, patches]."""
 
@@ -189,7 +213,11 @@ class VisionTower(nnx.Module):
     self.patch_embed = L.Dense((p, p, 3), (d,), kernel_names=("patch", "patch", "patch", "embed"),
                                bias_names=("embed",), kernel_init=init, rngs=rngs, **kw)
     self.cls_token = L.param(rngs, init, (1, 1, d), (None, None, "embed"), param_dtype)
-    self.pos_embed = (L.param(rngs, init, (1, 1 + cfg.num_patches, d), (None, None, "embed"),
+    pos_init = {"trunc_normal": init, "sincos": sincos_init(cfg.grid)}.get(cfg.pos_embed_init)
+    if pos_init is None:
+      raise ValueError(f"VisionConfig.pos_embed_init must be 'trunc_normal' or 'sincos', got "
+                       f"{cfg.pos_embed_init!r}")
+    self.pos_embed = (L.param(rngs, pos_init, (1, 1 + cfg.num_patches, d), (None, None, "embed"),
                               param_dtype) if cfg.abs_pos_embed else None)
     self.blocks = L.stacked(lambda r: VisionBlock(cfg, rngs=r, **kw), cfg.depth, rngs)
     # fix_init_weight: proj and fc2 of block i divided by sqrt(2 (i + 1)) (reference §1.2).
