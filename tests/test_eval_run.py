@@ -121,7 +121,7 @@ def test_evaluate_on_mesh_equals_single_device(model, tokenizer, tmp_path):
   img = Image.open(png)
   assert img.format == "PNG" and img.width > 3 * 256
   line = run.format_metrics(single)
-  assert "text->image R@1/5/10" in line and "whole-image baseline" in line
+  assert "text->image R@1/5/10" in line and "whole image" in line and "mean box" in line
 
 
 def test_bad_config_is_named(model, tokenizer):

@@ -109,6 +109,13 @@ def test_grounding_accuracy():
   assert m["grounding/acc_whole_image"] == pytest.approx(20.0)
   assert m["grounding/mean_iou"] == pytest.approx((1 + 1 / 3 + 0.5 + 248 / 520 + 0) / 5, rel=1e-5)
   assert m["grounding/count"] == 5
+  # The mean-box baseline on boxes that sit where their mean lies: (10, 10, 20, 20) and
+  # (30, 30, 20, 20) in 100 x 100 images average to (20, 20, 20, 20), IoU 100/700 with each
+  # (inclusive pixels: 10 x 10 overlap); a third, identical to the mean, is hit.
+  mb = [_case(b, (0, 0, 1, 1), (100, 100)) for b in ((10, 10, 20, 20), (30, 30, 20, 20),
+                                                     (20, 20, 20, 20))]
+  m3 = evaluators.evaluate_grounding(*(np.array(c, np.float32) for c in zip(*mb)))
+  assert m3["grounding/acc_mean_box"] == pytest.approx(100 / 3)
   np.testing.assert_allclose(grounding.pred_to_pixel_xywh(pred[:1], wh[:1]), [[10, 10, 40, 20]], atol=1e-4)
 
   # Padding rows (valid = 0) are ignored, whatever they hold.

@@ -9,8 +9,9 @@
 3. Evaluates the final checkpoint with `eval.py` on the held-out splits: text<->image retrieval
    (ITC top-k + ITM re-ranking) and grounding, and draws predicted vs true boxes into
    <workdir>/grounding.png.
-4. Prints the headline numbers against their chance / whole-image baselines, the first and last
-   logged losses, and the wall time of each stage; writes them to <workdir>/summary.json.
+4. Prints the headline numbers against their baselines (chance; whole image and mean box), the
+   first and last logged losses, and the wall time of each stage; writes them to
+   <workdir>/summary.json.
 
 A previous run in the same workdir is removed first (the trainer would otherwise resume it).
 """
@@ -133,7 +134,8 @@ def print_summary(summary: dict, work: pathlib.Path) -> None:
   print(f"ranked by ITC similarity only (no ITM re-ranking): text->image {r('img', 'retrieval_itc')}, "
         f"image->text {r('txt', 'retrieval_itc')}")
   print(f"grounding accuracy (IoU >= 0.5): {m['eval/grounding/acc']:.1f} "
-        f"(whole-image baseline {m['eval/grounding/acc_whole_image']:.1f}; "
+        f"(baselines: whole image {m['eval/grounding/acc_whole_image']:.1f}, "
+        f"mean box {m['eval/grounding/acc_mean_box']:.1f}; "
         f"mean IoU {m['eval/grounding/mean_iou']:.2f})")
   for k, (a, b) in summary["losses"].items():
     print(f"{k:28s} {a:8.3f} -> {b:8.3f}")

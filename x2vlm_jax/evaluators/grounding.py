@@ -6,8 +6,10 @@ evaluation scales it by the original image width/height, converts it to pixel (x
 legacy inclusive-pixel IoU (`box_ops.legacy_pixel_iou`, reference §8.2 / §9.35). A prediction is
 correct when IoU >= 0.5 (the official test is `>=`, not `>`).
 
-As a sanity baseline we also report the accuracy of always predicting the whole image
-(0, 0, W, H): a trained model must beat it.
+Two baselines a trained model must beat: always predicting the whole image (0, 0, W, H), and
+always predicting the set's mean box (the mean normalised (cx, cy, w, h) of the ground truth of
+the very rows evaluated, scaled to each image): what a box head that learned where boxes usually
+are, but reads neither image nor phrase, would score.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ def evaluate_grounding(pred_boxes, image_wh, gt_boxes, *, valid=None, iou_thresh
     prefix: metric-name prefix (e.g. 'grounding/testA').
 
   Returns:
-    {prefix/acc, prefix/acc_whole_image, prefix/mean_iou (0..1), prefix/count}.
+    {prefix/acc, prefix/acc_whole_image, prefix/acc_mean_box, prefix/mean_iou (0..1),
+     prefix/count}.
   """
   pred = np.asarray(pred_boxes, np.float32)
   wh = np.asarray(image_wh, np.float32)
@@ -76,9 +79,14 @@ def evaluate_grounding(pred_boxes, image_wh, gt_boxes, *, valid=None, iou_thresh
   iou = np.asarray(box_ops.legacy_pixel_iou(pred_to_pixel_xywh(pred, wh), gt))  # [N]
   whole = np.concatenate([np.zeros_like(wh), wh], axis=-1)  # [N, 4] (0, 0, W, H)
   iou_whole = np.asarray(box_ops.legacy_pixel_iou(whole, gt))
+  scale = np.concatenate([wh, wh], axis=-1)  # [N, 4]: W, H, W, H
+  gt_norm = np.concatenate([gt[:, :2] + gt[:, 2:] / 2, gt[:, 2:]], axis=-1) / scale  # cx, cy, w, h
+  mean_box = np.broadcast_to(gt_norm.mean(axis=0), pred.shape)
+  iou_mean = np.asarray(box_ops.legacy_pixel_iou(pred_to_pixel_xywh(mean_box, wh), gt))
   return {
       f"{prefix}/acc": 100.0 * float(np.mean(iou >= iou_threshold)),
       f"{prefix}/acc_whole_image": 100.0 * float(np.mean(iou_whole >= iou_threshold)),
+      f"{prefix}/acc_mean_box": 100.0 * float(np.mean(iou_mean >= iou_threshold)),
       f"{prefix}/mean_iou": float(np.mean(iou)),
       f"{prefix}/count": float(pred.shape[0]),
   }

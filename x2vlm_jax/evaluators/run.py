@@ -257,5 +257,6 @@ def format_metrics(metrics: Mapping[str, Any]) -> str:
     parts.append(f"chance R@1 {metrics['eval/retrieval/chance_r1']:.1f}")
   if "eval/grounding/acc" in metrics:
     parts.append(f"grounding acc {metrics['eval/grounding/acc']:.1f} "
-                 f"(whole-image baseline {metrics['eval/grounding/acc_whole_image']:.1f})")
+                 f"(baselines: whole image {metrics['eval/grounding/acc_whole_image']:.1f}, "
+                 f"mean box {metrics['eval/grounding/acc_mean_box']:.1f})")
   return "; ".join(parts)
