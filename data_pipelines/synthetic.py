@@ -51,6 +51,9 @@ class WorldConfig:
   min_frames: int = 3
   max_frames: int = 8
   multi_clip_prob: float = 0.25  # videos split into two clips (official clip-list format)
+  # Region records carry the scene's listing caption as their optional whole-image "caption"
+  # (§5.3); False leaves it out, so every region text is a boxed phrase.
+  region_caption: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,7 +267,7 @@ class ShapesWorld:
     if kind == F.IMAGE:
       record["captions"] = caps
     elif kind == F.REGION:
-      record["captions"] = [caps[0]]
+      record["captions"] = [caps[0]] if self.cfg.region_caption else []
       record["elems"] = self.region_elems(shapes)
     else:
       raise ValueError(f"unknown kind {kind!r}")

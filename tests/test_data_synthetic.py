@@ -129,3 +129,24 @@ def test_jpeg_option_and_in_memory_source():
     src[5]
   with pytest.raises(ValueError, match="image_size"):
     ShapesWorld(WorldConfig(image_size=16))
+
+
+def test_region_records_without_whole_image_caption(tmp_path):
+  """region_caption=False: the same scenes and elems, no optional "caption" key in the JSON
+  line, and every text of a region example is a boxed phrase (is_image = 0)."""
+  from data_pipelines import examples, sources
+  from data_pipelines.text_ops import Tokenizer
+  from x2vlm_jax import assets
+
+  plain, bare = ShapesWorld(), ShapesWorld(WorldConfig(region_caption=False))
+  a, b = plain.record(F.REGION, 3), bare.record(F.REGION, 3)
+  assert a["captions"] and b["captions"] == [] and a["elems"] == b["elems"]
+  assert a["image"] == b["image"]
+  [path] = synthetic.write_jsonl(bare, F.REGION, 6, tmp_path, n_files=1)
+  assert all('"caption": "' not in line.split('"elems"')[0] for line in open(path))
+  src = sources.JsonLinesSource(path, F.REGION)
+  tok = Tokenizer(assets.minilm_dir(), 16)
+  cfg = F.PreprocConfig(image_res=64, max_tokens=16, max_masks=4)
+  for i in range(len(src)):
+    ex = examples.make_example(F.REGION, src[i], np.random.default_rng(i), cfg, tok)
+    assert ex[F.IS_IMAGE].tolist() == [0] * len(ex[F.IS_IMAGE])
