@@ -105,6 +105,9 @@ def base_config() -> mlc.ConfigDict:
 
   c.loss = mlc.ConfigDict()
   c.loss.iter_perc = mlc.ConfigDict({"image": 1.0, "region": 1.0, "video": 1.0})
+  # Per-term weights inside every kind; all 1 in the official code (§4.6).
+  c.loss.term_weights = mlc.ConfigDict({"itc": 1.0, "itm": 1.0, "mlm": 1.0, "box_l1": 1.0,
+                                        "box_giou": 1.0})
   c.loss.itm = True  # False: never compute ITM
   c.loss.stop_calc_itm = -1  # ITM only for steps < this; -1 = always (official default: inf)
   # 0 = ordinary gradients (default). W > 0 reproduces the official 1/W ITC gradient on the

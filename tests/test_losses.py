@@ -216,3 +216,9 @@ def test_combine():
                           "loss/itc/region", "loss/box_giou/region", "loss/total"}
   with pytest.raises(ValueError, match="image/itc"):
     losses.combine({"image": {"itc": jnp.ones(2)}}, {})
+  # Per-term weights apply in every kind; the logged terms stay unweighted.
+  total, metrics = losses.combine(terms, {"region": 0.5}, {"itc": 2.0, "box_giou": 4.0})
+  np.testing.assert_allclose(total, (2.0 + 2.0 + 3.0) + 0.5 * (2 * 0.5 + 4 * 0.25))
+  assert metrics["loss/box_giou/region"] == 0.25
+  with pytest.raises(ValueError, match="unknown loss terms"):
+    losses.combine(terms, {}, {"box": 2.0})

@@ -364,7 +364,11 @@ def box_loss(pred, target, is_image, valid=None):
 # total (§4.6)
 
 
-def combine(terms: Mapping[str, Mapping[str, jnp.ndarray]], weights: Mapping[str, float]):
+TERMS = ("itc", "itm", "mlm", "box_l1", "box_giou")
+
+
+def combine(terms: Mapping[str, Mapping[str, jnp.ndarray]], weights: Mapping[str, float],
+            term_weights: Mapping[str, float] | None = None):
   """Weighted total of per-kind loss terms and a flat metrics dict (§4.6).
 
   Args:
@@ -372,11 +376,18 @@ def combine(terms: Mapping[str, Mapping[str, jnp.ndarray]], weights: Mapping[str
       'region': {.., 'box_l1': .., 'box_giou': ..}}.
     weights: kind -> `iter_perc` weight; a kind missing here gets 1.0 (the official default);
       weights of kinds absent from `terms` are ignored (a kind with batch size 0).
+    term_weights: optional term name (one of TERMS) -> weight, applied in every kind; a term
+      missing here gets 1.0, the official weight of every term (§4.6).
 
   Returns:
-    (total, metrics): total = sum_kind weight * sum_term value; metrics has
-    'loss/<term>/<kind>' for every term and 'loss/total'.
+    (total, metrics): total = sum_kind weight * sum_term term_weight * value; metrics has
+    'loss/<term>/<kind>' (unweighted) for every term and 'loss/total'.
   """
+  term_weights = dict(term_weights or {})
+  unknown = set(term_weights) - set(TERMS)
+  if unknown:
+    raise ValueError(f"combine: unknown loss terms {sorted(unknown)} in term_weights; known: "
+                     f"{TERMS}")
   total = jnp.zeros((), jnp.float32)
   metrics = {}
   for kind, kind_terms in terms.items():
@@ -387,6 +398,6 @@ def combine(terms: Mapping[str, Mapping[str, jnp.ndarray]], weights: Mapping[str
                          f"{jnp.shape(value)}")
       value = _f32(value)
       metrics[f"loss/{name}/{kind}"] = value
-      total = total + weight * value
+      total = total + weight * float(term_weights.get(name, 1.0)) * value
   metrics["loss/total"] = total
   return total, metrics

@@ -104,6 +104,7 @@ def enable_compilation_cache(path: str) -> None:
 def step_config(cfg) -> ts.StepConfig:
   """StepConfig from the config's `loss` section."""
   return ts.StepConfig(iter_perc=dict(cfg.loss.iter_perc.to_dict()),
+                       term_weights=dict(cfg.loss.term_weights.to_dict()),
                        neg_shards=int(cfg.loss.neg_shards),
                        itc_grad_world_size=int(cfg.loss.itc_grad_world_size))
 

@@ -49,6 +49,8 @@ class StepConfig:
 
   iter_perc: Mapping[str, float] = dataclasses.field(
       default_factory=lambda: {F.IMAGE: 1.0, F.REGION: 1.0, F.VIDEO: 1.0})
+  # Loss term -> weight in every kind (losses.TERMS); missing = 1.0, the official weights.
+  term_weights: Mapping[str, float] = dataclasses.field(default_factory=dict)
   # Hard negatives are drawn per data shard as the official code draws per GPU. 0 = one shard
   # per device slice of the batch axis of the mesh; k > 0 = k contiguous shards whatever the
   # mesh (k = 1 draws from the whole batch; tests use it to compare meshes).
@@ -313,7 +315,7 @@ def loss_fn(model: X2VLM, batch: Mapping[str, Mapping[str, jax.Array]], key, cfg
       terms[kind] = kind_terms(model, kind, batch[kind], temp, k, cfg, mesh, itm)
   else:
     terms = merged_terms(model, batch, key, cfg, mesh, itm)
-  total, metrics = losses.combine(terms, cfg.iter_perc)
+  total, metrics = losses.combine(terms, cfg.iter_perc, cfg.term_weights)
   metrics["temperature"] = temp
   return total, metrics
 
