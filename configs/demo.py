@@ -26,7 +26,7 @@ import ml_collections as mlc
 
 from configs import common
 
-WORLD = {"image_size": 128, "max_shapes": 2}
+WORLD = {"image_size": 128, "max_shapes": 2, "region_caption": False}
 TRAIN_SIZE = 20_000  # records per kind: more than the run ever reads, so no example repeats
 HELDOUT = {"retrieval_images": 100, "grounding_records": 60}
 CI_HELDOUT = {"retrieval_images": 50, "grounding_records": 30}
