@@ -34,7 +34,7 @@ def summary(tmp_path_factory):
 
 
 def test_losses_fall(summary):
-  # (first, last) of the values logged every 10 steps; measured 26.6 -> 11.5 and 2.57 -> 1.33.
+  # (first, last) of the values logged every 10 steps; measured 32.9 -> 17.7 and 2.14 -> 1.33.
   losses = summary["losses"]
   first, last = losses["train/loss/total"]
   assert last < 0.7 * first, (first, last)
@@ -47,10 +47,10 @@ def test_retrieval_above_chance(summary):
   n = m["eval/retrieval/num_images"]
   chance = m["eval/retrieval/chance_r1"]
   assert n == 50 and m["eval/retrieval/num_texts"] == 100 and chance == pytest.approx(2.0)
-  # Text -> image R@1 ranked by the ITC similarity (measured 29 %) against 2 % for a random
+  # Text -> image R@1 ranked by the ITC similarity (measured 16 %) against 2 % for a random
   # ranking; 4x chance is > 4 standard deviations of a random ranker's R@1 over 100 captions.
   assert m["eval/retrieval_itc/img_r1"] >= 4 * chance, m
-  # The official ITM re-ranking with a 60-step ITM head: R@10 (measured 75 %) against 20 % for
+  # The official ITM re-ranking with a 60-step ITM head: R@10 (measured 63 %) against 20 % for
   # a random ranking.
   assert m["eval/retrieval/img_r10"] >= 2 * (100.0 * 10 / n), m
 
