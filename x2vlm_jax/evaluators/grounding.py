@@ -30,6 +30,13 @@ def pred_to_pixel_xywh(pred_boxes, image_wh) -> np.ndarray:
   return np.stack([cx - w / 2, cy - h / 2, w, h], axis=-1)
 
 
+def pixel_xywh_to_pred(boxes, image_wh) -> np.ndarray:
+  """The inverse of `pred_to_pixel_xywh`: pixel (x, y, w, h) -> normalised (cx, cy, w, h)."""
+  b = np.asarray(boxes, np.float32)
+  wh = np.asarray(image_wh, np.float32)
+  return np.concatenate([b[:, :2] + b[:, 2:] / 2, b[:, 2:]], axis=-1) / np.concatenate([wh, wh], -1)
+
+
 def _check(pred, wh, gt, valid):
   n = pred.shape[0]
   if pred.shape != (n, 4):
@@ -79,9 +86,7 @@ def evaluate_grounding(pred_boxes, image_wh, gt_boxes, *, valid=None, iou_thresh
   iou = np.asarray(box_ops.legacy_pixel_iou(pred_to_pixel_xywh(pred, wh), gt))  # [N]
   whole = np.concatenate([np.zeros_like(wh), wh], axis=-1)  # [N, 4] (0, 0, W, H)
   iou_whole = np.asarray(box_ops.legacy_pixel_iou(whole, gt))
-  scale = np.concatenate([wh, wh], axis=-1)  # [N, 4]: W, H, W, H
-  gt_norm = np.concatenate([gt[:, :2] + gt[:, 2:] / 2, gt[:, 2:]], axis=-1) / scale  # cx, cy, w, h
-  mean_box = np.broadcast_to(gt_norm.mean(axis=0), pred.shape)
+  mean_box = np.broadcast_to(pixel_xywh_to_pred(gt, wh).mean(axis=0), pred.shape)
   iou_mean = np.asarray(box_ops.legacy_pixel_iou(pred_to_pixel_xywh(mean_box, wh), gt))
   return {
       f"{prefix}/acc": 100.0 * float(np.mean(iou >= iou_threshold)),
