@@ -34,17 +34,18 @@ def main(argv):
   from absl import logging  # pylint: disable=g-import-not-at-top
 
   from data_pipelines.text_ops import Tokenizer  # pylint: disable=g-import-not-at-top
-  from x2vlm_jax import sharding, train_data  # pylint: disable=g-import-not-at-top
+  from x2vlm_jax import run_config, sharding  # pylint: disable=g-import-not-at-top
   from x2vlm_jax.evaluators import run, weights  # pylint: disable=g-import-not-at-top
 
   cfg = _CONFIG.value
   mesh = sharding.make_mesh(cfg.mesh.to_dict())
-  model, source = weights.load_model(cfg, mesh, checkpoint=_CHECKPOINT.value,
+  model, source = weights.load_model(run_config.model_config(cfg), mesh,
+                                     checkpoint=_CHECKPOINT.value,
                                      official_th=_OFFICIAL.value, step=_STEP.value)
   logging.info("evaluating %s", source)
-  tokenizer = Tokenizer(train_data.tokenizer_dir(cfg), int(cfg.data.max_tokens))
-  metrics = run.evaluate(model, cfg.eval, tokenizer, mesh, png_path=_PNG.value or None,
-                         log=lambda s: logging.info("%s", s))
+  tokenizer = Tokenizer(run_config.tokenizer_dir(cfg), int(cfg.data.max_tokens))
+  metrics = run.evaluate(model, run_config.eval_config(cfg.eval), tokenizer, mesh,
+                         png_path=_PNG.value or None, log=lambda s: logging.info("%s", s))
   text = json.dumps(metrics, indent=1, sort_keys=True)
   if _OUTPUT.value:
     with open(_OUTPUT.value, "w") as f:

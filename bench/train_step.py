@@ -5,8 +5,10 @@
       --dtype float32|bfloat16 --remat --mesh data=1,fsdp=-1,tensor=1 --steps 5
       --peak_tflops 989 --cpu_devices 8 --fast_compile]
 
-Builds the train state born sharded (`step_jit.create_train_state`), jits the step for the mesh
-(`step_jit.jit_train_step`), compiles it once ahead of time (reported: `compile_s`), then times
+Runs exactly the trainer's step: the train state born sharded (`train_state.TrainStateSpec`),
+the step built and jitted by `step_jit.pretrain_step` and the host batch placed by
+`global_batch.put` (with `--accum_steps` A > 1, A micro-batches stacked as the trainer does).
+It compiles the step once ahead of time (reported: `compile_s`), then times
 `--steps` steady-state steps after `--warmup` untimed ones on one fixed random MixedBatch.
 Reports examples/s per kind, the step time, FLOPs per step, MFU = model FLOPs / step time /
 (peak x devices), and the peak device memory (`device.memory_stats()` where the backend has it,
@@ -45,6 +47,8 @@ def _args():
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--remat", action="store_true")
   p.add_argument("--no_itm", action="store_true", help="the step without ITM (itm=False)")
+  p.add_argument("--accum_steps", type=int, default=1,
+                 help="micro-batches per update (batch sizes are per update, as in configs)")
   p.add_argument("--mesh", default="data=-1", help="e.g. data=2,fsdp=4,tensor=1")
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--warmup", type=int, default=1)
@@ -79,22 +83,13 @@ def _peak_memory(compiled, devices) -> dict:
           "temp_bytes": int(m.temp_size_in_bytes)}
 
 
-def main():
-  args = _args()
-  if args.cpu_devices:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={args.cpu_devices}")
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+def _model_and_sizes(args):
+  """(ModelConfig, per-micro-batch BatchSizes, per-update sizes) from the flags."""
   import dataclasses
 
-  import jax
   import jax.numpy as jnp
-  import numpy as np
 
   from data_pipelines import features as F
-  from data_pipelines.random_batch import random_batch
-  from x2vlm_jax import flops as flops_lib, optim, sharding, step_jit
-  from x2vlm_jax import train_step as ts
   from x2vlm_jax.models.config import ModelConfig
 
   kw = dict(dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32, remat=args.remat)
@@ -103,60 +98,80 @@ def main():
   cfg = ModelConfig.named(args.variant, **kw)
   if args.image_res:
     cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, image_size=args.image_res))
-  res = cfg.vision.image_size
-  sizes = F.BatchSizes(image_res=res, patch_size=cfg.vision.patch_size,
+  accum = args.accum_steps
+  per_update = dict(image_batch=args.image_batch, region_batch=args.region_batch,
+                    region_max_images=args.region_max_images if args.region_batch else 0,
+                    video_batch=args.video_batch)
+  if any(v % accum for v in per_update.values()):
+    raise SystemExit(f"every batch size must be divisible by --accum_steps {accum}")
+  sizes = F.BatchSizes(image_res=cfg.vision.image_size, patch_size=cfg.vision.patch_size,
                        max_tokens=args.max_tokens, max_masks=args.max_masks,
-                       image_batch=args.image_batch, region_batch=args.region_batch,
-                       region_max_images=args.region_max_images if args.region_batch else 0,
-                       video_batch=args.video_batch, frame_len=args.frame_len)
+                       frame_len=args.frame_len, **{k: v // accum for k, v in per_update.items()})
+  return cfg, sizes, per_update
+
+
+def _time(fn, n: int) -> tuple[list[float], object]:
+  """Wall seconds of n calls of fn(i) (each waited for), and the last result."""
+  import jax
+
+  times, out = [], None
+  for i in range(n):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn(i))
+    times.append(time.perf_counter() - t0)
+  return times, out
+
+
+def main():
+  args = _args()
+  if args.cpu_devices:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={args.cpu_devices}")
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  import jax
+  import numpy as np
+
+  from data_pipelines import features as F
+  from data_pipelines.random_batch import random_batch
+  from x2vlm_jax import flops as flops_lib, global_batch, optim, sharding, step_jit
+  from x2vlm_jax.pretrain_loss import StepConfig
+  from x2vlm_jax.train_state import TrainStateSpec
+
+  cfg, sizes, per_update = _model_and_sizes(args)
+  accum, itm = args.accum_steps, not args.no_itm
   mesh = sharding.make_mesh(_mesh_shape(args.mesh))
   options = ({"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
              if args.fast_compile else None)
-
-  tx = optim.make_optimizer(optim.OptimConfig(total_steps=10_000, warmup_steps=0))
-  t0 = time.perf_counter()
-  state = step_jit.create_train_state(cfg, tx, mesh, jax.random.key(0, impl="rbg"),
-                                      compiler_options=options)
-  jax.block_until_ready(state.state)
-  init_s = time.perf_counter() - t0
-  batch = step_jit.put_batch(random_batch(sizes, vocab=cfg.text.vocab_size), mesh)
-  step = step_jit.jit_train_step(state, tx, ts.StepConfig(), mesh, cfg, batch,
-                                 compiler_options=options)
+  spec = TrainStateSpec.build(cfg, optim.OptimConfig(total_steps=10_000, warmup_steps=0), mesh)
+  (init_s,), state = _time(lambda _: spec.init(jax.random.key(0, impl="rbg"),
+                                               compiler_options=options), 1)
+  batch = global_batch.put([random_batch(sizes, vocab=cfg.text.vocab_size, seed=i)
+                            for i in range(accum)], mesh)
+  step = step_jit.pretrain_step(spec, StepConfig(), accum, compiler_options=options)
   key = jax.random.key(1)
-  itm = not args.no_itm
+  (lower_s,), lowered = _time(lambda _: step.lower(state, batch, key, itm), 1)
+  (compile_s,), compiled = _time(lambda _: lowered.compile(), 1)
 
-  t0 = time.perf_counter()
-  lowered = step.lower(state.state, batch, key, itm)
-  lower_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  compiled = lowered.compile()
-  compile_s = time.perf_counter() - t0
+  holder = {"state": state}
 
-  st = state.state
-  for i in range(args.warmup):
-    st, metrics = compiled(st, batch, jax.random.fold_in(key, i))
-  jax.block_until_ready(st)
-  times = []
-  for i in range(args.steps):
-    t0 = time.perf_counter()
-    st, metrics = compiled(st, batch, jax.random.fold_in(key, 1000 + i))
-    jax.block_until_ready((st, metrics))
-    times.append(time.perf_counter() - t0)
+  def run(i):
+    holder["state"], metrics = compiled(holder["state"], batch, jax.random.fold_in(key, i))
+    return metrics
+
+  _time(run, args.warmup)
+  times, metrics = _time(lambda i: run(1000 + i), args.steps)
   step_s = float(np.median(times))
-
-  flops = _flops(compiled)
   n_dev = mesh.devices.size
-  mflops = flops_lib.step_flops(cfg, sizes, itm)
+  mflops = flops_lib.step_flops(cfg, sizes, itm) * accum
   examples = {F.IMAGE: args.image_batch, "region_texts": args.region_batch,
-              "region_images": sizes.region_max_images, F.VIDEO: args.video_batch}
+              "region_images": per_update["region_max_images"], F.VIDEO: args.video_batch}
   out = {
       "device": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform,
-      "num_devices": n_dev, "mesh": dict(mesh.shape),
-      "variant": args.variant, "params": int(sum(np.prod(x.shape) for x in
-                                                  jax.tree.leaves(st["params"]))),
-      "dtype": args.dtype, "remat": args.remat, "itm": itm, "image_res": res,
+      "num_devices": n_dev, "mesh": dict(mesh.shape), "variant": args.variant,
+      "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state["params"]))),
+      "dtype": args.dtype, "remat": args.remat, "itm": itm, "image_res": sizes.image_res,
       "max_tokens": args.max_tokens, "batch": {k: v for k, v in examples.items() if v},
-      "fast_compile": args.fast_compile,
+      "accum_steps": accum, "fast_compile": args.fast_compile,
       "init_s": round(init_s, 2), "lower_s": round(lower_s, 2), "compile_s": round(compile_s, 2),
       "steps_timed": args.steps, "step_s": round(step_s, 4),
       "step_s_min": round(min(times), 4), "step_s_max": round(max(times), 4),
@@ -165,7 +180,7 @@ def main():
       "model_tflops_per_s_per_device": round(mflops / n_dev / step_s / 1e12, 5),
       "mfu": (round(mflops / n_dev / step_s / (args.peak_tflops * 1e12), 4)
               if args.peak_tflops else None),
-      "xla_flops_per_step_per_device": flops,  # scanned layers counted once: a lower bound
+      "xla_flops_per_step_per_device": _flops(compiled),  # scanned layers once: a lower bound
       "memory": _peak_memory(compiled, mesh.devices.flat),
       "loss": float(metrics["loss/total"]),
       "loss_finite": bool(np.isfinite(float(metrics["loss/total"]))),

@@ -152,11 +152,6 @@ def base_config() -> mlc.ConfigDict:
   c.train.profile_steps = ""  # 'first,last' (e.g. '10,15'): JAX profiler trace in workdir/profile
   c.train.peak_tflops = 0.0  # per-device peak, for MFU in the progress line (0 = not shown)
   c.train.compilation_cache_dir = ""  # persistent XLA compilation cache ('' = off)
-  # Debugging / tests.
-  c.train.debug_nan_steps = ()  # steps whose update gets a NaN injected (fault tests)
-  # 'grads': the step's grad_hook sets every gradient to NaN (a separately compiled step);
-  # 'data': one MLM weight of the batch is NaN, so loss and gradients are (same compiled step).
-  c.train.debug_nan_in = "grads"
   c.train.log_example_ids = False  # per-step (source, record) ids per kind -> example_ids.*.jsonl
   c.train.stop_after = -1  # end the run (saving) after this step, < total_steps (tests; -1 off)
 

@@ -15,6 +15,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from x2vlm_jax import checkpoint as ck
+from x2vlm_jax import checksums
 from x2vlm_jax.sharding import make_mesh
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -148,6 +149,7 @@ _CRASH_SCRIPT = textwrap.dedent("""
     import jax.numpy as jnp
     from orbax.checkpoint._src.path import atomicity
     from x2vlm_jax import checkpoint as ck
+from x2vlm_jax import checksums
 
     mgr = ck.CheckpointManager(sys.argv[1], async_save=True)
     mgr.save(1, {"x": jnp.arange(10.0)}, data_iter={"image": {"i": 1}})
@@ -245,18 +247,18 @@ def test_bad_inputs_named(tmp_path):
 
 def test_checksums_are_sharding_independent(mesh8):
   x = np.random.RandomState(3).randn(16, 6).astype(np.float32)
-  host = ck.leaf_checksums({"x": x})["x"]
-  on8 = ck.leaf_checksums({"x": jax.device_put(x, NamedSharding(mesh8, P("data")))})["x"]
+  host = checksums.leaf_checksums({"x": x})["x"]
+  on8 = checksums.leaf_checksums({"x": jax.device_put(x, NamedSharding(mesh8, P("data")))})["x"]
   mesh42 = make_mesh({"fsdp": 4, "tensor": 2})
-  on42 = ck.leaf_checksums({"x": jax.device_put(x, NamedSharding(mesh42, P("fsdp", "tensor")))})["x"]
+  on42 = checksums.leaf_checksums({"x": jax.device_put(x, NamedSharding(mesh42, P("fsdp", "tensor")))})["x"]
   assert host == on8 == on42
   y = x.copy()
   y[5, 2] = np.nextafter(y[5, 2], np.inf)  # one ulp in one element
-  assert ck.leaf_checksums({"x": y})["x"]["fingerprint"] != host["fingerprint"]
+  assert checksums.leaf_checksums({"x": y})["x"]["fingerprint"] != host["fingerprint"]
   z = x.copy()
   z[[0, 1]] = z[[1, 0]]  # same values, swapped positions
-  assert ck.leaf_checksums({"x": z})["x"]["fingerprint"] != host["fingerprint"]
-  assert ck.verify_checksums({"x": y}, {"x": host})[0].startswith("leaf 'x': fingerprint")
+  assert checksums.leaf_checksums({"x": z})["x"]["fingerprint"] != host["fingerprint"]
+  assert checksums.verify_checksums({"x": y}, {"x": host})[0].startswith("leaf 'x': fingerprint")
 
 
 def test_restore_with_dtype_cast_is_not_corrupt(tmp_path):
@@ -286,3 +288,22 @@ def test_nnx_model_and_optimizer_state(tmp_path):
   model, _ = build(2)
   nnx.update(model, out.state[0])
   np.testing.assert_array_equal(model.kernel[...], state[0]["kernel"][...])
+
+
+def test_partial_restore_reads_and_verifies_only_the_subtree(tmp_path, mesh8):
+  """`partial=True`: only the target's leaves are read and checked (the parameters-only restore
+  of evaluation); a corrupt leaf among them still makes the step fall back."""
+  mgr = ck.CheckpointManager(tmp_path / "ckpt", async_save=False)
+  s1, s2 = _state(mesh8, seed=1), _state(mesh8, seed=2)
+  mgr.save(1, s1, data_iter={"image": {"i": 1}}, config={"a": 1})
+  mgr.save(2, s2, data_iter={"image": {"i": 2}}, config={"a": 2})
+  target = {"params": ck.abstract_target(s2["params"])}
+  out = mgr.restore(target, partial=True)
+  assert out.step == 2 and set(out.state) == {"params"} and out.config == {"a": 2}
+  _assert_tree_equal(out.state, {"params": s2["params"]})
+  assert out.state["params"]["w"].sharding == s2["params"]["w"].sharding
+  needle = np.asarray(s2["params"]["w"])[0, :8].tobytes()
+  _flip_byte_in_array_data(str(tmp_path / "ckpt" / "2"), needle)
+  out = ck.CheckpointManager(tmp_path / "ckpt", async_save=False).restore(target, partial=True)
+  assert out.step == 1 and "'params/w'" in out.skipped[0], out.skipped
+  _assert_tree_equal(out.state, {"params": s1["params"]})

@@ -9,7 +9,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from x2vlm_jax import init_lib, optim, train_lib
+from x2vlm_jax import optim, train_lib
+from x2vlm_jax import run_config as rc
 
 RELEASED = {
     # name: (variant, image, region texts, region images, video, region iter_perc, lr, warmup,
@@ -44,10 +45,14 @@ def test_released_settings(name):
   assert c.data.max_tokens == max_tokens and c.train.seed == 42
   assert all(len(c.data[k]) > 0 for k in ("image", "region"))
   # Everything the trainer derives from the config is buildable.
-  mc = init_lib.model_config(c)
+  mc = rc.model_config(c)
   assert mc.frame_len == (3 if video else 0) and mc.vision.image_size == 224
   optim.OptimConfig(**c.optim.to_dict())
-  train_lib.step_config(c)
+  rc.step_config(c)
+  rc.loop_config(c)
+  rc.streams_config(c)
+  rc.init_config(c)
+  rc.preproc_config(c, mc)
 
 
 def test_1b_stage1_aux_and_itm():
@@ -55,13 +60,13 @@ def test_1b_stage1_aux_and_itm():
   assert c.loss.aux_iter_perc.image == 0.15 and c.loss.stop_calc_itm == 200_000
   assert len(c.data.aux.image) == 5 and len(c.data.image) == 2  # clean 4M + CC12M; LAION
   assert len(c.data.region) == 8  # 6 sources of 4M + OpenImages + Objects365
-  on = train_lib.itm_for_step(c, 10, {"image": True}, image_aux=True)
-  off = train_lib.itm_for_step(c, 10, {"image": False}, image_aux=True)
-  late = train_lib.itm_for_step(c, 200_000, {"image": True}, image_aux=True)
+  on = train_lib.itm_for_step(rc.loop_config(c), 10, {"image": True}, image_aux=True)
+  off = train_lib.itm_for_step(rc.loop_config(c), 10, {"image": False}, image_aux=True)
+  late = train_lib.itm_for_step(rc.loop_config(c), 200_000, {"image": True}, image_aux=True)
   assert (on, off, late) == (True, False, False)
   s2 = _load("pretrain_base_1b_stage2")
   assert s2.loss.aux_iter_perc.video == 0.35 and len(s2.data.aux.video) == 1
-  assert train_lib.itm_for_step(s2, 10**6, {"video": True}, image_aux=False)
+  assert train_lib.itm_for_step(rc.loop_config(s2), 10**6, {"video": True}, image_aux=False)
 
 
 def test_schedule_follows_total_steps_until_set():

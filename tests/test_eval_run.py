@@ -9,6 +9,7 @@ import jax
 from data_pipelines import synthetic
 from data_pipelines.text_ops import Tokenizer, pre_caption
 from x2vlm_jax import assets, sharding
+from x2vlm_jax import run_config as rc
 from x2vlm_jax.evaluators import eval_data, retrieval, run, visualize
 from x2vlm_jax.models import x2vlm
 from x2vlm_jax.models.config import ModelConfig
@@ -106,11 +107,10 @@ def test_scorers_match_the_model_and_full_rerank(model, tokenizer):
 
 def test_evaluate_on_mesh_equals_single_device(model, tokenizer, tmp_path):
   png = tmp_path / "boxes.png"
-  single = run.evaluate(model, _cfg(), tokenizer, None, log=None)
+  single = run.evaluate(model, rc.eval_config(_cfg()), tokenizer, None, log=None)
   mesh = sharding.make_mesh({"data": -1})
-  # The whole config is accepted as well as its eval section.
-  sharded = run.evaluate(model, {"eval": _cfg()}, tokenizer, mesh, step=7, png_path=str(png),
-                         log=None)
+  sharded = run.evaluate(model, rc.eval_config(_cfg()), tokenizer, mesh, step=7,
+                         png_path=str(png), log=None)
   names = {f"eval/retrieval/{d}_r{k}" for d in ("txt", "img") for k in (1, 5, 10)}
   names |= {"eval/grounding/acc", "eval/grounding/acc_whole_image", "eval/retrieval/r_mean"}
   assert names <= set(single)
@@ -126,15 +126,13 @@ def test_evaluate_on_mesh_equals_single_device(model, tokenizer, tmp_path):
 
 def test_bad_config_is_named(model, tokenizer):
   with pytest.raises(ValueError, match="unknown.*'retrevial'"):
-    run.evaluate(model, _cfg(evaluators=("retrevial",)), tokenizer, log=None)
+    rc.eval_config(_cfg(evaluators=("retrevial",)))
   data = _cfg()["grounding"]["data"]
   with pytest.raises(ValueError, match=r"eval.grounding: unknown keys \['k_test'\]"):
-    run.evaluate(model, _cfg(evaluators=("grounding",), grounding={"data": data, "k_test": 3}),
-                 tokenizer, log=None)
+    rc.eval_config(_cfg(evaluators=("grounding",), grounding={"data": data, "k_test": 3}))
   with pytest.raises(ValueError, match="eval.retrieval.data: no sources"):
-    run.evaluate(model, _cfg(evaluators=("retrieval",), retrieval={"k_test": 3}), tokenizer,
-                 log=None)
-  assert run.evaluate(model, _cfg(evaluators=()), tokenizer, log=None) == {}
+    rc.eval_config(_cfg(evaluators=("retrieval",), retrieval={"k_test": 3}))
+  assert run.evaluate(model, rc.eval_config(_cfg(evaluators=())), tokenizer, log=None) == {}
 
 
 def test_png_marks_both_boxes(tokenizer, tmp_path):
@@ -154,7 +152,7 @@ def test_load_model_from_params_dir(model, tmp_path):
   from x2vlm_jax import params_io
   from x2vlm_jax.evaluators import weights
 
-  cfg = tiny.get_config()
+  cfg = rc.model_config(tiny.get_config())
   mesh = sharding.make_mesh({"data": -1})
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   params_io.save_params(tmp_path / "params", model.cfg, params)

@@ -131,8 +131,3 @@ def test_grounding_bad_inputs():
   with pytest.raises(ValueError, match="gt_boxes must be"):
     evaluators.evaluate_grounding(np.zeros((2, 4)), np.ones((2, 2)), np.zeros((3, 4)))
 
-
-def test_evaluator_table():
-  assert evaluators.EVALUATORS == {"retrieval": evaluators.evaluate_retrieval,
-                                   "retrieval_itc": evaluators.evaluate_retrieval_itc,
-                                   "grounding": evaluators.evaluate_grounding}

@@ -3,9 +3,10 @@ a corrupt checkpoint, preemption of a two-process run, NaN skipping, config chec
 
 Compilation dominates the cost of these tests, so every run shares one persistent XLA cache
 (`train.compilation_cache_dir`) and the single-process runs all compile the same step: NaNs are
-injected through the batch (`train.debug_nan_in='data'`), the schedule length is fixed so
-`train.total_steps` can differ between runs, and XLA's slow backend passes are off (the same
-flags in every run, so runs stay bit-comparable with each other).
+injected through the batch by the test-only driver `tests/fault_train.py` (train.py plus
+`--nan_steps`), the schedule length is fixed so `train.total_steps` can differ between runs,
+and XLA's slow backend passes are off (the same flags in every run, so runs stay
+bit-comparable with each other).
 """
 
 from __future__ import annotations
@@ -45,12 +46,13 @@ def _env():
 
 
 def _args(workdir, cache, *extra):
-  return [sys.executable, str(ROOT / "train.py"), "--config=" + str(ROOT / "configs/tiny.py"),
+  return [sys.executable, str(ROOT / "tests" / "fault_train.py"),
+          "--config=" + str(ROOT / "configs/tiny.py"),
           f"--workdir={workdir}", f"--config.train.compilation_cache_dir={cache}",
           f"--config.train.total_steps={STEPS}", "--config.optim.total_steps=100",
           "--config.train.log_every=1", "--config.train.ckpt_every=1", "--config.train.keep=3",
-          "--config.train.log_example_ids=True", "--config.train.debug_nan_in=data",
-          f"--config.train.debug_nan_steps=({NAN_STEP},)", "--alsologtostderr", *extra]
+          "--config.train.log_example_ids=True", f"--nan_steps={NAN_STEP}",
+          "--alsologtostderr", *extra]
 
 
 def _start(workdir, cache, *extra, log_name="run.log"):
@@ -229,7 +231,7 @@ def test_nan_updates_skipped_then_run_stops(reference, cache_dir, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(reference, workdir)
   rc, out = _run(workdir, cache_dir, "--config.train.total_steps=14",
-                 "--config.train.debug_nan_steps=(9, 10, 11)",
+                 "--nan_steps=9,10,11",
                  "--config.train.max_consecutive_nonfinite=3", "--config.train.keep=10")
   assert rc != 0 and "3 consecutive non-finite updates" in out, out[-4000:]
   m = _metrics(workdir)

@@ -3,7 +3,8 @@
 One tiny model and one mixed batch (image + region + video) sized for 8 devices. The reference is
 the production path (`loss_fn`, one call per tower, K/V reused) on a single device; it is
 compared with
-  * the naive path (`StepConfig(naive=True)`: every kind on its own, K/V recomputed per pass),
+  * the naive path (`train_step_testlib.naive_loss_fn`: every kind on its own, K/V recomputed
+    per pass, the official structure),
   * the same production path jitted on meshes (data=8), (data=2, fsdp=4), (fsdp=4, tensor=2)
     with parameters sharded by their logical names and the batch over ('data', 'fsdp').
 Negatives are drawn with a fixed key from the whole batch (`neg_shards=1`), so every run sees
@@ -16,20 +17,19 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from data_pipelines import features as F
 from data_pipelines.random_batch import random_batch
-from x2vlm_jax import optim, sharding, step_jit
-from x2vlm_jax import train_step as ts
+from x2vlm_jax import global_batch, optim, sharding
+from x2vlm_jax import pretrain_loss as pl
 from x2vlm_jax.models.config import ModelConfig
-from x2vlm_jax.models.x2vlm import X2VLM
-from train_step_testlib import FAST_COMPILE, init_params
+from x2vlm_jax.train_state import TrainStateSpec
+from train_step_testlib import FAST_COMPILE, init_params, naive_loss_fn
 
 SIZES = F.BatchSizes(image_res=64, max_tokens=12, max_masks=4, image_batch=8, region_batch=8,
                      region_max_images=8, video_batch=8, frame_len=2)
-STEP_CFG = ts.StepConfig(deterministic=True, neg_shards=1)
+STEP_CFG = pl.StepConfig(deterministic=True, neg_shards=1)
 MESHES = [{"data": 8}, {"data": 2, "fsdp": 4}, {"fsdp": 4, "tensor": 2}]
 
 
@@ -42,23 +42,21 @@ def _model_cfg():
 @pytest.fixture(scope="module")
 def setup():
   cfg = _model_cfg()
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: X2VLM(cfg, rngs=nnx.Rngs(0))),
-                                 nnx.Param)
+  spec = TrainStateSpec.build(cfg, optim.OptimConfig(), sharding.make_mesh({"data": 1},
+                                                                          jax.devices()[:1]))
   params = init_params(cfg, 3)
-  batch = ts.device_batch(random_batch(SIZES, vocab=cfg.text.vocab_size, seed=5,
-                                       num_invalid=1))
+  batch = global_batch.device_fields(random_batch(SIZES, vocab=cfg.text.vocab_size, seed=5,
+                                                  num_invalid=1))
   key = jax.random.key(11)
 
-  def value_and_grad(cfg_step, mesh):
+  def value_and_grad(cfg_step, mesh, loss_fn=pl.loss_fn):
     def loss_of(p, b, k):
-      st = jax.tree.map(lambda x: x, abstract)
-      nnx.replace_by_pure_dict(st, p)
-      return ts.loss_fn(nnx.merge(graphdef, st), b, k, cfg_step, mesh)
+      return loss_fn(spec.model(p), b, k, cfg_step, mesh)
     return jax.value_and_grad(loss_of, has_aux=True)
 
   ref = jax.jit(value_and_grad(STEP_CFG, None), compiler_options=FAST_COMPILE)(
       params, batch, key)
-  return dict(cfg=cfg, abstract=abstract, params=params, batch=batch, key=key,
+  return dict(cfg=cfg, spec=spec, params=params, batch=batch, key=key,
               value_and_grad=value_and_grad, ref=jax.device_get(ref))
 
 
@@ -107,8 +105,8 @@ def test_reference_is_meaningful(setup):
 
 def test_kv_reuse_equals_naive(setup):
   """Production path (each tower once, K/V reused) == the official structure (≤ 1e-6)."""
-  naive = ts.StepConfig(deterministic=True, neg_shards=1, naive=True)
-  got = jax.jit(setup["value_and_grad"](naive, None), compiler_options=FAST_COMPILE)(
+  got = jax.jit(setup["value_and_grad"](STEP_CFG, None, naive_loss_fn),
+                compiler_options=FAST_COMPILE)(
       setup["params"], setup["batch"], setup["key"])
   tree_err, (leaf_err, leaf) = _compare(got, setup["ref"], 1e-6, 1e-6, 1e-5)
   print(f"naive vs reuse: gradient tree {tree_err:.2e}, worst leaf {leaf_err:.2e} ({leaf})")
@@ -118,8 +116,8 @@ def test_kv_reuse_equals_naive(setup):
 def test_mesh_equals_single_device(setup, axes):
   """Sharded params + sharded batch + activation constraints: same loss and gradients (1e-5)."""
   mesh = sharding.make_mesh(axes)
-  param_sh = step_jit.param_shardings(setup["abstract"], mesh)
-  batch_sh = step_jit.batch_shardings(setup["batch"], mesh)
+  param_sh = TrainStateSpec.build(setup["cfg"], optim.OptimConfig(), mesh).param_shardings
+  batch_sh = global_batch.shardings(setup["batch"], mesh)
   params = jax.device_put(setup["params"], param_sh)
   batch = jax.device_put(setup["batch"], batch_sh)
   # The parameters really are split: the word embedding over 'tensor', widths over 'fsdp'.

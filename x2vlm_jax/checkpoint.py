@@ -5,14 +5,7 @@ Each saved step holds four items, written together and committed atomically by o
   state      the train-state pytree (params, optimizer state, step, PRNG key data, ...)
   data_iter  the data-iterator state, a JSON dict with one entry per data kind
   config     the run config as JSON (to refuse a resume whose critical settings changed)
-  checksums  per-leaf shape, dtype and a 64-bit fingerprint of the leaf's bits
-
-The fingerprint is a position-weighted sum of the leaf's 32-bit words modulo 2**32 (two lanes).
-Integer addition modulo 2**32 is exact and order independent, so the value is the same however
-the array is sharded: it is computed inside one `jax.jit` on the global arrays (each device
-reduces its own shard, XLA adds the partial sums), works unchanged with several processes, and
-verifies a state that was restored onto a different mesh. Per position the word -> term map is a
-bijection, so any single changed element is always detected.
+  checksums  per-leaf shape, dtype and a 64-bit fingerprint of the leaf's bits (checksums.py)
 
 Orbax writes a step into a temporary directory and renames it only after every item has been
 written (`AtomicRenameTemporaryPath`), so a crash mid-save leaves an uncommitted
@@ -29,22 +22,17 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocp_policies
 
-from x2vlm_jax import treepath
+from x2vlm_jax.checksums import leaf_checksums, leaf_name, leaf_names, verify_checksums
 
 STATE, DATA_ITER, CONFIG, CHECKSUMS = "state", "data_iter", "config", "checksums"
-_ITEMS = (STATE, DATA_ITER, CONFIG, CHECKSUMS)
+CKPT_DIR = "checkpoints"  # where a training workdir keeps its steps
 _CHECKSUM_FORMAT = 1
-
-# Settings whose change makes a resumed run a different experiment (task brief of issue #5). The
-# trainer may pass its own list; a key also covers every nested key below it ('model' covers
-# 'model.vision.depth').
-DEFAULT_CRITICAL_KEYS = ("model", "seed", "batch_size", "batch_sizes", "data.sources")
 
 
 class CheckpointError(RuntimeError):
@@ -72,148 +60,6 @@ class Restored:
   data_iter: dict
   config: dict
   skipped: tuple[str, ...] = ()
-
-
-# ----------------------------------------------------------------------------------------------
-# Per-leaf fingerprints.
-
-_K1, _K2, _K3 = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D
-
-
-def _path_str(path) -> str:
-  """A readable leaf path: 'opt_state/0/mu/w' instead of "[0].mu['w']"."""
-  return "/".join(treepath.path_parts(path)) or "<root>"
-
-
-def _mix(a, xp):
-  """xorshift: an invertible scramble of uint32 words (keeps single-word changes visible)."""
-  return a ^ (a >> xp.uint32(15))
-
-
-def _lanes(words, idx, xp):
-  """Two position-weighted uint32 sums of `words` (uint32) at flat positions `idx` (uint32)."""
-  odd = idx * xp.uint32(_K1) | xp.uint32(1)  # odd => w -> w * odd is a bijection mod 2**32
-  h1 = xp.sum(_mix(words * odd, xp), dtype=xp.uint32)
-  h2 = xp.sum(_mix((words ^ (idx * xp.uint32(_K2))) * xp.uint32(_K3), xp), dtype=xp.uint32)
-  return h1, h2
-
-
-def _check_dtype(dtype, where: str):
-  if jnp.issubdtype(dtype, jax.dtypes.prng_key):
-    raise TypeError(f"{where}: typed PRNG key arrays are not saved directly; store "
-                    "jax.random.key_data(key) (uint32) and wrap it again after restore")
-  if np.dtype(dtype).kind == "c" or np.dtype(dtype).itemsize not in (1, 2, 4, 8):
-    raise TypeError(f"{where}: unsupported dtype {dtype} for checkpoint checksums")
-
-
-def _device_words(x):
-  """uint32 words of a jax array, C order; 8-byte dtypes get a trailing axis of 2."""
-  size = np.dtype(x.dtype).itemsize
-  if x.dtype == jnp.bool_:
-    return x.astype(jnp.uint32)
-  if size == 4:
-    return jax.lax.bitcast_convert_type(x, jnp.uint32)
-  if size in (1, 2):
-    return jax.lax.bitcast_convert_type(x, jnp.uint8 if size == 1 else jnp.uint16).astype(jnp.uint32)
-  return jax.lax.bitcast_convert_type(x, jnp.uint32)  # 8 bytes -> [..., 2]
-
-
-def _device_fingerprint(x):
-  """[2] uint32 fingerprint of one (possibly sharded) jax array, inside jit."""
-  w = _device_words(x)
-  # Flat C-order position from per-axis iotas: no reshape, so a sharded leaf is never gathered.
-  idx = jnp.zeros(w.shape, jnp.uint32)
-  stride = 1
-  for axis in range(w.ndim - 1, -1, -1):
-    idx = idx + jax.lax.broadcasted_iota(jnp.uint32, w.shape, axis) * jnp.uint32(stride % 2**32)
-    stride *= w.shape[axis]
-  return jnp.stack(_lanes(w, idx, jnp))
-
-
-_device_fingerprints = jax.jit(lambda xs: [_device_fingerprint(x) for x in xs])
-
-
-def _host_fingerprint(x: np.ndarray) -> tuple[int, int]:
-  """The same fingerprint as `_device_fingerprint`, computed with numpy (any numpy dtype)."""
-  x = np.ascontiguousarray(x)
-  size = x.dtype.itemsize
-  if x.dtype == np.bool_:
-    w = x.astype(np.uint32)
-  elif size in (1, 2):
-    w = x.view(np.uint8 if size == 1 else np.uint16).astype(np.uint32)
-  else:
-    w = x.reshape(-1).view(np.uint32)  # 8-byte words: pairs of uint32 in C order (little endian)
-  w = w.reshape(-1)
-  idx = np.arange(w.size, dtype=np.uint32)
-  with np.errstate(over="ignore"):
-    h1, h2 = _lanes(w, idx, np)
-  return int(h1), int(h2)
-
-
-def leaf_checksums(tree) -> dict[str, dict]:
-  """Per-leaf {shape, dtype, fingerprint} of a pytree of jax/numpy arrays and scalars."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  out, dev_paths, dev_leaves = {}, [], []
-  for path, leaf in flat:
-    name = _path_str(path)
-    if isinstance(leaf, jax.Array):
-      _check_dtype(leaf.dtype, f"state leaf {name!r}")
-      dev_paths.append(name)
-      dev_leaves.append(leaf)
-      out[name] = {"shape": list(leaf.shape), "dtype": str(leaf.dtype)}
-    else:
-      arr = np.asarray(leaf)
-      if arr.dtype == object:
-        raise TypeError(f"state leaf {name!r} of type {type(leaf).__name__} is not an array")
-      _check_dtype(arr.dtype, f"state leaf {name!r}")
-      h1, h2 = _host_fingerprint(arr)
-      out[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "fingerprint": f"{h1:08x}{h2:08x}"}
-  # One jit per set of devices (a state may mix mesh-sharded leaves and single-device scalars).
-  groups: dict[tuple, list[int]] = {}
-  for i, leaf in enumerate(dev_leaves):
-    groups.setdefault(tuple(sorted(d.id for d in leaf.sharding.device_set)), []).append(i)
-  for members in groups.values():
-    fps = _device_fingerprints([dev_leaves[i] for i in members])
-    for i, fp in zip(members, fps):
-      # The result is replicated; one local copy is enough (also with several processes).
-      h1, h2 = (int(v) for v in np.asarray(fp.addressable_data(0)))
-      out[dev_paths[i]]["fingerprint"] = f"{h1:08x}{h2:08x}"
-  return out
-
-
-def verify_checksums(tree, expected: Mapping[str, Mapping], cast: Mapping[str, str] | None = None
-                     ) -> list[str]:
-  """Compares a restored tree with saved checksums; returns one problem line per bad leaf.
-
-  Args:
-    tree: the restored pytree.
-    expected: the saved per-leaf checksums (`leaf_checksums` of the saved state).
-    cast: leaf name -> dtype the restore target asked for. A leaf deliberately restored in
-      another dtype (e.g. float32 params read as bfloat16) cannot be compared bit for bit; it is
-      skipped (logged) rather than reported as corrupt.
-  """
-  got = leaf_checksums(tree)
-  cast = cast or {}
-  problems = []
-  for name in sorted(set(expected) | set(got)):
-    if (name in expected and name in got and name in cast and cast[name] == got[name]["dtype"]
-        and expected[name]["dtype"] != cast[name]):
-      logging.info("leaf %r restored as %s (saved %s): checksum not comparable, skipped",
-                   name, cast[name], expected[name]["dtype"])
-    elif name not in got:
-      problems.append(f"leaf {name!r} is in the saved checksums but not in the restored state")
-    elif name not in expected:
-      problems.append(f"leaf {name!r} has no saved checksum")
-    else:
-      e, g = expected[name], got[name]
-      for field in ("shape", "dtype", "fingerprint"):
-        saved, restored = e.get(field), g[field]
-        if field == "shape":
-          saved, restored = list(saved or ()), list(restored)
-        if saved != restored:
-          problems.append(f"leaf {name!r}: {field} {restored} != saved {saved}")
-          break
-  return problems
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,7 +98,7 @@ def _flatten(d, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def check_config_compatible(saved_cfg, new_cfg, critical_keys: Sequence[str] = DEFAULT_CRITICAL_KEYS,
+def check_config_compatible(saved_cfg, new_cfg, critical_keys: Sequence[str],
                             allow_config_change: bool = False) -> list[str]:
   """Refuses to resume when a critical setting changed.
 
@@ -318,7 +164,7 @@ def _target_dtypes(target) -> dict[str, str]:
   if target is None:
     return {}
   flat, _ = jax.tree_util.tree_flatten_with_path(target)
-  return {_path_str(p): str(np.dtype(x.dtype)) for p, x in flat if hasattr(x, "dtype")}
+  return {leaf_name(p): str(np.dtype(x.dtype)) for p, x in flat if hasattr(x, "dtype")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,31 +265,56 @@ class CheckpointManager:
 
   # -- restoring ------------------------------------------------------------------------------
 
-  def _restore_one(self, step: int, target, verify: bool) -> tuple[Restored | None, str | None]:
-    """Restores and verifies one step; returns (result, None) or (None, why it was rejected)."""
-    try:
+  def _read_state(self, step: int, target, partial: bool) -> tuple[Any, dict, dict, dict]:
+    """(state, data_iter, config, checksums) of one step; `partial` reads only `target`'s leaves."""
+    if not partial:
       out = self._mgr.restore(step, args=ocp.args.Composite(**{
           STATE: ocp.args.StandardRestore(target),
           DATA_ITER: ocp.args.JsonRestore(),
           CONFIG: ocp.args.JsonRestore(),
           CHECKSUMS: ocp.args.JsonRestore(),
       }))
+      return out[STATE], out[DATA_ITER], out[CONFIG], out[CHECKSUMS]
+    # A sub-tree of the state (e.g. the parameters without the optimizer moments): orbax's
+    # PyTree handler reads only the named arrays, straight into the target's shardings.
+    meta = self._mgr.restore(step, args=ocp.args.Composite(**{
+        CONFIG: ocp.args.JsonRestore(), CHECKSUMS: ocp.args.JsonRestore()}))
+    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    try:
+      state = ckptr.restore(
+          epath.Path(self.directory) / str(step) / STATE,
+          args=ocp.args.PyTreeRestore(
+              item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+              partial_restore=True))
+    finally:
+      ckptr.close()
+    return state, {}, meta[CONFIG], meta[CHECKSUMS]
+
+  def _restore_one(self, step: int, target, verify: bool, partial: bool = False
+                   ) -> tuple[Restored | None, str | None]:
+    """Restores and verifies one step; returns (result, None) or (None, why it was rejected)."""
+    try:
+      state, data_iter, config, sums = self._read_state(step, target, partial)
     except Exception as e:  # orbax / tensorstore raise many types for damaged files
       return None, f"step {step} is unreadable: {type(e).__name__}: {str(e)[:500]}"
     if verify:
-      sums = out[CHECKSUMS] or {}
+      sums = sums or {}
       if sums.get("format") != _CHECKSUM_FORMAT or "leaves" not in sums:
         return None, f"step {step} has no usable checksums (format {sums.get('format')!r})"
-      problems = verify_checksums(out[STATE], sums["leaves"], _target_dtypes(target))
+      expected = sums["leaves"]
+      if partial:  # only the leaves that were read
+        names = set(leaf_names(state))
+        expected = {k: v for k, v in expected.items() if k in names}
+      problems = verify_checksums(state, expected, _target_dtypes(target))
       if problems:
         return None, f"step {step} is corrupt: " + "; ".join(problems[:10]) + (
             f" (+{len(problems) - 10} more)" if len(problems) > 10 else "")
-    return Restored(step=step, state=out[STATE], data_iter=dict(out[DATA_ITER] or {}),
-                    config=dict(out[CONFIG] or {})), None
+    return Restored(step=step, state=state, data_iter=dict(data_iter or {}),
+                    config=dict(config or {})), None
 
   def restore(self, target=None, *, step: int | None = None, verify: bool = True,
-              fallback: bool = True, config=None, critical_keys: Sequence[str] = DEFAULT_CRITICAL_KEYS,
-              allow_config_change: bool = False) -> Restored:
+              fallback: bool = True, config=None, critical_keys: Sequence[str] = (),
+              allow_config_change: bool = False, partial: bool = False) -> Restored:
     """Restores the latest good committed step (or exactly `step`).
 
     Args:
@@ -456,6 +327,8 @@ class CheckpointManager:
       fallback: if the newest step is unreadable or corrupt, try older steps (newest first).
       config: if given, `check_config_compatible(saved, config, critical_keys)` is enforced.
       critical_keys, allow_config_change: passed to `check_config_compatible`.
+      partial: `target` names a sub-tree of the saved state (e.g. {'train': {'params': ...}});
+        only those arrays are read and verified, and `data_iter` comes back empty.
 
     Raises:
       CheckpointError: no committed step, or every candidate step was rejected.
@@ -475,7 +348,7 @@ class CheckpointManager:
       raise CheckpointError(f"no committed checkpoint in {self.directory}")
     skipped = []
     for s in candidates:
-      result, why = self._restore_one(s, target, verify)
+      result, why = self._restore_one(s, target, verify, partial)
       if result is not None:
         if skipped:
           logging.warning("restored step %d after rejecting newer steps:\n  %s", s, "\n  ".join(skipped))

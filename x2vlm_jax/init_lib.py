@@ -1,6 +1,6 @@
 """Initial weights of a training run and the set of "fresh" parameters (lr x lr_mult).
 
-Sources, chosen by the `init` section of the config (empty string = unused):
+Sources, chosen by `InitConfig` (the config's `init` section; empty string = unused):
 
   nothing            every parameter from its initializer (e.g. the shapes-world demo vision)
   bert_dir           Hugging Face BERT -> text tower, fusion self-attn/FFN copies, MLM head (§7.6)
@@ -29,7 +29,6 @@ import jax
 from absl import logging
 from flax import nnx
 
-from x2vlm_jax import assets
 from x2vlm_jax import optim
 from x2vlm_jax.models.config import ModelConfig
 from x2vlm_jax.models.x2vlm import X2VLM, create_sharded
@@ -44,33 +43,15 @@ class InitResult:
   notes: tuple[str, ...]
 
 
-def resolve_dir(path: str) -> str:
-  """'minilm' -> the packaged MiniLM directory; anything else unchanged."""
-  return str(assets.minilm_dir()) if path == "minilm" else path
+@dataclasses.dataclass(frozen=True)
+class InitConfig:
+  """Where the initial weights come from (empty string = unused; at most one source, except
+  that bert_dir and beit_path combine). Built from the config by `run_config.init_config`."""
 
-
-def model_config(cfg) -> ModelConfig:
-  """ModelConfig from the config's `model` section (variant + overrides)."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-  m = cfg.model
-  try:
-    dtype = jnp.dtype(m.dtype).type
-  except TypeError as e:
-    raise ValueError(f"config.model.dtype {m.dtype!r} is not a dtype name") from e
-  base = ModelConfig.named(m.variant)
-  if m.text_config_from:
-    # Text tower sized like a given BERT (e.g. the demo's MiniLM); the fusion layers take the
-    # BERT's heads and FFN width so they can start as copies of its last layers (§7.6).
-    from x2vlm_jax.convert.hf import text_config_from_hf  # pylint: disable=g-import-not-at-top
-    text = text_config_from_hf(resolve_dir(m.text_config_from))
-    fusion = dataclasses.replace(base.fusion, num_heads=text.num_heads, mlp_dim=text.mlp_dim)
-    base = base.replace(text=text, fusion=fusion)
-  vision = dataclasses.replace(base.vision, image_size=int(m.image_res))
-  if vision.image_size % vision.patch_size:
-    raise ValueError(f"config.model.image_res {m.image_res} is not a multiple of the patch size "
-                     f"{vision.patch_size}")
-  return base.replace(vision=vision, frame_len=int(m.frame_len), dtype=dtype, remat=bool(m.remat))
+  bert_dir: str = ""
+  beit_path: str = ""
+  official_th: str = ""
+  params_dir: str = ""
 
 
 def _check_exists(path: str, key: str) -> pathlib.Path:
@@ -150,17 +131,16 @@ def _unflatten_like(tree, flat: dict):
   return jax.tree_util.tree_unflatten(treedef, [flat[optim.path_str(kp)] for kp, _ in leaves])
 
 
-def initialize(cfg, model_cfg: ModelConfig, mesh, key) -> InitResult:
+def initialize(init: InitConfig, model_cfg: ModelConfig, mesh, key) -> InitResult:
   """Creates the sharded model on `mesh` and loads the configured initial weights.
 
   Args:
-    cfg: the run config (its `init` section is read).
-    model_cfg: the architecture (from `model_config`).
+    init: the weight sources.
+    model_cfg: the architecture (`run_config.model_config`).
     mesh: the device mesh; parameters are born in their final sharding.
     key: PRNG key for the initializers.
   """
-  init = cfg.init
-  bert, beit = resolve_dir(init.bert_dir), init.beit_path
+  bert, beit = init.bert_dir, init.beit_path
   official_th, params_dir = init.official_th, init.params_dir
   chosen = [k for k, v in (("bert_dir/beit_path", bert or beit), ("official_th", official_th),
                            ("params_dir", params_dir)) if v]

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from x2vlm_jax import box_ops
+from x2vlm_jax import sharding
 
 # Finite stand-in for -inf when masking logits: keeps 0 * logp finite for masked entries.
 _MASKED_LOGIT = -1e9
@@ -235,7 +236,7 @@ def sample_hard_negatives(key, image_feat, text_feat, temp, valid=None, ids=None
 
 
 def sample_hard_negatives_sharded(mesh: Mesh, key, image_feat, text_feat, temp, valid=None,
-                                  ids=None, batch_axes: Sequence[str] = ("data", "fsdp")):
+                                  ids=None, batch_axes: Sequence[str] | None = None):
   """`sample_hard_negatives` with one shard per device slice of the batch, via `jax.shard_map`.
 
   Each batch shard (the product of `batch_axes` of `mesh`) samples from its own rows only, so no
@@ -244,7 +245,7 @@ def sample_hard_negatives_sharded(mesh: Mesh, key, image_feat, text_feat, temp, 
   over `batch_axes` like the batch.
   """
   n, w = _check_negative_inputs(image_feat, text_feat, valid, ids, "sample_hard_negatives_sharded")
-  batch_axes = tuple(batch_axes)
+  batch_axes = tuple(sharding.LOGICAL_RULES["batch"] if batch_axes is None else batch_axes)
   num_shards = math.prod(mesh.shape[a] for a in batch_axes)
   if n % num_shards:
     raise ValueError(f"sample_hard_negatives_sharded: batch {n} is not divisible by the "

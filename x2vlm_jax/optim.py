@@ -342,9 +342,12 @@ def make_optimizer(cfg: OptimConfig, fresh_paths: Iterable[str] = ()
   )
 
   def init_fn(params):
-    check_fresh_paths(params, fresh_paths)
-    for path, _ in flat_params(params):
-      group_of(path)  # fail at init, not inside the jitted step, on an unclassified parameter
+    # `optax.tree_map_params` (train_state.py) calls init on a leafless placeholder tree to
+    # find the parameter-shaped parts of the state; there is nothing to check then.
+    if jax.tree.leaves(params):
+      check_fresh_paths(params, fresh_paths)
+      for path, _ in flat_params(params):
+        group_of(path)  # fail at init, not inside the jitted step, on an unclassified parameter
     return base.init(params)
 
   return optax.GradientTransformation(init_fn, base.update)

@@ -18,21 +18,19 @@ rows sit, never what they compute.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from x2vlm_jax import sharding
 from x2vlm_jax.models.layers import constrain
 
 
 def num_shards(mesh: Mesh | None, sizes: Sequence[int]) -> int:
-  """Shards of the batch axis ('data' x 'fsdp') if they divide every size, else 1."""
-  if mesh is None:
-    return 1
-  s = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
+  """Shards of the batch axis if they divide every size, else 1."""
+  s = sharding.batch_shards(mesh)
   return s if all(n % s == 0 for n in sizes) else 1
 
 

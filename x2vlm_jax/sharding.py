@@ -115,18 +115,22 @@ def logical_sharding(names, shape, mesh: Mesh, rules=LOGICAL_RULES) -> NamedShar
   return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-  """Leading (batch) axis over ('data', 'fsdp'), all other axes replicated."""
-  return NamedSharding(mesh, P(LOGICAL_RULES["batch"], *([None] * (ndim - 1))))
+def batch_shards(mesh: Mesh | None) -> int:
+  """How many pieces the batch axis is split into on `mesh` (its 'batch' rule); 1 without a mesh."""
+  return 1 if mesh is None else _axis_size(mesh, LOGICAL_RULES["batch"])
+
+
+def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
+  """Axis `batch_axis` split as the 'batch' rule says, every other axis replicated."""
+  spec = [None] * ndim
+  spec[batch_axis] = LOGICAL_RULES["batch"]
+  return NamedSharding(mesh, P(*spec))
 
 
 def _names_of(var) -> tuple | None:
-  meta = var.get_metadata() if hasattr(var, "get_metadata") else {}
-  # flax >= 0.12 stores `nnx.with_partitioning` names as 'out_sharding' (older: 'sharding_names').
-  for field in ("out_sharding", "sharding_names", "sharding"):
-    if meta.get(field) is not None:
-      return tuple(meta[field])
-  return None
+  """The logical axis names `nnx.with_partitioning` stored on a variable (None if unannotated)."""
+  names = var.get_metadata().get("out_sharding")
+  return None if names is None else tuple(names)
 
 
 def state_shardings(state, mesh: Mesh, rules=LOGICAL_RULES):
@@ -145,7 +149,7 @@ def check_rules_cover(state, rules=LOGICAL_RULES) -> list[str]:
   from flax import nnx
 
   bad = []
-  for path, var in nnx.to_flat_state(state) if hasattr(nnx, "to_flat_state") else state.flat_state():
+  for path, var in nnx.to_flat_state(state):
     names = _names_of(var)
     shape = var.get_value().shape
     if names is None or len(names) != len(shape) or any(n is not None and n not in rules for n in names):
@@ -158,8 +162,7 @@ def sharding_report(state, mesh: Mesh, rules=LOGICAL_RULES) -> str:
   from flax import nnx
 
   lines, total = [], 0
-  flat = nnx.to_flat_state(state) if hasattr(nnx, "to_flat_state") else state.flat_state()
-  for path, var in flat:
+  for path, var in nnx.to_flat_state(state):
     arr = var.get_value()
     names = _names_of(var)
     spec = logical_to_spec(names, arr.shape, mesh, rules)

@@ -1,4 +1,4 @@
-"""The trainer's data side: global -> per-process batch sizes, main and aux streams, their state.
+"""The trainer's data side: the main and aux streams of every kind and their state.
 
 Streams. Each configured kind has its own main iterator (`data.<kind>` sources); a kind with
 `data.aux.<kind>` sources and `loss.aux_iter_perc[kind]` = p > 0 also has an aux iterator. Every
@@ -18,8 +18,8 @@ checkpoint) and each process restores its own entry.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 from collections.abc import Mapping
 
 import jax
@@ -31,66 +31,21 @@ from data_pipelines import mixture
 _COIN_TAG = 0xA0C5  # separates the aux coin from every other use of the seed
 
 
-def _per_process(name: str, global_size: int, process_count: int, shards: int) -> int:
-  if global_size % process_count:
-    raise ValueError(f"config.batch.{name} = {global_size} (global) is not divisible by the "
-                     f"{process_count} processes")
-  local = global_size // process_count
-  if global_size % shards:
-    raise ValueError(f"config.batch.{name} = {global_size} (global) is not divisible by the "
-                     f"{shards} batch shards (mesh data x fsdp)")
-  return local
+@dataclasses.dataclass(frozen=True)
+class StreamsConfig:
+  """The data streams of a run (built from the config by `run_config.streams_config`).
 
+  Attributes:
+    sources: kind -> the main stream's source entries (`mixture.build_source` dicts).
+    aux_sources: kind -> the aux stream's source entries (kinds with an aux stream only).
+    aux_prob: kind -> probability that a step takes that kind from its aux stream.
+    options: reader options (num_workers, worker_buffer_size, read_threads).
+  """
 
-def local_batch_sizes(cfg, mesh, process_count: int, accum_steps: int = 1) -> F.BatchSizes:
-  """Per-process BatchSizes of one micro-batch from the config's GLOBAL sizes (per update;
-  with gradient accumulation each of the `accum_steps` micro-batches holds 1/accum_steps of
-  them); errors name the offending field."""
-  b = cfg.batch
-  shards = math.prod(mesh.shape[a] for a in ("data", "fsdp"))
-  if accum_steps < 1:
-    raise ValueError(f"config.train.accum_steps must be >= 1, got {accum_steps}")
-  sizes = {}
-  for name, field in (("image", "image_batch"), ("region", "region_batch"),
-                      ("region_max_images", "region_max_images"), ("video", "video_batch")):
-    value = int(b[name])
-    if value < 0:
-      raise ValueError(f"config.batch.{name} must be >= 0, got {value}")
-    if value % accum_steps:
-      raise ValueError(f"config.batch.{name} = {value} (global, per update) is not divisible by "
-                       f"config.train.accum_steps = {accum_steps} micro-batches")
-    value //= accum_steps
-    sizes[field] = _per_process(name, value, process_count, shards) if value else 0
-  if sizes["region_batch"] and not sizes["region_max_images"]:
-    raise ValueError("config.batch.region > 0 needs config.batch.region_max_images > 0")
-  if not any(sizes[f] for f in ("image_batch", "region_batch", "video_batch")):
-    raise ValueError("config.batch: every kind has batch size 0; nothing to train on")
-  return F.BatchSizes(image_res=int(cfg.model.image_res), patch_size=16,
-                      max_tokens=int(cfg.data.max_tokens), max_masks=int(cfg.data.max_masks),
-                      frame_len=int(cfg.batch.frame_len), **sizes)
-
-
-def preproc_config(cfg) -> F.PreprocConfig:
-  """PreprocConfig (training transforms) from the config's `data` and `model` sections."""
-  d = cfg.data
-  return F.PreprocConfig(
-      image_res=int(cfg.model.image_res), patch_size=16, max_tokens=int(d.max_tokens),
-      max_masks=int(d.max_masks), mask_prob=float(d.mask_prob),
-      skipgram_prb=float(d.skipgram_prb), skipgram_size=int(d.skipgram_size),
-      mask_whole_word=bool(d.mask_whole_word), min_perc_in_image=float(d.min_perc_in_image),
-      max_regions=int(d.max_regions), frame_len=int(cfg.batch.frame_len),
-      randaugment=bool(d.randaugment), crop_scale=tuple(float(x) for x in d.crop_scale),
-      careful_hflip=bool(d.careful_hflip), hflip=bool(d.hflip), train=True)
-
-
-def tokenizer_dir(cfg) -> str:
-  """The tokenizer directory: data.tokenizer, else init.bert_dir ('minilm' resolved)."""
-  from x2vlm_jax.init_lib import resolve_dir  # pylint: disable=g-import-not-at-top
-  path = cfg.data.tokenizer or cfg.init.bert_dir
-  if not path:
-    raise ValueError("config.data.tokenizer is empty and there is no config.init.bert_dir to "
-                     "take the tokenizer from")
-  return resolve_dir(path)
+  sources: Mapping[str, tuple]
+  aux_sources: Mapping[str, tuple]
+  aux_prob: Mapping[str, float]
+  options: Mapping[str, int]
 
 
 def _only(sizes: F.BatchSizes, kind: str) -> F.BatchSizes:
@@ -102,44 +57,30 @@ def _only(sizes: F.BatchSizes, kind: str) -> F.BatchSizes:
   return F.BatchSizes(**{**sizes.__dict__, **zero})
 
 
-def _data_options(d) -> dict:
-  return {"num_workers": d.num_workers, "worker_buffer_size": d.worker_buffer_size,
-          "read_threads": d.read_threads}
-
-
 class DataStreams:
   """Main and aux iterators per kind; `next(step)` returns that step's host-local MixedBatch.
 
   Args:
-    cfg: the run config (data, loss.aux_iter_perc).
-    sizes: per-process batch sizes.
+    cfg: the streams' sources and aux probabilities.
+    sizes: per-process batch sizes (a kind of size 0 gets no stream).
     preproc, tokenizer: per-example preprocessing.
     seed: the run seed (shuffling, augmentation, the aux coin).
     process_index, process_count: this process's data shard.
   """
 
-  def __init__(self, cfg, sizes: F.BatchSizes, preproc: F.PreprocConfig, tokenizer, seed: int,
-               process_index: int, process_count: int, *, make_example=None):
+  def __init__(self, cfg: StreamsConfig, sizes: F.BatchSizes, preproc: F.PreprocConfig,
+               tokenizer, seed: int, process_index: int, process_count: int, *,
+               make_example=None):
     self.seed = int(seed)
     self.sizes = sizes
     spec = F.batch_spec(sizes)
     self.kinds = tuple(k for k in F.KINDS if k in spec)
-    aux_cfg = cfg.data.aux
-    self.aux_prob = {}
-    for kind in aux_cfg.keys():
-      p = float(cfg.loss.aux_iter_perc.get(kind, 0.0))
-      if aux_cfg[kind] and p > 0 and kind in self.kinds:
-        if not 0 < p <= 1:
-          raise ValueError(f"config.loss.aux_iter_perc.{kind} = {p} must be in (0, 1]")
-        self.aux_prob[kind] = p
-      elif aux_cfg[kind] and kind in self.kinds:
-        raise ValueError(f"config.data.aux.{kind} has sources but loss.aux_iter_perc.{kind} is "
-                         f"{p}: the aux stream would never be used")
-    common = dict(_data_options(cfg.data), **{"num_epochs": None})
+    self.aux_prob = {k: p for k, p in cfg.aux_prob.items() if k in self.kinds}
+    common = dict(cfg.options, num_epochs=None)
     self._streams: dict[str, mixture.MixedBatchIterator] = {}
     for kind in self.kinds:
-      for stream, sources, seed_offset in (("main", cfg.data[kind], 0),
-                                           ("aux", aux_cfg.get(kind, []), 1)):
+      for stream, sources, seed_offset in (("main", cfg.sources.get(kind, ()), 0),
+                                           ("aux", cfg.aux_sources.get(kind, ()), 1)):
         if stream == "aux" and kind not in self.aux_prob:
           continue
         data_cfg = {**common, kind: [dict(s) for s in sources]}

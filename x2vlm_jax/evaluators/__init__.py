@@ -1,16 +1,10 @@
-"""Downstream evaluators. Each is a plain function of arrays and model functions (never of the
-model class), so the same code runs inside `train.py` and `eval.py`.
-
-`EVALUATORS` maps the name used in configs to the function (an explicit table, no registry).
+"""Downstream evaluators. The metric functions (`retrieval.py`, `grounding.py`) are plain
+functions of arrays and scorer callables (never of the model class); `run.py` binds them to a
+model, so the same code runs inside `train.py` and `eval.py`. Which evaluators exist is the
+explicit table `run.EVALUATORS` (config name -> settings), no registry.
 """
 
 from x2vlm_jax.evaluators.grounding import evaluate_grounding
 from x2vlm_jax.evaluators.retrieval import evaluate_retrieval, evaluate_retrieval_itc, recall_at_k
 
-EVALUATORS = {
-    "retrieval": evaluate_retrieval,
-    "retrieval_itc": evaluate_retrieval_itc,
-    "grounding": evaluate_grounding,
-}
-
-__all__ = ["EVALUATORS", "evaluate_grounding", "evaluate_retrieval", "evaluate_retrieval_itc", "recall_at_k"]
+__all__ = ["evaluate_grounding", "evaluate_retrieval", "evaluate_retrieval_itc", "recall_at_k"]

@@ -15,24 +15,19 @@ Vision tokens and text states are computed once per image / text and kept on the
 ITM scorer gathers the rows of a chunk of (image, text) pairs and runs only the fusion tower
 (its cross-attention keys/values come from the gathered vision tokens, reference §8.1).
 
-With a mesh, every input batch is laid out with its batch axis over ('data', 'fsdp') (the batch
-is rounded up to a multiple of that size) and outputs are replicated, so every process reads
-the full result; every process builds the same evaluation set (evaluation sets are small).
+With a mesh, every input batch is laid out with its batch axis over the mesh's batch shards
+(the batch is rounded up to a multiple of their number) and outputs are replicated, so every
+process reads the full result; every process builds the same evaluation set (evaluation sets
+are small).
 
-eval_cfg: the config's `eval` section (ml_collections.ConfigDict or a mapping; the whole config
-is accepted too):
-  evaluators: names to run, a subset of ('retrieval', 'grounding'); empty = none
-  batch_size: images / texts / phrases per jitted call (global)
-  retrieval:  data (image-kind source entries), k_test (ITM re-ranked candidates per query),
-              itm_chunk (pairs per ITM call), max_images (0 = all)
-  grounding:  data (region-kind source entries), max_phrases (0 = all), png_examples (images
-              drawn by `visualize.py` when a png path is given)
+What runs is an `EvalConfig` (`run_config.eval_config` builds it from the config's `eval`
+section: `evaluators` names the ones to run, one sub-section of settings each).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -45,41 +40,51 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data_pipelines import features as F
 from data_pipelines import mixture
+from x2vlm_jax import global_batch
 from x2vlm_jax import sharding
 from x2vlm_jax.evaluators import eval_data, grounding, retrieval
 
-KNOWN = ("retrieval", "grounding")
-_BATCH_SIZE = 32
-_DEFAULTS = {
-    "retrieval": {"k_test": 16, "itm_chunk": 64, "max_images": 0},
-    "grounding": {"max_phrases": 0, "png_examples": 6},
-}
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalSettings:
+  """Image-text retrieval: data (image-kind source entries), ITM re-ranked candidates per
+  query, pairs per ITM call, and a cap on the number of images (0 = all)."""
+
+  data: tuple
+  k_test: int = 16
+  itm_chunk: int = 64
+  max_images: int = 0
 
 
-def _as_dict(cfg) -> dict:
-  if cfg is None:
-    return {}
-  return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+@dataclasses.dataclass(frozen=True)
+class GroundingSettings:
+  """Box grounding: data (region-kind source entries), a cap on the phrases (0 = all), and how
+  many images the PNG of predicted vs true boxes shows."""
+
+  data: tuple
+  max_phrases: int = 0
+  png_examples: int = 6
 
 
-def _settings(cfg: dict, name: str) -> dict:
-  """One evaluator's section over its defaults; unknown keys and missing data are errors."""
-  defaults = _DEFAULTS[name]
-  sec = _as_dict(cfg.get(name))
-  unknown = set(sec) - set(defaults) - {"data"}
-  if unknown:
-    raise ValueError(f"eval.{name}: unknown keys {sorted(unknown)}; expected "
-                     f"{sorted(set(defaults) | {'data'})}")
-  out = {**defaults, **sec}
-  if not out.get("data"):
-    raise ValueError(f"eval.{name}.data: no sources configured for the {name} evaluator")
-  return out
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """Which evaluators run (a section each; None = not run) and the batch per jitted call.
+  Built from the config's `eval` section by `run_config.eval_config`."""
+
+  retrieval: RetrievalSettings | None = None
+  grounding: GroundingSettings | None = None
+  batch_size: int = 32
+
+  @property
+  def names(self) -> tuple[str, ...]:
+    return tuple(n for n in EVALUATORS if getattr(self, n) is not None)
+
+
+EVALUATORS = {"retrieval": RetrievalSettings, "grounding": GroundingSettings}
 
 
 def _sources(kind: str, entries) -> list:
-  if isinstance(entries, Mapping):  # a single source given without a list
-    entries = [entries]
-  return [mixture.build_source(kind, _as_dict(e)) for e in entries]
+  return [mixture.build_source(kind, dict(e)) for e in entries]
 
 
 def _model(graphdef, state):
@@ -131,19 +136,14 @@ class _Fns:
   def __init__(self, model, mesh: Mesh | None):
     self.graphdef, self.state = nnx.split(model)
     self.mesh = mesh
-    self.shards = 1
-    if mesh is not None:
-      self.shards = math.prod(mesh.shape[a] for a in sharding.LOGICAL_RULES["batch"])
+    self.shards = sharding.batch_shards(mesh)
     jitted = _jitted(mesh)
     for name, fn in jitted.items():
       setattr(self, name, functools.partial(fn, self.graphdef))
 
   def put(self, x: np.ndarray):
-    """Host batch -> device array with the batch axis sharded over the mesh (if any)."""
-    if self.mesh is None:
-      return x
-    sh = sharding.batch_sharding(self.mesh, x.ndim)
-    return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+    """Host batch (the same on every process) -> device array, batch axis over the mesh."""
+    return x if self.mesh is None else global_batch.put_global(x, self.mesh)
 
   def round_batch(self, n: int) -> int:
     return max(self.shards, -(-n // self.shards) * self.shards)
@@ -192,57 +192,46 @@ def predict_boxes(fns: _Fns, data: eval_data.GroundingSet, batch: int) -> np.nda
   return boxes
 
 
-def evaluate(model, eval_cfg, tokenizer, mesh: Mesh | None = None, *, step: int | None = None,
-             png_path: str | None = None,
+def evaluate(model, eval_cfg: EvalConfig, tokenizer, mesh: Mesh | None = None, *,
+             step: int | None = None, png_path: str | None = None,
              log: Callable[[str], None] | None = print) -> dict[str, float]:
-  """Runs the evaluators named in eval_cfg.evaluators; returns {'eval/<name>/<metric>': value}.
+  """Runs the configured evaluators; returns {'eval/<name>/<metric>': value}.
 
   Args:
     model: an `X2VLM` (parameters possibly sharded over `mesh`).
-    eval_cfg: the `eval` config section (or the whole config); see the module docstring.
+    eval_cfg: which evaluators run, with their settings (`run_config.eval_config`).
     tokenizer: a `text_ops.Tokenizer`; its max_tokens is the text length L.
-    mesh: shard evaluation batches over this mesh's ('data', 'fsdp') axes; None = no sharding.
+    mesh: shard evaluation batches over this mesh's batch axes; None = no sharding.
     step: training step, only used in log lines.
     png_path: if given (and grounding runs), write predicted vs true boxes of a few images there.
     log: where to report progress and skip counts (None = silent).
   """
-  cfg = _as_dict(eval_cfg)
-  if "eval" in cfg and "evaluators" not in cfg:  # the whole config was passed
-    cfg = _as_dict(cfg["eval"])
-  evaluators = list(cfg.get("evaluators") or ())
-  unknown = [n for n in evaluators if n not in KNOWN]
-  if unknown:
-    raise ValueError(f"eval.evaluators: unknown {unknown}; known evaluators are {list(KNOWN)}")
   where = "" if step is None else f" (step {step})"
   say = log or (lambda _: None)
   fns = _Fns(model, mesh)
-  batch = fns.round_batch(int(cfg.get("batch_size", _BATCH_SIZE)))
+  batch = fns.round_batch(eval_cfg.batch_size)
   res = model.cfg.vision.image_size
   metrics: dict[str, float] = {}
-  if "retrieval" in evaluators:
+  if (sec := eval_cfg.retrieval) is not None:
     t0 = time.time()
-    sec = _settings(cfg, "retrieval")
-    data = eval_data.retrieval_set(_sources(F.IMAGE, sec["data"]), tokenizer, res,
-                                   int(sec["max_images"]))
+    data = eval_data.retrieval_set(_sources(F.IMAGE, sec.data), tokenizer, res, sec.max_images)
     if data.skips:
       say(f"eval/retrieval{where}: skipped {data.skips}")
-    metrics.update(run_retrieval(fns, data, batch, int(sec["k_test"]),
-                                 fns.round_batch(int(sec["itm_chunk"]))))
+    metrics.update(run_retrieval(fns, data, batch, sec.k_test, fns.round_batch(sec.itm_chunk)))
     metrics["eval/retrieval/seconds"] = time.time() - t0
-  if "grounding" in evaluators:
+  if (sec := eval_cfg.grounding) is not None:
     t0 = time.time()
-    sec = _settings(cfg, "grounding")
-    data = eval_data.grounding_set(_sources(F.REGION, sec["data"]), tokenizer, res,
-                                   int(sec["max_phrases"]))
+    data = eval_data.grounding_set(_sources(F.REGION, sec.data), tokenizer, res,
+                                   sec.max_phrases)
     if data.skips:
       say(f"eval/grounding{where}: skipped {data.skips}")
     boxes = predict_boxes(fns, data, batch)
     metrics.update(grounding.evaluate_grounding(boxes, data.image_wh, data.gt_boxes,
                                                 prefix="eval/grounding"))
     metrics["eval/grounding/seconds"] = time.time() - t0
-    if png_path and int(sec["png_examples"]) > 0 and jax.process_index() == 0:
+    if png_path and sec.png_examples > 0 and jax.process_index() == 0:
       from x2vlm_jax.evaluators import visualize  # pylint: disable=g-import-not-at-top
-      visualize.write_grounding_png(png_path, data, boxes, int(sec["png_examples"]))
+      visualize.write_grounding_png(png_path, data, boxes, sec.png_examples)
       say(f"eval/grounding: wrote {png_path}")
   return metrics
 

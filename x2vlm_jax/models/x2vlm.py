@@ -158,10 +158,6 @@ class X2VLM(nnx.Module):
     h = jnp.take_along_axis(fused, positions[:, :, None].astype(jnp.int32), axis=1)  # [B, M, Dt]
     return self.mlm_head(h, self.text.embeddings.word[...])
 
-  def temperature(self) -> jax.Array:
-    """ITC temperature clamped to [temp_min, temp_max] (0.001, 0.5)."""
-    return jnp.clip(self.temp[...], self.cfg.temp_min, self.cfg.temp_max)
-
 
 # -- construction helpers ----------------------------------------------------------------------
 

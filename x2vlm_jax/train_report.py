@@ -1,0 +1,140 @@
+"""What the training loop reports: per-step metrics read one step late, averaged over the logging
+window, the non-finite-update check, the progress line, TensorBoard and `metrics.jsonl`.
+
+The host reads a step's metrics only after it has dispatched the next step, so it never waits
+for the device step it just launched (`step_done`). Before a checkpoint is saved the pending
+step is read (`flush`): a state whose non-finite count is unchecked is never saved.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from collections.abc import Callable, Mapping
+
+import jax
+
+from x2vlm_jax import metrics_writer
+from x2vlm_jax.run_config import LoopConfig
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive non-finite updates: the run stops without saving a checkpoint."""
+
+
+def truncate_jsonl(path: pathlib.Path, start_step: int) -> None:
+  """Drops lines of steps >= start_step (they will be redone after a resume)."""
+  if not path.exists():
+    return
+  keep = []
+  for line in path.read_text().splitlines():
+    try:
+      if json.loads(line)["step"] < start_step:
+        keep.append(line)
+    except (ValueError, KeyError, TypeError):
+      continue  # a line cut by a kill -9
+  path.write_text("".join(l + "\n" for l in keep))
+
+
+def progress_metrics(m: Mapping[str, float]) -> dict[str, float]:
+  """'loss/itc/image' -> 'loss/itc_image' so the progress line shows every term."""
+  out = {}
+  for k, v in m.items():
+    parts = k.split("/")
+    if parts[0] == "loss":
+      out["loss" if parts[1:] == ["total"] else "loss/" + "_".join(parts[1:])] = v
+  return out
+
+
+class MetricsWindow:
+  """Sums of per-step metrics, averaged and reset at logging time."""
+
+  def __init__(self):
+    self.sums: dict[str, float] = {}
+    self.counts: dict[str, int] = {}
+
+  def add(self, metrics: Mapping[str, float]):
+    for k, v in metrics.items():
+      self.sums[k] = self.sums.get(k, 0.0) + float(v)
+      self.counts[k] = self.counts.get(k, 0) + 1
+
+  def pop(self) -> dict[str, float]:
+    out = {k: self.sums[k] / self.counts[k] for k in self.sums}
+    self.sums, self.counts = {}, {}
+    return out
+
+
+class Reporter:
+  """Reads finished steps' metrics, checks them, and logs every `loop.log_every` steps.
+
+  Args:
+    writer: the run's MetricsWriter.
+    loop: the loop settings (total_steps, log_every, max_consecutive_nonfinite, peak_tflops).
+    examples_per_step: kind -> global examples per step (for the ex/s of the progress line).
+    start_step: the step the run starts (or resumes) at.
+    flops_per_device: () -> model FLOPs of one step per device (for MFU; 0 = unknown).
+    lr: step -> learning rate (logged).
+    skip_counts: () -> data-skip counters (logged).
+    latest_checkpoint: () -> the newest committed step (named when the run stops).
+  """
+
+  def __init__(self, writer: metrics_writer.MetricsWriter, loop: LoopConfig,
+               examples_per_step: Mapping[str, int], start_step: int, *,
+               flops_per_device: Callable[[], float], lr: Callable[[int], float],
+               skip_counts: Callable[[], Mapping[str, int]],
+               latest_checkpoint: Callable[[], int | None]):
+    self.writer, self.loop = writer, loop
+    self.progress = metrics_writer.Progress(loop.total_steps, examples_per_step,
+                                            start_step=start_step)
+    self.window = MetricsWindow()
+    self._flops, self._lr, self._skips = flops_per_device, lr, skip_counts
+    self._latest = latest_checkpoint
+    self._pending: tuple[int, dict] | None = None
+    self._times: list[float] = []  # dispatch times of the last log_every + 1 steps
+
+  def step_done(self, step: int, device_metrics: dict) -> None:
+    """Step `step` (the count after the update) was dispatched; reads the previous one."""
+    self.flush()
+    self._pending = (step, device_metrics)
+    self._times.append(time.monotonic())
+    self._times[:] = self._times[-self.loop.log_every - 1:]
+
+  def flush(self) -> None:
+    """Reads the pending step's metrics now (before a save, and at the end)."""
+    if self._pending is not None:
+      pending, self._pending = self._pending, None
+      self._read(*pending)
+
+  def _rate(self) -> float:
+    """Steps per second over the recent window of dispatch times."""
+    if len(self._times) < 2:
+      return 0.0
+    return (len(self._times) - 1) / max(self._times[-1] - self._times[0], 1e-9)
+
+  def _read(self, done_step: int, device_metrics: dict) -> None:
+    host = jax.device_get(device_metrics)
+    bad = int(host.pop("nonfinite_run"))
+    total_bad = int(host.pop("nonfinite_total"))
+    if bad >= self.loop.max_consecutive_nonfinite > 0:
+      raise NonFiniteError(
+          f"{bad} consecutive non-finite updates (last at step {done_step - 1}; "
+          f"{total_bad} in total): stopping without saving; the last checkpoint "
+          f"({self._latest()}) is intact")
+    self.window.add(host)
+    if done_step % self.loop.log_every == 0 or done_step == self.loop.total_steps:
+      self._log(done_step, total_bad)
+
+  def _log(self, step: int, total_bad: int) -> None:
+    avg = self.window.pop()
+    peak = self.loop.peak_tflops * 1e12
+    flops = self._flops() if peak else 0.0
+    mfu = flops * self._rate() / peak if peak and flops else None
+    line = self.progress.update(step, progress_metrics(avg), mfu=mfu)
+    scalars = {f"train/{k}": v for k, v in avg.items()}
+    scalars["train/nonfinite_total"] = total_bad
+    scalars["train/lr"] = self._lr(step - 1)
+    for k, v in self._skips().items():
+      scalars[f"data/skipped/{k}"] = v
+    self.writer.write_scalars(step, scalars)
+    self.writer.log(line)
