@@ -1,9 +1,10 @@
 """The shared base of every training config: `base_config()` and small helpers.
 
 Each config file is a `get_config(arg=None)` returning an `ml_collections.ConfigDict`; the files
-for the released settings (reference §6.5) only override what differs from this base. The
-trainer locks the config (`config_flags.DEFINE_config_file(..., lock_config=True)`), so a
-misspelt `--config.optim.lrr=...` is rejected instead of silently ignored.
+for the released settings (docs/fidelity.md#released-configurations) only override what differs
+from this base. The trainer locks the config (`config_flags.DEFINE_config_file(...,
+lock_config=True)`), so a misspelt `--config.optim.lrr=...` is rejected instead of silently
+ignored.
 
 Sections:
   model  architecture variant and overrides (image_res, frame_len, dtype, remat)
@@ -48,7 +49,10 @@ def synthetic(size: int, seed: int = 0, weight: float = 1.0, **world) -> dict:
 
 
 def base_config() -> mlc.ConfigDict:
-  """The base: official pre-training settings (§6.1-6.5) with an empty data mixture."""
+  """The base: official pre-training settings with an empty data mixture.
+
+  Official settings: docs/fidelity.md#optimiser-and-schedule, docs/fidelity.md#training-loop.
+  """
   c = mlc.ConfigDict()
 
   c.model = mlc.ConfigDict()
@@ -62,11 +66,13 @@ def base_config() -> mlc.ConfigDict:
   c.model.text_config_from = ""
 
   c.init = mlc.ConfigDict()
-  # From-scratch pre-training loads BERT (text + fusion copies) and BEiT-2 (vision), §7.6.
+  # From-scratch pre-training loads BERT (text + fusion copies) and BEiT-2 (vision),
+  # docs/fidelity.md#initial-weights-from-bert-and-beit-2.
   # bert_dir may be 'minilm' (the MiniLM-L6 BERT shipped as a package, x2vlm_jax/assets.py).
   c.init.bert_dir = ""
   c.init.beit_path = ""
-  c.init.official_th = ""  # an official X2-VLM .th (continued pre-training, §7.7)
+  # An official X2-VLM .th (docs/fidelity.md#continued-pre-training).
+  c.init.official_th = ""
   c.init.params_dir = ""  # our own params directory (params_io.save_params; e.g. an export)
 
   c.data = mlc.ConfigDict()
@@ -81,14 +87,16 @@ def base_config() -> mlc.ConfigDict:
   c.data.max_regions = 5
   c.data.randaugment = True
   c.data.crop_scale = (0.2, 1.0)
-  c.data.careful_hflip = False  # pre-training flips without editing texts (§9.16)
+  # Pre-training flips without editing texts (docs/fidelity.md#horizontal-flips-never-edit-text).
+  c.data.careful_hflip = False
   c.data.hflip = True  # random horizontal flips of images, frames and region crops
   # Per-kind source lists (see `source` / `synthetic` above); mixture weights inside entries.
   c.data.image = []
   c.data.region = []
   c.data.video = []
-  # Aux streams (§6.4): with probability loss.aux_iter_perc[kind] a step takes that kind's batch
-  # from these sources instead of the main ones. 1B stage 1: clean images; stage 2: WebVid.
+  # Aux streams (docs/fidelity.md#aux-streams): with probability loss.aux_iter_perc[kind] a step
+  # takes that kind's batch from these sources instead of the main ones. 1B stage 1: clean images;
+  # stage 2: WebVid.
   c.data.aux = mlc.ConfigDict({"image": [], "video": []})
   c.data.num_workers = 0  # worker processes per kind and stream (grain mp_prefetch)
   c.data.worker_buffer_size = 4
@@ -105,15 +113,17 @@ def base_config() -> mlc.ConfigDict:
 
   c.loss = mlc.ConfigDict()
   c.loss.iter_perc = mlc.ConfigDict({"image": 1.0, "region": 1.0, "video": 1.0})
-  # Per-term weights inside every kind; all 1 in the official code (§4.6).
+  # Per-term weights inside every kind; all 1 in the official code
+  # (docs/fidelity.md#loss-weights-and-total).
   c.loss.term_weights = mlc.ConfigDict({"itc": 1.0, "itm": 1.0, "mlm": 1.0, "box_l1": 1.0,
                                         "box_giou": 1.0})
   c.loss.itm = True  # False: never compute ITM
   c.loss.stop_calc_itm = -1  # ITM only for steps < this; -1 = always (official default: inf)
   # 0 = ordinary gradients (default). W > 0 reproduces the official 1/W ITC gradient on the
-  # encoders of a W-GPU run (§4.1, §9.11).
+  # encoders of a W-GPU run (docs/fidelity.md#itc-gradient-scaling).
   c.loss.itc_grad_world_size = 0
-  c.loss.neg_shards = 0  # ITM hard negatives per data shard (0 = per device slice, §4.2)
+  # ITM hard negatives per data shard, 0 = per device slice (docs/fidelity.md#itm-hard-negatives).
+  c.loss.neg_shards = 0
   c.loss.aux_iter_perc = mlc.ConfigDict({"image": 0.0, "video": 0.0})
 
   total_steps = config_dict.FieldReference(1000)
@@ -139,12 +149,13 @@ def base_config() -> mlc.ConfigDict:
 
   c.train = mlc.ConfigDict()
   c.train.total_steps = total_steps
-  c.train.seed = 42  # the official runs re-seed every rank with 42 (§6.3)
+  c.train.seed = 42  # the official runs re-seed every rank with 42 (docs/fidelity.md#seeds)
   c.train.accum_steps = 1
   c.train.log_every = 50
   c.train.ckpt_every = 5000
   c.train.keep = 3  # newest checkpoints kept
-  c.train.keep_every = 50_000  # additionally kept forever (the official save frequency, §6.3)
+  # Additionally kept forever: the official save frequency (docs/fidelity.md#checkpoint-frequency).
+  c.train.keep_every = 50_000
   c.train.async_checkpoint = True
   c.train.eval_every = 0  # 0 = no periodic evaluation
   c.train.max_consecutive_nonfinite = 20
@@ -164,7 +175,7 @@ def base_config() -> mlc.ConfigDict:
 
 
 def pretrain_config(variant: str) -> mlc.ConfigDict:
-  """The 4M pre-training base (§6.5): BERT + BEiT-2 init, 4M image and region data.
+  """The 4M pre-training base: BERT + BEiT-2 init, 4M image and region data.
 
   Data paths default to the official file layout under `data/`; point them at your
   copies with `--config.data.image=...` or edit a copy of the config.
@@ -187,12 +198,12 @@ OPENIMAGES_OBJECTS365 = ("openimages_v6", "objects365")
 
 
 def use_1b_regions(c: mlc.ConfigDict) -> None:
-  """Adds the 1B region sources (OpenImages-v6 and Objects365) to the 4M ones (§6.5)."""
+  """Adds the 1B region sources (OpenImages-v6 and Objects365) to the 4M ones."""
   c.data.region = list(c.data.region) + [source(f"data/pretrain_1b/{n}") for n in OPENIMAGES_OBJECTS365]
 
 
 def use_video(c: mlc.ConfigDict, per_gpu: int, world: int) -> None:
-  """Stage-2 video: HowTo100M + YT-Temporal main stream, WebVid-2.5M aux with p 0.35 (§6.4)."""
+  """Stage-2 video: HowTo100M + YT-Temporal main stream, WebVid-2.5M aux with p 0.35."""
   c.model.frame_len = 3
   c.batch.frame_len = 3
   c.batch.video = per_gpu * world

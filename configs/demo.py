@@ -1,9 +1,10 @@
 """The CPU demo: a small X2-VLM learns the synthetic shapes world in minutes (`make demo`).
 
-Model `demo` (x2vlm_jax/models/config.py): a 192-wide, 4-block ViT from scratch at 128 px
-(8x8 patches of 16 px, so a shape spans one to three patches) and the packaged MiniLM-L6-H384
-BERT as the text tower, its last two layers copied into the two fusion layers (as the official
-code copies BERT layers 6-11 into the fusion layers, §7.6). Image-text and region batches of the
+Model `demo` (x2vlm_jax/models/config.py, docs/fidelity.md#demo-model): a 192-wide, 4-block ViT
+from scratch at 128 px (8x8 patches of 16 px, so a shape spans one to three patches) and the
+packaged MiniLM-L6-H384 BERT as the text tower, its last two layers copied into the two fusion
+layers (as the official code copies BERT layers 6-11 into the fusion layers,
+docs/fidelity.md#initial-weights-from-bert-and-beit-2). Image-text and region batches of the
 shapes world (data_pipelines/synthetic.py); evaluation on the held-out world
 (`synthetic.HELDOUT_SEED`, disjoint scenes): text<->image retrieval with ITM re-ranking and
 grounding of object / relation phrases.

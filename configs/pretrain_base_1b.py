@@ -1,4 +1,7 @@
-"""X2-VLM base, 1B pre-training stage 1 (`x2vlm_base_1b`, reference §6.4, §6.5, §9.29).
+"""X2-VLM base, 1B pre-training stage 1 (`x2vlm_base_1b`).
+
+Official settings: docs/fidelity.md#released-configurations, docs/fidelity.md#aux-streams,
+docs/fidelity.md#itm-gating.
 
 Main image stream: filtered LAION (1,323,042,683 pairs). On 15 % of the steps (a coin drawn
 from (seed, step)) the image batch comes from the clean aux stream (COCO, VG, SBU, CC3M, CC12M)

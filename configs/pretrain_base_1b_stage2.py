@@ -1,4 +1,7 @@
-"""X2-VLM base, 1B stage 2 with video (`x2vlm_base_1b_stage2`, reference §6.5, §7.7).
+"""X2-VLM base, 1B stage 2 with video (`x2vlm_base_1b_stage2`).
+
+Official settings: docs/fidelity.md#released-configurations,
+docs/fidelity.md#continued-pre-training.
 
 Continues from the stage-1 weights (`init.params_dir`, or `init.official_th` for a released
 `.th`); the frame embedding, missing there, is fresh and gets lr x 2. Data: the 4M image set,

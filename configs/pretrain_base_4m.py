@@ -1,4 +1,6 @@
-"""X2-VLM base, 4M pre-training (`x2vlm_base_4m`, reference §6.5).
+"""X2-VLM base, 4M pre-training (`x2vlm_base_4m`).
+
+Official settings: docs/fidelity.md#released-configurations.
 
 Global batches = per-GPU x 8 GPUs: image 128 x 8 = 1024; region 128 x 8 = 1024 texts over
 50 x 8 = 400 images. Schedule: 101 epochs x 4995 steps = 504,495 steps (paper: 500K).

@@ -1,4 +1,6 @@
-"""X2-VLM large, 1B pre-training stage 1 (`x2vlm_large_1b`, reference §6.5).
+"""X2-VLM large, 1B pre-training stage 1 (`x2vlm_large_1b`).
+
+Official settings: docs/fidelity.md#released-configurations.
 
 As base-1B (aux clean images with p 0.15, ITM only on aux steps until 200K) with the large
 model. Global batches = per-GPU x 64 GPUs (the paper's 64 A100; the world size of the released

@@ -1,4 +1,6 @@
-"""X2-VLM large, 1B stage 2 with video (`x2vlm_large_1b_stage2`, reference §6.5).
+"""X2-VLM large, 1B stage 2 with video (`x2vlm_large_1b_stage2`).
+
+Official settings: docs/fidelity.md#released-configurations.
 
 As base stage 2 with the large model. Global batches = per-GPU x 32 GPUs: image 32 x 32 = 1024;
 region 32 x 32 = 1024 texts over 14 x 32 = 448 images; video 20 x 32 = 640 clips of 3 frames.

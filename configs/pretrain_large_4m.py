@@ -1,4 +1,6 @@
-"""X2-VLM large, 4M pre-training (`x2vlm_large_4m`, reference §6.5).
+"""X2-VLM large, 4M pre-training (`x2vlm_large_4m`).
+
+Official settings: docs/fidelity.md#released-configurations.
 
 Global batches = per-GPU x 16 GPUs: image 64 x 16 = 1024; region 64 x 16 = 1024 texts over
 25 x 16 = 400 images. The official schedule is set for 101 x 4995 = 504,495 steps but the run was

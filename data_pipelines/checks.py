@@ -27,7 +27,7 @@ Image.MAX_IMAGE_PIXELS = 1 << 30
 def decode_image(data: bytes, record_id: str, field: str) -> np.ndarray:
   """Decodes an encoded image file (JPEG/PNG/...) to uint8 [H, W, 3] RGB.
 
-  PIL is used because the official reader decodes with PIL and converts to RGB (reference §5.1);
+  PIL is used because the official reader decodes with PIL and converts to RGB;
   `load()` forces the full decode so a truncated file fails here, not later.
 
   Raises:
@@ -55,7 +55,7 @@ def image_size(data: bytes, record_id: str, field: str) -> tuple[int, int]:
 
 
 def box_ok(bb, width: int, height: int) -> bool:
-  """Whether an elem box passes the official crop rule (reference §5.3 step 1).
+  """Whether an elem box passes the official crop rule (docs/fidelity.md#region-crop).
 
   The box is truncated with int() (towards zero, as the official code does), must have w, h > 0
   and lie inside the image: x >= 0, y >= 0, x + w <= W, y + h <= H.
@@ -82,7 +82,7 @@ def check_caption(text: str, tokenizer: Any, max_words: int, record_id: str, fie
 
 
 def elem_texts(elem: dict) -> list[str]:
-  """Every text an elem can produce: `attribute + " " + caption`, or the caption (§5.3)."""
+  """Every text an elem can produce: `attribute + " " + caption`, or the caption."""
   attrs = elem.get("attributes") or []
   if not attrs:
     return list(elem["captions"])
@@ -115,7 +115,7 @@ def check_record(record: dict, tokenizer: Any, preproc_cfg: F.PreprocConfig) -> 
   """Raises `SkipRecord` if the canonical record has any deterministic fault.
 
   Checks, in this order: every image / video frame decodes; every caption alternative survives
-  `pre_caption` (max_words = max_tokens, as in pre-training, §5.2) and yields >= 1 word piece;
+  `pre_caption` (max_words = max_tokens, as in pre-training) and yields >= 1 word piece;
   for regions, at least one elem is usable (its box passes the crop rule and all its texts are
   usable) — when none is, the reason is 'bad_box' if every elem failed on its box, else
   'no_usable_elem'; for videos, every clip has >= 1 frame.

@@ -33,7 +33,7 @@ _TEXT_KEYS = (F.TEXT_IDS, F.TEXT_MASK, F.MLM_IDS, F.MLM_POSITIONS, F.MLM_LABELS,
 
 def text_fields(raw: str, rng: np.random.Generator, cfg: F.PreprocConfig, tokenizer: Tokenizer,
                 record_id: str, field: str) -> dict[str, np.ndarray]:
-  """pre_caption -> tokenise -> MLM mask for one raw caption (§5.5).
+  """pre_caption -> tokenise -> MLM mask for one raw caption (docs/fidelity.md#mlm-masking).
 
   Raises SkipRecord('empty_caption' / 'caption_no_tokens' / 'bad_field_type').
   """
@@ -83,7 +83,7 @@ def _elem_text(elem: dict, rng: np.random.Generator, rid: str, field: str) -> st
 
 
 def _mentions_left_right(record: dict) -> bool:
-  """careful_hflip test: "left"/"right" as substrings of any caption or elem text (§5.3 step 2)."""
+  """careful_hflip test: "left"/"right" (any case) inside a caption, elem caption or attribute."""
   texts = list(record.get("captions") or [])
   for e in record["elems"]:
     texts += list(e.get("captions") or []) + list(e.get("attributes") or [])
@@ -92,11 +92,12 @@ def _mentions_left_right(record: dict) -> bool:
 
 def region_example(record: dict, rng: np.random.Generator, cfg: F.PreprocConfig,
                    tokenizer: Tokenizer) -> dict[str, np.ndarray]:
-  """Region/object record: crop around a random elem, then up to max_regions texts (§5.3).
+  """Region/object record: crop around a random elem, then up to max_regions texts.
 
   The whole-image caption (if any) comes first with box (0.5, 0.5, 1, 1), an all-ones patch mask
-  and is_image = 1 (kept even though the crop may cut the image, §9 item 17); then elems in random
-  order whose box keeps more than min_perc_in_image of its area inside the crop.
+  and is_image = 1 (kept even though the crop may cut the image); then elems in random
+  order whose box keeps more than min_perc_in_image of its area inside the crop
+  (docs/fidelity.md#region-crop, docs/fidelity.md#region-texts-and-boxes).
   """
   rid = record["id"]
   img = decode_image(record["image"], rid, "image")  # [H, W, 3]
@@ -104,7 +105,7 @@ def region_example(record: dict, rng: np.random.Generator, cfg: F.PreprocConfig,
   elems = record["elems"]
   # Deterministic filter shared with the validator: an elem is usable when its box passes the
   # crop rule and all its texts survive pre_caption + tokenisation; a bad whole-image caption
-  # skips the record (as the official reader drops the line on any caption error, §5.1).
+  # skips the record (as the official reader drops the line, docs/fidelity.md#bad-elems).
   ok = check_texts(record, tokenizer, cfg.max_tokens, (width, height))
   boxes = np.zeros((len(elems), 4), np.float64)  # [N, 4] (x, y, w, h)
   for i in ok:
@@ -154,7 +155,11 @@ def region_example(record: dict, rng: np.random.Generator, cfg: F.PreprocConfig,
 
 def video_example(record: dict, rng: np.random.Generator, cfg: F.PreprocConfig,
                   tokenizer: Tokenizer) -> dict[str, np.ndarray]:
-  """Video record: clip selection (§5.4), F sampled frames (§3), each augmented independently."""
+  """Video record: clip selection, F sampled frames, each augmented independently.
+
+  docs/fidelity.md#clip-selection, docs/fidelity.md#frame-sampling,
+  docs/fidelity.md#independent-frame-augmentation.
+  """
   rid = record["id"]
   check_texts(record, tokenizer, cfg.max_tokens)  # skip exactly what the validator reports
   clips = record["clips"]
@@ -167,7 +172,7 @@ def video_example(record: dict, rng: np.random.Generator, cfg: F.PreprocConfig,
   decoded = {i: decode_image(frames[i][1], rid, frames[i][0]) for i in sorted(set(ids))}
   out = np.empty((cfg.frame_len, cfg.image_res, cfg.image_res, 3), np.uint8)  # [F, R, R, 3]
   for f, i in enumerate(ids):
-    # Independent crop/flip/RandAugment per frame, even for a repeated frame (§9 item 19).
+    # Independent crop/flip/RandAugment per frame, even for a repeated frame (official).
     if cfg.train:
       out[f] = image_ops.image_text_transform(decoded[i], rng, cfg.image_res, cfg.crop_scale,
                                               cfg.randaugment, allow_flip=cfg.hflip)

@@ -135,7 +135,8 @@ def check_batch(batch, s: BatchSizes) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class PreprocConfig:
-  """Per-example preprocessing settings (reference §5; released pre-training values)."""
+  """Per-example preprocessing settings (released pre-training values,
+  docs/fidelity.md#data-and-masking)."""
 
   image_res: int = 224
   patch_size: int = 16
@@ -150,7 +151,7 @@ class PreprocConfig:
   frame_len: int = 3
   randaugment: bool = True
   crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop scale (fine-tuning: (0.5, 1))
-  careful_hflip: bool = False  # region crops: no flip if "left"/"right" occurs in a text (§5.3)
+  careful_hflip: bool = False  # region crops: no flip if "left"/"right" occurs in a text
   hflip: bool = True  # random horizontal flips (official); False keeps "left"/"right" texts true
   train: bool = True  # False: deterministic test transform (bicubic resize, eval frame sampling)
 

@@ -1,4 +1,6 @@
-"""Image ops that move boxes with the pixels, and the per-kind image transforms (reference §5.3, §5.6).
+"""Image ops that move boxes with the pixels, and the per-kind image transforms.
+
+Official transforms: docs/fidelity.md#image-transforms, docs/fidelity.md#region-crop.
 
 Every geometric op is one object with two methods: `pixels(img)` on a uint8 [H, W, 3] array and
 `boxes(b)` on float [N, 4] boxes in (x, y, w, h) pixel coordinates (top-left + size), so a box
@@ -20,7 +22,7 @@ from PIL import Image
 
 from data_pipelines.randaugment import COLOR_OPS, FULL_OPS, RandAugment
 
-# torchvision RandomResizedCrop defaults kept by the official transforms (§5.6).
+# torchvision RandomResizedCrop defaults kept by the official transforms.
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 FULL_AUGMENT = RandAugment(FULL_OPS, n=2, magnitude=7)
@@ -73,7 +75,7 @@ class HFlip:
     return img[:, ::-1]
 
   def boxes(self, b: np.ndarray) -> np.ndarray:
-    """x := W - x - w (§5.3 step 4)."""
+    """x := W - x - w."""
     b = np.array(b, np.float64).reshape(-1, 4)
     b[:, 0] = self.width - b[:, 0] - b[:, 2]
     return b
@@ -135,7 +137,7 @@ def sample_resized_crop(h: int, w: int, scale: tuple[float, float], rng: np.rand
 
 def sample_region_crop(box: tuple[int, int, int, int], width: int, height: int,
                        rng: np.random.Generator) -> Crop:
-  """A random crop that contains `box` (x, y, w, h) (§5.3 step 1).
+  """A random crop that contains `box` (x, y, w, h) (docs/fidelity.md#region-crop).
 
   x0 in [0, floor(x)], y0 in [0, floor(y)], x1 in [min(ceil(x+w), W), W], y1 likewise, all
   inclusive uniform integers.
@@ -151,10 +153,11 @@ def sample_region_crop(box: tuple[int, int, int, int], width: int, height: int,
 def image_text_transform(img: np.ndarray, rng: np.random.Generator, image_res: int,
                          crop_scale: tuple[float, float], randaugment: bool = True,
                          allow_flip: bool = True) -> np.ndarray:
-  """Pre-training transform for images and video frames (§5.6); uint8 [H, W, 3] -> [R, R, 3].
+  """Pre-training transform for images and video frames; uint8 [H, W, 3] -> [R, R, 3].
 
   RandomResizedCrop(R, crop_scale, (3/4, 4/3), bicubic) -> horizontal flip with p 0.5 (texts are
-  never edited, §9 item 16; none when allow_flip is False) -> RandAugment(2, 7, full op list).
+  never edited; none when allow_flip is False) -> RandAugment(2, 7, full op list), as
+  docs/fidelity.md#image-transforms.
   """
   h, w = img.shape[:2]
   crop = sample_resized_crop(h, w, crop_scale, rng)
@@ -176,7 +179,7 @@ def eval_transform(img: np.ndarray, image_res: int) -> np.ndarray:
 
 def crop_boxes(crop: Crop, boxes: np.ndarray, min_perc_in_image: float
                ) -> tuple[np.ndarray, np.ndarray]:
-  """Visible part of each box in crop coordinates, and whether the box is kept (§5.3 step 4).
+  """Visible part of each box in crop coordinates, and whether the box is kept.
 
   Kept iff the intersection is non-empty and its area / the original area > min_perc_in_image
   (strict, as the official code: a box exactly half inside at 0.5 is dropped).
@@ -212,7 +215,7 @@ class RegionView:
 def region_transform(img: np.ndarray, boxes: np.ndarray, anchor: int, rng: np.random.Generator, *,
                      image_res: int, min_perc_in_image: float, train: bool = True,
                      randaugment: bool = True, allow_flip: bool = True) -> RegionView:
-  """Crop around box `anchor`, maybe flip, bicubic resize, colour RandAugment (§5.3 steps 1-4).
+  """Crop around box `anchor`, maybe flip, bicubic resize, colour RandAugment.
 
   Args:
     img: uint8 [H, W, 3].
@@ -251,8 +254,9 @@ def box_target(box: np.ndarray, image_res: int) -> np.ndarray:
 def patch_mask(box: np.ndarray, image_res: int, patch_size: int) -> np.ndarray:
   """Patches covered by a box (x, y, w, h) in resized pixels: int32 [T], row-major, no token 0.
 
-  Official `get_image_attns` rule (§5.3 step 5): x_min = min(floor(x/ps), P-1), x_max =
-  max(x_min+1, min(ceil((x+w)/ps), P)) exclusive, the same for y; at least one patch is set.
+  Official `get_image_attns` rule (docs/fidelity.md#patch-mask-of-a-box): x_min =
+  min(floor(x/ps), P-1), x_max = max(x_min+1, min(ceil((x+w)/ps), P)) exclusive, the same for y;
+  at least one patch is set.
   """
   p = image_res // patch_size
   x, y, w, h = (float(v) for v in box)

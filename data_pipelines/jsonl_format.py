@@ -1,4 +1,4 @@
-"""The official JSON-lines formats (reference §5.1–5.4) <-> canonical records (`features.py`).
+"""The official JSON-lines formats (docs/data.md) <-> canonical records (`features.py`).
 
 `parse_line` turns one text line into a canonical record and never raises anything but
 `SkipRecord`; `to_line` does the reverse (base64 images), used by the synthetic world and the
@@ -37,7 +37,7 @@ class JsonlFormat:
 
 
 def default_format(kind: str, **overrides) -> JsonlFormat:
-  """The released key names per kind (§5.2–5.4), with optional overrides."""
+  """The released key names per kind (docs/data.md), with optional overrides."""
   keys = {F.IMAGE: ("binary", "desc"), F.REGION: ("binary", "caption"),
           F.VIDEO: ("video_frames", "text")}[kind]
   return dataclasses.replace(JsonlFormat(image_key=keys[0], caption_key=keys[1]), **overrides)
@@ -71,7 +71,7 @@ def _image_bytes(value: Any, fmt: JsonlFormat, base_dir: str, rid: str, field: s
 
 
 def _captions(value: Any, fmt: JsonlFormat, rid: str, field: str) -> list[str]:
-  """Caption alternatives of a str / list[str] / dict language->str value (§5.2)."""
+  """Caption alternatives of a str / list[str] / dict language->str value."""
   if isinstance(value, dict):
     if fmt.language is not None:
       if fmt.language not in value:
@@ -101,7 +101,7 @@ def _str_list(value: Any, rid: str, field: str) -> list[str]:
 
 
 def _elem(value: Any, rid: str, field: str) -> dict:
-  """One region/object elem (§5.3): 'bb' [x, y, w, h] pixels, 'caption', opt. 'attributes'."""
+  """One region/object elem: 'bb' [x, y, w, h] pixels, 'caption', opt. 'attributes'."""
   if not isinstance(value, dict):
     raise _bad(rid, field, f"elem is {type(value).__name__}, not an object")
   bb = value.get("bb")
@@ -123,7 +123,7 @@ def _elem(value: Any, rid: str, field: str) -> dict:
 
 
 def _frames(value: Any, fmt: JsonlFormat, base_dir: str, rid: str, field: str) -> list[list[bytes]]:
-  """'video_frames': a list of frames (one clip) or a list of clips of frames (§5.4)."""
+  """'video_frames': a list of frames (one clip) or a list of clips of frames."""
   if not isinstance(value, list):
     raise _bad(rid, field, f"expected a list of frames or clips, got {type(value).__name__}")
   if not value:
@@ -170,7 +170,7 @@ def parse_line(kind: str, line: str | bytes, rid: str, fmt: JsonlFormat | None =
     record["captions"] = _captions(obj[fmt.caption_key], fmt, rid, fmt.caption_key)
   elif kind == F.REGION:
     # The official region reader always uses "caption" (our default) for the whole-image
-    # caption, which is optional there (§5.3).
+    # caption, which is optional there.
     elems = obj["elems"]
     if not isinstance(elems, list):
       raise _bad(rid, "elems", f"expected a list, got {type(elems).__name__}")
@@ -220,7 +220,7 @@ def to_line(record: dict, fmt: JsonlFormat | None = None, image_paths: list[str]
 
 
 def _video_obj(record: dict, fmt: JsonlFormat, enc) -> dict[str, Any]:
-  """Official video fields: one clip as a flat frame list, several as a list of clips (§5.4)."""
+  """Official video fields: one clip as a flat frame list, several as a list of clips."""
   clips = [[enc(fr) for fr in clip] for clip in record["clips"]]
   caps = list(record["captions"])
   if len(clips) == 1:
@@ -231,7 +231,7 @@ def _video_obj(record: dict, fmt: JsonlFormat, enc) -> dict[str, Any]:
 
 
 def _still_obj(record: dict, fmt: JsonlFormat, enc) -> dict[str, Any]:
-  """Official image-text (§5.2) or region (§5.3) fields."""
+  """Official image-text or region fields."""
   obj: dict[str, Any] = {fmt.image_key: enc(record["image"])}
   caps = list(record["captions"])
   if record["kind"] == F.IMAGE or caps:

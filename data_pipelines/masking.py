@@ -1,8 +1,8 @@
-"""MLM masking: whole-word + span masking with the 80/10/10 replacement rule (reference §5.5).
+"""MLM masking: whole-word + span masking with the 80/10/10 replacement rule.
 
 The official generator draws from Python's global `random`; here every draw comes from a numpy
 `Generator` seeded per example, so an example is reproducible from (seed, index) alone. The
-algorithm is otherwise step for step the official one, including its quirks (§9 item 13):
+algorithm is otherwise step for step the official one (docs/fidelity.md#mlm-masking), quirks too:
 `[SEP]` is maskable, n_pred counts `[CLS]`/`[SEP]` and rounds half to even, the random
 replacement draws from the whole vocabulary, and whole words can be cut by the final truncation.
 """
@@ -25,7 +25,7 @@ def num_predictions(n: int, mask_prob: float, max_masks: int) -> int:
 
 def draw_mask_spans(pieces, rng: np.random.Generator, n_pred: int, *, skipgram_prb: float,
                     skipgram_size: int, mask_whole_word: bool) -> tuple[set[int], list[tuple[int, int, int]]]:
-  """Walks the shuffled candidates and masks whole-word spans until >= n_pred (§5.5 step 3).
+  """Walks the shuffled candidates and masks whole-word spans until >= n_pred.
 
   Args:
     pieces: word-piece strings of the n real tokens, `[CLS]` first (position 0 is never masked).
@@ -71,7 +71,7 @@ def draw_mask_spans(pieces, rng: np.random.Generator, n_pred: int, *, skipgram_p
 def choose_masked_positions(pieces, rng: np.random.Generator, *, max_masks: int,
                             mask_prob: float, skipgram_prb: float, skipgram_size: int,
                             mask_whole_word: bool) -> list[int]:
-  """Picks the positions to mask in one tokenised caption (§5.5 steps 1-4).
+  """Picks the positions to mask in one tokenised caption.
 
   Args:
     pieces: word-piece strings of the n real tokens, `[CLS]` first.
@@ -93,7 +93,7 @@ def choose_masked_positions(pieces, rng: np.random.Generator, *, max_masks: int,
 
 def apply_mlm(ids: np.ndarray, positions: list[int], rng: np.random.Generator, *, mask_id: int,
               vocab_size: int, max_masks: int) -> dict[str, np.ndarray]:
-  """Replaces the chosen positions 80% [MASK] / 10% random id / 10% unchanged (§5.5 step 5).
+  """Replaces the chosen positions 80% [MASK] / 10% random id / 10% unchanged.
 
   Args:
     ids: int32 [L] unmasked ids.
@@ -115,7 +115,7 @@ def apply_mlm(ids: np.ndarray, positions: list[int], rng: np.random.Generator, *
     if rng.random() < 0.8:
       mlm_ids[p] = mask_id
     elif rng.random() < 0.5:
-      # Any id of the whole vocabulary, [PAD]/[CLS]/[unusedX] included (§9 item 13).
+      # Any id of the whole vocabulary, [PAD]/[CLS]/[unusedX] included (official).
       mlm_ids[p] = rng.integers(0, vocab_size)
   return {MLM_IDS: mlm_ids, MLM_POSITIONS: pos, MLM_LABELS: labels, MLM_WEIGHTS: weights}
 

@@ -14,8 +14,9 @@ Every element of the per-kind stream is a pure function of its position, so a pi
 is just positions and counters: `MixedBatchIterator.get_state()` is a small JSON-able dict, and
 restoring it (with any number of worker processes) reproduces the remaining batches bit for bit.
 
-Host sharding follows the official reader in spirit (reference §5.1: each rank reads a disjoint
-part of the data) but shards records, not files, so the shards stay balanced for any file layout.
+Host sharding follows the official reader in spirit (each rank reads a disjoint part of the
+data) but shards records, not files, so the shards stay balanced for any file layout
+(docs/fidelity.md#data-files-and-reading; source weights: docs/fidelity.md#source-mixing).
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def kind_dataset(kind: str, sources: Sequence[Any], sizes: F.BatchSizes,
     num_batches: force exactly this many sub-batches (see PackIterDataset).
     exit_with_parent: install the worker hook that ends workers when this process dies.
     duplicate_texts: region kind: pad a short full loader batch with duplicate texts (official
-      pre-training collate, §5.3); False pads with valid = 0 rows instead (evaluation).
+      pre-training collate); False pads with valid = 0 rows instead (evaluation).
   """
   if not sources:
     raise ValueError(f"{kind}: no sources configured")

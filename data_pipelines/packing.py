@@ -124,7 +124,7 @@ def pack_rows(kind: str, items: Sequence[Tagged], sizes: F.BatchSizes) -> dict[s
 
 def region_text_selection(num_texts: int, batch: int, rng: np.random.Generator,
                           full: bool) -> np.ndarray:
-  """Which of the flattened texts fill the `batch` text rows (reference §5.3, collate).
+  """Which flattened texts fill the `batch` text rows (docs/fidelity.md#region-batch-collation).
 
   Enough texts: a random sample without replacement (in sampled order, as random.sample gives).
   Too few texts in a full loader batch: all texts, then padding with duplicates, as the official

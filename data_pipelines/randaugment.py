@@ -1,4 +1,4 @@
-"""RandAugment on uint8 HWC RGB arrays with cv2/numpy (reference §5.6, §9 item 21).
+"""RandAugment on uint8 HWC RGB arrays with cv2/numpy (docs/fidelity.md#randaugment).
 
 The official variant: draw N ops uniformly *with replacement* from a list, then apply each with
 probability 0.5 at magnitude M (of 10). At M = 7: Brightness/Sharpness factor 0.7*1.8+0.1 =
@@ -161,10 +161,10 @@ OPS: dict[str, tuple[Op, Callable[[float, np.random.Generator], float]]] = {
     "Rotate": (rotate, _signed(30.0)),
 }
 
-# Image-text pairs and video frames (§5.6 "pre-training").
+# Image-text pairs and video frames (the official pre-training transform).
 FULL_OPS = ("Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness", "ShearX", "ShearY",
             "TranslateX", "TranslateY", "Rotate")
-# Region crops: colour only, so boxes stay valid (§5.6 "box transform").
+# Region crops: colour only, so boxes stay valid (the official box transform).
 COLOR_OPS = ("Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness")
 
 

@@ -1,7 +1,7 @@
 """Random-access data sources over official JSON-lines files (grain `RandomAccessDataSource`).
 
 A source is a file or a directory of files (names containing `_SUCCESS` are skipped, as the
-official reader does, reference §5.1). Each file gets a line-offset index, built by a cheap
+official reader does). Each file gets a line-offset index, built by a cheap
 newline scan and cached (in memory, and on disk when `index_cache_dir` is given), so
 `source[i]` seeks straight to line i. `__getitem__` returns a canonical record (`features.py`)
 or raises `SkipRecord`; record ids are "<file basename>:<line number>" (1-based) unless the line
@@ -27,7 +27,7 @@ _INDEX_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 def list_files(path: str | os.PathLike) -> list[str]:
   """The data files of a source: the file itself, or the sorted regular files of a directory.
 
-  Skips names containing `_SUCCESS` (§5.1) and hidden files (`.crc`, editor droppings).
+  Skips names containing `_SUCCESS` (official rule) and hidden files (`.crc`, editor droppings).
   """
   path = os.fspath(path)
   if os.path.isfile(path):

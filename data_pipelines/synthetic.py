@@ -52,7 +52,7 @@ class WorldConfig:
   max_frames: int = 8
   multi_clip_prob: float = 0.25  # videos split into two clips (official clip-list format)
   # Region records carry the scene's listing caption as their optional whole-image "caption"
-  # (§5.3); False leaves it out, so every region text is a boxed phrase.
+  # (docs/data.md); False leaves it out, so every region text is a boxed phrase.
   region_caption: bool = True
 
 

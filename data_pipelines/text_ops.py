@@ -1,6 +1,7 @@
 """Caption cleaning (`pre_caption`) and BERT word-piece tokenisation to fixed length.
 
-Both follow the official pre-training text path (reference §5.5): the caption is normalised by
+Both follow the official pre-training text path (docs/fidelity.md#caption-cleaning,
+docs/fidelity.md#tokenisation): the caption is normalised by
 `pre_caption`, split into word pieces by an uncased BERT WordPiece tokenizer, and laid out as
 `[CLS] + pieces[:L-1] + [SEP]` padded with `[PAD]` = 0 to exactly L tokens.
 """
@@ -15,7 +16,7 @@ import numpy as np
 
 from data_pipelines.features import SkipRecord
 
-# The characters that the official normaliser turns into a space (§5.5); '-' and '/' too.
+# The characters that the official normaliser turns into a space; '-' and '/' too.
 _PUNCT_RE = re.compile(r"[,.'!?\"()*#:;~\-/]")
 # Only runs of two or more whitespace characters are collapsed: a single tab or newline survives
 # the official normaliser, and we keep that behaviour so cleaned strings match exactly.
@@ -23,7 +24,7 @@ _MULTI_SPACE_RE = re.compile(r"\s{2,}")
 
 
 def pre_caption(text: str, max_words: int, record_id: str = "?", field: str = "captions") -> str:
-  """Normalises a caption as the official `pre_caption` does (reference §5.5).
+  """Normalises a caption as the official `pre_caption` does (docs/fidelity.md#caption-cleaning).
 
   Lower-cases, turns the punctuation `, . ' ! ? " ( ) * # : ; ~ - /` into spaces, maps
   "<person>" to "person", collapses whitespace runs, strips, and keeps the first `max_words`
@@ -74,7 +75,7 @@ class Tokenizer:
   Loads with `AutoTokenizer.from_pretrained(directory)` (never `BertTokenizer(vocab_file=...)`,
   which yields all-[UNK] ids in transformers v5). Padding/truncation settings stored in
   `tokenizer.json` are switched off on a private copy of the backend so that every piece is
-  seen and the layout is ours (§5.5).
+  seen and the layout is ours.
   """
 
   def __init__(self, directory: str | os.PathLike, max_tokens: int):
@@ -96,7 +97,7 @@ class Tokenizer:
     self.pad_id = int(hf.pad_token_id)
     self.mask_id = int(hf.mask_token_id)
     self.cls_token, self.sep_token = hf.cls_token, hf.sep_token
-    # Ids that span masking must stop at (§5.5 step 3: "special").
+    # Ids that span masking must stop at (the official rule's "special" positions).
     self.special_ids = frozenset(int(i) for i in hf.all_special_ids)
     if self.pad_id != 0:
       raise ValueError(f"{directory}: [PAD] id is {self.pad_id}; the batch contract pads with 0")

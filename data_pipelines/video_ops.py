@@ -1,8 +1,8 @@
-"""Frame sampling and clip selection for video records (reference §3, §5.4).
+"""Frame sampling and clip selection for video records.
 
 Pure index/choice logic: which frames of which clips to decode, and which caption goes with them.
-Decoding and the per-frame image transform (each frame augmented independently, §9 item 19) are
-done by `examples.py`.
+Decoding and the per-frame image transform (each frame augmented independently) are done by
+`examples.py`. Official rules: docs/fidelity.md#frame-sampling, docs/fidelity.md#clip-selection.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ MIN_FRAMES_BEFORE_SAMPLING = 8  # official `mininum_frames_before_sampling`
 
 
 def sample_frame_ids(nf: int, num_frames: int, train: bool, rng: np.random.Generator) -> list[int]:
-  """Indices of `num_frames` frames out of `nf` available (§3).
+  """Indices of `num_frames` frames out of `nf` available (docs/fidelity.md#frame-sampling).
 
   nf <= F: train -> all nf frames plus F-nf drawn uniformly with replacement, sorted; eval ->
   i mod nf for i < F. nf > F: F consecutive segments of length nf//F, the nf - F*(nf//F) leftover
@@ -59,7 +59,7 @@ def _is_music(caption: str) -> bool:
 def select_clip(clips: list[list], captions: list[str], is_continuous: bool,
                 rng: np.random.Generator, record_id: str = "?",
                 min_frames: int = MIN_FRAMES_BEFORE_SAMPLING) -> ClipChoice:
-  """Chooses the clips and caption of one training example from a video record (§5.4).
+  """Chooses the clips and caption of one training example from a video record.
 
   The frames of the example are the concatenated frames of `clip_ids`.
 

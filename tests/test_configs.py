@@ -1,4 +1,5 @@
-"""Training configs: the released settings of reference §6.5, derived values, CLI overrides."""
+"""Training configs: the released settings (docs/fidelity.md#released-configurations), derived
+values, CLI overrides."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Statistical tests of the MLM masking generator on 10k synthetic captions (reference §5.5)."""
+"""Statistical tests of the MLM masking generator on 10k synthetic captions.
+
+The official rules: docs/fidelity.md#mlm-masking.
+"""
 
 from __future__ import annotations
 
@@ -84,7 +87,7 @@ def test_mask_counts_and_layout(masked):
     np.testing.assert_array_equal(out["mlm_ids"][keep], t.ids[keep])
     assert out["mlm_ids"][0] == 101 and out["mlm_ids"].dtype == np.int32
     sep_masked += int((n - 1) in pos)
-  assert sep_masked > 100  # [SEP] is a candidate (§9 item 13)
+  assert sep_masked > 100  # [SEP] is a candidate (official quirk)
 
 
 def test_replacement_split_80_10_10(masked, tok):

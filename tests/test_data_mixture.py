@@ -74,7 +74,7 @@ def test_mixed_batch_matches_spec_and_drops_zero_kinds():
 
 
 def test_region_packing_indices_and_duplicates():
-  """Texts map to their image slot; few texts are padded with duplicates (reference §5.3)."""
+  """Texts map to their image slot; few texts are padded with duplicates (official collate)."""
   recs = make_records(F.REGION, 6, n_texts=[1, 1, 1, 3, 3, 3])
   batches = list(_kind(F.REGION, [ListSource(recs)], num_epochs=1, shuffle=False))
   assert len(batches) == 2

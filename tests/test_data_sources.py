@@ -191,7 +191,7 @@ def test_decode_image_rejects_every_broken_file():
 
 
 def test_box_rule_truncates_like_the_official_code():
-  # int() truncation towards zero (reference §5.3): a 0.9-px wide box has w = 0.
+  # int() truncation towards zero (docs/fidelity.md#region-records): a 0.9-px wide box has w = 0.
   assert not checks.box_ok([0.5, 0, 0.9, 5], 10, 10)
   assert checks.box_ok([-0.5, 0, 3, 5], 10, 10)  # int(-0.5) == 0
   assert checks.box_ok([7, 0, 3, 10], 10, 10)  # touching the border is inside

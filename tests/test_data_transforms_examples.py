@@ -1,4 +1,7 @@
-"""make_example end to end on synthetic and hand-made records (reference §5.2-§5.4)."""
+"""make_example end to end on synthetic and hand-made records.
+
+The official rules: docs/fidelity.md#data-and-masking.
+"""
 
 from __future__ import annotations
 
@@ -135,7 +138,8 @@ def test_video_frames_independent_and_eval(tok):
   ex = examples.make_example("video", rec, np.random.default_rng(0), CFG, tok)
   f = ex[F.FRAMES]
   assert f.shape == (3, 32, 32, 3) and f.dtype == np.uint8
-  assert not (np.array_equal(f[0], f[1]) and np.array_equal(f[1], f[2]))  # §9 item 19
+  # Frames are augmented independently (docs/fidelity.md#independent-frame-augmentation).
+  assert not (np.array_equal(f[0], f[1]) and np.array_equal(f[1], f[2]))
   ev = examples.make_example("video", rec, np.random.default_rng(0),
                              dataclasses.replace(CFG, train=False), tok)
   assert np.array_equal(ev[F.FRAMES][0], ev[F.FRAMES][1]) and np.array_equal(ev[F.FRAMES][0],

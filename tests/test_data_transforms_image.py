@@ -1,4 +1,7 @@
-"""Image ops, box movement, region crops, patch masks and RandAugment (reference §5.3, §5.6)."""
+"""Image ops, box movement, region crops, patch masks and RandAugment.
+
+The official rules: docs/fidelity.md#region-crop and the entries after it.
+"""
 
 from __future__ import annotations
 
@@ -120,7 +123,8 @@ def test_box_target_clipped():
 
 
 def _reference_patch_mask(x, y, w, h, res, ps):
-  """The rule of §5.3 step 5 written out literally (with token 0), then token 0 removed."""
+  """The official rule (docs/fidelity.md#patch-mask-of-a-box) written out literally (with token
+  0), then token 0 removed."""
   p = res // ps
   x_min = min(math.floor(x / ps), p - 1)
   x_max = max(x_min + 1, min(math.ceil((x + w) / ps), p))

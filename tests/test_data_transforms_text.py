@@ -1,4 +1,7 @@
-"""pre_caption on tricky strings and fixed-length tokenisation (reference §5.5)."""
+"""pre_caption on tricky strings and fixed-length tokenisation.
+
+The official rules: docs/fidelity.md#caption-cleaning, docs/fidelity.md#tokenisation.
+"""
 
 from __future__ import annotations
 

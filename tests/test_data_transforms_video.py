@@ -1,4 +1,7 @@
-"""Frame sampling (reference §3) and clip selection (reference §5.4)."""
+"""Frame sampling and clip selection.
+
+The official rules: docs/fidelity.md#frame-sampling, docs/fidelity.md#clip-selection.
+"""
 
 from __future__ import annotations
 

@@ -184,7 +184,8 @@ def test_beit_vision_tower_matches_transformers():
   with torch.no_grad():
     hidden = ref(pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2))).last_hidden_state
     # use_mean_pooling: their final `layernorm` is the identity and `pooler.layernorm` holds the
-    # weights of BEiT's fc_norm; X2-VLM applies it to each patch token, then averages (§1.2).
+    # weights of BEiT's fc_norm; X2-VLM applies it to each patch token, then averages
+    # (docs/fidelity.md#vision-token-0-is-the-patch-mean).
     patches = torch.nn.functional.layer_norm(hidden[:, 1:], (VCFG.width,), ref.pooler.layernorm.weight,
                                              ref.pooler.layernorm.bias, eps=1e-6).numpy()
   err_patch = float(np.max(np.abs(ours[:, 1:] - patches)))
@@ -211,7 +212,8 @@ def test_beit_shared_table_resize_and_strictness():
   tables = res.params["vision"]["blocks"]["attn"]["rel_pos_bias"]
   np.testing.assert_array_equal(tables[0], shared)
   np.testing.assert_array_equal(tables[1], shared)
-  # A model at 96 px (grid 6) gets the 64-px (grid 4) tables resized by §7.5.
+  # A model at 96 px (grid 6) gets the 64-px (grid 4) tables resized by the official algorithm
+  # (docs/fidelity.md#relative-position-bias-resize).
   big = ModelConfig.tiny(vision=dataclasses.replace(VCFG, image_size=96))
   res96 = hf.load_beit(sd, big)
   t96 = res96.params["vision"]["blocks"]["attn"]["rel_pos_bias"]

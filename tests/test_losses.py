@@ -1,4 +1,7 @@
-"""ITC, ITM, MLM and box losses against NumPy references on hand-made inputs (reference §4)."""
+"""ITC, ITM, MLM and box losses against NumPy references on hand-made inputs.
+
+The official losses: docs/fidelity.md#losses.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +17,7 @@ def np_log_softmax(x):
 
 
 def np_itc(v, t, temp, valid=None, ids=None):
-  """Loop-free NumPy version of §4.1 on the valid sub-batch only."""
+  """Loop-free NumPy version of the official ITC loss on the valid sub-batch only."""
   keep = np.ones(len(v), bool) if valid is None else np.asarray(valid) > 0
   v, t = v[keep].astype(np.float64), t[keep].astype(np.float64)
   v /= np.linalg.norm(v, axis=1, keepdims=True)

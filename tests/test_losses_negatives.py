@@ -32,7 +32,7 @@ def _feats(n=N, e=6, seed=0):
 
 
 def np_weights(v, t, temp, valid, ids):
-  """NumPy version of §4.2: softmax(sim / temp) + 1e-5, positives and padding set to 0."""
+  """NumPy version of the official weights: softmax(sim / temp) + 1e-5, positives and padding 0."""
   v = v / np.linalg.norm(v, axis=1, keepdims=True)
   t = t / np.linalg.norm(t, axis=1, keepdims=True)
   sim = (v @ t.T / temp).astype(np.float64)

@@ -1,6 +1,7 @@
 """Model numerics on the tiny config against NumPy: text/fusion towers with their masks, concept
 pooling, video averaging with frame embedding, the heads, the reusable vision K/V, and the BEiT
-relative-position geometry (index layout and the §7.5 table resize)."""
+relative-position geometry (index layout and the table resize of
+docs/fidelity.md#relative-position-bias-resize)."""
 
 import jax
 import jax.numpy as jnp
@@ -188,7 +189,8 @@ def test_concepts_match_numpy(run):
     np.testing.assert_allclose(out["concepts"][row, 0], want0, atol=1e-6)
     np.testing.assert_array_equal(out["concepts"][row, 1:], patches)
     np.testing.assert_array_equal(out["concept_mask"][row], np.concatenate([[1], pm[row]]))
-  # A whole-image concept's token 0 is the image's own mean token (reference §2).
+  # A whole-image concept's token 0 is the image's own mean token
+  # (docs/fidelity.md#region-concepts).
   np.testing.assert_allclose(out["concepts"][1, 0], img[0, 0], atol=1e-6)
 
 
@@ -255,7 +257,7 @@ def test_bad_inputs_name_the_field(run):
 
 
 # ---------------------------------------------------------------------------------------------
-# Relative position bias geometry (reference §1.2, §7.5).
+# Relative position bias geometry (docs/fidelity.md#relative-position-bias and the resize after it).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -271,7 +273,7 @@ def test_relative_position_index_at_384():
 
 
 def _geometric_axis(s, t):
-  # Independent restatement of §7.5: bisection for q (geometric sum in closed form, as the
+  # Independent restatement of the official resize: bisection for q (geometric sum in closed form, as the
   # official code evaluates it -- the comparison decides the last bits of q), then cumulative powers.
   lo, hi = 1.01, 1.5
   while hi - lo > 1e-6:

@@ -1,4 +1,7 @@
-"""HF-style AdamW chain vs a NumPy transcription of reference §6.1, and the §6.2 schedule."""
+"""HF-style AdamW chain vs a NumPy transcription of the official update, and the official schedule.
+
+The official rules: docs/fidelity.md#hf-adamw, docs/fidelity.md#linear-warm-up-and-decay.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -76,7 +79,7 @@ def test_matches_numpy_hf_adamw_and_first_step_is_zero():
     updates, state = step(_tree(g), state, tree)
     tree = optax.apply_updates(tree, updates)
     history.append(_flat(tree))
-  # §9.26: the first update uses lr 0, so nothing moves (not even by weight decay).
+  # The first update uses lr 0, so nothing moves (not even by weight decay).
   for k, v in history[0].items():
     np.testing.assert_array_equal(v, params[k])
   ref = np_hf_adamw({k: np.asarray(v, np.float64) for k, v in params.items()},

@@ -1,4 +1,8 @@
-"""Parameter groups of the base model: weight decay and lr x 2 exactly as reference §6.1."""
+"""Parameter groups of the base model: weight decay and lr x 2 exactly as the official code.
+
+The official rules: docs/fidelity.md#weight-decay-by-substring,
+docs/fidelity.md#learning-rate-multiplier-for-fresh-parameters.
+"""
 
 import math
 
@@ -9,7 +13,7 @@ import pytest
 from x2vlm_jax import optim
 from x2vlm_jax.models.config import ModelConfig
 
-# The official no-decay substrings (§6.1), used here only to cross-check the rule table.
+# The official no-decay substrings, used here only to cross-check the rule table.
 NO_DECAY_SUBSTRINGS = ("bias", "LayerNorm.bias", "LayerNorm.weight", "norm.bias", "norm.weight",
                        "norm1.bias", "norm1.weight", "norm2.bias", "norm2.weight")
 

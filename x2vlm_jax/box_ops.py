@@ -1,16 +1,17 @@
 """Box formats, IoU and generalised IoU as pure float32 functions on arrays.
 
-Conventions: the model predicts normalised (cx, cy, w, h) boxes (reference §4.4); IoU and GIoU
-work on corner boxes (x0, y0, x1, y1). GIoU follows the DETR definition (the official box loss
-calls DETR's `generalized_box_iou`): GIoU = IoU - (C - U) / C with C the area of the smallest
-enclosing box and U the union.
+Conventions: the model predicts normalised (cx, cy, w, h) boxes (docs/fidelity.md#box-loss); IoU
+and GIoU work on corner boxes (x0, y0, x1, y1). GIoU follows the DETR definition (the official
+box loss calls DETR's `generalized_box_iou`): GIoU = IoU - (C - U) / C with C the area of the
+smallest enclosing box and U the union.
 
 Unlike DETR, every division here is guarded: a non-positive union or enclosing area gives 0
 instead of NaN, and the guard is applied *before* dividing so that gradients stay finite too
 (a `jnp.where` after a 0/0 would still leak NaN into the backward pass).
 
 `legacy_pixel_iou` reproduces the inclusive-pixel IoU of the RefCOCO grounding evaluation
-(reference §8.2, §9.35), which is not the same number as `elementwise_iou` on the same boxes.
+(docs/fidelity.md#legacy-pixel-iou), which is not the same number as `elementwise_iou` on the
+same boxes.
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ def box_area(boxes) -> jnp.ndarray:
 def is_degenerate(boxes) -> jnp.ndarray:
   """Corner boxes [..., 4] -> bool [...]: x1 < x0 or y1 < y0.
 
-  This is the official early check (reference §4.4): strict, so a zero-size box is *not*
-  degenerate. Boxes made from a sigmoid (w, h >= 0) can never be degenerate; only targets can.
+  This is the official early check (docs/fidelity.md#box-loss): strict, so a zero-size box is
+  *not* degenerate. Boxes made from a sigmoid (w, h >= 0) can never be degenerate; only targets
+  can.
   """
   b = _f32(boxes)
   return (b[..., 2] < b[..., 0]) | (b[..., 3] < b[..., 1])
@@ -104,11 +106,11 @@ def pairwise_giou(boxes1, boxes2) -> jnp.ndarray:
 def legacy_pixel_iou(boxes1, boxes2) -> jnp.ndarray:
   """Grounding-evaluation IoU of (x, y, w, h) pixel boxes [..., 4], [..., 4] -> [...].
 
-  Inclusive pixel coordinates, as the RefCOCO evaluation of the official code (reference
-  §8.2): the intersection spans max(x1, x2) .. min(x1 + w1 - 1, x2 + w2 - 1) inclusive (hence
-  the +1), and counts only when both spans are strictly positive in that convention
-  (left < right and top < bottom, the REFER-toolkit test), else 0. Areas are w * h (no +1), so
-  union = w1*h1 + w2*h2 - inter.
+  Inclusive pixel coordinates, as the RefCOCO evaluation of the official code
+  (docs/fidelity.md#legacy-pixel-iou): the intersection spans
+  max(x1, x2) .. min(x1 + w1 - 1, x2 + w2 - 1) inclusive (hence the +1), and counts only when
+  both spans are strictly positive in that convention (left < right and top < bottom, the
+  REFER-toolkit test), else 0. Areas are w * h (no +1), so union = w1*h1 + w2*h2 - inter.
   """
   a, b = _f32(boxes1), _f32(boxes2)
   left = jnp.maximum(a[..., 0], b[..., 0])

@@ -1,15 +1,16 @@
-"""Pre-training losses of X2-VLM as pure functions on arrays (reference §4).
+"""Pre-training losses of X2-VLM as pure functions on arrays (docs/fidelity.md#losses).
 
 Everything is computed in float32 whatever the input dtype. Padding rows (`valid` = 0) take part
 in no loss: they are dropped from the rows *and* (for the in-batch similarity losses) from the
 columns, so a padded batch gives exactly the loss of the unpadded one.
 
-- `itc_loss`: contrastive loss on the global batch (§4.1), optional soft targets from `ids`, and
-  the optional 1/W gradient quirk of the official all-gather (`grad_scale`, §9.11).
+- `itc_loss`: contrastive loss on the global batch (docs/fidelity.md#itc-loss), optional soft
+  targets from `ids`, and the optional 1/W gradient quirk of the official all-gather
+  (`grad_scale`, docs/fidelity.md#itc-gradient-scaling).
 - `sample_hard_negatives` / `sample_hard_negatives_sharded`: ITM hard negatives drawn per data
-  shard, as the official code draws them per GPU (§4.2, §9.12).
-- `itm_loss`, `mlm_loss`, `box_loss` (§4.2-4.4) and `combine` (§4.6): the weighted total and a
-  flat metrics dict.
+  shard, as the official code draws them per GPU (docs/fidelity.md#itm-hard-negatives).
+- `itm_loss`, `mlm_loss`, `box_loss` and `combine` (docs/fidelity.md#loss-weights-and-total):
+  the weighted total and a flat metrics dict.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from x2vlm_jax import sharding
 
 # Finite stand-in for -inf when masking logits: keeps 0 * logp finite for masked entries.
 _MASKED_LOGIT = -1e9
-# Added to every hard-negative weight before the positives are zeroed (official, §4.2).
+# Added to every hard-negative weight before the positives are zeroed (official,
+# docs/fidelity.md#itm-hard-negatives).
 _NEG_WEIGHT_FLOOR = 1e-5
 
 
@@ -102,7 +104,7 @@ def _positives(n: int, ids) -> jnp.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# ITC (§4.1)
+# ITC (docs/fidelity.md#itc-loss)
 
 
 def itc_loss(image_feat, text_feat, temp, valid=None, ids=None, grad_scale: float | None = None):
@@ -119,7 +121,8 @@ def itc_loss(image_feat, text_feat, temp, valid=None, ids=None, grad_scale: floa
     grad_scale: optional factor (e.g. 1/W) applied only to the gradient flowing into the
       features, never to `temp`: the official all-gather keeps only the local slice of the
       gradient, so encoders see 1/W of the global ITC gradient while temp sees all of it
-      (§4.1, §9.11). None or 1 = ordinary autodiff. The loss value is unchanged.
+      (docs/fidelity.md#itc-gradient-scaling). None or 1 = ordinary autodiff. The loss value is
+      unchanged.
 
   Returns:
     Scalar float32: 0.5 * (mean_i CE(i2t row i) + mean_j CE(t2i row j)) over valid rows.
@@ -148,7 +151,7 @@ def itc_loss(image_feat, text_feat, temp, valid=None, ids=None, grad_scale: floa
 
 
 # --------------------------------------------------------------------------------------------
-# ITM hard negatives (§4.2)
+# ITM hard negatives (docs/fidelity.md#itm-hard-negatives)
 
 
 def _negative_weights(sim: jnp.ndarray, ok: jnp.ndarray, pos: jnp.ndarray) -> jnp.ndarray:
@@ -196,14 +199,15 @@ def _check_negative_inputs(image_feat, text_feat, valid, ids, fn: str):
 
 def sample_hard_negatives(key, image_feat, text_feat, temp, valid=None, ids=None,
                           num_shards: int = 1):
-  """Draws one hard-negative image per text and one hard-negative text per image (§4.2).
+  """Draws one hard-negative image per text and one hard-negative text per image.
 
-  Weights are softmax(sim / temp) + 1e-5 over each row, with the positives (the diagonal, or
-  every pair with equal `ids`) and padding rows/columns set to 0; similarities are under
-  stop_gradient. The batch is split into `num_shards` contiguous shards and every row draws only
-  from its own shard, as the official code draws per GPU; shard s uses the key
-  `fold_in(key, s)`, so `sample_hard_negatives_sharded` on a mesh with that many batch shards
-  returns exactly the same indices.
+  As the official code (docs/fidelity.md#itm-hard-negatives), weights are softmax(sim / temp)
+  + 1e-5 over each row, with the positives (the diagonal, or every pair with equal `ids`) and
+  padding rows/columns set to 0; similarities are under stop_gradient. The batch is split into
+  `num_shards` contiguous shards and every row draws only from its own shard, as the official
+  code draws per GPU; shard s uses the key `fold_in(key, s)`, so
+  `sample_hard_negatives_sharded` on a mesh with that many batch shards returns exactly the same
+  indices.
 
   Args:
     key: PRNG key.
@@ -267,12 +271,12 @@ def sample_hard_negatives_sharded(mesh: Mesh, key, image_feat, text_feat, temp, 
 
 
 # --------------------------------------------------------------------------------------------
-# ITM, MLM, box (§4.2-4.4)
+# ITM, MLM, box
 
 
 def itm_loss(logits_pos, logits_neg_img, logits_neg_txt, valid=None, neg_image_valid=None,
              neg_text_valid=None):
-  """Image-text matching cross-entropy over [positives; negatives] (§4.2).
+  """Image-text matching cross-entropy over [positives; negatives] (docs/fidelity.md#itm-loss).
 
   Args:
     logits_pos: [B, 2] itm_head logits of the B positive pairs.
@@ -302,7 +306,9 @@ def itm_loss(logits_pos, logits_neg_img, logits_neg_txt, valid=None, neg_image_v
 
 
 def mlm_loss(logits, labels, weights):
-  """Masked-LM cross-entropy, token-level mean over the real masked positions (§4.3).
+  """Masked-LM cross-entropy, token-level mean over the real masked positions.
+
+  Official behaviour: docs/fidelity.md#mlm-loss.
 
   Args:
     logits: [B, M, V] MLM logits at the gathered masked positions (any float dtype).
@@ -327,7 +333,7 @@ def mlm_loss(logits, labels, weights):
 
 
 def box_loss(pred, target, is_image, valid=None):
-  """L1 + GIoU box loss of region texts (§4.4, §9.14).
+  """L1 + GIoU box loss of region texts (docs/fidelity.md#box-loss).
 
   Args:
     pred: [B, 4] predicted (cx, cy, w, h) in [0, 1] (after the sigmoid).
@@ -362,7 +368,7 @@ def box_loss(pred, target, is_image, valid=None):
 
 
 # --------------------------------------------------------------------------------------------
-# total (§4.6)
+# total (docs/fidelity.md#loss-weights-and-total)
 
 
 TERMS = ("itc", "itm", "mlm", "box_l1", "box_giou")
@@ -370,7 +376,9 @@ TERMS = ("itc", "itm", "mlm", "box_l1", "box_giou")
 
 def combine(terms: Mapping[str, Mapping[str, jnp.ndarray]], weights: Mapping[str, float],
             term_weights: Mapping[str, float] | None = None):
-  """Weighted total of per-kind loss terms and a flat metrics dict (§4.6).
+  """Weighted total of per-kind loss terms and a flat metrics dict.
+
+  Official behaviour: docs/fidelity.md#loss-weights-and-total.
 
   Args:
     terms: kind -> term name -> scalar, e.g. {'image': {'itc': .., 'itm': .., 'mlm': ..},
@@ -378,7 +386,7 @@ def combine(terms: Mapping[str, Mapping[str, jnp.ndarray]], weights: Mapping[str
     weights: kind -> `iter_perc` weight; a kind missing here gets 1.0 (the official default);
       weights of kinds absent from `terms` are ignored (a kind with batch size 0).
     term_weights: optional term name (one of TERMS) -> weight, applied in every kind; a term
-      missing here gets 1.0, the official weight of every term (§4.6).
+      missing here gets 1.0, the official weight of every term.
 
   Returns:
     (total, metrics): total = sum_kind weight * sum_term term_weight * value; metrics has

@@ -1,25 +1,31 @@
-"""AdamW as the official code runs it, its schedule, and the parameter groups (reference §6.1-6.2).
+"""AdamW as the official code runs it, its schedule, and the parameter groups.
+
+Official behaviour: docs/fidelity.md#optimiser-and-schedule.
 
 The optimizer is one optax chain:
 
   clip_by_global_norm(1.0) -> scale_by_hf_adam(0.9, 0.98, 1e-8) -> hf_lr_and_decay(schedule, groups)
 
 `clip_by_global_norm` scales like PyTorch's `clip_grad_norm_` (coefficient max / (norm + 1e-6),
-applied only when below 1), which the official loop uses (§6.3); optax's version has no 1e-6.
+applied only when below 1), which the official loop uses (docs/fidelity.md#gradient-clipping);
+optax's version has no 1e-6.
 
 `scale_by_hf_adam` is the Adam direction of HF transformers' `AdamW` (the official optimizer):
 eps is added to the *uncorrected* sqrt(v) and the bias correction is folded into the step size,
 sqrt(1 - b2^t) / (1 - b1^t). `hf_lr_and_decay` applies each parameter's learning rate and then the
-decoupled weight decay *on the already updated value*, p <- p' - lr * wd * p' (§6.1, §9.24).
+decoupled weight decay *on the already updated value*, p <- p' - lr * wd * p'
+(docs/fidelity.md#hf-adamw).
 
 Parameter groups decide, per parameter path of our tree (docs/architecture.md), the weight decay
 (0.01 or 0) and a learning-rate factor (1, `lr_mult` for freshly initialised parameters, or a
 per-tower rate for fine-tuning). The weight-decay rules are an explicit table on *our* paths that
-reproduces the official substring rule (§6.1, §9.25); every LayerNorm scale must be listed in it
-(an unlisted `*.scale` raises) so a new norm cannot silently get the wrong decay.
+reproduces the official substring rule (docs/fidelity.md#weight-decay-by-substring); every
+LayerNorm scale must be listed in it (an unlisted `*.scale` raises) so a new norm cannot silently
+get the wrong decay.
 
-Not done here: `temp` is clamped to [0.001, 0.5] by the train step before every step (§6.4 step 1),
-not by the optimizer; `temp` itself gets weight decay and, when fresh, lr x 2 (§9.15).
+Not done here: `temp` is clamped to [0.001, 0.5] by the train step before every step, not by the
+optimizer; `temp` itself gets weight decay and, when fresh, lr x 2
+(docs/fidelity.md#temperature-clamp).
 """
 
 from __future__ import annotations
@@ -39,7 +45,9 @@ from x2vlm_jax import treepath
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-  """Optimizer and schedule settings (defaults = official pre-training, §6.1-6.3).
+  """Optimizer and schedule settings (defaults = official pre-training).
+
+  Official behaviour: docs/fidelity.md#optimiser-and-schedule.
 
   `warmup_steps` is a step count, or a fraction of `total_steps` when < 1 (fine-tuning configs).
   `vision_lr` / `text_lr` / `fusion_lr` (absolute rates, fine-tuning only) take precedence over
@@ -80,13 +88,14 @@ class OptimConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# schedule (§6.2)
+# schedule (docs/fidelity.md#linear-warm-up-and-decay)
 
 
 def lr_factor_schedule(cfg: OptimConfig) -> Callable[[Any], jnp.ndarray]:
   """step -> learning-rate factor in [0, 1], shared by all groups (a LambdaLR factor).
 
-  step < W: step / W, so the very first update (step 0) uses lr 0 (§9.26); afterwards
+  step < W: step / W, so the very first update (step 0) uses lr 0
+  (docs/fidelity.md#linear-warm-up-and-decay); afterwards
   max(0, (N - step) / (N - W)), reaching 0 at N = total_steps. With `min_lr` > 0 the decay
   phase is floored at min_lr / lr (every group keeps its ratio to the base rate).
   """
@@ -111,7 +120,8 @@ def lr_schedule(cfg: OptimConfig) -> Callable[[Any], jnp.ndarray]:
 
 
 # --------------------------------------------------------------------------------------------
-# parameter groups (§6.1)
+# parameter groups (docs/fidelity.md#weight-decay-by-substring,
+# docs/fidelity.md#learning-rate-multiplier-for-fresh-parameters)
 
 # Weight decay on our paths; first matching glob wins. The third column is the official name the
 # substring rule ('bias', 'LayerNorm.weight', 'norm.weight', 'norm1.weight', ...) sees.
@@ -128,12 +138,15 @@ WEIGHT_DECAY_RULES: tuple[tuple[str, bool, str], ...] = (
     ("mlm_head.norm.scale", False, "cls.predictions.transform.LayerNorm.weight"),
 )
 # Everything else decays: kernels, embedding tables, gamma_1/gamma_2, cls_token, temp,
-# frame_embed (§6.1: none of their official names contains a no-decay substring).
+# frame_embed: none of their official names contains a no-decay substring
+# (docs/fidelity.md#weight-decay-by-substring).
 
-# Towers for the optional per-tower learning rates (fine-tuning, §6.1).
+# Towers for the optional per-tower learning rates (fine-tuning,
+# docs/fidelity.md#per-tower-learning-rates).
 _TOWER_OF_PREFIX = {"vision": "vision", "text": "text", "mlm_head": "text", "fusion": "fusion"}
 
-# Parameters not loaded from BEiT / BERT in from-scratch pre-training (§6.1 init_params).
+# Parameters not loaded from BEiT / BERT in from-scratch pre-training: the official
+# `init_params` (docs/fidelity.md#learning-rate-multiplier-for-fresh-parameters).
 FROM_SCRATCH_FRESH = ("vision_proj", "text_proj", "temp", "itm_head", "box_head",
                       "fusion.layers.cross_attn", "fusion.layers.cross_norm", "frame_embed")
 
@@ -158,7 +171,7 @@ def flat_params(params) -> list[tuple[str, Any]]:
 
 
 def decays(path: str) -> bool:
-  """Whether the parameter at `path` gets weight decay (WEIGHT_DECAY_RULES, §6.1)."""
+  """Whether the parameter at `path` gets weight decay (WEIGHT_DECAY_RULES)."""
   for pattern, decay, _ in WEIGHT_DECAY_RULES:
     if fnmatch.fnmatchcase(path, pattern):
       return decay
@@ -227,7 +240,7 @@ def param_groups_report(params_tree, fresh_paths: Iterable[str], cfg: OptimConfi
 
 
 # --------------------------------------------------------------------------------------------
-# the optax transformations (§6.1)
+# the optax transformations (docs/fidelity.md#hf-adamw)
 
 
 def clip_by_global_norm(max_norm: float, eps: float = 1e-6) -> optax.GradientTransformation:

@@ -1,17 +1,18 @@
-"""Official X2-VLM state dicts (reference §7) <-> our nested param dict (docs/architecture.md).
+"""Official X2-VLM state dicts (docs/fidelity.md) <-> our nested param dict (docs/architecture.md).
 
 Three pieces, all pure NumPy:
-- `official_state_spec(cfg)`: every entry of the official pre-training state dict (§7.2) for a
+- `official_state_spec(cfg)`: every entry of the official pre-training state dict for a
   config -- key, PyTorch shape and dtype, in the order `torch.save` writes them -- including the
   int64 buffers and both tied names.
-- `official_rules(cfg)`: the `common.Rule` table between official keys and our paths (§7.3);
+- `official_rules(cfg)`: the `common.Rule` table between official keys and our paths;
   it accepts the pre-training layout (`text_encoder.bert.*`, `text_encoder.cls.*`) and the
-  fine-tuning layout (§7.4: no `bert.`, no MLM head).
+  fine-tuning layout (no `bert.`, no MLM head; docs/fidelity.md#fine-tuning-layout).
 - `official_to_params` / `params_to_official`: strict conversion both ways, with tied weights
   and buffers checked on import and re-created on export.
 
 Official text layers [0, text.depth) are our `text.layers`, the next fusion.depth layers are our
-`fusion.layers` (the official model keeps one 18-layer BERT, §1.1).
+`fusion.layers` (the official model keeps one 18-layer BERT). Official key list, tied entries,
+buffers and layouts: docs/fidelity.md#checkpoints-and-conversion.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ PRETRAIN = "pretrain"
 FINETUNE = "finetune"
 LAYOUTS = (PRETRAIN, FINETUNE)
 
-# Tied entries of the pre-training layout: duplicate name -> primary name (§7.3).
+# Tied entries of the pre-training layout: duplicate name -> primary name.
 TIED = {
     "text_encoder.cls.predictions.decoder.weight": "text_encoder.bert.embeddings.word_embeddings.weight",
     "text_encoder.cls.predictions.decoder.bias": "text_encoder.cls.predictions.bias",
@@ -40,12 +41,12 @@ TIED = {
 
 
 # ---------------------------------------------------------------------------------------------
-# Buffers (§1.2, §7.3): recomputed, never learned.
+# Buffers (docs/fidelity.md#buffers): recomputed, never learned.
 # ---------------------------------------------------------------------------------------------
 
 
 def relative_position_index(grid: int) -> np.ndarray:
-  """BEiT's (1+T, 1+T) int64 index into the rel-pos table for a grid of P x P patches (§1.2).
+  """BEiT's (1+T, 1+T) int64 index into the rel-pos table for a grid of P x P patches.
 
   Patch pairs index (dr + P - 1) * (2P - 1) + (dc + P - 1) with (row, col) = divmod(tok - 1, P);
   the three last table rows serve CLS->patch, patch->CLS and CLS->CLS.
@@ -69,7 +70,7 @@ def position_ids(max_positions: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# The official key list (§7.2), in file order.
+# The official key list (docs/fidelity.md#official-key-list), in file order.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -85,8 +86,8 @@ def _bert_prefix(layout: str) -> tuple[str, str]:
 def official_state_spec(cfg: ModelConfig, layout: str = PRETRAIN) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """Ordered {official key: (PyTorch shape, dtype)} of every state-dict entry for `cfg`.
 
-  Order follows `nn.Module.state_dict()` of the official `XVLM` (§7.2 "Order in the file"): own
-  parameters, then own buffers, then sub-modules. The fine-tuning layout (§7.4) drops `bert.`
+  Order follows `nn.Module.state_dict()` of the official `XVLM`: own
+  parameters, then own buffers, then sub-modules. The fine-tuning layout drops `bert.`
   and the MLM head and keeps the same heads (a task model may hold fewer; extra ones are
   reported as unexpected by the loader).
   """
@@ -97,7 +98,7 @@ def official_state_spec(cfg: ModelConfig, layout: str = PRETRAIN) -> dict[str, t
   def add(key, shape, dtype=F32):
     spec[key] = (tuple(shape), np.dtype(dtype))
 
-  if cfg.frame_len > 0:  # registered before `temp` in the official module (§7.2)
+  if cfg.frame_len > 0:  # registered before `temp` in the official module
     add("absolute_frame_pos_embed", (1, cfg.frame_len, 1, v.width))
   add("temp", ())
 
@@ -200,7 +201,7 @@ def count_parameters(spec: Mapping[str, tuple[tuple[int, ...], Any]]) -> int:
 
 
 def detect_layout(keys: Iterable[str]) -> str:
-  """'pretrain' if BERT keys carry `bert.` (masked-LM wrapper), 'finetune' otherwise (§7.4)."""
+  """'pretrain' if BERT keys carry `bert.` (masked-LM wrapper), 'finetune' otherwise."""
   keys = list(keys)
   if any(k.startswith("text_encoder.bert.") for k in keys):
     return PRETRAIN
@@ -303,7 +304,7 @@ def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The rule table (§7.3).
+# The rule table (docs/fidelity.md#weight-layouts).
 # ---------------------------------------------------------------------------------------------
 
 FRAME_EMBED = C.reshape_transform("frame_embed", lambda s: (1, s[0], 1, s[1]))
@@ -385,7 +386,7 @@ def official_rules(cfg: ModelConfig) -> list[C.Rule]:
       C.Rule(mlm + "bias", "mlm_head.bias"),
       *_linear_rules(mlm + r"transform\.dense", "mlm_head.dense"),
       *_ln_rules(mlm + r"transform\.LayerNorm", "mlm_head.norm"),
-      # The decoder is tied (§7.3): checked on import, re-written on export.
+      # The decoder is tied: checked on import, re-written on export.
       C.Rule(mlm + r"decoder\.weight", "text.embeddings.word", tied=True),
       C.Rule(mlm + r"decoder\.bias", "mlm_head.bias", tied=True),
       *_linear_rules(r"vision_proj", "vision_proj"),
@@ -420,7 +421,7 @@ def official_to_params(
   strict: raise `common.ConversionError` on any mismatch not in `allow` (kinds: missing,
     unexpected, shape, check). `strict=False` allows every kind and only reports.
   source_image_size: resolution the checkpoint was trained at, if different from
-    `cfg.vision.image_size`: each block's rel-pos table is resized (§7.5) with `resize_fn`
+    `cfg.vision.image_size`: each block's rel-pos table is resized with `resize_fn`
     (default: `x2vlm_jax.models.vision.resize_rel_pos_bias`) and the index buffers are checked
     against the source grid.
   init: concrete params used for our parameters the checkpoint lacks (see `common.merge`).
@@ -431,7 +432,7 @@ def official_to_params(
   if source_image_size is not None and source_image_size != cfg.vision.image_size:
     if cfg.vision.abs_pos_embed:
       raise ValueError("resizing a vision tower with an absolute position embedding is not "
-                       "supported (only the relative-position tables are resized, §7.5)")
+                       "supported (only the relative-position tables are resized)")
     sd, notes = _resize_vision(sd, cfg, source_image_size, resize_fn, allow)
   params, report = C.merge(sd, official_rules(cfg), param_shapes(cfg), allow=allow, init=init,
                            what="official -> jax import")
@@ -477,7 +478,7 @@ def _to_numpy_tree(tree: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _resize_vision(sd, cfg, source_image_size, resize_fn, allow):
-  """Resizes rel-pos tables from the source grid to cfg's and swaps in the target index (§7.5)."""
+  """Resizes rel-pos tables from the source grid to cfg's and swaps in the target index."""
   v = cfg.vision
   if source_image_size % v.patch_size:
     raise ValueError(f"source image size {source_image_size} is not a multiple of patch {v.patch_size}")

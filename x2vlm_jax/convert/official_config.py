@@ -2,11 +2,11 @@
 
 Widths, depths, vocabulary, frame count and the checkpoint's resolution are read off the state
 dict's shapes. What shapes cannot tell comes, in order of precedence, from explicit arguments
-(CLI flags), then the checkpoint's embedded YAML `config` dict (reference §6.5 keys:
+(CLI flags), then the checkpoint's embedded YAML `config` dict (official keys:
 `text_fusion_start_at`, `text_num_hidden_layers`, `image_res`, `patch_size`, `embed_dim`,
-`frame_len`), then defaults: text heads = width / 64 (d_h = 64 in both released sizes, §1.3).
-Vision heads are the second dimension of any rel-pos table (§7.2). The text/fusion split
-defaults to the first layer that has cross-attention weights.
+`frame_len`), then defaults: text heads = width / 64 (d_h = 64 in both released sizes).
+Vision heads are the second dimension of any rel-pos table. The text/fusion split
+defaults to the first layer that has cross-attention weights (docs/fidelity.md#config-recovery).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def infer_config(
   base = ModelConfig.named(variant)
   v, t, f = base.vision, base.text, base.fusion
 
-  # ---- vision: width, depth, MLP, patch, heads and resolution from shapes (§7.2).
+  # ---- vision: width, depth, MLP, patch, heads and resolution from shapes.
   cls = _shape(sd, "vision_encoder.cls_token")
   patch = _shape(sd, "vision_encoder.patch_embed.proj.weight")
   blocks = _indices(sd, r"vision_encoder\.blocks\.(\d+)\..*")
@@ -108,7 +108,7 @@ def infer_config(
   vkw["image_size"] = image_size or source_size
   vision = dataclasses.replace(v, **vkw)
 
-  # ---- text and fusion: one official BERT stack split in two (§1.1).
+  # ---- text and fusion: one official BERT stack split in two.
   lay = r"text_encoder\.(?:bert\.)?encoder\.layer\.(\d+)\..*"
   all_layers = _indices(sd, lay)
   cross = _indices(sd, r"text_encoder\.(?:bert\.)?encoder\.layer\.(\d+)\.crossattention\..*")
@@ -163,7 +163,7 @@ def infer_config(
 def official_config_dict(cfg: ModelConfig, variant: str | None = None) -> dict[str, Any]:
   """The config dict written next to an exported state dict (plain types only).
 
-  Official YAML keys (§6.5) for the sizes the official code reads, plus an `x2vlm_jax` entry
+  Official YAML keys for the sizes the official code reads, plus an `x2vlm_jax` entry
   with what the YAML does not carry (text head count), so our own files re-import without flags.
   """
   out: dict[str, Any] = {

@@ -2,10 +2,10 @@
 
 PyTorch users load the file with `safetensors.torch.load_file` and
 `model.load_state_dict(sd, strict=True)`. safetensors refuses tensors that share memory, so the
-two tied MLM-decoder entries (`cls.predictions.decoder.weight` / `.bias`, reference §7.3) are
+two tied MLM-decoder entries (`cls.predictions.decoder.weight` / `.bias`) are
 stored as separate copies with identical values; loading them into the official module re-ties
 nothing by itself, but the values are equal so the tie holds. The checkpoint's config dict is
-kept as JSON in the file's metadata under `config`.
+kept as JSON in the file's metadata under `config`. See docs/fidelity.md#tied-decoder-entries.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Reading and writing official `.th` checkpoints (`torch.save` pickles, reference §7.1).
+"""Reading and writing official `.th` checkpoints (`torch.save` pickles).
+
+Format: docs/fidelity.md#checkpoint-file-format.
 
 torch is optional for the project: it is imported only inside these functions, with a clear
 message when it is missing. Writing reproduces what the official code saves: `{'model':

@@ -8,8 +8,9 @@ are the union of the records' captions, in first-seen order.
 Grounding needs, per referring phrase, the full image and the ground-truth box in pixels of the
 original image. `grounding_set` turns every elem of every region record into one phrase.
 
-Both apply the deterministic test transform (bicubic resize to R x R, reference §8) and the
-training text path (`pre_caption` with `max_tokens` words, fixed-length BERT tokens, §5.5).
+Both apply the deterministic test transform (bicubic resize to R x R,
+docs/fidelity.md#image-transforms) and the training text path (`pre_caption` with `max_tokens`
+words, fixed-length BERT tokens, docs/fidelity.md#retrieval-text-preprocessing).
 Bad records and captions are skipped and counted per reason (`features.SKIP_REASONS`), never
 silently: the counts come back with the set.
 """
@@ -157,7 +158,7 @@ def retrieval_set(sources: Sequence[Any], tokenizer: Tokenizer, image_res: int,
 def elem_phrase(elem: Mapping[str, Any]) -> Any:
   """The deterministic referring phrase of an elem: first attribute + first caption.
 
-  Training draws one attribute and one caption at random (§5.3); evaluation needs one fixed
+  Training draws one attribute and one caption at random; evaluation needs one fixed
   phrase, and the first of each is the most generic (e.g. "red" + "circle").
   """
   caps = elem.get("captions") or [None]

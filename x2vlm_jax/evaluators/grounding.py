@@ -1,10 +1,11 @@
-"""Visual-grounding accuracy with the official RefCOCO protocol (reference §8.2).
+"""Visual-grounding accuracy with the official RefCOCO protocol.
 
-The model predicts a normalised (cx, cy, w, h) box per referring expression. The official
-evaluation scales it by the original image width/height, converts it to pixel (x, y, w, h)
-(top-left corner + size) and compares it with the ground-truth pixel (x, y, w, h) box using the
-legacy inclusive-pixel IoU (`box_ops.legacy_pixel_iou`, reference §8.2 / §9.35). A prediction is
-correct when IoU >= 0.5 (the official test is `>=`, not `>`).
+Official protocol: docs/fidelity.md#grounding-protocol. The model predicts a normalised
+(cx, cy, w, h) box per referring expression. The official evaluation scales it by the original
+image width/height, converts it to pixel (x, y, w, h) (top-left corner + size) and compares it
+with the ground-truth pixel (x, y, w, h) box using the legacy inclusive-pixel IoU
+(`box_ops.legacy_pixel_iou`, docs/fidelity.md#legacy-pixel-iou). A prediction is correct when
+IoU >= 0.5 (the official test is `>=`, not `>`).
 
 Two baselines a trained model must beat: always predicting the whole image (0, 0, W, H), and
 always predicting the set's mean box (the mean normalised (cx, cy, w, h) of the ground truth of

@@ -1,6 +1,7 @@
-"""Image/video-text retrieval metrics with the official protocol (reference §8.1).
+"""Image/video-text retrieval metrics with the official protocol.
 
-The evaluator never sees the model. It receives
+Official protocol: docs/fidelity.md#retrieval-protocol. The evaluator never sees the model. It
+receives
 
   image_feats  [Ni, E]  ITC-space image (or video) features, L2-normalised by the model
   text_feats   [Nt, E]  ITC-space text features
@@ -179,7 +180,7 @@ def itm_rerank_scores(sims, itm_score_fn: ItmScoreFn, k: int, chunk_size: int = 
 
 def evaluate_retrieval(image_feats, text_feats, txt2img, img2txt, itm_score_fn: ItmScoreFn, *,
                        k_test: int, chunk_size: int = 256, prefix: str = "retrieval") -> dict[str, float]:
-  """The official retrieval evaluation: ITC top-k candidates re-ranked by ITM (reference §8.1).
+  """The official retrieval evaluation: ITC top-k candidates re-ranked by ITM.
 
   `k_test` candidates per query (paper: 80 COCO, 32 Flickr30K); see `itm_rerank_scores`.
   """

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-  """BEiT-2 ViT as configured by the official code (see reference §1.2)."""
+  """BEiT-2 ViT as configured by the official code (docs/fidelity.md#beit-2-vision-tower)."""
 
   width: int = 768
   depth: int = 12

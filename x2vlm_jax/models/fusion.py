@@ -1,10 +1,11 @@
 """Fusion tower: post-LN layers self-attn (text mask) -> cross-attn (vision) -> FFN, text width.
 
-Layers 12-17 of the official 18-layer BERT (reference §1.3). Cross-attention keys/values depend
-only on the vision tokens, so `vision_kv` computes them for every layer at once
-(`[layers, N, S, H, dh]`) and `__call__` accepts them precomputed, optionally gathered per text
-row with `kv_index` (region texts reuse their image's K/V). Passing vision tokens goes through
-the same `vision_kv`, so both routes give identical results.
+Layers 12-17 of the official 18-layer BERT (docs/fidelity.md#fusion-layers). Cross-attention
+keys/values depend only on the vision tokens, so `vision_kv` computes them for every layer at
+once (`[layers, N, S, H, dh]`) and `__call__` accepts them precomputed, optionally gathered per
+text row with `kv_index` (region texts reuse their image's K/V,
+docs/fidelity.md#shared-tower-calls-and-kv-reuse). Passing vision tokens goes through the same
+`vision_kv`, so both routes give identical results.
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
-"""Heads on top of the towers (reference §1.4): ITC projections, ITM / box MLPs, tied MLM head.
+"""Heads on top of the towers: ITC projections, ITM / box MLPs, tied MLM head.
 
-Projections and the ITM/box MLPs use PyTorch's default Linear init (they are never loaded from
-BEiT/BERT); the MLM head is part of BERT and uses BERT's init. The towers know nothing of heads.
+Official behaviour: docs/fidelity.md#itc-projections-and-temperature,
+docs/fidelity.md#itm-and-box-heads, docs/fidelity.md#tied-mlm-head. Projections and the ITM/box
+MLPs use PyTorch's default Linear init (they are never loaded from BEiT/BERT,
+docs/fidelity.md#head-initialisation); the MLM head is part of BERT and uses BERT's init. The
+towers know nothing of heads.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ class MlpHead(nnx.Module):
 
 
 class MlmHead(nnx.Module):
-  """dense -> GELU -> LayerNorm(1e-12) -> h . word_embeddings^T + bias (decoder tied, §7.3)."""
+  """dense -> GELU -> LayerNorm(1e-12) -> h . word_embeddings^T + bias (decoder tied)."""
 
   def __init__(self, width: int, vocab_size: int, ln_eps: float, *, dtype, param_dtype,
                rngs: nnx.Rngs):

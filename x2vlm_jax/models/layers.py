@@ -28,7 +28,7 @@ Names = tuple[str | None, ...]
 
 
 # ---------------------------------------------------------------------------------------------
-# Initialisers (reference §1.2 / §1.4).
+# Initialisers (docs/fidelity.md#vision-initialisation, docs/fidelity.md#head-initialisation).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -50,7 +50,7 @@ def trunc_normal(std: float, bound: float = 2.0) -> Init:
 
 def torch_linear(fan_in: int) -> Init:
   """PyTorch's default nn.Linear init for weight and bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-  (kaiming_uniform with a=sqrt(5) reduces to this bound). Used by the heads (reference §1.4)."""
+  (kaiming_uniform with a=sqrt(5) reduces to this bound). Used by the heads."""
   bound = 1.0 / math.sqrt(fan_in)
   return lambda key, shape, dtype: jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
 
@@ -147,7 +147,7 @@ class LayerNorm(nnx.Module):
 
 
 def gelu(x: jax.Array) -> jax.Array:
-  """Exact (erf) GELU everywhere, as nn.GELU / BERT "gelu" (reference §9 item 4)."""
+  """Exact (erf) GELU everywhere, as nn.GELU / BERT "gelu" (docs/fidelity.md#exact-gelu)."""
   return jax.nn.gelu(x, approximate=False)
 
 
@@ -175,7 +175,7 @@ def padding_bias(mask: jax.Array, value: float) -> jax.Array:
   """Key mask [B, S] (1 = attend) -> additive bias [B, 1, 1, S] = (1 - mask) * value, float32.
 
   BERT uses value -10000 for text self-attention and transformers 4.12's -1e9 for
-  cross-attention (reference §1.3, §9 item 5)."""
+  cross-attention (docs/fidelity.md#attention-mask-values)."""
   return ((1.0 - mask.astype(jnp.float32)) * value)[:, None, None, :]
 
 
@@ -204,7 +204,8 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 
 def drop_path(x: jax.Array, rate: jax.Array | float, key: jax.Array | None) -> jax.Array:
   """timm-style stochastic depth: one Bernoulli(1-rate) per sample, kept samples scaled by
-  1/(1-rate) (reference §1.2). `rate` may be traced (per-layer rates are scan inputs)."""
+  1/(1-rate) (docs/fidelity.md#stochastic-depth). `rate` may be traced (per-layer rates are scan
+  inputs)."""
   if key is None:
     return x
   keep_prob = 1.0 - jnp.asarray(rate, jnp.float32)

@@ -1,4 +1,6 @@
-"""Post-LN BERT text tower: embeddings + self-attention encoder layers (reference §1.3).
+"""Post-LN BERT text tower: embeddings + self-attention encoder layers.
+
+Official behaviour: docs/fidelity.md#bert-text-tower, docs/fidelity.md#dropout-placement.
 
 Works for any width/depth/head count (bert-base, bert-large-12l, MiniLM-L6-H384). Layers are
 stacked and scanned; dropout (p = config.dropout) on the embedding output, the attention
@@ -15,7 +17,7 @@ from flax import nnx
 from x2vlm_jax.models import layers as L
 from x2vlm_jax.models.config import TextConfig
 
-TEXT_MASK_VALUE = -10000.0  # BERT's additive self-attention mask (reference §1.3)
+TEXT_MASK_VALUE = -10000.0  # BERT's self-attention mask, docs/fidelity.md#attention-mask-values
 
 
 class Attention(nnx.Module):

@@ -1,14 +1,17 @@
-"""BEiT-2 ViT vision tower as the official X2-VLM code configures it (reference §1.2).
+"""BEiT-2 ViT vision tower as the official X2-VLM code configures it.
+
+Official behaviour: docs/fidelity.md#beit-2-vision-tower.
 
 16x16 conv patch embedding, a cls token and NO absolute position embedding (BEiT's optional one,
 `VisionConfig.abs_pos_embed`, is off in every released model); pre-LN blocks with a
 per-block relative position bias table, fused qkv (no key bias), layer scale and drop path; the
 output is [mean of fc_norm(patch tokens), fc_norm(patch tokens)] -- BEiT's own CLS output is
-dropped (reference §9 item 1).
+dropped (docs/fidelity.md#vision-token-0-is-the-patch-mean).
 
 The bias-table geometry is a pure function of the patch grid: `relative_position_index(grid)` and
-`resize_rel_pos_bias(table, src_grid, dst_grid)` (the official interpolation of §7.5, used when a
-224-px checkpoint is converted to 384 px). The tower itself only runs at `config.image_size`.
+`resize_rel_pos_bias(table, src_grid, dst_grid)` (the official interpolation,
+docs/fidelity.md#relative-position-bias-resize, used when a 224-px checkpoint is converted to
+384 px). The tower itself only runs at `config.image_size`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from flax import nnx
 from x2vlm_jax.models import layers as L
 from x2vlm_jax.models.config import VisionConfig
 
-# CLIP normalisation statistics, used by the official code even for the BEiT backbone (§9 item 20).
+# CLIP normalisation statistics, used by the official code even for the BEiT backbone
+# (docs/fidelity.md#clip-normalisation).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -53,14 +57,15 @@ def relative_position_index(grid: int) -> np.ndarray:
   """[1+T, 1+T] int32 rows of the bias table for every (query, key) pair, T = grid^2.
 
   Patch-patch: (dr + P - 1)(2P - 1) + (dc + P - 1); CLS row num_rel-3, CLS column num_rel-2,
-  CLS-CLS num_rel-1 (reference §1.2).
+  CLS-CLS num_rel-1 (docs/fidelity.md#relative-position-bias).
   """
   return np.array(_index(int(grid)))
 
 
 def _geometric_offsets(s: int, t: int) -> np.ndarray:
-  """Source axis of §7.5: ratio q by bisection on [1.01, 1.5] to 1e-6 so that
-  1 + q + ... + q^(s//2 - 1) ~ t//2, then offsets d_1 = 1, d_{k+1} = d_k + q^k, mirrored."""
+  """Source axis of the official resize: ratio q by bisection on [1.01, 1.5] to 1e-6 so that
+  1 + q + ... + q^(s//2 - 1) ~ t//2, then offsets d_1 = 1, d_{k+1} = d_k + q^k, mirrored
+  (docs/fidelity.md#relative-position-bias-resize)."""
   half_src, half_dst = s // 2, t // 2
   left, right, q = 1.01, 1.5, 1.01
   while right - left > 1e-6:
@@ -78,7 +83,9 @@ def _geometric_offsets(s: int, t: int) -> np.ndarray:
 
 
 def resize_rel_pos_bias(table: np.ndarray, src_grid: int, dst_grid: int) -> np.ndarray:
-  """Resizes one block's bias table [(2Ps-1)^2+3, H] -> [(2Pd-1)^2+3, H] exactly as §7.5.
+  """Resizes one block's bias table [(2Ps-1)^2+3, H] -> [(2Pd-1)^2+3, H] as the official code.
+
+  docs/fidelity.md#relative-position-bias-resize describes the algorithm.
 
   The 3 CLS rows are kept; each head's (2Ps-1)^2 grid is fitted with an interpolating bicubic
   spline over a geometrically spaced source axis and evaluated on the integer target axis
@@ -220,7 +227,8 @@ class VisionTower(nnx.Module):
     self.pos_embed = (L.param(rngs, pos_init, (1, 1 + cfg.num_patches, d), (None, None, "embed"),
                               param_dtype) if cfg.abs_pos_embed else None)
     self.blocks = L.stacked(lambda r: VisionBlock(cfg, rngs=r, **kw), cfg.depth, rngs)
-    # fix_init_weight: proj and fc2 of block i divided by sqrt(2 (i + 1)) (reference §1.2).
+    # fix_init_weight: proj and fc2 of block i divided by sqrt(2 (i + 1))
+    # (docs/fidelity.md#vision-initialisation).
     scale = L.depth_scale(cfg.depth)
     for dense in (self.blocks.attn.proj, self.blocks.mlp.fc2):
       w = dense.kernel[...]
@@ -244,7 +252,7 @@ class VisionTower(nnx.Module):
     x = self.patch_embed(self.patchify(images.astype(self.dtype)))  # [N, T, D]
     cls = jnp.broadcast_to(self.cls_token[...].astype(self.dtype), (n, 1, cfg.width))
     x = jnp.concatenate([cls, x], axis=1)  # [N, 1+T, D]
-    if self.pos_embed is not None:  # absent in the released models (reference §1.2)
+    if self.pos_embed is not None:  # absent in the released models (docs/fidelity.md#demo-model)
       x = x + self.pos_embed[...].astype(self.dtype)
     x = L.constrain(x, L.ACT)
     rel_index = relative_position_index(cfg.grid)

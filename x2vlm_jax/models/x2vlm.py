@@ -27,7 +27,10 @@ from x2vlm_jax.models.vision import VisionTower, normalize_pixels
 
 
 class X2VLM(nnx.Module):
-  """X2-VLM (reference §1): BEiT-2 vision tower, BERT text tower, fusion tower and heads."""
+  """X2-VLM: BEiT-2 vision tower, BERT text tower, fusion tower and heads.
+
+  Official architecture: docs/fidelity.md#architecture.
+  """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     if cfg.text.width % cfg.fusion.num_heads:
@@ -63,7 +66,9 @@ class X2VLM(nnx.Module):
 
   def encode_video(self, frames: jax.Array, frame_valid: jax.Array | None = None,
                    key: jax.Array | None = None) -> jax.Array:
-    """uint8 [B, F, R, R, 3] (+ frame_valid [B, F]) -> [B, 1+T, Dv] (reference §3).
+    """uint8 [B, F, R, R, 3] (+ frame_valid [B, F]) -> [B, 1+T, Dv].
+
+    Official behaviour: docs/fidelity.md#video-frame-embedding.
 
     Every frame goes through the vision tower; the learned frame embedding e_f is added to all
     tokens of frame f *after* the tower; the result is averaged over the valid frames (all
@@ -78,7 +83,9 @@ class X2VLM(nnx.Module):
 
   def pool_frames(self, frame_tokens: jax.Array, frame_valid: jax.Array | None = None
                   ) -> jax.Array:
-    """Per-frame tower outputs [B, F, 1+T, Dv] -> clip tokens [B, 1+T, Dv] (reference §3).
+    """Per-frame tower outputs [B, F, 1+T, Dv] -> clip tokens [B, 1+T, Dv].
+
+    Official behaviour: docs/fidelity.md#video-frame-embedding.
 
     The second half of `encode_video`, public so that a train step can run the frames of a
     video batch through one shared vision-tower call with its images.
@@ -102,7 +109,7 @@ class X2VLM(nnx.Module):
   @staticmethod
   def concepts(image_tokens: jax.Array, patch_mask: jax.Array,
                image_index: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Region/object concepts without re-encoding (reference §2).
+    """Region/object concepts without re-encoding (docs/fidelity.md#region-concepts).
 
     image_tokens [N, 1+T, D], patch_mask [B, T] (1 = patch inside the box), image_index [B] ->
     (concept tokens [B, 1+T, D] = [mean of in-box patches, all T patches of the image],
