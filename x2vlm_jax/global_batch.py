@@ -3,7 +3,7 @@ global jax.Arrays whose batch axis is split over the mesh's batch shards.
 
 Every process passes its own rows; `jax.make_array_from_process_local_data` stitches them into
 one global array per field, so the train step sees the global batch (ITC over all hosts, as the
-official code gathers over GPUs: docs/fidelity.md#itc-on-the-global-batch). Host-only
+official code gathers over GPUs: docs/fidelity.md#itc-loss). Host-only
 bookkeeping (record_id, source_id) stays on the host.
 
 Region texts point at their image through `image_index`, a host-local slot number; in the

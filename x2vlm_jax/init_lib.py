@@ -3,16 +3,19 @@
 Sources, chosen by `InitConfig` (the config's `init` section; empty string = unused):
 
   nothing            every parameter from its initializer (e.g. the shapes-world demo vision)
-  bert_dir           Hugging Face BERT -> text tower, fusion self-attn/FFN copies, MLM head (§7.6)
-  beit_path          BEiT-2 weights -> vision tower (§7.6); combinable with bert_dir
-  official_th        an official X2-VLM `.th` (continued pre-training, §7.7)
+  bert_dir           Hugging Face BERT -> text tower, fusion self-attn/FFN copies, MLM head
+  beit_path          BEiT-2 weights -> vision tower; combinable with bert_dir
+  official_th        an official X2-VLM `.th` (continued pre-training)
   params_dir         our own params directory (`params_io.save_params`, e.g. a run's export)
+
+How the BERT and BEiT-2 files map onto the towers: docs/fidelity.md#initial-weights-from-bert-and-beit-2.
 
 The model is always first created with every parameter born sharded on the mesh, then the
 loaded arrays overwrite their slots shard by shard, so nothing is materialised whole on one
 device.
 
-Fresh parameters follow the official `init_params` (§6.1): from BERT/BEiT, the from-scratch
+Fresh parameters follow the official `init_params`
+(docs/fidelity.md#learning-rate-multiplier-for-fresh-parameters): from BERT/BEiT, the from-scratch
 list (projections, temp, ITM/box heads, fusion cross-attention, frame embedding) plus anything
 else of the BERT scope the file lacked (e.g. an MLM head); parameters the BEiT file does not
 cover are *not* added, as in the official loader. From an official `.th` or our params, exactly
@@ -72,7 +75,7 @@ def _from_official(model: X2VLM, path: str, model_cfg: ModelConfig, notes: list[
   else:
     sd, _, read_notes = load_th(p)
     notes.extend(read_notes)
-  # Missing keys are allowed (§7.7: e.g. the frame embedding of stage 2); they stay at init.
+  # Missing keys are allowed (docs/fidelity.md#continued-pre-training: e.g. the frame embedding of stage 2); they stay at init.
   params, report = official.official_to_params(sd, model_cfg, allow={"missing"})
   notes.append(f"official checkpoint {path}:\n{report.summary()}")
   loaded = frozenset(p for p, _ in optim.flat_params(params))

@@ -7,7 +7,7 @@ the number of kinds (compile time is dominated by the number of distinct kernels
   1. vision: the images of the image kind, the image slots of the region kind and every frame of
      the video kind go through ONE vision-tower call (`shard_concat` keeps rows on their device);
      region concepts are pooled from their image's patch tokens, video frames are averaged with
-     the frame embedding (docs/fidelity.md#region-concepts, docs/fidelity.md#video-frames);
+     the frame embedding (docs/fidelity.md#region-concepts, docs/fidelity.md#video-frame-embedding);
   2. text: the unmasked and the MLM-masked captions of every kind in ONE text-tower call;
   3. per kind: ITC on the kind's (global) batch and hard negatives per data shard
      (docs/fidelity.md#itm-hard-negatives);
@@ -52,7 +52,7 @@ class StepConfig:
   # mesh (k = 1 draws from the whole batch; tests use it to compare meshes).
   neg_shards: int = 0
   # The official all-gather makes the encoders see 1/W of the global ITC gradient
-  # (docs/fidelity.md#itc-gradient-scaled-by-1w). 0 = ordinary autodiff (default); W > 0
+  # (docs/fidelity.md#itc-gradient-scaling). 0 = ordinary autodiff (default); W > 0
   # reproduces the official scaling for world size W.
   itc_grad_world_size: int = 0
   deterministic: bool = False  # no dropout / drop path (e.g. to evaluate the loss)
@@ -239,7 +239,7 @@ def _fusion_passes(batch, kinds, text, text_mlm, vision: Vision, table: KVTable,
                  FusionPass("itm", kind, t, m, rows[neg_img], vm[neg_img]),
                  FusionPass("itm", kind, t[neg_txt], m[neg_txt], rows, vm)]
     passes.append(FusionPass("mlm", kind, text_mlm[kind], m, rows, vm))
-  if F.REGION in kinds:  # box pass: the full image with an all-ones mask (docs/fidelity.md#box-loss)
+  if F.REGION in kinds:  # box pass: the full image with an all-ones mask (docs/fidelity.md#box-pass-uses-the-full-image)
     rb, i = batch[F.REGION], kinds.index(F.REGION)
     s = vision.sequences[i].shape[1]
     passes.append(FusionPass("box", F.REGION, text[F.REGION], rb[F.TEXT_MASK],

@@ -3,11 +3,11 @@
 Streams. Each configured kind has its own main iterator (`data.<kind>` sources); a kind with
 `data.aux.<kind>` sources and `loss.aux_iter_perc[kind]` = p > 0 also has an aux iterator. Every
 step a coin, a pure function of (seed, step, kind), picks the aux stream with probability p
-(reference §6.4: 1B stage 1 takes its image batch from the clean aux data on 15 % of the steps;
+(docs/fidelity.md#aux-streams: 1B stage 1 takes its image batch from the clean aux data on 15 % of the steps;
 stage 2 its video batch from WebVid on 35 %). Only the chosen stream is advanced.
 
 Difference from the official code: on an aux image step the official loop has already drawn a
-batch from the main (LAION) loader and throws it away (§6.4 step 3, §9.29); we leave the main
+batch from the main (LAION) loader and throws it away (docs/fidelity.md#aux-streams); we leave the main
 stream where it is, so no main-stream data is wasted. The batches a step trains on follow the
 same distribution; the official run just moves through LAION 1/0.85 times faster.
 

@@ -98,7 +98,7 @@ def enable_compilation_cache(path: str) -> None:
 def itm_for_step(loop: rc.LoopConfig, step: int, aux_choice, image_aux: bool) -> bool:
   """Whether `step` computes ITM: loss.itm, only before loss.stop_calc_itm (-1 = always), and
   with an aux image stream (1B stage 1) only on steps that drew the clean aux image batch --
-  for every kind of that step, regions included (docs/fidelity.md#itm-on-aux-image-steps)."""
+  for every kind of that step, regions included (docs/fidelity.md#itm-gating)."""
   itm = loop.itm and (loop.stop_calc_itm < 0 or step < loop.stop_calc_itm)
   if image_aux:
     itm = itm and bool(aux_choice.get(F.IMAGE, False))

@@ -13,7 +13,7 @@ Jitted functions (each compiled once per evaluation shape, reused by every later
   boxes(vision [B, S, Dv], text [B, L, Dt], mask [B, L]) -> (cx, cy, w, h) [B, 4]
 Vision tokens and text states are computed once per image / text and kept on the host; the
 ITM scorer gathers the rows of a chunk of (image, text) pairs and runs only the fusion tower
-(its cross-attention keys/values come from the gathered vision tokens, reference §8.1).
+(its cross-attention keys/values come from the gathered vision tokens, docs/fidelity.md#retrieval-protocol).
 
 With a mesh, every input batch is laid out with its batch axis over the mesh's batch shards
 (the batch is rounded up to a multiple of their number) and outputs are replicated, so every
@@ -111,7 +111,7 @@ def _fused(graphdef, state, vision, text, mask):
 
 def _itm(graphdef, state, vision, text, mask):
   m, fused = _fused(graphdef, state, vision, text, mask)
-  # The official ranking score is the raw class-1 logit, not a probability (§9.31).
+  # The official ranking score is the raw class-1 logit, not a probability (docs/fidelity.md#retrieval-protocol).
   return m.itm_logits(fused)[:, 1].astype(jnp.float32)  # [C]
 
 
@@ -164,7 +164,8 @@ class _Fns:
 
 def run_retrieval(fns: _Fns, data: eval_data.RetrievalSet, batch: int, k_test: int,
                   itm_chunk: int, prefix: str = "eval/retrieval") -> dict[str, float]:
-  """ITC features for all images and texts, then the official ITM re-ranking (§8.1)."""
+  """ITC features for all images and texts, then the official ITM re-ranking
+  (docs/fidelity.md#retrieval-protocol)."""
   vis_tokens, img_feat = fns.batched(fns.encode_images, batch, data.pixels)
   txt_states, txt_feat = fns.batched(fns.encode_texts, batch, data.ids, data.mask)
 
@@ -184,7 +185,8 @@ def run_retrieval(fns: _Fns, data: eval_data.RetrievalSet, batch: int, k_test: i
 
 
 def predict_boxes(fns: _Fns, data: eval_data.GroundingSet, batch: int) -> np.ndarray:
-  """[Np, 4] normalised (cx, cy, w, h) for every phrase, from the full image (§8.2)."""
+  """[Np, 4] normalised (cx, cy, w, h) for every phrase, from the full image
+  (docs/fidelity.md#grounding-protocol)."""
   vis_tokens, _ = fns.batched(fns.encode_images, batch, data.pixels)
   txt_states, _ = fns.batched(fns.encode_texts, batch, data.ids, data.mask)
   vision = vis_tokens[data.image_index]  # [Np, S, Dv]
