@@ -59,7 +59,7 @@ def default_tokenizer(max_tokens: int = 40, directory: str | None = None):
   """
   from data_pipelines.text_ops import Tokenizer
   if directory is None:
-    from x2vlm_jax.assets import minilm_dir
+    from data_pipelines.assets import minilm_dir
     directory = minilm_dir()
   return Tokenizer(directory, max_tokens)
 

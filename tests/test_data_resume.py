@@ -113,7 +113,7 @@ def test_resume_real_transforms_with_workers():
   """make_train_iterator on synthetic sources with the real make_example (crops, RandAugment,
   MLM masking): the restored stream, with an image worker process, is identical."""
   from data_pipelines.text_ops import Tokenizer  # pylint: disable=g-import-not-at-top
-  from x2vlm_jax import assets  # pylint: disable=g-import-not-at-top
+  from data_pipelines import assets  # pylint: disable=g-import-not-at-top
 
   sizes = F.BatchSizes(image_res=32, patch_size=16, max_tokens=16, max_masks=4, image_batch=3,
                        region_batch=4, region_max_images=2, video_batch=2, frame_len=3)
