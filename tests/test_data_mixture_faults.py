@@ -11,9 +11,10 @@ import dataclasses
 
 import pytest
 
-from data_pipelines import assets, faults, synthetic
+from data_pipelines import assets, synthetic
 from data_pipelines import features as F
 from data_pipelines import mixture
+from data_pipelines.testing import faults
 from data_pipelines.text_ops import Tokenizer
 
 L = 16

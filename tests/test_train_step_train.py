@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import features as F
-from data_pipelines.random_batch import random_batch
+from data_pipelines.testing.random_batch import random_batch
 from x2vlm_jax import optim, sharding, step_jit
 from x2vlm_jax import train_step as ts
 from x2vlm_jax.models.config import ModelConfig

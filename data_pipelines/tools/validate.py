@@ -1,6 +1,6 @@
 """Validator: lists every bad record of a data source and counts them per skip reason.
 
-    python -m data_pipelines.validate PATH [--kind K] [--tokenizer DIR] [--rpath] ...
+    python -m data_pipelines.tools.validate PATH [--kind K] [--tokenizer DIR] [--rpath] ...
 
 PATH is a JSON-lines file or directory, or an ArrayRecord dataset directory. Every record is
 read (reader faults: bad JSON, wrong types, missing/corrupt images, empty captions, empty
@@ -112,7 +112,7 @@ def format_from_args(args: argparse.Namespace, kind: str) -> JsonlFormat:
 
 def main(argv: list[str] | None = None) -> int:
   """CLI entry point; returns the exit code."""
-  parser = argparse.ArgumentParser(prog="python -m data_pipelines.validate", description=__doc__,
+  parser = argparse.ArgumentParser(prog="python -m data_pipelines.tools.validate", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("path", help="JSON-lines file/dir or ArrayRecord dataset dir")
   add_format_args(parser)
