@@ -1,6 +1,6 @@
 """Converter: official JSON lines -> TFDS ArrayRecord dataset of canonical records.
 
-    python -m data_pipelines.tools.convert_jsonl --kind region SRC OUT_DIR [--no-check] [--rpath] ...
+    python -m data_pipelines.tools.convert_jsonl --kind region SRC OUT_DIR [--no-check] ...
 
 SRC is a JSON-lines file or directory (`_SUCCESS` files skipped). Bad lines are not written:
 each is reported on stderr as `file:line: reason: field: detail` and counted per reason. By

@@ -112,7 +112,8 @@ def format_from_args(args: argparse.Namespace, kind: str) -> JsonlFormat:
 
 def main(argv: list[str] | None = None) -> int:
   """CLI entry point; returns the exit code."""
-  parser = argparse.ArgumentParser(prog="python -m data_pipelines.tools.validate", description=__doc__,
+  parser = argparse.ArgumentParser(prog="python -m data_pipelines.tools.validate",
+                                   description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("path", help="JSON-lines file/dir or ArrayRecord dataset dir")
   add_format_args(parser)
