@@ -3,7 +3,7 @@
 Per kind (image, region, video), records flow as
 
   each source: range(len) → host shard [i::n] → shuffle(seed) → repeat(epochs) → (source, index)
-  sources of the kind: MapDataset.mix(weights)       (evaluation: concatenate, no shuffle)
+  sources of the kind: MapDataset.mix(weights)       (unshuffled: concatenate)
   → map_with_index: read the record + make_example with a per-example seed
       np.random.default_rng([seed, shard_index, kind, 0, position])
     a SkipRecord (from the reader or the transform) becomes a `Tagged` skip marker, not an error
@@ -21,7 +21,6 @@ part of the data) but shards records, not files, so the shards stay balanced for
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -108,23 +107,19 @@ def kind_dataset(kind: str, sources: Sequence[Any], sizes: F.BatchSizes,
                  weights: Sequence[float] | None = None, make_example: Callable | None = None,
                  shard_index: int = 0, shard_count: int = 1, num_epochs: int | None = None,
                  shuffle: bool = True, num_workers: int = 0, worker_buffer_size: int = 4,
-                 read_threads: int = 1, num_batches: int | None = None,
-                 exit_with_parent: bool = True,
-                 duplicate_texts: bool = True) -> packing.PackIterDataset:
+                 read_threads: int = 1,
+                 exit_with_parent: bool = True) -> packing.PackIterDataset:
   """One kind's pipeline: sources → shard → shuffle → repeat → mix → make_example → pack.
 
   Args:
     sources: random-access sources (len + getitem) of canonical records of this kind.
     weights: mixture weights, one per source (default uniform). With finite epochs the mixture
-      ends when its first source ends (grain's mix semantics); without shuffle (evaluation) the
-      sources are concatenated instead and weights are ignored.
+      ends when its first source ends (grain's mix semantics); without shuffle the sources are
+      concatenated instead and weights are ignored.
     make_example: (kind, record, rng, preproc, tokenizer) -> dict; default examples.make_example.
     num_epochs: None repeats forever; n > 0 gives a finite stream.
-    shuffle: False keeps record order (evaluation).
-    num_batches: force exactly this many sub-batches (see PackIterDataset).
+    shuffle: False keeps record order.
     exit_with_parent: install the worker hook that ends workers when this process dies.
-    duplicate_texts: region kind: pad a short full loader batch with duplicate texts (official
-      pre-training collate, §5.3); False pads with valid = 0 rows instead (evaluation).
   """
   if not sources:
     raise ValueError(f"{kind}: no sources configured")
@@ -157,8 +152,7 @@ def kind_dataset(kind: str, sources: Sequence[Any], sizes: F.BatchSizes,
   return packing.PackIterDataset(
       stream, kind, sizes, seed_key=seed_key, max_regions=preproc.max_regions,
       num_workers=num_workers, worker_buffer_size=worker_buffer_size, read_threads=read_threads,
-      worker_init_fn=workers.worker_init_fn() if (exit_with_parent and num_workers) else None,
-      num_batches=num_batches, duplicate_texts=duplicate_texts)
+      worker_init_fn=workers.worker_init_fn() if (exit_with_parent and num_workers) else None)
 
 
 class MixedBatchIterator(grain.DatasetIterator):
@@ -337,40 +331,3 @@ def make_train_iterator(data_cfg, sizes: F.BatchSizes, preproc: F.PreprocConfig,
         shuffle=True, **_pipeline_options(data_cfg, kind))
   return MixedBatchIterator(datasets)
 
-
-def eval_num_batches(num_records: Sequence[int], per_batch: int, process_count: int) -> int:
-  """Sub-batches of the largest host shard: every host runs this many steps in an eval pass."""
-  largest = sum(math.ceil(n / process_count) for n in num_records)  # shard 0 is the largest
-  return math.ceil(largest / per_batch)
-
-
-def make_eval_dataset(data_cfg, sizes: F.BatchSizes, preproc: F.PreprocConfig, tokenizer,
-                      process_index: int | None = None, process_count: int | None = None, *,
-                      seed: int = 0, make_example=None,
-                      source_factory=build_source) -> MixedBatchIterator:
-  """One deterministic pass (preproc.train must be False): every record of this host's shard once.
-
-  No shuffling, sources concatenated in config order, no duplicate region texts (each text once,
-  as long as region_batch >= max_regions x region_max_images; otherwise texts beyond region_batch
-  in a loader batch are dropped, as in training). Every host yields the same number of steps
-  (that of the largest shard, over all kinds); rows past a host's data are padding (valid = 0),
-  so collective evaluation code never waits on a host that ran out.
-  """
-  if preproc.train:
-    raise ValueError("make_eval_dataset needs a PreprocConfig with train=False")
-  data_cfg = _as_dict(data_cfg)
-  index, count = _process(process_index, process_count)
-  kinds = _configured_kinds(data_cfg, sizes)
-  built = {kind: [source_factory(kind, s) for s in specs] for kind, specs in kinds.items()}
-  per_batch = {F.IMAGE: sizes.image_batch, F.VIDEO: sizes.video_batch,
-               F.REGION: sizes.region_max_images}
-  steps = max((eval_num_batches([len(s) for s in srcs], per_batch[k], count)
-               for k, srcs in built.items()), default=0)
-  datasets = {
-      kind: kind_dataset(kind, srcs, sizes, preproc, tokenizer, seed=seed,
-                         make_example=make_example, shard_index=index, shard_count=count,
-                         num_epochs=1, shuffle=False, num_batches=steps, duplicate_texts=False,
-                         **_pipeline_options(data_cfg, kind))
-      for kind, srcs in built.items()
-  }
-  return MixedBatchIterator(datasets)
