@@ -1,4 +1,4 @@
-"""Per-kind grain pipelines and the `MixedBatch` iterator that zips them, one dict per step.
+"""Per-kind grain pipelines and their iterator, one kind's `MixedBatch` dict per step.
 
 Per kind (image, region, video), records flow as
 
@@ -156,48 +156,45 @@ def kind_dataset(kind: str, sources: Sequence[Any], sizes: F.BatchSizes,
 
 
 class MixedBatchIterator(grain.DatasetIterator):
-  """Zips the per-kind pipelines: each step is {kind: {field: np.ndarray}} as features.batch_spec.
+  """One kind's pipeline as MixedBatch dicts: each step is {kind: {field: np.ndarray}}.
 
-  Ends when any kind ends (finite epochs). The state is a JSON-serialisable dict with one entry
-  per kind (the `data_iter` of x2vlm_jax.checkpoint), also usable through grain's orbax
-  save/load of a DatasetIterator.
+  The sub-batch matches features.batch_spec. Training builds one iterator per kind and stream
+  and merges their dicts (x2vlm_jax/train_data.py). Ends when a finite stream ends. The state
+  is a JSON-serialisable dict {kind: {...}} (an entry of the `data_iter` of
+  x2vlm_jax.checkpoint), also usable through grain's orbax save/load of a DatasetIterator.
   """
 
-  def __init__(self, datasets: Mapping[str, packing.PackIterDataset]):
-    self._kinds = tuple(k for k in F.KINDS if k in datasets)
-    if set(self._kinds) != set(datasets):
-      raise ValueError(f"unknown kinds {sorted(set(datasets) - set(F.KINDS))}")
-    self._iters = {k: iter(datasets[k]) for k in self._kinds}
-    super().__init__([self._iters[k] for k in self._kinds])
+  def __init__(self, dataset: packing.PackIterDataset):
+    self._kind = dataset.kind
+    self._iter = iter(dataset)
+    super().__init__(self._iter)
 
   @property
-  def kinds(self) -> tuple[str, ...]:
-    return self._kinds
+  def kind(self) -> str:
+    return self._kind
 
   def __next__(self) -> dict[str, dict[str, np.ndarray]]:
     self._assert_not_closed()
-    # Kinds advance in lock-step; if one ends mid-step the others' batches of that step are
-    # dropped, which is what zip does and what a trainer wants from a finite mixture.
-    return {k: next(self._iters[k]) for k in self._kinds}
+    return {self._kind: next(self._iter)}
 
   def skip_counts(self) -> dict[str, dict[str, int]]:
     """{kind: {reason: records dropped so far}} (reasons with zero counts are omitted)."""
-    return {k: self._iters[k].skip_counts() for k in self._kinds}
+    return {self._kind: self._iter.skip_counts()}
 
   def get_state(self) -> dict:
     """{kind: {'version', 'position', 'batch_index', 'exhausted', 'skips'}} (JSON-able)."""
-    return {k: {"version": STATE_VERSION, **self._iters[k].get_state()} for k in self._kinds}
+    return {self._kind: {"version": STATE_VERSION, **self._iter.get_state()}}
 
   def set_state(self, state: dict) -> None:
-    if set(state) != set(self._kinds):
+    if set(state) != {self._kind}:
       raise ValueError(f"data iterator state has kinds {sorted(state)}, "
-                       f"this pipeline has {list(self._kinds)}")
-    for k in self._kinds:
-      kind_state = dict(state[k])
-      version = kind_state.pop("version", None)
-      if version != STATE_VERSION:
-        raise ValueError(f"{k}: data iterator state version {version!r}, expected {STATE_VERSION}")
-      self._iters[k].set_state(kind_state)
+                       f"this pipeline has {[self._kind]}")
+    kind_state = dict(state[self._kind])
+    version = kind_state.pop("version", None)
+    if version != STATE_VERSION:
+      raise ValueError(f"{self._kind}: data iterator state version {version!r}, "
+                       f"expected {STATE_VERSION}")
+    self._iter.set_state(kind_state)
 
   def __enter__(self):
     return self
@@ -206,7 +203,7 @@ class MixedBatchIterator(grain.DatasetIterator):
     self.close()
 
   def __str__(self) -> str:
-    return f"MixedBatchIterator(kinds={self._kinds})"
+    return f"MixedBatchIterator(kind={self._kind})"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,22 +309,24 @@ def make_train_iterator(data_cfg, sizes: F.BatchSizes, preproc: F.PreprocConfig,
                         seed: int, process_index: int | None = None,
                         process_count: int | None = None, *, make_example=None,
                         source_factory=build_source) -> MixedBatchIterator:
-  """The training stream: shuffled, repeated (data_cfg['num_epochs'], default forever) batches.
+  """One kind's training stream: shuffled, repeated (data_cfg['num_epochs'], default forever).
 
-  data_cfg: mapping with, per kind, a list of sources, each
+  sizes: host-local (per process) batch sizes with exactly one non-zero kind: the kind streamed.
+  data_cfg: mapping with that kind's list of sources, data_cfg[kind], each
     {'type': 'jsonl' | 'arrayrecord' | 'synthetic', 'path': ..., 'weight': 1.0, key names...};
-    optional 'num_workers' (worker processes of each kind: an int, or {kind: int}),
-    'worker_buffer_size', 'read_threads', 'num_epochs'.
-  Batch sizes are host-local (per process). process_index/count default to JAX's.
+    optional 'num_workers' (worker processes: an int, or {kind: int}), 'worker_buffer_size',
+    'read_threads', 'num_epochs'.
+  process_index/count default to JAX's.
   """
   data_cfg = _as_dict(data_cfg)
   index, count = _process(process_index, process_count)
-  datasets = {}
-  for kind, specs in _configured_kinds(data_cfg, sizes).items():
-    datasets[kind] = kind_dataset(
-        kind, [source_factory(kind, s) for s in specs], sizes, preproc, tokenizer, seed=seed,
-        weights=[float(s.get("weight", 1.0)) for s in specs], make_example=make_example,
-        shard_index=index, shard_count=count, num_epochs=data_cfg.get("num_epochs"),
-        shuffle=True, **_pipeline_options(data_cfg, kind))
-  return MixedBatchIterator(datasets)
-
+  kinds = _configured_kinds(data_cfg, sizes)
+  if len(kinds) != 1:
+    raise ValueError(f"a training iterator streams one kind, {sizes} gives {sorted(kinds)}; "
+                     "build one iterator per kind")
+  ((kind, specs),) = kinds.items()
+  return MixedBatchIterator(kind_dataset(
+      kind, [source_factory(kind, s) for s in specs], sizes, preproc, tokenizer, seed=seed,
+      weights=[float(s.get("weight", 1.0)) for s in specs], make_example=make_example,
+      shard_index=index, shard_count=count, num_epochs=data_cfg.get("num_epochs"),
+      shuffle=True, **_pipeline_options(data_cfg, kind)))

@@ -1,4 +1,4 @@
-"""Per-kind grain pipelines and the MixedBatch iterator: shapes, padding, packing, skips, mixing."""
+"""Per-kind grain pipelines and their iterator: shapes, padding, packing, skips, mixing, shards."""
 
 from __future__ import annotations
 
@@ -59,18 +59,28 @@ def test_finite_epoch_shapes_and_padding_every_step():
   assert int(reg[-1][F.VALID].sum()) == 1 + num % 3
 
 
-def test_mixed_batch_matches_spec_and_drops_zero_kinds():
-  sizes = dataclasses.replace(SIZES, video_batch=0)
-  ds = {k: mixture.kind_dataset(k, [ListSource(make_records(k, 9))], sizes, PRE, None, seed=1,
-                                make_example=fake_make_example)
-        for k in (F.IMAGE, F.REGION)}
-  with mixture.MixedBatchIterator(ds) as it:
+def _factory(kind, spec):
+  return ListSource(make_records(kind, spec["n"]))
+
+
+def test_train_iterator_streams_one_kind():
+  """A training iterator yields {kind: sub-batch} as batch_spec; several kinds are refused."""
+  sizes = dataclasses.replace(SIZES, image_batch=0, video_batch=0)
+  cfg = {F.REGION: [{"n": 9}], F.IMAGE: [{"n": 9}]}  # image sources unused: image_batch is 0
+  with mixture.make_train_iterator(cfg, sizes, PRE, None, seed=1, process_index=0,
+                                   process_count=1, make_example=fake_make_example,
+                                   source_factory=_factory) as it:
     for _ in range(5):  # repeats forever: past the 9 records of one epoch
       batch = next(it)
       F.check_batch(batch, sizes)
-      assert F.VIDEO not in batch
-      assert batch[F.IMAGE][F.VALID].all() and batch[F.REGION][F.VALID].all()
-    json.dumps(it.get_state())  # JSON-serialisable as is
+      assert batch[F.REGION][F.VALID].all()
+    state = it.get_state()
+    assert list(state) == [F.REGION] and state[F.REGION]["version"] == mixture.STATE_VERSION
+    json.dumps(state)  # JSON-serialisable as is
+  with pytest.raises(ValueError, match="one kind"):
+    mixture.make_train_iterator(cfg, dataclasses.replace(sizes, image_batch=4), PRE, None, seed=1,
+                                process_index=0, process_count=1,
+                                make_example=fake_make_example, source_factory=_factory)
 
 
 def test_region_packing_indices_and_duplicates():
@@ -145,10 +155,6 @@ def test_bad_example_names_record_and_field():
     next(iter(ds))
 
 
-def _factory(kind, spec):
-  return ListSource(make_records(kind, spec["n"]))
-
-
 def test_host_shards_are_disjoint_and_cover_the_source():
   """One epoch on each of 3 hosts: every record is read by exactly one host."""
   sizes = dataclasses.replace(SIZES, region_batch=0, region_max_images=0, video_batch=0)
@@ -173,7 +179,7 @@ def test_global_batch_shapes_shardings_and_host_fields():
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   ds = {k: mixture.kind_dataset(k, [ListSource(make_records(k, 9))], sizes, PRE, None, seed=0,
                                 make_example=fake_make_example) for k in (F.IMAGE, F.REGION)}
-  local = next(mixture.MixedBatchIterator(ds))
+  local = {k: next(iter(d)) for k, d in ds.items()}
   out = global_batch.to_global(local, mesh)
   spec = F.batch_spec(sizes)
   for kind, fields in spec.items():
