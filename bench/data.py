@@ -111,8 +111,8 @@ def main():
   p.add_argument("--kinds", default=",".join(F.KINDS))
   args = p.parse_args()
 
+  from data_pipelines import assets
   from data_pipelines.text_ops import Tokenizer
-  from x2vlm_jax import assets
   r = args.image_res
   sizes = F.BatchSizes(image_res=r, max_tokens=40, max_masks=12, image_batch=32, region_batch=64,
                        region_max_images=16, video_batch=8, frame_len=3)

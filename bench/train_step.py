@@ -132,7 +132,7 @@ def main():
   import numpy as np
 
   from data_pipelines import features as F
-  from data_pipelines.random_batch import random_batch
+  from data_pipelines.testing.random_batch import random_batch
   from x2vlm_jax import flops as flops_lib, global_batch, optim, sharding, step_jit
   from x2vlm_jax.pretrain_loss import StepConfig
   from x2vlm_jax.train_state import TrainStateSpec

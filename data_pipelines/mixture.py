@@ -1,9 +1,9 @@
-"""Per-kind grain pipelines and the `MixedBatch` iterator that zips them, one dict per step.
+"""Per-kind grain pipelines and their iterator, one kind's `MixedBatch` dict per step.
 
 Per kind (image, region, video), records flow as
 
   each source: range(len) → host shard [i::n] → shuffle(seed) → repeat(epochs) → (source, index)
-  sources of the kind: MapDataset.mix(weights)       (evaluation: concatenate, no shuffle)
+  sources of the kind: MapDataset.mix(weights)       (unshuffled: concatenate)
   → map_with_index: read the record + make_example with a per-example seed
       np.random.default_rng([seed, shard_index, kind, 0, position])
     a SkipRecord (from the reader or the transform) becomes a `Tagged` skip marker, not an error
@@ -22,7 +22,6 @@ data) but shards records, not files, so the shards stay balanced for any file la
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -109,23 +108,19 @@ def kind_dataset(kind: str, sources: Sequence[Any], sizes: F.BatchSizes,
                  weights: Sequence[float] | None = None, make_example: Callable | None = None,
                  shard_index: int = 0, shard_count: int = 1, num_epochs: int | None = None,
                  shuffle: bool = True, num_workers: int = 0, worker_buffer_size: int = 4,
-                 read_threads: int = 1, num_batches: int | None = None,
-                 exit_with_parent: bool = True,
-                 duplicate_texts: bool = True) -> packing.PackIterDataset:
+                 read_threads: int = 1,
+                 exit_with_parent: bool = True) -> packing.PackIterDataset:
   """One kind's pipeline: sources → shard → shuffle → repeat → mix → make_example → pack.
 
   Args:
     sources: random-access sources (len + getitem) of canonical records of this kind.
     weights: mixture weights, one per source (default uniform). With finite epochs the mixture
-      ends when its first source ends (grain's mix semantics); without shuffle (evaluation) the
-      sources are concatenated instead and weights are ignored.
+      ends when its first source ends (grain's mix semantics); without shuffle the sources are
+      concatenated instead and weights are ignored.
     make_example: (kind, record, rng, preproc, tokenizer) -> dict; default examples.make_example.
     num_epochs: None repeats forever; n > 0 gives a finite stream.
-    shuffle: False keeps record order (evaluation).
-    num_batches: force exactly this many sub-batches (see PackIterDataset).
+    shuffle: False keeps record order.
     exit_with_parent: install the worker hook that ends workers when this process dies.
-    duplicate_texts: region kind: pad a short full loader batch with duplicate texts (official
-      pre-training collate); False pads with valid = 0 rows instead (evaluation).
   """
   if not sources:
     raise ValueError(f"{kind}: no sources configured")
@@ -158,53 +153,49 @@ def kind_dataset(kind: str, sources: Sequence[Any], sizes: F.BatchSizes,
   return packing.PackIterDataset(
       stream, kind, sizes, seed_key=seed_key, max_regions=preproc.max_regions,
       num_workers=num_workers, worker_buffer_size=worker_buffer_size, read_threads=read_threads,
-      worker_init_fn=workers.worker_init_fn() if (exit_with_parent and num_workers) else None,
-      num_batches=num_batches, duplicate_texts=duplicate_texts)
+      worker_init_fn=workers.worker_init_fn() if (exit_with_parent and num_workers) else None)
 
 
 class MixedBatchIterator(grain.DatasetIterator):
-  """Zips the per-kind pipelines: each step is {kind: {field: np.ndarray}} as features.batch_spec.
+  """One kind's pipeline as MixedBatch dicts: each step is {kind: {field: np.ndarray}}.
 
-  Ends when any kind ends (finite epochs). The state is a JSON-serialisable dict with one entry
-  per kind (the `data_iter` of x2vlm_jax.checkpoint), also usable through grain's orbax
-  save/load of a DatasetIterator.
+  The sub-batch matches features.batch_spec. Training builds one iterator per kind and stream
+  and merges their dicts (x2vlm_jax/train_data.py). Ends when a finite stream ends. The state
+  is a JSON-serialisable dict {kind: {...}} (an entry of the `data_iter` of
+  x2vlm_jax.checkpoint), also usable through grain's orbax save/load of a DatasetIterator.
   """
 
-  def __init__(self, datasets: Mapping[str, packing.PackIterDataset]):
-    self._kinds = tuple(k for k in F.KINDS if k in datasets)
-    if set(self._kinds) != set(datasets):
-      raise ValueError(f"unknown kinds {sorted(set(datasets) - set(F.KINDS))}")
-    self._iters = {k: iter(datasets[k]) for k in self._kinds}
-    super().__init__([self._iters[k] for k in self._kinds])
+  def __init__(self, dataset: packing.PackIterDataset):
+    self._kind = dataset.kind
+    self._iter = iter(dataset)
+    super().__init__(self._iter)
 
   @property
-  def kinds(self) -> tuple[str, ...]:
-    return self._kinds
+  def kind(self) -> str:
+    return self._kind
 
   def __next__(self) -> dict[str, dict[str, np.ndarray]]:
     self._assert_not_closed()
-    # Kinds advance in lock-step; if one ends mid-step the others' batches of that step are
-    # dropped, which is what zip does and what a trainer wants from a finite mixture.
-    return {k: next(self._iters[k]) for k in self._kinds}
+    return {self._kind: next(self._iter)}
 
   def skip_counts(self) -> dict[str, dict[str, int]]:
     """{kind: {reason: records dropped so far}} (reasons with zero counts are omitted)."""
-    return {k: self._iters[k].skip_counts() for k in self._kinds}
+    return {self._kind: self._iter.skip_counts()}
 
   def get_state(self) -> dict:
     """{kind: {'version', 'position', 'batch_index', 'exhausted', 'skips'}} (JSON-able)."""
-    return {k: {"version": STATE_VERSION, **self._iters[k].get_state()} for k in self._kinds}
+    return {self._kind: {"version": STATE_VERSION, **self._iter.get_state()}}
 
   def set_state(self, state: dict) -> None:
-    if set(state) != set(self._kinds):
+    if set(state) != {self._kind}:
       raise ValueError(f"data iterator state has kinds {sorted(state)}, "
-                       f"this pipeline has {list(self._kinds)}")
-    for k in self._kinds:
-      kind_state = dict(state[k])
-      version = kind_state.pop("version", None)
-      if version != STATE_VERSION:
-        raise ValueError(f"{k}: data iterator state version {version!r}, expected {STATE_VERSION}")
-      self._iters[k].set_state(kind_state)
+                       f"this pipeline has {[self._kind]}")
+    kind_state = dict(state[self._kind])
+    version = kind_state.pop("version", None)
+    if version != STATE_VERSION:
+      raise ValueError(f"{self._kind}: data iterator state version {version!r}, "
+                       f"expected {STATE_VERSION}")
+    self._iter.set_state(kind_state)
 
   def __enter__(self):
     return self
@@ -213,7 +204,7 @@ class MixedBatchIterator(grain.DatasetIterator):
     self.close()
 
   def __str__(self) -> str:
-    return f"MixedBatchIterator(kinds={self._kinds})"
+    return f"MixedBatchIterator(kind={self._kind})"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,59 +310,24 @@ def make_train_iterator(data_cfg, sizes: F.BatchSizes, preproc: F.PreprocConfig,
                         seed: int, process_index: int | None = None,
                         process_count: int | None = None, *, make_example=None,
                         source_factory=build_source) -> MixedBatchIterator:
-  """The training stream: shuffled, repeated (data_cfg['num_epochs'], default forever) batches.
+  """One kind's training stream: shuffled, repeated (data_cfg['num_epochs'], default forever).
 
-  data_cfg: mapping with, per kind, a list of sources, each
+  sizes: host-local (per process) batch sizes with exactly one non-zero kind: the kind streamed.
+  data_cfg: mapping with that kind's list of sources, data_cfg[kind], each
     {'type': 'jsonl' | 'arrayrecord' | 'synthetic', 'path': ..., 'weight': 1.0, key names...};
-    optional 'num_workers' (worker processes of each kind: an int, or {kind: int}),
-    'worker_buffer_size', 'read_threads', 'num_epochs'.
-  Batch sizes are host-local (per process). process_index/count default to JAX's.
+    optional 'num_workers' (worker processes: an int, or {kind: int}), 'worker_buffer_size',
+    'read_threads', 'num_epochs'.
+  process_index/count default to JAX's.
   """
-  data_cfg = _as_dict(data_cfg)
-  index, count = _process(process_index, process_count)
-  datasets = {}
-  for kind, specs in _configured_kinds(data_cfg, sizes).items():
-    datasets[kind] = kind_dataset(
-        kind, [source_factory(kind, s) for s in specs], sizes, preproc, tokenizer, seed=seed,
-        weights=[float(s.get("weight", 1.0)) for s in specs], make_example=make_example,
-        shard_index=index, shard_count=count, num_epochs=data_cfg.get("num_epochs"),
-        shuffle=True, **_pipeline_options(data_cfg, kind))
-  return MixedBatchIterator(datasets)
-
-
-def eval_num_batches(num_records: Sequence[int], per_batch: int, process_count: int) -> int:
-  """Sub-batches of the largest host shard: every host runs this many steps in an eval pass."""
-  largest = sum(math.ceil(n / process_count) for n in num_records)  # shard 0 is the largest
-  return math.ceil(largest / per_batch)
-
-
-def make_eval_dataset(data_cfg, sizes: F.BatchSizes, preproc: F.PreprocConfig, tokenizer,
-                      process_index: int | None = None, process_count: int | None = None, *,
-                      seed: int = 0, make_example=None,
-                      source_factory=build_source) -> MixedBatchIterator:
-  """One deterministic pass (preproc.train must be False): every record of this host's shard once.
-
-  No shuffling, sources concatenated in config order, no duplicate region texts (each text once,
-  as long as region_batch >= max_regions x region_max_images; otherwise texts beyond region_batch
-  in a loader batch are dropped, as in training). Every host yields the same number of steps
-  (that of the largest shard, over all kinds); rows past a host's data are padding (valid = 0),
-  so collective evaluation code never waits on a host that ran out.
-  """
-  if preproc.train:
-    raise ValueError("make_eval_dataset needs a PreprocConfig with train=False")
   data_cfg = _as_dict(data_cfg)
   index, count = _process(process_index, process_count)
   kinds = _configured_kinds(data_cfg, sizes)
-  built = {kind: [source_factory(kind, s) for s in specs] for kind, specs in kinds.items()}
-  per_batch = {F.IMAGE: sizes.image_batch, F.VIDEO: sizes.video_batch,
-               F.REGION: sizes.region_max_images}
-  steps = max((eval_num_batches([len(s) for s in srcs], per_batch[k], count)
-               for k, srcs in built.items()), default=0)
-  datasets = {
-      kind: kind_dataset(kind, srcs, sizes, preproc, tokenizer, seed=seed,
-                         make_example=make_example, shard_index=index, shard_count=count,
-                         num_epochs=1, shuffle=False, num_batches=steps, duplicate_texts=False,
-                         **_pipeline_options(data_cfg, kind))
-      for kind, srcs in built.items()
-  }
-  return MixedBatchIterator(datasets)
+  if len(kinds) != 1:
+    raise ValueError(f"a training iterator streams one kind, {sizes} gives {sorted(kinds)}; "
+                     "build one iterator per kind")
+  ((kind, specs),) = kinds.items()
+  return MixedBatchIterator(kind_dataset(
+      kind, [source_factory(kind, s) for s in specs], sizes, preproc, tokenizer, seed=seed,
+      weights=[float(s.get("weight", 1.0)) for s in specs], make_example=make_example,
+      shard_index=index, shard_count=count, num_epochs=data_cfg.get("num_epochs"),
+      shuffle=True, **_pipeline_options(data_cfg, kind)))

@@ -130,8 +130,8 @@ def region_text_selection(num_texts: int, batch: int, rng: np.random.Generator,
   Too few texts in a full loader batch: all texts, then padding with duplicates, as the official
   collate does: a random sample (without replacement) of the existing texts is appended, and
   this expansion repeats while the batch is still short. A partial loader batch (the stream ran
-  out) is never padded with duplicates: its missing rows become valid = 0 padding instead, so an
-  evaluation pass counts every text once.
+  out) is never padded with duplicates: its missing rows become valid = 0 padding instead, so a
+  finite pass counts every text once.
 
   Returns int [k] indices into the flattened texts, k <= batch (k < batch only when not full).
   """
@@ -180,13 +180,6 @@ def pack_region(items: Sequence[Tagged], sizes: F.BatchSizes, rng: np.random.Gen
   return out
 
 
-def padding_batch(kind: str, sizes: F.BatchSizes) -> dict[str, np.ndarray]:
-  """A sub-batch with no real row (used to keep every host stepping in a fixed-length pass)."""
-  if kind == F.REGION:
-    return pack_region([], sizes, np.random.default_rng(0), full=False)
-  return pack_rows(kind, [], sizes)
-
-
 # ----------------------------------------------------------------------------------------------
 # The packing transform: a grain IterDataset over a MapDataset stream of `Tagged` elements.
 # ----------------------------------------------------------------------------------------------
@@ -214,8 +207,7 @@ class PackIterDataset(grain.IterDataset):
   def __init__(self, stream: grain.MapDataset, kind: str, sizes: F.BatchSizes, *,
                seed_key: Sequence[int], max_regions: int | None = None,
                num_workers: int = 0, worker_buffer_size: int = 4, read_threads: int = 1,
-               read_buffer_size: int = 8, worker_init_fn=None, num_batches: int | None = None,
-               duplicate_texts: bool = True):
+               read_buffer_size: int = 8, worker_init_fn=None):
     """
     Args:
       stream: MapDataset of `Tagged` (infinite, or finite for a number of epochs).
@@ -226,10 +218,6 @@ class PackIterDataset(grain.IterDataset):
       worker_buffer_size: examples each worker may prepare ahead.
       read_threads / read_buffer_size: grain ReadOptions of the per-example map.
       worker_init_fn: (worker_index, worker_count) -> None, run in each worker at start.
-      num_batches: if set, exactly this many sub-batches: a stream that ends early is followed
-        by all-padding sub-batches (fixed-length evaluation passes on every host).
-      duplicate_texts: region kind: fill a short full loader batch with duplicate texts as the
-        official pre-training collate does; False pads with valid = 0 rows (evaluation).
     """
     super().__init__(stream)
     if kind not in F.KINDS:
@@ -241,8 +229,7 @@ class PackIterDataset(grain.IterDataset):
     self.max_regions = max_regions
     self.num_workers, self.worker_buffer_size = num_workers, worker_buffer_size
     self.read_threads, self.read_buffer_size = read_threads, read_buffer_size
-    self.worker_init_fn, self.num_batches = worker_init_fn, num_batches
-    self.duplicate_texts = duplicate_texts
+    self.worker_init_fn = worker_init_fn
 
   @property
   def examples_per_batch(self) -> int:
@@ -323,12 +310,10 @@ class PackIterator(grain.DatasetIterator):
 
   def __next__(self) -> dict[str, np.ndarray]:
     ds = self._ds
-    if ds.num_batches is not None and self._batch_index >= ds.num_batches:
-      raise StopIteration
     items = self._collect()
-    if not items and ds.num_batches is None:
+    if not items:
       raise StopIteration
-    full = len(items) == ds.examples_per_batch and ds.duplicate_texts
+    full = len(items) == ds.examples_per_batch
     if ds.kind == F.REGION:
       batch = pack_region(items, ds.sizes, _pack_seed(ds.seed_key, self._batch_index), full)
     else:

@@ -85,7 +85,7 @@ class Tokenizer:
     if max_tokens < 3:
       raise ValueError(f"max_tokens must be >= 3 ([CLS] piece [SEP]), got {max_tokens}")
     hf = AutoTokenizer.from_pretrained(str(directory))
-    if not getattr(hf, "is_fast", False):
+    if not hf.is_fast:
       raise ValueError(f"{directory}: need a fast (tokenizers-backed) BERT tokenizer")
     self.max_tokens = int(max_tokens)
     self._backend = tokenizers.Tokenizer.from_str(hf.backend_tokenizer.to_str())

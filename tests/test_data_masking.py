@@ -8,10 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_pipelines import masking
+from data_pipelines import assets, masking
 from data_pipelines.features import PreprocConfig
 from data_pipelines.text_ops import Tokenizer, pre_caption
-from x2vlm_jax import assets
 
 # Plain words and words that the uncased BERT vocabulary splits into several pieces.
 _WORDS = ("a man woman dog cat on the in with near red blue small big street table holding "

@@ -1,4 +1,4 @@
-"""Per-kind grain pipelines and the MixedBatch iterator: shapes, padding, packing, skips, mixing."""
+"""Per-kind grain pipelines and their iterator: shapes, padding, packing, skips, mixing, shards."""
 
 from __future__ import annotations
 
@@ -59,18 +59,28 @@ def test_finite_epoch_shapes_and_padding_every_step():
   assert int(reg[-1][F.VALID].sum()) == 1 + num % 3
 
 
-def test_mixed_batch_matches_spec_and_drops_zero_kinds():
-  sizes = dataclasses.replace(SIZES, video_batch=0)
-  ds = {k: mixture.kind_dataset(k, [ListSource(make_records(k, 9))], sizes, PRE, None, seed=1,
-                                make_example=fake_make_example)
-        for k in (F.IMAGE, F.REGION)}
-  with mixture.MixedBatchIterator(ds) as it:
+def _factory(kind, spec):
+  return ListSource(make_records(kind, spec["n"]))
+
+
+def test_train_iterator_streams_one_kind():
+  """A training iterator yields {kind: sub-batch} as batch_spec; several kinds are refused."""
+  sizes = dataclasses.replace(SIZES, image_batch=0, video_batch=0)
+  cfg = {F.REGION: [{"n": 9}], F.IMAGE: [{"n": 9}]}  # image sources unused: image_batch is 0
+  with mixture.make_train_iterator(cfg, sizes, PRE, None, seed=1, process_index=0,
+                                   process_count=1, make_example=fake_make_example,
+                                   source_factory=_factory) as it:
     for _ in range(5):  # repeats forever: past the 9 records of one epoch
       batch = next(it)
       F.check_batch(batch, sizes)
-      assert F.VIDEO not in batch
-      assert batch[F.IMAGE][F.VALID].all() and batch[F.REGION][F.VALID].all()
-    json.dumps(it.get_state())  # JSON-serialisable as is
+      assert batch[F.REGION][F.VALID].all()
+    state = it.get_state()
+    assert list(state) == [F.REGION] and state[F.REGION]["version"] == mixture.STATE_VERSION
+    json.dumps(state)  # JSON-serialisable as is
+  with pytest.raises(ValueError, match="one kind"):
+    mixture.make_train_iterator(cfg, dataclasses.replace(sizes, image_batch=4), PRE, None, seed=1,
+                                process_index=0, process_count=1,
+                                make_example=fake_make_example, source_factory=_factory)
 
 
 def test_region_packing_indices_and_duplicates():
@@ -145,44 +155,31 @@ def test_bad_example_names_record_and_field():
     next(iter(ds))
 
 
-def test_eval_pass_same_steps_on_every_host():
-  """Deterministic eval pass: shards are disjoint, cover all records, and step counts agree."""
-  cfg = {F.IMAGE: [{"n": 13}, {"n": 4}], F.REGION: [{"n": 5}]}
-
-  def factory(kind, spec):
-    return ListSource(make_records(kind, spec["n"], start=100 * (spec["n"] == 4)))
-
-  eval_pre = dataclasses.replace(PRE, train=False)
-  sizes = dataclasses.replace(SIZES, video_batch=0)
-  seen, steps = [], []
+def test_host_shards_are_disjoint_and_cover_the_source():
+  """One epoch on each of 3 hosts: every record is read by exactly one host."""
+  sizes = dataclasses.replace(SIZES, region_batch=0, region_max_images=0, video_batch=0)
+  seen = []
   for host in range(3):
-    it = mixture.make_eval_dataset(cfg, sizes, eval_pre, None, host, 3,
-                                   make_example=fake_make_example, source_factory=factory)
-    batches = list(it)
-    steps.append(len(batches))
-    for b in batches:
-      F.check_batch(b, sizes)
-      seen += _record_nums(b[F.IMAGE])
-  # Largest image shard: ceil(13/3) + ceil(4/3) = 7 records -> 2 steps of 4.
-  assert steps == [2, 2, 2]
-  assert sorted(seen) == list(range(13)) + list(range(100, 104))
-  with pytest.raises(ValueError, match="train=False"):
-    mixture.make_eval_dataset(cfg, sizes, PRE, None, 0, 1, make_example=fake_make_example,
-                              source_factory=factory)
+    it = mixture.make_train_iterator({F.IMAGE: [{"n": 13}], "num_epochs": 1}, sizes, PRE, None,
+                                     seed=2, process_index=host, process_count=3,
+                                     make_example=fake_make_example, source_factory=_factory)
+    nums = [n for b in it for n in _record_nums(b[F.IMAGE])]
+    assert len(nums) == len(range(host, 13, 3))  # strided shard [host::3]
+    seen += nums
+  assert sorted(seen) == list(range(13))
 
 
 def test_global_batch_shapes_shardings_and_host_fields():
   import jax  # pylint: disable=g-import-not-at-top
-  from data_pipelines import global_batch
-  from x2vlm_jax import sharding
+  from x2vlm_jax import global_batch, sharding
 
   sizes = dataclasses.replace(SIZES, image_batch=8, region_batch=8, region_max_images=4,
                               video_batch=0)
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   ds = {k: mixture.kind_dataset(k, [ListSource(make_records(k, 9))], sizes, PRE, None, seed=0,
                                 make_example=fake_make_example) for k in (F.IMAGE, F.REGION)}
-  local = next(mixture.MixedBatchIterator(ds))
-  out = global_batch.to_global(local, mesh)
+  local = {k: next(iter(d)) for k, d in ds.items()}
+  out = global_batch.put([local], mesh)
   spec = F.batch_spec(sizes)
   for kind, fields in spec.items():
     assert set(out[kind]) == set(fields) - set(F.HOST_ONLY_FIELDS)
@@ -192,5 +189,13 @@ def test_global_batch_shapes_shardings_and_host_fields():
       np.testing.assert_array_equal(np.asarray(arr), local[kind][name])  # one process: offset 0
   bad = {F.IMAGE: {F.VALID: np.ones(3, np.int32)}}
   with pytest.raises(ValueError, match="image/valid"):
-    global_batch.to_global(bad, mesh)
+    global_batch.put([bad], mesh)
+  # Two micro-batches (gradient accumulation): stacked [2, B, ...], the batch axis (1) sharded.
+  second = {k: next(iter(d)) for k, d in ds.items()}
+  acc = global_batch.put([local, second], mesh)
+  for kind, fields in spec.items():
+    for name, arr in acc[kind].items():
+      assert arr.shape == (2,) + fields[name][0], (kind, name)
+      assert arr.sharding.spec[1] == ("data", "fsdp") and arr.sharding.spec[0] is None
+      np.testing.assert_array_equal(np.asarray(arr[1]), second[kind][name])
   assert jax.device_count() == 8

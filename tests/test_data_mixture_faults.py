@@ -11,11 +11,11 @@ import dataclasses
 
 import pytest
 
-from data_pipelines import faults, synthetic
+from data_pipelines import assets, synthetic
 from data_pipelines import features as F
 from data_pipelines import mixture
+from data_pipelines.testing import faults
 from data_pipelines.text_ops import Tokenizer
-from x2vlm_jax import assets
 
 L = 16
 SIZES = F.BatchSizes(image_res=32, patch_size=16, max_tokens=L, max_masks=4, image_batch=4,

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines import arrayrecord, checks, convert_jsonl, jsonl_format, sources, synthetic
+from data_pipelines import arrayrecord, checks, jsonl_format, sources, synthetic
 from data_pipelines import features as F
 from data_pipelines.features import SkipRecord
+from data_pipelines.tools import convert_jsonl
 
 N = 30  # records per kind in the parity test
 

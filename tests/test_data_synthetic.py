@@ -134,9 +134,8 @@ def test_jpeg_option_and_in_memory_source():
 def test_region_records_without_whole_image_caption(tmp_path):
   """region_caption=False: the same scenes and elems, no optional "caption" key in the JSON
   line, and every text of a region example is a boxed phrase (is_image = 0)."""
-  from data_pipelines import examples, sources
+  from data_pipelines import assets, examples, sources
   from data_pipelines.text_ops import Tokenizer
-  from x2vlm_jax import assets
 
   plain, bare = ShapesWorld(), ShapesWorld(WorldConfig(region_caption=False))
   a, b = plain.record(F.REGION, 3), bare.record(F.REGION, 3)

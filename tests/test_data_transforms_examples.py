@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipelines import examples, packing
+from data_pipelines import assets, examples, packing
 from data_pipelines import features as F
 from data_pipelines.image_ops import eval_transform
 from data_pipelines.synthetic import SyntheticSource
 from data_pipelines.text_ops import Tokenizer
-from x2vlm_jax import assets
 
 CFG = F.PreprocConfig(image_res=32, max_tokens=16, max_masks=4, max_regions=3, frame_len=3)
 SIZES = F.BatchSizes(image_res=32, max_tokens=16, max_masks=4, image_batch=2, region_batch=4,

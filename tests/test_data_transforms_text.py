@@ -10,9 +10,9 @@ import pickle
 import numpy as np
 import pytest
 
+from data_pipelines import assets
 from data_pipelines.features import SkipRecord
 from data_pipelines.text_ops import Tokenizer, pre_caption
-from x2vlm_jax import assets
 
 
 @pytest.mark.parametrize("raw,max_words,expect", [

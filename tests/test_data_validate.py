@@ -7,9 +7,11 @@ import re
 
 import pytest
 
-from data_pipelines import checks, convert_jsonl, faults, jsonl_format, sources, synthetic, validate
+from data_pipelines import checks, jsonl_format, sources, synthetic
 from data_pipelines import features as F
 from data_pipelines.features import SkipRecord
+from data_pipelines.testing import faults
+from data_pipelines.tools import convert_jsonl, validate
 
 N = 200  # lines per set: 5% = 10 faults, enough to cover every applicable reason
 _LINE = re.compile(r"^(\S+:\d+): (\w+): (\S+): ")

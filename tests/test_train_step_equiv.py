@@ -20,7 +20,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from data_pipelines import features as F
-from data_pipelines.random_batch import random_batch
+from data_pipelines.testing.random_batch import random_batch
 from x2vlm_jax import global_batch, optim, sharding
 from x2vlm_jax import pretrain_loss as pl
 from x2vlm_jax.models.config import ModelConfig

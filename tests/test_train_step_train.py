@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import features as F
-from data_pipelines.random_batch import random_batch
+from data_pipelines.testing.random_batch import random_batch
 from x2vlm_jax import global_batch, optim, sharding, step_jit
 from x2vlm_jax import pretrain_loss as pl
 from x2vlm_jax import train_step as ts

@@ -1,6 +1,6 @@
 """Converter: official JSON lines -> TFDS ArrayRecord dataset of canonical records.
 
-    python -m data_pipelines.convert_jsonl --kind region SRC OUT_DIR [--no-check] [--rpath] ...
+    python -m data_pipelines.tools.convert_jsonl --kind region SRC OUT_DIR [--no-check] ...
 
 SRC is a JSON-lines file or directory (`_SUCCESS` files skipped). Bad lines are not written:
 each is reported on stderr as `file:line: reason: field: detail` and counted per reason. By
@@ -20,8 +20,8 @@ import sys
 
 from data_pipelines import features as F
 from data_pipelines.jsonl_format import JsonlFormat
-from data_pipelines.validate import Problem, add_format_args, default_tokenizer, format_from_args
-from data_pipelines.validate import iter_checked
+from data_pipelines.tools.validate import Problem, add_format_args, default_tokenizer
+from data_pipelines.tools.validate import format_from_args, iter_checked
 
 
 @dataclasses.dataclass
@@ -69,7 +69,7 @@ def convert(src: str, out_dir: str, kind: str, fmt: JsonlFormat | None = None, c
 
 def main(argv: list[str] | None = None) -> int:
   """CLI entry point; prints a JSON summary and returns 0 (bad lines are expected, not fatal)."""
-  parser = argparse.ArgumentParser(prog="python -m data_pipelines.convert_jsonl",
+  parser = argparse.ArgumentParser(prog="python -m data_pipelines.tools.convert_jsonl",
                                    description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("src", help="JSON-lines file or directory")

@@ -1,6 +1,6 @@
 """Validator: lists every bad record of a data source and counts them per skip reason.
 
-    python -m data_pipelines.validate PATH [--kind K] [--tokenizer DIR] [--rpath] ...
+    python -m data_pipelines.tools.validate PATH [--kind K] [--tokenizer DIR] [--rpath] ...
 
 PATH is a JSON-lines file or directory, or an ArrayRecord dataset directory. Every record is
 read (reader faults: bad JSON, wrong types, missing/corrupt images, empty captions, empty
@@ -59,7 +59,7 @@ def default_tokenizer(max_tokens: int = 40, directory: str | None = None):
   """
   from data_pipelines.text_ops import Tokenizer
   if directory is None:
-    from x2vlm_jax.assets import minilm_dir
+    from data_pipelines.assets import minilm_dir
     directory = minilm_dir()
   return Tokenizer(directory, max_tokens)
 
@@ -112,7 +112,8 @@ def format_from_args(args: argparse.Namespace, kind: str) -> JsonlFormat:
 
 def main(argv: list[str] | None = None) -> int:
   """CLI entry point; returns the exit code."""
-  parser = argparse.ArgumentParser(prog="python -m data_pipelines.validate", description=__doc__,
+  parser = argparse.ArgumentParser(prog="python -m data_pipelines.tools.validate",
+                                   description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("path", help="JSON-lines file/dir or ArrayRecord dataset dir")
   add_format_args(parser)

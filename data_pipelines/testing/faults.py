@@ -2,7 +2,7 @@
 
 Every injected fault maps to exactly one skip reason of `features.SKIP_REASONS`, so a
 validator run over the copy must report exactly the returned (record id, reason) list. Used to
-test the readers, `checks.check_record` and `python -m data_pipelines.validate`.
+test the readers, `checks.check_record` and `python -m data_pipelines.tools.validate`.
 """
 
 from __future__ import annotations
