@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
-from x2vlm_jax import optim
+from x2vlm_jax import optim, treepath
 
 # path -> (lr factor, weight decay) expected with fresh = {temp, itm_head}, lr_mult 2.
 EXPECTED = {
@@ -33,7 +33,7 @@ def _tree(values):
 
 
 def _flat(tree):
-  return {p: np.asarray(v, np.float64) for p, v in optim.flat_params(tree)}
+  return {p: np.asarray(v, np.float64) for p, v in treepath.flatten(tree)}
 
 
 def np_hf_adamw(params, grads_per_step, cfg, groups):
@@ -167,8 +167,8 @@ def test_nnx_optimizer_uses_our_paths():
   for _ in range(3):
     train_step(model, opt)
     pstate, ostate = tree_step(pstate, ostate)
-  got = dict(optim.flat_params(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
-  for path, want in optim.flat_params(pstate):
+  got = dict(treepath.flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+  for path, want in treepath.flatten(pstate):
     np.testing.assert_allclose(got[path], want, rtol=1e-6, atol=1e-8, err_msg=path)
   assert float(model.temp[...]) != 0.07
 

@@ -80,11 +80,6 @@ class Restored:
 _K1, _K2, _K3 = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D
 
 
-def _path_str(path) -> str:
-  """A readable leaf path: 'opt_state/0/mu/w' instead of "[0].mu['w']"."""
-  return "/".join(treepath.path_parts(path)) or "<root>"
-
-
 def _mix(a, xp):
   """xorshift: an invertible scramble of uint32 words (keeps single-word changes visible)."""
   return a ^ (a >> xp.uint32(15))
@@ -155,7 +150,7 @@ def leaf_checksums(tree) -> dict[str, dict]:
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
   out, dev_paths, dev_leaves = {}, [], []
   for path, leaf in flat:
-    name = _path_str(path)
+    name = treepath.path_str(path, "/", root="<root>")
     if isinstance(leaf, jax.Array):
       _check_dtype(leaf.dtype, f"state leaf {name!r}")
       dev_paths.append(name)
@@ -318,7 +313,7 @@ def _target_dtypes(target) -> dict[str, str]:
   if target is None:
     return {}
   flat, _ = jax.tree_util.tree_flatten_with_path(target)
-  return {_path_str(p): str(np.dtype(x.dtype)) for p, x in flat if hasattr(x, "dtype")}
+  return {treepath.path_str(p, "/", root="<root>"): str(np.dtype(x.dtype)) for p, x in flat if hasattr(x, "dtype")}
 
 
 # ----------------------------------------------------------------------------------------------

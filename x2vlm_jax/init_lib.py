@@ -30,7 +30,7 @@ from absl import logging
 from flax import nnx
 
 from x2vlm_jax import assets
-from x2vlm_jax import optim
+from x2vlm_jax import optim, treepath
 from x2vlm_jax.models.config import ModelConfig
 from x2vlm_jax.models.x2vlm import X2VLM, create_sharded
 
@@ -94,7 +94,7 @@ def _from_official(model: X2VLM, path: str, model_cfg: ModelConfig, notes: list[
   # Missing keys are allowed (§7.7: e.g. the frame embedding of stage 2); they stay at init.
   params, report = official.official_to_params(sd, model_cfg, allow={"missing"})
   notes.append(f"official checkpoint {path}:\n{report.summary()}")
-  loaded = frozenset(p for p, _ in optim.flat_params(params))
+  loaded = frozenset(p for p, _ in treepath.flatten(params))
   result = hf.ImportResult(params, loaded, frozenset(), report)
   return hf.apply(model, result)
 
@@ -107,11 +107,11 @@ def _from_params_dir(model: X2VLM, path: str, notes: list[str]):
 
   directory = _check_exists(path, "params_dir").absolute()
   state = nnx.state(model, nnx.Param)
-  ours = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(state)}
+  ours = treepath.flatten_state(state)
   ckptr = ocp.StandardCheckpointer()
   try:
     meta = ckptr.metadata(directory / params_io.PARAMS_DIR).item_metadata
-    saved = {p: m for p, m in optim.flat_params(meta)}
+    saved = {p: m for p, m in treepath.flatten(meta)}
     unknown = sorted(set(saved) - set(ours))
     if unknown:
       raise ValueError(f"{path}: parameters {unknown[:10]} are not in this model "
@@ -124,30 +124,20 @@ def _from_params_dir(model: X2VLM, path: str, notes: list[str]):
     flat_target = {p: jax.ShapeDtypeStruct(tuple(m.shape), ours[p][...].dtype,
                                            sharding=ours[p][...].sharding)
                    for p, m in saved.items()}
-    target = _unflatten_like(meta, flat_target)
+    target = treepath.unflatten_like(meta, flat_target)
     restored = ckptr.restore(directory / params_io.PARAMS_DIR, target)
   finally:
     ckptr.close()
   # The restored arrays already sit in the model's shardings: write them in place (no host copy,
   # so this also works when no process can address every shard).
-  flat = dict(optim.flat_params(restored))
+  flat = dict(treepath.flatten(restored))
   pure = nnx.to_pure_dict(state)
   for p, arr in flat.items():
-    node = pure
-    *parents, last = p.split(".")
-    for part in parents:
-      node = node[int(part) if part.isdigit() and int(part) in node else part]
-    node[last] = arr
+    treepath.set_path(pure, p, arr)
   nnx.replace_by_pure_dict(state, pure)
   nnx.update(model, state)
   notes.append(f"params dir {path}: {len(flat)} of {len(ours)} parameters loaded")
   return frozenset(ours) - frozenset(flat)
-
-
-def _unflatten_like(tree, flat: dict):
-  """A tree shaped like `tree` whose leaves come from `flat` (dotted paths)."""
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  return jax.tree_util.tree_unflatten(treedef, [flat[optim.path_str(kp)] for kp, _ in leaves])
 
 
 def initialize(cfg, model_cfg: ModelConfig, mesh, key) -> InitResult:

@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from x2vlm_jax import optim, sharding
+from x2vlm_jax import sharding, treepath
 from x2vlm_jax import train_step as ts
 from x2vlm_jax.models.config import ModelConfig
 from x2vlm_jax.models.x2vlm import X2VLM, abstract_model
@@ -42,13 +42,13 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: dict,
   shape (Adam mu / nu) gets that parameter's sharding; everything else is replicated."""
   replicated = NamedSharding(mesh, P())
   by_path = {path: (sh, tuple(leaf.shape)) for (path, sh), (_, leaf) in
-             zip(optim.flat_params(param_sh), optim.flat_params(abstract_params))}
+             zip(treepath.flatten(param_sh), treepath.flatten(abstract_params))}
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
 
   def one(keypath, leaf):
-    parts = optim.path_str(keypath).split(".")
+    parts = treepath.path_parts(keypath)
     for i in range(len(parts)):  # longest suffix first
-      hit = by_path.get(".".join(parts[i:]))
+      hit = by_path.get(treepath.path_str(parts[i:]))
       if hit is not None and hit[1] == tuple(leaf.shape):
         return hit[0]
     return replicated
