@@ -32,7 +32,7 @@ import numpy as np
 
 from x2vlm_jax.convert import common as C
 from x2vlm_jax.convert import torch_io
-from x2vlm_jax.convert.official import to_numpy
+from x2vlm_jax.convert.arrays import to_numpy
 from x2vlm_jax.models.config import ModelConfig, TextConfig
 
 Source = str | pathlib.Path | Mapping[str, Any]

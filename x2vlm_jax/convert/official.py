@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from x2vlm_jax.convert import common as C
+from x2vlm_jax.convert.arrays import to_numpy, to_numpy_tree
 from x2vlm_jax.models.config import ModelConfig
 
 F32 = np.dtype(np.float32)
@@ -448,7 +449,7 @@ def params_to_official(
   values (`torch_io.save_th` re-links them to shared storage). The fine-tuning layout omits the
   MLM head, so `mlm_head.*` is not written there.
   """
-  params = _to_numpy_tree(params)
+  params = to_numpy_tree(params)
   spec = official_state_spec(cfg, layout)
   out = C.export(params, official_rules(cfg), spec.keys(), allow_unused=(layout == FINETUNE),
                  what="jax -> official export")
@@ -457,23 +458,6 @@ def params_to_official(
   if bad:
     raise C.ConversionError("exported shapes differ from the official spec:\n  " + "\n  ".join(bad))
   return collections.OrderedDict((k, out[k].astype(spec[k][1], copy=False)) for k in spec)
-
-
-def to_numpy(value: Any, key: str = "?") -> np.ndarray:
-  """A torch tensor (any device, bf16 included) or array-like -> numpy, without importing torch."""
-  if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch.Tensor
-    t = value.detach().cpu()
-    if str(t.dtype) == "torch.bfloat16":
-      raise TypeError(f"{key}: bfloat16 tensors are not an official dtype; cast to float32 first")
-    return t.numpy()
-  try:
-    return np.asarray(value)
-  except Exception as e:  # pragma: no cover - exotic inputs
-    raise TypeError(f"{key}: cannot convert {type(value).__name__} to a numpy array") from e
-
-
-def _to_numpy_tree(tree: Mapping[str, Any]) -> dict[str, Any]:
-  return {k: _to_numpy_tree(v) if isinstance(v, Mapping) else np.asarray(v) for k, v in tree.items()}
 
 
 def _resize_vision(sd, cfg, source_image_size, resize_fn, allow):
