@@ -81,7 +81,7 @@ def _check_exists(path: str, key: str) -> pathlib.Path:
 
 
 def _from_official(model: X2VLM, path: str, model_cfg: ModelConfig, notes: list[str]):
-  from x2vlm_jax.convert import hf, official  # pylint: disable=g-import-not-at-top
+  from x2vlm_jax.convert import apply, official  # pylint: disable=g-import-not-at-top
   from x2vlm_jax.convert.torch_io import load_th  # pylint: disable=g-import-not-at-top
 
   p = _check_exists(path, "official_th")
@@ -94,9 +94,7 @@ def _from_official(model: X2VLM, path: str, model_cfg: ModelConfig, notes: list[
   # Missing keys are allowed (§7.7: e.g. the frame embedding of stage 2); they stay at init.
   params, report = official.official_to_params(sd, model_cfg, allow={"missing"})
   notes.append(f"official checkpoint {path}:\n{report.summary()}")
-  loaded = frozenset(p for p, _ in treepath.flatten(params))
-  result = hf.ImportResult(params, loaded, frozenset(), report)
-  return hf.apply(model, result)
+  return apply.apply_params(model, params)
 
 
 def _from_params_dir(model: X2VLM, path: str, notes: list[str]):
@@ -165,7 +163,7 @@ def initialize(cfg, model_cfg: ModelConfig, mesh, key) -> InitResult:
   elif params_dir:
     fresh = tuple(sorted(_from_params_dir(model, params_dir, notes)))
   elif bert or beit:
-    from x2vlm_jax.convert import hf  # pylint: disable=g-import-not-at-top
+    from x2vlm_jax.convert import apply, hf  # pylint: disable=g-import-not-at-top
     results, bert_scope_fresh = [], set()
     if bert:
       _check_exists(bert, "bert_dir")
@@ -178,7 +176,7 @@ def initialize(cfg, model_cfg: ModelConfig, mesh, key) -> InitResult:
       res = hf.load_beit(beit, model_cfg)
       notes.append(f"BEiT {beit}:\n{res.report.summary()}")
       results.append(res)
-    hf.apply(model, *results)
+    apply.apply_params(model, *(r.params for r in results))
     fresh = tuple(sorted(set(scratch) | bert_scope_fresh))
   else:
     notes.append("no init source: every parameter from its initializer")

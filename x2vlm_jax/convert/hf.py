@@ -13,9 +13,8 @@
 
 Both return an `ImportResult` (our nested numpy params, the loaded / not-loaded paths, the
 coverage report) and are strict: unexpected, missing or mis-shaped keys raise
-`common.ConversionError` unless their kind is in `allow`. `apply` writes results into a model
-(keeping its shardings) and returns the paths left at init -- the official `init_params`, which
-the optimizer gives lr x lr_mult.
+`common.ConversionError` unless their kind is in `allow`. `apply.apply_params(model,
+*(r.params for r in results))` writes them into a model and returns the paths left at init.
 """
 
 from __future__ import annotations
@@ -30,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from x2vlm_jax import treepath
+from x2vlm_jax.convert import apply, torch_io
 from x2vlm_jax.convert import common as C
-from x2vlm_jax.convert import torch_io
 from x2vlm_jax.convert.arrays import to_numpy
 from x2vlm_jax.models.config import ModelConfig, TextConfig
 
@@ -117,23 +117,12 @@ def text_config_from_hf(path: str | pathlib.Path, **overrides) -> TextConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Our side: the expected tree (shapes of the real model, no allocation).
+# Results.
 # ---------------------------------------------------------------------------------------------
 
 
-def expected_shapes(model_cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-  """{dotted path: (shape, dtype)} of every parameter, via `nnx.eval_shape` of the model."""
-  from flax import nnx
-
-  from x2vlm_jax.models.x2vlm import abstract_model
-
-  state = nnx.state(abstract_model(model_cfg), nnx.Param)
-  return {".".join(map(str, p)): (tuple(v.shape), np.dtype(v.dtype))
-          for p, v in nnx.to_flat_state(state)}
-
-
 def _result(params: dict, report: C.CoverageReport, scope: Iterable[str]) -> ImportResult:
-  loaded = frozenset(C.flatten(params))
+  loaded = frozenset(treepath.flatten_dict(params))
   return ImportResult(params, loaded, frozenset(scope) - loaded, report)
 
 
@@ -247,7 +236,7 @@ def load_bert(src: Source, model_cfg: ModelConfig, *, fusion_layers: Iterable[in
   text, fusion = model_cfg.text, model_cfg.fusion
   _check_hf_config(src, text)
   sd = _normalise_bert_keys(read_state_dict(src, weights_only=weights_only))
-  shapes = expected_shapes(model_cfg)
+  shapes = apply.expected_shapes(model_cfg)
   scope = [p for p in shapes if p.split(".")[0] in ("text", "fusion", "mlm_head")]
   layer_ids = sorted({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.layer\.(\d+)\.", k))})
   n_src = (max(layer_ids) + 1) if layer_ids else 0
@@ -421,42 +410,8 @@ def load_beit(src: Source, model_cfg: ModelConfig, *, allow: Iterable[str] = (),
       src_grid = (side + 1) // 2
       sd[k] = resize_rel_pos_bias(sd[k], src_grid, vcfg.grid)
       notes.append(f"{k}: resized grid {src_grid} -> {vcfg.grid}")
-  shapes = expected_shapes(model_cfg)
+  shapes = apply.expected_shapes(model_cfg)
   expected = {p: s for p, s in shapes.items() if p.startswith("vision.")}
   params, report = C.merge(sd, beit_rules(), expected, allow=allow, what="BEiT-2 -> vision tower")
   report.notes[:0] = notes
   return _result(params, report, expected)
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing into a model.
-# ---------------------------------------------------------------------------------------------
-
-
-def apply(model, *results: ImportResult) -> frozenset[str]:
-  """Writes the results' params into `model` in place (same dtype and sharding as its params)
-  and returns the dotted paths of every model parameter that no result loaded: the set the
-  optimizer treats as new (lr x lr_mult, reference §6.1)."""
-  import jax
-  from flax import nnx
-
-  state = nnx.state(model, nnx.Param)
-  current = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
-  pure = nnx.to_pure_dict(state)
-  loaded: set[str] = set()
-  for res in results:
-    for path, arr in C.flatten(res.params).items():
-      if path not in current:
-        raise C.ConversionError(f"{path}: not a parameter of this model")
-      old = current[path][...]
-      if tuple(arr.shape) != tuple(old.shape):
-        raise C.ConversionError(f"{path}: loaded shape {arr.shape} vs model {old.shape}")
-      node = pure
-      *parents, last = path.split(".")
-      for part in parents:
-        node = node[int(part) if part.isdigit() and int(part) in node else part]
-      node[last] = jax.device_put(np.asarray(arr, dtype=old.dtype), old.sharding)
-      loaded.add(path)
-  nnx.replace_by_pure_dict(state, pure)
-  nnx.update(model, state)
-  return frozenset(current) - loaded
