@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from x2vlm_jax import treepath
 from x2vlm_jax.convert import common as C
 from x2vlm_jax.convert import official as O
 from x2vlm_jax.convert.official_config import infer_config, official_config_dict
@@ -77,7 +78,7 @@ def test_spec_counts_and_order_base_and_large():
   assert len(large) == 792 and O.count_parameters(large) == 592_952_129
   # Our tree holds exactly the learned scalars of the official file.
   for cfg in (ModelConfig.base(), ModelConfig.large()):
-    ours = sum(int(np.prod(s)) for s, _ in C.flatten(O.param_shapes(cfg)).values())
+    ours = sum(int(np.prod(s)) for s, _ in treepath.flatten_dict(O.param_shapes(cfg)).values())
     assert ours == O.count_parameters(O.official_state_spec(cfg))
 
 
@@ -90,8 +91,8 @@ def test_param_table_matches_the_model(cfg):
   from flax import nnx
 
   state = nnx.state(x2vlm.abstract_model(cfg), nnx.Param)
-  got = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in C.flatten(nnx.to_pure_dict(state)).items()}
-  assert got == C.flatten(O.param_shapes(cfg))
+  got = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in treepath.flatten_dict(nnx.to_pure_dict(state)).items()}
+  assert got == treepath.flatten_dict(O.param_shapes(cfg))
 
 
 def test_relative_position_index_formula():
@@ -131,8 +132,8 @@ def test_official_round_trip_bit_exact(cfg):
   assert not (report.missing or report.unexpected or report.shape or report.check)
   assert len(report.matched) == len(sd)
   # Our tree has exactly the contract's paths, shapes and dtypes.
-  want = {k: v for k, v in C.flatten(O.param_shapes(cfg)).items()}
-  got = {k: (v.shape, v.dtype) for k, v in C.flatten(params).items()}
+  want = {k: v for k, v in treepath.flatten_dict(O.param_shapes(cfg)).items()}
+  got = {k: (v.shape, v.dtype) for k, v in treepath.flatten_dict(params).items()}
   assert got == want
   back = O.params_to_official(params, cfg)
   assert_same_state(sd, back)

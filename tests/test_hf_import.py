@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from x2vlm_jax import assets
+from x2vlm_jax import assets, treepath
 from x2vlm_jax.convert import common as C
 from x2vlm_jax.convert import apply, hf
 from x2vlm_jax.models import FusionConfig, ModelConfig, VisionConfig, abstract_model
@@ -196,7 +196,7 @@ def test_beit_vision_tower_matches_transformers():
   # The official .pth layout (wrapped in 'model', with head.* and index buffers) loads the same.
   off = hf.load_beit({"model": _official_layout(sd)}, cfg)
   for path in res.loaded:
-    a, b = C.flatten(res.params)[path], C.flatten(off.params)[path]
+    a, b = treepath.flatten_dict(res.params)[path], treepath.flatten_dict(off.params)[path]
     np.testing.assert_array_equal(a, b, err_msg=path)
 
 

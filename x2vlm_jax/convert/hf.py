@@ -32,6 +32,7 @@ import numpy as np
 from x2vlm_jax import treepath
 from x2vlm_jax.convert import apply, torch_io
 from x2vlm_jax.convert import common as C
+from x2vlm_jax.convert import transforms as T
 from x2vlm_jax.convert.arrays import to_numpy
 from x2vlm_jax.models.config import ModelConfig, TextConfig
 
@@ -152,18 +153,18 @@ def _bert_layer_rules(ours: str, attn: str, attn_norm: str) -> list[C.Rule]:
   r = []
   for name in ("query", "key", "value"):
     r += [C.Rule(_L + rf"attention\.self\.{name}\.weight", f"{ours}.{attn}.{name}.kernel",
-                 C.LINEAR_TO_HEADS),
+                 T.LINEAR_TO_HEADS),
           C.Rule(_L + rf"attention\.self\.{name}\.bias", f"{ours}.{attn}.{name}.bias",
-                 C.BIAS_TO_HEADS)]
+                 T.BIAS_TO_HEADS)]
   r += [
       C.Rule(_L + r"attention\.output\.dense\.weight", f"{ours}.{attn}.out.kernel",
-             C.LINEAR_FROM_HEADS),
+             T.LINEAR_FROM_HEADS),
       C.Rule(_L + r"attention\.output\.dense\.bias", f"{ours}.{attn}.out.bias"),
       C.Rule(_L + r"attention\.output\.LayerNorm\.weight", f"{ours}.{attn_norm}.scale"),
       C.Rule(_L + r"attention\.output\.LayerNorm\.bias", f"{ours}.{attn_norm}.bias"),
-      C.Rule(_L + r"intermediate\.dense\.weight", f"{ours}.mlp.fc1.kernel", C.LINEAR),
+      C.Rule(_L + r"intermediate\.dense\.weight", f"{ours}.mlp.fc1.kernel", T.LINEAR),
       C.Rule(_L + r"intermediate\.dense\.bias", f"{ours}.mlp.fc1.bias"),
-      C.Rule(_L + r"output\.dense\.weight", f"{ours}.mlp.fc2.kernel", C.LINEAR),
+      C.Rule(_L + r"output\.dense\.weight", f"{ours}.mlp.fc2.kernel", T.LINEAR),
       C.Rule(_L + r"output\.dense\.bias", f"{ours}.mlp.fc2.bias"),
       C.Rule(_L + r"output\.LayerNorm\.weight", f"{ours}.mlp_norm.scale"),
       C.Rule(_L + r"output\.LayerNorm\.bias", f"{ours}.mlp_norm.bias"),
@@ -182,7 +183,7 @@ def bert_rules(text: TextConfig) -> list[C.Rule]:
       C.Rule(r"embeddings\.LayerNorm\.bias", "text.embeddings.norm.bias"),
       C.Rule(r"embeddings\.position_ids", None, expect=lambda m: positions),
       *_bert_layer_rules("text.layers", "attn", "attn_norm"),
-      C.Rule(r"cls\.predictions\.transform\.dense\.weight", "mlm_head.dense.kernel", C.LINEAR),
+      C.Rule(r"cls\.predictions\.transform\.dense\.weight", "mlm_head.dense.kernel", T.LINEAR),
       C.Rule(r"cls\.predictions\.transform\.dense\.bias", "mlm_head.dense.bias"),
       C.Rule(r"cls\.predictions\.transform\.LayerNorm\.weight", "mlm_head.norm.scale"),
       C.Rule(r"cls\.predictions\.transform\.LayerNorm\.bias", "mlm_head.norm.bias"),
@@ -289,7 +290,7 @@ def beit_rules() -> list[C.Rule]:
   v = "vision.blocks"
   return [
       C.Rule(r"cls_token", "vision.cls_token"),
-      C.Rule(r"patch_embed\.proj\.weight", "vision.patch_embed.kernel", C.CONV_OIHW),
+      C.Rule(r"patch_embed\.proj\.weight", "vision.patch_embed.kernel", T.CONV_OIHW),
       C.Rule(r"patch_embed\.proj\.bias", "vision.patch_embed.bias"),
       C.Rule(_B + r"gamma_1", f"{v}.gamma_1"),
       C.Rule(_B + r"gamma_2", f"{v}.gamma_2"),
@@ -297,15 +298,15 @@ def beit_rules() -> list[C.Rule]:
       C.Rule(_B + r"norm1\.bias", f"{v}.norm1.bias"),
       C.Rule(_B + r"norm2\.weight", f"{v}.norm2.scale"),
       C.Rule(_B + r"norm2\.bias", f"{v}.norm2.bias"),
-      C.Rule(_B + r"attn\.qkv\.weight", f"{v}.attn.qkv.kernel", C.FUSED_QKV),
-      C.Rule(_B + r"attn\.q_bias", f"{v}.attn.q_bias", C.BIAS_TO_HEADS),
-      C.Rule(_B + r"attn\.v_bias", f"{v}.attn.v_bias", C.BIAS_TO_HEADS),
+      C.Rule(_B + r"attn\.qkv\.weight", f"{v}.attn.qkv.kernel", T.FUSED_QKV),
+      C.Rule(_B + r"attn\.q_bias", f"{v}.attn.q_bias", T.BIAS_TO_HEADS),
+      C.Rule(_B + r"attn\.v_bias", f"{v}.attn.v_bias", T.BIAS_TO_HEADS),
       C.Rule(_B + r"attn\.relative_position_bias_table", f"{v}.attn.rel_pos_bias"),
-      C.Rule(_B + r"attn\.proj\.weight", f"{v}.attn.proj.kernel", C.LINEAR_FROM_HEADS),
+      C.Rule(_B + r"attn\.proj\.weight", f"{v}.attn.proj.kernel", T.LINEAR_FROM_HEADS),
       C.Rule(_B + r"attn\.proj\.bias", f"{v}.attn.proj.bias"),
-      C.Rule(_B + r"mlp\.fc1\.weight", f"{v}.mlp.fc1.kernel", C.LINEAR),
+      C.Rule(_B + r"mlp\.fc1\.weight", f"{v}.mlp.fc1.kernel", T.LINEAR),
       C.Rule(_B + r"mlp\.fc1\.bias", f"{v}.mlp.fc1.bias"),
-      C.Rule(_B + r"mlp\.fc2\.weight", f"{v}.mlp.fc2.kernel", C.LINEAR),
+      C.Rule(_B + r"mlp\.fc2\.weight", f"{v}.mlp.fc2.kernel", T.LINEAR),
       C.Rule(_B + r"mlp\.fc2\.bias", f"{v}.mlp.fc2.bias"),
       C.Rule(r"fc_norm\.weight", "vision.fc_norm.scale"),
       C.Rule(r"fc_norm\.bias", "vision.fc_norm.bias"),

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from x2vlm_jax.convert import common as C
+from x2vlm_jax.convert import transforms as T
 from x2vlm_jax.convert.arrays import to_numpy, to_numpy_tree
 from x2vlm_jax.models.config import ModelConfig
 
@@ -307,7 +308,7 @@ def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
 # The rule table (§7.3).
 # ---------------------------------------------------------------------------------------------
 
-FRAME_EMBED = C.reshape_transform("frame_embed", lambda s: (1, s[0], 1, s[1]))
+FRAME_EMBED = T.reshape_transform("frame_embed", lambda s: (1, s[0], 1, s[1]))
 _LN = {"weight": "scale", "bias": "bias"}
 
 
@@ -315,7 +316,7 @@ def _ln_rules(foreign: str, ours: str, **kw) -> list[C.Rule]:
   return [C.Rule(foreign + r"\." + k, f"{ours}.{v}", **kw) for k, v in _LN.items()]
 
 
-def _linear_rules(foreign: str, ours: str, kernel=C.LINEAR, bias=C.IDENTITY, **kw) -> list[C.Rule]:
+def _linear_rules(foreign: str, ours: str, kernel=T.LINEAR, bias=T.IDENTITY, **kw) -> list[C.Rule]:
   return [C.Rule(foreign + r"\.weight", ours + ".kernel", kernel, **kw),
           C.Rule(foreign + r"\.bias", ours + ".bias", bias, **kw)]
 
@@ -329,7 +330,7 @@ def official_rules(cfg: ModelConfig) -> list[C.Rule]:
       C.Rule(r"temp", "temp"),
       C.Rule(r"vision_encoder\.cls_token", "vision.cls_token"),
       C.Rule(r"vision_encoder\.pos_embed", "vision.pos_embed"),
-      *_linear_rules(r"vision_encoder\.patch_embed\.proj", "vision.patch_embed", C.CONV_OIHW),
+      *_linear_rules(r"vision_encoder\.patch_embed\.proj", "vision.patch_embed", T.CONV_OIHW),
       *_ln_rules(r"vision_encoder\.fc_norm", "vision.fc_norm"),
   ]
   blk = r"vision_encoder\.blocks\.(?P<layer>\d+)\."
@@ -337,12 +338,12 @@ def official_rules(cfg: ModelConfig) -> list[C.Rule]:
   rules += [
       C.Rule(blk + r"gamma_(?P<g>[12])", r"vision.blocks.gamma_\g<g>", **rng),
       *_ln_rules(blk + r"norm(?P<n>[12])", r"vision.blocks.norm\g<n>", **rng),
-      C.Rule(blk + r"attn\.(?P<b>[qv])_bias", r"vision.blocks.attn.\g<b>_bias", C.BIAS_TO_HEADS, **rng),
+      C.Rule(blk + r"attn\.(?P<b>[qv])_bias", r"vision.blocks.attn.\g<b>_bias", T.BIAS_TO_HEADS, **rng),
       C.Rule(blk + r"attn\.relative_position_bias_table", "vision.blocks.attn.rel_pos_bias", **rng),
       C.Rule(blk + r"attn\.relative_position_index", None,
              expect=lambda m: relative_position_index(grid), **rng),
-      C.Rule(blk + r"attn\.qkv\.weight", "vision.blocks.attn.qkv.kernel", C.FUSED_QKV, **rng),
-      *_linear_rules(blk + r"attn\.proj", "vision.blocks.attn.proj", C.LINEAR_FROM_HEADS, **rng),
+      C.Rule(blk + r"attn\.qkv\.weight", "vision.blocks.attn.qkv.kernel", T.FUSED_QKV, **rng),
+      *_linear_rules(blk + r"attn\.proj", "vision.blocks.attn.proj", T.LINEAR_FROM_HEADS, **rng),
       *_linear_rules(blk + r"mlp\.fc(?P<fc>[12])", r"vision.blocks.mlp.fc\g<fc>", **rng),
   ]
 
@@ -364,9 +365,9 @@ def official_rules(cfg: ModelConfig) -> list[C.Rule]:
     kw = {"layer_offset": off, "layer_range": (off, off + depth)}
     rules += [
         *_linear_rules(lay + r"attention\.self\." + qkv, rf"{tower}.{self_attn}.\g<qkv>",
-                       C.LINEAR_TO_HEADS, C.BIAS_TO_HEADS, **kw),
+                       T.LINEAR_TO_HEADS, T.BIAS_TO_HEADS, **kw),
         *_linear_rules(lay + r"attention\.output\.dense", f"{tower}.{self_attn}.out",
-                       C.LINEAR_FROM_HEADS, **kw),
+                       T.LINEAR_FROM_HEADS, **kw),
         *_ln_rules(lay + r"attention\.output\.LayerNorm", f"{tower}.{self_norm}", **kw),
         *_linear_rules(lay + r"intermediate\.dense", f"{tower}.mlp.fc1", **kw),
         *_linear_rules(lay + r"output\.dense", f"{tower}.mlp.fc2", **kw),
@@ -375,9 +376,9 @@ def official_rules(cfg: ModelConfig) -> list[C.Rule]:
     if tower == "fusion.layers":
       rules += [
           *_linear_rules(lay + r"crossattention\.self\." + qkv, r"fusion.layers.cross_attn.\g<qkv>",
-                         C.LINEAR_TO_HEADS, C.BIAS_TO_HEADS, **kw),
+                         T.LINEAR_TO_HEADS, T.BIAS_TO_HEADS, **kw),
           *_linear_rules(lay + r"crossattention\.output\.dense", "fusion.layers.cross_attn.out",
-                         C.LINEAR_FROM_HEADS, **kw),
+                         T.LINEAR_FROM_HEADS, **kw),
           *_ln_rules(lay + r"crossattention\.output\.LayerNorm", "fusion.layers.cross_norm", **kw),
       ]
 
