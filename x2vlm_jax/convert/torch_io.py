@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from x2vlm_jax.convert.arrays import to_numpy
-from x2vlm_jax.convert.official import TIED
+from x2vlm_jax.convert.official_spec import TIED
 
 
 def _torch():
