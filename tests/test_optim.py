@@ -20,18 +20,6 @@ EXPECTED = {
 }
 
 
-def _tree(values):
-  """Nested dict from dotted paths."""
-  out = {}
-  for path, v in values.items():
-    node = out
-    *parents, leaf = path.split(".")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return out
-
-
 def _flat(tree):
   return {p: np.asarray(v, np.float64) for p, v in treepath.flatten(tree)}
 
@@ -68,12 +56,12 @@ def test_matches_numpy_hf_adamw_and_first_step_is_zero():
   grads = [{k: (rng.normal(size=s) * sc).astype(np.float32) for k, s in shapes.items()}
            for sc in (0.1, 2.0, 0.05, 0.3)]
   tx = optim.make_optimizer(cfg, fresh_paths=["temp", "itm_head"])
-  tree = _tree(params)
+  tree = treepath.unflatten_dict(params)
   state = tx.init(tree)
   step = jax.jit(tx.update)
   history = []
   for g in grads:
-    updates, state = step(_tree(g), state, tree)
+    updates, state = step(treepath.unflatten_dict(g), state, tree)
     tree = optax.apply_updates(tree, updates)
     history.append(_flat(tree))
   # §9.26: the first update uses lr 0, so nothing moves (not even by weight decay).
