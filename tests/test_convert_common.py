@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from x2vlm_jax.convert import common as C
+from x2vlm_jax.convert import transforms as T
 
 
 def _rng():
@@ -13,13 +14,13 @@ def _rng():
 @pytest.mark.parametrize(
     "transform,ours_shape",
     [
-        (C.LINEAR, (5, 7)),
-        (C.CONV_OIHW, (4, 4, 3, 5)),
-        (C.LINEAR_TO_HEADS, (7, 3, 5)),
-        (C.BIAS_TO_HEADS, (3, 5)),
-        (C.LINEAR_FROM_HEADS, (3, 5, 7)),
-        (C.FUSED_QKV, (7, 3, 2, 5)),
-        (C.reshape_transform("frames", lambda s: (1, s[0], 1, s[1])), (3, 7)),
+        (T.LINEAR, (5, 7)),
+        (T.CONV_OIHW, (4, 4, 3, 5)),
+        (T.LINEAR_TO_HEADS, (7, 3, 5)),
+        (T.BIAS_TO_HEADS, (3, 5)),
+        (T.LINEAR_FROM_HEADS, (3, 5, 7)),
+        (T.FUSED_QKV, (7, 3, 2, 5)),
+        (T.reshape_transform("frames", lambda s: (1, s[0], 1, s[1])), (3, 7)),
     ],
 )
 def test_transforms_round_trip_and_shapes(transform, ours_shape):
@@ -38,34 +39,34 @@ def test_heads_layout_matches_pytorch():
   w = _rng().standard_normal((h * dh, din))
   x = _rng().standard_normal((2, din))
   torch_heads = (x @ w.T).reshape(2, h, dh)
-  ours = C.LINEAR_TO_HEADS.to_ours(w, (din, h, dh))
+  ours = T.LINEAR_TO_HEADS.to_ours(w, (din, h, dh))
   np.testing.assert_allclose(np.einsum("bd,dhk->bhk", x, ours), torch_heads, rtol=1e-12)
   # Output projection: concat heads then W_o.
   wo = _rng().standard_normal((din, h * dh))
   ctx = _rng().standard_normal((2, h, dh))
-  ours_o = C.LINEAR_FROM_HEADS.to_ours(wo, (h, dh, din))
+  ours_o = T.LINEAR_FROM_HEADS.to_ours(wo, (h, dh, din))
   np.testing.assert_allclose(np.einsum("bhk,hkd->bd", ctx, ours_o), ctx.reshape(2, -1) @ wo.T, rtol=1e-12)
   # Fused qkv: rows [q; k; v].
   wqkv = _rng().standard_normal((3 * h * dh, din))
-  ours_qkv = C.FUSED_QKV.to_ours(wqkv, (din, 3, h, dh))
-  np.testing.assert_array_equal(ours_qkv[:, 1], C.LINEAR_TO_HEADS.to_ours(wqkv[h * dh:2 * h * dh], (din, h, dh)))
+  ours_qkv = T.FUSED_QKV.to_ours(wqkv, (din, 3, h, dh))
+  np.testing.assert_array_equal(ours_qkv[:, 1], T.LINEAR_TO_HEADS.to_ours(wqkv[h * dh:2 * h * dh], (din, h, dh)))
 
 
 def test_split_join_stack_helpers():
   x = np.arange(2 * 12).reshape(2, 12)
-  s = C.split_heads(x, 3)
+  s = T.split_heads(x, 3)
   assert s.shape == (2, 3, 4)
-  np.testing.assert_array_equal(C.join_heads(s), x)
+  np.testing.assert_array_equal(T.join_heads(s), x)
   with pytest.raises(ValueError, match="not divisible"):
-    C.split_heads(x, 5)
-  st = C.stack_layers([x, x + 1])
+    T.split_heads(x, 5)
+  st = T.stack_layers([x, x + 1])
   assert st.shape == (2, 2, 12)
-  np.testing.assert_array_equal(C.unstack_layers(st)[1], x + 1)
+  np.testing.assert_array_equal(T.unstack_layers(st)[1], x + 1)
 
 
 RULES = [
-    C.Rule(r"enc\.(?P<layer>\d+)\.w", "a.layers.kernel", C.LINEAR, layer_range=(0, 2)),
-    C.Rule(r"enc\.(?P<layer>\d+)\.w", "b.layers.kernel", C.LINEAR, layer_offset=2, layer_range=(2, 3)),
+    C.Rule(r"enc\.(?P<layer>\d+)\.w", "a.layers.kernel", T.LINEAR, layer_range=(0, 2)),
+    C.Rule(r"enc\.(?P<layer>\d+)\.w", "b.layers.kernel", T.LINEAR, layer_offset=2, layer_range=(2, 3)),
     C.Rule(r"emb", "emb"),
     C.Rule(r"dec", "emb", tied=True),
     C.Rule(r"idx", None, expect=lambda m: np.arange(4)),

@@ -9,8 +9,10 @@ import sys
 import numpy as np
 import pytest
 
+from x2vlm_jax import treepath
 from x2vlm_jax.convert import common as C
 from x2vlm_jax.convert import official as O
+from x2vlm_jax.convert import official_spec as S
 from x2vlm_jax.convert.official_config import infer_config, official_config_dict
 from x2vlm_jax.convert.safetensors_io import load_safetensors, save_safetensors
 from x2vlm_jax.models.config import FusionConfig, ModelConfig, TextConfig, VisionConfig
@@ -18,17 +20,17 @@ from x2vlm_jax.models.config import FusionConfig, ModelConfig, TextConfig, Visio
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def random_official(cfg, layout=O.PRETRAIN, seed=0):
+def random_official(cfg, layout=S.PRETRAIN, seed=0):
   """Random state dict with every key/shape/dtype of the spec; buffers and ties as official."""
   rng = np.random.default_rng(seed)
   rules = O.official_rules(cfg)
   sd = {}
-  for k, (shape, dtype) in O.official_state_spec(cfg, layout).items():
+  for k, (shape, dtype) in S.official_state_spec(cfg, layout).items():
     if dtype == np.int64:
       rule, m = C.find_rule(rules, k)
       sd[k] = rule.expect(m)
-    elif k in O.TIED:
-      sd[k] = sd[O.TIED[k]].copy()
+    elif k in S.TIED:
+      sd[k] = sd[S.TIED[k]].copy()
     else:
       sd[k] = rng.standard_normal(shape, dtype=np.float32)
   return sd
@@ -45,14 +47,14 @@ def assert_same_state(a, b, ordered=True):
 
 
 # ---------------------------------------------------------------------------------------------
-# The spec (docs/fidelity.md#official-key-list).
+# The spec (reference §7.2).
 # ---------------------------------------------------------------------------------------------
 
 
 def test_spec_counts_and_order_base_and_large():
-  base = O.official_state_spec(ModelConfig.base())
+  base = S.official_state_spec(ModelConfig.base())
   assert len(base) == 587
-  assert O.count_parameters(base) == 254_758_401
+  assert S.count_parameters(base) == 254_758_401
   keys = list(base)
   assert keys[:4] == ["temp", "vision_encoder.cls_token", "vision_encoder.patch_embed.proj.weight",
                       "vision_encoder.patch_embed.proj.bias"]
@@ -63,22 +65,22 @@ def test_spec_counts_and_order_base_and_large():
   assert base["temp"] == ((), np.float32)
   assert base["text_encoder.bert.encoder.layer.17.crossattention.self.key.weight"][0] == (768, 768)
   assert "text_encoder.bert.encoder.layer.11.crossattention.self.key.weight" not in base
-  # 17 entries per block, in the official order.
+  # 17 entries per block, in the official order (§7.2).
   block = [k.split("blocks.0.")[1] for k in keys if ".blocks.0." in k]
   assert block == ["gamma_1", "gamma_2", "norm1.weight", "norm1.bias", "attn.q_bias", "attn.v_bias",
                    "attn.relative_position_bias_table", "attn.relative_position_index",
                    "attn.qkv.weight", "attn.proj.weight", "attn.proj.bias", "norm2.weight",
                    "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"]
   assert sum(".layer.12." in k for k in keys) == 26 and sum(".layer.0." in k for k in keys) == 16
-  video = O.official_state_spec(ModelConfig.base(frame_len=3))
+  video = S.official_state_spec(ModelConfig.base(frame_len=3))
   assert len(video) == 588 and list(video)[0] == "absolute_frame_pos_embed"
   assert video["absolute_frame_pos_embed"][0] == (1, 3, 1, 768)
-  large = O.official_state_spec(ModelConfig.large())
-  assert len(large) == 792 and O.count_parameters(large) == 592_952_129
+  large = S.official_state_spec(ModelConfig.large())
+  assert len(large) == 792 and S.count_parameters(large) == 592_952_129
   # Our tree holds exactly the learned scalars of the official file.
   for cfg in (ModelConfig.base(), ModelConfig.large()):
-    ours = sum(int(np.prod(s)) for s, _ in C.flatten(O.param_shapes(cfg)).values())
-    assert ours == O.count_parameters(O.official_state_spec(cfg))
+    ours = sum(int(np.prod(s)) for s, _ in treepath.flatten_dict(O.param_shapes(cfg)).values())
+    assert ours == S.count_parameters(S.official_state_spec(cfg))
 
 
 @pytest.mark.parametrize("cfg", [ModelConfig.tiny(), ModelConfig.tiny(frame_len=3), ModelConfig.base(),
@@ -90,19 +92,19 @@ def test_param_table_matches_the_model(cfg):
   from flax import nnx
 
   state = nnx.state(x2vlm.abstract_model(cfg), nnx.Param)
-  got = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in C.flatten(nnx.to_pure_dict(state)).items()}
-  assert got == C.flatten(O.param_shapes(cfg))
+  got = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in treepath.flatten_dict(nnx.to_pure_dict(state)).items()}
+  assert got == treepath.flatten_dict(O.param_shapes(cfg))
 
 
 def test_relative_position_index_formula():
-  idx = O.relative_position_index(24)  # R = 384: 2209 / 2210 / 2211 for num_rel 2212
+  idx = S.relative_position_index(24)  # R = 384: 2209 / 2210 / 2211 for num_rel 2212 (§1.2)
   assert idx.shape == (577, 577) and idx.dtype == np.int64
   assert idx[0, 5] == 2209 and idx[5, 0] == 2210 and idx[0, 0] == 2211
   assert idx[1:, 1:].min() == 0 and idx[1:, 1:].max() == 47 * 47 - 1
   assert idx[1, 1] == 23 * 47 + 23  # zero offset sits at the grid centre
   # Brute force on a small grid.
   p = 3
-  ref = O.relative_position_index(p)
+  ref = S.relative_position_index(p)
   for a in range(p * p):
     for b in range(p * p):
       (ra, ca), (rb, cb) = divmod(a, p), divmod(b, p)
@@ -131,12 +133,12 @@ def test_official_round_trip_bit_exact(cfg):
   assert not (report.missing or report.unexpected or report.shape or report.check)
   assert len(report.matched) == len(sd)
   # Our tree has exactly the contract's paths, shapes and dtypes.
-  want = {k: v for k, v in C.flatten(O.param_shapes(cfg)).items()}
-  got = {k: (v.shape, v.dtype) for k, v in C.flatten(params).items()}
+  want = {k: v for k, v in treepath.flatten_dict(O.param_shapes(cfg)).items()}
+  got = {k: (v.shape, v.dtype) for k, v in treepath.flatten_dict(params).items()}
   assert got == want
   back = O.params_to_official(params, cfg)
   assert_same_state(sd, back)
-  for dup, primary in O.TIED.items():
+  for dup, primary in S.TIED.items():
     assert np.array_equal(back[dup], back[primary])
 
 
@@ -181,10 +183,10 @@ def test_safetensors_round_trip(tmp_path):
 
 def _spec_module(torch, cfg):
   """A torch module whose state_dict() has exactly the official names, shapes, dtypes and ties."""
-  spec = O.official_state_spec(cfg)
+  spec = S.official_state_spec(cfg)
   root = torch.nn.Module()
   for k, (shape, dtype) in spec.items():
-    if k in O.TIED:
+    if k in S.TIED:
       continue
     *parents, leaf = k.split(".")
     mod = root
@@ -217,7 +219,7 @@ def test_th_write_read_with_torch(tmp_path):
   assert set(raw) == {"model", "config"} and list(model) == list(sd)
   assert model["temp"].shape == () and model["temp"].dtype == torch.float32
   assert model["vision_encoder.blocks.0.attn.relative_position_index"].dtype == torch.int64
-  for dup, primary in O.TIED.items():  # shared storage, as module.state_dict() produces
+  for dup, primary in S.TIED.items():  # shared storage, as module.state_dict() produces
     assert model[dup].untyped_storage().data_ptr() == model[primary].untyped_storage().data_ptr()
   module = _spec_module(torch, cfg)
   assert list(module.state_dict()) == list(sd)  # the spec order is state_dict() order
@@ -255,7 +257,7 @@ def test_th_write_read_with_torch(tmp_path):
                                sd["text_encoder.cls.predictions.decoder.weight"] + 1}),
          "check", "text_encoder.cls.predictions.decoder.weight"),
         (lambda sd: sd.update({"vision_encoder.blocks.1.attn.relative_position_index":
-                               O.relative_position_index(4).T.copy()}),
+                               S.relative_position_index(4).T.copy()}),
          "check", "vision_encoder.blocks.1.attn.relative_position_index"),
         (lambda sd: sd.update({"text_encoder.bert.encoder.layer.4.output.dense.bias": np.zeros(40, np.float32)}),
          "unexpected", "text_encoder.bert.encoder.layer.4.output.dense.bias"),
@@ -275,15 +277,15 @@ def test_mismatches_raise_naming_the_key(edit, kind, name):
 
 def test_finetune_layout_import_reports_missing_mlm_head():
   cfg = ModelConfig.tiny()
-  sd = random_official(cfg, layout=O.FINETUNE)
-  assert O.detect_layout(sd) == O.FINETUNE and not any(".bert." in k or ".cls." in k for k in sd)
+  sd = random_official(cfg, layout=S.FINETUNE)
+  assert S.detect_layout(sd) == S.FINETUNE and not any(".bert." in k or ".cls." in k for k in sd)
   with pytest.raises(C.ConversionError, match="mlm_head.bias"):
     O.official_to_params(sd, cfg)
   params, report = O.official_to_params(sd, cfg, allow={"missing"})
   assert sorted(report.missing) == ["mlm_head.bias", "mlm_head.dense.bias", "mlm_head.dense.kernel",
                                     "mlm_head.norm.bias", "mlm_head.norm.scale"]
   assert "mlm_head" not in params
-  assert_same_state(sd, O.params_to_official(params, cfg, layout=O.FINETUNE))
+  assert_same_state(sd, O.params_to_official(params, cfg, layout=S.FINETUNE))
 
 
 def test_infer_config_from_state_and_yaml_keys():
@@ -297,7 +299,7 @@ def test_infer_config_from_state_and_yaml_keys():
   assert got == cfg
   with pytest.raises(ValueError, match="first layer with cross-attention is 2"):
     infer_config(sd, variant="tiny", num_heads=4, text_layers=3)
-  base_like = {k: np.empty(s, d) for k, (s, d) in O.official_state_spec(BASE_WIDTH_SHALLOW).items()}
+  base_like = {k: np.empty(s, d) for k, (s, d) in S.official_state_spec(BASE_WIDTH_SHALLOW).items()}
   got, src, _ = infer_config(base_like)
   assert got == BASE_WIDTH_SHALLOW and src == 224
   got, src, _ = infer_config(base_like, image_size=384)

@@ -5,15 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from x2vlm_jax import params_io, sharding
-from x2vlm_jax.convert import common as C
+from x2vlm_jax import params_io, sharding, treepath
 from x2vlm_jax.convert import official as O
 from x2vlm_jax.models.config import ModelConfig
 
 
 def _random_params(cfg, seed=0):
   rng = np.random.default_rng(seed)
-  return C.unflatten({k: rng.standard_normal(s).astype(d) for k, (s, d) in C.flatten(O.param_shapes(cfg)).items()})
+  return treepath.unflatten_dict({k: rng.standard_normal(s).astype(d) for k, (s, d) in treepath.flatten_dict(O.param_shapes(cfg)).items()})
 
 
 def test_config_json_round_trip():
@@ -34,8 +33,8 @@ def test_save_load_host_and_sharded(tmp_path):
 
   got_cfg, host = params_io.load_params(tmp_path / "w")
   assert got_cfg == cfg
-  for k, v in C.flatten(params).items():
-    h = C.flatten(host)[k]
+  for k, v in treepath.flatten_dict(params).items():
+    h = treepath.flatten_dict(host)[k]
     assert isinstance(h, np.ndarray) and h.dtype == v.dtype and np.array_equal(h, v), k
 
   # Restore straight into the model's abstract, sharded param state on an 8-device mesh.
@@ -48,10 +47,10 @@ def test_save_load_host_and_sharded(tmp_path):
   target = nnx.to_pure_dict(abstract_state)
   shardings = nnx.to_pure_dict(shard_state)
   _, restored = params_io.load_params(tmp_path / "w", abstract_target=target, shardings=shardings)
-  flat_r, flat_s = C.flatten(restored), C.flatten(shardings)
-  assert set(flat_r) == set(C.flatten(params))
+  flat_r, flat_s = treepath.flatten_dict(restored), treepath.flatten_dict(shardings)
+  assert set(flat_r) == set(treepath.flatten_dict(params))
   n_split = 0
-  for k, v in C.flatten(params).items():
+  for k, v in treepath.flatten_dict(params).items():
     arr = flat_r[k]
     assert isinstance(arr, jax.Array) and arr.sharding == flat_s[k], k
     assert np.array_equal(np.asarray(arr), v), k

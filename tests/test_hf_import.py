@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from x2vlm_jax import assets
+from x2vlm_jax import assets, treepath
 from x2vlm_jax.convert import common as C
-from x2vlm_jax.convert import hf
+from x2vlm_jax.convert import apply, hf
 from x2vlm_jax.models import FusionConfig, ModelConfig, VisionConfig, abstract_model
 from x2vlm_jax.models.vision import CLIP_MEAN, CLIP_STD
 
@@ -59,7 +59,7 @@ def test_minilm_text_tower_matches_transformers(minilm):
   assert any("pooler" in n for n in res.report.notes)
 
   model = host_model(cfg)
-  fresh = hf.apply(model, res)
+  fresh = apply.apply_params(model, res.params)
   assert "vision_proj.kernel" in fresh and "fusion.layers.cross_norm.scale" in fresh
   assert "text.embeddings.word" not in fresh
 
@@ -176,7 +176,7 @@ def test_beit_vision_tower_matches_transformers():
   res = hf.load_beit(sd, cfg)
   assert res.not_loaded == frozenset() and len(res.loaded) == 21
   model = host_model(cfg)
-  hf.apply(model, res)
+  apply.apply_params(model, res.params)
 
   pixels = np.random.default_rng(1).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
   ours = np.asarray(nnx.jit(lambda m, p: m.encode_image(p))(model, jnp.asarray(pixels)))
@@ -197,7 +197,7 @@ def test_beit_vision_tower_matches_transformers():
   # The official .pth layout (wrapped in 'model', with head.* and index buffers) loads the same.
   off = hf.load_beit({"model": _official_layout(sd)}, cfg)
   for path in res.loaded:
-    a, b = C.flatten(res.params)[path], C.flatten(off.params)[path]
+    a, b = treepath.flatten_dict(res.params)[path], treepath.flatten_dict(off.params)[path]
     np.testing.assert_array_equal(a, b, err_msg=path)
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from x2vlm_jax import treepath
 from x2vlm_jax.models import ModelConfig, X2VLM, abstract_model
 from x2vlm_jax.models import layers as L
 from x2vlm_jax.models.vision import relative_position_index, resize_rel_pos_bias
@@ -23,7 +24,7 @@ def host_model(cfg: ModelConfig, seed: int = 0) -> X2VLM:
 
   def fill(path, s):
     x = 0.05 * rng.standard_normal(s.shape)
-    if "'scale'" in jax.tree_util.keystr(path):
+    if "scale" in treepath.path_parts(path):
       x = x + 1.0
     return jnp.asarray(x, s.dtype)
 

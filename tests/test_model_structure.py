@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from x2vlm_jax import sharding
+from x2vlm_jax import sharding, treepath
 from x2vlm_jax.models import ModelConfig, abstract_model, count_params, create_sharded
 
 FAST_KEY = dict(impl="unsafe_rbg")  # RngBitGenerator: compiles far faster than threefry on CPU
@@ -53,7 +53,7 @@ CONTRACT = {
 def test_logical_names_follow_contract_and_rules():
   state = nnx.state(abstract_model(ModelConfig.tiny(frame_len=3)), nnx.Param)
   assert sharding.check_rules_cover(state) == []
-  flat = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
+  flat = treepath.flatten_state(state)
   assert len(flat) == 91
   for path, (shape, names) in CONTRACT.items():
     assert flat[path].shape == shape, path
@@ -62,8 +62,7 @@ def test_logical_names_follow_contract_and_rules():
   for path, var in flat.items():
     if ".blocks." in path or ".layers." in path:
       assert sharding._names_of(var)[0] == "layers", path
-  assert "frame_embed" not in {".".join(map(str, p)) for p, _ in
-                               nnx.to_flat_state(nnx.state(abstract_model(ModelConfig.tiny())))}
+  assert "frame_embed" not in treepath.flatten_state(nnx.state(abstract_model(ModelConfig.tiny())))
 
 
 @pytest.fixture(scope="module")

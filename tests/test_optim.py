@@ -10,7 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
-from x2vlm_jax import optim
+from x2vlm_jax import optim, treepath
 
 # path -> (lr factor, weight decay) expected with fresh = {temp, itm_head}, lr_mult 2.
 EXPECTED = {
@@ -23,20 +23,8 @@ EXPECTED = {
 }
 
 
-def _tree(values):
-  """Nested dict from dotted paths."""
-  out = {}
-  for path, v in values.items():
-    node = out
-    *parents, leaf = path.split(".")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return out
-
-
 def _flat(tree):
-  return {p: np.asarray(v, np.float64) for p, v in optim.flat_params(tree)}
+  return {p: np.asarray(v, np.float64) for p, v in treepath.flatten(tree)}
 
 
 def np_hf_adamw(params, grads_per_step, cfg, groups):
@@ -71,12 +59,12 @@ def test_matches_numpy_hf_adamw_and_first_step_is_zero():
   grads = [{k: (rng.normal(size=s) * sc).astype(np.float32) for k, s in shapes.items()}
            for sc in (0.1, 2.0, 0.05, 0.3)]
   tx = optim.make_optimizer(cfg, fresh_paths=["temp", "itm_head"])
-  tree = _tree(params)
+  tree = treepath.unflatten_dict(params)
   state = tx.init(tree)
   step = jax.jit(tx.update)
   history = []
   for g in grads:
-    updates, state = step(_tree(g), state, tree)
+    updates, state = step(treepath.unflatten_dict(g), state, tree)
     tree = optax.apply_updates(tree, updates)
     history.append(_flat(tree))
   # The first update uses lr 0, so nothing moves (not even by weight decay).
@@ -170,8 +158,8 @@ def test_nnx_optimizer_uses_our_paths():
   for _ in range(3):
     train_step(model, opt)
     pstate, ostate = tree_step(pstate, ostate)
-  got = dict(optim.flat_params(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
-  for path, want in optim.flat_params(pstate):
+  got = dict(treepath.flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+  for path, want in treepath.flatten(pstate):
     np.testing.assert_allclose(got[path], want, rtol=1e-6, atol=1e-8, err_msg=path)
   assert float(model.temp[...]) != 0.07
 

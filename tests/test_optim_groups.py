@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from x2vlm_jax import optim
+from x2vlm_jax import optim, treepath
 from x2vlm_jax.models.config import ModelConfig
 
 # The official no-decay substrings, used here only to cross-check the rule table.
@@ -121,7 +121,7 @@ def base_tree():
 
 def _groups(tree, cfg, fresh):
   out = {}
-  for path, leaf in optim.flat_params(tree):
+  for path, leaf in treepath.flatten(tree):
     g = optim.param_group(path, fresh, cfg)
     n_t, n_p = out.get(g, (0, 0))
     out[g] = (n_t + 1, n_p + math.prod(leaf.shape))
@@ -130,7 +130,7 @@ def _groups(tree, cfg, fresh):
 
 def test_table_tree_matches_documented_size():
   tree = _table_tree(ModelConfig.base())
-  assert sum(math.prod(l.shape) for _, l in optim.flat_params(tree)) == 254_758_401
+  assert sum(math.prod(l.shape) for _, l in treepath.flatten(tree)) == 254_758_401
 
 
 def test_base_groups_counts(base_tree):
@@ -158,7 +158,7 @@ def test_base_groups_counts(base_tree):
 def test_named_examples_and_official_substring_rule(base_tree):
   cfg = optim.OptimConfig(total_steps=10)
   fresh = optim.from_scratch_fresh_paths(base_tree)
-  paths = {p for p, _ in optim.flat_params(base_tree)}
+  paths = {p for p, _ in treepath.flatten(base_tree)}
   assert set(OFFICIAL_NAME) <= paths
   for ours, official in OFFICIAL_NAME.items():
     want_decay = not any(sub in official for sub in NO_DECAY_SUBSTRINGS)

@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from data_pipelines import features as F
 from data_pipelines.testing.random_batch import random_batch
-from x2vlm_jax import global_batch, optim, sharding
+from x2vlm_jax import global_batch, optim, sharding, treepath
 from x2vlm_jax import pretrain_loss as pl
 from x2vlm_jax.models.config import ModelConfig
 from x2vlm_jax.train_state import TrainStateSpec
@@ -80,7 +80,7 @@ def _compare(got, ref, loss_rtol, tree_rtol, leaf_rtol):
   diff = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(g, r)))
   assert diff / total <= tree_rtol, f"gradient tree relative error {diff / total:.2e}"
   worst = []
-  for (path, _), a, b in zip(optim.flat_params(ref_grads), g, r):
+  for (path, _), a, b in zip(treepath.flatten(ref_grads), g, r):
     norm = np.linalg.norm(b)
     assert np.all(np.isfinite(a)), path
     if norm > 1e-6 * total:

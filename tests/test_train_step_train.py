@@ -17,7 +17,7 @@ import pytest
 
 from data_pipelines import features as F
 from data_pipelines.testing.random_batch import random_batch
-from x2vlm_jax import global_batch, optim, sharding, step_jit
+from x2vlm_jax import global_batch, optim, sharding, step_jit, treepath
 from x2vlm_jax import pretrain_loss as pl
 from x2vlm_jax import train_step as ts
 from x2vlm_jax.models.config import ModelConfig
@@ -107,8 +107,8 @@ def test_compiled_once(run):
 
 
 def test_state_keeps_its_shardings(run):
-  arrays = optim.flat_params(run["state"])
-  for (path, want), (_, x) in zip(optim.flat_params(run["shardings"]), arrays):
+  arrays = treepath.flatten(run["state"])
+  for (path, want), (_, x) in zip(treepath.flatten(run["shardings"]), arrays):
     assert x.sharding.is_equivalent_to(want, x.ndim), path
   # Adam moments are split like their parameter (here: the vocabulary over 'tensor').
   mu = run["state"]["opt_state"][1].mu["text"]["embeddings"]["word"]

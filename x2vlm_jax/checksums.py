@@ -24,7 +24,7 @@ _K1, _K2, _K3 = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D
 
 def leaf_name(path) -> str:
   """A readable leaf path: 'opt_state/0/mu/w' instead of "[0].mu['w']"."""
-  return "/".join(treepath.path_parts(path)) or "<root>"
+  return treepath.path_str(path, "/", root="<root>")
 
 
 def _mix(a, xp):

@@ -8,11 +8,12 @@ Sources, chosen by `InitConfig` (the config's `init` section; empty string = unu
   official_th        an official X2-VLM `.th` (continued pre-training)
   params_dir         our own params directory (`params_io.save_params`, e.g. a run's export)
 
-How the BERT and BEiT-2 files map onto the towers: docs/fidelity.md#initial-weights-from-bert-and-beit-2.
-
 The model is always first created with every parameter born sharded on the mesh, then the
 loaded arrays overwrite their slots shard by shard, so nothing is materialised whole on one
 device.
+
+How the BERT and BEiT-2 files map onto the towers:
+docs/fidelity.md#initial-weights-from-bert-and-beit-2.
 
 Fresh parameters follow the official `init_params`
 (docs/fidelity.md#learning-rate-multiplier-for-fresh-parameters): from BERT/BEiT, the from-scratch
@@ -32,7 +33,7 @@ import jax
 from absl import logging
 from flax import nnx
 
-from x2vlm_jax import optim
+from x2vlm_jax import optim, treepath
 from x2vlm_jax.models.config import ModelConfig
 from x2vlm_jax.models.x2vlm import X2VLM, create_sharded
 
@@ -65,7 +66,7 @@ def _check_exists(path: str, key: str) -> pathlib.Path:
 
 
 def _from_official(model: X2VLM, path: str, model_cfg: ModelConfig, notes: list[str]):
-  from x2vlm_jax.convert import hf, official  # pylint: disable=g-import-not-at-top
+  from x2vlm_jax.convert import apply, official  # pylint: disable=g-import-not-at-top
   from x2vlm_jax.convert.torch_io import load_th  # pylint: disable=g-import-not-at-top
 
   p = _check_exists(path, "official_th")
@@ -75,12 +76,11 @@ def _from_official(model: X2VLM, path: str, model_cfg: ModelConfig, notes: list[
   else:
     sd, _, read_notes = load_th(p)
     notes.extend(read_notes)
-  # Missing keys are allowed (docs/fidelity.md#continued-pre-training: e.g. the frame embedding of stage 2); they stay at init.
+  # Missing keys are allowed (e.g. the frame embedding of stage 2,
+  # docs/fidelity.md#continued-pre-training); they stay at init.
   params, report = official.official_to_params(sd, model_cfg, allow={"missing"})
   notes.append(f"official checkpoint {path}:\n{report.summary()}")
-  loaded = frozenset(p for p, _ in optim.flat_params(params))
-  result = hf.ImportResult(params, loaded, frozenset(), report)
-  return hf.apply(model, result)
+  return apply.apply_params(model, params)
 
 
 def _from_params_dir(model: X2VLM, path: str, notes: list[str]):
@@ -91,11 +91,11 @@ def _from_params_dir(model: X2VLM, path: str, notes: list[str]):
 
   directory = _check_exists(path, "params_dir").absolute()
   state = nnx.state(model, nnx.Param)
-  ours = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(state)}
+  ours = treepath.flatten_state(state)
   ckptr = ocp.StandardCheckpointer()
   try:
     meta = ckptr.metadata(directory / params_io.PARAMS_DIR).item_metadata
-    saved = {p: m for p, m in optim.flat_params(meta)}
+    saved = {p: m for p, m in treepath.flatten(meta)}
     unknown = sorted(set(saved) - set(ours))
     if unknown:
       raise ValueError(f"{path}: parameters {unknown[:10]} are not in this model "
@@ -108,30 +108,20 @@ def _from_params_dir(model: X2VLM, path: str, notes: list[str]):
     flat_target = {p: jax.ShapeDtypeStruct(tuple(m.shape), ours[p][...].dtype,
                                            sharding=ours[p][...].sharding)
                    for p, m in saved.items()}
-    target = _unflatten_like(meta, flat_target)
+    target = treepath.unflatten_like(meta, flat_target)
     restored = ckptr.restore(directory / params_io.PARAMS_DIR, target)
   finally:
     ckptr.close()
   # The restored arrays already sit in the model's shardings: write them in place (no host copy,
   # so this also works when no process can address every shard).
-  flat = dict(optim.flat_params(restored))
+  flat = dict(treepath.flatten(restored))
   pure = nnx.to_pure_dict(state)
   for p, arr in flat.items():
-    node = pure
-    *parents, last = p.split(".")
-    for part in parents:
-      node = node[int(part) if part.isdigit() and int(part) in node else part]
-    node[last] = arr
+    treepath.set_path(pure, p, arr)
   nnx.replace_by_pure_dict(state, pure)
   nnx.update(model, state)
   notes.append(f"params dir {path}: {len(flat)} of {len(ours)} parameters loaded")
   return frozenset(ours) - frozenset(flat)
-
-
-def _unflatten_like(tree, flat: dict):
-  """A tree shaped like `tree` whose leaves come from `flat` (dotted paths)."""
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  return jax.tree_util.tree_unflatten(treedef, [flat[optim.path_str(kp)] for kp, _ in leaves])
 
 
 def initialize(init: InitConfig, model_cfg: ModelConfig, mesh, key) -> InitResult:
@@ -158,7 +148,7 @@ def initialize(init: InitConfig, model_cfg: ModelConfig, mesh, key) -> InitResul
   elif params_dir:
     fresh = tuple(sorted(_from_params_dir(model, params_dir, notes)))
   elif bert or beit:
-    from x2vlm_jax.convert import hf  # pylint: disable=g-import-not-at-top
+    from x2vlm_jax.convert import apply, hf  # pylint: disable=g-import-not-at-top
     results, bert_scope_fresh = [], set()
     if bert:
       _check_exists(bert, "bert_dir")
@@ -171,7 +161,7 @@ def initialize(init: InitConfig, model_cfg: ModelConfig, mesh, key) -> InitResul
       res = hf.load_beit(beit, model_cfg)
       notes.append(f"BEiT {beit}:\n{res.report.summary()}")
       results.append(res)
-    hf.apply(model, *results)
+    apply.apply_params(model, *(r.params for r in results))
     fresh = tuple(sorted(set(scratch) | bert_scope_fresh))
   else:
     notes.append("no init source: every parameter from its initializer")

@@ -159,17 +159,6 @@ class ParamGroup(NamedTuple):
   weight_decay: float
 
 
-def path_str(keypath) -> str:
-  """A JAX key path -> our dotted parameter path ('vision.blocks.attn.qkv.kernel')."""
-  return ".".join(treepath.path_parts(keypath))
-
-
-def flat_params(params) -> list[tuple[str, Any]]:
-  """(dotted path, leaf) pairs of a parameter tree (dict, nnx.State, abstract or concrete)."""
-  leaves, _ = jax.tree_util.tree_flatten_with_path(params)
-  return [(path_str(kp), leaf) for kp, leaf in leaves]
-
-
 def decays(path: str) -> bool:
   """Whether the parameter at `path` gets weight decay (WEIGHT_DECAY_RULES)."""
   for pattern, decay, _ in WEIGHT_DECAY_RULES:
@@ -203,7 +192,7 @@ def param_group(path: str, fresh_paths: Iterable[str], cfg: OptimConfig) -> Para
 
 def check_fresh_paths(params, fresh_paths: Iterable[str]) -> None:
   """Raises if a fresh path names no parameter of `params` (a typo would silently drop lr x 2)."""
-  paths = [p for p, _ in flat_params(params)]
+  paths = [p for p, _ in treepath.flatten(params)]
   unknown = [f for f in fresh_paths if not any(_is_fresh(p, (f,)) for p in paths)]
   if unknown:
     raise ValueError(f"fresh_paths {unknown} match no parameter of the model")
@@ -211,7 +200,7 @@ def check_fresh_paths(params, fresh_paths: Iterable[str]) -> None:
 
 def from_scratch_fresh_paths(params) -> tuple[str, ...]:
   """FROM_SCRATCH_FRESH restricted to the entries present in `params` (frame_embed is optional)."""
-  paths = [p for p, _ in flat_params(params)]
+  paths = [p for p, _ in treepath.flatten(params)]
   return tuple(f for f in FROM_SCRATCH_FRESH if any(_is_fresh(p, (f,)) for p in paths))
 
 
@@ -224,7 +213,7 @@ def param_groups_report(params_tree, fresh_paths: Iterable[str], cfg: OptimConfi
   fresh_paths = tuple(fresh_paths)
   check_fresh_paths(params_tree, fresh_paths)
   rows: dict[ParamGroup, list[int]] = {}
-  for path, leaf in flat_params(params_tree):
+  for path, leaf in treepath.flatten(params_tree):
     count = rows.setdefault(param_group(path, fresh_paths, cfg), [0, 0])
     count[0] += 1
     count[1] += _numel(leaf)
@@ -320,7 +309,7 @@ def hf_lr_and_decay(schedule: Callable[[Any], jnp.ndarray],
     lr = jnp.asarray(schedule(state.count), jnp.float32)
 
     def one(keypath, d, p):
-      group = group_of(path_str(keypath))
+      group = group_of(treepath.path_str(keypath))
       lr_p = lr * group.lr_factor
       u = -lr_p * d
       if group.weight_decay:
@@ -359,7 +348,7 @@ def make_optimizer(cfg: OptimConfig, fresh_paths: Iterable[str] = ()
     # find the parameter-shaped parts of the state; there is nothing to check then.
     if jax.tree.leaves(params):
       check_fresh_paths(params, fresh_paths)
-      for path, _ in flat_params(params):
+      for path, _ in treepath.flatten(params):
         group_of(path)  # fail at init, not inside the jitted step, on an unclassified parameter
     return base.init(params)
 

@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from x2vlm_jax import treepath
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical name -> mesh axis (or tuple of axes, or None = replicated). One entry per name.
@@ -153,7 +155,7 @@ def check_rules_cover(state, rules=LOGICAL_RULES) -> list[str]:
     names = _names_of(var)
     shape = var.get_value().shape
     if names is None or len(names) != len(shape) or any(n is not None and n not in rules for n in names):
-      bad.append("/".join(map(str, path)))
+      bad.append(treepath.path_str(path, "/"))
   return bad
 
 
@@ -172,6 +174,6 @@ def sharding_report(state, mesh: Mesh, rules=LOGICAL_RULES) -> str:
         shard_elems = shard_elems // _axis_size(mesh, axes) if dim else shard_elems
     nbytes = shard_elems * np.dtype(arr.dtype).itemsize
     total += nbytes
-    lines.append(f"{'/'.join(map(str, path)):<70} {str(tuple(arr.shape)):<22} {str(names):<40} {spec} {nbytes:,} B")
+    lines.append(f"{treepath.path_str(path, '/'):<70} {str(tuple(arr.shape)):<22} {str(names):<40} {spec} {nbytes:,} B")
   lines.append(f"total parameter bytes per device: {total:,} ({total / 2**20:.1f} MiB)")
   return "\n".join(lines)

@@ -18,6 +18,7 @@ import sys
 
 from x2vlm_jax.convert import common as C
 from x2vlm_jax.convert import official as O
+from x2vlm_jax.convert import official_spec as S
 from x2vlm_jax.convert.official_config import infer_config, official_config_dict
 
 
@@ -53,7 +54,7 @@ def _import(args):
       fusion_layers=args.fusion_layers, image_size=args.image_size)
   for n in cfg_notes:
     print(f"config: {n}")
-  print(f"layout: {O.detect_layout(sd)}; {len(sd)} entries; checkpoint resolution {source_size}, "
+  print(f"layout: {S.detect_layout(sd)}; {len(sd)} entries; checkpoint resolution {source_size}, "
         f"target {cfg.vision.image_size}")
   allow = {k for k in ("missing", "unexpected", "check") if getattr(args, f"allow_{k}")}
   params, report = O.official_to_params(sd, cfg, allow=allow, source_image_size=source_size)
@@ -80,7 +81,7 @@ def cmd_jax_to_official(args) -> None:
   cfg, params = _load_ours(args.src)
   sd = O.params_to_official(params, cfg, layout=args.layout)
   _write_official(args.dst, sd, official_config_dict(cfg))
-  print(f"wrote {len(sd)} entries ({O.count_parameters(O.official_state_spec(cfg, args.layout)):,} "
+  print(f"wrote {len(sd)} entries ({S.count_parameters(S.official_state_spec(cfg, args.layout)):,} "
         f"parameters) to {args.dst}")
 
 
@@ -103,14 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--num-heads", type=int, help="text/fusion attention heads (default width/64)")
     sp.add_argument("--text-layers", type=int, help="text-only layers (default: first cross-attn layer)")
     sp.add_argument("--fusion-layers", type=int, help="fusion layers (default: the rest)")
-    sp.add_argument("--image-size", type=int, help="target resolution; resizes rel-pos tables")
+    sp.add_argument("--image-size", type=int, help="target resolution; resizes rel-pos tables (§7.5)")
     sp.add_argument("--allow-missing", action="store_true", help="our params absent from the file")
     sp.add_argument("--allow-unexpected", action="store_true", help="file entries we do not use")
     sp.add_argument("--allow-check", action="store_true", help="tied/buffer value differences")
 
   def layout(sp):
-    sp.add_argument("--layout", choices=O.LAYOUTS, default=O.PRETRAIN,
-                    help="official key layout to write (default pretrain)")
+    sp.add_argument("--layout", choices=S.LAYOUTS, default=S.PRETRAIN,
+                    help="official key layout to write (default pretrain, §7.2; finetune §7.4)")
 
   for name, fn, src, dst, is_import in (
       ("official-to-jax", cmd_official_to_jax, "SRC.th", "OUT_DIR", True),

@@ -15,124 +15,17 @@ checkpoint converts on a host without accelerators.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-Shape = tuple[int, ...]
+from x2vlm_jax import treepath
+from x2vlm_jax.convert.transforms import IDENTITY, Shape, Transform
 
 # Kinds of mismatch a caller may allow (everything else is an error).
 MISMATCH_KINDS = ("missing", "unexpected", "shape", "check")
-
-
-# ---------------------------------------------------------------------------------------------
-# Transforms: foreign tensor <-> our (per-layer) tensor, both directions plus the foreign shape.
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Transform:
-  """A lossless re-layout between a foreign tensor and one of our (per-layer) tensors.
-
-  `to_ours(x, shape)` gets the foreign array and our target shape (per layer); `to_foreign(y)`
-  is its inverse; `foreign_shape(shape)` is the foreign shape that corresponds to our shape, used
-  to report a mismatch by name before any reshape can fail.
-  """
-
-  name: str
-  to_ours: Callable[[np.ndarray, Shape], np.ndarray]
-  to_foreign: Callable[[np.ndarray], np.ndarray]
-  foreign_shape: Callable[[Shape], Shape]
-
-
-IDENTITY = Transform("identity", lambda x, s: x, lambda y: y, lambda s: tuple(s))
-
-# PyTorch nn.Linear weight (out, in) <-> Flax kernel [in, out].
-LINEAR = Transform("linear", lambda x, s: x.T, lambda y: y.T, lambda s: (s[1], s[0]))
-
-# Conv weight (O, I, kH, kW) <-> Flax conv kernel [kH, kW, I, O].
-CONV_OIHW = Transform(
-    "conv_oihw",
-    lambda x, s: x.transpose(2, 3, 1, 0),
-    lambda y: y.transpose(3, 2, 0, 1),
-    lambda s: (s[3], s[2], s[0], s[1]),
-)
-
-# Linear (H*dh, in) <-> [in, H, dh]: projections into heads (q/k/v); heads are contiguous row
-# blocks of dh output features in PyTorch (docs/fidelity.md#weight-layouts).
-LINEAR_TO_HEADS = Transform(
-    "linear_to_heads",
-    lambda x, s: x.T.reshape(s),
-    lambda y: y.reshape(y.shape[0], -1).T,
-    lambda s: (math.prod(s[1:]), s[0]),
-)
-
-# Bias (H*dh,) <-> [H, dh] (also BEiT q_bias / v_bias).
-BIAS_TO_HEADS = Transform(
-    "bias_to_heads",
-    lambda x, s: x.reshape(s),
-    lambda y: y.reshape(-1),
-    lambda s: (math.prod(s),),
-)
-
-# Linear (out, H*dh) <-> [H, dh, out]: the attention output projection.
-LINEAR_FROM_HEADS = Transform(
-    "linear_from_heads",
-    lambda x, s: x.T.reshape(s),
-    lambda y: y.reshape(-1, y.shape[-1]).T,
-    lambda s: (s[-1], math.prod(s[:-1])),
-)
-
-# BEiT fused qkv weight (3*H*dh, in), rows [q; k; v] each with heads contiguous
-# (docs/fidelity.md#weight-layouts) <-> [in, 3, H, dh]. Same algebra as LINEAR_TO_HEADS with the
-# q/k/v selector as the outer axis.
-FUSED_QKV = Transform(
-    "fused_qkv",
-    lambda x, s: x.T.reshape(s),
-    lambda y: y.reshape(y.shape[0], -1).T,
-    lambda s: (math.prod(s[1:]), s[0]),
-)
-
-
-def reshape_transform(name: str, foreign_shape: Callable[[Shape], Shape]) -> Transform:
-  """A pure reshape, e.g. the frame embedding (1, F, 1, D) <-> [F, D]."""
-  return Transform(
-      name,
-      lambda x, s: x.reshape(s),
-      lambda y: y.reshape(foreign_shape(y.shape)),
-      foreign_shape,
-  )
-
-
-def split_heads(x: np.ndarray, num_heads: int, axis: int = -1) -> np.ndarray:
-  """Splits one axis of size H*dh into (H, dh), heads outermost (PyTorch's contiguous layout)."""
-  axis = axis % x.ndim
-  size = x.shape[axis]
-  if size % num_heads:
-    raise ValueError(f"axis {axis} of size {size} is not divisible by {num_heads} heads")
-  return x.reshape(x.shape[:axis] + (num_heads, size // num_heads) + x.shape[axis + 1:])
-
-
-def join_heads(x: np.ndarray, axis: int = -2) -> np.ndarray:
-  """Inverse of `split_heads`: merges axes (axis, axis+1) = (H, dh) into one of size H*dh."""
-  axis = axis % x.ndim
-  return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
-
-
-def stack_layers(per_layer: Sequence[np.ndarray]) -> np.ndarray:
-  """Per-layer tensors -> one `[depth, ...]` array (the scanned-tower layout)."""
-  shapes = {a.shape for a in per_layer}
-  if len(shapes) != 1:
-    raise ValueError(f"cannot stack layers of different shapes {sorted(shapes)}")
-  return np.stack(per_layer, axis=0)
-
-
-def unstack_layers(stacked: np.ndarray) -> list[np.ndarray]:
-  """`[depth, ...]` -> list of per-layer arrays (views, no copy)."""
-  return [stacked[i] for i in range(stacked.shape[0])]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,30 +148,6 @@ def _check_kinds(allow: Iterable[str]) -> set[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  """Nested dict -> {dotted path: leaf}. Integer keys (NNX list indices) become path parts too."""
-  out = {}
-  for k, v in tree.items():
-    path = f"{prefix}{k}"
-    if isinstance(v, Mapping):
-      out.update(flatten(v, path + "."))
-    else:
-      out[path] = v
-  return out
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-  """{dotted path: leaf} -> nested dict (inverse of `flatten`)."""
-  out: dict[str, Any] = {}
-  for path, v in flat.items():
-    node = out
-    *parents, last = path.split(".")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[last] = v
-  return out
-
-
 def shape_dtype(leaf: Any) -> tuple[Shape, np.dtype]:
   """(shape, dtype) of an array, jax.ShapeDtypeStruct, or a `(shape, dtype)` pair."""
   if isinstance(leaf, tuple) and len(leaf) == 2 and not hasattr(leaf, "shape"):
@@ -321,94 +190,120 @@ def merge(
   key unless all mismatches are allowed.
   """
   allow = _check_kinds(allow)
-  exp = expected if all(not isinstance(v, Mapping) for v in expected.values()) else flatten(expected)
-  exp = {k: shape_dtype(v) for k, v in exp.items()}
-  init_flat = flatten(init) if init is not None else {}
-  report = CoverageReport()
-  filled: dict[str, set] = {}  # path -> layer indices filled (or {None} for unstacked)
-  out: dict[str, np.ndarray] = {}
-  tied: list[tuple[str, Rule, re.Match, np.ndarray]] = []
-
+  exp = (expected if all(not isinstance(v, Mapping) for v in expected.values())
+         else treepath.flatten_dict(expected))
+  st = _MergeState({k: shape_dtype(v) for k, v in exp.items()},
+                   treepath.flatten_dict(init) if init is not None else {})
   for key, value in foreign.items():
     value = np.asarray(value)
     found = find_rule(rules, key)
     if found is None:
-      report.unexpected.append(key)
+      st.report.unexpected.append(key)
       continue
     rule, m = found
     path, idx = rule.resolve(m)
     if path is None:  # a non-learned buffer: check against the formula, then drop
-      if rule.expect is None:
-        report.notes.append(f"{key}: dropped")
-      else:
-        want = rule.expect(m)
-        if value.shape != want.shape:
-          report.shape.append(f"{key}: got {value.shape} expected {want.shape} (buffer)")
-        elif not np.array_equal(value, want):
-          bad = int(np.sum(value != want))
-          report.check.append(f"{key}: buffer differs from its formula in {bad} entries")
-        else:
-          report.matched.append(key)
-      continue
-    if rule.tied:
-      tied.append((key, rule, m, value))
-      continue
-    if path not in exp:
-      report.unexpected.append(f"{key} -> {path} (no such parameter in our tree)")
-      continue
-    full_shape, dtype = exp[path]
-    layer_shape = full_shape if idx is None else full_shape[1:]
-    if idx is not None and not (full_shape and 0 <= idx < full_shape[0]):
-      report.unexpected.append(f"{key} -> {path}[{idx}] (layer index outside depth {full_shape[:1]})")
-      continue
-    want_foreign = tuple(rule.transform.foreign_shape(layer_shape))
-    if value.shape != want_foreign:
-      report.shape.append(
-          f"{key}: got {value.shape} expected {want_foreign} (for {_slot(path, idx)} {layer_shape})")
-      continue
-    ours = _cast(rule.transform.to_ours(value, layer_shape), dtype, key)
-    slots = filled.setdefault(path, set())
-    if idx in slots:
-      report.check.append(f"{key}: {_slot(path, idx)} already filled by another key")
-      continue
-    slots.add(idx)
-    if idx is None:
-      out[path] = ours
+      _check_buffer(st.report, key, value, rule, m)
+    elif rule.tied:
+      st.tied.append((key, rule, m, value))
     else:
-      if path not in out:
-        out[path] = (np.array(init_flat[path], dtype=dtype) if path in init_flat
-                     else np.zeros(full_shape, dtype))
-      out[path][idx] = ours
+      _fill(st, key, value, rule, path, idx)
+  _check_tied(st)
+  _fill_missing(st)
+  st.report.raise_unless_ok(allow, what)
+  return treepath.unflatten_dict(st.out), st.report
+
+
+@dataclasses.dataclass
+class _MergeState:
+  """What `merge` has built so far."""
+
+  exp: dict[str, tuple[Shape, np.dtype]]  # our dotted path -> (shape, dtype)
+  init: dict[str, Any]  # our dotted path -> concrete init value
+  report: CoverageReport = dataclasses.field(default_factory=CoverageReport)
+  filled: dict[str, set] = dataclasses.field(default_factory=dict)  # path -> layer indices; {None}: unstacked
+  out: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  tied: list[tuple[str, Rule, re.Match, np.ndarray]] = dataclasses.field(default_factory=list)
+
+
+def _check_buffer(report: CoverageReport, key: str, value: np.ndarray, rule: Rule,
+                  m: re.Match) -> None:
+  """A non-learned foreign buffer: matched if it equals `rule.expect`, else reported."""
+  if rule.expect is None:
+    report.notes.append(f"{key}: dropped")
+    return
+  want = rule.expect(m)
+  if value.shape != want.shape:
+    report.shape.append(f"{key}: got {value.shape} expected {want.shape} (buffer)")
+  elif not np.array_equal(value, want):
+    bad = int(np.sum(value != want))
+    report.check.append(f"{key}: buffer differs from its formula in {bad} entries")
+  else:
     report.matched.append(key)
 
-  # Tied entries: must equal the primary value they duplicate.
-  for key, rule, m, value in tied:
+
+def _fill(st: _MergeState, key: str, value: np.ndarray, rule: Rule, path: str,
+          idx: int | None) -> None:
+  """Writes one learned foreign entry into its slot of our param (or reports why not)."""
+  report = st.report
+  if path not in st.exp:
+    report.unexpected.append(f"{key} -> {path} (no such parameter in our tree)")
+    return
+  full_shape, dtype = st.exp[path]
+  layer_shape = full_shape if idx is None else full_shape[1:]
+  if idx is not None and not (full_shape and 0 <= idx < full_shape[0]):
+    report.unexpected.append(f"{key} -> {path}[{idx}] (layer index outside depth {full_shape[:1]})")
+    return
+  want_foreign = tuple(rule.transform.foreign_shape(layer_shape))
+  if value.shape != want_foreign:
+    report.shape.append(
+        f"{key}: got {value.shape} expected {want_foreign} (for {_slot(path, idx)} {layer_shape})")
+    return
+  ours = _cast(rule.transform.to_ours(value, layer_shape), dtype, key)
+  slots = st.filled.setdefault(path, set())
+  if idx in slots:
+    report.check.append(f"{key}: {_slot(path, idx)} already filled by another key")
+    return
+  slots.add(idx)
+  if idx is None:
+    st.out[path] = ours
+  else:
+    if path not in st.out:
+      st.out[path] = (np.array(st.init[path], dtype=dtype) if path in st.init
+                      else np.zeros(full_shape, dtype))
+    st.out[path][idx] = ours
+  report.matched.append(key)
+
+
+def _check_tied(st: _MergeState) -> None:
+  """Tied entries: must equal the primary value they duplicate."""
+  for key, rule, m, value in st.tied:
     path, idx = rule.resolve(m)
-    if path not in out or (idx is not None and idx not in filled.get(path, ())):
-      report.check.append(f"{key}: tied to {_slot(path, idx)}, which was not provided")
+    if path not in st.out or (idx is not None and idx not in st.filled.get(path, ())):
+      st.report.check.append(f"{key}: tied to {_slot(path, idx)}, which was not provided")
       continue
-    primary = out[path] if idx is None else out[path][idx]
+    primary = st.out[path] if idx is None else st.out[path][idx]
     theirs = rule.transform.to_foreign(primary)
     if value.shape != theirs.shape:
-      report.shape.append(f"{key}: got {value.shape} expected {theirs.shape} (tied to {_slot(path, idx)})")
+      st.report.shape.append(f"{key}: got {value.shape} expected {theirs.shape} (tied to {_slot(path, idx)})")
     elif not np.array_equal(value, theirs):
       diff = float(np.max(np.abs(value.astype(np.float64) - theirs.astype(np.float64))))
-      report.check.append(f"{key}: tied to {_slot(path, idx)} but differs (max abs diff {diff:.3g})")
+      st.report.check.append(f"{key}: tied to {_slot(path, idx)} but differs (max abs diff {diff:.3g})")
     else:
-      report.matched.append(key)
+      st.report.matched.append(key)
 
-  for path, (shape, dtype) in exp.items():
-    slots = filled.get(path, set())
-    if path in out and None not in slots and len(slots) < shape[0]:
+
+def _fill_missing(st: _MergeState) -> None:
+  """Reports our params (or layers of a stacked one) no key filled; takes `init` for them."""
+  for path, (shape, dtype) in st.exp.items():
+    slots = st.filled.get(path, set())
+    if path in st.out and None not in slots and len(slots) < shape[0]:
       gaps = [i for i in range(shape[0]) if i not in slots]
-      report.missing.extend(_slot(path, i) for i in gaps)
-    elif path not in out:
-      if path in init_flat:
-        out[path] = np.asarray(init_flat[path])
-      report.missing.append(path)
-
-  report.raise_unless_ok(allow, what)
-  return unflatten(out), report
+      st.report.missing.extend(_slot(path, i) for i in gaps)
+    elif path not in st.out:
+      if path in st.init:
+        st.out[path] = np.asarray(st.init[path])
+      st.report.missing.append(path)
 
 
 def export(
@@ -425,7 +320,8 @@ def export(
   value (as a separate array). Raises `ConversionError` naming keys without a rule or a source,
   and (unless `allow_unused`) our parameters that no key writes, since they would be lost.
   """
-  flat = flatten(params) if any(isinstance(v, Mapping) for v in params.values()) else dict(params)
+  flat = (treepath.flatten_dict(params) if any(isinstance(v, Mapping) for v in params.values())
+          else dict(params))
   out: dict[str, np.ndarray] = {}
   report = CoverageReport()
   used: set[str] = set()

@@ -1,6 +1,4 @@
-"""Importers for the towers' initial weights: Hugging Face BERT and BEiT-2.
-
-Official behaviour: docs/fidelity.md#initial-weights-from-bert-and-beit-2.
+"""Importers for the towers' initial weights: Hugging Face BERT and BEiT-2 (reference §7.6).
 
 * `load_bert`: a Hugging Face-layout BERT (safetensors or pytorch_model.bin, keys with or without
   `bert.`, TF-style `LayerNorm.gamma/beta` too) -> text tower; fusion layers copied from BERT
@@ -11,13 +9,12 @@ Official behaviour: docs/fidelity.md#initial-weights-from-bert-and-beit-2.
   optionally under 'model'/'module', an optional shared table copied into every block, `head.*`
   dropped) or in a transformers `BeitModel` layout (hub names `beit.encoder.layer.{i}.attention.
   attention.query` ... and the v5 in-memory names `layers.{i}.attention.q_proj` ...); tables are
-  resized when the checkpoint's grid differs from the config's.
+  resized (§7.5) when the checkpoint's grid differs from the config's.
 
 Both return an `ImportResult` (our nested numpy params, the loaded / not-loaded paths, the
 coverage report) and are strict: unexpected, missing or mis-shaped keys raise
-`common.ConversionError` unless their kind is in `allow`. `apply` writes results into a model
-(keeping its shardings) and returns the paths left at init -- the official `init_params`, which
-the optimizer gives lr x lr_mult.
+`common.ConversionError` unless their kind is in `allow`. `apply.apply_params(model,
+*(r.params for r in results))` writes them into a model and returns the paths left at init.
 """
 
 from __future__ import annotations
@@ -32,9 +29,11 @@ from typing import Any
 
 import numpy as np
 
+from x2vlm_jax import treepath
+from x2vlm_jax.convert import apply, torch_io
 from x2vlm_jax.convert import common as C
-from x2vlm_jax.convert import torch_io
-from x2vlm_jax.convert.official import to_numpy
+from x2vlm_jax.convert import transforms as T
+from x2vlm_jax.convert.arrays import to_numpy
 from x2vlm_jax.models.config import ModelConfig, TextConfig
 
 Source = str | pathlib.Path | Mapping[str, Any]
@@ -119,23 +118,12 @@ def text_config_from_hf(path: str | pathlib.Path, **overrides) -> TextConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Our side: the expected tree (shapes of the real model, no allocation).
+# Results.
 # ---------------------------------------------------------------------------------------------
 
 
-def expected_shapes(model_cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-  """{dotted path: (shape, dtype)} of every parameter, via `nnx.eval_shape` of the model."""
-  from flax import nnx
-
-  from x2vlm_jax.models.x2vlm import abstract_model
-
-  state = nnx.state(abstract_model(model_cfg), nnx.Param)
-  return {".".join(map(str, p)): (tuple(v.shape), np.dtype(v.dtype))
-          for p, v in nnx.to_flat_state(state)}
-
-
 def _result(params: dict, report: C.CoverageReport, scope: Iterable[str]) -> ImportResult:
-  loaded = frozenset(C.flatten(params))
+  loaded = frozenset(treepath.flatten_dict(params))
   return ImportResult(params, loaded, frozenset(scope) - loaded, report)
 
 
@@ -165,18 +153,18 @@ def _bert_layer_rules(ours: str, attn: str, attn_norm: str) -> list[C.Rule]:
   r = []
   for name in ("query", "key", "value"):
     r += [C.Rule(_L + rf"attention\.self\.{name}\.weight", f"{ours}.{attn}.{name}.kernel",
-                 C.LINEAR_TO_HEADS),
+                 T.LINEAR_TO_HEADS),
           C.Rule(_L + rf"attention\.self\.{name}\.bias", f"{ours}.{attn}.{name}.bias",
-                 C.BIAS_TO_HEADS)]
+                 T.BIAS_TO_HEADS)]
   r += [
       C.Rule(_L + r"attention\.output\.dense\.weight", f"{ours}.{attn}.out.kernel",
-             C.LINEAR_FROM_HEADS),
+             T.LINEAR_FROM_HEADS),
       C.Rule(_L + r"attention\.output\.dense\.bias", f"{ours}.{attn}.out.bias"),
       C.Rule(_L + r"attention\.output\.LayerNorm\.weight", f"{ours}.{attn_norm}.scale"),
       C.Rule(_L + r"attention\.output\.LayerNorm\.bias", f"{ours}.{attn_norm}.bias"),
-      C.Rule(_L + r"intermediate\.dense\.weight", f"{ours}.mlp.fc1.kernel", C.LINEAR),
+      C.Rule(_L + r"intermediate\.dense\.weight", f"{ours}.mlp.fc1.kernel", T.LINEAR),
       C.Rule(_L + r"intermediate\.dense\.bias", f"{ours}.mlp.fc1.bias"),
-      C.Rule(_L + r"output\.dense\.weight", f"{ours}.mlp.fc2.kernel", C.LINEAR),
+      C.Rule(_L + r"output\.dense\.weight", f"{ours}.mlp.fc2.kernel", T.LINEAR),
       C.Rule(_L + r"output\.dense\.bias", f"{ours}.mlp.fc2.bias"),
       C.Rule(_L + r"output\.LayerNorm\.weight", f"{ours}.mlp_norm.scale"),
       C.Rule(_L + r"output\.LayerNorm\.bias", f"{ours}.mlp_norm.bias"),
@@ -195,12 +183,12 @@ def bert_rules(text: TextConfig) -> list[C.Rule]:
       C.Rule(r"embeddings\.LayerNorm\.bias", "text.embeddings.norm.bias"),
       C.Rule(r"embeddings\.position_ids", None, expect=lambda m: positions),
       *_bert_layer_rules("text.layers", "attn", "attn_norm"),
-      C.Rule(r"cls\.predictions\.transform\.dense\.weight", "mlm_head.dense.kernel", C.LINEAR),
+      C.Rule(r"cls\.predictions\.transform\.dense\.weight", "mlm_head.dense.kernel", T.LINEAR),
       C.Rule(r"cls\.predictions\.transform\.dense\.bias", "mlm_head.dense.bias"),
       C.Rule(r"cls\.predictions\.transform\.LayerNorm\.weight", "mlm_head.norm.scale"),
       C.Rule(r"cls\.predictions\.transform\.LayerNorm\.bias", "mlm_head.norm.bias"),
       C.Rule(r"cls\.predictions\.bias", "mlm_head.bias"),
-      # The decoder is tied to the word embeddings and its bias to cls.predictions.bias.
+      # The decoder is tied to the word embeddings and its bias to cls.predictions.bias (§7.3).
       C.Rule(r"cls\.predictions\.decoder\.weight", "text.embeddings.word", tied=True),
       C.Rule(r"cls\.predictions\.decoder\.bias", "mlm_head.bias", tied=True),
       # Never used by X2-VLM (no pooler, no NSP head): dropped, as the official loader ignores them.
@@ -249,7 +237,7 @@ def load_bert(src: Source, model_cfg: ModelConfig, *, fusion_layers: Iterable[in
   text, fusion = model_cfg.text, model_cfg.fusion
   _check_hf_config(src, text)
   sd = _normalise_bert_keys(read_state_dict(src, weights_only=weights_only))
-  shapes = expected_shapes(model_cfg)
+  shapes = apply.expected_shapes(model_cfg)
   scope = [p for p in shapes if p.split(".")[0] in ("text", "fusion", "mlm_head")]
   layer_ids = sorted({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.layer\.(\d+)\.", k))})
   n_src = (max(layer_ids) + 1) if layer_ids else 0
@@ -264,7 +252,7 @@ def load_bert(src: Source, model_cfg: ModelConfig, *, fusion_layers: Iterable[in
   if not has_mlm:
     report.notes.append("no cls.predictions.* in the file: MLM head left at init")
 
-  # Fusion layers: self-attention + FFN copied from chosen BERT layers (official: 6-11).
+  # Fusion layers: self-attention + FFN copied from chosen BERT layers (reference §7.6).
   fusion_layers = (list(range(n_src - fusion.depth, n_src)) if fusion_layers is None
                    else [int(i) for i in fusion_layers])
   if len(fusion_layers) != fusion.depth or any(not 0 <= i < n_src for i in fusion_layers):
@@ -298,11 +286,11 @@ _B = r"blocks\.(?P<layer>\d+)\."
 
 
 def beit_rules() -> list[C.Rule]:
-  """Official BEiT-2 `.pth` keys -> vision tower."""
+  """Official BEiT-2 `.pth` keys -> vision tower (reference §7.2 / §7.6)."""
   v = "vision.blocks"
   return [
       C.Rule(r"cls_token", "vision.cls_token"),
-      C.Rule(r"patch_embed\.proj\.weight", "vision.patch_embed.kernel", C.CONV_OIHW),
+      C.Rule(r"patch_embed\.proj\.weight", "vision.patch_embed.kernel", T.CONV_OIHW),
       C.Rule(r"patch_embed\.proj\.bias", "vision.patch_embed.bias"),
       C.Rule(_B + r"gamma_1", f"{v}.gamma_1"),
       C.Rule(_B + r"gamma_2", f"{v}.gamma_2"),
@@ -310,15 +298,15 @@ def beit_rules() -> list[C.Rule]:
       C.Rule(_B + r"norm1\.bias", f"{v}.norm1.bias"),
       C.Rule(_B + r"norm2\.weight", f"{v}.norm2.scale"),
       C.Rule(_B + r"norm2\.bias", f"{v}.norm2.bias"),
-      C.Rule(_B + r"attn\.qkv\.weight", f"{v}.attn.qkv.kernel", C.FUSED_QKV),
-      C.Rule(_B + r"attn\.q_bias", f"{v}.attn.q_bias", C.BIAS_TO_HEADS),
-      C.Rule(_B + r"attn\.v_bias", f"{v}.attn.v_bias", C.BIAS_TO_HEADS),
+      C.Rule(_B + r"attn\.qkv\.weight", f"{v}.attn.qkv.kernel", T.FUSED_QKV),
+      C.Rule(_B + r"attn\.q_bias", f"{v}.attn.q_bias", T.BIAS_TO_HEADS),
+      C.Rule(_B + r"attn\.v_bias", f"{v}.attn.v_bias", T.BIAS_TO_HEADS),
       C.Rule(_B + r"attn\.relative_position_bias_table", f"{v}.attn.rel_pos_bias"),
-      C.Rule(_B + r"attn\.proj\.weight", f"{v}.attn.proj.kernel", C.LINEAR_FROM_HEADS),
+      C.Rule(_B + r"attn\.proj\.weight", f"{v}.attn.proj.kernel", T.LINEAR_FROM_HEADS),
       C.Rule(_B + r"attn\.proj\.bias", f"{v}.attn.proj.bias"),
-      C.Rule(_B + r"mlp\.fc1\.weight", f"{v}.mlp.fc1.kernel", C.LINEAR),
+      C.Rule(_B + r"mlp\.fc1\.weight", f"{v}.mlp.fc1.kernel", T.LINEAR),
       C.Rule(_B + r"mlp\.fc1\.bias", f"{v}.mlp.fc1.bias"),
-      C.Rule(_B + r"mlp\.fc2\.weight", f"{v}.mlp.fc2.kernel", C.LINEAR),
+      C.Rule(_B + r"mlp\.fc2\.weight", f"{v}.mlp.fc2.kernel", T.LINEAR),
       C.Rule(_B + r"mlp\.fc2\.bias", f"{v}.mlp.fc2.bias"),
       C.Rule(r"fc_norm\.weight", "vision.fc_norm.scale"),
       C.Rule(r"fc_norm\.bias", "vision.fc_norm.bias"),
@@ -378,7 +366,7 @@ def _hf_beit_to_official(sd: Mapping[str, np.ndarray], notes: list[str]) -> "col
     parts = [out.pop(p + n + ".weight", None) for n in ("q", "k", "v")]
     if any(x is None for x in parts):
       raise C.ConversionError(f"BEiT layer {i}: query/key/value weights must all be present")
-    out[p + "qkv.weight"] = np.concatenate(parts, axis=0)  # rows [q; k; v]
+    out[p + "qkv.weight"] = np.concatenate(parts, axis=0)  # rows [q; k; v] (reference §1.2)
     k_bias = out.pop(p + "k.bias", None)
     if k_bias is not None and np.any(k_bias != 0):
       raise C.ConversionError(f"BEiT layer {i}: a non-zero key bias cannot be represented (the "
@@ -423,43 +411,8 @@ def load_beit(src: Source, model_cfg: ModelConfig, *, allow: Iterable[str] = (),
       src_grid = (side + 1) // 2
       sd[k] = resize_rel_pos_bias(sd[k], src_grid, vcfg.grid)
       notes.append(f"{k}: resized grid {src_grid} -> {vcfg.grid}")
-  shapes = expected_shapes(model_cfg)
+  shapes = apply.expected_shapes(model_cfg)
   expected = {p: s for p, s in shapes.items() if p.startswith("vision.")}
   params, report = C.merge(sd, beit_rules(), expected, allow=allow, what="BEiT-2 -> vision tower")
   report.notes[:0] = notes
   return _result(params, report, expected)
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing into a model.
-# ---------------------------------------------------------------------------------------------
-
-
-def apply(model, *results: ImportResult) -> frozenset[str]:
-  """Writes the results' params into `model` in place (same dtype and sharding as its params)
-  and returns the dotted paths of every model parameter that no result loaded: the set the
-  optimizer treats as new (lr x lr_mult,
-  docs/fidelity.md#learning-rate-multiplier-for-fresh-parameters)."""
-  import jax
-  from flax import nnx
-
-  state = nnx.state(model, nnx.Param)
-  current = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
-  pure = nnx.to_pure_dict(state)
-  loaded: set[str] = set()
-  for res in results:
-    for path, arr in C.flatten(res.params).items():
-      if path not in current:
-        raise C.ConversionError(f"{path}: not a parameter of this model")
-      old = current[path][...]
-      if tuple(arr.shape) != tuple(old.shape):
-        raise C.ConversionError(f"{path}: loaded shape {arr.shape} vs model {old.shape}")
-      node = pure
-      *parents, last = path.split(".")
-      for part in parents:
-        node = node[int(part) if part.isdigit() and int(part) in node else part]
-      node[last] = jax.device_put(np.asarray(arr, dtype=old.dtype), old.sharding)
-      loaded.add(path)
-  nnx.replace_by_pure_dict(state, pure)
-  nnx.update(model, state)
-  return frozenset(current) - loaded

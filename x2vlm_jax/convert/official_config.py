@@ -2,11 +2,11 @@
 
 Widths, depths, vocabulary, frame count and the checkpoint's resolution are read off the state
 dict's shapes. What shapes cannot tell comes, in order of precedence, from explicit arguments
-(CLI flags), then the checkpoint's embedded YAML `config` dict (official keys:
+(CLI flags), then the checkpoint's embedded YAML `config` dict (reference §6.5 keys:
 `text_fusion_start_at`, `text_num_hidden_layers`, `image_res`, `patch_size`, `embed_dim`,
-`frame_len`), then defaults: text heads = width / 64 (d_h = 64 in both released sizes).
-Vision heads are the second dimension of any rel-pos table. The text/fusion split
-defaults to the first layer that has cross-attention weights (docs/fidelity.md#config-recovery).
+`frame_len`), then defaults: text heads = width / 64 (d_h = 64 in both released sizes, §1.3).
+Vision heads are the second dimension of any rel-pos table (§7.2). The text/fusion split
+defaults to the first layer that has cross-attention weights.
 """
 
 from __future__ import annotations
@@ -70,7 +70,23 @@ def infer_config(
   base = ModelConfig.named(variant)
   v, t, f = base.vision, base.text, base.fusion
 
-  # ---- vision: width, depth, MLP, patch, heads and resolution from shapes.
+  vision, source_size = _infer_vision(sd, ck, v, image_size, notes)
+  text, fusion = _infer_text_fusion(sd, ck, t, f, word, num_heads, text_layers, fusion_layers, notes)
+
+  proj = _shape(sd, "vision_proj.weight") or _shape(sd, "text_proj.weight")
+  embed_dim = proj[0] if proj is not None else int(ck.get("embed_dim", base.embed_dim))
+  frames = _shape(sd, "absolute_frame_pos_embed")
+  frame_len = frames[1] if frames is not None else 0
+  cfg = dataclasses.replace(base, vision=vision, text=text, fusion=fusion, embed_dim=embed_dim,
+                            frame_len=frame_len)
+  if "temp" in ck:
+    cfg = dataclasses.replace(cfg, temp_init=float(ck["temp"]))
+  return cfg, source_size, notes
+
+
+def _infer_vision(sd, ck, v, image_size, notes):
+  """(vision config, the checkpoint's image size) from the vision encoder's shapes."""
+  # ---- vision: width, depth, MLP, patch, heads and resolution from shapes (§7.2).
   cls = _shape(sd, "vision_encoder.cls_token")
   patch = _shape(sd, "vision_encoder.patch_embed.proj.weight")
   blocks = _indices(sd, r"vision_encoder\.blocks\.(\d+)\..*")
@@ -106,9 +122,12 @@ def infer_config(
   else:
     source_size = v.image_size
   vkw["image_size"] = image_size or source_size
-  vision = dataclasses.replace(v, **vkw)
+  return dataclasses.replace(v, **vkw), source_size
 
-  # ---- text and fusion: one official BERT stack split in two.
+
+def _infer_text_fusion(sd, ck, t, f, word, num_heads, text_layers, fusion_layers, notes):
+  """(text config, fusion config) from the BERT stack's shapes; `word`: the embedding shape."""
+  # ---- text and fusion: one official BERT stack split in two (§1.1).
   lay = r"text_encoder\.(?:bert\.)?encoder\.layer\.(\d+)\..*"
   all_layers = _indices(sd, lay)
   cross = _indices(sd, r"text_encoder\.(?:bert\.)?encoder\.layer\.(\d+)\.crossattention\..*")
@@ -146,24 +165,14 @@ def infer_config(
   if ttype is not None:
     tkw["type_vocab_size"] = ttype[0]
   text = dataclasses.replace(t, **tkw)
-  fusion = dataclasses.replace(f, depth=fusion_layers, num_heads=num_heads,
-                               mlp_dim=finter[0] if finter is not None else text.mlp_dim)
-
-  proj = _shape(sd, "vision_proj.weight") or _shape(sd, "text_proj.weight")
-  embed_dim = proj[0] if proj is not None else int(ck.get("embed_dim", base.embed_dim))
-  frames = _shape(sd, "absolute_frame_pos_embed")
-  frame_len = frames[1] if frames is not None else 0
-  cfg = dataclasses.replace(base, vision=vision, text=text, fusion=fusion, embed_dim=embed_dim,
-                            frame_len=frame_len)
-  if "temp" in ck:
-    cfg = dataclasses.replace(cfg, temp_init=float(ck["temp"]))
-  return cfg, source_size, notes
+  return text, dataclasses.replace(f, depth=fusion_layers, num_heads=num_heads,
+                                   mlp_dim=finter[0] if finter is not None else text.mlp_dim)
 
 
 def official_config_dict(cfg: ModelConfig, variant: str | None = None) -> dict[str, Any]:
   """The config dict written next to an exported state dict (plain types only).
 
-  Official YAML keys for the sizes the official code reads, plus an `x2vlm_jax` entry
+  Official YAML keys (§6.5) for the sizes the official code reads, plus an `x2vlm_jax` entry
   with what the YAML does not carry (text head count), so our own files re-import without flags.
   """
   out: dict[str, Any] = {

@@ -19,7 +19,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from x2vlm_jax.convert.official import to_numpy
+from x2vlm_jax.convert.arrays import to_numpy
 
 CONFIG_KEY = "config"
 

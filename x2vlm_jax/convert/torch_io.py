@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from x2vlm_jax.convert.official import TIED, to_numpy
+from x2vlm_jax.convert.arrays import to_numpy
+from x2vlm_jax.convert.official_spec import TIED
 
 
 def _torch():
