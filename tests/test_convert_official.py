@@ -47,7 +47,7 @@ def assert_same_state(a, b, ordered=True):
 
 
 # ---------------------------------------------------------------------------------------------
-# The spec (reference §7.2).
+# The spec (docs/fidelity.md#official-key-list).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -65,7 +65,7 @@ def test_spec_counts_and_order_base_and_large():
   assert base["temp"] == ((), np.float32)
   assert base["text_encoder.bert.encoder.layer.17.crossattention.self.key.weight"][0] == (768, 768)
   assert "text_encoder.bert.encoder.layer.11.crossattention.self.key.weight" not in base
-  # 17 entries per block, in the official order (§7.2).
+  # 17 entries per block, in the official order (docs/fidelity.md#official-key-list).
   block = [k.split("blocks.0.")[1] for k in keys if ".blocks.0." in k]
   assert block == ["gamma_1", "gamma_2", "norm1.weight", "norm1.bias", "attn.q_bias", "attn.v_bias",
                    "attn.relative_position_bias_table", "attn.relative_position_index",
@@ -97,7 +97,8 @@ def test_param_table_matches_the_model(cfg):
 
 
 def test_relative_position_index_formula():
-  idx = S.relative_position_index(24)  # R = 384: 2209 / 2210 / 2211 for num_rel 2212 (§1.2)
+  # R = 384: 2209 / 2210 / 2211 for num_rel 2212 (docs/fidelity.md#relative-position-bias)
+  idx = S.relative_position_index(24)
   assert idx.shape == (577, 577) and idx.dtype == np.int64
   assert idx[0, 5] == 2209 and idx[5, 0] == 2210 and idx[0, 0] == 2211
   assert idx[1:, 1:].min() == 0 and idx[1:, 1:].max() == 47 * 47 - 1

@@ -104,14 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--num-heads", type=int, help="text/fusion attention heads (default width/64)")
     sp.add_argument("--text-layers", type=int, help="text-only layers (default: first cross-attn layer)")
     sp.add_argument("--fusion-layers", type=int, help="fusion layers (default: the rest)")
-    sp.add_argument("--image-size", type=int, help="target resolution; resizes rel-pos tables (§7.5)")
+    sp.add_argument("--image-size", type=int,
+                    help="target resolution; resizes rel-pos tables "
+                    "(docs/conversion.md#resolution-change)")
     sp.add_argument("--allow-missing", action="store_true", help="our params absent from the file")
     sp.add_argument("--allow-unexpected", action="store_true", help="file entries we do not use")
     sp.add_argument("--allow-check", action="store_true", help="tied/buffer value differences")
 
   def layout(sp):
     sp.add_argument("--layout", choices=S.LAYOUTS, default=S.PRETRAIN,
-                    help="official key layout to write (default pretrain, §7.2; finetune §7.4)")
+                    help="official key layout to write (default pretrain; finetune: no `bert.`, "
+                    "no MLM head, docs/fidelity.md#fine-tuning-layout)")
 
   for name, fn, src, dst, is_import in (
       ("official-to-jax", cmd_official_to_jax, "SRC.th", "OUT_DIR", True),

@@ -4,7 +4,7 @@ The Hugging Face tower importers (`hf.load_bert` / `hf.load_beit`) and the offic
 safetensors import (`official.official_to_params`) all produce a nested dict of numpy arrays in
 our parameter layout. `apply_params` writes such dicts into a model, keeping each parameter's
 dtype and sharding, and returns the paths left at init -- the official `init_params`, which the
-optimizer gives lr x lr_mult (reference §6.1).
+optimizer gives lr x lr_mult (docs/fidelity.md#learning-rate-multiplier-for-fresh-parameters).
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Importers for the towers' initial weights: Hugging Face BERT and BEiT-2 (reference §7.6).
+"""Importers for the towers' initial weights: Hugging Face BERT and BEiT-2.
+
+Official behaviour: docs/fidelity.md#initial-weights-from-bert-and-beit-2.
 
 * `load_bert`: a Hugging Face-layout BERT (safetensors or pytorch_model.bin, keys with or without
   `bert.`, TF-style `LayerNorm.gamma/beta` too) -> text tower; fusion layers copied from BERT
@@ -9,7 +11,8 @@
   optionally under 'model'/'module', an optional shared table copied into every block, `head.*`
   dropped) or in a transformers `BeitModel` layout (hub names `beit.encoder.layer.{i}.attention.
   attention.query` ... and the v5 in-memory names `layers.{i}.attention.q_proj` ...); tables are
-  resized (§7.5) when the checkpoint's grid differs from the config's.
+  resized when the checkpoint's grid differs from the config's
+  (docs/fidelity.md#relative-position-bias-resize).
 
 Both return an `ImportResult` (our nested numpy params, the loaded / not-loaded paths, the
 coverage report) and are strict: unexpected, missing or mis-shaped keys raise
@@ -188,7 +191,8 @@ def bert_rules(text: TextConfig) -> list[C.Rule]:
       C.Rule(r"cls\.predictions\.transform\.LayerNorm\.weight", "mlm_head.norm.scale"),
       C.Rule(r"cls\.predictions\.transform\.LayerNorm\.bias", "mlm_head.norm.bias"),
       C.Rule(r"cls\.predictions\.bias", "mlm_head.bias"),
-      # The decoder is tied to the word embeddings and its bias to cls.predictions.bias (§7.3).
+      # The decoder is tied to the word embeddings and its bias to cls.predictions.bias
+      # (docs/fidelity.md#tied-decoder-entries).
       C.Rule(r"cls\.predictions\.decoder\.weight", "text.embeddings.word", tied=True),
       C.Rule(r"cls\.predictions\.decoder\.bias", "mlm_head.bias", tied=True),
       # Never used by X2-VLM (no pooler, no NSP head): dropped, as the official loader ignores them.
@@ -252,7 +256,8 @@ def load_bert(src: Source, model_cfg: ModelConfig, *, fusion_layers: Iterable[in
   if not has_mlm:
     report.notes.append("no cls.predictions.* in the file: MLM head left at init")
 
-  # Fusion layers: self-attention + FFN copied from chosen BERT layers (reference §7.6).
+  # Fusion layers: self-attention + FFN copied from chosen BERT layers
+  # (docs/fidelity.md#initial-weights-from-bert-and-beit-2).
   fusion_layers = (list(range(n_src - fusion.depth, n_src)) if fusion_layers is None
                    else [int(i) for i in fusion_layers])
   if len(fusion_layers) != fusion.depth or any(not 0 <= i < n_src for i in fusion_layers):
@@ -286,7 +291,10 @@ _B = r"blocks\.(?P<layer>\d+)\."
 
 
 def beit_rules() -> list[C.Rule]:
-  """Official BEiT-2 `.pth` keys -> vision tower (reference §7.2 / §7.6)."""
+  """Official BEiT-2 `.pth` keys -> vision tower.
+
+  See docs/fidelity.md#initial-weights-from-bert-and-beit-2 and docs/fidelity.md#weight-layouts.
+  """
   v = "vision.blocks"
   return [
       C.Rule(r"cls_token", "vision.cls_token"),
@@ -366,7 +374,8 @@ def _hf_beit_to_official(sd: Mapping[str, np.ndarray], notes: list[str]) -> "col
     parts = [out.pop(p + n + ".weight", None) for n in ("q", "k", "v")]
     if any(x is None for x in parts):
       raise C.ConversionError(f"BEiT layer {i}: query/key/value weights must all be present")
-    out[p + "qkv.weight"] = np.concatenate(parts, axis=0)  # rows [q; k; v] (reference §1.2)
+    # Rows [q; k; v] (docs/fidelity.md#weight-layouts).
+    out[p + "qkv.weight"] = np.concatenate(parts, axis=0)
     k_bias = out.pop(p + "k.bias", None)
     if k_bias is not None and np.any(k_bias != 0):
       raise C.ConversionError(f"BEiT layer {i}: a non-zero key bias cannot be represented (the "

@@ -1,15 +1,18 @@
-"""Official X2-VLM state dicts (reference §7) <-> our nested param dict (docs/architecture.md).
+"""Official X2-VLM state dicts <-> our nested param dict (docs/architecture.md).
 
 Three pieces, all pure NumPy (the official key list itself is `official_spec`):
 - `param_shapes(cfg)`: our side, the nested {path: (shape, dtype)} of docs/architecture.md.
-- `official_rules(cfg)`: the `common.Rule` table between official keys and our paths (§7.3);
-  it accepts the pre-training layout (`text_encoder.bert.*`, `text_encoder.cls.*`) and the
-  fine-tuning layout (§7.4: no `bert.`, no MLM head).
+- `official_rules(cfg)`: the `common.Rule` table between official keys and our paths
+  (docs/conversion.md#key-mapping); it accepts the pre-training layout (`text_encoder.bert.*`,
+  `text_encoder.cls.*`) and the fine-tuning layout (no `bert.`, no MLM head;
+  docs/fidelity.md#fine-tuning-layout).
 - `official_to_params` / `params_to_official`: strict conversion both ways, with tied weights
   and buffers checked on import and re-created on export.
 
 Official text layers [0, text.depth) are our `text.layers`, the next fusion.depth layers are our
-`fusion.layers` (the official model keeps one 18-layer BERT, §1.1).
+`fusion.layers` (the official model keeps one 18-layer BERT,
+docs/fidelity.md#text-and-fusion-towers). Official behaviour of the checkpoints:
+docs/fidelity.md#checkpoints-and-conversion.
 """
 
 from __future__ import annotations
@@ -142,7 +145,7 @@ def _fusion_shapes(sh: _Shapes, cfg: ModelConfig) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The rule table (§7.3).
+# The rule table (docs/conversion.md#key-mapping).
 # ---------------------------------------------------------------------------------------------
 
 FRAME_EMBED = T.reshape_transform("frame_embed", lambda s: (1, s[0], 1, s[1]))
@@ -240,7 +243,8 @@ def _head_rules() -> list[C.Rule]:
       C.Rule(mlm + "bias", "mlm_head.bias"),
       *_linear_rules(mlm + r"transform\.dense", "mlm_head.dense"),
       *_ln_rules(mlm + r"transform\.LayerNorm", "mlm_head.norm"),
-      # The decoder is tied (§7.3): checked on import, re-written on export.
+      # The decoder is tied (docs/fidelity.md#tied-decoder-entries): checked on import,
+      # re-written on export.
       C.Rule(mlm + r"decoder\.weight", "text.embeddings.word", tied=True),
       C.Rule(mlm + r"decoder\.bias", "mlm_head.bias", tied=True),
       *_linear_rules(r"vision_proj", "vision_proj"),
@@ -275,9 +279,10 @@ def official_to_params(
   strict: raise `common.ConversionError` on any mismatch not in `allow` (kinds: missing,
     unexpected, shape, check). `strict=False` allows every kind and only reports.
   source_image_size: resolution the checkpoint was trained at, if different from
-    `cfg.vision.image_size`: each block's rel-pos table is resized (§7.5) with `resize_fn`
-    (default: `x2vlm_jax.models.vision.resize_rel_pos_bias`) and the index buffers are checked
-    against the source grid.
+    `cfg.vision.image_size`: each block's rel-pos table is resized
+    (docs/fidelity.md#relative-position-bias-resize) with `resize_fn` (default:
+    `x2vlm_jax.models.vision.resize_rel_pos_bias`) and the index buffers are checked against the
+    source grid.
   init: concrete params used for our parameters the checkpoint lacks (see `common.merge`).
   """
   allow = set(C.MISMATCH_KINDS) if not strict else set(allow)
@@ -286,7 +291,8 @@ def official_to_params(
   if source_image_size is not None and source_image_size != cfg.vision.image_size:
     if cfg.vision.abs_pos_embed:
       raise ValueError("resizing a vision tower with an absolute position embedding is not "
-                       "supported (only the relative-position tables are resized, §7.5)")
+                       "supported (only the relative-position tables are resized; see "
+                       "docs/conversion.md#resolution-change)")
     sd, notes = _resize_vision(sd, cfg, source_image_size, resize_fn, allow)
   params, report = C.merge(sd, official_rules(cfg), param_shapes(cfg), allow=allow, init=init,
                            what="official -> jax import")
@@ -315,7 +321,10 @@ def params_to_official(
 
 
 def _resize_vision(sd, cfg, source_image_size, resize_fn, allow):
-  """Resizes rel-pos tables from the source grid to cfg's and swaps in the target index (§7.5)."""
+  """Resizes rel-pos tables from the source grid to cfg's and swaps in the target index.
+
+  Algorithm: docs/fidelity.md#relative-position-bias-resize.
+  """
   v = cfg.vision
   if source_image_size % v.patch_size:
     raise ValueError(f"source image size {source_image_size} is not a multiple of patch {v.patch_size}")

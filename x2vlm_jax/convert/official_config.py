@@ -2,11 +2,12 @@
 
 Widths, depths, vocabulary, frame count and the checkpoint's resolution are read off the state
 dict's shapes. What shapes cannot tell comes, in order of precedence, from explicit arguments
-(CLI flags), then the checkpoint's embedded YAML `config` dict (reference §6.5 keys:
+(CLI flags), then the checkpoint's embedded YAML `config` dict (official keys
 `text_fusion_start_at`, `text_num_hidden_layers`, `image_res`, `patch_size`, `embed_dim`,
-`frame_len`), then defaults: text heads = width / 64 (d_h = 64 in both released sizes, §1.3).
-Vision heads are the second dimension of any rel-pos table (§7.2). The text/fusion split
-defaults to the first layer that has cross-attention weights.
+`frame_len`; docs/fidelity.md#config-recovery), then defaults: text heads = width / 64 (d_h = 64
+in both released sizes, docs/fidelity.md#model-sizes). Vision heads are the second dimension of
+any rel-pos table (docs/fidelity.md#relative-position-bias). The text/fusion split defaults to
+the first layer that has cross-attention weights.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def infer_config(
 
 def _infer_vision(sd, ck, v, image_size, notes):
   """(vision config, the checkpoint's image size) from the vision encoder's shapes."""
-  # ---- vision: width, depth, MLP, patch, heads and resolution from shapes (§7.2).
+  # ---- vision: width, depth, MLP, patch, heads and resolution from shapes
+  # (docs/fidelity.md#official-key-list).
   cls = _shape(sd, "vision_encoder.cls_token")
   patch = _shape(sd, "vision_encoder.patch_embed.proj.weight")
   blocks = _indices(sd, r"vision_encoder\.blocks\.(\d+)\..*")
@@ -127,7 +129,8 @@ def _infer_vision(sd, ck, v, image_size, notes):
 
 def _infer_text_fusion(sd, ck, t, f, word, num_heads, text_layers, fusion_layers, notes):
   """(text config, fusion config) from the BERT stack's shapes; `word`: the embedding shape."""
-  # ---- text and fusion: one official BERT stack split in two (§1.1).
+  # ---- text and fusion: one official BERT stack split in two
+  # (docs/fidelity.md#text-and-fusion-towers).
   lay = r"text_encoder\.(?:bert\.)?encoder\.layer\.(\d+)\..*"
   all_layers = _indices(sd, lay)
   cross = _indices(sd, r"text_encoder\.(?:bert\.)?encoder\.layer\.(\d+)\.crossattention\..*")
@@ -172,8 +175,9 @@ def _infer_text_fusion(sd, ck, t, f, word, num_heads, text_layers, fusion_layers
 def official_config_dict(cfg: ModelConfig, variant: str | None = None) -> dict[str, Any]:
   """The config dict written next to an exported state dict (plain types only).
 
-  Official YAML keys (§6.5) for the sizes the official code reads, plus an `x2vlm_jax` entry
-  with what the YAML does not carry (text head count), so our own files re-import without flags.
+  Official YAML keys (docs/fidelity.md#config-recovery) for the sizes the official code reads,
+  plus an `x2vlm_jax` entry with what the YAML does not carry (text head count), so our own files
+  re-import without flags.
   """
   out: dict[str, Any] = {
       "use_beit_v2": True,

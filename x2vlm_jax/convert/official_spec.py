@@ -1,4 +1,4 @@
-"""What an official X2-VLM state dict holds (reference §7.2): its layouts, keys, shapes, buffers.
+"""What an official X2-VLM state dict holds: its layouts, keys, shapes, buffers.
 
 - `official_state_spec(cfg, layout)`: every entry of the official state dict for a config --
   key, PyTorch shape and dtype, in the order `torch.save` writes them -- including the int64
@@ -6,7 +6,9 @@
 - `relative_position_index` / `position_ids`: the buffers, recomputed, never learned.
 - `count_parameters`, `detect_layout`: the learned size of a spec, and which layout a key set is.
 
-The mapping between these keys and our parameter paths is `official.official_rules`.
+Official behaviour: docs/fidelity.md#official-key-list (keys and file order),
+docs/fidelity.md#buffers, docs/fidelity.md#fine-tuning-layout. The mapping between these keys
+and our parameter paths is `official.official_rules`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ PRETRAIN = "pretrain"
 FINETUNE = "finetune"
 LAYOUTS = (PRETRAIN, FINETUNE)
 
-# Tied entries of the pre-training layout: duplicate name -> primary name (§7.3).
+# Tied entries of the pre-training layout: duplicate name -> primary name
+# (docs/fidelity.md#tied-decoder-entries).
 TIED = {
     "text_encoder.cls.predictions.decoder.weight": "text_encoder.bert.embeddings.word_embeddings.weight",
     "text_encoder.cls.predictions.decoder.bias": "text_encoder.cls.predictions.bias",
@@ -34,15 +37,16 @@ TIED = {
 
 
 # ---------------------------------------------------------------------------------------------
-# Buffers (§1.2, §7.3): recomputed, never learned.
+# Buffers (docs/fidelity.md#buffers): recomputed, never learned.
 # ---------------------------------------------------------------------------------------------
 
 
 def relative_position_index(grid: int) -> np.ndarray:
-  """BEiT's (1+T, 1+T) int64 index into the rel-pos table for a grid of P x P patches (§1.2).
+  """BEiT's (1+T, 1+T) int64 index into the rel-pos table for a grid of P x P patches.
 
   Patch pairs index (dr + P - 1) * (2P - 1) + (dc + P - 1) with (row, col) = divmod(tok - 1, P);
-  the three last table rows serve CLS->patch, patch->CLS and CLS->CLS.
+  the three last table rows serve CLS->patch, patch->CLS and CLS->CLS
+  (docs/fidelity.md#relative-position-bias).
   """
   p = grid
   num_rel = (2 * p - 1) ** 2 + 3
@@ -63,7 +67,7 @@ def position_ids(max_positions: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# The official key list (§7.2), in file order.
+# The official key list (docs/fidelity.md#official-key-list), in file order.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -79,10 +83,11 @@ def _bert_prefix(layout: str) -> tuple[str, str]:
 def official_state_spec(cfg: ModelConfig, layout: str = PRETRAIN) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """Ordered {official key: (PyTorch shape, dtype)} of every state-dict entry for `cfg`.
 
-  Order follows `nn.Module.state_dict()` of the official `XVLM` (§7.2 "Order in the file"): own
-  parameters, then own buffers, then sub-modules. The fine-tuning layout (§7.4) drops `bert.`
-  and the MLM head and keeps the same heads (a task model may hold fewer; extra ones are
-  reported as unexpected by the loader).
+  Order follows `nn.Module.state_dict()` of the official `XVLM`
+  (docs/fidelity.md#official-key-list): own parameters, then own buffers, then sub-modules. The
+  fine-tuning layout (docs/fidelity.md#fine-tuning-layout) drops `bert.` and the MLM head and
+  keeps the same heads (a task model may hold fewer; extra ones are reported as unexpected by
+  the loader).
   """
   v = cfg.vision
   bert, cls = _bert_prefix(layout)
@@ -91,7 +96,7 @@ def official_state_spec(cfg: ModelConfig, layout: str = PRETRAIN) -> dict[str, t
   def add(key, shape, dtype=F32):
     spec[key] = (tuple(shape), np.dtype(dtype))
 
-  if cfg.frame_len > 0:  # registered before `temp` in the official module (§7.2)
+  if cfg.frame_len > 0:  # registered before `temp` (docs/fidelity.md#official-key-list)
     add("absolute_frame_pos_embed", (1, cfg.frame_len, 1, v.width))
   add("temp", ())
   _vision_spec(add, v)
@@ -208,7 +213,10 @@ def count_parameters(spec: Mapping[str, tuple[tuple[int, ...], Any]]) -> int:
 
 
 def detect_layout(keys: Iterable[str]) -> str:
-  """'pretrain' if BERT keys carry `bert.` (masked-LM wrapper), 'finetune' otherwise (§7.4)."""
+  """'pretrain' if BERT keys carry `bert.` (masked-LM wrapper), 'finetune' otherwise.
+
+  See docs/fidelity.md#fine-tuning-layout.
+  """
   keys = list(keys)
   if any(k.startswith("text_encoder.bert.") for k in keys):
     return PRETRAIN

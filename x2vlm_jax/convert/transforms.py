@@ -45,7 +45,7 @@ CONV_OIHW = Transform(
 )
 
 # Linear (H*dh, in) <-> [in, H, dh]: projections into heads (q/k/v); heads are contiguous row
-# blocks of dh output features in PyTorch (reference §7.3).
+# blocks of dh output features in PyTorch (docs/fidelity.md#weight-layouts).
 LINEAR_TO_HEADS = Transform(
     "linear_to_heads",
     lambda x, s: x.T.reshape(s),
@@ -69,8 +69,9 @@ LINEAR_FROM_HEADS = Transform(
     lambda s: (s[-1], math.prod(s[:-1])),
 )
 
-# BEiT fused qkv weight (3*H*dh, in), rows [q; k; v] each with heads contiguous (reference §1.2)
-# <-> [in, 3, H, dh]. Same algebra as LINEAR_TO_HEADS with the q/k/v selector as the outer axis.
+# BEiT fused qkv weight (3*H*dh, in), rows [q; k; v] each with heads contiguous <-> [in, 3, H, dh]
+# (docs/fidelity.md#weight-layouts). Same algebra as LINEAR_TO_HEADS with the q/k/v selector as
+# the outer axis.
 FUSED_QKV = Transform(
     "fused_qkv",
     lambda x, s: x.T.reshape(s),
