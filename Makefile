@@ -22,6 +22,8 @@ demo: $(STAMP)
 	$(BIN)/python -m x2vlm_jax.demo
 
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest tests
 
 clean:

@@ -11,14 +11,17 @@ stdout (and written to --output); with --png a picture of predicted vs true grou
 written. See docs/evaluation.md.
 """
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (as for train.py).",
-                                          lock_config=True)
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "", "A training workdir, its checkpoints/ "
-                                  "directory, or a params directory (params_io).")
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Config file (as for train.py).", lock_config=True
+)
+_CHECKPOINT = flags.DEFINE_string(
+  "checkpoint",
+  "",
+  "A training workdir, its checkpoints/ directory, or a params directory (params_io).",
+)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest good one).")
 _OFFICIAL = flags.DEFINE_string("official_th", "", "An official X2-VLM .th (or .safetensors).")
 _OUTPUT = flags.DEFINE_string("output", "", "Also write the metrics JSON to this file.")
@@ -39,13 +42,23 @@ def main(argv):
 
   cfg = _CONFIG.value
   mesh = sharding.make_mesh(cfg.mesh.to_dict())
-  model, source = weights.load_model(run_config.model_config(cfg), mesh,
-                                     checkpoint=_CHECKPOINT.value,
-                                     official_th=_OFFICIAL.value, step=_STEP.value)
+  model, source = weights.load_model(
+    run_config.model_config(cfg),
+    mesh,
+    checkpoint=_CHECKPOINT.value,
+    official_th=_OFFICIAL.value,
+    step=_STEP.value,
+  )
   logging.info("evaluating %s", source)
   tokenizer = Tokenizer(run_config.tokenizer_dir(cfg), int(cfg.data.max_tokens))
-  metrics = run.evaluate(model, run_config.eval_config(cfg.eval), tokenizer, mesh,
-                         png_path=_PNG.value or None, log=lambda s: logging.info("%s", s))
+  metrics = run.evaluate(
+    model,
+    run_config.eval_config(cfg.eval),
+    tokenizer,
+    mesh,
+    png_path=_PNG.value or None,
+    log=lambda s: logging.info("%s", s),
+  )
   text = json.dumps(metrics, indent=1, sort_keys=True)
   if _OUTPUT.value:
     with open(_OUTPUT.value, "w") as f:

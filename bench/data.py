@@ -51,8 +51,10 @@ class MemorySource:
 
 def _records(kind: str, n: int, size: int) -> MemorySource:
   from data_pipelines import synthetic
-  world = synthetic.ShapesWorld(synthetic.WorldConfig(image_size=size, image_format="jpeg",
-                                                      min_frames=8, max_frames=12))
+
+  world = synthetic.ShapesWorld(
+    synthetic.WorldConfig(image_size=size, image_format="jpeg", min_frames=8, max_frames=12)
+  )
   return MemorySource(world.record(kind, i) for i in range(n))
 
 
@@ -72,6 +74,7 @@ def _rate(fn, seconds: float, warmup: int = 2) -> tuple[float, float]:
 
 def _per_worker(kind, source, pre, tok, seconds):
   from data_pipelines.examples import make_example
+
   state = {"i": 0}
 
   def one():
@@ -85,11 +88,22 @@ def _per_worker(kind, source, pre, tok, seconds):
 
 def _pipeline(kind, source, sizes, pre, tok, workers, seconds):
   from data_pipelines import mixture
-  ds = mixture.kind_dataset(kind, [source], sizes, pre, tok, seed=0, num_workers=workers,
-                            worker_buffer_size=16, read_threads=1)
+
+  ds = mixture.kind_dataset(
+    kind,
+    [source],
+    sizes,
+    pre,
+    tok,
+    seed=0,
+    num_workers=workers,
+    worker_buffer_size=16,
+    read_threads=1,
+  )
   it = iter(ds)
-  per = {F.IMAGE: sizes.image_batch, F.VIDEO: sizes.video_batch,
-         F.REGION: sizes.region_max_images}[kind]
+  per = {F.IMAGE: sizes.image_batch, F.VIDEO: sizes.video_batch, F.REGION: sizes.region_max_images}[
+    kind
+  ]
 
   def one():
     next(it)
@@ -113,30 +127,49 @@ def main():
 
   from data_pipelines import assets
   from data_pipelines.text_ops import Tokenizer
+
   r = args.image_res
-  sizes = F.BatchSizes(image_res=r, max_tokens=40, max_masks=12, image_batch=32, region_batch=64,
-                       region_max_images=16, video_batch=8, frame_len=3)
+  sizes = F.BatchSizes(
+    image_res=r,
+    max_tokens=40,
+    max_masks=12,
+    image_batch=32,
+    region_batch=64,
+    region_max_images=16,
+    video_batch=8,
+    frame_len=3,
+  )
   pre = F.PreprocConfig(image_res=r, max_tokens=40, max_masks=12)
   tok = Tokenizer(assets.minilm_dir(), max_tokens=40)
-  out = {"cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0], "image_res": r,
-         "source_jpeg_px": args.source_size, "workers": args.workers, "seconds": args.seconds,
-         "units": "examples/s (region: images/s; video: clips of 3 frames/s)", "kinds": {}}
+  out = {
+    "cpu_count": os.cpu_count(),
+    "load_avg_1m": os.getloadavg()[0],
+    "image_res": r,
+    "source_jpeg_px": args.source_size,
+    "workers": args.workers,
+    "seconds": args.seconds,
+    "units": "examples/s (region: images/s; video: clips of 3 frames/s)",
+    "kinds": {},
+  }
   for kind in args.kinds.split(","):
     source = _records(kind, args.records, args.source_size)
     wall, cpu = _per_worker(kind, source, pre, tok, args.seconds)
     res = {"per_worker": wall, "per_cpu_second": cpu}
     res["pipeline_0"] = _pipeline(kind, source, sizes, pre, tok, 0, args.seconds)
     if args.workers:
-      res[f"pipeline_{args.workers}"] = _pipeline(kind, source, sizes, pre, tok, args.workers,
-                                                  args.seconds)
-      res["per_core_with_workers"] = res[f"pipeline_{args.workers}"] / min(args.workers,
-                                                                           os.cpu_count())
+      res[f"pipeline_{args.workers}"] = _pipeline(
+        kind, source, sizes, pre, tok, args.workers, args.seconds
+      )
+      res["per_core_with_workers"] = res[f"pipeline_{args.workers}"] / min(
+        args.workers, os.cpu_count()
+      )
     out["kinds"][kind] = {k: round(v, 1) for k, v in res.items()}
     print(json.dumps({kind: out["kinds"][kind]}), file=sys.stderr, flush=True)
   if F.IMAGE in out["kinds"]:
     out["image_target_per_core"] = TARGET_PER_CORE
     out["image_per_core_vs_target"] = round(
-        out["kinds"][F.IMAGE]["per_cpu_second"] / TARGET_PER_CORE, 3)
+      out["kinds"][F.IMAGE]["per_cpu_second"] / TARGET_PER_CORE, 3
+    )
   print(json.dumps(out, indent=1))
 
 

@@ -47,15 +47,24 @@ def _args():
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--remat", action="store_true")
   p.add_argument("--no_itm", action="store_true", help="the step without ITM (itm=False)")
-  p.add_argument("--accum_steps", type=int, default=1,
-                 help="micro-batches per update (batch sizes are per update, as in configs)")
+  p.add_argument(
+    "--accum_steps",
+    type=int,
+    default=1,
+    help="micro-batches per update (batch sizes are per update, as in configs)",
+  )
   p.add_argument("--mesh", default="data=-1", help="e.g. data=2,fsdp=4,tensor=1")
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--warmup", type=int, default=1)
-  p.add_argument("--peak_tflops", type=float, default=0.0,
-                 help="peak TFLOP/s of ONE device for MFU (H100 SXM bf16 dense: 989)")
-  p.add_argument("--cpu_devices", type=int, default=0,
-                 help="simulate N CPU devices (sets XLA_FLAGS; CPU only)")
+  p.add_argument(
+    "--peak_tflops",
+    type=float,
+    default=0.0,
+    help="peak TFLOP/s of ONE device for MFU (H100 SXM bf16 dense: 989)",
+  )
+  p.add_argument(
+    "--cpu_devices", type=int, default=0, help="simulate N CPU devices (sets XLA_FLAGS; CPU only)"
+  )
   p.add_argument("--fast_compile", action="store_true")
   return p.parse_args()
 
@@ -71,16 +80,22 @@ def _mesh_shape(text: str) -> dict[str, int]:
 def _peak_memory(compiled, devices) -> dict:
   stats = [d.memory_stats() for d in devices]
   if all(stats) and all("peak_bytes_in_use" in s for s in stats):
-    return {"peak_bytes_per_device": max(s["peak_bytes_in_use"] for s in stats),
-            "source": "device.memory_stats"}
+    return {
+      "peak_bytes_per_device": max(s["peak_bytes_in_use"] for s in stats),
+      "source": "device.memory_stats",
+    }
   m = compiled.memory_analysis()
   if m is None:
     return {"source": "unavailable"}
-  total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-           - m.alias_size_in_bytes)
-  return {"peak_bytes_per_device": int(total), "source": "compiled.memory_analysis",
-          "argument_bytes": int(m.argument_size_in_bytes),
-          "temp_bytes": int(m.temp_size_in_bytes)}
+  total = (
+    m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+  )
+  return {
+    "peak_bytes_per_device": int(total),
+    "source": "compiled.memory_analysis",
+    "argument_bytes": int(m.argument_size_in_bytes),
+    "temp_bytes": int(m.temp_size_in_bytes),
+  }
 
 
 def _model_and_sizes(args):
@@ -99,14 +114,22 @@ def _model_and_sizes(args):
   if args.image_res:
     cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, image_size=args.image_res))
   accum = args.accum_steps
-  per_update = dict(image_batch=args.image_batch, region_batch=args.region_batch,
-                    region_max_images=args.region_max_images if args.region_batch else 0,
-                    video_batch=args.video_batch)
+  per_update = dict(
+    image_batch=args.image_batch,
+    region_batch=args.region_batch,
+    region_max_images=args.region_max_images if args.region_batch else 0,
+    video_batch=args.video_batch,
+  )
   if any(v % accum for v in per_update.values()):
     raise SystemExit(f"every batch size must be divisible by --accum_steps {accum}")
-  sizes = F.BatchSizes(image_res=cfg.vision.image_size, patch_size=cfg.vision.patch_size,
-                       max_tokens=args.max_tokens, max_masks=args.max_masks,
-                       frame_len=args.frame_len, **{k: v // accum for k, v in per_update.items()})
+  sizes = F.BatchSizes(
+    image_res=cfg.vision.image_size,
+    patch_size=cfg.vision.patch_size,
+    max_tokens=args.max_tokens,
+    max_masks=args.max_masks,
+    frame_len=args.frame_len,
+    **{k: v // accum for k, v in per_update.items()},
+  )
   return cfg, sizes, per_update
 
 
@@ -122,31 +145,91 @@ def _time(fn, n: int) -> tuple[list[float], object]:
   return times, out
 
 
-def main():
-  args = _args()
-  if args.cpu_devices:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={args.cpu_devices}")
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+def _report(args, cfg, sizes, per_update, mesh, state, compiled, metrics, timings) -> dict:
+  """The printed JSON object (see the module docstring for the fields)."""
   import jax
   import numpy as np
 
   from data_pipelines import features as F
+  from x2vlm_jax import flops as flops_lib
+
+  times, itm, accum = timings["times"], not args.no_itm, args.accum_steps
+  init_s, lower_s, compile_s = timings["init_s"], timings["lower_s"], timings["compile_s"]
+  step_s = float(np.median(times))
+  n_dev = mesh.devices.size
+  mflops = flops_lib.step_flops(cfg, sizes, itm) * accum
+  examples = {
+    F.IMAGE: args.image_batch,
+    "region_texts": args.region_batch,
+    "region_images": per_update["region_max_images"],
+    F.VIDEO: args.video_batch,
+  }
+  out = {
+    "device": jax.devices()[0].device_kind,
+    "platform": jax.devices()[0].platform,
+    "num_devices": n_dev,
+    "mesh": dict(mesh.shape),
+    "variant": args.variant,
+    "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state["params"]))),
+    "dtype": args.dtype,
+    "remat": args.remat,
+    "itm": itm,
+    "image_res": sizes.image_res,
+    "max_tokens": args.max_tokens,
+    "batch": {k: v for k, v in examples.items() if v},
+    "accum_steps": accum,
+    "fast_compile": args.fast_compile,
+    "init_s": round(init_s, 2),
+    "lower_s": round(lower_s, 2),
+    "compile_s": round(compile_s, 2),
+    "steps_timed": args.steps,
+    "step_s": round(step_s, 4),
+    "step_s_min": round(min(times), 4),
+    "step_s_max": round(max(times), 4),
+    "examples_per_s": {k: round(v / step_s, 3) for k, v in examples.items() if v},
+    "model_flops_per_step": mflops,
+    "model_tflops_per_s_per_device": round(mflops / n_dev / step_s / 1e12, 5),
+    "mfu": (
+      round(mflops / n_dev / step_s / (args.peak_tflops * 1e12), 4) if args.peak_tflops else None
+    ),
+    "xla_flops_per_step_per_device": _flops(compiled),  # scanned layers once: a lower bound
+    "memory": _peak_memory(compiled, mesh.devices.flat),
+    "loss": float(metrics["loss/total"]),
+    "loss_finite": bool(np.isfinite(float(metrics["loss/total"]))),
+  }
+  return out
+
+
+def main():
+  args = _args()
+  if args.cpu_devices:
+    os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "")
+      + f" --xla_force_host_platform_device_count={args.cpu_devices}"
+    )
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  import jax
+
   from data_pipelines.testing.random_batch import random_batch
-  from x2vlm_jax import flops as flops_lib, global_batch, optim, sharding, step_jit
+  from x2vlm_jax import global_batch, optim, sharding, step_jit
   from x2vlm_jax.pretrain_loss import StepConfig
   from x2vlm_jax.train_state import TrainStateSpec
 
   cfg, sizes, per_update = _model_and_sizes(args)
   accum, itm = args.accum_steps, not args.no_itm
   mesh = sharding.make_mesh(_mesh_shape(args.mesh))
-  options = ({"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-             if args.fast_compile else None)
+  options = (
+    {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+    if args.fast_compile
+    else None
+  )
   spec = TrainStateSpec.build(cfg, optim.OptimConfig(total_steps=10_000, warmup_steps=0), mesh)
-  (init_s,), state = _time(lambda _: spec.init(jax.random.key(0, impl="rbg"),
-                                               compiler_options=options), 1)
-  batch = global_batch.put([random_batch(sizes, vocab=cfg.text.vocab_size, seed=i)
-                            for i in range(accum)], mesh)
+  (init_s,), state = _time(
+    lambda _: spec.init(jax.random.key(0, impl="rbg"), compiler_options=options), 1
+  )
+  batch = global_batch.put(
+    [random_batch(sizes, vocab=cfg.text.vocab_size, seed=i) for i in range(accum)], mesh
+  )
   step = step_jit.pretrain_step(spec, StepConfig(), accum, compiler_options=options)
   key = jax.random.key(1)
   (lower_s,), lowered = _time(lambda _: step.lower(state, batch, key, itm), 1)
@@ -160,31 +243,8 @@ def main():
 
   _time(run, args.warmup)
   times, metrics = _time(lambda i: run(1000 + i), args.steps)
-  step_s = float(np.median(times))
-  n_dev = mesh.devices.size
-  mflops = flops_lib.step_flops(cfg, sizes, itm) * accum
-  examples = {F.IMAGE: args.image_batch, "region_texts": args.region_batch,
-              "region_images": per_update["region_max_images"], F.VIDEO: args.video_batch}
-  out = {
-      "device": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform,
-      "num_devices": n_dev, "mesh": dict(mesh.shape), "variant": args.variant,
-      "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state["params"]))),
-      "dtype": args.dtype, "remat": args.remat, "itm": itm, "image_res": sizes.image_res,
-      "max_tokens": args.max_tokens, "batch": {k: v for k, v in examples.items() if v},
-      "accum_steps": accum, "fast_compile": args.fast_compile,
-      "init_s": round(init_s, 2), "lower_s": round(lower_s, 2), "compile_s": round(compile_s, 2),
-      "steps_timed": args.steps, "step_s": round(step_s, 4),
-      "step_s_min": round(min(times), 4), "step_s_max": round(max(times), 4),
-      "examples_per_s": {k: round(v / step_s, 3) for k, v in examples.items() if v},
-      "model_flops_per_step": mflops,
-      "model_tflops_per_s_per_device": round(mflops / n_dev / step_s / 1e12, 5),
-      "mfu": (round(mflops / n_dev / step_s / (args.peak_tflops * 1e12), 4)
-              if args.peak_tflops else None),
-      "xla_flops_per_step_per_device": _flops(compiled),  # scanned layers once: a lower bound
-      "memory": _peak_memory(compiled, mesh.devices.flat),
-      "loss": float(metrics["loss/total"]),
-      "loss_finite": bool(np.isfinite(float(metrics["loss/total"]))),
-  }
+  timings = {"init_s": init_s, "lower_s": lower_s, "compile_s": compile_s, "times": times}
+  out = _report(args, cfg, sizes, per_update, mesh, state, compiled, metrics, timings)
   print(json.dumps(out, indent=1))
 
 

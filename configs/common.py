@@ -115,8 +115,9 @@ def base_config() -> mlc.ConfigDict:
   c.loss.iter_perc = mlc.ConfigDict({"image": 1.0, "region": 1.0, "video": 1.0})
   # Per-term weights inside every kind; all 1 in the official code
   # (docs/fidelity.md#loss-weights-and-total).
-  c.loss.term_weights = mlc.ConfigDict({"itc": 1.0, "itm": 1.0, "mlm": 1.0, "box_l1": 1.0,
-                                        "box_giou": 1.0})
+  c.loss.term_weights = mlc.ConfigDict(
+    {"itc": 1.0, "itm": 1.0, "mlm": 1.0, "box_l1": 1.0, "box_giou": 1.0}
+  )
   c.loss.itm = True  # False: never compute ITM
   c.loss.stop_calc_itm = -1  # ITM only for steps < this; -1 = always (official default: inf)
   # 0 = ordinary gradients (default). W > 0 reproduces the official 1/W ITC gradient on the
@@ -184,12 +185,22 @@ def pretrain_config(variant: str) -> mlc.ConfigDict:
   c.model.variant = variant
   bert = {"base": "data/bert-base-uncased", "large": "data/bert-large-uncased-12l"}[variant]
   c.init.bert_dir = bert
-  c.init.beit_path = {"base": "data/beitv2_base_patch16_224_pt1k_ft21k.pth",
-                      "large": "data/beitv2_large_patch16_224_pt1k_ft21k.pth"}[variant]
+  c.init.beit_path = {
+    "base": "data/beitv2_base_patch16_224_pt1k_ft21k.pth",
+    "large": "data/beitv2_large_patch16_224_pt1k_ft21k.pth",
+  }[variant]
   c.data.image = [source(f"data/pretrain_4m/{name}") for name in ("coco", "vg", "sbu", "cc3m")]
-  c.data.region = [source(f"data/pretrain_4m/{name}")
-                   for name in ("coco_objs", "vg_objs", "vg_regions", "refcoco_regions",
-                                "gqa_objs", "flickr_entities")]
+  c.data.region = [
+    source(f"data/pretrain_4m/{name}")
+    for name in (
+      "coco_objs",
+      "vg_objs",
+      "vg_regions",
+      "refcoco_regions",
+      "gqa_objs",
+      "flickr_entities",
+    )
+  ]
   c.data.num_workers = 6
   return c
 
@@ -199,7 +210,9 @@ OPENIMAGES_OBJECTS365 = ("openimages_v6", "objects365")
 
 def use_1b_regions(c: mlc.ConfigDict) -> None:
   """Adds the 1B region sources (OpenImages-v6 and Objects365) to the 4M ones."""
-  c.data.region = list(c.data.region) + [source(f"data/pretrain_1b/{n}") for n in OPENIMAGES_OBJECTS365]
+  c.data.region = list(c.data.region) + [
+    source(f"data/pretrain_1b/{n}") for n in OPENIMAGES_OBJECTS365
+  ]
 
 
 def use_video(c: mlc.ConfigDict, per_gpu: int, world: int) -> None:
@@ -207,7 +220,10 @@ def use_video(c: mlc.ConfigDict, per_gpu: int, world: int) -> None:
   c.model.frame_len = 3
   c.batch.frame_len = 3
   c.batch.video = per_gpu * world
-  c.data.video = [source("data/video/howto100m_filtered"), source("data/video/yt_temporal_filtered")]
+  c.data.video = [
+    source("data/video/howto100m_filtered"),
+    source("data/video/yt_temporal_filtered"),
+  ]
   c.data.aux.video = [source("data/video/webvid_2.5m")]
   c.loss.aux_iter_perc.video = 0.35
 

@@ -46,8 +46,11 @@ CI_HELDOUT = {"retrieval_images": 50, "grounding_records": 30}
 
 def splits(data_dir: str) -> dict[str, str]:
   """Directory of each generated split under `data_dir` (the layout x2vlm_jax/demo.py writes)."""
-  return {f"{kind}_{split}": f"{data_dir}/{kind}_{split}"
-          for kind in ("image", "region") for split in ("train", "heldout")}
+  return {
+    f"{kind}_{split}": f"{data_dir}/{kind}_{split}"
+    for kind in ("image", "region")
+    for split in ("train", "heldout")
+  }
 
 
 def get_config(arg=None):
@@ -72,6 +75,7 @@ def get_config(arg=None):
   c.data.hflip = False
 
   from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
+
   if opts.get("data"):
     d = splits(opts["data"])
     c.data.image = [common.source(d["image_train"])]
@@ -81,10 +85,12 @@ def get_config(arg=None):
   else:
     c.data.image = [common.synthetic(TRAIN_SIZE, seed=synthetic.TRAIN_SEED, **WORLD)]
     c.data.region = [common.synthetic(TRAIN_SIZE, seed=synthetic.TRAIN_SEED, **WORLD)]
-    eval_image = [common.synthetic(heldout["retrieval_images"], seed=synthetic.HELDOUT_SEED,
-                                   **WORLD)]
-    eval_region = [common.synthetic(heldout["grounding_records"], seed=synthetic.HELDOUT_SEED,
-                                    **WORLD)]
+    eval_image = [
+      common.synthetic(heldout["retrieval_images"], seed=synthetic.HELDOUT_SEED, **WORLD)
+    ]
+    eval_region = [
+      common.synthetic(heldout["grounding_records"], seed=synthetic.HELDOUT_SEED, **WORLD)
+    ]
   c.data.num_workers = 0  # two cores: worker processes would only compete with the step
 
   c.batch.image = 8
@@ -106,7 +112,8 @@ def get_config(arg=None):
   c.mesh.data = 1  # one CPU device; XLA uses both cores inside it
   c.eval.evaluators = ("retrieval", "grounding")
   c.eval.batch_size = 32
-  c.eval.retrieval = mlc.ConfigDict({"data": eval_image, "k_test": 16, "itm_chunk": 64,
-                                     "max_images": 0})
+  c.eval.retrieval = mlc.ConfigDict(
+    {"data": eval_image, "k_test": 16, "itm_chunk": 64, "max_images": 0}
+  )
   c.eval.grounding = mlc.ConfigDict({"data": eval_region, "max_phrases": 0, "png_examples": 6})
   return c

@@ -25,8 +25,10 @@ def get_config(arg=None):
   c = common.pretrain_config("base")
   c.data.max_tokens = 30
   c.data.aux.image = list(c.data.image) + [common.source("data/pretrain_4m/cc12m")]
-  c.data.image = [common.source("data/pretrain_1b/laion_filtered"),
-                  common.source("data/pretrain_1b/laion2b_filtered")]
+  c.data.image = [
+    common.source("data/pretrain_1b/laion_filtered"),
+    common.source("data/pretrain_1b/laion2b_filtered"),
+  ]
   c.loss.aux_iter_perc.image = 0.15
   c.loss.stop_calc_itm = 200_000
   common.use_1b_regions(c)

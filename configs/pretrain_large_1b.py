@@ -10,8 +10,7 @@ images. Schedule: 3 x ceil(1,323,042,683 / 4096) = 969,027 steps.
 
 import math
 
-from configs import common
-from configs import pretrain_base_1b
+from configs import common, pretrain_base_1b
 
 WORLD = 64
 

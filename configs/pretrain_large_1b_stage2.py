@@ -7,7 +7,6 @@ region 32 x 32 = 1024 texts over 14 x 32 = 448 images; video 20 x 32 = 640 clips
 lr 3e-5, warm-up 1000, 404,595 steps.
 """
 
-from configs import common
 from configs import pretrain_base_1b_stage2
 
 WORLD = 32

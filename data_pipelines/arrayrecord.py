@@ -36,7 +36,8 @@ def features_for(kind: str) -> TFDS.FeaturesDict:
   if kind == F.IMAGE:
     return TFDS.FeaturesDict({**common, "image": TFDS.Tensor(shape=(), **_BYTES)})
   if kind == F.REGION:
-    return TFDS.FeaturesDict({
+    return TFDS.FeaturesDict(
+      {
         **common,
         "image": TFDS.Tensor(shape=(), **_BYTES),
         "elem_bb_bits": TFDS.Tensor(shape=(None, 4), dtype=np.int64),  # float64 bits, [E, 4]
@@ -44,14 +45,17 @@ def features_for(kind: str) -> TFDS.FeaturesDict:
         "elem_captions": TFDS.Sequence(TFDS.Text()),  # all elem captions, flattened
         "elem_attribute_counts": TFDS.Tensor(shape=(None,), dtype=np.int32),  # [E]
         "elem_attributes": TFDS.Sequence(TFDS.Text()),
-    })
+      }
+    )
   if kind == F.VIDEO:
-    return TFDS.FeaturesDict({
+    return TFDS.FeaturesDict(
+      {
         **common,
         "frames": TFDS.Tensor(shape=(None,), **_BYTES),  # all frames of all clips, flattened
         "clip_lengths": TFDS.Tensor(shape=(None,), dtype=np.int32),  # [n_clips]
         "is_continuous": TFDS.Tensor(shape=(), dtype=np.bool_),
-    })
+      }
+    )
   raise ValueError(f"unknown kind {kind!r}; expected one of {F.KINDS}")
 
 
@@ -71,8 +75,9 @@ def to_example(record: dict) -> dict[str, Any]:
     ex["elem_attribute_counts"] = np.asarray([len(e["attributes"]) for e in elems], np.int32)
     ex["elem_attributes"] = [a for e in elems for a in e["attributes"]]
   elif kind == F.VIDEO:
-    ex["frames"] = np.asarray([bytes(fr) for clip in record["clips"] for fr in clip] or [],
-                              dtype=object)
+    ex["frames"] = np.asarray(
+      [bytes(fr) for clip in record["clips"] for fr in clip] or [], dtype=object
+    )
     ex["clip_lengths"] = np.asarray([len(c) for c in record["clips"]], np.int32)
     ex["is_continuous"] = bool(record["is_continuous"])
   else:
@@ -87,15 +92,18 @@ def _text(v) -> str:
 def _split(flat: list, counts) -> list[list]:
   out, pos = [], 0
   for n in counts:
-    out.append(flat[pos:pos + int(n)])
+    out.append(flat[pos : pos + int(n)])
     pos += int(n)
   return out
 
 
 def from_example(kind: str, ex: dict[str, Any]) -> dict:
   """TFDS example (as decoded by the data source) -> canonical record."""
-  record: dict[str, Any] = {"kind": kind, "id": _text(ex["id"]),
-                            "captions": [_text(c) for c in ex["captions"]]}
+  record: dict[str, Any] = {
+    "kind": kind,
+    "id": _text(ex["id"]),
+    "captions": [_text(c) for c in ex["captions"]],
+  }
   if kind == F.IMAGE:
     record["image"] = bytes(ex["image"])
   elif kind == F.REGION:
@@ -103,8 +111,10 @@ def from_example(kind: str, ex: dict[str, Any]) -> dict:
     bb = np.asarray(ex["elem_bb_bits"], np.int64).reshape(-1, 4).view(np.float64)  # [E, 4]
     caps = _split([_text(c) for c in ex["elem_captions"]], ex["elem_caption_counts"])
     attrs = _split([_text(a) for a in ex["elem_attributes"]], ex["elem_attribute_counts"])
-    record["elems"] = [{"bb": [float(v) for v in b], "captions": c, "attributes": a}
-                       for b, c, a in zip(bb, caps, attrs)]
+    record["elems"] = [
+      {"bb": [float(v) for v in b], "captions": c, "attributes": a}
+      for b, c, a in zip(bb, caps, attrs)
+    ]
   elif kind == F.VIDEO:
     record["clips"] = _split([bytes(fr) for fr in ex["frames"]], ex["clip_lengths"])
     record["is_continuous"] = bool(ex["is_continuous"])
@@ -128,8 +138,11 @@ def _builder_class(kind: str):
 
     def _info(self):
       return tfds.core.DatasetInfo(
-          builder=self, features=features_for(kind), disable_shuffling=True,
-          description=f"x2vlm-jax canonical {kind} records (see docs/data.md)")
+        builder=self,
+        features=features_for(kind),
+        disable_shuffling=True,
+        description=f"x2vlm-jax canonical {kind} records (see docs/data.md)",
+      )
 
     def _split_generators(self, dl_manager):
       del dl_manager
@@ -147,7 +160,9 @@ def _builder_class(kind: str):
 _BUILDERS = {k: _builder_class(k) for k in F.KINDS}
 
 
-def write(records: Iterable[dict], kind: str, out_dir: str | os.PathLike, split: str = "train") -> str:
+def write(
+  records: Iterable[dict], kind: str, out_dir: str | os.PathLike, split: str = "train"
+) -> str:
   """Writes canonical records of `kind` as an ArrayRecord dataset; returns the dataset dir.
 
   `records` may be a lazy generator (it is consumed once). Raises if the dataset exists.
@@ -194,7 +209,7 @@ class ArrayRecordSource:
     self.split = split
     builder = tfds.builder_from_directory(self.dataset_dir)
     name = builder.info.name
-    kind = name[len("x2vlm_"):] if name.startswith("x2vlm_") else None
+    kind = name[len("x2vlm_") :] if name.startswith("x2vlm_") else None
     if kind not in F.KINDS:
       raise ValueError(f"{self.dataset_dir}: dataset {name!r} is not an x2vlm_<kind> dataset")
     if split not in builder.info.splits:

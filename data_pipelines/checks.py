@@ -89,8 +89,9 @@ def elem_texts(elem: dict) -> list[str]:
   return [f"{a} {c}" for a in attrs for c in elem["captions"]]
 
 
-def elem_problem(elem: dict, width: int, height: int, tokenizer: Any, max_words: int,
-                 record_id: str, field: str) -> str | None:
+def elem_problem(
+  elem: dict, width: int, height: int, tokenizer: Any, max_words: int, record_id: str, field: str
+) -> str | None:
   """The skip reason that makes an elem unusable ('bad_box' or a caption reason), else None."""
   if not box_ok(elem["bb"], width, height):
     return "bad_box"
@@ -104,11 +105,16 @@ def elem_problem(elem: dict, width: int, height: int, tokenizer: Any, max_words:
   return None
 
 
-def usable_elems(record: dict, width: int, height: int, tokenizer: Any, max_words: int) -> list[int]:
+def usable_elems(
+  record: dict, width: int, height: int, tokenizer: Any, max_words: int
+) -> list[int]:
   """Indices of the elems of a region record that pass `elem_problem` (in record order)."""
   rid = record["id"]
-  return [i for i, e in enumerate(record["elems"])
-          if elem_problem(e, width, height, tokenizer, max_words, rid, f"elems[{i}]") is None]
+  return [
+    i
+    for i, e in enumerate(record["elems"])
+    if elem_problem(e, width, height, tokenizer, max_words, rid, f"elems[{i}]") is None
+  ]
 
 
 def check_record(record: dict, tokenizer: Any, preproc_cfg: F.PreprocConfig) -> None:
@@ -136,8 +142,9 @@ def check_record(record: dict, tokenizer: Any, preproc_cfg: F.PreprocConfig) -> 
   check_texts(record, tokenizer, preproc_cfg.max_tokens, size)
 
 
-def check_texts(record: dict, tokenizer: Any, max_words: int,
-                size: tuple[int, int] | None = None) -> list[int] | None:
+def check_texts(
+  record: dict, tokenizer: Any, max_words: int, size: tuple[int, int] | None = None
+) -> list[int] | None:
   """The text and box part of `check_record` (no image decoding), shared with the pipeline.
 
   The training pipeline calls this on every example so that it skips exactly the records the
@@ -154,11 +161,17 @@ def check_texts(record: dict, tokenizer: Any, max_words: int,
   if kind != F.REGION:
     return None
   width, height = size
-  problems = [elem_problem(e, width, height, tokenizer, max_words, rid, f"elems[{i}]")
-              for i, e in enumerate(record["elems"])]
+  problems = [
+    elem_problem(e, width, height, tokenizer, max_words, rid, f"elems[{i}]")
+    for i, e in enumerate(record["elems"])
+  ]
   if all(p is not None for p in problems):
     if problems and all(p == "bad_box" for p in problems):
-      raise F.SkipRecord("bad_box", rid, "elems", f"all {len(problems)} boxes fail the crop rule "
-                         f"in a {width}x{height} image")
+      raise F.SkipRecord(
+        "bad_box",
+        rid,
+        "elems",
+        f"all {len(problems)} boxes fail the crop rule in a {width}x{height} image",
+      )
     raise F.SkipRecord("no_usable_elem", rid, "elems", f"elem problems: {problems}")
   return [i for i, p in enumerate(problems) if p is None]

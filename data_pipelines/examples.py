@@ -22,8 +22,7 @@ import math
 import numpy as np
 
 from data_pipelines import features as F
-from data_pipelines import image_ops
-from data_pipelines import video_ops
+from data_pipelines import image_ops, video_ops
 from data_pipelines.checks import check_texts, decode_image
 from data_pipelines.masking import mask_caption
 from data_pipelines.text_ops import Tokenizer, pre_caption
@@ -31,16 +30,23 @@ from data_pipelines.text_ops import Tokenizer, pre_caption
 _TEXT_KEYS = (F.TEXT_IDS, F.TEXT_MASK, F.MLM_IDS, F.MLM_POSITIONS, F.MLM_LABELS, F.MLM_WEIGHTS)
 
 
-def text_fields(raw: str, rng: np.random.Generator, cfg: F.PreprocConfig, tokenizer: Tokenizer,
-                record_id: str, field: str) -> dict[str, np.ndarray]:
+def text_fields(
+  raw: str,
+  rng: np.random.Generator,
+  cfg: F.PreprocConfig,
+  tokenizer: Tokenizer,
+  record_id: str,
+  field: str,
+) -> dict[str, np.ndarray]:
   """pre_caption -> tokenise -> MLM mask for one raw caption (docs/fidelity.md#mlm-masking).
 
   Raises SkipRecord('empty_caption' / 'caption_no_tokens' / 'bad_field_type').
   """
   caption = pre_caption(raw, cfg.max_tokens, record_id, field)
   tok = tokenizer(caption, record_id, field)
-  mlm = mask_caption(tok.ids, tok.pieces, rng, cfg, mask_id=tokenizer.mask_id,
-                     vocab_size=tokenizer.vocab_size)
+  mlm = mask_caption(
+    tok.ids, tok.pieces, rng, cfg, mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size
+  )
   return {F.TEXT_IDS: tok.ids, F.TEXT_MASK: tok.mask, **mlm}
 
 
@@ -53,20 +59,24 @@ def _pick(options, rng: np.random.Generator, record_id: str, field: str):
 
 def _check_tokenizer(cfg: F.PreprocConfig, tokenizer: Tokenizer) -> None:
   if tokenizer.max_tokens != cfg.max_tokens:
-    raise ValueError(f"tokenizer pads to {tokenizer.max_tokens} tokens but "
-                     f"PreprocConfig.max_tokens = {cfg.max_tokens}")
+    raise ValueError(
+      f"tokenizer pads to {tokenizer.max_tokens} tokens but "
+      f"PreprocConfig.max_tokens = {cfg.max_tokens}"
+    )
 
 
-def image_example(record: dict, rng: np.random.Generator, cfg: F.PreprocConfig,
-                  tokenizer: Tokenizer) -> dict[str, np.ndarray]:
+def image_example(
+  record: dict, rng: np.random.Generator, cfg: F.PreprocConfig, tokenizer: Tokenizer
+) -> dict[str, np.ndarray]:
   """Image-text pair: one random caption, pre-training (or test) image transform."""
   rid = record["id"]
   img = decode_image(record["image"], rid, "image")  # [H, W, 3]
   check_texts(record, tokenizer, cfg.max_tokens)  # skip exactly what the validator reports
   k = int(rng.integers(0, len(record["captions"])))
   if cfg.train:
-    pixels = image_ops.image_text_transform(img, rng, cfg.image_res, cfg.crop_scale,
-                                            cfg.randaugment, allow_flip=cfg.hflip)
+    pixels = image_ops.image_text_transform(
+      img, rng, cfg.image_res, cfg.crop_scale, cfg.randaugment, allow_flip=cfg.hflip
+    )
   else:
     pixels = image_ops.eval_transform(img, cfg.image_res)
   text = text_fields(record["captions"][k], rng, cfg, tokenizer, rid, f"captions[{k}]")
@@ -90,8 +100,39 @@ def _mentions_left_right(record: dict) -> bool:
   return any(("left" in t.lower() or "right" in t.lower()) for t in texts if isinstance(t, str))
 
 
-def region_example(record: dict, rng: np.random.Generator, cfg: F.PreprocConfig,
-                   tokenizer: Tokenizer) -> dict[str, np.ndarray]:
+def _add_elem_rows(rows, record, ok, view, rng, cfg, tokenizer) -> list[str]:
+  """Appends (text, box, patch mask, 0) rows of the usable elems kept by the crop, in random
+  order, up to cfg.max_regions rows in all; returns the problems of elems whose text failed."""
+  rid, elems, problems = record["id"], record["elems"], []
+  order = rng.permutation(len(elems)) if cfg.train else np.arange(len(elems))
+  kept_boxes = set(ok) & set(np.flatnonzero(view.keep).tolist())
+  for i in order.tolist():
+    if len(rows) >= cfg.max_regions:
+      break
+    if i not in kept_boxes:
+      continue
+    field = f"elems[{i}]"
+    try:
+      raw = _elem_text(elems[i], rng, rid, field)
+      text = text_fields(raw, rng, cfg, tokenizer, rid, field)
+    except F.SkipRecord as e:
+      problems.append(f"{field}: {e.reason}")
+      continue
+    b = view.boxes[i]
+    rows.append(
+      (
+        text,
+        image_ops.box_target(b, cfg.image_res),
+        image_ops.patch_mask(b, cfg.image_res, cfg.patch_size),
+        0,
+      )
+    )
+  return problems
+
+
+def region_example(
+  record: dict, rng: np.random.Generator, cfg: F.PreprocConfig, tokenizer: Tokenizer
+) -> dict[str, np.ndarray]:
   """Region/object record: crop around a random elem, then up to max_regions texts.
 
   The whole-image caption (if any) comes first with box (0.5, 0.5, 1, 1), an all-ones patch mask
@@ -113,8 +154,16 @@ def region_example(record: dict, rng: np.random.Generator, cfg: F.PreprocConfig,
   anchor = ok[int(rng.integers(0, len(ok)))]
   allow_flip = cfg.hflip and not (cfg.careful_hflip and _mentions_left_right(record))
   view = image_ops.region_transform(
-      img, boxes, anchor, rng, image_res=cfg.image_res, min_perc_in_image=cfg.min_perc_in_image,
-      train=cfg.train, randaugment=cfg.randaugment, allow_flip=allow_flip)
+    img,
+    boxes,
+    anchor,
+    rng,
+    image_res=cfg.image_res,
+    min_perc_in_image=cfg.min_perc_in_image,
+    train=cfg.train,
+    randaugment=cfg.randaugment,
+    allow_flip=allow_flip,
+  )
 
   num_patches = (cfg.image_res // cfg.patch_size) ** 2
   rows: list[tuple[dict, np.ndarray, np.ndarray, int]] = []  # (text, box, patch mask, is_image)
@@ -122,28 +171,17 @@ def region_example(record: dict, rng: np.random.Generator, cfg: F.PreprocConfig,
   if record.get("captions"):
     k = int(rng.integers(0, len(record["captions"])))
     text = text_fields(record["captions"][k], rng, cfg, tokenizer, rid, f"captions[{k}]")
-    rows.append((text, np.array([0.5, 0.5, 1.0, 1.0], np.float32),
-                 np.ones(num_patches, np.int32), 1))
-  order = rng.permutation(len(elems)) if cfg.train else np.arange(len(elems))
-  kept_boxes = set(ok) & set(np.flatnonzero(view.keep).tolist())
-  for i in order.tolist():
-    if len(rows) >= cfg.max_regions:
-      break
-    if i not in kept_boxes:
-      continue
-    field = f"elems[{i}]"
-    try:
-      raw = _elem_text(elems[i], rng, rid, field)
-      text = text_fields(raw, rng, cfg, tokenizer, rid, field)
-    except F.SkipRecord as e:
-      problems.append(f"{field}: {e.reason}")
-      continue
-    b = view.boxes[i]
-    rows.append((text, image_ops.box_target(b, cfg.image_res),
-                 image_ops.patch_mask(b, cfg.image_res, cfg.patch_size), 0))
+    rows.append(
+      (text, np.array([0.5, 0.5, 1.0, 1.0], np.float32), np.ones(num_patches, np.int32), 1)
+    )
+  problems += _add_elem_rows(rows, record, ok, view, rng, cfg, tokenizer)
   if not rows:
-    raise F.SkipRecord("no_usable_elem", rid, "elems",
-                       f"no text survives the crop and caption checks ({'; '.join(problems[:5])})")
+    raise F.SkipRecord(
+      "no_usable_elem",
+      rid,
+      "elems",
+      f"no text survives the crop and caption checks ({'; '.join(problems[:5])})",
+    )
   out = {F.PIXELS: view.pixels}
   for key in _TEXT_KEYS:
     out[key] = np.stack([r[0][key] for r in rows])  # [n, L] / [n, M]
@@ -153,8 +191,9 @@ def region_example(record: dict, rng: np.random.Generator, cfg: F.PreprocConfig,
   return out
 
 
-def video_example(record: dict, rng: np.random.Generator, cfg: F.PreprocConfig,
-                  tokenizer: Tokenizer) -> dict[str, np.ndarray]:
+def video_example(
+  record: dict, rng: np.random.Generator, cfg: F.PreprocConfig, tokenizer: Tokenizer
+) -> dict[str, np.ndarray]:
   """Video record: clip selection, F sampled frames, each augmented independently.
 
   docs/fidelity.md#clip-selection, docs/fidelity.md#frame-sampling,
@@ -163,8 +202,9 @@ def video_example(record: dict, rng: np.random.Generator, cfg: F.PreprocConfig,
   rid = record["id"]
   check_texts(record, tokenizer, cfg.max_tokens)  # skip exactly what the validator reports
   clips = record["clips"]
-  choice = video_ops.select_clip(clips, record["captions"], bool(record.get("is_continuous")),
-                                 rng, rid)
+  choice = video_ops.select_clip(
+    clips, record["captions"], bool(record.get("is_continuous")), rng, rid
+  )
   frames = [(f"clips[{c}][{j}]", data) for c in choice.clip_ids for j, data in enumerate(clips[c])]
   if not frames:
     raise F.SkipRecord("empty_video", rid, "clips", "0 frames")
@@ -174,8 +214,9 @@ def video_example(record: dict, rng: np.random.Generator, cfg: F.PreprocConfig,
   for f, i in enumerate(ids):
     # Independent crop/flip/RandAugment per frame, even for a repeated frame (official).
     if cfg.train:
-      out[f] = image_ops.image_text_transform(decoded[i], rng, cfg.image_res, cfg.crop_scale,
-                                              cfg.randaugment, allow_flip=cfg.hflip)
+      out[f] = image_ops.image_text_transform(
+        decoded[i], rng, cfg.image_res, cfg.crop_scale, cfg.randaugment, allow_flip=cfg.hflip
+      )
     else:
       out[f] = image_ops.eval_transform(decoded[i], cfg.image_res)
   text = text_fields(choice.caption, rng, cfg, tokenizer, rid, "captions")
@@ -186,10 +227,13 @@ _BUILDERS = {F.IMAGE: image_example, F.REGION: region_example, F.VIDEO: video_ex
 
 # Top-level fields each kind needs, with their container type (features.py record contract).
 _REQUIRED = {
-    F.IMAGE: {"image": (bytes, bytearray, memoryview), "captions": (list, tuple)},
-    F.REGION: {"image": (bytes, bytearray, memoryview), "captions": (list, tuple),
-               "elems": (list, tuple)},
-    F.VIDEO: {"clips": (list, tuple), "captions": (list, tuple)},
+  F.IMAGE: {"image": (bytes, bytearray, memoryview), "captions": (list, tuple)},
+  F.REGION: {
+    "image": (bytes, bytearray, memoryview),
+    "captions": (list, tuple),
+    "elems": (list, tuple),
+  },
+  F.VIDEO: {"clips": (list, tuple), "captions": (list, tuple)},
 }
 
 
@@ -206,19 +250,23 @@ def _check_fields(kind: str, record: dict, rid: str) -> None:
   if kind == F.REGION:
     for i, e in enumerate(record["elems"]):
       if not isinstance(e, dict) or not isinstance(e.get("captions"), (list, tuple)):
-        raise F.SkipRecord("bad_field_type", rid, f"elems[{i}]",
-                           "need a dict with a 'captions' list")
+        raise F.SkipRecord(
+          "bad_field_type", rid, f"elems[{i}]", "need a dict with a 'captions' list"
+        )
       bb = e.get("bb")
       if not isinstance(bb, (list, tuple, np.ndarray)) or len(bb) != 4:
-        raise F.SkipRecord("bad_field_type", rid, f"elems[{i}].bb", f"need [x, y, w, h], got {bb!r}")
+        raise F.SkipRecord(
+          "bad_field_type", rid, f"elems[{i}].bb", f"need [x, y, w, h], got {bb!r}"
+        )
   if kind == F.VIDEO:
     for i, clip in enumerate(record["clips"]):
       if not isinstance(clip, (list, tuple)):
         raise F.SkipRecord("bad_field_type", rid, f"clips[{i}]", f"is {type(clip).__name__}")
 
 
-def make_example(kind: str, record: dict, rng: np.random.Generator, cfg: F.PreprocConfig,
-                 tokenizer: Tokenizer) -> dict[str, np.ndarray]:
+def make_example(
+  kind: str, record: dict, rng: np.random.Generator, cfg: F.PreprocConfig, tokenizer: Tokenizer
+) -> dict[str, np.ndarray]:
   """Builds one example of `kind` from a canonical record (see module docstring).
 
   Raises:

@@ -53,22 +53,31 @@ IS_IMAGE = "is_image"  # int32 [B] region kind: 1 if the text describes the whol
 FRAMES = "frames"  # uint8 [B, F, R, R, 3] video kind
 FRAME_VALID = "frame_valid"  # int32 [B, F] video kind
 
-TEXT_FIELDS = (TEXT_IDS, TEXT_MASK, MLM_IDS, MLM_POSITIONS, MLM_LABELS, MLM_WEIGHTS, VALID,
-               RECORD_ID, SOURCE_ID)
+TEXT_FIELDS = (
+  TEXT_IDS,
+  TEXT_MASK,
+  MLM_IDS,
+  MLM_POSITIONS,
+  MLM_LABELS,
+  MLM_WEIGHTS,
+  VALID,
+  RECORD_ID,
+  SOURCE_ID,
+)
 # Fields that stay on the host (bookkeeping, not model inputs).
 HOST_ONLY_FIELDS = (RECORD_ID, SOURCE_ID)
 
 # Reasons a record can be skipped; every skip increments exactly one of these counters.
 SKIP_REASONS = (
-    "bad_json",  # the line is not a JSON object
-    "bad_field_type",  # a field has the wrong type or a required field is missing
-    "corrupt_image",  # image bytes that do not decode (truncated, garbage, bad base64)
-    "missing_image",  # an image path that does not exist
-    "empty_caption",  # caption empty or whitespace after pre_caption
-    "caption_no_tokens",  # caption that tokenises to nothing
-    "bad_box",  # every elem box non-positive or outside the image
-    "no_usable_elem",  # region record whose elems all fail (e.g. min_perc_in_image)
-    "empty_video",  # video with 0 frames
+  "bad_json",  # the line is not a JSON object
+  "bad_field_type",  # a field has the wrong type or a required field is missing
+  "corrupt_image",  # image bytes that do not decode (truncated, garbage, bad base64)
+  "missing_image",  # an image path that does not exist
+  "empty_caption",  # caption empty or whitespace after pre_caption
+  "caption_no_tokens",  # caption that tokenises to nothing
+  "bad_box",  # every elem box non-positive or outside the image
+  "no_usable_elem",  # region record whose elems all fail (e.g. min_perc_in_image)
+  "empty_video",  # video with 0 frames
 )
 
 
@@ -97,10 +106,15 @@ def batch_spec(s: BatchSizes) -> dict[str, dict[str, tuple[tuple[int, ...], np.d
 
   def text(b):
     return {
-        TEXT_IDS: ((b, L), np.int32), TEXT_MASK: ((b, L), np.int32), MLM_IDS: ((b, L), np.int32),
-        MLM_POSITIONS: ((b, M), np.int32), MLM_LABELS: ((b, M), np.int32),
-        MLM_WEIGHTS: ((b, M), np.float32), VALID: ((b,), np.int32),
-        RECORD_ID: ((b,), np.int32), SOURCE_ID: ((b,), np.int32),
+      TEXT_IDS: ((b, L), np.int32),
+      TEXT_MASK: ((b, L), np.int32),
+      MLM_IDS: ((b, L), np.int32),
+      MLM_POSITIONS: ((b, M), np.int32),
+      MLM_LABELS: ((b, M), np.int32),
+      MLM_WEIGHTS: ((b, M), np.float32),
+      VALID: ((b,), np.int32),
+      RECORD_ID: ((b,), np.int32),
+      SOURCE_ID: ((b,), np.int32),
     }
 
   spec = {}
@@ -109,9 +123,13 @@ def batch_spec(s: BatchSizes) -> dict[str, dict[str, tuple[tuple[int, ...], np.d
   if s.region_batch:
     b, n = s.region_batch, s.region_max_images
     spec[REGION] = {
-        PIXELS: ((n, R, R, 3), np.uint8), IMAGE_VALID: ((n,), np.int32),
-        IMAGE_INDEX: ((b,), np.int32), BOX: ((b, 4), np.float32),
-        PATCH_MASK: ((b, s.num_patches), np.int32), IS_IMAGE: ((b,), np.int32), **text(b),
+      PIXELS: ((n, R, R, 3), np.uint8),
+      IMAGE_VALID: ((n,), np.int32),
+      IMAGE_INDEX: ((b,), np.int32),
+      BOX: ((b, 4), np.float32),
+      PATCH_MASK: ((b, s.num_patches), np.int32),
+      IS_IMAGE: ((b,), np.int32),
+      **text(b),
     }
   if s.video_batch:
     b, f = s.video_batch, s.frame_len
@@ -130,7 +148,9 @@ def check_batch(batch, s: BatchSizes) -> None:
     for name, (shape, dtype) in fields.items():
       arr = batch[kind][name]
       if tuple(arr.shape) != shape or arr.dtype != dtype:
-        raise ValueError(f"{kind}/{name}: got {arr.shape} {arr.dtype}, expected {shape} {np.dtype(dtype)}")
+        raise ValueError(
+          f"{kind}/{name}: got {arr.shape} {arr.dtype}, expected {shape} {np.dtype(dtype)}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,4 +186,6 @@ class SkipRecord(Exception):
     if reason not in SKIP_REASONS:
       raise ValueError(f"unknown skip reason {reason!r}")
     self.reason, self.record_id, self.field, self.detail = reason, record_id, field, detail
-    super().__init__(f"{record_id}: {reason} in field {field!r}" + (f": {detail}" if detail else ""))
+    super().__init__(
+      f"{record_id}: {reason} in field {field!r}" + (f": {detail}" if detail else "")
+    )

@@ -45,7 +45,7 @@ class Crop:
 
   def pixels(self, img: np.ndarray) -> np.ndarray:
     """[H, W, 3] -> [y1-y0, x1-x0, 3] (a view)."""
-    return img[self.y0:self.y1, self.x0:self.x1]
+    return img[self.y0 : self.y1, self.x0 : self.x1]
 
   def boxes(self, b: np.ndarray) -> np.ndarray:
     """Intersects boxes [N, 4] (x, y, w, h) with the crop and shifts them to crop coordinates.
@@ -106,8 +106,13 @@ class Resize:
     return b * np.array([sx, sy, sx, sy])
 
 
-def sample_resized_crop(h: int, w: int, scale: tuple[float, float], rng: np.random.Generator,
-                        ratio: tuple[float, float] = CROP_RATIO) -> Crop:
+def sample_resized_crop(
+  h: int,
+  w: int,
+  scale: tuple[float, float],
+  rng: np.random.Generator,
+  ratio: tuple[float, float] = CROP_RATIO,
+) -> Crop:
   """torchvision's RandomResizedCrop parameters (10 tries, then a centre-crop fallback).
 
   Each try draws an area fraction uniform in `scale` and a log-uniform aspect ratio; the crop is
@@ -135,8 +140,9 @@ def sample_resized_crop(h: int, w: int, scale: tuple[float, float], rng: np.rand
   return Crop(j, i, j + cw, i + ch)
 
 
-def sample_region_crop(box: tuple[int, int, int, int], width: int, height: int,
-                       rng: np.random.Generator) -> Crop:
+def sample_region_crop(
+  box: tuple[int, int, int, int], width: int, height: int, rng: np.random.Generator
+) -> Crop:
   """A random crop that contains `box` (x, y, w, h) (docs/fidelity.md#region-crop).
 
   x0 in [0, floor(x)], y0 in [0, floor(y)], x1 in [min(ceil(x+w), W), W], y1 likewise, all
@@ -150,9 +156,14 @@ def sample_region_crop(box: tuple[int, int, int, int], width: int, height: int,
   return Crop(x0, y0, x1, y1)
 
 
-def image_text_transform(img: np.ndarray, rng: np.random.Generator, image_res: int,
-                         crop_scale: tuple[float, float], randaugment: bool = True,
-                         allow_flip: bool = True) -> np.ndarray:
+def image_text_transform(
+  img: np.ndarray,
+  rng: np.random.Generator,
+  image_res: int,
+  crop_scale: tuple[float, float],
+  randaugment: bool = True,
+  allow_flip: bool = True,
+) -> np.ndarray:
   """Pre-training transform for images and video frames; uint8 [H, W, 3] -> [R, R, 3].
 
   RandomResizedCrop(R, crop_scale, (3/4, 4/3), bicubic) -> horizontal flip with p 0.5 (texts are
@@ -177,8 +188,9 @@ def eval_transform(img: np.ndarray, image_res: int) -> np.ndarray:
   return Resize(w, h, image_res, image_res).pixels(img)
 
 
-def crop_boxes(crop: Crop, boxes: np.ndarray, min_perc_in_image: float
-               ) -> tuple[np.ndarray, np.ndarray]:
+def crop_boxes(
+  crop: Crop, boxes: np.ndarray, min_perc_in_image: float
+) -> tuple[np.ndarray, np.ndarray]:
   """Visible part of each box in crop coordinates, and whether the box is kept.
 
   Kept iff the intersection is non-empty and its area / the original area > min_perc_in_image
@@ -212,9 +224,18 @@ class RegionView:
   flipped: bool
 
 
-def region_transform(img: np.ndarray, boxes: np.ndarray, anchor: int, rng: np.random.Generator, *,
-                     image_res: int, min_perc_in_image: float, train: bool = True,
-                     randaugment: bool = True, allow_flip: bool = True) -> RegionView:
+def region_transform(
+  img: np.ndarray,
+  boxes: np.ndarray,
+  anchor: int,
+  rng: np.random.Generator,
+  *,
+  image_res: int,
+  min_perc_in_image: float,
+  train: bool = True,
+  randaugment: bool = True,
+  allow_flip: bool = True,
+) -> RegionView:
   """Crop around box `anchor`, maybe flip, bicubic resize, colour RandAugment.
 
   Args:

@@ -38,8 +38,11 @@ class JsonlFormat:
 
 def default_format(kind: str, **overrides) -> JsonlFormat:
   """The released key names per kind (docs/data.md), with optional overrides."""
-  keys = {F.IMAGE: ("binary", "desc"), F.REGION: ("binary", "caption"),
-          F.VIDEO: ("video_frames", "text")}[kind]
+  keys = {
+    F.IMAGE: ("binary", "desc"),
+    F.REGION: ("binary", "caption"),
+    F.VIDEO: ("video_frames", "text"),
+  }[kind]
   return dataclasses.replace(JsonlFormat(image_key=keys[0], caption_key=keys[1]), **overrides)
 
 
@@ -50,8 +53,11 @@ def _bad(rid: str, field: str, detail: str) -> F.SkipRecord:
 def _image_bytes(value: Any, fmt: JsonlFormat, base_dir: str, rid: str, field: str) -> bytes:
   """The encoded image file of one image field: base64 text, or a path when is_image_rpath."""
   if not isinstance(value, str):
-    raise _bad(rid, field, f"expected a {'path' if fmt.is_image_rpath else 'base64'} string, "
-               f"got {type(value).__name__}")
+    raise _bad(
+      rid,
+      field,
+      f"expected a {'path' if fmt.is_image_rpath else 'base64'} string, got {type(value).__name__}",
+    )
   if fmt.is_image_rpath:
     path = os.path.join(fmt.image_root or base_dir, value)
     try:
@@ -105,8 +111,11 @@ def _elem(value: Any, rid: str, field: str) -> dict:
   if not isinstance(value, dict):
     raise _bad(rid, field, f"elem is {type(value).__name__}, not an object")
   bb = value.get("bb")
-  if (not isinstance(bb, list) or len(bb) != 4
-      or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bb)):
+  if (
+    not isinstance(bb, list)
+    or len(bb) != 4
+    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bb)
+  ):
     raise _bad(rid, f"{field}.bb", f"expected 4 numbers [x, y, w, h], got {bb!r:.60}")
   if "caption" not in value:
     raise _bad(rid, f"{field}.caption", "missing")
@@ -138,13 +147,15 @@ def _frames(value: Any, fmt: JsonlFormat, base_dir: str, rid: str, field: str) -
   for ci, clip in enumerate(clips):
     if not clip:
       raise F.SkipRecord("empty_video", rid, f"{field}[{ci}]", "clip with 0 frames")
-    out.append([_image_bytes(fr, fmt, base_dir, rid, f"{field}[{ci}][{fi}]")
-                for fi, fr in enumerate(clip)])
+    out.append(
+      [_image_bytes(fr, fmt, base_dir, rid, f"{field}[{ci}][{fi}]") for fi, fr in enumerate(clip)]
+    )
   return out
 
 
-def parse_line(kind: str, line: str | bytes, rid: str, fmt: JsonlFormat | None = None,
-               base_dir: str = ".") -> dict:
+def parse_line(
+  kind: str, line: str | bytes, rid: str, fmt: JsonlFormat | None = None, base_dir: str = "."
+) -> dict:
   """Parses one official JSON line into a canonical record with id `rid` (or the line's "id").
 
   Raises:
@@ -161,7 +172,7 @@ def parse_line(kind: str, line: str | bytes, rid: str, fmt: JsonlFormat | None =
     if not isinstance(obj["id"], (str, int)) or isinstance(obj["id"], bool):
       raise _bad(rid, "id", f"expected str or int, got {type(obj['id']).__name__}")
     rid = str(obj["id"])
-  for key in ((fmt.image_key, fmt.caption_key) if kind != F.REGION else (fmt.image_key, "elems")):
+  for key in (fmt.image_key, fmt.caption_key) if kind != F.REGION else (fmt.image_key, "elems"):
     if key not in obj:
       raise _bad(rid, key, "missing")
   record: dict[str, Any] = {"kind": kind, "id": rid}
@@ -198,8 +209,12 @@ def parse_line(kind: str, line: str | bytes, rid: str, fmt: JsonlFormat | None =
   return record
 
 
-def to_line(record: dict, fmt: JsonlFormat | None = None, image_paths: list[str] | None = None,
-            extra: dict | None = None) -> str:
+def to_line(
+  record: dict,
+  fmt: JsonlFormat | None = None,
+  image_paths: list[str] | None = None,
+  extra: dict | None = None,
+) -> str:
   """Serialises a canonical record as one official JSON line (no trailing newline).
 
   Images are written as base64 unless `image_paths` is given (is_image_rpath data): then those
@@ -224,10 +239,16 @@ def _video_obj(record: dict, fmt: JsonlFormat, enc) -> dict[str, Any]:
   clips = [[enc(fr) for fr in clip] for clip in record["clips"]]
   caps = list(record["captions"])
   if len(clips) == 1:
-    return {fmt.image_key: clips[0], fmt.caption_key: caps[0] if len(caps) == 1 else caps,
-            "is_continuous": bool(record["is_continuous"])}
-  return {fmt.image_key: clips, fmt.caption_key: caps,
-          "is_continuous": bool(record["is_continuous"])}
+    return {
+      fmt.image_key: clips[0],
+      fmt.caption_key: caps[0] if len(caps) == 1 else caps,
+      "is_continuous": bool(record["is_continuous"]),
+    }
+  return {
+    fmt.image_key: clips,
+    fmt.caption_key: caps,
+    "is_continuous": bool(record["is_continuous"]),
+  }
 
 
 def _still_obj(record: dict, fmt: JsonlFormat, enc) -> dict[str, Any]:
@@ -239,8 +260,10 @@ def _still_obj(record: dict, fmt: JsonlFormat, enc) -> dict[str, Any]:
   if record["kind"] == F.REGION:
     obj["elems"] = []
     for e in record["elems"]:
-      elem = {"bb": list(e["bb"]),
-              "caption": e["captions"][0] if len(e["captions"]) == 1 else list(e["captions"])}
+      elem = {
+        "bb": list(e["bb"]),
+        "caption": e["captions"][0] if len(e["captions"]) == 1 else list(e["captions"]),
+      }
       if e["attributes"]:
         elem["attributes"] = list(e["attributes"])
       obj["elems"].append(elem)

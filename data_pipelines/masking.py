@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from data_pipelines.features import (MLM_IDS, MLM_LABELS, MLM_POSITIONS, MLM_WEIGHTS,
-                                     PreprocConfig)
+from data_pipelines.features import MLM_IDS, MLM_LABELS, MLM_POSITIONS, MLM_WEIGHTS, PreprocConfig
 
 
 def num_predictions(n: int, mask_prob: float, max_masks: int) -> int:
@@ -23,8 +22,15 @@ def num_predictions(n: int, mask_prob: float, max_masks: int) -> int:
   return min(max_masks, max(1, round(n * mask_prob)))
 
 
-def draw_mask_spans(pieces, rng: np.random.Generator, n_pred: int, *, skipgram_prb: float,
-                    skipgram_size: int, mask_whole_word: bool) -> tuple[set[int], list[tuple[int, int, int]]]:
+def draw_mask_spans(
+  pieces,
+  rng: np.random.Generator,
+  n_pred: int,
+  *,
+  skipgram_prb: float,
+  skipgram_size: int,
+  mask_whole_word: bool,
+) -> tuple[set[int], list[tuple[int, int, int]]]:
   """Walks the shuffled candidates and masks whole-word spans until >= n_pred.
 
   Args:
@@ -68,9 +74,16 @@ def draw_mask_spans(pieces, rng: np.random.Generator, n_pred: int, *, skipgram_p
   return masked, spans
 
 
-def choose_masked_positions(pieces, rng: np.random.Generator, *, max_masks: int,
-                            mask_prob: float, skipgram_prb: float, skipgram_size: int,
-                            mask_whole_word: bool) -> list[int]:
+def choose_masked_positions(
+  pieces,
+  rng: np.random.Generator,
+  *,
+  max_masks: int,
+  mask_prob: float,
+  skipgram_prb: float,
+  skipgram_size: int,
+  mask_whole_word: bool,
+) -> list[int]:
   """Picks the positions to mask in one tokenised caption.
 
   Args:
@@ -82,8 +95,14 @@ def choose_masked_positions(pieces, rng: np.random.Generator, *, max_masks: int,
     and mask_prob <= 0.5; otherwise every candidate).
   """
   n_pred = num_predictions(len(pieces), mask_prob, max_masks)
-  masked, _ = draw_mask_spans(pieces, rng, n_pred, skipgram_prb=skipgram_prb,
-                              skipgram_size=skipgram_size, mask_whole_word=mask_whole_word)
+  masked, _ = draw_mask_spans(
+    pieces,
+    rng,
+    n_pred,
+    skipgram_prb=skipgram_prb,
+    skipgram_size=skipgram_size,
+    mask_whole_word=mask_whole_word,
+  )
   out = sorted(masked)
   if len(out) > n_pred:
     # Truncate at random; this may cut a whole word or span (official behaviour).
@@ -91,8 +110,15 @@ def choose_masked_positions(pieces, rng: np.random.Generator, *, max_masks: int,
   return out
 
 
-def apply_mlm(ids: np.ndarray, positions: list[int], rng: np.random.Generator, *, mask_id: int,
-              vocab_size: int, max_masks: int) -> dict[str, np.ndarray]:
+def apply_mlm(
+  ids: np.ndarray,
+  positions: list[int],
+  rng: np.random.Generator,
+  *,
+  mask_id: int,
+  vocab_size: int,
+  max_masks: int,
+) -> dict[str, np.ndarray]:
   """Replaces the chosen positions 80% [MASK] / 10% random id / 10% unchanged.
 
   Args:
@@ -120,12 +146,25 @@ def apply_mlm(ids: np.ndarray, positions: list[int], rng: np.random.Generator, *
   return {MLM_IDS: mlm_ids, MLM_POSITIONS: pos, MLM_LABELS: labels, MLM_WEIGHTS: weights}
 
 
-def mask_caption(ids: np.ndarray, pieces, rng: np.random.Generator, cfg: PreprocConfig, *,
-                 mask_id: int, vocab_size: int) -> dict[str, np.ndarray]:
+def mask_caption(
+  ids: np.ndarray,
+  pieces,
+  rng: np.random.Generator,
+  cfg: PreprocConfig,
+  *,
+  mask_id: int,
+  vocab_size: int,
+) -> dict[str, np.ndarray]:
   """Chooses and applies the MLM mask for one tokenised caption with `cfg`'s settings."""
   positions = choose_masked_positions(
-      pieces, rng, max_masks=cfg.max_masks, mask_prob=cfg.mask_prob,
-      skipgram_prb=cfg.skipgram_prb, skipgram_size=cfg.skipgram_size,
-      mask_whole_word=cfg.mask_whole_word)
-  return apply_mlm(ids, positions, rng, mask_id=mask_id, vocab_size=vocab_size,
-                   max_masks=cfg.max_masks)
+    pieces,
+    rng,
+    max_masks=cfg.max_masks,
+    mask_prob=cfg.mask_prob,
+    skipgram_prb=cfg.skipgram_prb,
+    skipgram_size=cfg.skipgram_size,
+    mask_whole_word=cfg.mask_whole_word,
+  )
+  return apply_mlm(
+    ids, positions, rng, mask_id=mask_id, vocab_size=vocab_size, max_masks=cfg.max_masks
+  )

@@ -29,8 +29,7 @@ import grain
 import numpy as np
 
 from data_pipelines import features as F
-from data_pipelines import packing
-from data_pipelines import workers
+from data_pipelines import packing, workers
 
 STATE_VERSION = 1
 _EXAMPLE_TAG = 0  # seed tag of per-example randomness (packing uses tag 1)
@@ -45,8 +44,15 @@ def _tag_source(source_id: int, record_index: int) -> tuple[int, int]:
   return source_id, int(record_index)
 
 
-def source_indices(num_records: int, source_id: int, *, shard_index: int, shard_count: int,
-                   shuffle_seed: int | None, num_epochs: int | None) -> grain.MapDataset:
+def source_indices(
+  num_records: int,
+  source_id: int,
+  *,
+  shard_index: int,
+  shard_count: int,
+  shuffle_seed: int | None,
+  num_epochs: int | None,
+) -> grain.MapDataset:
   """MapDataset of (source_id, record_index) for this host's shard of one source.
 
   Shards are strided ([shard_index::shard_count]) so they are disjoint, cover the source, and
@@ -62,8 +68,9 @@ def source_indices(num_records: int, source_id: int, *, shard_index: int, shard_
     if num_epochs is not None and num_epochs < 1:
       raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
     if len(ds) == 0:
-      raise ValueError(f"source {source_id}: shard {shard_index}/{shard_count} is empty; "
-                       "cannot repeat it")
+      raise ValueError(
+        f"source {source_id}: shard {shard_index}/{shard_count} is empty; cannot repeat it"
+      )
     ds = ds.repeat(num_epochs)
   return ds.map(functools.partial(_tag_source, source_id))
 
@@ -74,8 +81,15 @@ class ExampleFn:
   Picklable (sources, tokenizer and make_example travel to the worker processes).
   """
 
-  def __init__(self, kind: str, sources: Sequence[Any], make_example: Callable,
-               preproc: F.PreprocConfig, tokenizer, seed_key: Sequence[int]):
+  def __init__(
+    self,
+    kind: str,
+    sources: Sequence[Any],
+    make_example: Callable,
+    preproc: F.PreprocConfig,
+    tokenizer,
+    seed_key: Sequence[int],
+  ):
     self.kind, self.sources, self.make_example = kind, list(sources), make_example
     self.preproc, self.tokenizer, self.seed_key = preproc, tokenizer, tuple(seed_key)
 
@@ -103,13 +117,25 @@ def _kind_id(kind: str) -> int:
   return F.KINDS.index(kind)
 
 
-def kind_dataset(kind: str, sources: Sequence[Any], sizes: F.BatchSizes,
-                 preproc: F.PreprocConfig, tokenizer, *, seed: int,
-                 weights: Sequence[float] | None = None, make_example: Callable | None = None,
-                 shard_index: int = 0, shard_count: int = 1, num_epochs: int | None = None,
-                 shuffle: bool = True, num_workers: int = 0, worker_buffer_size: int = 4,
-                 read_threads: int = 1,
-                 exit_with_parent: bool = True) -> packing.PackIterDataset:
+def kind_dataset(
+  kind: str,
+  sources: Sequence[Any],
+  sizes: F.BatchSizes,
+  preproc: F.PreprocConfig,
+  tokenizer,
+  *,
+  seed: int,
+  weights: Sequence[float] | None = None,
+  make_example: Callable | None = None,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  num_epochs: int | None = None,
+  shuffle: bool = True,
+  num_workers: int = 0,
+  worker_buffer_size: int = 4,
+  read_threads: int = 1,
+  exit_with_parent: bool = True,
+) -> packing.PackIterDataset:
   """One kind's pipeline: sources → shard → shuffle → repeat → mix → make_example → pack.
 
   Args:
@@ -132,14 +158,20 @@ def kind_dataset(kind: str, sources: Sequence[Any], sizes: F.BatchSizes,
     weights = [1.0] * len(sources)
   weights = [float(w) for w in weights]
   if len(weights) != len(sources) or any(not w > 0 for w in weights):
-    raise ValueError(f"{kind}: need one positive weight per source, got {weights} "
-                     f"for {len(sources)} sources")
+    raise ValueError(
+      f"{kind}: need one positive weight per source, got {weights} for {len(sources)} sources"
+    )
   kind_id = _kind_id(kind)
   streams = [
-      source_indices(len(src), i, shard_index=shard_index, shard_count=shard_count,
-                     shuffle_seed=seed32(seed, kind_id, i) if shuffle else None,
-                     num_epochs=num_epochs)
-      for i, src in enumerate(sources)
+    source_indices(
+      len(src),
+      i,
+      shard_index=shard_index,
+      shard_count=shard_count,
+      shuffle_seed=seed32(seed, kind_id, i) if shuffle else None,
+      num_epochs=num_epochs,
+    )
+    for i, src in enumerate(sources)
   ]
   if len(streams) == 1:
     stream = streams[0]
@@ -148,12 +180,20 @@ def kind_dataset(kind: str, sources: Sequence[Any], sizes: F.BatchSizes,
   else:
     stream = grain.MapDataset.concatenate(streams)
   seed_key = (int(seed), int(shard_index), kind_id)
-  stream = stream.map_with_index(ExampleFn(kind, sources, make_example, preproc, tokenizer,
-                                           seed_key))
+  stream = stream.map_with_index(
+    ExampleFn(kind, sources, make_example, preproc, tokenizer, seed_key)
+  )
   return packing.PackIterDataset(
-      stream, kind, sizes, seed_key=seed_key, max_regions=preproc.max_regions,
-      num_workers=num_workers, worker_buffer_size=worker_buffer_size, read_threads=read_threads,
-      worker_init_fn=workers.worker_init_fn() if (exit_with_parent and num_workers) else None)
+    stream,
+    kind,
+    sizes,
+    seed_key=seed_key,
+    max_regions=preproc.max_regions,
+    num_workers=num_workers,
+    worker_buffer_size=worker_buffer_size,
+    read_threads=read_threads,
+    worker_init_fn=workers.worker_init_fn() if (exit_with_parent and num_workers) else None,
+  )
 
 
 class MixedBatchIterator(grain.DatasetIterator):
@@ -188,13 +228,15 @@ class MixedBatchIterator(grain.DatasetIterator):
 
   def set_state(self, state: dict) -> None:
     if set(state) != {self._kind}:
-      raise ValueError(f"data iterator state has kinds {sorted(state)}, "
-                       f"this pipeline has {[self._kind]}")
+      raise ValueError(
+        f"data iterator state has kinds {sorted(state)}, this pipeline has {[self._kind]}"
+      )
     kind_state = dict(state[self._kind])
     version = kind_state.pop("version", None)
     if version != STATE_VERSION:
-      raise ValueError(f"{self._kind}: data iterator state version {version!r}, "
-                       f"expected {STATE_VERSION}")
+      raise ValueError(
+        f"{self._kind}: data iterator state version {version!r}, expected {STATE_VERSION}"
+      )
     self._iter.set_state(kind_state)
 
   def __enter__(self):
@@ -221,11 +263,20 @@ def _as_dict(cfg) -> dict:
 
 
 _COMMON_KEYS = {"type", "path", "weight"}
-_JSONL_KEYS = {"image_key", "caption_key", "is_image_rpath", "image_root", "language",
-               "keys", "index_cache_dir"}
-_SOURCE_KEYS = {"jsonl": _COMMON_KEYS | _JSONL_KEYS,
-                "arrayrecord": _COMMON_KEYS | {"split"},
-                "synthetic": _COMMON_KEYS | {"size", "seed", "world"}}
+_JSONL_KEYS = {
+  "image_key",
+  "caption_key",
+  "is_image_rpath",
+  "image_root",
+  "language",
+  "keys",
+  "index_cache_dir",
+}
+_SOURCE_KEYS = {
+  "jsonl": _COMMON_KEYS | _JSONL_KEYS,
+  "arrayrecord": _COMMON_KEYS | {"split"},
+  "synthetic": _COMMON_KEYS | {"size", "seed", "world"},
+}
 
 
 def build_source(kind: str, spec: Mapping[str, Any]):
@@ -247,29 +298,39 @@ def build_source(kind: str, spec: Mapping[str, Any]):
   # pylint: disable=g-import-not-at-top
   if typ == "synthetic":
     from data_pipelines import synthetic
+
     if "size" not in spec:
       raise ValueError(f"{kind} synthetic source: 'size' (number of records) is required")
-    world = synthetic.ShapesWorld(synthetic.WorldConfig(**dict(spec.get("world", {}))),
-                                  seed=int(spec.get("seed", synthetic.TRAIN_SEED)))
+    world = synthetic.ShapesWorld(
+      synthetic.WorldConfig(**dict(spec.get("world", {}))),
+      seed=int(spec.get("seed", synthetic.TRAIN_SEED)),
+    )
     return synthetic.SyntheticSource(kind, int(spec["size"]), world)
   if "path" not in spec:
     raise ValueError(f"{kind} {typ} source: 'path' is required")
   if typ == "arrayrecord":
     from data_pipelines import arrayrecord
+
     src = arrayrecord.ArrayRecordSource(spec["path"], split=spec.get("split", "train"))
     if src.kind != kind:
       raise ValueError(f"{spec['path']}: holds {src.kind!r} records, listed under {kind!r}")
     return src
   from data_pipelines import jsonl_format, sources
+
   keys = {k: spec[k] for k in _JSONL_KEYS - {"keys", "index_cache_dir"} if k in spec}
   keys.update(dict(spec.get("keys", {})))
-  return sources.JsonLinesSource(spec["path"], kind, jsonl_format.default_format(kind, **keys),
-                                 index_cache_dir=spec.get("index_cache_dir"))
+  return sources.JsonLinesSource(
+    spec["path"],
+    kind,
+    jsonl_format.default_format(kind, **keys),
+    index_cache_dir=spec.get("index_cache_dir"),
+  )
 
 
 def _process(process_index, process_count) -> tuple[int, int]:
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
+
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   return int(process_index), int(process_count)
@@ -286,9 +347,11 @@ def _pipeline_options(data_cfg, kind: str) -> dict:
   workers_cfg = data_cfg.get("num_workers", 0)
   if isinstance(workers_cfg, Mapping):  # per kind, e.g. {'image': 6, 'region': 3}
     workers_cfg = workers_cfg.get(kind, 0)
-  return dict(num_workers=int(workers_cfg),
-              worker_buffer_size=int(data_cfg.get("worker_buffer_size", 4)),
-              read_threads=int(data_cfg.get("read_threads", 1)))
+  return dict(
+    num_workers=int(workers_cfg),
+    worker_buffer_size=int(data_cfg.get("worker_buffer_size", 4)),
+    read_threads=int(data_cfg.get("read_threads", 1)),
+  )
 
 
 def _configured_kinds(data_cfg, sizes: F.BatchSizes) -> dict[str, list[dict]]:
@@ -298,18 +361,28 @@ def _configured_kinds(data_cfg, sizes: F.BatchSizes) -> dict[str, list[dict]]:
     specs = _kind_sources(data_cfg, kind)
     if getattr(sizes, _BATCH_ATTR[kind]):
       if not specs:
-        raise ValueError(f"{kind}: batch size {getattr(sizes, _BATCH_ATTR[kind])} but no "
-                         f"sources under data_cfg[{kind!r}]")
+        raise ValueError(
+          f"{kind}: batch size {getattr(sizes, _BATCH_ATTR[kind])} but no "
+          f"sources under data_cfg[{kind!r}]"
+        )
       out[kind] = specs
   if F.REGION in out and not sizes.region_max_images:
     raise ValueError("region: region_batch > 0 needs region_max_images > 0")
   return out
 
 
-def make_train_iterator(data_cfg, sizes: F.BatchSizes, preproc: F.PreprocConfig, tokenizer,
-                        seed: int, process_index: int | None = None,
-                        process_count: int | None = None, *, make_example=None,
-                        source_factory=build_source) -> MixedBatchIterator:
+def make_train_iterator(
+  data_cfg,
+  sizes: F.BatchSizes,
+  preproc: F.PreprocConfig,
+  tokenizer,
+  seed: int,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  *,
+  make_example=None,
+  source_factory=build_source,
+) -> MixedBatchIterator:
   """One kind's training stream: shuffled, repeated (data_cfg['num_epochs'], default forever).
 
   sizes: host-local (per process) batch sizes with exactly one non-zero kind: the kind streamed.
@@ -323,11 +396,25 @@ def make_train_iterator(data_cfg, sizes: F.BatchSizes, preproc: F.PreprocConfig,
   index, count = _process(process_index, process_count)
   kinds = _configured_kinds(data_cfg, sizes)
   if len(kinds) != 1:
-    raise ValueError(f"a training iterator streams one kind, {sizes} gives {sorted(kinds)}; "
-                     "build one iterator per kind")
+    raise ValueError(
+      f"a training iterator streams one kind, {sizes} gives {sorted(kinds)}; "
+      "build one iterator per kind"
+    )
   ((kind, specs),) = kinds.items()
-  return MixedBatchIterator(kind_dataset(
-      kind, [source_factory(kind, s) for s in specs], sizes, preproc, tokenizer, seed=seed,
-      weights=[float(s.get("weight", 1.0)) for s in specs], make_example=make_example,
-      shard_index=index, shard_count=count, num_epochs=data_cfg.get("num_epochs"),
-      shuffle=True, **_pipeline_options(data_cfg, kind)))
+  return MixedBatchIterator(
+    kind_dataset(
+      kind,
+      [source_factory(kind, s) for s in specs],
+      sizes,
+      preproc,
+      tokenizer,
+      seed=seed,
+      weights=[float(s.get("weight", 1.0)) for s in specs],
+      make_example=make_example,
+      shard_index=index,
+      shard_count=count,
+      num_epochs=data_cfg.get("num_epochs"),
+      shuffle=True,
+      **_pipeline_options(data_cfg, kind),
+    )
+  )

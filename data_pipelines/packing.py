@@ -67,8 +67,9 @@ def example_spec(kind: str, sizes: F.BatchSizes) -> dict[str, tuple[tuple[int, .
   return out
 
 
-def check_example(kind: str, example: dict, sizes: F.BatchSizes, where: str,
-                  max_regions: int | None = None) -> int:
+def check_example(
+  kind: str, example: dict, sizes: F.BatchSizes, where: str, max_regions: int | None = None
+) -> int:
   """Validates one example against `example_spec`; returns its number of texts (1 if not region).
 
   Raises ValueError naming `where` (the record) and the offending field, so a transform bug never
@@ -79,8 +80,9 @@ def check_example(kind: str, example: dict, sizes: F.BatchSizes, where: str,
     raise ValueError(f"{where}: make_example returned {type(example).__name__}, expected dict")
   missing, extra = set(spec) - set(example), set(example) - set(spec)
   if missing or extra:
-    raise ValueError(f"{where}: {kind} example fields missing {sorted(missing)}, "
-                     f"unexpected {sorted(extra)}")
+    raise ValueError(
+      f"{where}: {kind} example fields missing {sorted(missing)}, unexpected {sorted(extra)}"
+    )
   n = None
   for name, (shape, dtype) in spec.items():
     arr = np.asarray(example[name])
@@ -122,8 +124,9 @@ def pack_rows(kind: str, items: Sequence[Tagged], sizes: F.BatchSizes) -> dict[s
   return out
 
 
-def region_text_selection(num_texts: int, batch: int, rng: np.random.Generator,
-                          full: bool) -> np.ndarray:
+def region_text_selection(
+  num_texts: int, batch: int, rng: np.random.Generator, full: bool
+) -> np.ndarray:
   """Which flattened texts fill the `batch` text rows (docs/fidelity.md#region-batch-collation).
 
   Enough texts: a random sample without replacement (in sampled order, as random.sample gives).
@@ -146,8 +149,9 @@ def region_text_selection(num_texts: int, batch: int, rng: np.random.Generator,
   return sel
 
 
-def pack_region(items: Sequence[Tagged], sizes: F.BatchSizes, rng: np.random.Generator,
-                full: bool) -> dict[str, np.ndarray]:
+def pack_region(
+  items: Sequence[Tagged], sizes: F.BatchSizes, rng: np.random.Generator, full: bool
+) -> dict[str, np.ndarray]:
   """Region sub-batch from one loader batch of up to region_max_images examples.
 
   Image slot j holds example j's image (image_valid = 1) even when none of its texts survives
@@ -204,10 +208,20 @@ class PackIterDataset(grain.IterDataset):
   Each element of this dataset is one sub-batch dict (features.batch_spec(sizes)[kind]).
   """
 
-  def __init__(self, stream: grain.MapDataset, kind: str, sizes: F.BatchSizes, *,
-               seed_key: Sequence[int], max_regions: int | None = None,
-               num_workers: int = 0, worker_buffer_size: int = 4, read_threads: int = 1,
-               read_buffer_size: int = 8, worker_init_fn=None):
+  def __init__(
+    self,
+    stream: grain.MapDataset,
+    kind: str,
+    sizes: F.BatchSizes,
+    *,
+    seed_key: Sequence[int],
+    max_regions: int | None = None,
+    num_workers: int = 0,
+    worker_buffer_size: int = 4,
+    read_threads: int = 1,
+    read_buffer_size: int = 8,
+    worker_init_fn=None,
+  ):
     """
     Args:
       stream: MapDataset of `Tagged` (infinite, or finite for a number of epochs).
@@ -243,14 +257,16 @@ class PackIterDataset(grain.IterDataset):
   def reader(self, start: int) -> grain.DatasetIterator:
     """An iterator over stream[start:], with the per-example map in worker processes if any."""
     ds = self.stream[start:].to_iter_dataset(
-        grain.ReadOptions(num_threads=self.read_threads,
-                          prefetch_buffer_size=self.read_buffer_size))
+      grain.ReadOptions(num_threads=self.read_threads, prefetch_buffer_size=self.read_buffer_size)
+    )
     if self.num_workers > 0:
       workers.ensure_absl_flags_parsed()
       ds = ds.mp_prefetch(
-          grain.MultiprocessingOptions(num_workers=self.num_workers,
-                                       per_worker_buffer_size=self.worker_buffer_size),
-          worker_init_fn=self.worker_init_fn)
+        grain.MultiprocessingOptions(
+          num_workers=self.num_workers, per_worker_buffer_size=self.worker_buffer_size
+        ),
+        worker_init_fn=self.worker_init_fn,
+      )
     return iter(ds)
 
   def __iter__(self) -> "PackIterator":
@@ -328,18 +344,24 @@ class PackIterator(grain.DatasetIterator):
     return dict(self._skips)
 
   def get_state(self) -> dict:
-    return {"position": int(self._position), "batch_index": int(self._batch_index),
-            "exhausted": bool(self._exhausted), "skips": dict(sorted(self._skips.items()))}
+    return {
+      "position": int(self._position),
+      "batch_index": int(self._batch_index),
+      "exhausted": bool(self._exhausted),
+      "skips": dict(sorted(self._skips.items())),
+    }
 
   def set_state(self, state: dict) -> None:
     keys = {"position", "batch_index", "exhausted", "skips"}
     if set(state) != keys:
-      raise ValueError(f"{self._ds.kind}: iterator state has keys {sorted(state)}, "
-                       f"expected {sorted(keys)}")
+      raise ValueError(
+        f"{self._ds.kind}: iterator state has keys {sorted(state)}, expected {sorted(keys)}"
+      )
     unknown = set(state["skips"]) - set(F.SKIP_REASONS)
     if unknown:
-      raise ValueError(f"{self._ds.kind}: iterator state has unknown skip reasons "
-                       f"{sorted(unknown)}")
+      raise ValueError(
+        f"{self._ds.kind}: iterator state has unknown skip reasons {sorted(unknown)}"
+      )
     self._close_reader()
     self._position = int(state["position"])
     self._batch_index = int(state["batch_index"])

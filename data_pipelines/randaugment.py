@@ -140,6 +140,7 @@ def _signed(scale: float) -> Callable[[float, np.random.Generator], float]:
   def arg(level: float, rng: np.random.Generator) -> float:
     v = level / MAX_LEVEL * scale
     return -v if rng.random() < 0.5 else v
+
   return arg
 
 
@@ -149,21 +150,31 @@ def _no_arg(level: float, rng: np.random.Generator) -> float:
 
 
 OPS: dict[str, tuple[Op, Callable[[float, np.random.Generator], float]]] = {
-    "Identity": (identity, _no_arg),
-    "AutoContrast": (autocontrast, _no_arg),
-    "Equalize": (equalize, _no_arg),
-    "Brightness": (brightness, _enhance_arg),
-    "Sharpness": (sharpness, _enhance_arg),
-    "ShearX": (shear_x, _signed(0.3)),
-    "ShearY": (shear_y, _signed(0.3)),
-    "TranslateX": (translate_x, _signed(10.0)),
-    "TranslateY": (translate_y, _signed(10.0)),
-    "Rotate": (rotate, _signed(30.0)),
+  "Identity": (identity, _no_arg),
+  "AutoContrast": (autocontrast, _no_arg),
+  "Equalize": (equalize, _no_arg),
+  "Brightness": (brightness, _enhance_arg),
+  "Sharpness": (sharpness, _enhance_arg),
+  "ShearX": (shear_x, _signed(0.3)),
+  "ShearY": (shear_y, _signed(0.3)),
+  "TranslateX": (translate_x, _signed(10.0)),
+  "TranslateY": (translate_y, _signed(10.0)),
+  "Rotate": (rotate, _signed(30.0)),
 }
 
 # Image-text pairs and video frames (the official pre-training transform).
-FULL_OPS = ("Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness", "ShearX", "ShearY",
-            "TranslateX", "TranslateY", "Rotate")
+FULL_OPS = (
+  "Identity",
+  "AutoContrast",
+  "Equalize",
+  "Brightness",
+  "Sharpness",
+  "ShearX",
+  "ShearY",
+  "TranslateX",
+  "TranslateY",
+  "Rotate",
+)
 # Region crops: colour only, so boxes stay valid (the official box transform).
 COLOR_OPS = ("Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness")
 
@@ -171,8 +182,9 @@ COLOR_OPS = ("Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness")
 class RandAugment:
   """N ops drawn uniformly with replacement from `ops`, each applied with probability `prob`."""
 
-  def __init__(self, ops: tuple[str, ...] = FULL_OPS, n: int = 2, magnitude: float = 7.0,
-               prob: float = 0.5):
+  def __init__(
+    self, ops: tuple[str, ...] = FULL_OPS, n: int = 2, magnitude: float = 7.0, prob: float = 0.5
+  ):
     unknown = [o for o in ops if o not in OPS]
     if unknown:
       raise ValueError(f"unknown RandAugment ops {unknown}; known: {sorted(OPS)}")

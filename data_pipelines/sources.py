@@ -34,9 +34,11 @@ def list_files(path: str | os.PathLike) -> list[str]:
     return [path]
   if not os.path.isdir(path):
     raise FileNotFoundError(f"data source {path!r} does not exist")
-  files = [os.path.join(path, n) for n in sorted(os.listdir(path))
-           if "_SUCCESS" not in n and not n.startswith(".")
-           and os.path.isfile(os.path.join(path, n))]
+  files = [
+    os.path.join(path, n)
+    for n in sorted(os.listdir(path))
+    if "_SUCCESS" not in n and not n.startswith(".") and os.path.isfile(os.path.join(path, n))
+  ]
   if not files:
     raise FileNotFoundError(f"data source {path!r} holds no data files")
   return files
@@ -57,7 +59,7 @@ def _scan_lines(path: str) -> tuple[np.ndarray, np.ndarray]:
   if not ends:
     return np.zeros(0, np.int64), np.zeros(0, np.int64)
   ends = np.concatenate(ends)
-  starts = np.concatenate(starts)[:len(ends)]
+  starts = np.concatenate(starts)[: len(ends)]
   numbers = np.arange(1, len(ends) + 1, dtype=np.int64)
   # Blank lines (empty, or a lone '\r') are not records: the trailing newline of a file must
   # not create one, and the official reader would only drop them as broken lines anyway.
@@ -112,8 +114,13 @@ class JsonLinesSource:
     index_cache_dir: optional directory for on-disk line indices.
   """
 
-  def __init__(self, path: str | os.PathLike, kind: str, fmt: JsonlFormat | None = None,
-               index_cache_dir: str | None = None):
+  def __init__(
+    self,
+    path: str | os.PathLike,
+    kind: str,
+    fmt: JsonlFormat | None = None,
+    index_cache_dir: str | None = None,
+  ):
     if kind not in F.KINDS:
       raise ValueError(f"unknown kind {kind!r}; expected one of {F.KINDS}")
     self.kind, self.fmt = kind, fmt or default_format(kind)
@@ -170,17 +177,20 @@ class JsonLinesSource:
 def is_arrayrecord(path: str | os.PathLike) -> bool:
   """Whether `path` is (or holds) a TFDS ArrayRecord dataset written by `arrayrecord.py`."""
   from data_pipelines import arrayrecord  # tfds import is slow; only pay for it when needed
+
   return arrayrecord.find_dataset_dir(path) is not None
 
 
-def open_source(path: str | os.PathLike, kind: str | None = None, fmt: JsonlFormat | None = None,
-                **kwargs):
+def open_source(
+  path: str | os.PathLike, kind: str | None = None, fmt: JsonlFormat | None = None, **kwargs
+):
   """A random-access source for `path`: ArrayRecord dataset dir or JSON-lines file/dir.
 
   `kind` is required for JSON lines unless it can be inferred from the first parseable line
   (see `detect_kind`); ArrayRecord datasets record their kind.
   """
   from data_pipelines import arrayrecord
+
   if arrayrecord.find_dataset_dir(path) is not None:
     src = arrayrecord.ArrayRecordSource(path, **kwargs)
     if kind is not None and kind != src.kind:
@@ -192,6 +202,7 @@ def open_source(path: str | os.PathLike, kind: str | None = None, fmt: JsonlForm
 def detect_kind(path: str | os.PathLike, max_lines: int = 100) -> str:
   """Infers the kind of a JSON-lines source from the keys of its first parseable line(s)."""
   import json
+
   for f in list_files(path):
     with open(f, "rb") as fh:
       for n, line in enumerate(fh):
@@ -207,5 +218,6 @@ def detect_kind(path: str | os.PathLike, max_lines: int = 100) -> str:
           if "video_frames" in obj:
             return F.VIDEO
           return F.IMAGE
-  raise ValueError(f"{path}: cannot infer the kind (no JSON object in the first lines); "
-                   "pass --kind")
+  raise ValueError(
+    f"{path}: cannot infer the kind (no JSON object in the first lines); pass --kind"
+  )

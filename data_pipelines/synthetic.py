@@ -29,8 +29,13 @@ from data_pipelines import jsonl_format
 
 TRAIN_SEED, HELDOUT_SEED = 0, 1_000_003
 SHAPES = ("circle", "square", "triangle", "diamond")
-COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 230),
-           "yellow": (240, 220, 30), "purple": (150, 40, 190)}
+COLOURS = {
+  "red": (220, 30, 30),
+  "green": (30, 170, 50),
+  "blue": (30, 70, 230),
+  "yellow": (240, 220, 30),
+  "purple": (150, 40, 190),
+}
 SIZES = {"small": 0.16, "large": 0.30}  # shape extent as a fraction of the image side
 BACKGROUND = 128  # grey, far from every shape colour
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
@@ -141,12 +146,18 @@ class ShapesWorld:
           continue
         s = max(5, round(SIZES[size] * side))
         x, y = (int(v) for v in rng.integers(1, side - s, size=2))
-        if any(x < bx + bw + 2 and bx < x + s + 2 and y < by + bh + 2 and by < y + s + 2
-               for bx, by, bw, bh in boxes):
+        if any(
+          x < bx + bw + 2 and bx < x + s + 2 and y < by + bh + 2 and by < y + s + 2
+          for bx, by, bw, bh in boxes
+        ):
           continue
         rows, cols = np.nonzero(shape_mask(shape, s))
-        bb = (x + int(cols.min()), y + int(rows.min()), int(cols.max() - cols.min() + 1),
-              int(rows.max() - rows.min() + 1))
+        bb = (
+          x + int(cols.min()),
+          y + int(rows.min()),
+          int(cols.max() - cols.min() + 1),
+          int(rows.max() - rows.min() + 1),
+        )
         out.append(Shape(shape, colour, size, bb))
         boxes.append((x, y, s, s))
         used.add((colour, shape))
@@ -168,8 +179,8 @@ class ShapesWorld:
       side = max(w, h)  # every mask is square before cropping to its tight box
       m = shape_mask(s.shape, side)
       rows, cols = np.nonzero(m)
-      m = m[rows.min():rows.max() + 1, cols.min():cols.max() + 1]  # [h, w]
-      img[y:y + h, x:x + w][m] = COLOURS[s.colour]
+      m = m[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]  # [h, w]
+      img[y : y + h, x : x + w][m] = COLOURS[s.colour]
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
   def scene(self, index: int, kind: str = F.IMAGE) -> tuple[np.ndarray, list[Shape]]:
@@ -187,8 +198,9 @@ class ShapesWorld:
       listing = phrases[0]
       other = f"{shapes[0].phrase(with_size=False)} at the {where(shapes[0], self.cfg.image_size)}"
     else:
-      listing = (f"{_COUNT_WORDS[len(shapes)]} shapes: " + ", ".join(phrases[:-1])
-                 + f" and {phrases[-1]}")
+      listing = (
+        f"{_COUNT_WORDS[len(shapes)]} shapes: " + ", ".join(phrases[:-1]) + f" and {phrases[-1]}"
+      )
       i, j = rng.choice(len(shapes), size=2, replace=False)
       a, b = shapes[int(i)], shapes[int(j)]
       other = f"{a.phrase()} {relation(a, b)} {b.phrase()}"
@@ -196,12 +208,21 @@ class ShapesWorld:
 
   def region_elems(self, shapes: list[Shape]) -> list[dict]:
     """Object elems for every shape, then up to two region elems for neighbouring pairs."""
-    elems = [{"bb": [float(v) for v in s.bb], "captions": [s.shape],
-              "attributes": [s.colour, f"{s.size} {s.colour}"]} for s in shapes]
+    elems = [
+      {
+        "bb": [float(v) for v in s.bb],
+        "captions": [s.shape],
+        "attributes": [s.colour, f"{s.size} {s.colour}"],
+      }
+      for s in shapes
+    ]
     pairs = []
     for i, a in enumerate(shapes):
-      dists = [(np.hypot(a.centre[0] - b.centre[0], a.centre[1] - b.centre[1]), j)
-               for j, b in enumerate(shapes) if j != i]
+      dists = [
+        (np.hypot(a.centre[0] - b.centre[0], a.centre[1] - b.centre[1]), j)
+        for j, b in enumerate(shapes)
+        if j != i
+      ]
       if dists:
         pair = tuple(sorted((i, min(dists)[1])))
         if pair not in pairs:
@@ -211,8 +232,13 @@ class ShapesWorld:
       x0, y0 = min(a.bb[0], b.bb[0]), min(a.bb[1], b.bb[1])
       x1 = max(a.bb[0] + a.bb[2], b.bb[0] + b.bb[2])
       y1 = max(a.bb[1] + a.bb[3], b.bb[1] + b.bb[3])
-      elems.append({"bb": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-                    "captions": [f"{a.phrase()} {relation(a, b)} {b.phrase()}"], "attributes": []})
+      elems.append(
+        {
+          "bb": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+          "captions": [f"{a.phrase()} {relation(a, b)} {b.phrase()}"],
+          "attributes": [],
+        }
+      )
     return elems
 
   def video(self, index: int) -> tuple[list[np.ndarray], Shape, list[str], list[int]]:
@@ -242,9 +268,17 @@ class ShapesWorld:
   @staticmethod
   def _place_at(shape: str, colour: str, x: int, y: int, s: int) -> Shape:
     rows, cols = np.nonzero(shape_mask(shape, s))
-    return Shape(shape, colour, "small", (x + int(cols.min()), y + int(rows.min()),
-                                          int(cols.max() - cols.min() + 1),
-                                          int(rows.max() - rows.min() + 1)))
+    return Shape(
+      shape,
+      colour,
+      "small",
+      (
+        x + int(cols.min()),
+        y + int(rows.min()),
+        int(cols.max() - cols.min() + 1),
+        int(rows.max() - rows.min() + 1),
+      ),
+    )
 
   def record(self, kind: str, index: int, record_id: str | None = None) -> dict:
     """Canonical record `index` of `kind` (id defaults to 'shapes-<seed>-<kind>-<index>')."""
@@ -257,9 +291,14 @@ class ShapesWorld:
       if len(lengths) == 1:
         caps = [caps[0], f"{mover.phrase()} moving {dirs[0]}"]
       encoded = [_encode(f, fmt) for f in frames]
-      clips = [encoded[:lengths[0]], encoded[lengths[0]:]] if len(lengths) == 2 else [encoded]
-      return {"kind": kind, "id": rid, "clips": clips, "captions": caps,
-              "is_continuous": len(lengths) == 2}
+      clips = [encoded[: lengths[0]], encoded[lengths[0] :]] if len(lengths) == 2 else [encoded]
+      return {
+        "kind": kind,
+        "id": rid,
+        "clips": clips,
+        "captions": caps,
+        "is_continuous": len(lengths) == 2,
+      }
     pixels, shapes = self.scene(index, kind)
     rng = self._rng(kind, index + (1 << 40))  # caption choices, independent of the drawing
     record = {"kind": kind, "id": rid, "image": _encode(pixels, fmt)}
@@ -297,9 +336,13 @@ class SyntheticSource:
 def _image_files(record: dict, out_dir: str, ext: str) -> list[str]:
   """Writes a record's images under out_dir/images/ and returns their relative paths."""
   os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-  items = ([("", record["image"])] if "image" in record else
-           [(f"_c{ci}_f{fi}", fr) for ci, clip in enumerate(record["clips"])
-            for fi, fr in enumerate(clip)])
+  items = (
+    [("", record["image"])]
+    if "image" in record
+    else [
+      (f"_c{ci}_f{fi}", fr) for ci, clip in enumerate(record["clips"]) for fi, fr in enumerate(clip)
+    ]
+  )
   paths = []
   for suffix, data in items:
     rel = os.path.join("images", f"{record['id']}{suffix}.{ext}")
@@ -309,8 +352,14 @@ def _image_files(record: dict, out_dir: str, ext: str) -> list[str]:
   return paths
 
 
-def write_jsonl(world: ShapesWorld, kind: str, n: int, out_dir: str | os.PathLike,
-                n_files: int = 2, rpath: bool = False) -> list[str]:
+def write_jsonl(
+  world: ShapesWorld,
+  kind: str,
+  n: int,
+  out_dir: str | os.PathLike,
+  n_files: int = 2,
+  rpath: bool = False,
+) -> list[str]:
   """Writes records 0..n-1 as official JSON lines in `n_files` part files plus `_SUCCESS`.
 
   Each line carries its "id". With `rpath` images go to `out_dir/images/` and lines hold
@@ -336,4 +385,5 @@ def write_jsonl(world: ShapesWorld, kind: str, n: int, out_dir: str | os.PathLik
 def write_arrayrecord(world: ShapesWorld, kind: str, n: int, out_dir: str | os.PathLike) -> str:
   """Writes records 0..n-1 as an ArrayRecord dataset (via `arrayrecord.write`); returns its dir."""
   from data_pipelines import arrayrecord  # tfds import is slow; only when needed
+
   return arrayrecord.write((world.record(kind, i) for i in range(n)), kind, out_dir)

@@ -35,7 +35,9 @@ def pre_caption(text: str, max_words: int, record_id: str = "?", field: str = "c
       is left, or when `text` is not a string.
   """
   if not isinstance(text, str):
-    raise SkipRecord("bad_field_type", record_id, field, f"caption is {type(text).__name__}, not str")
+    raise SkipRecord(
+      "bad_field_type", record_id, field, f"caption is {type(text).__name__}, not str"
+    )
   caption = _PUNCT_RE.sub(" ", text.lower()).replace("<person>", "person")
   caption = _MULTI_SPACE_RE.sub(" ", caption)
   caption = caption.rstrip("\n").strip(" ")
@@ -79,8 +81,8 @@ class Tokenizer:
   """
 
   def __init__(self, directory: str | os.PathLike, max_tokens: int):
-    from transformers import AutoTokenizer  # imported lazily: heavy, and only needed here
     import tokenizers
+    from transformers import AutoTokenizer  # imported lazily: heavy, and only needed here
 
     if max_tokens < 3:
       raise ValueError(f"max_tokens must be >= 3 ([CLS] piece [SEP]), got {max_tokens}")
@@ -120,7 +122,7 @@ class Tokenizer:
     ids = [self.cls_id] + ids[:keep] + [self.sep_id]
     toks = [self.cls_token] + toks[:keep] + [self.sep_token]
     out = np.zeros(self.max_tokens, np.int32)  # [L], [PAD] = 0
-    out[:len(ids)] = ids
+    out[: len(ids)] = ids
     mask = np.zeros(self.max_tokens, np.int32)  # [L]
-    mask[:len(ids)] = 1
+    mask[: len(ids)] = 1
     return TokenizedText(out, mask, tuple(toks))

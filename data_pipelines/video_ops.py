@@ -56,9 +56,14 @@ def _is_music(caption: str) -> bool:
   return caption.strip() == MUSIC
 
 
-def select_clip(clips: list[list], captions: list[str], is_continuous: bool,
-                rng: np.random.Generator, record_id: str = "?",
-                min_frames: int = MIN_FRAMES_BEFORE_SAMPLING) -> ClipChoice:
+def select_clip(
+  clips: list[list],
+  captions: list[str],
+  is_continuous: bool,
+  rng: np.random.Generator,
+  record_id: str = "?",
+  min_frames: int = MIN_FRAMES_BEFORE_SAMPLING,
+) -> ClipChoice:
   """Chooses the clips and caption of one training example from a video record.
 
   The frames of the example are the concatenated frames of `clip_ids`.
@@ -82,8 +87,9 @@ def select_clip(clips: list[list], captions: list[str], is_continuous: bool,
       raise SkipRecord("empty_video", record_id, "clips", "the clip has 0 frames")
     return ClipChoice((0,), captions[int(rng.integers(0, len(captions)))])
   if len(captions) != len(clips):
-    raise SkipRecord("bad_field_type", record_id, "captions",
-                     f"{len(captions)} captions for {len(clips)} clips")
+    raise SkipRecord(
+      "bad_field_type", record_id, "captions", f"{len(captions)} captions for {len(clips)} clips"
+    )
   if not is_continuous:
     ok = [i for i, c in enumerate(captions) if not _is_music(c)]
     if not ok:

@@ -62,8 +62,9 @@ def _watchdog(parent_pid: int, period_s: float) -> None:
     threading.Event().wait(period_s)
 
 
-def exit_with_parent(parent_pid: int, worker_index: int = 0, worker_count: int = 1,
-                     period_s: float = WATCHDOG_PERIOD_S) -> None:
+def exit_with_parent(
+  parent_pid: int, worker_index: int = 0, worker_count: int = 1, period_s: float = WATCHDOG_PERIOD_S
+) -> None:
   """Runs inside a worker: arranges for it to exit once `parent_pid` is no longer its parent.
 
   Signature (…, worker_index, worker_count) matches grain's `mp_prefetch(worker_init_fn=…)`
@@ -71,8 +72,9 @@ def exit_with_parent(parent_pid: int, worker_index: int = 0, worker_count: int =
   """
   del worker_index, worker_count  # the same guard for every worker
   _set_parent_death_signal(parent_pid)
-  threading.Thread(target=_watchdog, args=(parent_pid, period_s), daemon=True,
-                   name="parent-watchdog").start()
+  threading.Thread(
+    target=_watchdog, args=(parent_pid, period_s), daemon=True, name="parent-watchdog"
+  ).start()
 
 
 def worker_init_fn(period_s: float = WATCHDOG_PERIOD_S):
@@ -88,5 +90,6 @@ def ensure_absl_flags_parsed() -> None:
   them parsed keeps every flag at its default and leaves sys.argv alone.
   """
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()

@@ -37,13 +37,16 @@ def test_format_round_trip():
   assert box_ops.cxcywh_to_xyxy(jnp.ones((2, 4), jnp.bfloat16)).dtype == jnp.float32
 
 
-@pytest.mark.parametrize("a, b, iou, giou", [
+@pytest.mark.parametrize(
+  "a, b, iou, giou",
+  [
     ((0, 0, 1, 1), (0, 0, 1, 1), 1.0, 1.0),  # identical
     ((0, 0, 1, 1), (2, 0, 3, 1), 0.0, -1 / 3),  # disjoint: C = 3, U = 2
     ((0, 0, 4, 4), (1, 1, 3, 3), 0.25, 0.25),  # nested: C = U
     ((0, 0, 1, 1), (1, 0, 2, 1), 0.0, 0.0),  # touching: C = U = 2
     ((0, 0, 2, 2), (1, 1, 3, 3), 1 / 7, 1 / 7 - 2 / 9),  # partial overlap
-])
+  ],
+)
 def test_known_pairs(a, b, iou, giou):
   a, b = np.array([a], np.float32), np.array([b], np.float32)
   np.testing.assert_allclose(box_ops.elementwise_iou(a, b), [iou], atol=1e-6)
@@ -61,8 +64,9 @@ def test_pairwise_matches_numpy_and_diagonal():
   ref = np.array([[np_giou(x, y) for y in b] for x in a])  # [5, 3, 2]
   np.testing.assert_allclose(box_ops.pairwise_iou(a, b), ref[..., 0], atol=1e-6)
   np.testing.assert_allclose(box_ops.pairwise_giou(a, b), ref[..., 1], atol=1e-6)
-  np.testing.assert_allclose(box_ops.elementwise_giou(a[:3], b),
-                             np.diag(box_ops.pairwise_giou(a[:3], b)), atol=1e-7)
+  np.testing.assert_allclose(
+    box_ops.elementwise_giou(a[:3], b), np.diag(box_ops.pairwise_giou(a[:3], b)), atol=1e-7
+  )
 
 
 def test_zero_size_boxes_are_finite_with_finite_gradients():
@@ -88,9 +92,12 @@ def test_legacy_pixel_iou():
   np.testing.assert_allclose(box_ops.legacy_pixel_iou(b1, b2), ref, rtol=1e-6)
   # A one-pixel-wide overlap counts as no overlap in this convention; the continuous IoU of
   # the same corner boxes does not.
-  one = box_ops.legacy_pixel_iou(np.array([0, 0, 10, 10.]), np.array([9, 0, 10, 10.]))
+  one = box_ops.legacy_pixel_iou(np.array([0, 0, 10, 10.0]), np.array([9, 0, 10, 10.0]))
   assert float(one) == 0.0
   np.testing.assert_allclose(
-      box_ops.legacy_pixel_iou(np.array([0, 0, 10, 10.]), np.array([5, 5, 10, 10.])), 25 / 175)
-  assert float(box_ops.elementwise_iou(np.array([[0, 0, 10, 10.]]),
-                                       np.array([[9, 0, 19, 10.]]))[0]) > 0
+    box_ops.legacy_pixel_iou(np.array([0, 0, 10, 10.0]), np.array([5, 5, 10, 10.0])), 25 / 175
+  )
+  assert (
+    float(box_ops.elementwise_iou(np.array([[0, 0, 10, 10.0]]), np.array([[9, 0, 19, 10.0]]))[0])
+    > 0
+  )

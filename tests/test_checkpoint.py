@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
+from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
 
 from x2vlm_jax import checkpoint as ck
 from x2vlm_jax import checksums
@@ -30,12 +31,15 @@ def _state(mesh, seed=0):
   w = rs.randint(0, 2**32, size=(64, 97), dtype=np.uint64).astype(np.uint32).view(np.float32)
   w = np.where(np.isfinite(w), w, np.float32(1.0))
   return {
-      "params": {"w": jax.device_put(w, sh), "b": jax.device_put(rs.randn(97).astype(np.float32), rep),
-                 "emb": jax.device_put(rs.randn(8, 5).astype(jnp.bfloat16), sh)},
-      "opt": {"mu": jax.device_put(np.full((64, 97), 0.5, np.float32), sh), "count": jnp.int32(seed)},
-      "step": jnp.int32(100 + seed),
-      "rng": jax.random.key_data(jax.random.key(seed)),
-      "host_counter": np.arange(3, dtype=np.int64),
+    "params": {
+      "w": jax.device_put(w, sh),
+      "b": jax.device_put(rs.randn(97).astype(np.float32), rep),
+      "emb": jax.device_put(rs.randn(8, 5).astype(jnp.bfloat16), sh),
+    },
+    "opt": {"mu": jax.device_put(np.full((64, 97), 0.5, np.float32), sh), "count": jnp.int32(seed)},
+    "step": jnp.int32(100 + seed),
+    "rng": jax.random.key_data(jax.random.key(seed)),
+    "host_counter": np.arange(3, dtype=np.int64),
   }
 
 
@@ -78,7 +82,12 @@ def test_round_trip_async(tmp_path, mesh8, monkeypatch):
   _assert_tree_equal(out.state, state)
   assert out.state["params"]["w"].sharding == state["params"]["w"].sharding
   assert out.data_iter == data_iter
-  assert out.config == {"model": {"variant": "tiny", "depth": 3}, "seed": 42, "lr": 1e-4, "kinds": ["image"]}
+  assert out.config == {
+    "model": {"variant": "tiny", "depth": 3},
+    "seed": 42,
+    "lr": 1e-4,
+    "kinds": ["image"],
+  }
   assert mgr.saved_config() == out.config
   mgr.close()
 
@@ -91,8 +100,11 @@ def test_retention_keep_n_and_every_k(tmp_path, mesh8):
   mgr.wait_until_finished()
   # newest two (7, 8) plus every multiple of 3 (3, 6)
   assert mgr.all_steps() == [3, 6, 7, 8]
-  assert sorted(int(os.path.basename(p)) for p in glob.glob(str(tmp_path / "ckpt" / "*"))
-                if os.path.basename(p).isdigit()) == [3, 6, 7, 8]
+  assert sorted(
+    int(os.path.basename(p))
+    for p in glob.glob(str(tmp_path / "ckpt" / "*"))
+    if os.path.basename(p).isdigit()
+  ) == [3, 6, 7, 8]
   mgr.close()
 
 
@@ -167,8 +179,13 @@ from x2vlm_jax import checksums
 def test_interrupted_save_is_never_restored(tmp_path):
   ckpt = str(tmp_path / "ckpt")
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=REPO)
-  proc = subprocess.run([sys.executable, "-c", _CRASH_SCRIPT, ckpt], env=env, capture_output=True,
-                        text=True, timeout=120)
+  proc = subprocess.run(
+    [sys.executable, "-c", _CRASH_SCRIPT, ckpt],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 17, proc.stderr[-2000:]
   leftovers = [p for p in os.listdir(ckpt) if p.startswith("2.") and "tmp" in p]
   assert leftovers, os.listdir(ckpt)  # the uncommitted write is on disk ...
@@ -207,10 +224,20 @@ def test_restore_onto_other_meshes(tmp_path, mesh8):
 
 
 def test_config_change_refused(tmp_path):
-  saved = {"model": {"variant": "base", "vision": {"depth": 12}}, "seed": 1, "batch_size": 64, "lr": 1e-4,
-           "data": {"sources": ["coco"], "workers": 4}}
-  new = {"model": {"variant": "base", "vision": {"depth": 24}}, "seed": 2, "batch_size": 64, "lr": 3e-4,
-         "data": {"sources": ["coco", "vg"], "workers": 8}}
+  saved = {
+    "model": {"variant": "base", "vision": {"depth": 12}},
+    "seed": 1,
+    "batch_size": 64,
+    "lr": 1e-4,
+    "data": {"sources": ["coco"], "workers": 4},
+  }
+  new = {
+    "model": {"variant": "base", "vision": {"depth": 24}},
+    "seed": 2,
+    "batch_size": 64,
+    "lr": 3e-4,
+    "data": {"sources": ["coco", "vg"], "workers": 8},
+  }
   with pytest.raises(ck.ConfigChangedError) as err:
     ck.check_config_compatible(saved, new, ("model", "seed", "batch_size", "data.sources"))
   msg = str(err.value)
@@ -224,7 +251,9 @@ def test_config_change_refused(tmp_path):
   assert ck.check_config_compatible(saved, dict(saved, lr=1.0), ("model", "seed")) == []
   # A key present on one side only is a difference too.
   with pytest.raises(ck.ConfigChangedError, match=r"model.text_depth: <absent> -> 6"):
-    ck.check_config_compatible(saved, {**saved, "model": {**saved["model"], "text_depth": 6}}, ("model",))
+    ck.check_config_compatible(
+      saved, {**saved, "model": {**saved["model"], "text_depth": 6}}, ("model",)
+    )
 
   mgr = ck.CheckpointManager(tmp_path / "ckpt", async_save=False)
   mgr.save(1, {"x": np.zeros(3, np.float32)}, config=saved)
@@ -250,7 +279,9 @@ def test_checksums_are_sharding_independent(mesh8):
   host = checksums.leaf_checksums({"x": x})["x"]
   on8 = checksums.leaf_checksums({"x": jax.device_put(x, NamedSharding(mesh8, P("data")))})["x"]
   mesh42 = make_mesh({"fsdp": 4, "tensor": 2})
-  on42 = checksums.leaf_checksums({"x": jax.device_put(x, NamedSharding(mesh42, P("fsdp", "tensor")))})["x"]
+  on42 = checksums.leaf_checksums(
+    {"x": jax.device_put(x, NamedSharding(mesh42, P("fsdp", "tensor")))}
+  )["x"]
   assert host == on8 == on42
   y = x.copy()
   y[5, 2] = np.nextafter(y[5, 2], np.inf)  # one ulp in one element
@@ -265,10 +296,15 @@ def test_restore_with_dtype_cast_is_not_corrupt(tmp_path):
   state = {"w": jnp.linspace(0.0, 1.0, 12, dtype=jnp.float32), "n": jnp.int32(4)}
   mgr = ck.CheckpointManager(tmp_path / "ckpt", async_save=False)
   mgr.save(1, state)
-  target = {"w": jax.ShapeDtypeStruct((12,), jnp.bfloat16), "n": jax.ShapeDtypeStruct((), jnp.int32)}
+  target = {
+    "w": jax.ShapeDtypeStruct((12,), jnp.bfloat16),
+    "n": jax.ShapeDtypeStruct((), jnp.int32),
+  }
   out = mgr.restore(target)
   assert out.step == 1 and out.state["w"].dtype == jnp.bfloat16 and out.skipped == ()
-  np.testing.assert_allclose(np.asarray(out.state["w"], np.float32), np.asarray(state["w"]), atol=4e-3)
+  np.testing.assert_allclose(
+    np.asarray(out.state["w"], np.float32), np.asarray(state["w"]), atol=4e-3
+  )
 
 
 def test_nnx_model_and_optimizer_state(tmp_path):

@@ -14,17 +14,38 @@ from x2vlm_jax import optim, train_lib
 from x2vlm_jax import run_config as rc
 
 RELEASED = {
-    # name: (variant, image, region texts, region images, video, region iter_perc, lr, warmup,
-    #        total_steps, schedule steps, max_tokens)
-    "pretrain_base_4m": ("base", 1024, 1024, 400, 0, 1.0, 1e-4, 2500, 504_495, 504_495, 40),
-    "pretrain_large_4m": ("large", 1024, 1024, 400, 0, 1.0, 5e-5, 2500, 250_000, 504_495, 40),
-    "pretrain_base_1b": ("base", 3072, 1536, 624, 0, 0.5, 1e-4, 2500,
-                         3 * math.ceil(1_323_042_683 / 3072), None, 30),
-    "pretrain_large_1b": ("large", 4096, 2048, 896, 0, 0.5, 5e-5, 2500,
-                          3 * math.ceil(1_323_042_683 / 4096), None, 30),
-    "pretrain_base_1b_stage2": ("base", 1024, 1024, 416, 640, 1.0, 6e-5, 1000, 404_595, None, 40),
-    "pretrain_large_1b_stage2": ("large", 1024, 1024, 448, 640, 1.0, 3e-5, 1000, 404_595, None,
-                                 40),
+  # name: (variant, image, region texts, region images, video, region iter_perc, lr, warmup,
+  #        total_steps, schedule steps, max_tokens)
+  "pretrain_base_4m": ("base", 1024, 1024, 400, 0, 1.0, 1e-4, 2500, 504_495, 504_495, 40),
+  "pretrain_large_4m": ("large", 1024, 1024, 400, 0, 1.0, 5e-5, 2500, 250_000, 504_495, 40),
+  "pretrain_base_1b": (
+    "base",
+    3072,
+    1536,
+    624,
+    0,
+    0.5,
+    1e-4,
+    2500,
+    3 * math.ceil(1_323_042_683 / 3072),
+    None,
+    30,
+  ),
+  "pretrain_large_1b": (
+    "large",
+    4096,
+    2048,
+    896,
+    0,
+    0.5,
+    5e-5,
+    2500,
+    3 * math.ceil(1_323_042_683 / 4096),
+    None,
+    30,
+  ),
+  "pretrain_base_1b_stage2": ("base", 1024, 1024, 416, 640, 1.0, 6e-5, 1000, 404_595, None, 40),
+  "pretrain_large_1b_stage2": ("large", 1024, 1024, 448, 640, 1.0, 3e-5, 1000, 404_595, None, 40),
 }
 
 
@@ -34,12 +55,27 @@ def _load(name, arg=None):
 
 @pytest.mark.parametrize("name", sorted(RELEASED))
 def test_released_settings(name):
-  (variant, image, region, region_images, video, region_perc, lr, warmup, steps, schedule,
-   max_tokens) = RELEASED[name]
+  (
+    variant,
+    image,
+    region,
+    region_images,
+    video,
+    region_perc,
+    lr,
+    warmup,
+    steps,
+    schedule,
+    max_tokens,
+  ) = RELEASED[name]
   c = _load(name)
   assert c.model.variant == variant
   assert (c.batch.image, c.batch.region, c.batch.region_max_images, c.batch.video) == (
-      image, region, region_images, video)
+    image,
+    region,
+    region_images,
+    video,
+  )
   assert c.loss.iter_perc.region == region_perc
   assert (c.optim.lr, c.optim.warmup_steps, c.train.total_steps) == (lr, warmup, steps)
   assert c.optim.total_steps == (schedule or steps)
@@ -92,8 +128,9 @@ def _parse(argv):
   argv = ["prog", "--config=configs/tiny.py", *argv]
   fv = flags.FlagValues()
   # sys_argv: the override flags are defined from the command line at definition time.
-  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
-                                  sys_argv=argv)
+  config_flags.DEFINE_config_file(
+    "config", None, "", flag_values=fv, lock_config=True, sys_argv=argv
+  )
   fv(argv)
   return fv.config
 

@@ -12,16 +12,16 @@ def _rng():
 
 
 @pytest.mark.parametrize(
-    "transform,ours_shape",
-    [
-        (T.LINEAR, (5, 7)),
-        (T.CONV_OIHW, (4, 4, 3, 5)),
-        (T.LINEAR_TO_HEADS, (7, 3, 5)),
-        (T.BIAS_TO_HEADS, (3, 5)),
-        (T.LINEAR_FROM_HEADS, (3, 5, 7)),
-        (T.FUSED_QKV, (7, 3, 2, 5)),
-        (T.reshape_transform("frames", lambda s: (1, s[0], 1, s[1])), (3, 7)),
-    ],
+  "transform,ours_shape",
+  [
+    (T.LINEAR, (5, 7)),
+    (T.CONV_OIHW, (4, 4, 3, 5)),
+    (T.LINEAR_TO_HEADS, (7, 3, 5)),
+    (T.BIAS_TO_HEADS, (3, 5)),
+    (T.LINEAR_FROM_HEADS, (3, 5, 7)),
+    (T.FUSED_QKV, (7, 3, 2, 5)),
+    (T.reshape_transform("frames", lambda s: (1, s[0], 1, s[1])), (3, 7)),
+  ],
 )
 def test_transforms_round_trip_and_shapes(transform, ours_shape):
   foreign_shape = transform.foreign_shape(ours_shape)
@@ -45,11 +45,15 @@ def test_heads_layout_matches_pytorch():
   wo = _rng().standard_normal((din, h * dh))
   ctx = _rng().standard_normal((2, h, dh))
   ours_o = T.LINEAR_FROM_HEADS.to_ours(wo, (h, dh, din))
-  np.testing.assert_allclose(np.einsum("bhk,hkd->bd", ctx, ours_o), ctx.reshape(2, -1) @ wo.T, rtol=1e-12)
+  np.testing.assert_allclose(
+    np.einsum("bhk,hkd->bd", ctx, ours_o), ctx.reshape(2, -1) @ wo.T, rtol=1e-12
+  )
   # Fused qkv: rows [q; k; v].
   wqkv = _rng().standard_normal((3 * h * dh, din))
   ours_qkv = T.FUSED_QKV.to_ours(wqkv, (din, 3, h, dh))
-  np.testing.assert_array_equal(ours_qkv[:, 1], T.LINEAR_TO_HEADS.to_ours(wqkv[h * dh:2 * h * dh], (din, h, dh)))
+  np.testing.assert_array_equal(
+    ours_qkv[:, 1], T.LINEAR_TO_HEADS.to_ours(wqkv[h * dh : 2 * h * dh], (din, h, dh))
+  )
 
 
 def test_split_join_stack_helpers():
@@ -65,16 +69,18 @@ def test_split_join_stack_helpers():
 
 
 RULES = [
-    C.Rule(r"enc\.(?P<layer>\d+)\.w", "a.layers.kernel", T.LINEAR, layer_range=(0, 2)),
-    C.Rule(r"enc\.(?P<layer>\d+)\.w", "b.layers.kernel", T.LINEAR, layer_offset=2, layer_range=(2, 3)),
-    C.Rule(r"emb", "emb"),
-    C.Rule(r"dec", "emb", tied=True),
-    C.Rule(r"idx", None, expect=lambda m: np.arange(4)),
+  C.Rule(r"enc\.(?P<layer>\d+)\.w", "a.layers.kernel", T.LINEAR, layer_range=(0, 2)),
+  C.Rule(
+    r"enc\.(?P<layer>\d+)\.w", "b.layers.kernel", T.LINEAR, layer_offset=2, layer_range=(2, 3)
+  ),
+  C.Rule(r"emb", "emb"),
+  C.Rule(r"dec", "emb", tied=True),
+  C.Rule(r"idx", None, expect=lambda m: np.arange(4)),
 ]
 EXPECTED = {
-    "a": {"layers": {"kernel": ((2, 3, 5), np.float32)}},
-    "b": {"layers": {"kernel": ((1, 3, 5), np.float32)}},
-    "emb": ((4, 3), np.float32),
+  "a": {"layers": {"kernel": ((2, 3, 5), np.float32)}},
+  "b": {"layers": {"kernel": ((1, 3, 5), np.float32)}},
+  "emb": ((4, 3), np.float32),
 }
 
 
@@ -101,14 +107,14 @@ def test_merge_and_export_round_trip():
 
 
 @pytest.mark.parametrize(
-    "edit,kind,name",
-    [
-        (lambda f: f.update(extra=np.zeros(1)), "unexpected", "extra"),
-        (lambda f: f.pop("enc.1.w"), "missing", "a.layers.kernel[1]"),
-        (lambda f: f.update({"enc.0.w": np.zeros((5, 4), np.float32)}), "shape", "enc.0.w"),
-        (lambda f: f.update(dec=f["emb"] + 1), "check", "dec"),
-        (lambda f: f.update(idx=np.arange(4)[::-1].copy()), "check", "idx"),
-    ],
+  "edit,kind,name",
+  [
+    (lambda f: f.update(extra=np.zeros(1)), "unexpected", "extra"),
+    (lambda f: f.pop("enc.1.w"), "missing", "a.layers.kernel[1]"),
+    (lambda f: f.update({"enc.0.w": np.zeros((5, 4), np.float32)}), "shape", "enc.0.w"),
+    (lambda f: f.update(dec=f["emb"] + 1), "check", "dec"),
+    (lambda f: f.update(idx=np.arange(4)[::-1].copy()), "check", "idx"),
+  ],
 )
 def test_merge_mismatches_are_named_and_allowable(edit, kind, name):
   f = _foreign()

@@ -1,49 +1,19 @@
-"""Official X2-VLM state dict <-> our params: spec, bit-exact round trips, file formats, CLI."""
+"""Official X2-VLM state dict <-> our params: the spec, bit-exact round trips, file formats."""
 
-import dataclasses
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from convert_testlib import BASE_WIDTH_SHALLOW, TINY_ABS_POS, assert_same_state, random_official
 
 from x2vlm_jax import treepath
-from x2vlm_jax.convert import common as C
 from x2vlm_jax.convert import official as O
 from x2vlm_jax.convert import official_spec as S
 from x2vlm_jax.convert.official_config import infer_config, official_config_dict
 from x2vlm_jax.convert.safetensors_io import load_safetensors, save_safetensors
-from x2vlm_jax.models.config import FusionConfig, ModelConfig, TextConfig, VisionConfig
+from x2vlm_jax.models.config import ModelConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def random_official(cfg, layout=S.PRETRAIN, seed=0):
-  """Random state dict with every key/shape/dtype of the spec; buffers and ties as official."""
-  rng = np.random.default_rng(seed)
-  rules = O.official_rules(cfg)
-  sd = {}
-  for k, (shape, dtype) in S.official_state_spec(cfg, layout).items():
-    if dtype == np.int64:
-      rule, m = C.find_rule(rules, k)
-      sd[k] = rule.expect(m)
-    elif k in S.TIED:
-      sd[k] = sd[S.TIED[k]].copy()
-    else:
-      sd[k] = rng.standard_normal(shape, dtype=np.float32)
-  return sd
-
-
-def assert_same_state(a, b, ordered=True):
-  if ordered:
-    assert list(a) == list(b)
-  assert set(a) == set(b), (sorted(set(a) ^ set(b)))[:5]
-  for k in a:
-    x, y = np.asarray(a[k]), np.asarray(b[k])
-    assert x.dtype == y.dtype and x.shape == y.shape, (k, x.dtype, y.dtype, x.shape, y.shape)
-    assert np.array_equal(x, y), k  # bit-identical
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,8 +26,12 @@ def test_spec_counts_and_order_base_and_large():
   assert len(base) == 587
   assert S.count_parameters(base) == 254_758_401
   keys = list(base)
-  assert keys[:4] == ["temp", "vision_encoder.cls_token", "vision_encoder.patch_embed.proj.weight",
-                      "vision_encoder.patch_embed.proj.bias"]
+  assert keys[:4] == [
+    "temp",
+    "vision_encoder.cls_token",
+    "vision_encoder.patch_embed.proj.weight",
+    "vision_encoder.patch_embed.proj.bias",
+  ]
   assert keys[-1] == "bbox_head.3.bias"
   assert base["vision_encoder.blocks.0.attn.relative_position_index"] == ((197, 197), np.int64)
   assert base["vision_encoder.blocks.11.attn.relative_position_bias_table"][0] == (732, 12)
@@ -67,10 +41,25 @@ def test_spec_counts_and_order_base_and_large():
   assert "text_encoder.bert.encoder.layer.11.crossattention.self.key.weight" not in base
   # 17 entries per block, in the official order (docs/fidelity.md#official-key-list).
   block = [k.split("blocks.0.")[1] for k in keys if ".blocks.0." in k]
-  assert block == ["gamma_1", "gamma_2", "norm1.weight", "norm1.bias", "attn.q_bias", "attn.v_bias",
-                   "attn.relative_position_bias_table", "attn.relative_position_index",
-                   "attn.qkv.weight", "attn.proj.weight", "attn.proj.bias", "norm2.weight",
-                   "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"]
+  assert block == [
+    "gamma_1",
+    "gamma_2",
+    "norm1.weight",
+    "norm1.bias",
+    "attn.q_bias",
+    "attn.v_bias",
+    "attn.relative_position_bias_table",
+    "attn.relative_position_index",
+    "attn.qkv.weight",
+    "attn.proj.weight",
+    "attn.proj.bias",
+    "norm2.weight",
+    "norm2.bias",
+    "mlp.fc1.weight",
+    "mlp.fc1.bias",
+    "mlp.fc2.weight",
+    "mlp.fc2.bias",
+  ]
   assert sum(".layer.12." in k for k in keys) == 26 and sum(".layer.0." in k for k in keys) == 16
   video = S.official_state_spec(ModelConfig.base(frame_len=3))
   assert len(video) == 588 and list(video)[0] == "absolute_frame_pos_embed"
@@ -83,16 +72,21 @@ def test_spec_counts_and_order_base_and_large():
     assert ours == S.count_parameters(S.official_state_spec(cfg))
 
 
-@pytest.mark.parametrize("cfg", [ModelConfig.tiny(), ModelConfig.tiny(frame_len=3), ModelConfig.base(),
-                                 ModelConfig.demo()],
-                         ids=["tiny", "tiny_video", "base", "demo_abs_pos"])
+@pytest.mark.parametrize(
+  "cfg",
+  [ModelConfig.tiny(), ModelConfig.tiny(frame_len=3), ModelConfig.base(), ModelConfig.demo()],
+  ids=["tiny", "tiny_video", "base", "demo_abs_pos"],
+)
 def test_param_table_matches_the_model(cfg):
   """The converter's shape table is the real model's param state (nnx.eval_shape, no memory)."""
   x2vlm = pytest.importorskip("x2vlm_jax.models.x2vlm")
   from flax import nnx
 
   state = nnx.state(x2vlm.abstract_model(cfg), nnx.Param)
-  got = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in treepath.flatten_dict(nnx.to_pure_dict(state)).items()}
+  got = {
+    k: (tuple(v.shape), np.dtype(v.dtype))
+    for k, v in treepath.flatten_dict(nnx.to_pure_dict(state)).items()
+  }
   assert got == treepath.flatten_dict(O.param_shapes(cfg))
 
 
@@ -116,18 +110,12 @@ def test_relative_position_index_formula():
 # Bit-exact round trips.
 # ---------------------------------------------------------------------------------------------
 
-# Base widths (vocab 30522, 768, 12 heads, 224 px) with 1 vision block and 1 + 1 text/fusion
-# layers: exercises every base shape at ~55M floats instead of 255M (too heavy for a 2-core CI).
-BASE_WIDTH_SHALLOW = ModelConfig.base(
-    vision=VisionConfig(depth=1), text=TextConfig(depth=1), fusion=FusionConfig(depth=1))
-# BEiT's optional absolute position embedding (the demo's from-scratch ViT has it).
-TINY_ABS_POS = ModelConfig.tiny(vision=dataclasses.replace(ModelConfig.tiny().vision,
-                                                           abs_pos_embed=True))
 
-
-@pytest.mark.parametrize("cfg", [ModelConfig.tiny(), ModelConfig.tiny(frame_len=3), BASE_WIDTH_SHALLOW,
-                                 TINY_ABS_POS],
-                         ids=["tiny", "tiny_video", "base_width_shallow", "tiny_abs_pos"])
+@pytest.mark.parametrize(
+  "cfg",
+  [ModelConfig.tiny(), ModelConfig.tiny(frame_len=3), BASE_WIDTH_SHALLOW, TINY_ABS_POS],
+  ids=["tiny", "tiny_video", "base_width_shallow", "tiny_abs_pos"],
+)
 def test_official_round_trip_bit_exact(cfg):
   sd = random_official(cfg)
   params, report = O.official_to_params(sd, cfg)
@@ -153,17 +141,27 @@ def test_layouts_land_where_the_contract_says():
   qkv = sd["vision_encoder.blocks.1.attn.qkv.weight"]  # rows [q; k; v], heads contiguous
   # key head 2, feature 3, input 5 <- row D + 2*dh + 3 of the fused weight.
   assert p["vision"]["blocks"]["attn"]["qkv"]["kernel"][1, 5, 1, 2, 3] == qkv[dv + 2 * dh + 3, 5]
-  assert np.array_equal(p["vision"]["blocks"]["attn"]["v_bias"][1].reshape(-1),
-                        sd["vision_encoder.blocks.1.attn.v_bias"])
-  assert np.array_equal(p["vision"]["patch_embed"]["kernel"][:, :, 2, 7],
-                        sd["vision_encoder.patch_embed.proj.weight"][7, 2])
+  assert np.array_equal(
+    p["vision"]["blocks"]["attn"]["v_bias"][1].reshape(-1),
+    sd["vision_encoder.blocks.1.attn.v_bias"],
+  )
+  assert np.array_equal(
+    p["vision"]["patch_embed"]["kernel"][:, :, 2, 7],
+    sd["vision_encoder.patch_embed.proj.weight"][7, 2],
+  )
   # Official text layer 2 (= text.depth) is fusion layer 0.
-  assert np.array_equal(p["fusion"]["layers"]["self_attn"]["query"]["kernel"][0].reshape(40, 40),
-                        sd[t + "2.attention.self.query.weight"].T)
-  assert np.array_equal(p["text"]["layers"]["attn"]["out"]["kernel"][1].reshape(40, 40),
-                        sd[t + "1.attention.output.dense.weight"].T)
-  assert np.array_equal(p["fusion"]["layers"]["cross_attn"]["key"]["kernel"][1].reshape(36, 40),
-                        sd[t + "3.crossattention.self.key.weight"].T)
+  assert np.array_equal(
+    p["fusion"]["layers"]["self_attn"]["query"]["kernel"][0].reshape(40, 40),
+    sd[t + "2.attention.self.query.weight"].T,
+  )
+  assert np.array_equal(
+    p["text"]["layers"]["attn"]["out"]["kernel"][1].reshape(40, 40),
+    sd[t + "1.attention.output.dense.weight"].T,
+  )
+  assert np.array_equal(
+    p["fusion"]["layers"]["cross_attn"]["key"]["kernel"][1].reshape(36, 40),
+    sd[t + "3.crossattention.self.key.weight"].T,
+  )
   assert np.array_equal(p["box_head"]["fc2"]["kernel"], sd["bbox_head.3.weight"].T)
   assert np.array_equal(p["itm_head"]["norm"]["scale"], sd["itm_head.1.weight"])
   assert p["temp"].shape == () and p["temp"] == sd["temp"]
@@ -173,8 +171,9 @@ def test_safetensors_round_trip(tmp_path):
   cfg = ModelConfig.tiny(frame_len=2)
   sd = random_official(cfg)
   path = tmp_path / "w.safetensors"
-  save_safetensors(path, O.params_to_official(O.official_to_params(sd, cfg)[0], cfg),
-                   official_config_dict(cfg))
+  save_safetensors(
+    path, O.params_to_official(O.official_to_params(sd, cfg)[0], cfg), official_config_dict(cfg)
+  )
   loaded, config = load_safetensors(path)
   assert_same_state(sd, loaded, ordered=False)
   cfg2, src, _ = infer_config(loaded, config, variant="tiny")
@@ -231,161 +230,15 @@ def test_th_write_read_with_torch(tmp_path):
   # A config that needs full unpickling (a non-allowlisted class) falls back and says so.
   import argparse
 
-  torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()},
-              "config": argparse.Namespace(image_res=64)}, tmp_path / "o.th")
+  torch.save(
+    {
+      "model": {k: torch.from_numpy(v) for k, v in sd.items()},
+      "config": argparse.Namespace(image_res=64),
+    },
+    tmp_path / "o.th",
+  )
   _, config, notes = load_th(tmp_path / "o.th")
   assert notes and "weights_only=False" in notes[0] and "image_res=64" in config
   torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, tmp_path / "bare.th")
   bare, config, _ = load_th(tmp_path / "bare.th")
   assert config is None and list(bare) == list(sd)
-
-
-# ---------------------------------------------------------------------------------------------
-# Mismatch handling.
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "edit,kind,name",
-    [
-        (lambda sd: sd.update({"vision_encoder.blocks.0.attn.qkv.bias": np.zeros(108, np.float32)}),
-         "unexpected", "vision_encoder.blocks.0.attn.qkv.bias"),
-        (lambda sd: sd.pop("text_encoder.bert.encoder.layer.3.crossattention.self.value.bias"),
-         "missing", "fusion.layers.cross_attn.value.bias[1]"),
-        (lambda sd: sd.update({"vision_proj.weight": np.zeros((24, 35), np.float32)}),
-         "shape", "vision_proj.weight"),
-        (lambda sd: sd.update({"text_encoder.cls.predictions.decoder.weight":
-                               sd["text_encoder.cls.predictions.decoder.weight"] + 1}),
-         "check", "text_encoder.cls.predictions.decoder.weight"),
-        (lambda sd: sd.update({"vision_encoder.blocks.1.attn.relative_position_index":
-                               S.relative_position_index(4).T.copy()}),
-         "check", "vision_encoder.blocks.1.attn.relative_position_index"),
-        (lambda sd: sd.update({"text_encoder.bert.encoder.layer.4.output.dense.bias": np.zeros(40, np.float32)}),
-         "unexpected", "text_encoder.bert.encoder.layer.4.output.dense.bias"),
-    ],
-    ids=["extra_key", "missing_key", "wrong_shape", "tied_differs", "bad_buffer", "layer_beyond_depth"],
-)
-def test_mismatches_raise_naming_the_key(edit, kind, name):
-  cfg = ModelConfig.tiny()
-  sd = random_official(cfg)
-  edit(sd)
-  with pytest.raises(C.ConversionError) as e:
-    O.official_to_params(sd, cfg)
-  assert name in str(e.value) and any(name in x for x in getattr(e.value.report, kind))
-  _, report = O.official_to_params(sd, cfg, strict=False)  # non-strict: reported, not raised
-  assert any(name in x for x in getattr(report, kind))
-
-
-def test_finetune_layout_import_reports_missing_mlm_head():
-  cfg = ModelConfig.tiny()
-  sd = random_official(cfg, layout=S.FINETUNE)
-  assert S.detect_layout(sd) == S.FINETUNE and not any(".bert." in k or ".cls." in k for k in sd)
-  with pytest.raises(C.ConversionError, match="mlm_head.bias"):
-    O.official_to_params(sd, cfg)
-  params, report = O.official_to_params(sd, cfg, allow={"missing"})
-  assert sorted(report.missing) == ["mlm_head.bias", "mlm_head.dense.bias", "mlm_head.dense.kernel",
-                                    "mlm_head.norm.bias", "mlm_head.norm.scale"]
-  assert "mlm_head" not in params
-  assert_same_state(sd, O.params_to_official(params, cfg, layout=S.FINETUNE))
-
-
-def test_infer_config_from_state_and_yaml_keys():
-  cfg = ModelConfig.tiny(frame_len=3)
-  sd = random_official(cfg)
-  with pytest.raises(ValueError, match="--num-heads"):
-    infer_config(sd, variant="tiny")
-  got, src, _ = infer_config(sd, variant="tiny", num_heads=4)
-  assert got == cfg and src == 64
-  got, _, _ = infer_config(sd, {"text_fusion_start_at": 2, "x2vlm_jax": {"text_num_heads": 4}}, variant="tiny")
-  assert got == cfg
-  with pytest.raises(ValueError, match="first layer with cross-attention is 2"):
-    infer_config(sd, variant="tiny", num_heads=4, text_layers=3)
-  base_like = {k: np.empty(s, d) for k, (s, d) in S.official_state_spec(BASE_WIDTH_SHALLOW).items()}
-  got, src, _ = infer_config(base_like)
-  assert got == BASE_WIDTH_SHALLOW and src == 224
-  got, src, _ = infer_config(base_like, image_size=384)
-  assert got.vision.image_size == 384 and src == 224
-  # The absolute position embedding is recognised by its key, and not resized.
-  abs_sd = random_official(TINY_ABS_POS)
-  got, _, notes = infer_config(abs_sd, variant="tiny", num_heads=4)
-  assert got == TINY_ABS_POS and any("pos_embed" in n for n in notes)
-  with pytest.raises(ValueError, match="absolute position embedding"):
-    O.official_to_params(abs_sd, dataclasses.replace(
-        TINY_ABS_POS, vision=dataclasses.replace(TINY_ABS_POS.vision, image_size=96)),
-        source_image_size=64)
-
-
-def test_resolution_change_on_import():
-  resize_rel_pos_bias = pytest.importorskip("x2vlm_jax.models.vision").resize_rel_pos_bias
-
-  src_cfg = ModelConfig.tiny()  # 64 px -> grid 4
-  dst_cfg = ModelConfig.tiny(vision=dataclasses.replace(src_cfg.vision, image_size=96))  # grid 6
-  sd = random_official(src_cfg)
-  params, report = O.official_to_params(sd, dst_cfg, source_image_size=64)
-  table = params["vision"]["blocks"]["attn"]["rel_pos_bias"]
-  assert table.shape == (2, 11 * 11 + 3, 3)
-  np.testing.assert_array_equal(
-      table[1], resize_rel_pos_bias(sd["vision_encoder.blocks.1.attn.relative_position_bias_table"], 4, 6))
-  assert any("resized" in n for n in report.notes)
-  out = O.params_to_official(params, dst_cfg)
-  assert out["vision_encoder.blocks.0.attn.relative_position_index"].shape == (37, 37)
-  # The source buffers must match the claimed source grid.
-  with pytest.raises(C.ConversionError, match="does not fit the source grid 5"):
-    O.official_to_params(sd, dst_cfg, source_image_size=80)
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line.
-# ---------------------------------------------------------------------------------------------
-
-
-def _cli(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  return subprocess.run([sys.executable, "-m", "x2vlm_jax.convert", *map(str, args)], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300)
-
-
-def test_cli_round_trip_and_errors(tmp_path, capsys):
-  torch = pytest.importorskip("torch")
-  from x2vlm_jax.convert.__main__ import main
-  from x2vlm_jax.convert.torch_io import load_th
-
-  cfg = ModelConfig.tiny()
-  sd = random_official(cfg)
-  src = tmp_path / "src.th"
-  torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()},
-              "config": {"image_res": 64, "text_fusion_start_at": 2}}, src)
-  # The real entry point, in subprocesses, for the .th -> ours -> .th round trip.
-  r = _cli("official-to-jax", src, tmp_path / "jax", "--variant", "tiny", "--num-heads", "4")
-  assert r.returncode == 0, r.stdout + r.stderr
-  assert "missing 0, unexpected 0" in r.stdout
-  assert json.loads((tmp_path / "jax" / "model_config.json").read_text())["text"]["num_heads"] == 4
-  r = _cli("jax-to-official", tmp_path / "jax", tmp_path / "back.th")
-  assert r.returncode == 0, r.stdout + r.stderr
-  back, config, _ = load_th(tmp_path / "back.th")
-  assert_same_state(sd, back)
-  # The other commands in-process (same `main`, without paying the start-up cost again).
-  assert main(["jax-to-safetensors", str(tmp_path / "jax"), str(tmp_path / "a.safetensors")]) == 0
-  assert_same_state(sd, load_safetensors(tmp_path / "a.safetensors")[0], ordered=False)
-  assert main(["official-to-safetensors", str(tmp_path / "back.th"), str(tmp_path / "b.safetensors")]) == 0
-  assert_same_state(sd, load_safetensors(tmp_path / "b.safetensors")[0], ordered=False)
-  assert main(["official-to-jax", str(tmp_path / "b.safetensors"), str(tmp_path / "jax2")]) == 0
-  capsys.readouterr()
-  # Each kind of mismatch: non-zero exit naming the key, nothing written; allowed on request.
-  bad_cases = {
-      "unexpected": ("vision_encoder.head.weight", lambda d: d.update(
-          {"vision_encoder.head.weight": np.zeros((3, 36), np.float32)})),
-      "missing": ("vision.fc_norm.scale", lambda d: d.pop("vision_encoder.fc_norm.weight")),
-      "shape": ("text_proj.bias", lambda d: d.update({"text_proj.bias": np.zeros(23, np.float32)})),
-  }
-  for kind, (name, edit) in bad_cases.items():
-    bad = dict(sd)
-    edit(bad)
-    save_safetensors(tmp_path / f"{kind}.safetensors", bad, {"x2vlm_jax": {"text_num_heads": 4}})
-    out = tmp_path / f"out_{kind}"
-    assert main(["official-to-jax", str(tmp_path / f"{kind}.safetensors"), str(out), "--variant", "tiny"]) == 1
-    err = capsys.readouterr()
-    assert name in err.out + err.err and not out.exists(), kind
-  assert main(["official-to-jax", str(tmp_path / "unexpected.safetensors"), str(tmp_path / "ok"),
-               "--variant", "tiny", "--allow-unexpected"]) == 0
-  assert main(["official-to-jax", str(tmp_path / "nope.th"), str(tmp_path / "x")]) == 2

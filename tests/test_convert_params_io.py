@@ -1,4 +1,5 @@
-"""params_io: our converted-weights directory (config JSON + orbax params), host and sharded restore."""
+"""params_io: our converted-weights directory (config JSON + orbax params), restored on the host
+and sharded."""
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,12 @@ from x2vlm_jax.models.config import ModelConfig
 
 def _random_params(cfg, seed=0):
   rng = np.random.default_rng(seed)
-  return treepath.unflatten_dict({k: rng.standard_normal(s).astype(d) for k, (s, d) in treepath.flatten_dict(O.param_shapes(cfg)).items()})
+  return treepath.unflatten_dict(
+    {
+      k: rng.standard_normal(s).astype(d)
+      for k, (s, d) in treepath.flatten_dict(O.param_shapes(cfg)).items()
+    }
+  )
 
 
 def test_config_json_round_trip():

@@ -13,10 +13,14 @@ from data_pipelines.features import PreprocConfig
 from data_pipelines.text_ops import Tokenizer, pre_caption
 
 # Plain words and words that the uncased BERT vocabulary splits into several pieces.
-_WORDS = ("a man woman dog cat on the in with near red blue small big street table holding "
-          "riding standing next to of two people field grass water beach sky").split()
-_MULTI = ("snowboarder skateboarding xylophones unbelievably giraffes surfboards windsurfer "
-          "zebras paraglider motorcyclists sunbathing croissants").split()
+_WORDS = (
+  "a man woman dog cat on the in with near red blue small big street table holding "
+  "riding standing next to of two people field grass water beach sky"
+).split()
+_MULTI = (
+  "snowboarder skateboarding xylophones unbelievably giraffes surfboards windsurfer "
+  "zebras paraglider motorcyclists sunbathing croissants"
+).split()
 N_CAPTIONS = 10_000
 
 
@@ -28,8 +32,10 @@ def _captions(n: int, seed: int = 0) -> list[str]:
   pick = rng.integers(0, 1 << 30, size=(n, 24))
   out = []
   for i in range(n):
-    words = [_MULTI[pick[i, j] % len(_MULTI)] if multi[i, j] else _WORDS[pick[i, j] % len(_WORDS)]
-             for j in range(lens[i])]
+    words = [
+      _MULTI[pick[i, j] % len(_MULTI)] if multi[i, j] else _WORDS[pick[i, j] % len(_WORDS)]
+      for j in range(lens[i])
+    ]
     out.append(" ".join(words).capitalize() + ".")
   return out
 
@@ -47,8 +53,9 @@ def masked(tok):
   for i, cap in enumerate(_captions(N_CAPTIONS)):
     t = tok(pre_caption(cap, cfg.max_tokens))
     rng = np.random.default_rng([7, i])
-    out = masking.mask_caption(t.ids, t.pieces, rng, cfg, mask_id=tok.mask_id,
-                               vocab_size=tok.vocab_size)
+    out = masking.mask_caption(
+      t.ids, t.pieces, rng, cfg, mask_id=tok.mask_id, vocab_size=tok.vocab_size
+    )
     rows.append((t, out))
   return cfg, rows
 
@@ -120,9 +127,14 @@ def test_whole_word_closure_before_truncation(tok):
     t = tok(pre_caption(cap, cfg.max_tokens))
     p = t.pieces
     n_pred = masking.num_predictions(t.length, cfg.mask_prob, cfg.max_masks)
-    full, _ = masking.draw_mask_spans(p, np.random.default_rng(i), n_pred,
-                                      skipgram_prb=cfg.skipgram_prb,
-                                      skipgram_size=cfg.skipgram_size, mask_whole_word=True)
+    full, _ = masking.draw_mask_spans(
+      p,
+      np.random.default_rng(i),
+      n_pred,
+      skipgram_prb=cfg.skipgram_prb,
+      skipgram_size=cfg.skipgram_size,
+      mask_whole_word=True,
+    )
     for q in full:
       if p[q].startswith("##"):
         assert q - 1 in full, (p, sorted(full))  # its head / previous piece is masked
@@ -130,8 +142,14 @@ def test_whole_word_closure_before_truncation(tok):
         assert q + 1 in full, (p, sorted(full))  # its continuation pieces are masked
     assert len(full) >= n_pred
     final = masking.choose_masked_positions(
-        p, np.random.default_rng(i), max_masks=cfg.max_masks, mask_prob=cfg.mask_prob,
-        skipgram_prb=cfg.skipgram_prb, skipgram_size=cfg.skipgram_size, mask_whole_word=True)
+      p,
+      np.random.default_rng(i),
+      max_masks=cfg.max_masks,
+      mask_prob=cfg.mask_prob,
+      skipgram_prb=cfg.skipgram_prb,
+      skipgram_size=cfg.skipgram_size,
+      mask_whole_word=True,
+    )
     assert set(final) <= full and len(final) == n_pred
     if len(full) == n_pred:
       assert set(final) == full
@@ -148,9 +166,15 @@ def test_whole_word_off_masks_single_pieces(tok):
   t = tok("xylophones xylophones xylophones")
   seen_partial = False
   for i in range(200):
-    pos = masking.choose_masked_positions(t.pieces, np.random.default_rng(i), max_masks=12,
-                                          mask_prob=0.15, skipgram_prb=0.0, skipgram_size=3,
-                                          mask_whole_word=False)
+    pos = masking.choose_masked_positions(
+      t.pieces,
+      np.random.default_rng(i),
+      max_masks=12,
+      mask_prob=0.15,
+      skipgram_prb=0.0,
+      skipgram_size=3,
+      mask_whole_word=False,
+    )
     assert len(pos) == masking.num_predictions(t.length, 0.15, 12)
     seen_partial |= any(t.pieces[q].startswith("##") and q - 1 not in pos for q in pos)
   assert seen_partial
@@ -165,9 +189,14 @@ def test_span_rate_matches_skipgram_prb(tok):
     t = tok(pre_caption(cap, cfg.max_tokens))
     p, n = t.pieces, t.length
     n_pred = masking.num_predictions(n, cfg.mask_prob, cfg.max_masks)
-    _, spans = masking.draw_mask_spans(p, np.random.default_rng(i), n_pred,
-                                       skipgram_prb=cfg.skipgram_prb,
-                                       skipgram_size=cfg.skipgram_size, mask_whole_word=True)
+    _, spans = masking.draw_mask_spans(
+      p,
+      np.random.default_rng(i),
+      n_pred,
+      skipgram_prb=cfg.skipgram_prb,
+      skipgram_size=cfg.skipgram_size,
+      mask_whole_word=True,
+    )
     for pos, st, stop in spans:
       # Only one-piece start words with room for a 3-gram before the last candidate (n-1).
       if pos + 2 > n - 1 or p[pos].startswith("##") or p[pos + 1].startswith("##"):
@@ -186,9 +215,11 @@ def test_span_rate_matches_skipgram_prb(tok):
 def test_reproducible_from_seed(tok):
   t = tok("a snowboarder jumping over gigantic xylophones near two zebras")
   cfg = PreprocConfig()
-  a = masking.mask_caption(t.ids, t.pieces, np.random.default_rng(3), cfg, mask_id=103,
-                           vocab_size=30522)
-  b = masking.mask_caption(t.ids, t.pieces, np.random.default_rng(3), cfg, mask_id=103,
-                           vocab_size=30522)
+  a = masking.mask_caption(
+    t.ids, t.pieces, np.random.default_rng(3), cfg, mask_id=103, vocab_size=30522
+  )
+  b = masking.mask_caption(
+    t.ids, t.pieces, np.random.default_rng(3), cfg, mask_id=103, vocab_size=30522
+  )
   for k in a:
     np.testing.assert_array_equal(a[k], b[k])

@@ -7,13 +7,22 @@ import json
 
 import numpy as np
 import pytest
+from test_data_mixture_fakes import TAG_OFFSET, ListSource, fake_make_example, make_records
 
 from data_pipelines import features as F
 from data_pipelines import mixture, packing
-from test_data_mixture_fakes import TAG_OFFSET, ListSource, fake_make_example, make_records
 
-SIZES = F.BatchSizes(image_res=16, patch_size=8, max_tokens=16, max_masks=4, image_batch=4,
-                     region_batch=6, region_max_images=3, video_batch=2, frame_len=3)
+SIZES = F.BatchSizes(
+  image_res=16,
+  patch_size=8,
+  max_tokens=16,
+  max_masks=4,
+  image_batch=4,
+  region_batch=6,
+  region_max_images=3,
+  video_batch=2,
+  frame_len=3,
+)
 PRE = F.PreprocConfig(image_res=16, patch_size=8, max_tokens=16, max_masks=4, max_regions=3)
 
 
@@ -31,9 +40,9 @@ def _record_nums(batch):
 def test_finite_epoch_shapes_and_padding_every_step():
   """One epoch of 11 / 10 / 5 records: every step matches batch_spec; the last one is padded."""
   its = {
-      F.IMAGE: _kind(F.IMAGE, [ListSource(make_records(F.IMAGE, 11))], num_epochs=1),
-      F.REGION: _kind(F.REGION, [ListSource(make_records(F.REGION, 10))], num_epochs=1),
-      F.VIDEO: _kind(F.VIDEO, [ListSource(make_records(F.VIDEO, 5))], num_epochs=1),
+    F.IMAGE: _kind(F.IMAGE, [ListSource(make_records(F.IMAGE, 11))], num_epochs=1),
+    F.REGION: _kind(F.REGION, [ListSource(make_records(F.REGION, 10))], num_epochs=1),
+    F.VIDEO: _kind(F.VIDEO, [ListSource(make_records(F.VIDEO, 5))], num_epochs=1),
   }
   steps = {}
   for kind, ds in its.items():
@@ -67,9 +76,17 @@ def test_train_iterator_streams_one_kind():
   """A training iterator yields {kind: sub-batch} as batch_spec; several kinds are refused."""
   sizes = dataclasses.replace(SIZES, image_batch=0, video_batch=0)
   cfg = {F.REGION: [{"n": 9}], F.IMAGE: [{"n": 9}]}  # image sources unused: image_batch is 0
-  with mixture.make_train_iterator(cfg, sizes, PRE, None, seed=1, process_index=0,
-                                   process_count=1, make_example=fake_make_example,
-                                   source_factory=_factory) as it:
+  with mixture.make_train_iterator(
+    cfg,
+    sizes,
+    PRE,
+    None,
+    seed=1,
+    process_index=0,
+    process_count=1,
+    make_example=fake_make_example,
+    source_factory=_factory,
+  ) as it:
     for _ in range(5):  # repeats forever: past the 9 records of one epoch
       batch = next(it)
       F.check_batch(batch, sizes)
@@ -78,9 +95,17 @@ def test_train_iterator_streams_one_kind():
     assert list(state) == [F.REGION] and state[F.REGION]["version"] == mixture.STATE_VERSION
     json.dumps(state)  # JSON-serialisable as is
   with pytest.raises(ValueError, match="one kind"):
-    mixture.make_train_iterator(cfg, dataclasses.replace(sizes, image_batch=4), PRE, None, seed=1,
-                                process_index=0, process_count=1,
-                                make_example=fake_make_example, source_factory=_factory)
+    mixture.make_train_iterator(
+      cfg,
+      dataclasses.replace(sizes, image_batch=4),
+      PRE,
+      None,
+      seed=1,
+      process_index=0,
+      process_count=1,
+      make_example=fake_make_example,
+      source_factory=_factory,
+    )
 
 
 def test_region_packing_indices_and_duplicates():
@@ -116,13 +141,23 @@ def test_region_text_selection_rules():
 
 def test_skip_counts_per_reason_exact():
   """A full epoch with injected faults: counts per reason equal the injected ones, no crash."""
-  faults = {1: "corrupt_image", 4: "empty_caption", 5: "corrupt_image", 9: "bad_box",
-            12: "caption_no_tokens"}
+  faults = {
+    1: "corrupt_image",
+    4: "empty_caption",
+    5: "corrupt_image",
+    9: "bad_box",
+    12: "caption_no_tokens",
+  }
   src = ListSource(make_records(F.IMAGE, 17, faults=faults), bad_json=[2, 14])
   it = iter(_kind(F.IMAGE, [src], num_epochs=1))
   rows = [n for b in it for n in _record_nums(b)]
-  assert it.skip_counts() == {"corrupt_image": 2, "empty_caption": 1, "bad_box": 1,
-                              "caption_no_tokens": 1, "bad_json": 2}
+  assert it.skip_counts() == {
+    "corrupt_image": 2,
+    "empty_caption": 1,
+    "bad_box": 1,
+    "caption_no_tokens": 1,
+    "bad_json": 2,
+  }
   assert sorted(rows) == sorted(set(range(17)) - set(faults) - {2, 14})
 
 
@@ -149,8 +184,9 @@ def test_bad_example_names_record_and_field():
     ex[F.TEXT_IDS] = ex[F.TEXT_IDS][:5]
     return ex
 
-  ds = mixture.kind_dataset(F.IMAGE, [ListSource(make_records(F.IMAGE, 4))], SIZES, PRE, None,
-                            seed=0, make_example=broken)
+  ds = mixture.kind_dataset(
+    F.IMAGE, [ListSource(make_records(F.IMAGE, 4))], SIZES, PRE, None, seed=0, make_example=broken
+  )
   with pytest.raises(ValueError, match=r"image source 0 record \d+: field 'text_ids' has shape"):
     next(iter(ds))
 
@@ -160,9 +196,17 @@ def test_host_shards_are_disjoint_and_cover_the_source():
   sizes = dataclasses.replace(SIZES, region_batch=0, region_max_images=0, video_batch=0)
   seen = []
   for host in range(3):
-    it = mixture.make_train_iterator({F.IMAGE: [{"n": 13}], "num_epochs": 1}, sizes, PRE, None,
-                                     seed=2, process_index=host, process_count=3,
-                                     make_example=fake_make_example, source_factory=_factory)
+    it = mixture.make_train_iterator(
+      {F.IMAGE: [{"n": 13}], "num_epochs": 1},
+      sizes,
+      PRE,
+      None,
+      seed=2,
+      process_index=host,
+      process_count=3,
+      make_example=fake_make_example,
+      source_factory=_factory,
+    )
     nums = [n for b in it for n in _record_nums(b[F.IMAGE])]
     assert len(nums) == len(range(host, 13, 3))  # strided shard [host::3]
     seen += nums
@@ -171,13 +215,19 @@ def test_host_shards_are_disjoint_and_cover_the_source():
 
 def test_global_batch_shapes_shardings_and_host_fields():
   import jax  # pylint: disable=g-import-not-at-top
+
   from x2vlm_jax import global_batch, sharding
 
-  sizes = dataclasses.replace(SIZES, image_batch=8, region_batch=8, region_max_images=4,
-                              video_batch=0)
+  sizes = dataclasses.replace(
+    SIZES, image_batch=8, region_batch=8, region_max_images=4, video_batch=0
+  )
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  ds = {k: mixture.kind_dataset(k, [ListSource(make_records(k, 9))], sizes, PRE, None, seed=0,
-                                make_example=fake_make_example) for k in (F.IMAGE, F.REGION)}
+  ds = {
+    k: mixture.kind_dataset(
+      k, [ListSource(make_records(k, 9))], sizes, PRE, None, seed=0, make_example=fake_make_example
+    )
+    for k in (F.IMAGE, F.REGION)
+  }
   local = {k: next(iter(d)) for k, d in ds.items()}
   out = global_batch.put([local], mesh)
   spec = F.batch_spec(sizes)

@@ -59,11 +59,12 @@ def fake_make_example(kind, record, rng, cfg, tokenizer):
     ids = rng.integers(1, 500, size=shape + (L,)).astype(np.int32)
     ids[..., 1] = num + TAG_OFFSET
     return {
-        F.TEXT_IDS: ids, F.TEXT_MASK: np.ones(shape + (L,), np.int32),
-        F.MLM_IDS: ids.copy(),
-        F.MLM_POSITIONS: rng.integers(0, L, size=shape + (M,)).astype(np.int32),
-        F.MLM_LABELS: rng.integers(0, 500, size=shape + (M,)).astype(np.int32),
-        F.MLM_WEIGHTS: np.ones(shape + (M,), np.float32),
+      F.TEXT_IDS: ids,
+      F.TEXT_MASK: np.ones(shape + (L,), np.int32),
+      F.MLM_IDS: ids.copy(),
+      F.MLM_POSITIONS: rng.integers(0, L, size=shape + (M,)).astype(np.int32),
+      F.MLM_LABELS: rng.integers(0, 500, size=shape + (M,)).astype(np.int32),
+      F.MLM_WEIGHTS: np.ones(shape + (M,), np.float32),
     }
 
   def image():
@@ -75,10 +76,17 @@ def fake_make_example(kind, record, rng, cfg, tokenizer):
     return {F.PIXELS: image(), **text()}
   if kind == F.VIDEO:
     f = cfg.frame_len
-    return {F.FRAMES: np.stack([image() for _ in range(f)]), F.FRAME_VALID: np.ones(f, np.int32),
-            **text()}
+    return {
+      F.FRAMES: np.stack([image() for _ in range(f)]),
+      F.FRAME_VALID: np.ones(f, np.int32),
+      **text(),
+    }
   n = record.get("n_texts", 1)
   box = rng.uniform(0, 1, size=(n, 4)).astype(np.float32)
-  return {F.PIXELS: image(), **text(n), F.BOX: box,
-          F.PATCH_MASK: rng.integers(0, 2, size=(n, t)).astype(np.int32),
-          F.IS_IMAGE: (np.arange(n) == 0).astype(np.int32)}
+  return {
+    F.PIXELS: image(),
+    **text(n),
+    F.BOX: box,
+    F.PATCH_MASK: rng.integers(0, 2, size=(n, t)).astype(np.int32),
+    F.IS_IMAGE: (np.arange(n) == 0).astype(np.int32),
+  }

@@ -11,17 +11,26 @@ import dataclasses
 
 import pytest
 
-from data_pipelines import assets, synthetic
+from data_pipelines import assets, mixture, synthetic
 from data_pipelines import features as F
-from data_pipelines import mixture
 from data_pipelines.testing import faults
 from data_pipelines.text_ops import Tokenizer
 
 L = 16
-SIZES = F.BatchSizes(image_res=32, patch_size=16, max_tokens=L, max_masks=4, image_batch=4,
-                     region_batch=6, region_max_images=3, video_batch=2, frame_len=3)
-PRE = F.PreprocConfig(image_res=32, patch_size=16, max_tokens=L, max_masks=4, max_regions=3,
-                      frame_len=3)
+SIZES = F.BatchSizes(
+  image_res=32,
+  patch_size=16,
+  max_tokens=L,
+  max_masks=4,
+  image_batch=4,
+  region_batch=6,
+  region_max_images=3,
+  video_batch=2,
+  frame_len=3,
+)
+PRE = F.PreprocConfig(
+  image_res=32, patch_size=16, max_tokens=L, max_masks=4, max_regions=3, frame_len=3
+)
 N = {F.IMAGE: 30, F.REGION: 30, F.VIDEO: 21}
 
 
@@ -42,8 +51,9 @@ def test_one_epoch_counts_injected_faults_exactly(kind, tokenizer, tmp_path):
 
   only = dataclasses.replace(SIZES, **{a: 0 for k, a in mixture._BATCH_ATTR.items() if k != kind})
   data_cfg = {kind: [{"type": "jsonl", "path": str(bad)}], "num_epochs": 1}
-  it = mixture.make_train_iterator(data_cfg, only, PRE, tokenizer, seed=0, process_index=0,
-                                   process_count=1)
+  it = mixture.make_train_iterator(
+    data_cfg, only, PRE, tokenizer, seed=0, process_index=0, process_count=1
+  )
   rows = 0
   for batch in it:
     F.check_batch(batch, only)

@@ -25,17 +25,27 @@ N_IMAGE, N_REGION = 23, 7
 
 def _sizes():
   from data_pipelines import features as F
-  return F.BatchSizes(image_res=16, patch_size=8, max_tokens=16, max_masks=4, image_batch=4,
-                      region_batch=6, region_max_images=2)
+
+  return F.BatchSizes(
+    image_res=16,
+    patch_size=8,
+    max_tokens=16,
+    max_masks=4,
+    image_batch=4,
+    region_batch=6,
+    region_max_images=2,
+  )
 
 
 def _pre():
   from data_pipelines import features as F
+
   return F.PreprocConfig(image_res=16, patch_size=8, max_tokens=16, max_masks=4, max_regions=3)
 
 
 def _valid_ids(batch):
   from data_pipelines import features as F
+
   v = batch[F.VALID] == 1
   return [[int(s), int(r)] for s, r in zip(batch[F.SOURCE_ID][v], batch[F.RECORD_ID][v])]
 
@@ -43,24 +53,30 @@ def _valid_ids(batch):
 def _host(process_id: int, port: int) -> None:
   """One JAX process: reads its shard (an image and a region epoch) and globalises a batch."""
   import jax
+
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
-                             process_id=process_id)
+  jax.distributed.initialize(
+    coordinator_address=f"localhost:{port}", num_processes=2, process_id=process_id
+  )
+  from test_data_mixture_fakes import fake_make_example
+
   from data_pipelines import features as F
   from data_pipelines import mixture
-  from test_data_mixture_fakes import fake_make_example
   from x2vlm_jax import global_batch, sharding
 
   sizes, out = _sizes(), {"process_index": jax.process_index()}
-  only = {F.IMAGE: F.BatchSizes(**{**sizes.__dict__, "region_batch": 0, "region_max_images": 0}),
-          F.REGION: F.BatchSizes(**{**sizes.__dict__, "image_batch": 0})}
+  only = {
+    F.IMAGE: F.BatchSizes(**{**sizes.__dict__, "region_batch": 0, "region_max_images": 0}),
+    F.REGION: F.BatchSizes(**{**sizes.__dict__, "image_batch": 0}),
+  }
   # One training epoch per kind, one iterator each (as the trainer builds them); the shard comes
   # from jax.process_index/count.
   first = {}
   for kind, n in ((F.IMAGE, N_IMAGE), (F.REGION, N_REGION)):
     cfg = {kind: [{"type": "synthetic", "size": n}], "num_epochs": 1}
-    it = mixture.make_train_iterator(cfg, only[kind], _pre(), None, seed=3,
-                                     make_example=fake_make_example)
+    it = mixture.make_train_iterator(
+      cfg, only[kind], _pre(), None, seed=3, make_example=fake_make_example
+    )
     batches = [b[kind] for b in it]
     first[kind] = batches[0]
     out[kind] = [i for b in batches for i in _valid_ids(b)]
@@ -70,8 +86,9 @@ def _host(process_id: int, port: int) -> None:
   g = global_batch.put([local], mesh)
   out["global_shapes"] = {k: {n: list(a.shape) for n, a in f.items()} for k, f in g.items()}
   idx = g[F.REGION][F.IMAGE_INDEX]
-  mine = np.concatenate([np.asarray(s.data) for s in
-                         sorted(idx.addressable_shards, key=lambda s: s.index[0].start)])
+  mine = np.concatenate(
+    [np.asarray(s.data) for s in sorted(idx.addressable_shards, key=lambda s: s.index[0].start)]
+  )
   out["index_shift"] = (mine - local[F.REGION][F.IMAGE_INDEX]).tolist()
   print("RESULT " + json.dumps(out), flush=True)
   jax.distributed.shutdown()
@@ -79,12 +96,22 @@ def _host(process_id: int, port: int) -> None:
 
 def _parent() -> None:
   """Builds a pipeline with 2 workers, takes one batch, then waits to be killed."""
+  from test_data_mixture_fakes import ListSource, fake_make_example, make_records
+
   from data_pipelines import features as F
   from data_pipelines import mixture
-  from test_data_mixture_fakes import ListSource, fake_make_example, make_records
+
   sizes = F.BatchSizes(**{**_sizes().__dict__, "region_batch": 0, "region_max_images": 0})
-  ds = mixture.kind_dataset(F.IMAGE, [ListSource(make_records(F.IMAGE, 50))], sizes, _pre(), None,
-                            seed=0, make_example=fake_make_example, num_workers=2)
+  ds = mixture.kind_dataset(
+    F.IMAGE,
+    [ListSource(make_records(F.IMAGE, 50))],
+    sizes,
+    _pre(),
+    None,
+    seed=0,
+    make_example=fake_make_example,
+    num_workers=2,
+  )
   it = iter(ds)
   next(it)
   print("READY", flush=True)
@@ -107,9 +134,17 @@ def _free_port() -> int:
 
 def test_two_jax_processes_read_disjoint_shards():
   port = _free_port()
-  procs = [subprocess.Popen([sys.executable, __file__, "host", str(i), str(port)], cwd=ROOT,
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, __file__, "host", str(i), str(port)],
+      cwd=ROOT,
+      env=_env(),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outputs = []
   try:
     for p in procs:
@@ -122,7 +157,7 @@ def test_two_jax_processes_read_disjoint_shards():
   for p, (stdout, stderr) in zip(procs, outputs):
     lines = [l for l in stdout.splitlines() if l.startswith("RESULT ")]
     assert p.returncode == 0 and lines, f"host failed:\n{stderr[-3000:]}"
-    results.append(json.loads(lines[0][len("RESULT "):]))
+    results.append(json.loads(lines[0][len("RESULT ") :]))
   assert sorted(r["process_index"] for r in results) == [0, 1]
   for key, n in (("image", N_IMAGE), ("region", N_REGION)):
     a, b = ({tuple(x) for x in r[key]} for r in results)
@@ -138,8 +173,14 @@ def test_two_jax_processes_read_disjoint_shards():
 
 
 def test_workers_exit_when_parent_is_killed():
-  parent = subprocess.Popen([sys.executable, __file__, "parent"], cwd=ROOT, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  parent = subprocess.Popen(
+    [sys.executable, __file__, "parent"],
+    cwd=ROOT,
+    env=_env(),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   try:
     line = parent.stdout.readline()
     assert line.strip() == "READY", parent.stderr.read()[-3000:]

@@ -12,13 +12,22 @@ import json
 
 import numpy as np
 import pytest
+from test_data_mixture_fakes import ListSource, fake_make_example, make_records
 
 from data_pipelines import features as F
 from data_pipelines import mixture
-from test_data_mixture_fakes import ListSource, fake_make_example, make_records
 
-SIZES = F.BatchSizes(image_res=16, patch_size=8, max_tokens=16, max_masks=4, image_batch=4,
-                     region_batch=5, region_max_images=3, video_batch=2, frame_len=3)
+SIZES = F.BatchSizes(
+  image_res=16,
+  patch_size=8,
+  max_tokens=16,
+  max_masks=4,
+  image_batch=4,
+  region_batch=5,
+  region_max_images=3,
+  video_batch=2,
+  frame_len=3,
+)
 PRE = F.PreprocConfig(image_res=16, patch_size=8, max_tokens=16, max_masks=4, max_regions=3)
 FAULTS = {3: "corrupt_image", 8: "empty_caption"}
 WORKERS = {F.IMAGE: 2, F.REGION: 1, F.VIDEO: 1}  # worker processes of the restored pipelines
@@ -33,12 +42,25 @@ def _only(sizes: F.BatchSizes, kind: str) -> F.BatchSizes:
 
 
 def _build(kind: str, workers: int = 0, num_epochs=None) -> mixture.MixedBatchIterator:
-  sources = [ListSource(make_records(kind, 13, faults=FAULTS), bad_json=[5]),
-             ListSource(make_records(kind, 6, start=200))]
-  return mixture.MixedBatchIterator(mixture.kind_dataset(
-      kind, sources, _only(SIZES, kind), PRE, None, seed=7, weights=[2.0, 1.0],
-      make_example=fake_make_example, num_epochs=num_epochs, num_workers=workers,
-      worker_buffer_size=2))
+  sources = [
+    ListSource(make_records(kind, 13, faults=FAULTS), bad_json=[5]),
+    ListSource(make_records(kind, 6, start=200)),
+  ]
+  return mixture.MixedBatchIterator(
+    mixture.kind_dataset(
+      kind,
+      sources,
+      _only(SIZES, kind),
+      PRE,
+      None,
+      seed=7,
+      weights=[2.0, 1.0],
+      make_example=fake_make_example,
+      num_epochs=num_epochs,
+      num_workers=workers,
+      worker_buffer_size=2,
+    )
+  )
 
 
 def _assert_same(a, b):
@@ -127,24 +149,40 @@ def test_resume_real_transforms_with_workers(kind):
   from data_pipelines import assets  # pylint: disable=g-import-not-at-top
   from data_pipelines.text_ops import Tokenizer  # pylint: disable=g-import-not-at-top
 
-  sizes = _only(F.BatchSizes(image_res=32, patch_size=16, max_tokens=16, max_masks=4,
-                             image_batch=3, region_batch=4, region_max_images=2, video_batch=2,
-                             frame_len=3), kind)
+  sizes = _only(
+    F.BatchSizes(
+      image_res=32,
+      patch_size=16,
+      max_tokens=16,
+      max_masks=4,
+      image_batch=3,
+      region_batch=4,
+      region_max_images=2,
+      video_batch=2,
+      frame_len=3,
+    ),
+    kind,
+  )
   pre = F.PreprocConfig(image_res=32, patch_size=16, max_tokens=16, max_masks=4, max_regions=3)
   tok = Tokenizer(assets.minilm_dir(), max_tokens=16)
   world = {"image_size": 40, "max_frames": 5}
-  cfg = {F.IMAGE: [{"type": "synthetic", "size": 7, "world": world},
-                   {"type": "synthetic", "size": 5, "seed": 9, "weight": 0.5, "world": world}],
-         F.REGION: [{"type": "synthetic", "size": 6, "world": world}],
-         F.VIDEO: [{"type": "synthetic", "size": 4, "world": world}]}
+  cfg = {
+    F.IMAGE: [
+      {"type": "synthetic", "size": 7, "world": world},
+      {"type": "synthetic", "size": 5, "seed": 9, "weight": 0.5, "world": world},
+    ],
+    F.REGION: [{"type": "synthetic", "size": 6, "world": world}],
+    F.VIDEO: [{"type": "synthetic", "size": 4, "world": world}],
+  }
   cfg = {kind: cfg[kind]}
   it = mixture.make_train_iterator(cfg, sizes, pre, tok, seed=11, process_index=0, process_count=1)
   for _ in range(2):
     next(it)
   state = json.loads(json.dumps(it.get_state()))
   rest = [next(it) for _ in range(3)]
-  with mixture.make_train_iterator({**cfg, "num_workers": {F.IMAGE: 1}}, sizes, pre, tok, seed=11,
-                                   process_index=0, process_count=1) as restored:
+  with mixture.make_train_iterator(
+    {**cfg, "num_workers": {F.IMAGE: 1}}, sizes, pre, tok, seed=11, process_index=0, process_count=1
+  ) as restored:
     restored.set_state(state)
     got = [next(restored) for _ in range(3)]
   for b in got:

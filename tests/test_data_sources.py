@@ -56,12 +56,23 @@ def test_jsonl_and_arrayrecord_yield_identical_records(tmp_path, world, kind):
 
 
 def test_arrayrecord_keeps_odd_values_exactly(tmp_path):
-  record = {"kind": F.REGION, "id": "r-ü", "image": b"\x00\xffnot-decoded", "captions": [],
-            "elems": [{"bb": [10.3, 1e-7, 2.5e9, -0.0], "captions": ["ünïcode", ""],
-                       "attributes": []},
-                      {"bb": [0.0, 1.0, 2.0, 3.0], "captions": ["x"], "attributes": ["a", "b c"]}]}
-  video = {"kind": F.VIDEO, "id": "v", "clips": [[b"f1", b"f2"], [b"f3"]],
-           "captions": ["one", "two"], "is_continuous": True}
+  record = {
+    "kind": F.REGION,
+    "id": "r-ü",
+    "image": b"\x00\xffnot-decoded",
+    "captions": [],
+    "elems": [
+      {"bb": [10.3, 1e-7, 2.5e9, -0.0], "captions": ["ünïcode", ""], "attributes": []},
+      {"bb": [0.0, 1.0, 2.0, 3.0], "captions": ["x"], "attributes": ["a", "b c"]},
+    ],
+  }
+  video = {
+    "kind": F.VIDEO,
+    "id": "v",
+    "clips": [[b"f1", b"f2"], [b"f3"]],
+    "captions": ["one", "two"],
+    "is_continuous": True,
+  }
   r = sources.open_source(arrayrecord.write([record], F.REGION, tmp_path / "r"))
   v = sources.open_source(arrayrecord.write([video], F.VIDEO, tmp_path / "v"))
   assert r[0] == record and v[0] == video
@@ -99,31 +110,51 @@ def test_directory_source_skips_success_and_indexes_lines(tmp_path):
 
 def test_official_value_forms():
   parse = jsonl_format.parse_line
-  img = parse(F.IMAGE, json.dumps({"binary": B64, "desc": {"en": "a cat", "de": "eine katze"}}), "f:1")
+  img = parse(
+    F.IMAGE, json.dumps({"binary": B64, "desc": {"en": "a cat", "de": "eine katze"}}), "f:1"
+  )
   assert img["captions"] == ["a cat", "eine katze"] and img["image"] == _png()
   fmt = jsonl_format.default_format(F.IMAGE, language="de", caption_key="text", image_key="img")
-  assert parse(F.IMAGE, json.dumps({"img": B64, "text": {"de": "k"}}), "f:1", fmt)["captions"] == ["k"]
-  reg = parse(F.REGION, json.dumps({"binary": B64, "elems": [
-      {"bb": [1, 2, 3, 4], "caption": ["dog", "puppy"], "attributes": "brown"}]}), "f:2")
+  assert parse(F.IMAGE, json.dumps({"img": B64, "text": {"de": "k"}}), "f:1", fmt)["captions"] == [
+    "k"
+  ]
+  reg = parse(
+    F.REGION,
+    json.dumps(
+      {
+        "binary": B64,
+        "elems": [{"bb": [1, 2, 3, 4], "caption": ["dog", "puppy"], "attributes": "brown"}],
+      }
+    ),
+    "f:2",
+  )
   assert reg["captions"] == [] and reg["elems"] == [
-      {"bb": [1.0, 2.0, 3.0, 4.0], "captions": ["dog", "puppy"], "attributes": ["brown"]}]
+    {"bb": [1.0, 2.0, 3.0, 4.0], "captions": ["dog", "puppy"], "attributes": ["brown"]}
+  ]
   one = parse(F.VIDEO, json.dumps({"video_frames": [B64, B64], "text": ["a", "b"]}), "f:3")
   assert one["clips"] == [[_png(), _png()]] and one["captions"] == ["a", "b"]
   assert one["is_continuous"] is False
-  two = parse(F.VIDEO, json.dumps({"video_frames": [[B64], [B64, B64]], "text": ["a", "b"],
-                                   "is_continuous": True}), "f:4")
+  two = parse(
+    F.VIDEO,
+    json.dumps({"video_frames": [[B64], [B64, B64]], "text": ["a", "b"], "is_continuous": True}),
+    "f:4",
+  )
   assert [len(c) for c in two["clips"]] == [1, 2] and two["is_continuous"] is True
   # to_line is the inverse of parse_line for canonical records.
   for rec in (img, reg, one, two):
     assert parse(rec["kind"], jsonl_format.to_line(rec), rec["id"]) == rec
 
 
-GOOD = {F.IMAGE: {"binary": B64, "desc": "a cat"},
-        F.REGION: {"binary": B64, "caption": "x", "elems": [{"bb": [0, 0, 2, 2], "caption": "y"}]},
-        F.VIDEO: {"video_frames": [[B64], [B64]], "text": ["a", "b"], "is_continuous": False}}
+GOOD = {
+  F.IMAGE: {"binary": B64, "desc": "a cat"},
+  F.REGION: {"binary": B64, "caption": "x", "elems": [{"bb": [0, 0, 2, 2], "caption": "y"}]},
+  F.VIDEO: {"video_frames": [[B64], [B64]], "text": ["a", "b"], "is_continuous": False},
+}
 
 
-@pytest.mark.parametrize("kind,change,reason,field", [
+@pytest.mark.parametrize(
+  "kind,change,reason,field",
+  [
     (F.IMAGE, "{not json", "bad_json", "<line>"),
     (F.IMAGE, "[1, 2]", "bad_json", "<line>"),
     (F.IMAGE, {"desc": None}, "bad_field_type", "desc"),
@@ -136,12 +167,25 @@ GOOD = {F.IMAGE: {"binary": B64, "desc": "a cat"},
     (F.REGION, {"elems": {}}, "bad_field_type", "elems"),
     (F.REGION, {"elems": []}, "no_usable_elem", "elems"),
     (F.REGION, {"elems": [{"bb": [0, 0, 1], "caption": "y"}]}, "bad_field_type", "elems[0].bb"),
-    (F.REGION, {"elems": [{"bb": [0, 0, True, 1], "caption": "y"}]}, "bad_field_type", "elems[0].bb"),
+    (
+      F.REGION,
+      {"elems": [{"bb": [0, 0, True, 1], "caption": "y"}]},
+      "bad_field_type",
+      "elems[0].bb",
+    ),
     (F.REGION, {"elems": [{"bb": [0, 0, 1, 1]}]}, "bad_field_type", "elems[0].caption"),
-    (F.REGION, {"elems": [{"bb": [0, 0, 10 ** 400, 1], "caption": "y"}]}, "bad_field_type",
-     "elems[0].bb"),
-    (F.REGION, {"elems": [{"bb": [0, 0, 1, 1], "caption": "y", "attributes": 5}]},
-     "bad_field_type", "elems[0].attributes"),
+    (
+      F.REGION,
+      {"elems": [{"bb": [0, 0, 10**400, 1], "caption": "y"}]},
+      "bad_field_type",
+      "elems[0].bb",
+    ),
+    (
+      F.REGION,
+      {"elems": [{"bb": [0, 0, 1, 1], "caption": "y", "attributes": 5}]},
+      "bad_field_type",
+      "elems[0].attributes",
+    ),
     (F.REGION, {"caption": ""}, "empty_caption", "caption"),
     (F.VIDEO, {"video_frames": []}, "empty_video", "video_frames"),
     (F.VIDEO, {"video_frames": [[B64], []]}, "empty_video", "video_frames[1]"),
@@ -149,7 +193,8 @@ GOOD = {F.IMAGE: {"binary": B64, "desc": "a cat"},
     (F.VIDEO, {"text": ["only one"]}, "bad_field_type", "text"),
     (F.VIDEO, {"is_continuous": "yes"}, "bad_field_type", "is_continuous"),
     (F.VIDEO, {"video_frames": [[B64], ["%%"]]}, "corrupt_image", "video_frames[1][0]"),
-])
+  ],
+)
 def test_reader_faults_raise_skip_record(kind, change, reason, field):
   line = change if isinstance(change, str) else json.dumps({**GOOD[kind], **change})
   with pytest.raises(SkipRecord) as e:
@@ -181,12 +226,13 @@ def test_decode_image_rejects_every_broken_file():
   assert checks.decode_image(good, "r", "image").shape == (4, 9, 3)
   buf = io.BytesIO()
   Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8)).save(
-      buf, format="JPEG")
+    buf, format="JPEG"
+  )
   jpeg = buf.getvalue()
   gray = io.BytesIO()
   Image.fromarray(np.zeros((3, 3), np.uint8)).save(gray, format="PNG")
   assert checks.decode_image(gray.getvalue(), "r", "image").shape == (3, 3, 3)  # -> RGB
-  for bad in (b"", good[:len(good) // 2], jpeg[:len(jpeg) // 2], b"garbage" * 10):
+  for bad in (b"", good[: len(good) // 2], jpeg[: len(jpeg) // 2], b"garbage" * 10):
     with pytest.raises(SkipRecord, match="r: corrupt_image in field 'image'"):
       checks.decode_image(bad, "r", "image")
 

@@ -35,24 +35,27 @@ def test_boxes_are_the_tight_boxes_of_the_drawn_shapes(size):
       x, y, w, h = (int(v) for v in e["bb"])
       colour = e["attributes"][0]
       assert e["attributes"][1].endswith(colour) and e["captions"][0] in synthetic.SHAPES
-      inside = _colour_mask(pixels[y:y + h, x:x + w], colour)
+      inside = _colour_mask(pixels[y : y + h, x : x + w], colour)
       # The shape's colour fills its box (a triangle or diamond covers about half of it) ...
       assert inside.mean() > 0.45, (rec["id"], e)
       # ... and the box is exactly the tight box of those pixels.
       rows, cols = np.nonzero(inside)
       assert (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1) == (0, 0, w, h)
-      covered[y:y + h, x:x + w] = True
+      covered[y : y + h, x : x + w] = True
     # Outside every object box there is only background.
     far = np.linalg.norm(pixels[~covered].astype(np.float64) - synthetic.BACKGROUND, axis=-1)
     assert far.max() < 50
     # Region elems are the union boxes of two object boxes.
     boxes = [tuple(e["bb"]) for e in objects]
-    for e in rec["elems"][len(objects):]:
+    for e in rec["elems"][len(objects) :]:
       m = _RELATION.match(e["captions"][0])
       assert m, e["captions"][0]
       x0, y0, w, h = e["bb"]
-      inner = [b for b in boxes if b[0] >= x0 and b[1] >= y0 and b[0] + b[2] <= x0 + w
-               and b[1] + b[3] <= y0 + h]
+      inner = [
+        b
+        for b in boxes
+        if b[0] >= x0 and b[1] >= y0 and b[0] + b[2] <= x0 + w and b[1] + b[3] <= y0 + h
+      ]
       assert len(inner) >= 2
 
 
@@ -75,8 +78,12 @@ def test_captions_describe_the_scene():
     find = {(s.size, s.colour, s.shape): s for s in shapes}
     a, rel, b = find[m.group(1, 2, 3)], m.group(4), find[m.group(5, 6, 7)]
     (ax, ay), (bx, by) = _centre(a.bb), _centre(b.bb)
-    expect = {"to the left of": ax < bx, "to the right of": ax > bx, "above": ay < by,
-              "below": ay > by}
+    expect = {
+      "to the left of": ax < bx,
+      "to the right of": ax > bx,
+      "above": ay < by,
+      "below": ay > by,
+    }
     assert expect[rel], (other, a, b)
   assert n_rel > 10
 
@@ -110,10 +117,13 @@ def test_seeded_determinism_and_heldout_split():
   for kind in F.KINDS:
     assert a.record(kind, 5) == b.record(kind, 5)
     assert a.record(kind, 5) != a.record(kind, 6)
-    train = {a.record(kind, i).get("image", b"") or a.record(kind, i)["clips"][0][0]
-             for i in range(10)}
-    heldout = {held.record(kind, i).get("image", b"") or held.record(kind, i)["clips"][0][0]
-               for i in range(10)}
+    train = {
+      a.record(kind, i).get("image", b"") or a.record(kind, i)["clips"][0][0] for i in range(10)
+    }
+    heldout = {
+      held.record(kind, i).get("image", b"") or held.record(kind, i)["clips"][0][0]
+      for i in range(10)
+    }
     assert not train & heldout
   # Order of generation does not matter: index 7 alone equals index 7 after others.
   fresh = ShapesWorld()

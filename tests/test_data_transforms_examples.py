@@ -19,8 +19,16 @@ from data_pipelines.synthetic import SyntheticSource
 from data_pipelines.text_ops import Tokenizer
 
 CFG = F.PreprocConfig(image_res=32, max_tokens=16, max_masks=4, max_regions=3, frame_len=3)
-SIZES = F.BatchSizes(image_res=32, max_tokens=16, max_masks=4, image_batch=2, region_batch=4,
-                     region_max_images=2, video_batch=2, frame_len=3)
+SIZES = F.BatchSizes(
+  image_res=32,
+  max_tokens=16,
+  max_masks=4,
+  image_batch=2,
+  region_batch=4,
+  region_max_images=2,
+  video_batch=2,
+  frame_len=3,
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +44,18 @@ def _png(h: int, w: int, seed: int = 0) -> bytes:
 
 
 def _region_record(**over):
-  rec = {"kind": "region", "id": "reg-1", "image": _png(60, 80), "captions": ["a busy street"],
-         "elems": [{"bb": [10, 5, 30, 20], "captions": ["dog"], "attributes": ["brown", "small"]},
-                   {"bb": [50.7, 30.2, 20.9, 25.5], "captions": ["red car", "car"], "attributes": []},
-                   {"bb": [0, 0, 80, 60], "captions": ["the whole scene"], "attributes": []},
-                   {"bb": [70, 50, 30, 30], "captions": ["outside box"], "attributes": []}]}
+  rec = {
+    "kind": "region",
+    "id": "reg-1",
+    "image": _png(60, 80),
+    "captions": ["a busy street"],
+    "elems": [
+      {"bb": [10, 5, 30, 20], "captions": ["dog"], "attributes": ["brown", "small"]},
+      {"bb": [50.7, 30.2, 20.9, 25.5], "captions": ["red car", "car"], "attributes": []},
+      {"bb": [0, 0, 80, 60], "captions": ["the whole scene"], "attributes": []},
+      {"bb": [70, 50, 30, 30], "captions": ["outside box"], "attributes": []},
+    ],
+  }
   rec.update(over)
   return rec
 
@@ -77,8 +92,9 @@ def test_reproducible_from_seed(kind, tok):
 
 def test_image_eval_is_plain_resize(tok):
   rec = {"kind": "image", "id": "im", "image": _png(40, 50, 3), "captions": ["a cat"]}
-  ex = examples.make_example("image", rec, np.random.default_rng(0),
-                             dataclasses.replace(CFG, train=False), tok)
+  ex = examples.make_example(
+    "image", rec, np.random.default_rng(0), dataclasses.replace(CFG, train=False), tok
+  )
   img = np.asarray(Image.open(io.BytesIO(rec["image"])).convert("RGB"))
   np.testing.assert_array_equal(ex[F.PIXELS], eval_transform(img, 32))
   assert ex[F.TEXT_IDS][:4].tolist() == [101, 1037, 4937, 102]
@@ -105,21 +121,25 @@ def test_region_text_order_and_content(tok):
 
 def test_region_eval_boxes_by_hand(tok):
   cfg = dataclasses.replace(CFG, train=False)
-  rec = _region_record(captions=[], elems=[{"bb": [10, 5, 30, 20], "captions": ["dog"],
-                                            "attributes": []}])
+  rec = _region_record(
+    captions=[], elems=[{"bb": [10, 5, 30, 20], "captions": ["dog"], "attributes": []}]
+  )
   ex = examples.make_example("region", rec, np.random.default_rng(0), cfg, tok)
   # 80x60 image -> 32x32: x 10*0.4 = 4, w 12, y 5*32/60, h 20*32/60.
   x, w, y, h = 4.0, 12.0, 5 * 32 / 60, 20 * 32 / 60
-  np.testing.assert_allclose(ex[F.BOX][0], [(x + w / 2) / 32, (y + h / 2) / 32, w / 32, h / 32],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    ex[F.BOX][0], [(x + w / 2) / 32, (y + h / 2) / 32, w / 32, h / 32], rtol=1e-6
+  )
   # x in [4, 16] -> column 0 only (ceil(16/16) = 1); y in [2.7, 13.3] -> row 0.
   assert ex[F.PATCH_MASK][0].tolist() == [1, 0, 0, 0]
   assert ex[F.IS_IMAGE].tolist() == [0]
 
 
 def test_careful_hflip(tok):
-  rec = _region_record(captions=["a dog on the left"],
-                       elems=[{"bb": [0, 0, 20, 60], "captions": ["dog"], "attributes": []}])
+  rec = _region_record(
+    captions=["a dog on the left"],
+    elems=[{"bb": [0, 0, 20, 60], "captions": ["dog"], "attributes": []}],
+  )
   careful = dataclasses.replace(CFG, careful_hflip=True, randaugment=False)
   plain = dataclasses.replace(CFG, randaugment=False)
   xs_careful, xs_plain = set(), set()
@@ -132,36 +152,62 @@ def test_careful_hflip(tok):
 
 
 def test_video_frames_independent_and_eval(tok):
-  rec = {"kind": "video", "id": "v", "clips": [[_png(40, 40, 5)]], "captions": ["a ball"],
-         "is_continuous": False}
+  rec = {
+    "kind": "video",
+    "id": "v",
+    "clips": [[_png(40, 40, 5)]],
+    "captions": ["a ball"],
+    "is_continuous": False,
+  }
   ex = examples.make_example("video", rec, np.random.default_rng(0), CFG, tok)
   f = ex[F.FRAMES]
   assert f.shape == (3, 32, 32, 3) and f.dtype == np.uint8
   # Frames are augmented independently (docs/fidelity.md#independent-frame-augmentation).
   assert not (np.array_equal(f[0], f[1]) and np.array_equal(f[1], f[2]))
-  ev = examples.make_example("video", rec, np.random.default_rng(0),
-                             dataclasses.replace(CFG, train=False), tok)
-  assert np.array_equal(ev[F.FRAMES][0], ev[F.FRAMES][1]) and np.array_equal(ev[F.FRAMES][0],
-                                                                           ev[F.FRAMES][2])
+  ev = examples.make_example(
+    "video", rec, np.random.default_rng(0), dataclasses.replace(CFG, train=False), tok
+  )
+  assert np.array_equal(ev[F.FRAMES][0], ev[F.FRAMES][1]) and np.array_equal(
+    ev[F.FRAMES][0], ev[F.FRAMES][2]
+  )
 
 
-@pytest.mark.parametrize("kind,record,reason,field", [
+@pytest.mark.parametrize(
+  "kind,record,reason,field",
+  [
     ("image", {"id": "a", "image": b"not an image", "captions": ["x"]}, "corrupt_image", "image"),
     ("image", {"id": "b", "image": _png(8, 8), "captions": ["?!"]}, "empty_caption", "captions[0]"),
     ("image", {"id": "c", "image": _png(8, 8), "captions": []}, "empty_caption", "captions"),
     ("image", {"id": "d", "captions": ["x"]}, "bad_field_type", "image"),
     ("image", {"id": "e", "image": _png(8, 8), "captions": "a str"}, "bad_field_type", "captions"),
-    ("region", _region_record(id="f", elems=[{"bb": [70, 50, 30, 30], "captions": ["x"]},
-                                             {"bb": [1, 1, 0, 5], "captions": ["y"]}]),
-     "bad_box", "elems"),
-    ("region", _region_record(id="g", captions=[], elems=[{"bb": [1, 1, 5, 5], "captions": ["."]}]),
-     "no_usable_elem", "elems"),
-    ("region", _region_record(id="h", elems=[{"bb": [1, 2, 3], "captions": ["x"]}]),
-     "bad_field_type", "elems[0].bb"),
+    (
+      "region",
+      _region_record(
+        id="f",
+        elems=[
+          {"bb": [70, 50, 30, 30], "captions": ["x"]},
+          {"bb": [1, 1, 0, 5], "captions": ["y"]},
+        ],
+      ),
+      "bad_box",
+      "elems",
+    ),
+    (
+      "region",
+      _region_record(id="g", captions=[], elems=[{"bb": [1, 1, 5, 5], "captions": ["."]}]),
+      "no_usable_elem",
+      "elems",
+    ),
+    (
+      "region",
+      _region_record(id="h", elems=[{"bb": [1, 2, 3], "captions": ["x"]}]),
+      "bad_field_type",
+      "elems[0].bb",
+    ),
     ("video", {"id": "i", "clips": [[]], "captions": ["x"]}, "empty_video", "clips"),
-    ("video", {"id": "j", "clips": [[b"junk"]], "captions": ["x"]}, "corrupt_image",
-     "clips[0][0]"),
-])
+    ("video", {"id": "j", "clips": [[b"junk"]], "captions": ["x"]}, "corrupt_image", "clips[0][0]"),
+  ],
+)
 def test_skip_reasons_name_record_and_field(kind, record, reason, field, tok):
   with pytest.raises(F.SkipRecord) as e:
     examples.make_example(kind, record, np.random.default_rng(0), CFG, tok)
@@ -171,7 +217,8 @@ def test_skip_reasons_name_record_and_field(kind, record, reason, field, tok):
 
 def test_config_mismatch_and_unknown_kind(tok):
   with pytest.raises(ValueError, match="max_tokens"):
-    examples.make_example("image", {"id": "x"}, np.random.default_rng(0),
-                          dataclasses.replace(CFG, max_tokens=20), tok)
+    examples.make_example(
+      "image", {"id": "x"}, np.random.default_rng(0), dataclasses.replace(CFG, max_tokens=20), tok
+    )
   with pytest.raises(ValueError, match="unknown kind"):
     examples.make_example("audio", {"id": "x"}, np.random.default_rng(0), CFG, tok)

@@ -36,8 +36,9 @@ def test_crop_flip_resize_boxes_by_hand():
   np.testing.assert_allclose(crop.boxes([[100, 210, 50, 50]]), [[90, 190, 10, 10]])  # bottom-right
   np.testing.assert_allclose(crop.boxes([[0, 0, 10, 300]])[0, 2], 0.0)  # touches the edge only
   np.testing.assert_allclose(io.HFlip(100).boxes([[10, 5, 20, 30]]), [[70, 5, 20, 30]])
-  np.testing.assert_allclose(io.Resize(100, 200, 224, 224).boxes([[10, 20, 30, 40]]),
-                             [[22.4, 22.4, 67.2, 44.8]])
+  np.testing.assert_allclose(
+    io.Resize(100, 200, 224, 224).boxes([[10, 20, 30, 40]]), [[22.4, 22.4, 67.2, 44.8]]
+  )
 
 
 def test_pixel_methods_match_box_methods():
@@ -54,11 +55,13 @@ def test_pixel_methods_match_box_methods():
 
 def test_crop_boxes_min_perc_is_strict_and_edges():
   crop = io.Crop(10, 0, 100, 100)
-  boxes = [[0, 0, 20, 10],  # exactly half inside
-           [0, 0, 19, 10],  # less than half
-           [10, 0, 5, 5],  # starts exactly on the crop's left edge: fully inside
-           [95, 95, 5, 5],  # ends exactly on the crop's bottom-right corner
-           [0, 0, 10, 10]]  # touches the left edge from outside: empty
+  boxes = [
+    [0, 0, 20, 10],  # exactly half inside
+    [0, 0, 19, 10],  # less than half
+    [10, 0, 5, 5],  # starts exactly on the crop's left edge: fully inside
+    [95, 95, 5, 5],  # ends exactly on the crop's bottom-right corner
+    [0, 0, 10, 10],
+  ]  # touches the left edge from outside: empty
   b, keep = io.crop_boxes(crop, boxes, 0.5)
   assert keep.tolist() == [False, False, True, True, False]
   np.testing.assert_allclose(b[2], [0, 0, 5, 5])
@@ -73,13 +76,21 @@ def test_region_transform_full_image_crop_by_hand():
   boxes = np.array([[0, 0, 100, 80], [10, 10, 20, 20]], float)
   seen = set()
   for seed in range(20):
-    view = io.region_transform(img, boxes, 0, np.random.default_rng(seed), image_res=32,
-                               min_perc_in_image=0.5, randaugment=False)
+    view = io.region_transform(
+      img,
+      boxes,
+      0,
+      np.random.default_rng(seed),
+      image_res=32,
+      min_perc_in_image=0.5,
+      randaugment=False,
+    )
     assert view.keep.tolist() == [True, True]
     x = 70 if view.flipped else 10  # x := W - x - w
     np.testing.assert_allclose(view.boxes[1], [x * 0.32, 4.0, 6.4, 8.0])
-    np.testing.assert_allclose(io.box_target(view.boxes[1], 32),
-                               [0.8 if view.flipped else 0.2, 0.25, 0.2, 0.25], rtol=1e-6)
+    np.testing.assert_allclose(
+      io.box_target(view.boxes[1], 32), [0.8 if view.flipped else 0.2, 0.25, 0.2, 0.25], rtol=1e-6
+    )
     src = img[:, ::-1] if view.flipped else img
     expect = np.asarray(Image.fromarray(np.ascontiguousarray(src)).resize((32, 32), Image.BICUBIC))
     np.testing.assert_array_equal(view.pixels, expect)
@@ -109,8 +120,9 @@ def test_region_crop_contains_anchor_and_boxes_normalised():
 def test_region_eval_is_deterministic_resize():
   img = _smooth_image(50, 70)
   boxes = np.array([[7, 5, 21, 10]], float)
-  view = io.region_transform(img, boxes, 0, np.random.default_rng(0), image_res=32,
-                             min_perc_in_image=0.5, train=False)
+  view = io.region_transform(
+    img, boxes, 0, np.random.default_rng(0), image_res=32, min_perc_in_image=0.5, train=False
+  )
   np.testing.assert_array_equal(view.pixels, io.eval_transform(img, 32))
   np.testing.assert_allclose(view.boxes[0], [7 * 32 / 70, 5 * 32 / 50, 21 * 32 / 70, 10 * 32 / 50])
 
@@ -138,14 +150,17 @@ def _reference_patch_mask(x, y, w, h, res, ps):
   return np.array(atts[1:], np.int32)
 
 
-@pytest.mark.parametrize("box,expect", [
+@pytest.mark.parametrize(
+  "box,expect",
+  [
     ((0, 0, 16, 16), [0]),  # exactly one patch
     ((15.9, 0, 0.2, 16), [0, 1]),  # straddles a patch border
     ((64, 64, 0, 0), [15]),  # degenerate box on the far corner: clamped to the last patch
     ((60, 10, 10, 40), [3, 7, 11, 15]),  # overflows the right edge: clamped to column 3
     ((16, 32, 32, 16), [9, 10]),  # row-major: row 2, columns 1-2
     ((0, 0, 64, 64), list(range(16))),
-])
+  ],
+)
 def test_patch_mask_hand_cases(box, expect):
   m = io.patch_mask(np.array(box, float), 64, 16)
   assert m.dtype == np.int32 and m.shape == (16,)
@@ -158,8 +173,9 @@ def test_patch_mask_matches_reference_rule_random():
   for _ in range(300):
     x, y = rng.uniform(0, 224, 2)
     w, h = rng.uniform(0, 224 - x), rng.uniform(0, 224 - y)
-    np.testing.assert_array_equal(io.patch_mask(np.array([x, y, w, h]), 224, 16),
-                                  _reference_patch_mask(x, y, w, h, 224, 16))
+    np.testing.assert_array_equal(
+      io.patch_mask(np.array([x, y, w, h]), 224, 16), _reference_patch_mask(x, y, w, h, 224, 16)
+    )
 
 
 # ------------------------------------------------------------------- RandomResizedCrop
@@ -196,7 +212,8 @@ def test_image_text_transform_shapes_and_eval():
   np.testing.assert_array_equal(a, b)
   ev = io.eval_transform(img, 64)
   np.testing.assert_array_equal(
-      ev, np.asarray(Image.fromarray(img).resize((64, 64), Image.BICUBIC)))
+    ev, np.asarray(Image.fromarray(img).resize((64, 64), Image.BICUBIC))
+  )
 
 
 def test_image_text_transform_without_flips():
@@ -206,8 +223,9 @@ def test_image_text_transform_without_flips():
   mirrored = 0
   for seed in range(16):
     on = io.image_text_transform(img, np.random.default_rng(seed), 64, (0.2, 1.0), False)
-    off = io.image_text_transform(img, np.random.default_rng(seed), 64, (0.2, 1.0), False,
-                                  allow_flip=False)
+    off = io.image_text_transform(
+      img, np.random.default_rng(seed), 64, (0.2, 1.0), False, allow_flip=False
+    )
     if not np.array_equal(on, off):
       np.testing.assert_array_equal(on, off[:, ::-1])
       mirrored += 1
@@ -291,14 +309,23 @@ def test_image_text_transform_throughput(capsys):
     out = io.image_text_transform(img, rng, 224, (0.2, 1.0), randaugment=True)
   transform_s = (time.process_time() - t0) / n
   from data_pipelines.checks import decode_image
+
   t0 = time.process_time()
   for _ in range(n):
-    out = io.image_text_transform(decode_image(jpeg.tobytes(), "bench", "image"), rng, 224,
-                                  (0.2, 1.0), randaugment=True)
+    out = io.image_text_transform(
+      decode_image(jpeg.tobytes(), "bench", "image"), rng, 224, (0.2, 1.0), randaugment=True
+    )
   decode_s = (time.process_time() - t0) / n
   assert out.shape == (224, 224, 3)
   with capsys.disabled():
-    print("\n" + json.dumps({
-        "bench": "image_text_transform_224", "source": "640x480",
-        "images_per_cpu_s": round(1 / transform_s, 1),
-        "images_per_cpu_s_with_jpeg_decode": round(1 / decode_s, 1)}))
+    print(
+      "\n"
+      + json.dumps(
+        {
+          "bench": "image_text_transform_224",
+          "source": "640x480",
+          "images_per_cpu_s": round(1 / transform_s, 1),
+          "images_per_cpu_s_with_jpeg_decode": round(1 / decode_s, 1),
+        }
+      )
+    )

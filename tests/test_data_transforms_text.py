@@ -15,7 +15,9 @@ from data_pipelines.features import SkipRecord
 from data_pipelines.text_ops import Tokenizer, pre_caption
 
 
-@pytest.mark.parametrize("raw,max_words,expect", [
+@pytest.mark.parametrize(
+  "raw,max_words,expect",
+  [
     ("A Man's dog!!", 30, "a man s dog"),
     ("  Two   dogs, (running) on: the beach;  ", 30, "two dogs running on the beach"),
     ("<PERSON> riding a horse", 30, "person riding a horse"),  # lower-cased first
@@ -23,10 +25,11 @@ from data_pipelines.text_ops import Tokenizer, pre_caption
     ("end of line.\n", 30, "end of line"),
     ("hello\tworld", 30, "hello\tworld"),  # a single tab is not collapsed (official behaviour)
     ("hello\t\tworld", 30, "hello world"),
-    ("Café ÜBER ~ *star* #1 \"quoted\"", 30, "café über star 1 quoted"),
+    ('Café ÜBER ~ *star* #1 "quoted"', 30, "café über star 1 quoted"),
     ("one two three four five", 3, "one two three"),
     ("one, two,three", 2, "one two"),
-])
+  ],
+)
 def test_pre_caption(raw, max_words, expect):
   assert pre_caption(raw, max_words) == expect
 
@@ -56,8 +59,13 @@ def test_padding_layout(tok):
   assert t.ids.tolist() == [101, 1037, 3899, 102, 0, 0, 0, 0]
   assert t.mask.tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
   assert t.pieces == ("[CLS]", "a", "dog", "[SEP]") and t.length == 4
-  assert (tok.cls_id, tok.sep_id, tok.pad_id, tok.mask_id, tok.vocab_size) == (101, 102, 0, 103,
-                                                                               30522)
+  assert (tok.cls_id, tok.sep_id, tok.pad_id, tok.mask_id, tok.vocab_size) == (
+    101,
+    102,
+    0,
+    103,
+    30522,
+  )
 
 
 def test_truncation_keeps_first_pieces(tok):
@@ -68,9 +76,14 @@ def test_truncation_keeps_first_pieces(tok):
 
 def test_matches_hugging_face_layout(tok):
   from transformers import AutoTokenizer
+
   hf = AutoTokenizer.from_pretrained(str(assets.minilm_dir()))
-  for cap in ["a dog", "a snowboarder jumping over unbelievably gigantic xylophones",
-              "two zebras", "x"]:
+  for cap in [
+    "a dog",
+    "a snowboarder jumping over unbelievably gigantic xylophones",
+    "two zebras",
+    "x",
+  ]:
     ref = hf(cap, max_length=8, truncation=True, padding="max_length")
     assert tok(cap).ids.tolist() == ref["input_ids"], cap
     assert tok(cap).mask.tolist() == ref["attention_mask"], cap

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 
 from data_pipelines.features import SkipRecord
-from data_pipelines.video_ops import select_clip, sample_frame_ids
+from data_pipelines.video_ops import sample_frame_ids, select_clip
 
 
-@pytest.mark.parametrize("nf,f,expect", [
+@pytest.mark.parametrize(
+  "nf,f,expect",
+  [
     (1, 3, [0, 0, 0]),
     (2, 3, [0, 1, 0]),  # i mod nf
     (3, 3, [0, 1, 2]),
@@ -22,7 +24,8 @@ from data_pipelines.video_ops import select_clip, sample_frame_ids
     (10, 3, [0, 4, 7]),  # leftover frame lengthens the first segment
     (11, 3, [0, 4, 8]),
     (7, 5, [0, 2, 4, 5, 6]),  # segments [2, 2, 1, 1, 1]
-])
+  ],
+)
 def test_eval_sampling(nf, f, expect):
   assert sample_frame_ids(nf, f, False, np.random.default_rng(0)) == expect
 
@@ -70,8 +73,10 @@ def test_zero_frames_rejected():
 
 
 def test_single_clip_random_caption():
-  seen = {select_clip([[b"f"] * 4], ["a", "b"], False, np.random.default_rng(s)).caption
-          for s in range(30)}
+  seen = {
+    select_clip([[b"f"] * 4], ["a", "b"], False, np.random.default_rng(s)).caption
+    for s in range(30)
+  }
   assert seen == {"a", "b"}
   assert select_clip([[b"f"]], ["a"], False, np.random.default_rng(0)).clip_ids == (0,)
 
@@ -79,8 +84,9 @@ def test_single_clip_random_caption():
 def test_non_continuous_skips_music():
   clips = [[b"f"]] * 3
   caps = ["[Music]", "one", "two"]
-  seen = collections.Counter(select_clip(clips, caps, False, np.random.default_rng(s)).clip_ids
-                             for s in range(60))
+  seen = collections.Counter(
+    select_clip(clips, caps, False, np.random.default_rng(s)).clip_ids for s in range(60)
+  )
   assert set(seen) == {(1,), (2,)}
   c = select_clip(clips, caps, False, np.random.default_rng(0))
   assert c.caption == caps[c.clip_ids[0]]
@@ -112,13 +118,16 @@ def test_continuous_short_video_uses_all_clips():
   assert c.clip_ids == (0, 1) and c.caption == "x y"
 
 
-@pytest.mark.parametrize("clips,caps,cont,reason", [
+@pytest.mark.parametrize(
+  "clips,caps,cont,reason",
+  [
     ([[b"f"], [b"f"]], ["[Music]", "[Music]"], False, "empty_caption"),
     ([[b"f"], [b"f"]], ["[Music]", "[Music]"], True, "empty_caption"),
     ([[]], ["a"], False, "empty_video"),
     ([], [], False, "empty_video"),
     ([[b"f"], [b"f"]], ["a"], False, "bad_field_type"),
-])
+  ],
+)
 def test_clip_errors(clips, caps, cont, reason):
   with pytest.raises(SkipRecord) as e:
     select_clip(clips, caps, cont, np.random.default_rng(0), record_id="vid-3")

@@ -24,8 +24,14 @@ def summary(tmp_path_factory):
   # (not the suite's fast-compiling flags: over 60 steps the optimised step code saves far more
   # than its longer compile costs).
   env.pop("XLA_FLAGS", None)
-  proc = subprocess.run([sys.executable, "-m", "x2vlm_jax.demo", "--ci", f"--workdir={work}"],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+  proc = subprocess.run(
+    [sys.executable, "-m", "x2vlm_jax.demo", "--ci", f"--workdir={work}"],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=1500,
+  )
   assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
   out = json.loads((work / "summary.json").read_text())
   out["_work"] = work

@@ -57,7 +57,9 @@ def test_code_and_doc_pointers_resolve():
 
 def test_fidelity_anchors_are_unique():
   text = (ROOT / "docs" / "fidelity.md").read_text(encoding="utf-8")
-  slugs = [re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
-           for h in re.findall(r"^#{1,6} (.*)$", text, re.M)]
+  slugs = [
+    re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+    for h in re.findall(r"^#{1,6} (.*)$", text, re.M)
+  ]
   dups = sorted({s for s in slugs if slugs.count(s) > 1})
   assert not dups, f"duplicate headings in docs/fidelity.md: {dups}"

@@ -1,11 +1,11 @@
 """Tests of the evaluation glue: evaluation sets from records, the jitted scorers against the
 model called directly, mesh vs single device, config errors, and the grounding PNG."""
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-import jax
 from data_pipelines import synthetic
 from data_pipelines.text_ops import Tokenizer, pre_caption
 from x2vlm_jax import assets, sharding
@@ -25,16 +25,21 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model():
-  return x2vlm.create_sharded(ModelConfig.tiny(), sharding.make_mesh({"data": -1}),
-                              jax.random.key(3, impl="unsafe_rbg"))
+  return x2vlm.create_sharded(
+    ModelConfig.tiny(), sharding.make_mesh({"data": -1}), jax.random.key(3, impl="unsafe_rbg")
+  )
 
 
 def _cfg(**kw):
-  src = lambda kind, n: [{"type": "synthetic", "size": n, "seed": synthetic.HELDOUT_SEED,
-                          "world": WORLD}]
-  cfg = {"evaluators": ("retrieval", "grounding"), "batch_size": 8,
-         "retrieval": {"data": src("image", 10), "k_test": 4, "itm_chunk": 8},
-         "grounding": {"data": src("region", 5), "png_examples": 3}}
+  src = lambda kind, n: [
+    {"type": "synthetic", "size": n, "seed": synthetic.HELDOUT_SEED, "world": WORLD}
+  ]
+  cfg = {
+    "evaluators": ("retrieval", "grounding"),
+    "batch_size": 8,
+    "retrieval": {"data": src("image", 10), "k_test": 4, "itm_chunk": 8},
+    "grounding": {"data": src("region", 5), "png_examples": 3},
+  }
   cfg.update(kw)
   return cfg
 
@@ -44,9 +49,13 @@ def test_retrieval_set_groups_images_and_counts_skips(tokenizer):
   a, b = world.record("image", 0), world.record("image", 1)
   # The same image twice (one line per caption, as pre-training files hold it), a caption that
   # cleans to nothing, and a corrupt image.
-  records = [dict(a, captions=a["captions"][:1]), b, dict(a, id="dup", captions=a["captions"][1:]),
-             dict(b, id="x", image=b"not a png", captions=["a red circle"]),
-             dict(b, id="y", image=world.record("image", 2)["image"], captions=["  ?! "])]
+  records = [
+    dict(a, captions=a["captions"][:1]),
+    b,
+    dict(a, id="dup", captions=a["captions"][1:]),
+    dict(b, id="x", image=b"not a png", captions=["a red circle"]),
+    dict(b, id="y", image=world.record("image", 2)["image"], captions=["  ?! "]),
+  ]
   data = eval_data.retrieval_set([records], tokenizer, 64)
   assert data.pixels.shape == (2, 64, 64, 3) and data.ids.shape == (4, L)
   assert data.image_ids == [a["id"], b["id"]]
@@ -74,8 +83,7 @@ def test_grounding_set_phrases_and_pixel_boxes(tokenizer):
 def test_scorers_match_the_model_and_full_rerank(model, tokenizer):
   cfg = _cfg()
   fns = run._Fns(model, None)
-  data = eval_data.retrieval_set(run._sources("image", cfg["retrieval"]["data"]),
-                                 tokenizer, 64)
+  data = eval_data.retrieval_set(run._sources("image", cfg["retrieval"]["data"]), tokenizer, 64)
   ni, nt = len(data.img2txt), len(data.captions)
   # Direct model calls, no batching or padding.
   tokens = model.encode_image(data.pixels)
@@ -83,8 +91,9 @@ def test_scorers_match_the_model_and_full_rerank(model, tokenizer):
   v, t = model.itc_features(tokens, text)
   rows = np.repeat(np.arange(ni), nt)
   cols = np.tile(np.arange(nt), ni)
-  fused = model.fuse(text[cols], data.mask[cols], tokens[rows],
-                     np.ones((ni * nt, tokens.shape[1]), np.int32))
+  fused = model.fuse(
+    text[cols], data.mask[cols], tokens[rows], np.ones((ni * nt, tokens.shape[1]), np.int32)
+  )
   itm = np.asarray(model.itm_logits(fused)[:, 1]).reshape(ni, nt)
   # k_test >= every list length: every pair is re-ranked, so the metrics are those of the full
   # ITM matrix; batch 8 and chunk 8 exercise padding of the last batch/chunk.
@@ -97,8 +106,7 @@ def test_scorers_match_the_model_and_full_rerank(model, tokenizer):
     assert got[k] == pytest.approx(val), k
   assert got["r/chance_r1"] == pytest.approx(100 / ni)
 
-  g = eval_data.grounding_set(run._sources("region", cfg["grounding"]["data"]),
-                              tokenizer, 64)
+  g = eval_data.grounding_set(run._sources("region", cfg["grounding"]["data"]), tokenizer, 64)
   img = model.encode_image(g.pixels)[g.image_index]
   txt = model.encode_text(g.ids, g.mask)
   want_boxes = model.box(model.fuse(txt, g.mask, img, np.ones(img.shape[:2], np.int32)))
@@ -109,8 +117,9 @@ def test_evaluate_on_mesh_equals_single_device(model, tokenizer, tmp_path):
   png = tmp_path / "boxes.png"
   single = run.evaluate(model, rc.eval_config(_cfg()), tokenizer, None, log=None)
   mesh = sharding.make_mesh({"data": -1})
-  sharded = run.evaluate(model, rc.eval_config(_cfg()), tokenizer, mesh, step=7,
-                         png_path=str(png), log=None)
+  sharded = run.evaluate(
+    model, rc.eval_config(_cfg()), tokenizer, mesh, step=7, png_path=str(png), log=None
+  )
   names = {f"eval/retrieval/{d}_r{k}" for d in ("txt", "img") for k in (1, 5, 10)}
   names |= {"eval/grounding/acc", "eval/grounding/acc_whole_image", "eval/retrieval/r_mean"}
   assert names <= set(single)

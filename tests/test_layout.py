@@ -17,19 +17,36 @@ PACKAGES = ("data_pipelines", "x2vlm_jax")
 
 # Layer of each module (longest dotted prefix wins); a module may import its own layer or lower.
 LAYERS = {
-    "data_pipelines": 0,  # standalone: formats, transforms, grain pipelines
-    "x2vlm_jax.sharding": 1, "x2vlm_jax.treepath": 1, "x2vlm_jax.box_ops": 1,
-    "x2vlm_jax.assets": 1, "x2vlm_jax.flops": 1, "x2vlm_jax.preemption": 1,
-    "x2vlm_jax.metrics_writer": 1, "x2vlm_jax.global_batch": 1,
-    "x2vlm_jax.models": 2,  # features only: towers, heads, the X2VLM module
-    "x2vlm_jax.losses": 3, "x2vlm_jax.shard_concat": 3, "x2vlm_jax.optim": 3,
-    "x2vlm_jax.checkpoint": 3, "x2vlm_jax.checksums": 3, "x2vlm_jax.params_io": 3, "x2vlm_jax.convert": 3,
-    "x2vlm_jax.train_state": 4, "x2vlm_jax.init_lib": 4,
-    "x2vlm_jax.pretrain_loss": 5, "x2vlm_jax.train_step": 5, "x2vlm_jax.step_jit": 5,
-    "x2vlm_jax.evaluators": 6,  # beside the loop: never imports it
-    "x2vlm_jax.run_config": 7, "x2vlm_jax.train_data": 7, "x2vlm_jax.train_report": 7,
-    "x2vlm_jax.train_lib": 7, "x2vlm_jax.export": 7,
-    "x2vlm_jax.demo": 8, "configs": 8,
+  "data_pipelines": 0,  # standalone: formats, transforms, grain pipelines
+  "x2vlm_jax.sharding": 1,
+  "x2vlm_jax.treepath": 1,
+  "x2vlm_jax.box_ops": 1,
+  "x2vlm_jax.assets": 1,
+  "x2vlm_jax.flops": 1,
+  "x2vlm_jax.preemption": 1,
+  "x2vlm_jax.metrics_writer": 1,
+  "x2vlm_jax.global_batch": 1,
+  "x2vlm_jax.models": 2,  # features only: towers, heads, the X2VLM module
+  "x2vlm_jax.losses": 3,
+  "x2vlm_jax.shard_concat": 3,
+  "x2vlm_jax.optim": 3,
+  "x2vlm_jax.checkpoint": 3,
+  "x2vlm_jax.checksums": 3,
+  "x2vlm_jax.params_io": 3,
+  "x2vlm_jax.convert": 3,
+  "x2vlm_jax.train_state": 4,
+  "x2vlm_jax.init_lib": 4,
+  "x2vlm_jax.pretrain_loss": 5,
+  "x2vlm_jax.train_step": 5,
+  "x2vlm_jax.step_jit": 5,
+  "x2vlm_jax.evaluators": 6,  # beside the loop: never imports it
+  "x2vlm_jax.run_config": 7,
+  "x2vlm_jax.train_data": 7,
+  "x2vlm_jax.train_report": 7,
+  "x2vlm_jax.train_lib": 7,
+  "x2vlm_jax.export": 7,
+  "x2vlm_jax.demo": 8,
+  "configs": 8,
 }
 EXACT = {"x2vlm_jax": 1}  # the package itself (a prefix entry would hide unlisted modules)
 MAX_FILE_LINES = 450
@@ -64,13 +81,19 @@ def _imports(path: pathlib.Path, module: str) -> list[tuple[int, str]]:
     elif isinstance(node, ast.ImportFrom):
       base = node.module or ""
       if node.level:
-        pkg = module.split(".")[:-node.level] if path.name != "__init__.py" else \
-            module.split(".")[:len(module.split(".")) - node.level + 1]
+        pkg = (
+          module.split(".")[: -node.level]
+          if path.name != "__init__.py"
+          else module.split(".")[: len(module.split(".")) - node.level + 1]
+        )
         base = ".".join(pkg + ([base] if base else []))
       out.append((node.lineno, base))
       # `from pkg import module` imports a module too.
-      out += [(node.lineno, f"{base}.{a.name}") for a in node.names
-              if _layer(f"{base}.{a.name}") is not None and base in LAYERS]
+      out += [
+        (node.lineno, f"{base}.{a.name}")
+        for a in node.names
+        if _layer(f"{base}.{a.name}") is not None and base in LAYERS
+      ]
   return out
 
 
@@ -86,8 +109,10 @@ def test_imports_only_go_down():
     for line, imported in _imports(path, module):
       theirs = _layer(imported)
       if theirs is not None and theirs > mine:
-        back_edges.append(f"{path.relative_to(ROOT)}:{line} ({module}, layer {mine}) imports "
-                          f"{imported} (layer {theirs})")
+        back_edges.append(
+          f"{path.relative_to(ROOT)}:{line} ({module}, layer {mine}) imports "
+          f"{imported} (layer {theirs})"
+        )
   assert not back_edges, "\n".join(back_edges)
 
 

@@ -63,20 +63,24 @@ def test_itc_soft_targets_with_ids(feats):
   v, t = feats
   ids = np.array([3, 1, 3, 2, 1, 3, 0])
   valid = np.array([1, 1, 1, 1, 1, 0, 1])
-  np.testing.assert_allclose(losses.itc_loss(v, t, 0.1, ids=ids), np_itc(v, t, 0.1, ids=ids),
-                             rtol=1e-5)
-  np.testing.assert_allclose(losses.itc_loss(v, t, 0.1, valid=valid, ids=ids),
-                             np_itc(v, t, 0.1, valid, ids), rtol=1e-5)
+  np.testing.assert_allclose(
+    losses.itc_loss(v, t, 0.1, ids=ids), np_itc(v, t, 0.1, ids=ids), rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    losses.itc_loss(v, t, 0.1, valid=valid, ids=ids), np_itc(v, t, 0.1, valid, ids), rtol=1e-5
+  )
   # All ids distinct = the plain diagonal loss.
-  np.testing.assert_allclose(losses.itc_loss(v, t, 0.1, ids=np.arange(7)),
-                             losses.itc_loss(v, t, 0.1), rtol=1e-6)
+  np.testing.assert_allclose(
+    losses.itc_loss(v, t, 0.1, ids=np.arange(7)), losses.itc_loss(v, t, 0.1), rtol=1e-6
+  )
 
 
 def test_itc_grad_scale_touches_features_not_temp(feats):
   v, t = feats
   temp = jnp.float32(0.07)
   f = lambda s: jax.value_and_grad(
-      lambda a, b, c: losses.itc_loss(a, b, c, grad_scale=s), argnums=(0, 1, 2))(v, t, temp)
+    lambda a, b, c: losses.itc_loss(a, b, c, grad_scale=s), argnums=(0, 1, 2)
+  )(v, t, temp)
   (l1, (gv1, gt1, gtemp1)), (l8, (gv8, gt8, gtemp8)) = f(None), f(1 / 8)
   assert float(l1) == float(l8)  # forward value unchanged, bit for bit
   np.testing.assert_allclose(gv8, gv1 / 8, rtol=1e-5, atol=1e-9)
@@ -108,14 +112,17 @@ def test_itm_loss():
   np.testing.assert_allclose(losses.itm_loss(pos, ni, nt), nll.mean(), rtol=1e-6)
   valid = np.array([1, 0, 1, 1])
   w = np.tile(valid, 3)
-  np.testing.assert_allclose(losses.itm_loss(pos, ni, nt, valid=valid),
-                             (nll * w).sum() / w.sum(), rtol=1e-6)
+  np.testing.assert_allclose(
+    losses.itm_loss(pos, ni, nt, valid=valid), (nll * w).sum() / w.sum(), rtol=1e-6
+  )
   # A row without a negative image drops only that negative pair.
   w2 = w.copy()
   w2[4 + 2] = 0
   np.testing.assert_allclose(
-      losses.itm_loss(pos, ni, nt, valid=valid, neg_image_valid=np.array([1, 1, 0, 1])),
-      (nll * w2).sum() / w2.sum(), rtol=1e-6)
+    losses.itm_loss(pos, ni, nt, valid=valid, neg_image_valid=np.array([1, 1, 0, 1])),
+    (nll * w2).sum() / w2.sum(),
+    rtol=1e-6,
+  )
   with pytest.raises(ValueError, match="logits_neg_txt"):
     losses.itm_loss(pos, ni, nt[:3])
 
@@ -139,7 +146,8 @@ def test_mlm_loss_and_accuracy():
 def test_mlm_no_masked_tokens_is_zero_without_nan():
   logits = jnp.ones((2, 3, 5), jnp.bfloat16)
   (loss, acc), g = jax.value_and_grad(losses.mlm_loss, has_aux=True)(
-      logits, jnp.zeros((2, 3), jnp.int32), jnp.zeros((2, 3)))
+    logits, jnp.zeros((2, 3), jnp.int32), jnp.zeros((2, 3))
+  )
   assert float(loss) == 0.0 and float(acc) == 0.0 and loss.dtype == jnp.float32
   assert np.all(np.isfinite(np.asarray(g, np.float32)))
 
@@ -150,8 +158,10 @@ def np_box_loss(pred, target, is_image):
   l1 = (np.abs(pred - target).sum(1) * keep).sum() / keep.sum()
 
   def xyxy(b):
-    return np.stack([b[:, 0] - b[:, 2] / 2, b[:, 1] - b[:, 3] / 2,
-                     b[:, 0] + b[:, 2] / 2, b[:, 1] + b[:, 3] / 2], 1)
+    return np.stack(
+      [b[:, 0] - b[:, 2] / 2, b[:, 1] - b[:, 3] / 2, b[:, 0] + b[:, 2] / 2, b[:, 1] + b[:, 3] / 2],
+      1,
+    )
 
   a, b = xyxy(pred.astype(np.float64)), xyxy(target.astype(np.float64))
   lt, rb = np.maximum(a[:, :2], b[:, :2]), np.minimum(a[:, 2:], b[:, 2:])
@@ -208,15 +218,21 @@ def test_box_loss_guards():
 
 def test_combine():
   terms = {
-      "image": {"itc": jnp.float32(1.0), "itm": jnp.float32(2.0), "mlm": jnp.float32(3.0)},
-      "region": {"itc": jnp.float32(0.5), "box_giou": jnp.float32(0.25)},
+    "image": {"itc": jnp.float32(1.0), "itm": jnp.float32(2.0), "mlm": jnp.float32(3.0)},
+    "region": {"itc": jnp.float32(0.5), "box_giou": jnp.float32(0.25)},
   }
   total, metrics = losses.combine(terms, {"region": 0.5, "video": 3.0})
   np.testing.assert_allclose(total, 6.0 + 0.5 * 0.75)
   assert metrics["loss/itc/image"] == 1.0 and metrics["loss/box_giou/region"] == 0.25
   np.testing.assert_allclose(metrics["loss/total"], total)
-  assert set(metrics) == {"loss/itc/image", "loss/itm/image", "loss/mlm/image",
-                          "loss/itc/region", "loss/box_giou/region", "loss/total"}
+  assert set(metrics) == {
+    "loss/itc/image",
+    "loss/itm/image",
+    "loss/mlm/image",
+    "loss/itc/region",
+    "loss/box_giou/region",
+    "loss/total",
+  }
   with pytest.raises(ValueError, match="image/itc"):
     losses.combine({"image": {"itc": jnp.ones(2)}}, {})
   # Per-term weights apply in every kind; the logged terms stay unweighted.

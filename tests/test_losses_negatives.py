@@ -11,15 +11,15 @@ from scipy import stats
 from x2vlm_jax import losses
 from x2vlm_jax.sharding import make_mesh
 
-
 N, DRAWS = 12, 3000  # one batch size and draw count for all tests: few jit compiles
 
 
 @functools.partial(jax.jit, static_argnames=("num_shards",))
 def _draw_many(keys, v, t, temp, valid, ids, num_shards=1):
   """DRAWS independent samplings of the same batch: ([DRAWS, N], [DRAWS, N])."""
-  return jax.vmap(lambda k: losses.sample_hard_negatives(k, v, t, temp, valid, ids,
-                                                         num_shards))(keys)
+  return jax.vmap(lambda k: losses.sample_hard_negatives(k, v, t, temp, valid, ids, num_shards))(
+    keys
+  )
 
 
 def _keys(seed):
@@ -85,8 +85,9 @@ def test_per_shard_locality_and_fallback():
   v, t = _feats(seed=5)
   valid = np.ones(N, np.int32)
   valid[[4, 5]] = 0  # shard 1 has a single valid row (3): it has no possible negative
-  neg_img, neg_txt = map(np.asarray, _draw_many(_keys(7), v, t, 0.07, valid, np.arange(N),
-                                                num_shards=shards))
+  neg_img, neg_txt = map(
+    np.asarray, _draw_many(_keys(7), v, t, 0.07, valid, np.arange(N), num_shards=shards)
+  )
   rows = np.arange(N)[None, :]
   for neg in (neg_img, neg_txt):
     assert np.all(neg // b == rows // b), "a row drew outside its shard"
@@ -107,8 +108,11 @@ def test_shard_map_equals_num_shards():
   ids = np.arange(N) // 2  # pairs of duplicates
   keys = _keys(11)
   expected = _draw_many(keys, v, t, 0.05, valid, ids, num_shards=4)
-  got = jax.jit(lambda k, a, b: losses.sample_hard_negatives_sharded(
-      mesh, k, a, b, jnp.float32(0.05), valid, ids))(keys[5], v, t)
+  got = jax.jit(
+    lambda k, a, b: losses.sample_hard_negatives_sharded(
+      mesh, k, a, b, jnp.float32(0.05), valid, ids
+    )
+  )(keys[5], v, t)
   for e, g in zip(expected, got):
     np.testing.assert_array_equal(np.asarray(g), np.asarray(e)[5])
   assert not got[0].sharding.is_fully_replicated

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from x2vlm_jax import treepath
-from x2vlm_jax.models import ModelConfig, X2VLM, abstract_model
+from x2vlm_jax.models import X2VLM, ModelConfig, abstract_model
 from x2vlm_jax.models import layers as L
 from x2vlm_jax.models.vision import relative_position_index, resize_rel_pos_bias
 
@@ -18,7 +18,8 @@ CFG = ModelConfig.tiny(frame_len=2)
 
 
 def host_model(cfg: ModelConfig, seed: int = 0) -> X2VLM:
-  """Parameters filled on the host with N(0, 0.05^2) (LayerNorm scales around 1), no init compile."""
+  """Parameters filled on the host with N(0, 0.05^2) (LayerNorm scales around 1), no init
+  compile."""
   graphdef, state = nnx.split(abstract_model(cfg))
   rng = np.random.default_rng(seed)
 
@@ -52,6 +53,7 @@ def np_ln(x, norm, i=None, eps=1e-12):
 
 def np_gelu(x):
   from scipy.special import erf
+
   return 0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))
 
 
@@ -111,14 +113,14 @@ def run():
   rng = np.random.default_rng(0)
   n, b, t = 2, 3, CFG.vision.num_patches
   inputs = dict(
-      pixels=rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8),
-      frames=rng.integers(0, 256, (2, 2, 64, 64, 3), dtype=np.uint8),
-      frame_valid=np.array([[1, 1], [1, 0]], np.int32),
-      ids=rng.integers(1, 1000, (b, 7)).astype(np.int32),
-      mask=np.array([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5], np.int32),
-      image_index=np.array([1, 0, 1], np.int32),
-      patch_mask=np.zeros((b, t), np.int32),
-      positions=np.array([[1, 2], [3, 0], [1, 1]], np.int32),
+    pixels=rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8),
+    frames=rng.integers(0, 256, (2, 2, 64, 64, 3), dtype=np.uint8),
+    frame_valid=np.array([[1, 1], [1, 0]], np.int32),
+    ids=rng.integers(1, 1000, (b, 7)).astype(np.int32),
+    mask=np.array([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5], np.int32),
+    image_index=np.array([1, 0, 1], np.int32),
+    patch_mask=np.zeros((b, t), np.int32),
+    positions=np.array([[1, 2], [3, 0], [1, 1]], np.int32),
   )
   inputs["patch_mask"][0, [0, 1, 4, 5]] = 1  # a 2x2 box in the top-left corner
   inputs["patch_mask"][1, :] = 1  # whole image
@@ -133,8 +135,9 @@ def run():
     out["video_all_valid"] = m.encode_video(x["frames"], jnp.ones((2, 2), jnp.int32))
     out["frame_tokens"] = m.encode_image(x["frames"].reshape((4, 64, 64, 3)))
     out["text"] = txt = m.encode_text(x["ids"], x["mask"])
-    out["concepts"], out["concept_mask"] = cpt, cmask = m.concepts(img, x["patch_mask"],
-                                                                   x["image_index"])
+    out["concepts"], out["concept_mask"] = cpt, cmask = m.concepts(
+      img, x["patch_mask"], x["image_index"]
+    )
     out["fused"] = fused = m.fuse(txt, x["mask"], cpt, cmask)
     kv = m.vision_kv(img)
     out["kv_key"] = kv.key
@@ -164,19 +167,34 @@ def test_text_tower_and_mask_match_numpy(run):
 
 def test_fusion_and_cross_mask_match_numpy(run):
   model, x, out = run
-  ref = np_fuse(model, out["text"].astype(np.float64), x["mask"].astype(np.float64),
-                out["concepts"].astype(np.float64), out["concept_mask"].astype(np.float64))
+  ref = np_fuse(
+    model,
+    out["text"].astype(np.float64),
+    x["mask"].astype(np.float64),
+    out["concepts"].astype(np.float64),
+    out["concept_mask"].astype(np.float64),
+  )
   assert np.max(np.abs(out["fused"] - ref)) < 1e-4
   # The mask matters: without it the single-patch concept (row 2) would look elsewhere.
-  unmasked = np_fuse(model, out["text"].astype(np.float64), x["mask"].astype(np.float64),
-                     out["concepts"].astype(np.float64), np.ones_like(out["concept_mask"], np.float64))
+  unmasked = np_fuse(
+    model,
+    out["text"].astype(np.float64),
+    x["mask"].astype(np.float64),
+    out["concepts"].astype(np.float64),
+    np.ones_like(out["concept_mask"], np.float64),
+  )
   assert np.max(np.abs(unmasked[2] - ref[2])) > 1e-3
 
 
 def test_vision_kv_reuse_is_identical(run):
   _, x, out = run
-  assert out["kv_key"].shape == (CFG.fusion.depth, 2, 17, CFG.fusion.num_heads,
-                                 CFG.text.width // CFG.fusion.num_heads)
+  assert out["kv_key"].shape == (
+    CFG.fusion.depth,
+    2,
+    17,
+    CFG.fusion.num_heads,
+    CFG.text.width // CFG.fusion.num_heads,
+  )
   np.testing.assert_allclose(out["fused_kv"], out["fused_gathered"], atol=1e-6, rtol=0)
   np.testing.assert_array_equal(out["fused_kv_gathered"], out["fused_gathered"])
 
@@ -218,7 +236,9 @@ def test_heads_match_numpy(run):
   logits = h @ p(model.text.embeddings.word).T + p(mh.bias)  # decoder tied to word embeddings
   assert out["mlm"].shape == (3, 2, CFG.text.vocab_size)
   np.testing.assert_allclose(out["mlm"], logits, atol=1e-5)
-  v = out["image"][:, 0].astype(np.float64) @ p(model.vision_proj.kernel) + p(model.vision_proj.bias)
+  v = out["image"][:, 0].astype(np.float64) @ p(model.vision_proj.kernel) + p(
+    model.vision_proj.bias
+  )
   np.testing.assert_allclose(out["itc_v"], v / np.linalg.norm(v, axis=-1, keepdims=True), atol=1e-6)
   np.testing.assert_allclose(np.linalg.norm(out["itc_t"], axis=-1), 1.0, atol=1e-6)
 
@@ -274,8 +294,9 @@ def test_relative_position_index_at_384():
 
 
 def _geometric_axis(s, t):
-  # Independent restatement of the official resize: bisection for q (geometric sum in closed form, as the
-  # official code evaluates it -- the comparison decides the last bits of q), then cumulative powers.
+  # Independent restatement of the official resize: bisection for q (geometric sum in closed
+  # form, as the official code evaluates it -- the comparison decides the last bits of q), then
+  # cumulative powers.
   lo, hi = 1.01, 1.5
   while hi - lo > 1e-6:
     q = (lo + hi) / 2

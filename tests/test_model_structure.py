@@ -23,30 +23,30 @@ def test_param_counts_match_official():
 
 # A representative slice of the table in docs/architecture.md (shapes for the tiny config).
 CONTRACT = {
-    "vision.patch_embed.kernel": ((16, 16, 3, 36), ("patch", "patch", "patch", "embed")),
-    "vision.cls_token": ((1, 1, 36), (None, None, "embed")),
-    "vision.blocks.attn.qkv.kernel": ((2, 36, 3, 3, 12), ("layers", "embed", "qkv", "heads", "kv")),
-    "vision.blocks.attn.q_bias": ((2, 3, 12), ("layers", "heads", "kv")),
-    "vision.blocks.attn.rel_pos_bias": ((2, 52, 3), ("layers", "rel_pos", "heads")),
-    "vision.blocks.attn.proj.kernel": ((2, 3, 12, 36), ("layers", "heads", "kv", "embed")),
-    "vision.blocks.gamma_1": ((2, 36), ("layers", "embed")),
-    "vision.blocks.mlp.fc2.kernel": ((2, 52, 36), ("layers", "mlp", "embed")),
-    "vision.fc_norm.scale": ((36,), ("norm",)),
-    "text.embeddings.word": ((30522, 40), ("vocab", "embed")),
-    "text.embeddings.position": ((64, 40), ("positions", "embed")),
-    "text.embeddings.token_type": ((2, 40), (None, "embed")),
-    "text.layers.attn.query.kernel": ((2, 40, 4, 10), ("layers", "embed", "heads", "kv")),
-    "text.layers.attn.out.kernel": ((2, 4, 10, 40), ("layers", "heads", "kv", "embed")),
-    "text.layers.attn_norm.scale": ((2, 40), ("layers", "norm")),
-    "fusion.layers.cross_attn.key.kernel": ((2, 36, 4, 10), ("layers", "embed", "heads", "kv")),
-    "fusion.layers.cross_norm.bias": ((2, 40), ("layers", "norm")),
-    "vision_proj.kernel": ((36, 24), ("embed", "proj")),
-    "temp": ((), ()),
-    "itm_head.fc2.kernel": ((80, 2), ("mlp", "classes")),
-    "box_head.fc2.bias": ((4,), ("classes",)),
-    "mlm_head.dense.kernel": ((40, 40), ("embed", "embed")),
-    "mlm_head.bias": ((30522,), ("vocab",)),
-    "frame_embed": ((3, 36), ("frames", "embed")),
+  "vision.patch_embed.kernel": ((16, 16, 3, 36), ("patch", "patch", "patch", "embed")),
+  "vision.cls_token": ((1, 1, 36), (None, None, "embed")),
+  "vision.blocks.attn.qkv.kernel": ((2, 36, 3, 3, 12), ("layers", "embed", "qkv", "heads", "kv")),
+  "vision.blocks.attn.q_bias": ((2, 3, 12), ("layers", "heads", "kv")),
+  "vision.blocks.attn.rel_pos_bias": ((2, 52, 3), ("layers", "rel_pos", "heads")),
+  "vision.blocks.attn.proj.kernel": ((2, 3, 12, 36), ("layers", "heads", "kv", "embed")),
+  "vision.blocks.gamma_1": ((2, 36), ("layers", "embed")),
+  "vision.blocks.mlp.fc2.kernel": ((2, 52, 36), ("layers", "mlp", "embed")),
+  "vision.fc_norm.scale": ((36,), ("norm",)),
+  "text.embeddings.word": ((30522, 40), ("vocab", "embed")),
+  "text.embeddings.position": ((64, 40), ("positions", "embed")),
+  "text.embeddings.token_type": ((2, 40), (None, "embed")),
+  "text.layers.attn.query.kernel": ((2, 40, 4, 10), ("layers", "embed", "heads", "kv")),
+  "text.layers.attn.out.kernel": ((2, 4, 10, 40), ("layers", "heads", "kv", "embed")),
+  "text.layers.attn_norm.scale": ((2, 40), ("layers", "norm")),
+  "fusion.layers.cross_attn.key.kernel": ((2, 36, 4, 10), ("layers", "embed", "heads", "kv")),
+  "fusion.layers.cross_norm.bias": ((2, 40), ("layers", "norm")),
+  "vision_proj.kernel": ((36, 24), ("embed", "proj")),
+  "temp": ((), ()),
+  "itm_head.fc2.kernel": ((80, 2), ("mlp", "classes")),
+  "box_head.fc2.bias": ((4,), ("classes",)),
+  "mlm_head.dense.kernel": ((40, 40), ("embed", "embed")),
+  "mlm_head.bias": ((30522,), ("vocab",)),
+  "frame_embed": ((3, 36), ("frames", "embed")),
 }
 
 
@@ -88,7 +88,9 @@ def test_init_scheme(sharded8):
   _, m = sharded8
   v = lambda x: np.asarray(x[...])
   assert np.all(v(m.vision.blocks.gamma_1) == np.float32(0.1))
-  assert np.all(v(m.vision.blocks.attn.rel_pos_bias) == 0) and np.all(v(m.vision.blocks.attn.q_bias) == 0)
+  assert np.all(v(m.vision.blocks.attn.rel_pos_bias) == 0) and np.all(
+    v(m.vision.blocks.attn.q_bias) == 0
+  )
   assert np.all(v(m.vision.blocks.norm1.scale) == 1) and np.all(v(m.vision.fc_norm.bias) == 0)
   assert v(m.temp) == np.float32(0.07)
   # BEiT fix_init_weight: block i's proj / fc2 scaled by 1/sqrt(2(i+1)), from trunc-normal 0.02.
@@ -144,16 +146,34 @@ def test_sincos_position_embedding_init():
   from x2vlm_jax.models.config import VisionConfig
   from x2vlm_jax.models.vision import VisionTower
 
-  cfg = VisionConfig(width=36, depth=1, num_heads=3, mlp_dim=52, image_size=64,
-                     abs_pos_embed=True, pos_embed_init="sincos")
+  cfg = VisionConfig(
+    width=36,
+    depth=1,
+    num_heads=3,
+    mlp_dim=52,
+    image_size=64,
+    abs_pos_embed=True,
+    pos_embed_init="sincos",
+  )
   table = np.asarray(VisionTower(cfg, rngs=nnx.Rngs(0)).pos_embed[...])[0]  # [1 + 16, 36]
   assert table.shape == (17, 36) and np.all(table[0] == 0)
   q = 36 // 4
   for t, (y, x) in enumerate([(0, 0), (0, 3), (2, 1), (3, 3)]):
     row = table[1 + 4 * y + x]
-    np.testing.assert_allclose(row[[0, q, 2 * q, 3 * q]], [np.sin(x), np.cos(x), np.sin(y),
-                                                           np.cos(y)], atol=1e-6)
+    np.testing.assert_allclose(
+      row[[0, q, 2 * q, 3 * q]], [np.sin(x), np.cos(x), np.sin(y), np.cos(y)], atol=1e-6
+    )
   assert len({tuple(np.round(r, 5)) for r in table[1:]}) == 16  # every patch distinct
   with pytest.raises(ValueError, match="pos_embed_init"):
-    VisionTower(VisionConfig(width=36, depth=1, num_heads=3, mlp_dim=52, image_size=64,
-                             abs_pos_embed=True, pos_embed_init="learned"), rngs=nnx.Rngs(0))
+    VisionTower(
+      VisionConfig(
+        width=36,
+        depth=1,
+        num_heads=3,
+        mlp_dim=52,
+        image_size=64,
+        abs_pos_embed=True,
+        pos_embed_init="learned",
+      ),
+      rngs=nnx.Rngs(0),
+    )

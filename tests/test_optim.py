@@ -14,12 +14,12 @@ from x2vlm_jax import optim, treepath
 
 # path -> (lr factor, weight decay) expected with fresh = {temp, itm_head}, lr_mult 2.
 EXPECTED = {
-    "vision.blocks.gamma_1": (1.0, 0.01),
-    "vision.blocks.norm1.scale": (1.0, 0.0),
-    "vision.blocks.norm1.bias": (1.0, 0.0),
-    "itm_head.norm.scale": (2.0, 0.01),
-    "itm_head.norm.bias": (2.0, 0.0),
-    "temp": (2.0, 0.01),
+  "vision.blocks.gamma_1": (1.0, 0.01),
+  "vision.blocks.norm1.scale": (1.0, 0.0),
+  "vision.blocks.norm1.bias": (1.0, 0.0),
+  "itm_head.norm.scale": (2.0, 0.01),
+  "itm_head.norm.bias": (2.0, 0.0),
+  "temp": (2.0, 0.01),
 }
 
 
@@ -56,8 +56,10 @@ def test_matches_numpy_hf_adamw_and_first_step_is_zero():
   params = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
   params["temp"] = np.float32(0.07)
   # Step 1 has a global norm above 1 (clipped), the others below.
-  grads = [{k: (rng.normal(size=s) * sc).astype(np.float32) for k, s in shapes.items()}
-           for sc in (0.1, 2.0, 0.05, 0.3)]
+  grads = [
+    {k: (rng.normal(size=s) * sc).astype(np.float32) for k, s in shapes.items()}
+    for sc in (0.1, 2.0, 0.05, 0.3)
+  ]
   tx = optim.make_optimizer(cfg, fresh_paths=["temp", "itm_head"])
   tree = treepath.unflatten_dict(params)
   state = tx.init(tree)
@@ -70,9 +72,12 @@ def test_matches_numpy_hf_adamw_and_first_step_is_zero():
   # The first update uses lr 0, so nothing moves (not even by weight decay).
   for k, v in history[0].items():
     np.testing.assert_array_equal(v, params[k])
-  ref = np_hf_adamw({k: np.asarray(v, np.float64) for k, v in params.items()},
-                    [{k: np.asarray(v, np.float64) for k, v in g.items()} for g in grads], cfg,
-                    EXPECTED)
+  ref = np_hf_adamw(
+    {k: np.asarray(v, np.float64) for k, v in params.items()},
+    [{k: np.asarray(v, np.float64) for k, v in g.items()} for g in grads],
+    cfg,
+    EXPECTED,
+  )
   got = history[-1]
   for k in EXPECTED:
     np.testing.assert_allclose(got[k], ref[k], rtol=2e-6, atol=1e-7, err_msg=k)
@@ -88,8 +93,9 @@ def test_eps_on_uncorrected_sqrt_v():
   m, v = 0.1 * np.array([1e-8, 1.0]), 0.02 * np.array([1e-16, 1.0])
   ref = np.sqrt(0.02) / 0.1 * m / (np.sqrt(v) + 1e-8)
   np.testing.assert_allclose(d["w"], ref, rtol=1e-6)
-  opt, _ = optax.scale_by_adam(0.9, 0.98, 1e-8).update(g, optax.scale_by_adam(0.9, 0.98, 1e-8)
-                                                       .init(g))
+  opt, _ = optax.scale_by_adam(0.9, 0.98, 1e-8).update(
+    g, optax.scale_by_adam(0.9, 0.98, 1e-8).init(g)
+  )
   assert abs(float(d["w"][0]) - float(opt["w"][0])) > 0.1  # not optax's formula
 
 
@@ -103,8 +109,9 @@ def test_schedule_values():
   assert optim.OptimConfig(total_steps=100, warmup_steps=0.1).num_warmup == 10
   np.testing.assert_allclose(optim.lr_factor_schedule(optim.OptimConfig(total_steps=4))(1), 0.75)
   # min_lr floors the decay phase only.
-  g = optim.lr_factor_schedule(optim.OptimConfig(lr=1e-4, min_lr=1e-5, total_steps=100,
-                                                 warmup_steps=10))
+  g = optim.lr_factor_schedule(
+    optim.OptimConfig(lr=1e-4, min_lr=1e-5, total_steps=100, warmup_steps=10)
+  )
   np.testing.assert_allclose([g(0), g(5), g(100)], [0.0, 0.5, 0.1], atol=1e-7)
   with pytest.raises(ValueError, match="warmup"):
     optim.OptimConfig(total_steps=5, warmup_steps=10)
@@ -170,7 +177,8 @@ def test_bad_paths_fail_at_init():
     optim.make_optimizer(optim.OptimConfig(total_steps=3)).init(tree)
   with pytest.raises(ValueError, match="itm_hed"):
     optim.make_optimizer(optim.OptimConfig(total_steps=3), ["itm_hed"]).init(
-        {"vision": {"gamma_1": jnp.ones(3)}})
+      {"vision": {"gamma_1": jnp.ones(3)}}
+    )
 
 
 def test_clip_like_torch():

@@ -29,8 +29,10 @@ from proc_testlib import alive, children
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 8
 NAN_STEP = 2  # the reference run's update 2 gets a NaN and is skipped
-XLA_FLAGS = ("--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0 "
-             "--xla_llvm_disable_expensive_passes=true")
+XLA_FLAGS = (
+  "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0 "
+  "--xla_llvm_disable_expensive_passes=true"
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,27 +42,42 @@ def cache_dir(tmp_path_factory):
 
 def _env():
   env = dict(os.environ)
-  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=XLA_FLAGS, HF_HUB_OFFLINE="1",
-             TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT))
+  env.update(
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=XLA_FLAGS,
+    HF_HUB_OFFLINE="1",
+    TRANSFORMERS_OFFLINE="1",
+    PYTHONPATH=str(ROOT),
+  )
   return env
 
 
 def _args(workdir, cache, *extra):
-  return [sys.executable, str(ROOT / "tests" / "fault_train.py"),
-          "--config=" + str(ROOT / "configs/tiny.py"),
-          f"--workdir={workdir}", f"--config.train.compilation_cache_dir={cache}",
-          f"--config.train.total_steps={STEPS}", "--config.optim.total_steps=100",
-          "--config.train.log_every=1", "--config.train.ckpt_every=1", "--config.train.keep=3",
-          "--config.train.log_example_ids=True", f"--nan_steps={NAN_STEP}",
-          "--alsologtostderr", *extra]
+  return [
+    sys.executable,
+    str(ROOT / "tests" / "fault_train.py"),
+    "--config=" + str(ROOT / "configs/tiny.py"),
+    f"--workdir={workdir}",
+    f"--config.train.compilation_cache_dir={cache}",
+    f"--config.train.total_steps={STEPS}",
+    "--config.optim.total_steps=100",
+    "--config.train.log_every=1",
+    "--config.train.ckpt_every=1",
+    "--config.train.keep=3",
+    "--config.train.log_example_ids=True",
+    f"--nan_steps={NAN_STEP}",
+    "--alsologtostderr",
+    *extra,
+  ]
 
 
 def _start(workdir, cache, *extra, log_name="run.log"):
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   log = open(workdir.parent / f"{workdir.name}.{log_name}", "ab")
-  return subprocess.Popen(_args(workdir, cache, *extra), cwd=ROOT, env=_env(), stdout=log,
-                          stderr=subprocess.STDOUT), log
+  return subprocess.Popen(
+    _args(workdir, cache, *extra), cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT
+  ), log
 
 
 def _run(workdir, cache, *extra, timeout=600):
@@ -76,8 +93,9 @@ def _run(workdir, cache, *extra, timeout=600):
 
 def _output(workdir) -> str:
   workdir = pathlib.Path(workdir)
-  return "".join(p.read_text(errors="replace")
-                 for p in sorted(workdir.parent.glob(f"{workdir.name}.*.log")))
+  return "".join(
+    p.read_text(errors="replace") for p in sorted(workdir.parent.glob(f"{workdir.name}.*.log"))
+  )
 
 
 def _metrics(workdir) -> dict[int, dict]:
@@ -110,13 +128,16 @@ def _read_state(workdir, step) -> list[np.ndarray]:
   """Params and optimizer state of a committed checkpoint, as host arrays."""
   import jax
   import orbax.checkpoint as ocp
+
   path = pathlib.Path(workdir) / "checkpoints" / str(step) / "state"
   with ocp.PyTreeCheckpointer() as ck:
     meta = ck.metadata(path).item_metadata.tree
     args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
     tree = ck.restore(path, restore_args=args)
-  return [np.asarray(x) for x in jax.tree.leaves(
-      {"params": tree["train"]["params"], "opt": tree["train"]["opt_state"]})]
+  return [
+    np.asarray(x)
+    for x in jax.tree.leaves({"params": tree["train"]["params"], "opt": tree["train"]["opt_state"]})
+  ]
 
 
 def _same_state(workdir, a, b) -> bool:
@@ -184,16 +205,23 @@ def _wait_for(pred, proc, timeout=600, period=0.02):
 
 def _flip_byte(workdir, step) -> None:
   """Flips one byte in the largest array-data file of checkpoint `step`."""
-  files = sorted((p for p in (pathlib.Path(workdir) / "checkpoints" / str(step) / "state").rglob("*")
-                  if p.is_file() and "/d/" in str(p)), key=lambda p: -p.stat().st_size)
+  files = sorted(
+    (
+      p
+      for p in (pathlib.Path(workdir) / "checkpoints" / str(step) / "state").rglob("*")
+      if p.is_file() and "/d/" in str(p)
+    ),
+    key=lambda p: -p.stat().st_size,
+  )
   assert files, f"no array data files in checkpoint {step}"
   raw = bytearray(files[0].read_bytes())
   raw[len(raw) // 2] ^= 0x40
   files[0].write_bytes(bytes(raw))
 
 
-def test_kill9_during_async_save_then_corrupt_latest_resume_is_exact(reference, cache_dir,
-                                                                     tmp_path):
+def test_kill9_during_async_save_then_corrupt_latest_resume_is_exact(
+  reference, cache_dir, tmp_path
+):
   """kill -9 at a random step while that step's async save is in flight (workers must exit);
   then a byte of the newest committed checkpoint is flipped: the restart rejects it, resumes
   from the one before, and every later loss and every consumed example id equals the
@@ -203,8 +231,10 @@ def test_kill9_during_async_save_then_corrupt_latest_resume_is_exact(reference, 
   workers = "--config.data.num_workers=1"
   proc, log = _start(workdir, cache_dir, workers)
   ckpts = workdir / "checkpoints"
-  in_flight = lambda: ckpts.exists() and any(p.name.startswith(f"{kill_at}.orbax-checkpoint-tmp")
-                                             for p in ckpts.iterdir())
+  in_flight = lambda: (
+    ckpts.exists()
+    and any(p.name.startswith(f"{kill_at}.orbax-checkpoint-tmp") for p in ckpts.iterdir())
+  )
   try:
     assert _wait_for(in_flight, proc), _output(workdir)[-4000:]
     _kill9_and_check_workers(proc)
@@ -230,9 +260,14 @@ def test_nan_updates_skipped_then_run_stops(reference, cache_dir, tmp_path):
   exit) without writing a checkpoint."""
   workdir = tmp_path / "run"
   shutil.copytree(reference, workdir)
-  rc, out = _run(workdir, cache_dir, "--config.train.total_steps=14",
-                 "--nan_steps=9,10,11",
-                 "--config.train.max_consecutive_nonfinite=3", "--config.train.keep=10")
+  rc, out = _run(
+    workdir,
+    cache_dir,
+    "--config.train.total_steps=14",
+    "--nan_steps=9,10,11",
+    "--config.train.max_consecutive_nonfinite=3",
+    "--config.train.keep=10",
+  )
   assert rc != 0 and "3 consecutive non-finite updates" in out, out[-4000:]
   m = _metrics(workdir)
   assert [s for s in sorted(m) if s > STEPS and m[s]["train/update_skipped"]] == [10, 11]
@@ -290,11 +325,20 @@ def _start_pair(workdir, cache, tag):
   procs = []
   for i in range(2):
     # Image kind only: the two-process program is compiled separately, keep it small.
-    procs.append(_start(workdir, cache, "--config.batch.region=0", "--config.train.ckpt_every=5",
-                        "--config.batch.region_max_images=0",
-                        f"--coordinator_address=localhost:{port}",
-                        "--num_processes=2", f"--process_id={i}", "--cpu_collectives=gloo",
-                        log_name=f"{tag}.p{i}.log"))
+    procs.append(
+      _start(
+        workdir,
+        cache,
+        "--config.batch.region=0",
+        "--config.train.ckpt_every=5",
+        "--config.batch.region_max_images=0",
+        f"--coordinator_address=localhost:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+        "--cpu_collectives=gloo",
+        log_name=f"{tag}.p{i}.log",
+      )
+    )
   return procs
 
 
@@ -325,8 +369,11 @@ def test_sigterm_two_processes_save_same_step_and_resume(cache_dir, tmp_path):
     rcs = _finish_pair(procs)
   assert rcs == [0, 0], _output(run)[-4000:]
   out = _output(run)
-  saved = {int(l.split("saving step ")[1].split()[0]) for l in out.splitlines()
-           if "preemption notice: saving step" in l}
+  saved = {
+    int(l.split("saving step ")[1].split()[0])
+    for l in out.splitlines()
+    if "preemption notice: saving step" in l
+  }
   assert len(saved) == 1 and out.count("preemption notice: saving step") >= 2, out[-4000:]
   step = saved.pop()
   assert 3 <= step < STEPS and _ckpt_steps(run)[-1] == step

@@ -5,12 +5,12 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from train_step_testlib import FAST_COMPILE
 
 from x2vlm_jax import checkpoint as ckpt_lib
 from x2vlm_jax import optim, sharding
 from x2vlm_jax.models.config import ModelConfig
 from x2vlm_jax.train_state import TrainStateSpec, restore_params
-from train_step_testlib import FAST_COMPILE
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +45,13 @@ def test_state_is_born_sharded(spec, state):
   assert got == want
   abstract = spec.abstract_state()
   assert jax.tree.map(lambda x: (x.shape, x.dtype), abstract) == jax.tree.map(
-      lambda x: (x.shape, x.dtype), state)
+    lambda x: (x.shape, x.dtype), state
+  )
 
 
 def test_model_from_params_round_trip(spec, state):
   from flax import nnx
+
   model = spec.model(state["params"])
   back = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   jax.tree.map(np.testing.assert_array_equal, back, state["params"])
@@ -67,4 +69,5 @@ def test_checkpoint_round_trip_and_params_only_restore(spec, state, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params, state["params"])
   # The parameters land in their shardings; nothing else was read.
   assert jax.tree.map(lambda x: x.sharding.spec, params) == jax.tree.map(
-      lambda s: s.spec, spec.param_shardings)
+    lambda s: s.spec, spec.param_shardings
+  )

@@ -17,7 +17,9 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from train_step_testlib import FAST_COMPILE, init_params, naive_loss_fn
 
 from data_pipelines import features as F
 from data_pipelines.testing.random_batch import random_batch
@@ -25,10 +27,17 @@ from x2vlm_jax import global_batch, optim, sharding, treepath
 from x2vlm_jax import pretrain_loss as pl
 from x2vlm_jax.models.config import ModelConfig
 from x2vlm_jax.train_state import TrainStateSpec
-from train_step_testlib import FAST_COMPILE, init_params, naive_loss_fn
 
-SIZES = F.BatchSizes(image_res=64, max_tokens=12, max_masks=4, image_batch=8, region_batch=8,
-                     region_max_images=8, video_batch=8, frame_len=2)
+SIZES = F.BatchSizes(
+  image_res=64,
+  max_tokens=12,
+  max_masks=4,
+  image_batch=8,
+  region_batch=8,
+  region_max_images=8,
+  video_batch=8,
+  frame_len=2,
+)
 STEP_CFG = pl.StepConfig(deterministic=True, neg_shards=1)
 MESHES = [{"data": 8}, {"data": 2, "fsdp": 4}, {"fsdp": 4, "tensor": 2}]
 
@@ -42,22 +51,31 @@ def _model_cfg():
 @pytest.fixture(scope="module")
 def setup():
   cfg = _model_cfg()
-  spec = TrainStateSpec.build(cfg, optim.OptimConfig(), sharding.make_mesh({"data": 1},
-                                                                          jax.devices()[:1]))
+  spec = TrainStateSpec.build(
+    cfg, optim.OptimConfig(), sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  )
   params = init_params(cfg, 3)
-  batch = global_batch.device_fields(random_batch(SIZES, vocab=cfg.text.vocab_size, seed=5,
-                                                  num_invalid=1))
+  batch = global_batch.device_fields(
+    random_batch(SIZES, vocab=cfg.text.vocab_size, seed=5, num_invalid=1)
+  )
   key = jax.random.key(11)
 
   def value_and_grad(cfg_step, mesh, loss_fn=pl.loss_fn):
     def loss_of(p, b, k):
       return loss_fn(spec.model(p), b, k, cfg_step, mesh)
+
     return jax.value_and_grad(loss_of, has_aux=True)
 
-  ref = jax.jit(value_and_grad(STEP_CFG, None), compiler_options=FAST_COMPILE)(
-      params, batch, key)
-  return dict(cfg=cfg, spec=spec, params=params, batch=batch, key=key,
-              value_and_grad=value_and_grad, ref=jax.device_get(ref))
+  ref = jax.jit(value_and_grad(STEP_CFG, None), compiler_options=FAST_COMPILE)(params, batch, key)
+  return dict(
+    cfg=cfg,
+    spec=spec,
+    params=params,
+    batch=batch,
+    key=key,
+    value_and_grad=value_and_grad,
+    ref=jax.device_get(ref),
+  )
 
 
 def _compare(got, ref, loss_rtol, tree_rtol, leaf_rtol):
@@ -72,8 +90,9 @@ def _compare(got, ref, loss_rtol, tree_rtol, leaf_rtol):
   np.testing.assert_allclose(loss, ref_loss, rtol=loss_rtol)
   assert set(metrics) == set(ref_metrics)
   for name in ref_metrics:
-    np.testing.assert_allclose(metrics[name], ref_metrics[name], rtol=loss_rtol, atol=1e-7,
-                               err_msg=name)
+    np.testing.assert_allclose(
+      metrics[name], ref_metrics[name], rtol=loss_rtol, atol=1e-7, err_msg=name
+    )
   g = [np.asarray(x, np.float64) for x in jax.tree.leaves(grads)]
   r = [np.asarray(x, np.float64) for x in jax.tree.leaves(ref_grads)]
   total = np.sqrt(sum(np.sum(x * x) for x in r))
@@ -99,15 +118,16 @@ def test_reference_is_meaningful(setup):
   for name, value in metrics.items():
     assert np.isfinite(value) and value > 0, (name, value)
   for tower in ("vision", "text", "fusion", "itm_head", "box_head", "mlm_head", "frame_embed"):
-    assert np.linalg.norm(np.concatenate(
-        [np.ravel(x) for x in jax.tree.leaves(grads[tower])])) > 0, tower
+    assert (
+      np.linalg.norm(np.concatenate([np.ravel(x) for x in jax.tree.leaves(grads[tower])])) > 0
+    ), tower
 
 
 def test_kv_reuse_equals_naive(setup):
   """Production path (each tower once, K/V reused) == the official structure (≤ 1e-6)."""
-  got = jax.jit(setup["value_and_grad"](STEP_CFG, None, naive_loss_fn),
-                compiler_options=FAST_COMPILE)(
-      setup["params"], setup["batch"], setup["key"])
+  got = jax.jit(
+    setup["value_and_grad"](STEP_CFG, None, naive_loss_fn), compiler_options=FAST_COMPILE
+  )(setup["params"], setup["batch"], setup["key"])
   tree_err, (leaf_err, leaf) = _compare(got, setup["ref"], 1e-6, 1e-6, 1e-5)
   print(f"naive vs reuse: gradient tree {tree_err:.2e}, worst leaf {leaf_err:.2e} ({leaf})")
 
@@ -124,9 +144,12 @@ def test_mesh_equals_single_device(setup, axes):
   word = params["text"]["embeddings"]["word"]
   assert word.sharding.spec == sharding.logical_to_spec(("vocab", "embed"), word.shape, mesh)
   replicated = NamedSharding(mesh, P())
-  fn = jax.jit(setup["value_and_grad"](STEP_CFG, mesh), compiler_options=FAST_COMPILE,
-               in_shardings=(param_sh, batch_sh, replicated),
-               out_shardings=((replicated, replicated), param_sh))
+  fn = jax.jit(
+    setup["value_and_grad"](STEP_CFG, mesh),
+    compiler_options=FAST_COMPILE,
+    in_shardings=(param_sh, batch_sh, replicated),
+    out_shardings=((replicated, replicated), param_sh),
+  )
   with jax.set_mesh(mesh):
     got = fn(params, batch, setup["key"])
   tree_err, (leaf_err, leaf) = _compare(got, setup["ref"], 1e-5, 1e-5, 1e-5)

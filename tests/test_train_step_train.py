@@ -14,6 +14,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from train_step_testlib import FAST_COMPILE, nan_at_step
 
 from data_pipelines import features as F
 from data_pipelines.testing.random_batch import random_batch
@@ -22,11 +23,18 @@ from x2vlm_jax import pretrain_loss as pl
 from x2vlm_jax import train_step as ts
 from x2vlm_jax.models.config import ModelConfig
 from x2vlm_jax.train_state import TrainStateSpec
-from train_step_testlib import FAST_COMPILE, nan_at_step
 
 STEPS, NAN_STEP, POOL = 50, 31, 2
-SIZES = F.BatchSizes(image_res=64, max_tokens=12, max_masks=4, image_batch=4, region_batch=4,
-                     region_max_images=4, video_batch=4, frame_len=2)
+SIZES = F.BatchSizes(
+  image_res=64,
+  max_tokens=12,
+  max_masks=4,
+  image_batch=4,
+  region_batch=4,
+  region_max_images=4,
+  video_batch=4,
+  frame_len=2,
+)
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
@@ -36,18 +44,22 @@ def run():
   cfg = base.replace(text=dataclasses.replace(base.text, vocab_size=1200))
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   spec = TrainStateSpec.build(
-      cfg, optim.OptimConfig(lr=3e-3, total_steps=2 * STEPS, warmup_steps=3), mesh)
+    cfg, optim.OptimConfig(lr=3e-3, total_steps=2 * STEPS, warmup_steps=3), mesh
+  )
   state = spec.init(jax.random.key(0, impl="rbg"), compiler_options=FAST_COMPILE)
   # A small pool of fixed synthetic batches, cycled: the model can fit them, so every term
   # (ITC and ITM included) has something to learn in 50 steps.
-  pool = [global_batch.put([random_batch(SIZES, vocab=cfg.text.vocab_size, seed=s)], mesh)
-          for s in range(POOL)]
+  pool = [
+    global_batch.put([random_batch(SIZES, vocab=cfg.text.vocab_size, seed=s)], mesh)
+    for s in range(POOL)
+  ]
   inner = ts.make_train_step(spec, pl.make_loss(pl.StepConfig(), mesh))
   step = step_jit.JittedStep(spec, nan_at_step(inner, NAN_STEP), compiler_options=FAST_COMPILE)
 
   compiles = []
-  listener = lambda event, duration, **kw: compiles.append(duration) if event == COMPILE_EVENT \
-      else None
+  listener = lambda event, duration, **kw: (
+    compiles.append(duration) if event == COMPILE_EVENT else None
+  )
   jax.monitoring.register_event_duration_secs_listener(listener)
   history, after_first, snapshots = [], None, {}
   st = state
@@ -68,8 +80,14 @@ def run():
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   print(f"first step (compile + run) {times[0]:.1f} s, then {np.median(times[1:]):.3f} s/step")
-  return dict(history=history, compiles=compiles, after_first=after_first, state=st,
-              shardings=spec.shardings, snapshots=snapshots)
+  return dict(
+    history=history,
+    compiles=compiles,
+    after_first=after_first,
+    state=st,
+    shardings=spec.shardings,
+    snapshots=snapshots,
+  )
 
 
 def test_every_loss_term_decreases(run):
@@ -78,8 +96,8 @@ def test_every_loss_term_decreases(run):
   assert len(terms) == 3 * 3 + 2 + 1  # itc/itm/mlm per kind, two box terms, the total
   change = {}
   for name in terms:  # mean over the first / last two passes through the pool
-    first = np.mean([m[name] for m in h[:POOL * 2]])
-    last = np.mean([m[name] for m in h[-POOL * 2:]])
+    first = np.mean([m[name] for m in h[: POOL * 2]])
+    last = np.mean([m[name] for m in h[-POOL * 2 :]])
     change[name] = (round(float(first), 4), round(float(last), 4))
   print("first -> last:", change)
   assert all(last < 0.9 * first for first, last in change.values()), change
@@ -103,7 +121,8 @@ def test_nothing_is_nan_and_one_update_skipped(run):
 def test_compiled_once(run):
   assert run["after_first"] >= 1, "the listener saw no compilation at all"
   assert len(run["compiles"]) == run["after_first"], (
-      f"{len(run['compiles']) - run['after_first']} compilation(s) after the first step")
+    f"{len(run['compiles']) - run['after_first']} compilation(s) after the first step"
+  )
 
 
 def test_state_keeps_its_shardings(run):

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 
-import jax
 import numpy as np
 import pytest
 
 from configs import tiny
 from data_pipelines import features as F
 from x2vlm_jax import run_config as rc
-from x2vlm_jax import sharding, train_data, train_report, train_step
+from x2vlm_jax import train_data, train_report, train_step
 from x2vlm_jax.models.config import ModelConfig
 
 
@@ -40,11 +39,13 @@ def test_global_batch_sizes_split_over_processes():
 def test_aux_stream_coin_and_state():
   c = tiny.get_config("aux")
   tok = __import__("data_pipelines.text_ops", fromlist=["Tokenizer"]).Tokenizer(
-      rc.tokenizer_dir(c), c.data.max_tokens)
+    rc.tokenizer_dir(c), c.data.max_tokens
+  )
   mc = rc.model_config(c)
   sizes = rc.batch_sizes(c, mc, _Mesh(), 1)
-  streams = train_data.DataStreams(rc.streams_config(c), sizes, rc.preproc_config(c, mc), tok,
-                                   42, 0, 1)
+  streams = train_data.DataStreams(
+    rc.streams_config(c), sizes, rc.preproc_config(c, mc), tok, 42, 0, 1
+  )
   try:
     # The coin is a pure function of (seed, step, kind): same answer every time, ~p of steps.
     coins = [streams.aux_choice(s)["image"] for s in range(2000)]

@@ -26,8 +26,10 @@ def init_params(cfg, seed: int) -> dict:
   The 'rbg' key implementation generates random bits with one XLA op instead of a threefry
   kernel per parameter, which makes this init compile several times faster.
   """
+
   def init(key):
     return nnx.to_pure_dict(nnx.state(X2VLM(cfg, rngs=nnx.Rngs(params=key)), nnx.Param))
+
   return jax.jit(init, compiler_options=FAST_COMPILE)(jax.random.key(seed, impl="rbg"))
 
 
@@ -54,8 +56,9 @@ def naive_kind_terms(model, kind: str, b, temp, key, cfg, mesh, itm: bool = True
   else:
     vision, vmask = image_tokens, jnp.ones((nb, s), jnp.int32)
 
-  both = model.encode_text(jnp.concatenate([ids, b[F.MLM_IDS]]), jnp.concatenate([mask, mask]),
-                           keys.text)
+  both = model.encode_text(
+    jnp.concatenate([ids, b[F.MLM_IDS]]), jnp.concatenate([mask, mask]), keys.text
+  )
   text, text_mlm = both[:nb], both[nb:]  # [B, L, Dt] each
 
   v_feat, t_feat = model.itc_features(vision, text)
@@ -63,18 +66,30 @@ def naive_kind_terms(model, kind: str, b, temp, key, cfg, mesh, itm: bool = True
   terms = {"itc": losses.itc_loss(v_feat, t_feat, temp, valid, grad_scale=grad_scale)}
 
   arange = jnp.arange(nb)
-  neg = (pl.negatives(keys.negatives, v_feat, t_feat, temp, valid, cfg, mesh) if itm
-         else (arange, arange))
+  neg = (
+    pl.negatives(keys.negatives, v_feat, t_feat, temp, valid, cfg, mesh)
+    if itm
+    else (arange, arange)
+  )
   neg_img, neg_txt = neg
   # Fusion passes: rows of (text, text mask, vision tokens, vision mask).
-  passes = [(text, mask, vision, vmask), (text, mask, vision[neg_img], vmask[neg_img]),
-            (text[neg_txt], mask[neg_txt], vision, vmask)] if itm else []
+  passes = (
+    [
+      (text, mask, vision, vmask),
+      (text, mask, vision[neg_img], vmask[neg_img]),
+      (text[neg_txt], mask[neg_txt], vision, vmask),
+    ]
+    if itm
+    else []
+  )
   passes.append((text_mlm, mask, vision, vmask))
   if kind == F.REGION:  # box pass: the full image with an all-ones mask
-    passes.append((text, mask, jnp.take(image_tokens, b[F.IMAGE_INDEX], axis=0),
-                   jnp.ones((nb, s), jnp.int32)))
-  fused = jnp.split(model.fuse(*[jnp.concatenate(c) for c in zip(*passes)], key=keys.fusion),
-                    len(passes))
+    passes.append(
+      (text, mask, jnp.take(image_tokens, b[F.IMAGE_INDEX], axis=0), jnp.ones((nb, s), jnp.int32))
+    )
+  fused = jnp.split(
+    model.fuse(*[jnp.concatenate(c) for c in zip(*passes)], key=keys.fusion), len(passes)
+  )
 
   itm_logits = [model.itm_logits(f) for f in fused[:3]] if itm else None
   mlm_logits = model.mlm_logits(fused[3 if itm else 0], b[F.MLM_POSITIONS])

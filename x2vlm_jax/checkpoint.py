@@ -98,8 +98,9 @@ def _flatten(d, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def check_config_compatible(saved_cfg, new_cfg, critical_keys: Sequence[str],
-                            allow_config_change: bool = False) -> list[str]:
+def check_config_compatible(
+  saved_cfg, new_cfg, critical_keys: Sequence[str], allow_config_change: bool = False
+) -> list[str]:
   """Refuses to resume when a critical setting changed.
 
   Args:
@@ -127,7 +128,7 @@ def check_config_compatible(saved_cfg, new_cfg, critical_keys: Sequence[str],
       fmt = lambda v: "<absent>" if v is missing else json.dumps(v)
       diffs.append(f"{key}: {fmt(a)} -> {fmt(b)}")
   if diffs:
-    msg = ("critical config settings differ from the checkpoint:\n  " + "\n  ".join(diffs))
+    msg = "critical config settings differ from the checkpoint:\n  " + "\n  ".join(diffs)
     if not allow_config_change:
       raise ConfigChangedError(msg + "\npass allow_config_change=True to resume anyway")
     logging.warning("%s\n(allowed by allow_config_change=True)", msg)
@@ -146,6 +147,7 @@ def abstract_target(tree, shardings=None):
     shardings: None (keep each jax array's sharding), one `jax.sharding.Sharding` for every array
       leaf, or a pytree of shardings matching `tree`.
   """
+
   def one(x, s):
     # numpy leaves stay numpy (host-side values such as counters; orbax restores them as numpy,
     # and a 64-bit numpy leaf must not become a 32-bit jax array when x64 is off).
@@ -182,34 +184,48 @@ class CheckpointManager:
     save_interval_steps: orbax only saves steps divisible by this (unless `force=True`).
   """
 
-  def __init__(self, directory, *, max_to_keep: int | None = 3, keep_every: int | None = None,
-               async_save: bool = True, save_interval_steps: int = 1):
+  def __init__(
+    self,
+    directory,
+    *,
+    max_to_keep: int | None = 3,
+    keep_every: int | None = None,
+    async_save: bool = True,
+    save_interval_steps: int = 1,
+  ):
     policies = [ocp_policies.LatestN(n=max_to_keep)]
     if keep_every:
       policies.append(ocp_policies.EveryNSteps(keep_every))
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=save_interval_steps,
-        preservation_policy=ocp_policies.AnyPreservationPolicy(policies),
-        enable_async_checkpointing=async_save,
-        # Left-over '<step>.orbax-checkpoint-tmp-*' directories of a crashed save are removed.
-        cleanup_tmp_directories=True,
+      save_interval_steps=save_interval_steps,
+      preservation_policy=ocp_policies.AnyPreservationPolicy(policies),
+      enable_async_checkpointing=async_save,
+      # Left-over '<step>.orbax-checkpoint-tmp-*' directories of a crashed save are removed.
+      cleanup_tmp_directories=True,
     )
     self.directory = directory
     self._mgr = ocp.CheckpointManager(
-        directory,
-        options=options,
-        item_handlers={
-            STATE: ocp.StandardCheckpointHandler(),
-            DATA_ITER: ocp.JsonCheckpointHandler(),
-            CONFIG: ocp.JsonCheckpointHandler(),
-            CHECKSUMS: ocp.JsonCheckpointHandler(),
-        },
+      directory,
+      options=options,
+      item_handlers={
+        STATE: ocp.StandardCheckpointHandler(),
+        DATA_ITER: ocp.JsonCheckpointHandler(),
+        CONFIG: ocp.JsonCheckpointHandler(),
+        CHECKSUMS: ocp.JsonCheckpointHandler(),
+      },
     )
 
   # -- saving ---------------------------------------------------------------------------------
 
-  def save(self, step: int, state, *, data_iter: Mapping[str, Any] | None = None,
-           config=None, force: bool = False) -> bool:
+  def save(
+    self,
+    step: int,
+    state,
+    *,
+    data_iter: Mapping[str, Any] | None = None,
+    config=None,
+    force: bool = False,
+  ) -> bool:
     """Starts saving `step`; returns whether a save was started (see `save_interval_steps`).
 
     Args:
@@ -229,14 +245,16 @@ class CheckpointManager:
         raise TypeError(f"data-iterator state of {kind!r} is not JSON-serialisable: {e}") from e
     checksums = {"format": _CHECKSUM_FORMAT, "leaves": leaf_checksums(state)}
     return self._mgr.save(
-        step,
-        args=ocp.args.Composite(**{
-            STATE: ocp.args.StandardSave(state),
-            DATA_ITER: ocp.args.JsonSave(data_iter),
-            CONFIG: ocp.args.JsonSave(to_jsonable(config if config is not None else {})),
-            CHECKSUMS: ocp.args.JsonSave(checksums),
-        }),
-        force=force,
+      step,
+      args=ocp.args.Composite(
+        **{
+          STATE: ocp.args.StandardSave(state),
+          DATA_ITER: ocp.args.JsonSave(data_iter),
+          CONFIG: ocp.args.JsonSave(to_jsonable(config if config is not None else {})),
+          CHECKSUMS: ocp.args.JsonSave(checksums),
+        }
+      ),
+      force=force,
     )
 
   def wait_until_finished(self):
@@ -268,30 +286,43 @@ class CheckpointManager:
   def _read_state(self, step: int, target, partial: bool) -> tuple[Any, dict, dict, dict]:
     """(state, data_iter, config, checksums) of one step; `partial` reads only `target`'s leaves."""
     if not partial:
-      out = self._mgr.restore(step, args=ocp.args.Composite(**{
-          STATE: ocp.args.StandardRestore(target),
-          DATA_ITER: ocp.args.JsonRestore(),
-          CONFIG: ocp.args.JsonRestore(),
-          CHECKSUMS: ocp.args.JsonRestore(),
-      }))
+      out = self._mgr.restore(
+        step,
+        args=ocp.args.Composite(
+          **{
+            STATE: ocp.args.StandardRestore(target),
+            DATA_ITER: ocp.args.JsonRestore(),
+            CONFIG: ocp.args.JsonRestore(),
+            CHECKSUMS: ocp.args.JsonRestore(),
+          }
+        ),
+      )
       return out[STATE], out[DATA_ITER], out[CONFIG], out[CHECKSUMS]
     # A sub-tree of the state (e.g. the parameters without the optimizer moments): orbax's
     # PyTree handler reads only the named arrays, straight into the target's shardings.
-    meta = self._mgr.restore(step, args=ocp.args.Composite(**{
-        CONFIG: ocp.args.JsonRestore(), CHECKSUMS: ocp.args.JsonRestore()}))
+    meta = self._mgr.restore(
+      step,
+      args=ocp.args.Composite(
+        **{CONFIG: ocp.args.JsonRestore(), CHECKSUMS: ocp.args.JsonRestore()}
+      ),
+    )
     ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
     try:
       state = ckptr.restore(
-          epath.Path(self.directory) / str(step) / STATE,
-          args=ocp.args.PyTreeRestore(
-              item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-              partial_restore=True))
+        epath.Path(self.directory) / str(step) / STATE,
+        args=ocp.args.PyTreeRestore(
+          item=target,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True,
+        ),
+      )
     finally:
       ckptr.close()
     return state, {}, meta[CONFIG], meta[CHECKSUMS]
 
-  def _restore_one(self, step: int, target, verify: bool, partial: bool = False
-                   ) -> tuple[Restored | None, str | None]:
+  def _restore_one(
+    self, step: int, target, verify: bool, partial: bool = False
+  ) -> tuple[Restored | None, str | None]:
     """Restores and verifies one step; returns (result, None) or (None, why it was rejected)."""
     try:
       state, data_iter, config, sums = self._read_state(step, target, partial)
@@ -308,13 +339,24 @@ class CheckpointManager:
       problems = verify_checksums(state, expected, _target_dtypes(target))
       if problems:
         return None, f"step {step} is corrupt: " + "; ".join(problems[:10]) + (
-            f" (+{len(problems) - 10} more)" if len(problems) > 10 else "")
-    return Restored(step=step, state=state, data_iter=dict(data_iter or {}),
-                    config=dict(config or {})), None
+          f" (+{len(problems) - 10} more)" if len(problems) > 10 else ""
+        )
+    return Restored(
+      step=step, state=state, data_iter=dict(data_iter or {}), config=dict(config or {})
+    ), None
 
-  def restore(self, target=None, *, step: int | None = None, verify: bool = True,
-              fallback: bool = True, config=None, critical_keys: Sequence[str] = (),
-              allow_config_change: bool = False, partial: bool = False) -> Restored:
+  def restore(
+    self,
+    target=None,
+    *,
+    step: int | None = None,
+    verify: bool = True,
+    fallback: bool = True,
+    config=None,
+    critical_keys: Sequence[str] = (),
+    allow_config_change: bool = False,
+    partial: bool = False,
+  ) -> Restored:
     """Restores the latest good committed step (or exactly `step`).
 
     Args:
@@ -337,8 +379,9 @@ class CheckpointManager:
     steps = self.all_steps()
     if step is not None:
       if step not in steps:
-        raise CheckpointError(f"step {step} is not a committed checkpoint in {self.directory} "
-                              f"(committed: {steps})")
+        raise CheckpointError(
+          f"step {step} is not a committed checkpoint in {self.directory} (committed: {steps})"
+        )
       candidates = [step]
     else:
       candidates = sorted(steps, reverse=True)
@@ -351,14 +394,18 @@ class CheckpointManager:
       result, why = self._restore_one(s, target, verify, partial)
       if result is not None:
         if skipped:
-          logging.warning("restored step %d after rejecting newer steps:\n  %s", s, "\n  ".join(skipped))
+          logging.warning(
+            "restored step %d after rejecting newer steps:\n  %s", s, "\n  ".join(skipped)
+          )
         result = dataclasses.replace(result, skipped=tuple(skipped))
         if config is not None:
           check_config_compatible(result.config, config, critical_keys, allow_config_change)
         return result
       logging.error("checkpoint rejected: %s", why)
       skipped.append(why)
-    raise CheckpointError(f"no restorable checkpoint in {self.directory}:\n  " + "\n  ".join(skipped))
+    raise CheckpointError(
+      f"no restorable checkpoint in {self.directory}:\n  " + "\n  ".join(skipped)
+    )
 
   def close(self):
     """Waits for pending saves and releases orbax resources."""

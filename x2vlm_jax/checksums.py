@@ -42,8 +42,10 @@ def _lanes(words, idx, xp):
 
 def _check_dtype(dtype, where: str):
   if jnp.issubdtype(dtype, jax.dtypes.prng_key):
-    raise TypeError(f"{where}: typed PRNG key arrays are not saved directly; store "
-                    "jax.random.key_data(key) (uint32) and wrap it again after restore")
+    raise TypeError(
+      f"{where}: typed PRNG key arrays are not saved directly; store "
+      "jax.random.key_data(key) (uint32) and wrap it again after restore"
+    )
   if np.dtype(dtype).kind == "c" or np.dtype(dtype).itemsize not in (1, 2, 4, 8):
     raise TypeError(f"{where}: unsupported dtype {dtype} for checkpoint checksums")
 
@@ -56,7 +58,9 @@ def _device_words(x):
   if size == 4:
     return jax.lax.bitcast_convert_type(x, jnp.uint32)
   if size in (1, 2):
-    return jax.lax.bitcast_convert_type(x, jnp.uint8 if size == 1 else jnp.uint16).astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, jnp.uint8 if size == 1 else jnp.uint16).astype(
+      jnp.uint32
+    )
   return jax.lax.bitcast_convert_type(x, jnp.uint32)  # 8 bytes -> [..., 2]
 
 
@@ -114,7 +118,11 @@ def leaf_checksums(tree) -> dict[str, dict]:
         raise TypeError(f"state leaf {name!r} of type {type(leaf).__name__} is not an array")
       _check_dtype(arr.dtype, f"state leaf {name!r}")
       h1, h2 = _host_fingerprint(arr)
-      out[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "fingerprint": f"{h1:08x}{h2:08x}"}
+      out[name] = {
+        "shape": list(arr.shape),
+        "dtype": str(arr.dtype),
+        "fingerprint": f"{h1:08x}{h2:08x}",
+      }
   # One jit per set of devices (a state may mix mesh-sharded leaves and single-device scalars).
   groups: dict[tuple, list[int]] = {}
   for i, leaf in enumerate(dev_leaves):
@@ -128,8 +136,9 @@ def leaf_checksums(tree) -> dict[str, dict]:
   return out
 
 
-def verify_checksums(tree, expected: Mapping[str, Mapping], cast: Mapping[str, str] | None = None
-                     ) -> list[str]:
+def verify_checksums(
+  tree, expected: Mapping[str, Mapping], cast: Mapping[str, str] | None = None
+) -> list[str]:
   """Compares a restored tree with saved checksums; returns one problem line per bad leaf.
 
   Args:
@@ -143,10 +152,19 @@ def verify_checksums(tree, expected: Mapping[str, Mapping], cast: Mapping[str, s
   cast = cast or {}
   problems = []
   for name in sorted(set(expected) | set(got)):
-    if (name in expected and name in got and name in cast and cast[name] == got[name]["dtype"]
-        and expected[name]["dtype"] != cast[name]):
-      logging.info("leaf %r restored as %s (saved %s): checksum not comparable, skipped",
-                   name, cast[name], expected[name]["dtype"])
+    if (
+      name in expected
+      and name in got
+      and name in cast
+      and cast[name] == got[name]["dtype"]
+      and expected[name]["dtype"] != cast[name]
+    ):
+      logging.info(
+        "leaf %r restored as %s (saved %s): checksum not comparable, skipped",
+        name,
+        cast[name],
+        expected[name]["dtype"],
+      )
     elif name not in got:
       problems.append(f"leaf {name!r} is in the saved checksums but not in the restored state")
     elif name not in expected:

@@ -29,8 +29,13 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "demo.py"
-LOSS_KEYS = ("train/loss/total", "train/loss/itc/image", "train/loss/itm/image",
-             "train/loss/box_l1/region", "train/loss/box_giou/region")
+LOSS_KEYS = (
+  "train/loss/total",
+  "train/loss/itc/image",
+  "train/loss/itm/image",
+  "train/loss/box_l1/region",
+  "train/loss/box_giou/region",
+)
 
 
 def write_data(data_dir: pathlib.Path, ci: bool) -> dict[str, int]:
@@ -44,11 +49,11 @@ def write_data(data_dir: pathlib.Path, ci: bool) -> dict[str, int]:
   heldout = demo_cfg.CI_HELDOUT if ci else demo_cfg.HELDOUT
   world_cfg = synthetic.WorldConfig(**demo_cfg.WORLD)
   counts = {
-      # Enough records that a run reads each about once (region records yield several texts).
-      "image_train": steps * int(cfg.batch.image),
-      "region_train": steps * int(cfg.batch.region_max_images),
-      "image_heldout": heldout["retrieval_images"],
-      "region_heldout": heldout["grounding_records"],
+    # Enough records that a run reads each about once (region records yield several texts).
+    "image_train": steps * int(cfg.batch.image),
+    "region_train": steps * int(cfg.batch.region_max_images),
+    "image_heldout": heldout["retrieval_images"],
+    "region_heldout": heldout["grounding_records"],
   }
   dirs = demo_cfg.splits(str(data_dir))
   for name, n in counts.items():
@@ -63,8 +68,9 @@ def _run(cmd: list[str], log_path: pathlib.Path) -> None:
   print("$ " + " ".join(cmd), flush=True)
   env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
   with open(log_path, "w") as log:
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+      cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     for line in proc.stdout:
       log.write(line)
       if "Warning" not in line and "warn(" not in line:
@@ -105,13 +111,30 @@ def main(argv=None) -> dict:
   print(f"wrote JSON lines under {work / 'data'}: {counts} ({times['data']:.0f} s)", flush=True)
 
   t0 = time.time()
-  _run([sys.executable, "train.py", f"--config={config}", f"--workdir={work / 'run'}",
-        f"--config.train.compilation_cache_dir={work / 'jax_cache'}"], work / "train.log")
+  _run(
+    [
+      sys.executable,
+      "train.py",
+      f"--config={config}",
+      f"--workdir={work / 'run'}",
+      f"--config.train.compilation_cache_dir={work / 'jax_cache'}",
+    ],
+    work / "train.log",
+  )
   times["train"] = time.time() - t0
 
   t0 = time.time()
-  _run([sys.executable, "eval.py", f"--config={config}", f"--checkpoint={work / 'run'}",
-        f"--png={work / 'grounding.png'}", f"--output={work / 'metrics.json'}"], work / "eval.log")
+  _run(
+    [
+      sys.executable,
+      "eval.py",
+      f"--config={config}",
+      f"--checkpoint={work / 'run'}",
+      f"--png={work / 'grounding.png'}",
+      f"--output={work / 'metrics.json'}",
+    ],
+    work / "eval.log",
+  )
   times["eval"] = time.time() - t0
 
   metrics = json.loads((work / "metrics.json").read_text())
@@ -127,20 +150,28 @@ def print_summary(summary: dict, work: pathlib.Path) -> None:
   m, t = summary["metrics"], summary["seconds"]
   r = lambda d, p="retrieval": " / ".join(f"{m[f'eval/{p}/{d}_r{k}']:5.1f}" for k in (1, 5, 10))
   print("\n==== X2-VLM demo: held-out shapes world ====")
-  print(f"images {m['eval/retrieval/num_images']:.0f}, captions {m['eval/retrieval/num_texts']:.0f}, "
-        f"grounding phrases {m['eval/grounding/count']:.0f}")
+  print(
+    f"images {m['eval/retrieval/num_images']:.0f}, captions {m['eval/retrieval/num_texts']:.0f}, "
+    f"grounding phrases {m['eval/grounding/count']:.0f}"
+  )
   print(f"text->image  R@1/5/10: {r('img')}   (chance R@1 {m['eval/retrieval/chance_r1']:.1f})")
   print(f"image->text  R@1/5/10: {r('txt')}")
-  print(f"ranked by ITC similarity only (no ITM re-ranking): text->image {r('img', 'retrieval_itc')}, "
-        f"image->text {r('txt', 'retrieval_itc')}")
-  print(f"grounding accuracy (IoU >= 0.5): {m['eval/grounding/acc']:.1f} "
-        f"(baselines: whole image {m['eval/grounding/acc_whole_image']:.1f}, "
-        f"mean box {m['eval/grounding/acc_mean_box']:.1f}; "
-        f"mean IoU {m['eval/grounding/mean_iou']:.2f})")
+  print(
+    f"ranked by ITC similarity only (no ITM re-ranking): text->image {r('img', 'retrieval_itc')}, "
+    f"image->text {r('txt', 'retrieval_itc')}"
+  )
+  print(
+    f"grounding accuracy (IoU >= 0.5): {m['eval/grounding/acc']:.1f} "
+    f"(baselines: whole image {m['eval/grounding/acc_whole_image']:.1f}, "
+    f"mean box {m['eval/grounding/acc_mean_box']:.1f}; "
+    f"mean IoU {m['eval/grounding/mean_iou']:.2f})"
+  )
   for k, (a, b) in summary["losses"].items():
     print(f"{k:28s} {a:8.3f} -> {b:8.3f}")
-  print(f"wall time: data {t['data']:.0f} s, train {t['train']:.0f} s, eval {t['eval']:.0f} s, "
-        f"total {sum(t.values()):.0f} s")
+  print(
+    f"wall time: data {t['data']:.0f} s, train {t['train']:.0f} s, eval {t['eval']:.0f} s, "
+    f"total {sum(t.values()):.0f} s"
+  )
   print(f"boxes: {work / 'grounding.png'} (green = true, red = predicted)")
 
 

@@ -13,8 +13,9 @@ from x2vlm_jax import params_io
 from x2vlm_jax.models.config import ModelConfig
 
 
-def export_params(workdir: pathlib.Path, model_cfg: ModelConfig, params: dict,
-                  log: Callable[[str], None]) -> None:
+def export_params(
+  workdir: pathlib.Path, model_cfg: ModelConfig, params: dict, log: Callable[[str], None]
+) -> None:
   """Writes `workdir/export/{params, model.safetensors, model.th}`; every process calls it."""
   from x2vlm_jax.convert import official  # pylint: disable=g-import-not-at-top
   from x2vlm_jax.convert.official_config import official_config_dict  # pylint: disable=g-import-not-at-top
@@ -26,6 +27,7 @@ def export_params(workdir: pathlib.Path, model_cfg: ModelConfig, params: dict,
     host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
   else:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     host = jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
   if jax.process_index() != 0:
     return
@@ -34,6 +36,7 @@ def export_params(workdir: pathlib.Path, model_cfg: ModelConfig, params: dict,
   save_safetensors(out / "model.safetensors", sd, cfg_dict)
   try:
     from x2vlm_jax.convert.torch_io import save_th  # pylint: disable=g-import-not-at-top
+
     save_th(out / "model.th", sd, cfg_dict)
     log(f"export: {out}/params, model.safetensors, model.th")
   except ImportError as e:

@@ -15,15 +15,27 @@ def step_flops(cfg, sizes, itm: bool = True) -> float:
   v, t, f = cfg.vision, cfg.text, cfg.fusion
   s_v, length = v.num_patches + 1, sizes.max_tokens
   n_img = sizes.image_batch + sizes.region_max_images + sizes.video_batch * sizes.frame_len
-  vision = n_img * v.depth * (2 * s_v * (4 * v.width**2 + 2 * v.width * v.mlp_dim)
-                              + 4 * s_v**2 * v.width)
+  vision = (
+    n_img * v.depth * (2 * s_v * (4 * v.width**2 + 2 * v.width * v.mlp_dim) + 4 * s_v**2 * v.width)
+  )
   vision += n_img * 2 * v.num_patches * v.patch_size**2 * 3 * v.width  # patch embedding
   texts = sizes.image_batch + sizes.region_batch + sizes.video_batch
-  text = 2 * texts * t.depth * (2 * length * (4 * t.width**2 + 2 * t.width * t.mlp_dim)
-                                + 4 * length**2 * t.width)
+  text = (
+    2
+    * texts
+    * t.depth
+    * (2 * length * (4 * t.width**2 + 2 * t.width * t.mlp_dim) + 4 * length**2 * t.width)
+  )
   rows = texts * (4 if itm else 1) + sizes.region_batch  # ITM x3, MLM, box pass
-  fusion = rows * f.depth * (2 * length * (6 * t.width**2 + 2 * t.width * f.mlp_dim)
-                             + 4 * length**2 * t.width + 4 * length * s_v * t.width)
+  fusion = (
+    rows
+    * f.depth
+    * (
+      2 * length * (6 * t.width**2 + 2 * t.width * f.mlp_dim)
+      + 4 * length**2 * t.width
+      + 4 * length * s_v * t.width
+    )
+  )
   table = sizes.image_batch + sizes.region_max_images + sizes.video_batch
   kv = table * f.depth * 2 * s_v * 2 * v.width * t.width
   mlm = texts * sizes.max_masks * 2 * (t.width**2 + t.width * t.vocab_size)

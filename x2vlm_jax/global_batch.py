@@ -32,8 +32,10 @@ from x2vlm_jax import sharding
 
 def device_fields(batch: Mapping[str, Mapping[str, Any]]) -> dict:
   """The MixedBatch without its host-only bookkeeping fields (record ids)."""
-  return {kind: {k: v for k, v in fields.items() if k not in F.HOST_ONLY_FIELDS}
-          for kind, fields in batch.items()}
+  return {
+    kind: {k: v for k, v in fields.items() if k not in F.HOST_ONLY_FIELDS}
+    for kind, fields in batch.items()
+  }
 
 
 def shardings(batch: Mapping, mesh: Mesh, batch_axis: int = 0):
@@ -41,16 +43,19 @@ def shardings(batch: Mapping, mesh: Mesh, batch_axis: int = 0):
   return jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim, batch_axis), batch)
 
 
-def _local_row_range(sh: jax.sharding.Sharding, global_shape: tuple[int, ...],
-                     axis: int) -> tuple[int, int]:
+def _local_row_range(
+  sh: jax.sharding.Sharding, global_shape: tuple[int, ...], axis: int
+) -> tuple[int, int]:
   """[start, stop) of the global rows of `axis` held by this process's devices."""
   rows = set()
   for index in sh.addressable_devices_indices_map(global_shape).values():
     rows.update(range(*index[axis].indices(global_shape[axis])))
   start, stop = min(rows), max(rows) + 1
   if stop - start != len(rows):
-    raise ValueError(f"this process's devices hold non-contiguous batch rows {sorted(rows)}; "
-                     "order the mesh devices by process")
+    raise ValueError(
+      f"this process's devices hold non-contiguous batch rows {sorted(rows)}; "
+      "order the mesh devices by process"
+    )
   return start, stop
 
 
@@ -62,11 +67,14 @@ def global_batch_size(mesh: Mesh, local: int) -> int:
   """
   shards = sharding.batch_shards(mesh)
   sh = sharding.batch_sharding(mesh, 1)
-  local_shards = len({idx[0].indices(shards)[0]
-                      for idx in sh.addressable_devices_indices_map((shards,)).values()})
+  local_shards = len(
+    {idx[0].indices(shards)[0] for idx in sh.addressable_devices_indices_map((shards,)).values()}
+  )
   if local % local_shards:
-    raise ValueError(f"host-local batch of {local} rows cannot be split over the {local_shards} "
-                     f"batch shards of this process (mesh {dict(mesh.shape)})")
+    raise ValueError(
+      f"host-local batch of {local} rows cannot be split over the {local_shards} "
+      f"batch shards of this process (mesh {dict(mesh.shape)})"
+    )
   return local // local_shards * shards
 
 
@@ -80,7 +88,7 @@ def _put_kind(kind: str, fields: Mapping[str, np.ndarray], mesh: Mesh, axis: int
       global_n = global_batch_size(mesh, arr.shape[axis])
     except ValueError as e:
       raise ValueError(f"{kind}/{name}: {e}") from None
-    global_shape = arr.shape[:axis] + (global_n,) + arr.shape[axis + 1:]
+    global_shape = arr.shape[:axis] + (global_n,) + arr.shape[axis + 1 :]
     sh = sharding.batch_sharding(mesh, arr.ndim, axis)
     if name == F.PIXELS and kind == F.REGION:
       offset = _local_row_range(sh, global_shape, axis)[0]

@@ -72,6 +72,7 @@ def _from_official(model: X2VLM, path: str, model_cfg: ModelConfig, notes: list[
   p = _check_exists(path, "official_th")
   if p.suffix == ".safetensors":
     from x2vlm_jax.convert.safetensors_io import load_safetensors  # pylint: disable=g-import-not-at-top
+
     sd, _ = load_safetensors(p)
   else:
     sd, _, read_notes = load_th(p)
@@ -98,16 +99,22 @@ def _from_params_dir(model: X2VLM, path: str, notes: list[str]):
     saved = {p: m for p, m in treepath.flatten(meta)}
     unknown = sorted(set(saved) - set(ours))
     if unknown:
-      raise ValueError(f"{path}: parameters {unknown[:10]} are not in this model "
-                       f"(config.model differs from the saved model_config.json?)")
-    bad = [f"{p}: saved {tuple(saved[p].shape)} vs model {tuple(ours[p][...].shape)}"
-           for p in saved if tuple(saved[p].shape) != tuple(ours[p][...].shape)]
+      raise ValueError(
+        f"{path}: parameters {unknown[:10]} are not in this model "
+        f"(config.model differs from the saved model_config.json?)"
+      )
+    bad = [
+      f"{p}: saved {tuple(saved[p].shape)} vs model {tuple(ours[p][...].shape)}"
+      for p in saved
+      if tuple(saved[p].shape) != tuple(ours[p][...].shape)
+    ]
     if bad:
       raise ValueError(f"{path}: shapes differ from the model: " + "; ".join(bad[:10]))
     # Restore straight into the model's shardings (only the saved leaves).
-    flat_target = {p: jax.ShapeDtypeStruct(tuple(m.shape), ours[p][...].dtype,
-                                           sharding=ours[p][...].sharding)
-                   for p, m in saved.items()}
+    flat_target = {
+      p: jax.ShapeDtypeStruct(tuple(m.shape), ours[p][...].dtype, sharding=ours[p][...].sharding)
+      for p, m in saved.items()
+    }
     target = treepath.unflatten_like(meta, flat_target)
     restored = ckptr.restore(directory / params_io.PARAMS_DIR, target)
   finally:
@@ -135,8 +142,15 @@ def initialize(init: InitConfig, model_cfg: ModelConfig, mesh, key) -> InitResul
   """
   bert, beit = init.bert_dir, init.beit_path
   official_th, params_dir = init.official_th, init.params_dir
-  chosen = [k for k, v in (("bert_dir/beit_path", bert or beit), ("official_th", official_th),
-                           ("params_dir", params_dir)) if v]
+  chosen = [
+    k
+    for k, v in (
+      ("bert_dir/beit_path", bert or beit),
+      ("official_th", official_th),
+      ("params_dir", params_dir),
+    )
+    if v
+  ]
   if len(chosen) > 1:
     raise ValueError(f"config.init: choose one weight source, got {chosen}")
   model = create_sharded(model_cfg, mesh, key)
@@ -148,7 +162,8 @@ def initialize(init: InitConfig, model_cfg: ModelConfig, mesh, key) -> InitResul
   elif params_dir:
     fresh = tuple(sorted(_from_params_dir(model, params_dir, notes)))
   elif bert or beit:
-    from x2vlm_jax.convert import apply, hf  # pylint: disable=g-import-not-at-top
+    from x2vlm_jax.convert import apply, hf, hf_beit  # pylint: disable=g-import-not-at-top
+
     results, bert_scope_fresh = [], set()
     if bert:
       _check_exists(bert, "bert_dir")
@@ -158,7 +173,7 @@ def initialize(init: InitConfig, model_cfg: ModelConfig, mesh, key) -> InitResul
       bert_scope_fresh = set(res.not_loaded)
     if beit:
       _check_exists(beit, "beit_path")
-      res = hf.load_beit(beit, model_cfg)
+      res = hf_beit.load_beit(beit, model_cfg)
       notes.append(f"BEiT {beit}:\n{res.report.summary()}")
       results.append(res)
     apply.apply_params(model, *(r.params for r in results))

@@ -21,10 +21,10 @@ from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
-from x2vlm_jax import box_ops
-from x2vlm_jax import sharding
+from x2vlm_jax import box_ops, sharding
 
 # Finite stand-in for -inf when masking logits: keeps 0 * logp finite for masked entries.
 _MASKED_LOGIT = -1e9
@@ -130,8 +130,10 @@ def itc_loss(image_feat, text_feat, temp, valid=None, ids=None, grad_scale: floa
   _check_shape(image_feat, 2, "image_feat", "itc_loss")
   _check_shape(text_feat, 2, "text_feat", "itc_loss")
   if jnp.shape(image_feat) != jnp.shape(text_feat):
-    raise ValueError(f"itc_loss: image_feat {jnp.shape(image_feat)} and text_feat "
-                     f"{jnp.shape(text_feat)} must have the same shape [N, E]")
+    raise ValueError(
+      f"itc_loss: image_feat {jnp.shape(image_feat)} and text_feat "
+      f"{jnp.shape(text_feat)} must have the same shape [N, E]"
+    )
   n = image_feat.shape[0]
   w = _row_weights(valid, n, "itc_loss valid")
   if ids is not None and jnp.shape(ids) != (n,):
@@ -188,8 +190,10 @@ def _check_negative_inputs(image_feat, text_feat, valid, ids, fn: str):
   _check_shape(image_feat, 2, "image_feat", fn)
   _check_shape(text_feat, 2, "text_feat", fn)
   if jnp.shape(image_feat) != jnp.shape(text_feat):
-    raise ValueError(f"{fn}: image_feat {jnp.shape(image_feat)} and text_feat "
-                     f"{jnp.shape(text_feat)} must have the same shape [B, E]")
+    raise ValueError(
+      f"{fn}: image_feat {jnp.shape(image_feat)} and text_feat "
+      f"{jnp.shape(text_feat)} must have the same shape [B, E]"
+    )
   n = image_feat.shape[0]
   w = _row_weights(valid, n, f"{fn} valid")
   if ids is not None and jnp.shape(ids) != (n,):
@@ -197,8 +201,9 @@ def _check_negative_inputs(image_feat, text_feat, valid, ids, fn: str):
   return n, w
 
 
-def sample_hard_negatives(key, image_feat, text_feat, temp, valid=None, ids=None,
-                          num_shards: int = 1):
+def sample_hard_negatives(
+  key, image_feat, text_feat, temp, valid=None, ids=None, num_shards: int = 1
+):
   """Draws one hard-negative image per text and one hard-negative text per image.
 
   As the official code (docs/fidelity.md#itm-hard-negatives), weights are softmax(sim / temp)
@@ -233,14 +238,23 @@ def sample_hard_negatives(key, image_feat, text_feat, temp, valid=None, ids=None
   shard = jnp.arange(num_shards)
   ids_axis = None if ids is None else 0
   local = jax.vmap(_local_hard_negatives, in_axes=(None, 0, 0, 0, None, 0, ids_axis))
-  neg_image, neg_text = local(key, shard, split(image_feat), split(text_feat), temp, split(w),
-                              split(ids))  # [S, b] each
+  neg_image, neg_text = local(
+    key, shard, split(image_feat), split(text_feat), temp, split(w), split(ids)
+  )  # [S, b] each
   offset = (shard * b)[:, None]
   return (neg_image + offset).reshape(n), (neg_text + offset).reshape(n)
 
 
-def sample_hard_negatives_sharded(mesh: Mesh, key, image_feat, text_feat, temp, valid=None,
-                                  ids=None, batch_axes: Sequence[str] | None = None):
+def sample_hard_negatives_sharded(
+  mesh: Mesh,
+  key,
+  image_feat,
+  text_feat,
+  temp,
+  valid=None,
+  ids=None,
+  batch_axes: Sequence[str] | None = None,
+):
   """`sample_hard_negatives` with one shard per device slice of the batch, via `jax.shard_map`.
 
   Each batch shard (the product of `batch_axes` of `mesh`) samples from its own rows only, so no
@@ -252,15 +266,18 @@ def sample_hard_negatives_sharded(mesh: Mesh, key, image_feat, text_feat, temp, 
   batch_axes = tuple(sharding.LOGICAL_RULES["batch"] if batch_axes is None else batch_axes)
   num_shards = math.prod(mesh.shape[a] for a in batch_axes)
   if n % num_shards:
-    raise ValueError(f"sample_hard_negatives_sharded: batch {n} is not divisible by the "
-                     f"{num_shards} shards of mesh axes {batch_axes}")
+    raise ValueError(
+      f"sample_hard_negatives_sharded: batch {n} is not divisible by the "
+      f"{num_shards} shards of mesh axes {batch_axes}"
+    )
   b = n // num_shards
   has_ids = ids is not None
 
   def local(key, temp, v, t, w, *maybe_ids):
     s = jax.lax.axis_index(batch_axes)  # linear shard index, row-major over batch_axes
-    neg_image, neg_text = _local_hard_negatives(key, s, v, t, temp, w,
-                                                maybe_ids[0] if has_ids else None)
+    neg_image, neg_text = _local_hard_negatives(
+      key, s, v, t, temp, w, maybe_ids[0] if has_ids else None
+    )
     return neg_image + s * b, neg_text + s * b
 
   rows = P(batch_axes)
@@ -274,8 +291,9 @@ def sample_hard_negatives_sharded(mesh: Mesh, key, image_feat, text_feat, temp, 
 # ITM, MLM, box
 
 
-def itm_loss(logits_pos, logits_neg_img, logits_neg_txt, valid=None, neg_image_valid=None,
-             neg_text_valid=None):
+def itm_loss(
+  logits_pos, logits_neg_img, logits_neg_txt, valid=None, neg_image_valid=None, neg_text_valid=None
+):
   """Image-text matching cross-entropy over [positives; negatives] (docs/fidelity.md#itm-loss).
 
   Args:
@@ -289,11 +307,15 @@ def itm_loss(logits_pos, logits_neg_img, logits_neg_txt, valid=None, neg_image_v
   Returns:
     Scalar float32: mean CE over the 3B (valid) rows with labels [1]*B + [0]*2B (1 = match).
   """
-  for name, x in (("logits_pos", logits_pos), ("logits_neg_img", logits_neg_img),
-                  ("logits_neg_txt", logits_neg_txt)):
+  for name, x in (
+    ("logits_pos", logits_pos),
+    ("logits_neg_img", logits_neg_img),
+    ("logits_neg_txt", logits_neg_txt),
+  ):
     if jnp.ndim(x) != 2 or jnp.shape(x)[1] != 2 or jnp.shape(x)[0] != jnp.shape(logits_pos)[0]:
-      raise ValueError(f"itm_loss: {name} must be [B, 2] with B = {jnp.shape(logits_pos)[0]}, "
-                       f"got {jnp.shape(x)}")
+      raise ValueError(
+        f"itm_loss: {name} must be [B, 2] with B = {jnp.shape(logits_pos)[0]}, got {jnp.shape(x)}"
+      )
   b = logits_pos.shape[0]
   w = _row_weights(valid, b, "itm_loss valid")
   w_img = w * _row_weights(neg_image_valid, b, "itm_loss neg_image_valid")
@@ -320,8 +342,10 @@ def mlm_loss(logits, labels, weights):
   """
   _check_shape(logits, 3, "logits", "mlm_loss")
   if jnp.shape(labels) != jnp.shape(logits)[:2] or jnp.shape(weights) != jnp.shape(logits)[:2]:
-    raise ValueError(f"mlm_loss: labels {jnp.shape(labels)} and weights {jnp.shape(weights)} "
-                     f"must be [B, M] = {jnp.shape(logits)[:2]}")
+    raise ValueError(
+      f"mlm_loss: labels {jnp.shape(labels)} and weights {jnp.shape(weights)} "
+      f"must be [B, M] = {jnp.shape(logits)[:2]}"
+    )
   vocab = logits.shape[-1]
   labels = jnp.asarray(labels, jnp.int32)
   w = _f32(weights) * (labels >= 0)
@@ -374,8 +398,11 @@ def box_loss(pred, target, is_image, valid=None):
 TERMS = ("itc", "itm", "mlm", "box_l1", "box_giou")
 
 
-def combine(terms: Mapping[str, Mapping[str, jnp.ndarray]], weights: Mapping[str, float],
-            term_weights: Mapping[str, float] | None = None):
+def combine(
+  terms: Mapping[str, Mapping[str, jnp.ndarray]],
+  weights: Mapping[str, float],
+  term_weights: Mapping[str, float] | None = None,
+):
   """Weighted total of per-kind loss terms and a flat metrics dict.
 
   Official behaviour: docs/fidelity.md#loss-weights-and-total.
@@ -395,16 +422,18 @@ def combine(terms: Mapping[str, Mapping[str, jnp.ndarray]], weights: Mapping[str
   term_weights = dict(term_weights or {})
   unknown = set(term_weights) - set(TERMS)
   if unknown:
-    raise ValueError(f"combine: unknown loss terms {sorted(unknown)} in term_weights; known: "
-                     f"{TERMS}")
+    raise ValueError(
+      f"combine: unknown loss terms {sorted(unknown)} in term_weights; known: {TERMS}"
+    )
   total = jnp.zeros((), jnp.float32)
   metrics = {}
   for kind, kind_terms in terms.items():
     weight = float(weights.get(kind, 1.0))
     for name, value in kind_terms.items():
       if jnp.ndim(value) != 0:
-        raise ValueError(f"combine: term {kind}/{name} must be a scalar, got shape "
-                         f"{jnp.shape(value)}")
+        raise ValueError(
+          f"combine: term {kind}/{name} must be a scalar, got shape {jnp.shape(value)}"
+        )
       value = _f32(value)
       metrics[f"loss/{name}/{kind}"] = value
       total = total + weight * float(term_weights.get(name, 1.0)) * value

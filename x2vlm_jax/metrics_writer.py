@@ -39,6 +39,7 @@ def _import_tensorboardx():
   """
   if "torch" in sys.modules:
     import tensorboardX
+
     return tensorboardX
   sys.modules["torch"] = None  # `import torch` now raises ImportError
   try:
@@ -77,8 +78,14 @@ class MetricsWriter:
     process_index: override of `jax.process_index()` (tests, custom launchers).
   """
 
-  def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True, tb_subdir: str = "",
-               process_index: int | None = None):
+  def __init__(
+    self,
+    workdir: str | os.PathLike,
+    *,
+    tensorboard: bool = True,
+    tb_subdir: str = "",
+    process_index: int | None = None,
+  ):
     self.workdir = os.fspath(workdir)
     self.active = (jax.process_index() if process_index is None else process_index) == 0
     self._jsonl = None
@@ -102,7 +109,11 @@ class MetricsWriter:
       return
     values = {k: _to_float(k, v) for k, v in metrics.items()}
     now = time.time()
-    line = {"step": int(step), "wall_time": now, "metrics": {k: _json_number(v) for k, v in values.items()}}
+    line = {
+      "step": int(step),
+      "wall_time": now,
+      "metrics": {k: _json_number(v) for k, v in values.items()},
+    }
     self._jsonl.write(json.dumps(line, allow_nan=False) + "\n")
     self._jsonl.flush()  # one line per write: a crash loses at most the line being written
     if self._tb is not None:
@@ -155,9 +166,15 @@ def _format_duration(seconds: float) -> str:
   return f"{days}d {text}" if days else text
 
 
-def format_progress(step: int, total_steps: int, metrics: Mapping[str, object] | None = None, *,
-                    examples_per_sec: Mapping[str, float] | None = None, eta_seconds: float | None = None,
-                    mfu: float | None = None) -> str:
+def format_progress(
+  step: int,
+  total_steps: int,
+  metrics: Mapping[str, object] | None = None,
+  *,
+  examples_per_sec: Mapping[str, float] | None = None,
+  eta_seconds: float | None = None,
+  mfu: float | None = None,
+) -> str:
   """One human-readable progress line.
 
   Example: 'step 120/1000 (12.0%) | loss 3.2100 itc 1.0200 itm 0.5500 | ex/s image 512.0
@@ -205,15 +222,23 @@ class Progress:
     clock: a monotonic clock in seconds (injectable for tests).
   """
 
-  def __init__(self, total_steps: int, examples_per_step: Mapping[str, int], *, start_step: int = 0,
-               clock: Callable[[], float] = time.monotonic):
+  def __init__(
+    self,
+    total_steps: int,
+    examples_per_step: Mapping[str, int],
+    *,
+    start_step: int = 0,
+    clock: Callable[[], float] = time.monotonic,
+  ):
     self.total_steps = total_steps
     self.examples_per_step = dict(examples_per_step)
     self._clock = clock
     self._last_step, self._last_time = start_step, clock()
     self._start_step, self._start_time = start_step, self._last_time
 
-  def update(self, step: int, metrics: Mapping[str, object] | None = None, mfu: float | None = None) -> str:
+  def update(
+    self, step: int, metrics: Mapping[str, object] | None = None, mfu: float | None = None
+  ) -> str:
     """The progress line at `step`: rates over the steps since the previous call, ETA from the
     average step time since the start (stable against single slow steps such as evaluations)."""
     now = self._clock()
@@ -226,7 +251,9 @@ class Progress:
     if done > 0 and elapsed > 0:
       eta = (self.total_steps - step) * elapsed / done
     self._last_step, self._last_time = step, now
-    return format_progress(step, self.total_steps, metrics, examples_per_sec=rates, eta_seconds=eta, mfu=mfu)
+    return format_progress(
+      step, self.total_steps, metrics, examples_per_sec=rates, eta_seconds=eta, mfu=mfu
+    )
 
   def steps_per_sec(self) -> float:
     """Average steps per second since the start."""

@@ -77,8 +77,9 @@ class OptimConfig:
     if not 0 <= self.warmup_steps:
       raise ValueError(f"OptimConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
     if self.num_warmup > self.total_steps:
-      raise ValueError(f"OptimConfig: warmup ({self.num_warmup}) exceeds total_steps "
-                       f"({self.total_steps})")
+      raise ValueError(
+        f"OptimConfig: warmup ({self.num_warmup}) exceeds total_steps ({self.total_steps})"
+      )
 
   @property
   def num_warmup(self) -> int:
@@ -126,16 +127,19 @@ def lr_schedule(cfg: OptimConfig) -> Callable[[Any], jnp.ndarray]:
 # Weight decay on our paths; first matching glob wins. The third column is the official name the
 # substring rule ('bias', 'LayerNorm.weight', 'norm.weight', 'norm1.weight', ...) sees.
 WEIGHT_DECAY_RULES: tuple[tuple[str, bool, str], ...] = (
-    ("itm_head.norm.scale", True, "itm_head.1.weight matches no substring"),
-    ("box_head.norm.scale", True, "bbox_head.1.weight matches no substring"),
-    ("*bias", False, "every bias, q_bias/v_bias, relative_position_bias_table, "
-                     "cls.predictions.bias, LayerNorm.bias"),
-    ("vision.*norm1.scale", False, "blocks.i.norm1.weight"),
-    ("vision.*norm2.scale", False, "blocks.i.norm2.weight"),
-    ("vision.fc_norm.scale", False, "fc_norm.weight contains norm.weight"),
-    ("text.*norm.scale", False, "embeddings / attention.output / output .LayerNorm.weight"),
-    ("fusion.*norm.scale", False, "attention / crossattention / output .LayerNorm.weight"),
-    ("mlm_head.norm.scale", False, "cls.predictions.transform.LayerNorm.weight"),
+  ("itm_head.norm.scale", True, "itm_head.1.weight matches no substring"),
+  ("box_head.norm.scale", True, "bbox_head.1.weight matches no substring"),
+  (
+    "*bias",
+    False,
+    "every bias, q_bias/v_bias, relative_position_bias_table, cls.predictions.bias, LayerNorm.bias",
+  ),
+  ("vision.*norm1.scale", False, "blocks.i.norm1.weight"),
+  ("vision.*norm2.scale", False, "blocks.i.norm2.weight"),
+  ("vision.fc_norm.scale", False, "fc_norm.weight contains norm.weight"),
+  ("text.*norm.scale", False, "embeddings / attention.output / output .LayerNorm.weight"),
+  ("fusion.*norm.scale", False, "attention / crossattention / output .LayerNorm.weight"),
+  ("mlm_head.norm.scale", False, "cls.predictions.transform.LayerNorm.weight"),
 )
 # Everything else decays: kernels, embedding tables, gamma_1/gamma_2, cls_token, temp,
 # frame_embed: none of their official names contains a no-decay substring
@@ -147,8 +151,16 @@ _TOWER_OF_PREFIX = {"vision": "vision", "text": "text", "mlm_head": "text", "fus
 
 # Parameters not loaded from BEiT / BERT in from-scratch pre-training: the official
 # `init_params` (docs/fidelity.md#learning-rate-multiplier-for-fresh-parameters).
-FROM_SCRATCH_FRESH = ("vision_proj", "text_proj", "temp", "itm_head", "box_head",
-                      "fusion.layers.cross_attn", "fusion.layers.cross_norm", "frame_embed")
+FROM_SCRATCH_FRESH = (
+  "vision_proj",
+  "text_proj",
+  "temp",
+  "itm_head",
+  "box_head",
+  "fusion.layers.cross_attn",
+  "fusion.layers.cross_norm",
+  "frame_embed",
+)
 
 
 class ParamGroup(NamedTuple):
@@ -165,8 +177,10 @@ def decays(path: str) -> bool:
     if fnmatch.fnmatchcase(path, pattern):
       return decay
   if path.endswith(".scale") or path == "scale":
-    raise ValueError(f"parameter {path!r} looks like a LayerNorm scale but no weight-decay rule "
-                     f"covers it; add it to optim.WEIGHT_DECAY_RULES")
+    raise ValueError(
+      f"parameter {path!r} looks like a LayerNorm scale but no weight-decay rule "
+      f"covers it; add it to optim.WEIGHT_DECAY_RULES"
+    )
   return True
 
 
@@ -186,8 +200,9 @@ def param_group(path: str, fresh_paths: Iterable[str], cfg: OptimConfig) -> Para
     name, factor = "fresh", cfg.lr_mult
   else:
     name, factor = "base", 1.0
-  return ParamGroup(f"{name}/{'decay' if decay else 'no_decay'}", float(factor),
-                    cfg.weight_decay if decay else 0.0)
+  return ParamGroup(
+    f"{name}/{'decay' if decay else 'no_decay'}", float(factor), cfg.weight_decay if decay else 0.0
+  )
 
 
 def check_fresh_paths(params, fresh_paths: Iterable[str]) -> None:
@@ -220,8 +235,10 @@ def param_groups_report(params_tree, fresh_paths: Iterable[str], cfg: OptimConfi
   lines = [f"{'group':<18} {'tensors':>8} {'params':>14} {'lr x':>6} {'peak lr':>10} {'wd':>6}"]
   for g in sorted(rows):
     n_t, n_p = rows[g]
-    lines.append(f"{g.name:<18} {n_t:>8} {n_p:>14,} {g.lr_factor:>6g} "
-                 f"{cfg.lr * g.lr_factor:>10.3g} {g.weight_decay:>6g}")
+    lines.append(
+      f"{g.name:<18} {n_t:>8} {n_p:>14,} {g.lr_factor:>6g} "
+      f"{cfg.lr * g.lr_factor:>10.3g} {g.weight_decay:>6g}"
+    )
   total_t = sum(r[0] for r in rows.values())
   total_p = sum(r[1] for r in rows.values())
   lines.append(f"{'total':<18} {total_t:>8} {total_p:>14,}")
@@ -256,8 +273,9 @@ class HFAdamState(NamedTuple):
   nu: Any
 
 
-def scale_by_hf_adam(b1: float = 0.9, b2: float = 0.98, eps: float = 1e-8
-                     ) -> optax.GradientTransformation:
+def scale_by_hf_adam(
+  b1: float = 0.9, b2: float = 0.98, eps: float = 1e-8
+) -> optax.GradientTransformation:
   """Adam direction of HF `AdamW`: sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps).
 
   eps is added to the uncorrected sqrt(v) (optax's `scale_by_adam` adds it to the corrected
@@ -266,16 +284,19 @@ def scale_by_hf_adam(b1: float = 0.9, b2: float = 0.98, eps: float = 1e-8
 
   def init_fn(params):
     zeros = lambda p: jnp.zeros(jnp.shape(p), jnp.float32)
-    return HFAdamState(jnp.zeros((), jnp.int32), jax.tree.map(zeros, params),
-                       jax.tree.map(zeros, params))
+    return HFAdamState(
+      jnp.zeros((), jnp.int32), jax.tree.map(zeros, params), jax.tree.map(zeros, params)
+    )
 
   def update_fn(updates, state, params=None):
     del params
     count = state.count + 1
-    mu = jax.tree.map(lambda g, m: b1 * m + (1 - b1) * jnp.asarray(g, jnp.float32),
-                      updates, state.mu)
-    nu = jax.tree.map(lambda g, v: b2 * v + (1 - b2) * jnp.square(jnp.asarray(g, jnp.float32)),
-                      updates, state.nu)
+    mu = jax.tree.map(
+      lambda g, m: b1 * m + (1 - b1) * jnp.asarray(g, jnp.float32), updates, state.mu
+    )
+    nu = jax.tree.map(
+      lambda g, v: b2 * v + (1 - b2) * jnp.square(jnp.asarray(g, jnp.float32)), updates, state.nu
+    )
     t = count.astype(jnp.float32)
     step_size = jnp.sqrt(1 - b2**t) / (1 - b1**t)
     direction = jax.tree.map(lambda m, v: step_size * m / (jnp.sqrt(v) + eps), mu, nu)
@@ -290,8 +311,9 @@ class LrDecayState(NamedTuple):
   count: jnp.ndarray
 
 
-def hf_lr_and_decay(schedule: Callable[[Any], jnp.ndarray],
-                    group_of: Callable[[str], ParamGroup]) -> optax.GradientTransformation:
+def hf_lr_and_decay(
+  schedule: Callable[[Any], jnp.ndarray], group_of: Callable[[str], ParamGroup]
+) -> optax.GradientTransformation:
   """Per-parameter lr and HF-style decoupled weight decay on the updated value.
 
   With lr_p = schedule(count) * group.lr_factor and d the Adam direction:
@@ -322,8 +344,9 @@ def hf_lr_and_decay(schedule: Callable[[Any], jnp.ndarray],
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def make_optimizer(cfg: OptimConfig, fresh_paths: Iterable[str] = ()
-                   ) -> optax.GradientTransformation:
+def make_optimizer(
+  cfg: OptimConfig, fresh_paths: Iterable[str] = ()
+) -> optax.GradientTransformation:
   """The full chain: global-norm clipping, HF Adam, per-group lr schedule and weight decay.
 
   `fresh_paths`: path prefixes of parameters that were freshly initialised (not loaded from a
@@ -338,9 +361,9 @@ def make_optimizer(cfg: OptimConfig, fresh_paths: Iterable[str] = ()
     return cache[path]
 
   base = optax.chain(
-      clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm else optax.identity(),
-      scale_by_hf_adam(cfg.b1, cfg.b2, cfg.eps),
-      hf_lr_and_decay(lr_schedule(cfg), group_of),
+    clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm else optax.identity(),
+    scale_by_hf_adam(cfg.b1, cfg.b2, cfg.eps),
+    hf_lr_and_decay(lr_schedule(cfg), group_of),
   )
 
   def init_fn(params):

@@ -65,7 +65,9 @@ def save_params(directory: str | pathlib.Path, cfg: ModelConfig, params: Mapping
   if (directory / PARAMS_DIR).exists():
     raise FileExistsError(f"{directory / PARAMS_DIR} already exists")
   directory.mkdir(parents=True, exist_ok=True)
-  (directory / CONFIG_FILE).write_text(json.dumps(config_to_dict(cfg), indent=2, sort_keys=True) + "\n")
+  (directory / CONFIG_FILE).write_text(
+    json.dumps(config_to_dict(cfg), indent=2, sort_keys=True) + "\n"
+  )
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(directory / PARAMS_DIR, dict(params))
   ckptr.wait_until_finished()
@@ -81,9 +83,9 @@ def load_config(directory: str | pathlib.Path) -> ModelConfig:
 
 
 def load_params(
-    directory: str | pathlib.Path,
-    abstract_target: Any = None,
-    shardings: Any = None,
+  directory: str | pathlib.Path,
+  abstract_target: Any = None,
+  shardings: Any = None,
 ) -> tuple[ModelConfig, Any]:
   """(config, params) from a `save_params` directory.
 
@@ -103,13 +105,14 @@ def load_params(
       abstract_target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), meta)
     else:
       abstract_target = jax.tree.map(
-          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-          abstract_target)
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        abstract_target,
+      )
     if shardings is not None:
       abstract_target = jax.tree.map(
-          lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_target, shardings)
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_target, shardings
+      )
     params = ckptr.restore(directory / PARAMS_DIR, abstract_target)
   finally:
     ckptr.close()
   return cfg, params
-

@@ -44,8 +44,10 @@ class PreemptionWatcher:
       use_sync_manager = jax.process_count() > 1 and _sync_manager_available()
     self.multihost = bool(use_sync_manager)
     if jax.process_count() > 1 and not self.multihost:
-      logging.warning("several processes but no JAX preemption sync manager: a SIGTERM is "
-                      "only seen by the process that receives it")
+      logging.warning(
+        "several processes but no JAX preemption sync manager: a SIGTERM is "
+        "only seen by the process that receives it"
+      )
     if not self.multihost and threading.current_thread() is threading.main_thread():
       for s in signals:
         self._previous[s] = signal.signal(s, self._handler)
@@ -64,6 +66,7 @@ class PreemptionWatcher:
     """Polled once per step by every process, with the same `step` sequence on all of them."""
     if self.multihost:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
       return bool(multihost_utils.reached_preemption_sync_point(int(step)))
     return self._flag.is_set()
 

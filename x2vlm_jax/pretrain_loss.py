@@ -32,9 +32,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from data_pipelines import features as F
-from x2vlm_jax import losses
+from x2vlm_jax import losses, sharding
 from x2vlm_jax import shard_concat as sc
-from x2vlm_jax import sharding
 from x2vlm_jax.models.fusion import VisionKV
 from x2vlm_jax.models.x2vlm import X2VLM
 
@@ -44,7 +43,8 @@ class StepConfig:
   """What the pre-training loss computes. Defaults = the official pre-training step."""
 
   iter_perc: Mapping[str, float] = dataclasses.field(
-      default_factory=lambda: {F.IMAGE: 1.0, F.REGION: 1.0, F.VIDEO: 1.0})
+    default_factory=lambda: {F.IMAGE: 1.0, F.REGION: 1.0, F.VIDEO: 1.0}
+  )
   # Loss term -> weight in every kind (losses.TERMS); missing = 1.0, the official weights.
   term_weights: Mapping[str, float] = dataclasses.field(default_factory=dict)
   # Hard negatives are drawn per data shard as the official code draws per GPU. 0 = one shard
@@ -93,8 +93,9 @@ def fused_terms(kind: str, b, itm_logits, mlm_logits, box, neg, itm: bool) -> di
   terms = {}
   if itm:
     arange = jnp.arange(valid.shape[0])
-    terms["itm"] = losses.itm_loss(*itm_logits, valid=valid, neg_image_valid=neg[0] != arange,
-                                   neg_text_valid=neg[1] != arange)
+    terms["itm"] = losses.itm_loss(
+      *itm_logits, valid=valid, neg_image_valid=neg[0] != arange, neg_text_valid=neg[1] != arange
+    )
   mlm_w = b[F.MLM_WEIGHTS] * valid[:, None].astype(jnp.float32)
   terms["mlm"], _ = losses.mlm_loss(mlm_logits, b[F.MLM_LABELS], mlm_w)
   if kind == F.REGION:
@@ -115,18 +116,21 @@ def check_inputs(batch, kinds, model: X2VLM) -> None:
     lead = 2 if kind == F.VIDEO else 1
     if x.dtype != jnp.uint8 or x.ndim != lead + 3 or tuple(x.shape[lead:]) != (r, r, 3):
       want = "[B, F, R, R, 3]" if kind == F.VIDEO else "[N, R, R, 3]"
-      raise ValueError(f"batch[{kind!r}][{field!r}] must be uint8 {want} with R = {r}, got "
-                       f"{x.dtype} {tuple(x.shape)}")
+      raise ValueError(
+        f"batch[{kind!r}][{field!r}] must be uint8 {want} with R = {r}, got "
+        f"{x.dtype} {tuple(x.shape)}"
+      )
     for name in (F.TEXT_IDS, F.TEXT_MASK, F.MLM_IDS):
       if name not in b:
         raise ValueError(f"batch[{kind!r}] has no {name!r} field")
       if b[name].ndim != 2 or b[name].shape != b[F.TEXT_IDS].shape:
-        raise ValueError(f"batch[{kind!r}][{name!r}] must be [B, L] like text_ids "
-                         f"{tuple(b[F.TEXT_IDS].shape)}, got {tuple(b[name].shape)}")
+        raise ValueError(
+          f"batch[{kind!r}][{name!r}] must be [B, L] like text_ids "
+          f"{tuple(b[F.TEXT_IDS].shape)}, got {tuple(b[name].shape)}"
+        )
     lengths[kind] = b[F.TEXT_IDS].shape[1]
   if len(set(lengths.values())) > 1:
-    raise ValueError(f"all kinds must share the text length L (one text-tower call), got "
-                     f"{lengths}")
+    raise ValueError(f"all kinds must share the text length L (one text-tower call), got {lengths}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,8 +147,12 @@ class Vision(NamedTuple):
 
 def _encode_vision(model: X2VLM, batch, kinds, nbs, key, mesh) -> Vision:
   """Every image / frame of every kind in one tower call, then concepts and frame pooling."""
-  pix = [batch[k][F.FRAMES].reshape((-1,) + batch[k][F.FRAMES].shape[2:]) if k == F.VIDEO
-         else batch[k][F.PIXELS] for k in kinds]
+  pix = [
+    batch[k][F.FRAMES].reshape((-1,) + batch[k][F.FRAMES].shape[2:])
+    if k == F.VIDEO
+    else batch[k][F.PIXELS]
+    for k in kinds
+  ]
   sizes = [p.shape[0] for p in pix]
   sh = sc.num_shards(mesh, sizes)
   towers = sc.split(model.encode_image(sc.cat(pix, sh), key), sizes, sh)  # [N_k, S, Dv]
@@ -168,7 +176,7 @@ def _encode_texts(model: X2VLM, batch, kinds, key, mesh) -> tuple[dict, dict]:
   sizes = [x.shape[0] for x in ids]
   sh = sc.num_shards(mesh, sizes)
   texts = sc.split(model.encode_text(sc.cat(ids, sh), sc.cat(masks, sh), key), sizes, sh)
-  return dict(zip(kinds, texts[:len(kinds)])), dict(zip(kinds, texts[len(kinds):]))
+  return dict(zip(kinds, texts[: len(kinds)])), dict(zip(kinds, texts[len(kinds) :]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,12 +213,16 @@ def _kv_table(model: X2VLM, batch, kinds, vision: Vision, mesh) -> KVTable:
   if concepts:
     tok0 = model.vision_kv(vision.tokens[F.REGION][:, :1])  # [layers, Br, 1, H, dh]
     image_rows = sc.index(batch[F.REGION][F.IMAGE_INDEX], kinds.index(F.REGION), sizes, sh)
-    image_kv = VisionKV(jnp.take(kv.key, image_rows, axis=1),
-                        jnp.take(kv.value, image_rows, axis=1))
-    concept = VisionKV(jnp.concatenate([tok0.key, image_kv.key[:, :, 1:]], 2),
-                       jnp.concatenate([tok0.value, image_kv.value[:, :, 1:]], 2))
-    kv = VisionKV(sc.cat([kv.key, concept.key], sh, axis=1),
-                  sc.cat([kv.value, concept.value], sh, axis=1))
+    image_kv = VisionKV(
+      jnp.take(kv.key, image_rows, axis=1), jnp.take(kv.value, image_rows, axis=1)
+    )
+    concept = VisionKV(
+      jnp.concatenate([tok0.key, image_kv.key[:, :, 1:]], 2),
+      jnp.concatenate([tok0.value, image_kv.value[:, :, 1:]], 2),
+    )
+    kv = VisionKV(
+      sc.cat([kv.key, concept.key], sh, axis=1), sc.cat([kv.value, concept.value], sh, axis=1)
+    )
   return KVTable(kv, sizes, concepts, sh)
 
 
@@ -225,8 +237,9 @@ class FusionPass(NamedTuple):
   vision_mask: jax.Array  # [B, S]
 
 
-def _fusion_passes(batch, kinds, text, text_mlm, vision: Vision, table: KVTable, neg,
-                   itm: bool) -> list[FusionPass]:
+def _fusion_passes(
+  batch, kinds, text, text_mlm, vision: Vision, table: KVTable, neg, itm: bool
+) -> list[FusionPass]:
   """The passes of every kind: ITM (positive, negative image, negative text), MLM, box."""
   passes = []
   for i, kind in enumerate(kinds):
@@ -235,16 +248,26 @@ def _fusion_passes(batch, kinds, text, text_mlm, vision: Vision, table: KVTable,
     rows = table.concept_rows(arange) if kind == F.REGION else table.full_rows(i, arange)
     neg_img, neg_txt = neg[kind]
     if itm:
-      passes += [FusionPass("itm", kind, t, m, rows, vm),
-                 FusionPass("itm", kind, t, m, rows[neg_img], vm[neg_img]),
-                 FusionPass("itm", kind, t[neg_txt], m[neg_txt], rows, vm)]
+      passes += [
+        FusionPass("itm", kind, t, m, rows, vm),
+        FusionPass("itm", kind, t, m, rows[neg_img], vm[neg_img]),
+        FusionPass("itm", kind, t[neg_txt], m[neg_txt], rows, vm),
+      ]
     passes.append(FusionPass("mlm", kind, text_mlm[kind], m, rows, vm))
-  if F.REGION in kinds:  # box pass: the full image with an all-ones mask (docs/fidelity.md#box-pass-uses-the-full-image)
+  # Box pass: the full image with an all-ones mask (docs/fidelity.md#box-pass-uses-the-full-image).
+  if F.REGION in kinds:
     rb, i = batch[F.REGION], kinds.index(F.REGION)
     s = vision.sequences[i].shape[1]
-    passes.append(FusionPass("box", F.REGION, text[F.REGION], rb[F.TEXT_MASK],
-                             table.full_rows(i, rb[F.IMAGE_INDEX]),
-                             jnp.ones((rb[F.TEXT_IDS].shape[0], s), jnp.int32)))
+    passes.append(
+      FusionPass(
+        "box",
+        F.REGION,
+        text[F.REGION],
+        rb[F.TEXT_MASK],
+        table.full_rows(i, rb[F.IMAGE_INDEX]),
+        jnp.ones((rb[F.TEXT_IDS].shape[0], s), jnp.int32),
+      )
+    )
   return passes
 
 
@@ -265,8 +288,9 @@ def _heads(model: X2VLM, batch, kinds, passes, fused, mesh) -> dict[str, list]:
     idx = [i for i, p in enumerate(passes) if p.head == head]
     sizes = [passes[i].text.shape[0] for i in idx]
     sh = sc.num_shards(mesh, sizes)
-    out = sc.split(fn(sc.cat([fused[i] for i in idx], sh),
-                      *[sc.cat(list(e), sh) for e in extra]), sizes, sh)
+    out = sc.split(
+      fn(sc.cat([fused[i] for i in idx], sh), *[sc.cat(list(e), sh) for e in extra]), sizes, sh
+    )
     return [(passes[i].kind, o) for i, o in zip(idx, out)]
 
   heads = {"itm": run("itm", model.itm_logits) if any(p.head == "itm" for p in passes) else []}
@@ -275,8 +299,14 @@ def _heads(model: X2VLM, batch, kinds, passes, fused, mesh) -> dict[str, list]:
   return heads
 
 
-def merged_terms(model: X2VLM, batch: Mapping[str, Mapping[str, jax.Array]], key,
-                 cfg: StepConfig, mesh: Mesh | None = None, itm: bool = True):
+def merged_terms(
+  model: X2VLM,
+  batch: Mapping[str, Mapping[str, jax.Array]],
+  key,
+  cfg: StepConfig,
+  mesh: Mesh | None = None,
+  itm: bool = True,
+):
   """Loss terms of every kind present, each tower called once (see the module docstring).
 
   Returns kind -> {itc, itm, mlm (+ box_l1, box_giou)}.
@@ -284,8 +314,9 @@ def merged_terms(model: X2VLM, batch: Mapping[str, Mapping[str, jax.Array]], key
   kinds = [k for k in F.KINDS if k in batch]
   check_inputs(batch, kinds, model)
   temp = model.temp[...]
-  per_kind = [kind_keys(None if key is None else jax.random.fold_in(key, i), cfg)
-              for i in range(len(kinds))]
+  per_kind = [
+    kind_keys(None if key is None else jax.random.fold_in(key, i), cfg) for i in range(len(kinds))
+  ]
   if key is None or cfg.deterministic:
     k_vis = k_txt = k_fuse = None
   else:  # dropout / drop-path keys of the shared tower calls
@@ -303,8 +334,9 @@ def merged_terms(model: X2VLM, batch: Mapping[str, Mapping[str, jax.Array]], key
     v_feat, t_feat = model.itc_features(vision.tokens[kind], text[kind])
     itc[kind] = losses.itc_loss(v_feat, t_feat, temp, valid, grad_scale=grad_scale)
     arange = jnp.arange(nbs[kind])
-    neg[kind] = (negatives(keys.negatives, v_feat, t_feat, temp, valid, cfg, mesh) if itm
-                 else (arange, arange))
+    neg[kind] = (
+      negatives(keys.negatives, v_feat, t_feat, temp, valid, cfg, mesh) if itm else (arange, arange)
+    )
 
   table = _kv_table(model, batch, kinds, vision, mesh)
   passes = _fusion_passes(batch, kinds, text, text_mlm, vision, table, neg, itm)
@@ -315,13 +347,28 @@ def merged_terms(model: X2VLM, batch: Mapping[str, Mapping[str, jax.Array]], key
   for kind in kinds:
     mine = {head: [o for k, o in outs if k == kind] for head, outs in heads.items()}
     terms[kind] = {"itc": itc[kind]}
-    terms[kind].update(fused_terms(kind, batch[kind], mine["itm"], mine["mlm"][0],
-                                   mine["box"][0] if mine["box"] else None, neg[kind], itm))
+    terms[kind].update(
+      fused_terms(
+        kind,
+        batch[kind],
+        mine["itm"],
+        mine["mlm"][0],
+        mine["box"][0] if mine["box"] else None,
+        neg[kind],
+        itm,
+      )
+    )
   return terms
 
 
-def loss_fn(model: X2VLM, batch: Mapping[str, Mapping[str, jax.Array]], key, cfg: StepConfig,
-            mesh: Mesh | None = None, itm: bool = True):
+def loss_fn(
+  model: X2VLM,
+  batch: Mapping[str, Mapping[str, jax.Array]],
+  key,
+  cfg: StepConfig,
+  mesh: Mesh | None = None,
+  itm: bool = True,
+):
   """Total loss and flat metrics of one MixedBatch (kinds present in the batch only)."""
   temp = model.temp[...]  # already clamped by the step (train_step.clamp_temp)
   terms = merged_terms(model, batch, key, cfg, mesh, itm)

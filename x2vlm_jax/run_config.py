@@ -26,18 +26,20 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from data_pipelines import features as F
-from x2vlm_jax import assets
-from x2vlm_jax import init_lib
-from x2vlm_jax import optim
-from x2vlm_jax import sharding
-from x2vlm_jax import train_data
-from x2vlm_jax import pretrain_loss
+from x2vlm_jax import assets, init_lib, optim, pretrain_loss, sharding, train_data
 from x2vlm_jax.evaluators import run as eval_run
 from x2vlm_jax.models.config import ModelConfig
 
 # Resuming with any of these changed is a different experiment (refused unless allowed).
-CRITICAL_KEYS = ("model", "batch", "data.image", "data.region", "data.video", "data.aux",
-                 "train.seed")
+CRITICAL_KEYS = (
+  "model",
+  "batch",
+  "data.image",
+  "data.region",
+  "data.video",
+  "data.aux",
+  "train.seed",
+)
 
 
 def resolve_dir(path: str) -> str:
@@ -58,21 +60,28 @@ def model_config(cfg) -> ModelConfig:
     # BERT's heads and FFN width so they can start as copies of its last layers
     # (docs/fidelity.md#initial-weights-from-bert-and-beit-2).
     from x2vlm_jax.convert.hf import text_config_from_hf  # pylint: disable=g-import-not-at-top
+
     text = text_config_from_hf(resolve_dir(m.text_config_from))
     fusion = dataclasses.replace(base.fusion, num_heads=text.num_heads, mlp_dim=text.mlp_dim)
     base = base.replace(text=text, fusion=fusion)
   vision = dataclasses.replace(base.vision, image_size=int(m.image_res))
   if vision.image_size % vision.patch_size:
-    raise ValueError(f"config.model.image_res {m.image_res} is not a multiple of the patch size "
-                     f"{vision.patch_size}")
+    raise ValueError(
+      f"config.model.image_res {m.image_res} is not a multiple of the patch size "
+      f"{vision.patch_size}"
+    )
   return base.replace(vision=vision, frame_len=int(m.frame_len), dtype=dtype, remat=bool(m.remat))
 
 
 def init_config(cfg) -> init_lib.InitConfig:
   """InitConfig from the config's `init` section ('minilm' resolved to the packaged BERT)."""
   i = cfg.init
-  return init_lib.InitConfig(bert_dir=resolve_dir(i.bert_dir), beit_path=str(i.beit_path),
-                             official_th=str(i.official_th), params_dir=str(i.params_dir))
+  return init_lib.InitConfig(
+    bert_dir=resolve_dir(i.bert_dir),
+    beit_path=str(i.beit_path),
+    official_th=str(i.official_th),
+    params_dir=str(i.params_dir),
+  )
 
 
 def optim_config(cfg) -> optim.OptimConfig:
@@ -82,10 +91,12 @@ def optim_config(cfg) -> optim.OptimConfig:
 
 def step_config(cfg) -> pretrain_loss.StepConfig:
   """StepConfig from the config's `loss` section."""
-  return pretrain_loss.StepConfig(iter_perc=dict(cfg.loss.iter_perc.to_dict()),
-                                  term_weights=dict(cfg.loss.term_weights.to_dict()),
-                                  neg_shards=int(cfg.loss.neg_shards),
-                                  itc_grad_world_size=int(cfg.loss.itc_grad_world_size))
+  return pretrain_loss.StepConfig(
+    iter_perc=dict(cfg.loss.iter_perc.to_dict()),
+    term_weights=dict(cfg.loss.term_weights.to_dict()),
+    neg_shards=int(cfg.loss.neg_shards),
+    itc_grad_world_size=int(cfg.loss.itc_grad_world_size),
+  )
 
 
 def _per_process(name: str, value: int, process_count: int, shards: int, accum: int) -> int:
@@ -93,21 +104,28 @@ def _per_process(name: str, value: int, process_count: int, shards: int, accum: 
   if value < 0:
     raise ValueError(f"config.batch.{name} must be >= 0, got {value}")
   if value % accum:
-    raise ValueError(f"config.batch.{name} = {value} (global, per update) is not divisible by "
-                     f"config.train.accum_steps = {accum} micro-batches")
+    raise ValueError(
+      f"config.batch.{name} = {value} (global, per update) is not divisible by "
+      f"config.train.accum_steps = {accum} micro-batches"
+    )
   micro = value // accum
-  where = (f"config.batch.{name} = {value} (global, per update) gives {micro} per micro-batch"
-           if accum > 1 else f"config.batch.{name} = {value} (global)")
+  where = (
+    f"config.batch.{name} = {value} (global, per update) gives {micro} per micro-batch"
+    if accum > 1
+    else f"config.batch.{name} = {value} (global)"
+  )
   if micro % process_count:
     raise ValueError(f"{where}, which is not divisible by the {process_count} processes")
   if micro % shards:
-    raise ValueError(f"{where}, which is not divisible by the {shards} batch shards "
-                     "(mesh data x fsdp)")
+    raise ValueError(
+      f"{where}, which is not divisible by the {shards} batch shards (mesh data x fsdp)"
+    )
   return micro // process_count
 
 
-def batch_sizes(cfg, model_cfg: ModelConfig, mesh: Mesh, process_count: int,
-                accum_steps: int = 1) -> F.BatchSizes:
+def batch_sizes(
+  cfg, model_cfg: ModelConfig, mesh: Mesh, process_count: int, accum_steps: int = 1
+) -> F.BatchSizes:
   """Per-process BatchSizes of one micro-batch from the config's GLOBAL per-update sizes.
 
   With gradient accumulation each of the `accum_steps` micro-batches holds 1/accum_steps of
@@ -117,31 +135,49 @@ def batch_sizes(cfg, model_cfg: ModelConfig, mesh: Mesh, process_count: int,
     raise ValueError(f"config.train.accum_steps must be >= 1, got {accum_steps}")
   shards = sharding.batch_shards(mesh)
   sizes = {}
-  for name, field in (("image", "image_batch"), ("region", "region_batch"),
-                      ("region_max_images", "region_max_images"), ("video", "video_batch")):
+  for name, field in (
+    ("image", "image_batch"),
+    ("region", "region_batch"),
+    ("region_max_images", "region_max_images"),
+    ("video", "video_batch"),
+  ):
     value = int(cfg.batch[name])
     sizes[field] = _per_process(name, value, process_count, shards, accum_steps) if value else 0
   if sizes["region_batch"] and not sizes["region_max_images"]:
     raise ValueError("config.batch.region > 0 needs config.batch.region_max_images > 0")
   if not any(sizes[f] for f in ("image_batch", "region_batch", "video_batch")):
     raise ValueError("config.batch: every kind has batch size 0; nothing to train on")
-  return F.BatchSizes(image_res=model_cfg.vision.image_size,
-                      patch_size=model_cfg.vision.patch_size,
-                      max_tokens=int(cfg.data.max_tokens), max_masks=int(cfg.data.max_masks),
-                      frame_len=int(cfg.batch.frame_len), **sizes)
+  return F.BatchSizes(
+    image_res=model_cfg.vision.image_size,
+    patch_size=model_cfg.vision.patch_size,
+    max_tokens=int(cfg.data.max_tokens),
+    max_masks=int(cfg.data.max_masks),
+    frame_len=int(cfg.batch.frame_len),
+    **sizes,
+  )
 
 
 def preproc_config(cfg, model_cfg: ModelConfig) -> F.PreprocConfig:
   """PreprocConfig (training transforms) from the config's `data` section and the model."""
   d = cfg.data
   return F.PreprocConfig(
-      image_res=model_cfg.vision.image_size, patch_size=model_cfg.vision.patch_size,
-      max_tokens=int(d.max_tokens), max_masks=int(d.max_masks), mask_prob=float(d.mask_prob),
-      skipgram_prb=float(d.skipgram_prb), skipgram_size=int(d.skipgram_size),
-      mask_whole_word=bool(d.mask_whole_word), min_perc_in_image=float(d.min_perc_in_image),
-      max_regions=int(d.max_regions), frame_len=int(cfg.batch.frame_len),
-      randaugment=bool(d.randaugment), crop_scale=tuple(float(x) for x in d.crop_scale),
-      careful_hflip=bool(d.careful_hflip), hflip=bool(d.hflip), train=True)
+    image_res=model_cfg.vision.image_size,
+    patch_size=model_cfg.vision.patch_size,
+    max_tokens=int(d.max_tokens),
+    max_masks=int(d.max_masks),
+    mask_prob=float(d.mask_prob),
+    skipgram_prb=float(d.skipgram_prb),
+    skipgram_size=int(d.skipgram_size),
+    mask_whole_word=bool(d.mask_whole_word),
+    min_perc_in_image=float(d.min_perc_in_image),
+    max_regions=int(d.max_regions),
+    frame_len=int(cfg.batch.frame_len),
+    randaugment=bool(d.randaugment),
+    crop_scale=tuple(float(x) for x in d.crop_scale),
+    careful_hflip=bool(d.careful_hflip),
+    hflip=bool(d.hflip),
+    train=True,
+  )
 
 
 def streams_config(cfg) -> train_data.StreamsConfig:
@@ -156,13 +192,18 @@ def streams_config(cfg) -> train_data.StreamsConfig:
     if not entries or not int(cfg.batch[kind]):
       continue
     if p <= 0:
-      raise ValueError(f"config.data.aux.{kind} has sources but loss.aux_iter_perc.{kind} is "
-                       f"{p}: the aux stream would never be used")
+      raise ValueError(
+        f"config.data.aux.{kind} has sources but loss.aux_iter_perc.{kind} is "
+        f"{p}: the aux stream would never be used"
+      )
     if p > 1:
       raise ValueError(f"config.loss.aux_iter_perc.{kind} = {p} must be in (0, 1]")
     aux_sources[kind], aux_prob[kind] = entries, p
-  options = {"num_workers": int(d.num_workers), "worker_buffer_size": int(d.worker_buffer_size),
-             "read_threads": int(d.read_threads)}
+  options = {
+    "num_workers": int(d.num_workers),
+    "worker_buffer_size": int(d.worker_buffer_size),
+    "read_threads": int(d.read_threads),
+  }
   return train_data.StreamsConfig(sources, aux_sources, aux_prob, options)
 
 
@@ -173,8 +214,9 @@ def eval_config(section) -> eval_run.EvalConfig:
   names = tuple(sec.get("evaluators") or ())
   unknown = [n for n in names if n not in eval_run.EVALUATORS]
   if unknown:
-    raise ValueError(f"eval.evaluators: unknown {unknown}; known evaluators are "
-                     f"{list(eval_run.EVALUATORS)}")
+    raise ValueError(
+      f"eval.evaluators: unknown {unknown}; known evaluators are {list(eval_run.EVALUATORS)}"
+    )
   chosen = {}
   for name in names:
     settings_cls = eval_run.EVALUATORS[name]
@@ -188,8 +230,9 @@ def eval_config(section) -> eval_run.EvalConfig:
       data = [data]
     if not data:
       raise ValueError(f"eval.{name}.data: no sources configured for the {name} evaluator")
-    chosen[name] = settings_cls(data=tuple(dict(e) for e in data),
-                                **{k: int(v) for k, v in given.items()})
+    chosen[name] = settings_cls(
+      data=tuple(dict(e) for e in data), **{k: int(v) for k, v in given.items()}
+    )
   return eval_run.EvalConfig(batch_size=int(sec.get("batch_size", 32)), **chosen)
 
 
@@ -197,8 +240,10 @@ def tokenizer_dir(cfg) -> str:
   """The tokenizer directory: data.tokenizer, else init.bert_dir ('minilm' resolved)."""
   path = cfg.data.tokenizer or cfg.init.bert_dir
   if not path:
-    raise ValueError("config.data.tokenizer is empty and there is no config.init.bert_dir to "
-                     "take the tokenizer from")
+    raise ValueError(
+      "config.data.tokenizer is empty and there is no config.init.bert_dir to "
+      "take the tokenizer from"
+    )
   return resolve_dir(path)
 
 
@@ -243,12 +288,22 @@ def loop_config(cfg, profile_steps: str = "") -> LoopConfig:
   """LoopConfig from `train` and `loss`; `profile_steps` (a flag) overrides the config's."""
   t = cfg.train
   return LoopConfig(
-      total_steps=int(t.total_steps), stop_after=int(t.stop_after), seed=int(t.seed),
-      accum_steps=int(t.accum_steps), log_every=int(t.log_every), ckpt_every=int(t.ckpt_every),
-      keep=int(t.keep), keep_every=int(t.keep_every), async_checkpoint=bool(t.async_checkpoint),
-      eval_every=int(t.eval_every), max_consecutive_nonfinite=int(t.max_consecutive_nonfinite),
-      export_at_end=bool(t.export_at_end),
-      profile_steps=parse_profile_steps(profile_steps or t.profile_steps),
-      peak_tflops=float(t.peak_tflops), compilation_cache_dir=str(t.compilation_cache_dir),
-      log_example_ids=bool(t.log_example_ids), itm=bool(cfg.loss.itm),
-      stop_calc_itm=int(cfg.loss.stop_calc_itm))
+    total_steps=int(t.total_steps),
+    stop_after=int(t.stop_after),
+    seed=int(t.seed),
+    accum_steps=int(t.accum_steps),
+    log_every=int(t.log_every),
+    ckpt_every=int(t.ckpt_every),
+    keep=int(t.keep),
+    keep_every=int(t.keep_every),
+    async_checkpoint=bool(t.async_checkpoint),
+    eval_every=int(t.eval_every),
+    max_consecutive_nonfinite=int(t.max_consecutive_nonfinite),
+    export_at_end=bool(t.export_at_end),
+    profile_steps=parse_profile_steps(profile_steps or t.profile_steps),
+    peak_tflops=float(t.peak_tflops),
+    compilation_cache_dir=str(t.compilation_cache_dir),
+    log_example_ids=bool(t.log_example_ids),
+    itm=bool(cfg.loss.itm),
+    stop_calc_itm=int(cfg.loss.stop_calc_itm),
+  )

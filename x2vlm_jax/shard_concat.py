@@ -44,10 +44,14 @@ def cat(xs: Sequence[jax.Array], shards: int, axis: int = 0) -> jax.Array:
   """Shard-by-shard concatenation of `xs` along `axis` (see the module docstring)."""
   if shards == 1:
     return jnp.concatenate(xs, axis)
-  parts = [_batch(x.reshape(x.shape[:axis] + (shards, x.shape[axis] // shards)
-                            + x.shape[axis + 1:]), axis) for x in xs]
+  parts = [
+    _batch(
+      x.reshape(x.shape[:axis] + (shards, x.shape[axis] // shards) + x.shape[axis + 1 :]), axis
+    )
+    for x in xs
+  ]
   y = jnp.concatenate(parts, axis + 1)  # [..., s, sum n_k / s, ...]
-  return _batch(y.reshape(y.shape[:axis] + (-1,) + y.shape[axis + 2:]), axis)
+  return _batch(y.reshape(y.shape[:axis] + (-1,) + y.shape[axis + 2 :]), axis)
 
 
 def split(y: jax.Array, sizes: Sequence[int], shards: int, axis: int = 0) -> list[jax.Array]:
@@ -55,9 +59,11 @@ def split(y: jax.Array, sizes: Sequence[int], shards: int, axis: int = 0) -> lis
   bounds = [sum(sizes[:i]) // shards for i in range(1, len(sizes))]
   if shards == 1:
     return jnp.split(y, bounds, axis)
-  y = _batch(y.reshape(y.shape[:axis] + (shards, -1) + y.shape[axis + 1:]), axis)
-  return [_batch(p.reshape(p.shape[:axis] + (-1,) + p.shape[axis + 2:]), axis)
-          for p in jnp.split(y, bounds, axis + 1)]
+  y = _batch(y.reshape(y.shape[:axis] + (shards, -1) + y.shape[axis + 1 :]), axis)
+  return [
+    _batch(p.reshape(p.shape[:axis] + (-1,) + p.shape[axis + 2 :]), axis)
+    for p in jnp.split(y, bounds, axis + 1)
+  ]
 
 
 def index(rows: jax.Array, piece: int, sizes: Sequence[int], shards: int) -> jax.Array:

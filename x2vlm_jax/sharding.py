@@ -17,7 +17,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from x2vlm_jax import treepath
 
@@ -25,32 +26,33 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical name -> mesh axis (or tuple of axes, or None = replicated). One entry per name.
 LOGICAL_RULES: dict[str, Any] = {
-    # parameters
-    "embed": "fsdp",  # model width of any tower (vision, text, fusion)
-    "mlp": "tensor",  # FFN hidden units
-    "heads": "tensor",  # attention heads
-    "kv": None,  # per-head feature (d_h)
-    "qkv": None,  # the q/k/v selector axis of a fused projection
-    "vocab": "tensor",  # word-piece vocabulary
-    "proj": None,  # ITC embedding (256)
-    "classes": None,  # head outputs (2 for ITM, 4 for boxes)
-    "layers": None,  # stacked-layer axis of scanned towers
-    "rel_pos": None,  # rows of a relative-position-bias table
-    "positions": None,  # rows of a position-embedding table
-    "frames": None,  # video frame axis
-    "patch": None,  # kernel height/width/channels of the patch embedding
-    "norm": None,  # LayerNorm scale/bias (small; replicated)
-    # activations
-    "batch": ("data", "fsdp"),
-    "seq": None,
-    "act_embed": None,
-    "act_mlp": "tensor",
-    "act_heads": "tensor",
+  # parameters
+  "embed": "fsdp",  # model width of any tower (vision, text, fusion)
+  "mlp": "tensor",  # FFN hidden units
+  "heads": "tensor",  # attention heads
+  "kv": None,  # per-head feature (d_h)
+  "qkv": None,  # the q/k/v selector axis of a fused projection
+  "vocab": "tensor",  # word-piece vocabulary
+  "proj": None,  # ITC embedding (256)
+  "classes": None,  # head outputs (2 for ITM, 4 for boxes)
+  "layers": None,  # stacked-layer axis of scanned towers
+  "rel_pos": None,  # rows of a relative-position-bias table
+  "positions": None,  # rows of a position-embedding table
+  "frames": None,  # video frame axis
+  "patch": None,  # kernel height/width/channels of the patch embedding
+  "norm": None,  # LayerNorm scale/bias (small; replicated)
+  # activations
+  "batch": ("data", "fsdp"),
+  "seq": None,
+  "act_embed": None,
+  "act_mlp": "tensor",
+  "act_heads": "tensor",
 }
 
 
 def make_mesh(shape: Mapping[str, int] | Sequence[int], devices=None) -> Mesh:
-  """Builds a ('data', 'fsdp', 'tensor') mesh. One size may be -1: it takes the remaining devices."""
+  """Builds a ('data', 'fsdp', 'tensor') mesh. One size may be -1: it takes the remaining
+  devices."""
   devices = list(jax.devices() if devices is None else devices)
   if isinstance(shape, Mapping):
     unknown = set(shape) - set(MESH_AXES)
@@ -70,7 +72,9 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int], devices=None) -> Mesh:
       raise ValueError(f"{n} devices cannot be split into mesh {sizes}")
     sizes[sizes.index(-1)] = n // known
   if math.prod(sizes) != n:
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {n}")
+    raise ValueError(
+      f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {n}"
+    )
   arr = np.asarray(devices, dtype=object).reshape(sizes)
   return Mesh(arr, MESH_AXES)
 
@@ -84,10 +88,10 @@ def _axis_size(mesh: Mesh, axes) -> int:
 
 
 def logical_to_spec(
-    names: Sequence[str | None] | None,
-    shape: Sequence[int] | None = None,
-    mesh: Mesh | None = None,
-    rules: Mapping[str, Any] = LOGICAL_RULES,
+  names: Sequence[str | None] | None,
+  shape: Sequence[int] | None = None,
+  mesh: Mesh | None = None,
+  rules: Mapping[str, Any] = LOGICAL_RULES,
 ) -> P:
   """Logical names -> PartitionSpec. With shape and mesh, non-dividing axes fall back to None."""
   if names is None:
@@ -154,7 +158,11 @@ def check_rules_cover(state, rules=LOGICAL_RULES) -> list[str]:
   for path, var in nnx.to_flat_state(state):
     names = _names_of(var)
     shape = var.get_value().shape
-    if names is None or len(names) != len(shape) or any(n is not None and n not in rules for n in names):
+    if (
+      names is None
+      or len(names) != len(shape)
+      or any(n is not None and n not in rules for n in names)
+    ):
       bad.append(treepath.path_str(path, "/"))
   return bad
 
@@ -174,6 +182,9 @@ def sharding_report(state, mesh: Mesh, rules=LOGICAL_RULES) -> str:
         shard_elems = shard_elems // _axis_size(mesh, axes) if dim else shard_elems
     nbytes = shard_elems * np.dtype(arr.dtype).itemsize
     total += nbytes
-    lines.append(f"{treepath.path_str(path, '/'):<70} {str(tuple(arr.shape)):<22} {str(names):<40} {spec} {nbytes:,} B")
+    lines.append(
+      f"{treepath.path_str(path, '/'):<70} {str(tuple(arr.shape)):<22} {str(names):<40} "
+      f"{spec} {nbytes:,} B"
+    )
   lines.append(f"total parameter bytes per device: {total:,} ({total / 2**20:.1f} MiB)")
   return "\n".join(lines)

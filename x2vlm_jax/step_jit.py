@@ -16,11 +16,10 @@ import time
 from collections.abc import Callable, Mapping
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from x2vlm_jax import global_batch
-from x2vlm_jax import pretrain_loss
-from x2vlm_jax import train_step
+from x2vlm_jax import global_batch, pretrain_loss, train_step
 from x2vlm_jax.train_state import TrainStateSpec
 
 
@@ -36,9 +35,16 @@ class JittedStep:
     on_compile: called with (itm, seconds) after each compilation.
   """
 
-  def __init__(self, spec: TrainStateSpec, step: Callable, accum_steps: int = 1, *,
-               donate: bool = True, compiler_options: dict | None = None,
-               on_compile: Callable[[bool, float], None] | None = None):
+  def __init__(
+    self,
+    spec: TrainStateSpec,
+    step: Callable,
+    accum_steps: int = 1,
+    *,
+    donate: bool = True,
+    compiler_options: dict | None = None,
+    on_compile: Callable[[bool, float], None] | None = None,
+  ):
     self.spec, self.step, self.accum_steps = spec, step, accum_steps
     self.donate, self.compiler_options, self.on_compile = donate, compiler_options, on_compile
     self._jitted = None
@@ -49,10 +55,14 @@ class JittedStep:
       mesh = self.spec.mesh
       replicated = NamedSharding(mesh, P())
       batch_sh = global_batch.shardings(batch, mesh, 1 if self.accum_steps > 1 else 0)
-      self._jitted = jax.jit(self.step, in_shardings=(self.spec.shardings, batch_sh, replicated),
-                             out_shardings=(self.spec.shardings, replicated),
-                             static_argnums=(3,), donate_argnums=(0,) if self.donate else (),
-                             compiler_options=self.compiler_options)
+      self._jitted = jax.jit(
+        self.step,
+        in_shardings=(self.spec.shardings, batch_sh, replicated),
+        out_shardings=(self.spec.shardings, replicated),
+        static_argnums=(3,),
+        donate_argnums=(0,) if self.donate else (),
+        compiler_options=self.compiler_options,
+      )
     return self._jitted
 
   def lower(self, state, batch, key, itm: bool = True):
@@ -79,9 +89,11 @@ class JittedStep:
     return tuple(self._compiled)
 
 
-def pretrain_step(spec: TrainStateSpec, step_cfg: pretrain_loss.StepConfig,
-                  accum_steps: int = 1, **kwargs) -> JittedStep:
+def pretrain_step(
+  spec: TrainStateSpec, step_cfg: pretrain_loss.StepConfig, accum_steps: int = 1, **kwargs
+) -> JittedStep:
   """The pre-training step of `spec` (the trainer's, the benchmark's and the tests' step)."""
   loss = pretrain_loss.make_loss(step_cfg, spec.mesh)
-  return JittedStep(spec, train_step.make_train_step(spec, loss, accum_steps), accum_steps,
-                    **kwargs)
+  return JittedStep(
+    spec, train_step.make_train_step(spec, loss, accum_steps), accum_steps, **kwargs
+  )

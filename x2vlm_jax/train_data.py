@@ -3,13 +3,13 @@
 Streams. Each configured kind has its own main iterator (`data.<kind>` sources); a kind with
 `data.aux.<kind>` sources and `loss.aux_iter_perc[kind]` = p > 0 also has an aux iterator. Every
 step a coin, a pure function of (seed, step, kind), picks the aux stream with probability p
-(docs/fidelity.md#aux-streams: 1B stage 1 takes its image batch from the clean aux data on 15 % of the steps;
-stage 2 its video batch from WebVid on 35 %). Only the chosen stream is advanced.
+(docs/fidelity.md#aux-streams: 1B stage 1 takes its image batch from the clean aux data on 15 %
+of the steps; stage 2 its video batch from WebVid on 35 %). Only the chosen stream is advanced.
 
 Difference from the official code: on an aux image step the official loop has already drawn a
-batch from the main (LAION) loader and throws it away (docs/fidelity.md#aux-streams); we leave the main
-stream where it is, so no main-stream data is wasted. The batches a step trains on follow the
-same distribution; the official run just moves through LAION 1/0.85 times faster.
+batch from the main (LAION) loader and throws it away (docs/fidelity.md#aux-streams); we leave
+the main stream where it is, so no main-stream data is wasted. The batches a step trains on
+follow the same distribution; the official run just moves through LAION 1/0.85 times faster.
 
 State. Every stream's state is a small JSON dict (data_pipelines/mixture.py). With several
 processes each has its own; `gather_process_states` collects all of them (to be saved by the
@@ -50,10 +50,16 @@ class StreamsConfig:
 
 def _only(sizes: F.BatchSizes, kind: str) -> F.BatchSizes:
   """`sizes` with every other kind's batch set to 0."""
-  keep = {F.IMAGE: ("image_batch",), F.REGION: ("region_batch", "region_max_images"),
-          F.VIDEO: ("video_batch",)}[kind]
-  zero = {f: 0 for f in ("image_batch", "region_batch", "region_max_images", "video_batch")
-          if f not in keep}
+  keep = {
+    F.IMAGE: ("image_batch",),
+    F.REGION: ("region_batch", "region_max_images"),
+    F.VIDEO: ("video_batch",),
+  }[kind]
+  zero = {
+    f: 0
+    for f in ("image_batch", "region_batch", "region_max_images", "video_batch")
+    if f not in keep
+  }
   return F.BatchSizes(**{**sizes.__dict__, **zero})
 
 
@@ -68,9 +74,18 @@ class DataStreams:
     process_index, process_count: this process's data shard.
   """
 
-  def __init__(self, cfg: StreamsConfig, sizes: F.BatchSizes, preproc: F.PreprocConfig,
-               tokenizer, seed: int, process_index: int, process_count: int, *,
-               make_example=None):
+  def __init__(
+    self,
+    cfg: StreamsConfig,
+    sizes: F.BatchSizes,
+    preproc: F.PreprocConfig,
+    tokenizer,
+    seed: int,
+    process_index: int,
+    process_count: int,
+    *,
+    make_example=None,
+  ):
     self.seed = int(seed)
     self.sizes = sizes
     spec = F.batch_spec(sizes)
@@ -79,17 +94,25 @@ class DataStreams:
     common = dict(cfg.options, num_epochs=None)
     self._streams: dict[str, mixture.MixedBatchIterator] = {}
     for kind in self.kinds:
-      for stream, sources, seed_offset in (("main", cfg.sources.get(kind, ()), 0),
-                                           ("aux", cfg.aux_sources.get(kind, ()), 1)):
+      for stream, sources, seed_offset in (
+        ("main", cfg.sources.get(kind, ()), 0),
+        ("aux", cfg.aux_sources.get(kind, ()), 1),
+      ):
         if stream == "aux" and kind not in self.aux_prob:
           continue
         data_cfg = {**common, kind: [dict(s) for s in sources]}
         # The aux stream gets its own seed so its shuffles and augmentations are not those of
         # the main stream at the same positions.
         self._streams[f"{stream}/{kind}"] = mixture.make_train_iterator(
-            data_cfg, _only(sizes, kind), preproc, tokenizer,
-            mixture.seed32(self.seed, seed_offset) if seed_offset else self.seed,
-            process_index, process_count, make_example=make_example)
+          data_cfg,
+          _only(sizes, kind),
+          preproc,
+          tokenizer,
+          mixture.seed32(self.seed, seed_offset) if seed_offset else self.seed,
+          process_index,
+          process_count,
+          make_example=make_example,
+        )
 
   def aux_choice(self, step: int) -> dict[str, bool]:
     """kind -> whether `step` draws that kind from its aux stream (same on every process)."""
@@ -115,8 +138,10 @@ class DataStreams:
   def set_state(self, state: Mapping) -> None:
     """Restores every stream; the set of streams must match."""
     if set(state) != set(self._streams):
-      raise ValueError(f"saved data state has streams {sorted(state)}, this run has "
-                       f"{sorted(self._streams)} (data sources or aux settings changed?)")
+      raise ValueError(
+        f"saved data state has streams {sorted(state)}, this run has "
+        f"{sorted(self._streams)} (data sources or aux settings changed?)"
+      )
     for name, it in self._streams.items():
       it.set_state(dict(state[name]))
 
@@ -150,12 +175,15 @@ def gather_process_states(local: Mapping) -> dict:
   if jax.process_count() == 1:
     return {"process_0": dict(local)}
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   data = np.frombuffer(json.dumps(local, sort_keys=True).encode(), np.uint8)
   lengths = multihost_utils.process_allgather(np.array([data.size], np.int32))
   width = int(np.max(lengths))
   padded = np.zeros((width,), np.uint8)
-  padded[:data.size] = data
+  padded[: data.size] = data
   every = np.asarray(multihost_utils.process_allgather(padded)).reshape(-1, width)
   lengths = np.asarray(lengths).reshape(-1)
-  return {f"process_{i}": json.loads(bytes(every[i, :lengths[i]]).decode())
-          for i in range(every.shape[0])}
+  return {
+    f"process_{i}": json.loads(bytes(every[i, : lengths[i]]).decode())
+    for i in range(every.shape[0])
+  }

@@ -27,32 +27,41 @@ import jax
 import numpy as np
 from absl import logging
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from data_pipelines import features as F
 from data_pipelines.text_ops import Tokenizer
 from x2vlm_jax import checkpoint as ckpt_lib
-from x2vlm_jax import export
+from x2vlm_jax import (
+  export,
+  global_batch,
+  init_lib,
+  metrics_writer,
+  optim,
+  preemption,
+  sharding,
+  step_jit,
+  train_data,
+  train_report,
+)
 from x2vlm_jax import flops as flops_lib
-from x2vlm_jax import global_batch
-from x2vlm_jax import init_lib
-from x2vlm_jax import metrics_writer
-from x2vlm_jax import optim
-from x2vlm_jax import preemption
 from x2vlm_jax import run_config as rc
-from x2vlm_jax import sharding
-from x2vlm_jax import step_jit
-from x2vlm_jax import train_data
-from x2vlm_jax import train_report
-from x2vlm_jax.train_report import NonFiniteError
 from x2vlm_jax.evaluators import run as eval_run
+from x2vlm_jax.train_report import NonFiniteError
 from x2vlm_jax.train_state import TrainStateSpec
 
 CKPT_DIR = ckpt_lib.CKPT_DIR
 EXAMPLE_IDS = "example_ids.p{}.jsonl"
 
-__all__ = ["NonFiniteError", "RunResult", "train_and_evaluate", "enable_compilation_cache",
-           "itm_for_step", "CKPT_DIR"]
+__all__ = [
+  "NonFiniteError",
+  "RunResult",
+  "train_and_evaluate",
+  "enable_compilation_cache",
+  "itm_for_step",
+  "CKPT_DIR",
+]
 
 
 @dataclasses.dataclass
@@ -108,8 +117,9 @@ def itm_for_step(loop: rc.LoopConfig, step: int, aux_choice, image_aux: bool) ->
 class _Batches:
   """The step's global batch: `accum_steps` host micro-batches, logged, put on the mesh."""
 
-  def __init__(self, streams: train_data.DataStreams, mesh, accum_steps: int,
-               ids_path: pathlib.Path | None):
+  def __init__(
+    self, streams: train_data.DataStreams, mesh, accum_steps: int, ids_path: pathlib.Path | None
+  ):
     self.streams, self.mesh, self.accum, self.ids_path = streams, mesh, accum_steps, ids_path
 
   def next(self, step: int) -> tuple[dict, dict[str, bool]]:
@@ -119,8 +129,12 @@ class _Batches:
       local, choice = self.streams.next(step)
       if self.ids_path is not None:
         with self.ids_path.open("a") as f:
-          f.write(json.dumps({"step": step, "micro": i, "ids": train_data.example_ids(local),
-                              "aux": choice}) + "\n")
+          f.write(
+            json.dumps(
+              {"step": step, "micro": i, "ids": train_data.example_ids(local), "aux": choice}
+            )
+            + "\n"
+          )
       micro.append(local)
     return global_batch.put(micro, self.mesh), choice
 
@@ -145,33 +159,54 @@ class _Run:
   streams: train_data.DataStreams | None = None
 
   @classmethod
-  def start(cls, cfg, workdir: pathlib.Path, manager: ckpt_lib.CheckpointManager,
-            writer: metrics_writer.MetricsWriter, loop: rc.LoopConfig,
-            allow_config_change: bool) -> _Run:
+  def start(
+    cls,
+    cfg,
+    workdir: pathlib.Path,
+    manager: ckpt_lib.CheckpointManager,
+    writer: metrics_writer.MetricsWriter,
+    loop: rc.LoopConfig,
+    allow_config_change: bool,
+  ) -> _Run:
     """Resumes from the newest good checkpoint, or initialises the configured weights."""
     mesh = sharding.make_mesh(cfg.mesh.to_dict())
     model_cfg = rc.model_config(cfg)
     sizes = rc.batch_sizes(cfg, model_cfg, mesh, jax.process_count(), loop.accum_steps)
-    logging.info("process %d/%d, %d devices, mesh %s; per-process batch sizes %s",
-                 jax.process_index(), jax.process_count(), jax.device_count(),
-                 dict(mesh.shape), sizes)
+    logging.info(
+      "process %d/%d, %d devices, mesh %s; per-process batch sizes %s",
+      jax.process_index(),
+      jax.process_count(),
+      jax.device_count(),
+      dict(mesh.shape),
+      sizes,
+    )
     config_json = ckpt_lib.to_jsonable(cfg)
     args = (cfg, loop, workdir, mesh, model_cfg, sizes)
     if manager.latest_step() is None:
       return cls._initialise(*args, config_json)
     fresh = tuple(manager.saved_config().get("_fresh_paths", ()))
     spec = TrainStateSpec.build(model_cfg, rc.optim_config(cfg), mesh, fresh)
-    restored = manager.restore(spec.checkpoint_target(), config=config_json,
-                               critical_keys=rc.CRITICAL_KEYS,
-                               allow_config_change=allow_config_change)
+    restored = manager.restore(
+      spec.checkpoint_target(),
+      config=config_json,
+      critical_keys=rc.CRITICAL_KEYS,
+      allow_config_change=allow_config_change,
+    )
     saved_rng = np.asarray(restored.state["rng"].addressable_data(0))
     if not np.array_equal(saved_rng, np.asarray(jax.random.key_data(_base_key(loop)))):
       raise ckpt_lib.ConfigChangedError("the checkpoint's PRNG key differs from key(train.seed)")
     for why in restored.skipped:
       writer.log(f"checkpoint: rejected newer step: {why}")
     writer.log(f"resumed from step {restored.step} ({workdir / CKPT_DIR})")
-    return cls(*args, spec, restored.state["train"], int(restored.step), True, config_json,
-               restored.data_iter)
+    return cls(
+      *args,
+      spec,
+      restored.state["train"],
+      int(restored.step),
+      True,
+      config_json,
+      restored.data_iter,
+    )
 
   @classmethod
   def _initialise(cls, cfg, loop, workdir, mesh, model_cfg, sizes, config_json) -> _Run:
@@ -182,15 +217,22 @@ class _Run:
     spec = TrainStateSpec.build(model_cfg, rc.optim_config(cfg), mesh, init.fresh_paths)
     params = nnx.to_pure_dict(nnx.state(init.model, nnx.Param))
     del init
-    return cls(cfg, loop, workdir, mesh, model_cfg, sizes, spec, spec.create(params), 0, False,
-               config_json)
+    return cls(
+      cfg, loop, workdir, mesh, model_cfg, sizes, spec, spec.create(params), 0, False, config_json
+    )
 
   def open_streams(self, allow_config_change: bool) -> None:
     """The tokenizer and data streams, positioned where the checkpoint left them."""
     self.tokenizer = Tokenizer(rc.tokenizer_dir(self.cfg), int(self.cfg.data.max_tokens))
     self.streams = train_data.DataStreams(
-        rc.streams_config(self.cfg), self.sizes, rc.preproc_config(self.cfg, self.model_cfg),
-        self.tokenizer, self.loop.seed, jax.process_index(), jax.process_count())
+      rc.streams_config(self.cfg),
+      self.sizes,
+      rc.preproc_config(self.cfg, self.model_cfg),
+      self.tokenizer,
+      self.loop.seed,
+      jax.process_index(),
+      jax.process_count(),
+    )
     saved = self.data_state
     if saved is None:
       return
@@ -200,8 +242,9 @@ class _Run:
       return
     msg = f"the checkpoint holds data state for {pc} processes, this run has {jax.process_count()}"
     if not allow_config_change:
-      raise ckpt_lib.ConfigChangedError(msg + "; pass --allow_config_change to restart the "
-                                        "data streams from their beginning")
+      raise ckpt_lib.ConfigChangedError(
+        msg + "; pass --allow_config_change to restart the data streams from their beginning"
+      )
     logging.warning("%s: data streams restart from their beginning", msg)
 
 
@@ -212,19 +255,24 @@ def _base_key(loop: rc.LoopConfig) -> jax.Array:
 def _write_reports(run: _Run, writer: metrics_writer.MetricsWriter) -> None:
   """Parameter overview, sharding report and optimizer groups (process 0)."""
   from clu import parameter_overview  # pylint: disable=g-import-not-at-top
+
   spec = run.spec
   overview = parameter_overview.get_parameter_overview(
-      nnx.to_pure_dict(spec.abstract_params), include_stats=False)
-  report = "\n".join([
+    nnx.to_pure_dict(spec.abstract_params), include_stats=False
+  )
+  report = "\n".join(
+    [
       "parameter overview:\n" + overview,
       "sharding report:\n" + sharding.sharding_report(spec.abstract_params, run.mesh),
-      "parameter groups:\n" + optim.param_groups_report(spec.abstract_params, spec.fresh_paths,
-                                                        rc.optim_config(run.cfg)),
-  ])
+      "parameter groups:\n"
+      + optim.param_groups_report(spec.abstract_params, spec.fresh_paths, rc.optim_config(run.cfg)),
+    ]
+  )
   (run.workdir / "reports.txt").write_text(report + "\n")
   logging.info("%s", report)
-  writer.write_text(run.start_step, "config",
-                    "```\n" + json.dumps(run.config_json, indent=1) + "\n```")
+  writer.write_text(
+    run.start_step, "config", "```\n" + json.dumps(run.config_json, indent=1) + "\n```"
+  )
 
 
 class _Saver:
@@ -236,21 +284,33 @@ class _Saver:
     # The base key's data as a replicated global array (a single-device array cannot be saved
     # by several processes).
     replicated = NamedSharding(run.mesh, P())
-    self.rng_data = jax.jit(lambda: jax.random.key_data(_base_key(run.loop)),
-                            out_shardings=replicated)()
+    self.rng_data = jax.jit(
+      lambda: jax.random.key_data(_base_key(run.loop)), out_shardings=replicated
+    )()
 
   def save(self, step: int, state: dict, force: bool = False) -> None:
     self.last_saved = step
     data_iter = train_data.gather_process_states(self.run.streams.get_state())
-    self.manager.save(step, self.run.spec.checkpoint_item(state, self.rng_data),
-                      data_iter=data_iter, config=self.run.config_json, force=force)
+    self.manager.save(
+      step,
+      self.run.spec.checkpoint_item(state, self.rng_data),
+      data_iter=data_iter,
+      config=self.run.config_json,
+      force=force,
+    )
 
 
 def _evaluate(run: _Run, state: dict, step: int, writer: metrics_writer.MetricsWriter) -> None:
   """Runs the configured evaluators on the current parameters."""
-  results = eval_run.evaluate(run.spec.model(state["params"]), rc.eval_config(run.cfg.eval),
-                              run.tokenizer, run.mesh, step=step,
-                              png_path=str(run.workdir / f"grounding_{step}.png"), log=writer.log)
+  results = eval_run.evaluate(
+    run.spec.model(state["params"]),
+    rc.eval_config(run.cfg.eval),
+    run.tokenizer,
+    run.mesh,
+    step=step,
+    png_path=str(run.workdir / f"grounding_{step}.png"),
+    log=writer.log,
+  )
   writer.write_scalars(step, results)
   writer.log(f"step {step}: " + eval_run.format_metrics(results))
 
@@ -260,20 +320,30 @@ def _reporter(run: _Run, writer, manager, jstep: step_jit.JittedStep) -> train_r
   lr = optim.lr_schedule(optim_cfg)
   # Analytic FLOPs of the global step per device (XLA's cost analysis counts a scanned layer
   # once); the ITM variant is the larger one.
-  flops = lambda: (flops_lib.step_flops(run.model_cfg, run.sizes,
-                                        itm=any(jstep.compiled_variants))
-                   * loop.accum_steps * jax.process_count() / jax.device_count())
+  flops = lambda: (
+    flops_lib.step_flops(run.model_cfg, run.sizes, itm=any(jstep.compiled_variants))
+    * loop.accum_steps
+    * jax.process_count()
+    / jax.device_count()
+  )
   return train_report.Reporter(
-      writer, loop, {k: int(run.cfg.batch[k]) for k in run.streams.kinds}, run.start_step,
-      flops_per_device=flops, lr=lambda s: float(lr(s)), skip_counts=run.streams.skip_counts,
-      latest_checkpoint=manager.latest_step)
+    writer,
+    loop,
+    {k: int(run.cfg.batch[k]) for k in run.streams.kinds},
+    run.start_step,
+    flops_per_device=flops,
+    lr=lambda s: float(lr(s)),
+    skip_counts=run.streams.skip_counts,
+    latest_checkpoint=manager.latest_step,
+  )
 
 
 def _restart_logs(run: _Run, writer) -> metrics_writer.MetricsWriter:
   """Drops log lines of steps that will be redone after a resume; returns the writer to use."""
   if run.loop.log_example_ids:
-    train_report.truncate_jsonl(run.workdir / EXAMPLE_IDS.format(jax.process_index()),
-                                run.start_step)
+    train_report.truncate_jsonl(
+      run.workdir / EXAMPLE_IDS.format(jax.process_index()), run.start_step
+    )
   if jax.process_index() == 0 and run.resumed:
     writer.close()
     train_report.truncate_jsonl(run.workdir / metrics_writer.JSONL_NAME, run.start_step + 1)
@@ -281,8 +351,9 @@ def _restart_logs(run: _Run, writer) -> metrics_writer.MetricsWriter:
   return writer
 
 
-def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_change: bool = False,
-                       profile_steps: str = "") -> RunResult:
+def train_and_evaluate(
+  config, workdir: str | os.PathLike, *, allow_config_change: bool = False, profile_steps: str = ""
+) -> RunResult:
   """Runs (or resumes) training as configured; see the module docstring.
 
   Raises:
@@ -296,9 +367,12 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
   loop = rc.loop_config(config, profile_steps)
   enable_compilation_cache(loop.compilation_cache_dir)
   writer = metrics_writer.MetricsWriter(workdir)
-  manager = ckpt_lib.CheckpointManager(workdir / CKPT_DIR, max_to_keep=loop.keep,
-                                       keep_every=loop.keep_every or None,
-                                       async_save=loop.async_checkpoint)
+  manager = ckpt_lib.CheckpointManager(
+    workdir / CKPT_DIR,
+    max_to_keep=loop.keep,
+    keep_every=loop.keep_every or None,
+    async_save=loop.async_checkpoint,
+  )
   watcher = preemption.PreemptionWatcher()
   run = None
   try:
@@ -308,8 +382,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, allow_config_chang
       _write_reports(run, writer)
     run.open_streams(allow_config_change)
     writer = _restart_logs(run, writer)
-    writer.log(f"start at step {run.start_step} of {loop.total_steps} "
-               f"(set-up {time.time() - t_start:.1f} s)")
+    writer.log(
+      f"start at step {run.start_step} of {loop.total_steps} (set-up {time.time() - t_start:.1f} s)"
+    )
     status, step = _loop(run, manager, writer, watcher)
     if status == "done" and loop.export_at_end:
       export.export_params(workdir, run.model_cfg, run.state["params"], writer.log)
@@ -329,10 +404,12 @@ def _loop(run: _Run, manager, writer, watcher) -> tuple[str, int]:
   """Steps from run.start_step until the end, a stop or a preemption: (status, step)."""
   loop = run.loop
   jstep = step_jit.pretrain_step(
-      run.spec, rc.step_config(run.cfg), loop.accum_steps,
-      on_compile=lambda itm, s: writer.log(f"compiled the step (itm={itm}) in {s:.1f} s"))
-  ids_path = (run.workdir / EXAMPLE_IDS.format(jax.process_index())
-              if loop.log_example_ids else None)
+    run.spec,
+    rc.step_config(run.cfg),
+    loop.accum_steps,
+    on_compile=lambda itm, s: writer.log(f"compiled the step (itm={itm}) in {s:.1f} s"),
+  )
+  ids_path = run.workdir / EXAMPLE_IDS.format(jax.process_index()) if loop.log_example_ids else None
   batches = _Batches(run.streams, run.mesh, loop.accum_steps, ids_path)
   reporter = _reporter(run, writer, manager, jstep)
   saver = _Saver(manager, run)
@@ -341,8 +418,9 @@ def _loop(run: _Run, manager, writer, watcher) -> tuple[str, int]:
   while step < loop.total_steps:
     if watcher.should_stop(step):
       reporter.flush()
-      logging.warning("preemption notice: saving step %d and exiting (process %d)", step,
-                      jax.process_index())
+      logging.warning(
+        "preemption notice: saving step %d and exiting (process %d)", step, jax.process_index()
+      )
       if saver.last_saved != step:
         saver.save(step, run.state, force=True)
       manager.wait_until_finished()

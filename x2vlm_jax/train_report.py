@@ -79,14 +79,22 @@ class Reporter:
     latest_checkpoint: () -> the newest committed step (named when the run stops).
   """
 
-  def __init__(self, writer: metrics_writer.MetricsWriter, loop: LoopConfig,
-               examples_per_step: Mapping[str, int], start_step: int, *,
-               flops_per_device: Callable[[], float], lr: Callable[[int], float],
-               skip_counts: Callable[[], Mapping[str, int]],
-               latest_checkpoint: Callable[[], int | None]):
+  def __init__(
+    self,
+    writer: metrics_writer.MetricsWriter,
+    loop: LoopConfig,
+    examples_per_step: Mapping[str, int],
+    start_step: int,
+    *,
+    flops_per_device: Callable[[], float],
+    lr: Callable[[int], float],
+    skip_counts: Callable[[], Mapping[str, int]],
+    latest_checkpoint: Callable[[], int | None],
+  ):
     self.writer, self.loop = writer, loop
-    self.progress = metrics_writer.Progress(loop.total_steps, examples_per_step,
-                                            start_step=start_step)
+    self.progress = metrics_writer.Progress(
+      loop.total_steps, examples_per_step, start_step=start_step
+    )
     self.window = MetricsWindow()
     self._flops, self._lr, self._skips = flops_per_device, lr, skip_counts
     self._latest = latest_checkpoint
@@ -98,7 +106,7 @@ class Reporter:
     self.flush()
     self._pending = (step, device_metrics)
     self._times.append(time.monotonic())
-    self._times[:] = self._times[-self.loop.log_every - 1:]
+    self._times[:] = self._times[-self.loop.log_every - 1 :]
 
   def flush(self) -> None:
     """Reads the pending step's metrics now (before a save, and at the end)."""
@@ -118,9 +126,10 @@ class Reporter:
     total_bad = int(host.pop("nonfinite_total"))
     if bad >= self.loop.max_consecutive_nonfinite > 0:
       raise NonFiniteError(
-          f"{bad} consecutive non-finite updates (last at step {done_step - 1}; "
-          f"{total_bad} in total): stopping without saving; the last checkpoint "
-          f"({self._latest()}) is intact")
+        f"{bad} consecutive non-finite updates (last at step {done_step - 1}; "
+        f"{total_bad} in total): stopping without saving; the last checkpoint "
+        f"({self._latest()}) is intact"
+      )
     self.window.add(host)
     if done_step % self.loop.log_every == 0 or done_step == self.loop.total_steps:
       self._log(done_step, total_bad)

@@ -29,11 +29,11 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from x2vlm_jax import checkpoint as ckpt_lib
-from x2vlm_jax import optim
-from x2vlm_jax import sharding
+from x2vlm_jax import optim, sharding
 from x2vlm_jax.models.config import ModelConfig
 from x2vlm_jax.models.x2vlm import X2VLM, abstract_model
 
@@ -55,13 +55,15 @@ def model_from_params(graphdef, abstract_params: nnx.State, params: dict) -> X2V
   return nnx.merge(graphdef, st)
 
 
-def _opt_state_shardings(tx: optax.GradientTransformation, abstract_params: dict,
-                         param_sh: dict, mesh: Mesh):
+def _opt_state_shardings(
+  tx: optax.GradientTransformation, abstract_params: dict, param_sh: dict, mesh: Mesh
+):
   """Shardings of `tx.init(params)`: parameter-shaped sub-trees like the parameters."""
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   replicated = NamedSharding(mesh, P())
-  return optax.tree_map_params(tx, lambda _, sh: sh, abstract_opt, param_sh,
-                               transform_non_params=lambda _: replicated)
+  return optax.tree_map_params(
+    tx, lambda _, sh: sh, abstract_opt, param_sh, transform_non_params=lambda _: replicated
+  )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -106,14 +108,17 @@ class TrainStateSpec:
   shardings: dict
 
   @classmethod
-  def build(cls, model_cfg: ModelConfig, optim_cfg: optim.OptimConfig, mesh: Mesh,
-            fresh_paths=()) -> TrainStateSpec:
+  def build(
+    cls, model_cfg: ModelConfig, optim_cfg: optim.OptimConfig, mesh: Mesh, fresh_paths=()
+  ) -> TrainStateSpec:
     layout = ParamLayout.build(model_cfg, mesh)
     tx = optim.make_optimizer(optim_cfg, tuple(fresh_paths))
     pure = nnx.to_pure_dict(layout.abstract_params)
     optim.check_fresh_paths(pure, fresh_paths)
-    shardings = {"params": layout.shardings,
-                 "opt_state": _opt_state_shardings(tx, pure, layout.shardings, mesh)}
+    shardings = {
+      "params": layout.shardings,
+      "opt_state": _opt_state_shardings(tx, pure, layout.shardings, mesh),
+    }
     shardings.update({name: NamedSharding(mesh, P()) for name in COUNTERS})
     return cls(layout, tx, tuple(fresh_paths), shardings)
 
@@ -139,8 +144,9 @@ class TrainStateSpec:
 
   def abstract_state(self) -> dict:
     """The state as ShapeDtypeStructs carrying their shardings."""
-    shapes = jax.eval_shape(lambda p: init_state(p, self.tx),
-                            nnx.to_pure_dict(self.abstract_params))
+    shapes = jax.eval_shape(
+      lambda p: init_state(p, self.tx), nnx.to_pure_dict(self.abstract_params)
+    )
     return ckpt_lib.abstract_target(shapes, self.shardings)
 
   def create(self, params: dict) -> dict:
@@ -172,8 +178,9 @@ class TrainStateSpec:
     return {TRAIN: self.abstract_state(), RNG: rng}
 
 
-def restore_params(manager: ckpt_lib.CheckpointManager, layout: ParamLayout,
-                   step: int | None = None) -> tuple[dict, int]:
+def restore_params(
+  manager: ckpt_lib.CheckpointManager, layout: ParamLayout, step: int | None = None
+) -> tuple[dict, int]:
   """(params, step) of the newest good checkpoint (or exactly `step`), parameters only.
 
   Only the parameter arrays are read (straight into their shardings on `layout.mesh`) and

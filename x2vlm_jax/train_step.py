@@ -37,15 +37,18 @@ def _accumulated(grad_fn, params, batch, key, itm: bool, accum_steps: int):
   Each micro-batch draws its ITC and ITM negatives from itself only, so A micro-batches of B
   are not one batch of A*B (docs/train_step.md).
   """
+
   def body(carry, xs):
     i, sub = xs
     (l, m), g = grad_fn(params, sub, jax.random.fold_in(key, i), itm)
     return jax.tree.map(jnp.add, carry, (l, m, g)), None
 
-  shapes = jax.eval_shape(lambda p, b, k: grad_fn(p, b, k, itm), params,
-                          jax.tree.map(lambda x: x[0], batch), key)  # itm stays static
-  zero = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
-                      (shapes[0][0], shapes[0][1], shapes[1]))
+  shapes = jax.eval_shape(
+    lambda p, b, k: grad_fn(p, b, k, itm), params, jax.tree.map(lambda x: x[0], batch), key
+  )  # itm stays static
+  zero = jax.tree.map(
+    lambda x: jnp.zeros(x.shape, x.dtype), (shapes[0][0], shapes[0][1], shapes[1])
+  )
   (loss, metrics, grads), _ = jax.lax.scan(body, zero, (jnp.arange(accum_steps), batch))
   return jax.tree.map(lambda x: x / accum_steps, (loss, metrics, grads))
 
@@ -76,11 +79,11 @@ def make_train_step(spec: TrainStateSpec, loss: LossFn, accum_steps: int = 1):
     new_params = optax.apply_updates(params, updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = {
-        "params": keep(new_params, state["params"]),
-        "opt_state": keep(new_opt, state["opt_state"]),
-        "step": state["step"] + 1,
-        "nonfinite_run": jnp.where(finite, 0, state["nonfinite_run"] + 1),
-        "nonfinite_total": state["nonfinite_total"] + (~finite).astype(jnp.int32),
+      "params": keep(new_params, state["params"]),
+      "opt_state": keep(new_opt, state["opt_state"]),
+      "step": state["step"] + 1,
+      "nonfinite_run": jnp.where(finite, 0, state["nonfinite_run"] + 1),
+      "nonfinite_total": state["nonfinite_total"] + (~finite).astype(jnp.int32),
     }
     metrics = dict(metrics)
     metrics["l2_grads"] = l2_grads

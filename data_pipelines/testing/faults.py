@@ -17,7 +17,7 @@ import numpy as np
 
 from data_pipelines import features as F
 from data_pipelines.jsonl_format import JsonlFormat, default_format
-from data_pipelines.sources import list_files, line_index
+from data_pipelines.sources import line_index, list_files
 
 # A caption that survives `pre_caption` (no punctuation, not whitespace) but that the BERT
 # tokenizer drops entirely: zero-width spaces are format characters (Unicode Cf) it cleans away.
@@ -80,11 +80,11 @@ class _Injector:
       rel = os.path.join("images", f"corrupt-{self.count}-{key}.bin")
       os.makedirs(os.path.join(self.dst_dir, "images"), exist_ok=True)
       with open(os.path.join(self.dst_dir, rel), "wb") as f:
-        f.write(data[:len(data) * 3 // 5])  # truncated file
+        f.write(data[: len(data) * 3 // 5])  # truncated file
       box[key] = rel
     elif self.count % 2:
       data = self._read_image(box[key])
-      box[key] = base64.b64encode(data[:len(data) * 3 // 5]).decode("ascii")  # truncated file
+      box[key] = base64.b64encode(data[: len(data) * 3 // 5]).decode("ascii")  # truncated file
     else:
       box[key] = "this is not base64!"
 
@@ -94,7 +94,11 @@ class _Injector:
 
   def _set_captions(self, obj: dict, text: str) -> None:
     key = self.fmt.caption_key
-    if self.kind == F.VIDEO and isinstance(obj[key], list) and isinstance(obj[self.fmt.image_key][0], list):
+    if (
+      self.kind == F.VIDEO
+      and isinstance(obj[key], list)
+      and isinstance(obj[self.fmt.image_key][0], list)
+    ):
       obj[key] = [text] * len(obj[key])  # per-clip captions must keep their count
     else:
       obj[key] = text
@@ -133,9 +137,15 @@ class _Injector:
     return obj
 
 
-def inject_faults(src: str | os.PathLike, dst: str | os.PathLike, kind: str, fraction: float = 0.05,
-                  seed: int = 0, fmt: JsonlFormat | None = None,
-                  reasons: tuple[str, ...] | None = None) -> list[Fault]:
+def inject_faults(
+  src: str | os.PathLike,
+  dst: str | os.PathLike,
+  kind: str,
+  fraction: float = 0.05,
+  seed: int = 0,
+  fmt: JsonlFormat | None = None,
+  reasons: tuple[str, ...] | None = None,
+) -> list[Fault]:
   """Copies the clean JSON-lines set `src` (dir) to `dst`, breaking `fraction` of its lines.
 
   The broken lines are drawn at random (seeded) and cycle through `reasons` (default: all
@@ -175,7 +185,7 @@ def inject_faults(src: str | os.PathLike, dst: str | os.PathLike, kind: str, fra
       obj = json.loads(text)
       rid = str(obj["id"]) if "id" in obj else f"{os.path.basename(f)}:{n}"
       if reason == "bad_json":
-        lines[n - 1] = text[:len(text) // 2]  # a line cut in half
+        lines[n - 1] = text[: len(text) // 2]  # a line cut in half
         rid = f"{os.path.basename(f)}:{n}"
       else:
         lines[n - 1] = json.dumps(injector.apply(reason, obj)).encode()

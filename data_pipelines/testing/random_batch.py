@@ -26,22 +26,33 @@ def _text(rng, b, sizes: F.BatchSizes, vocab: int):
   for i in range(b):
     n = min(M, max(1, int(round(lengths[i] * 0.5))))
     p = np.sort(rng.choice(np.arange(1, lengths[i]), size=min(n, lengths[i] - 1), replace=False))
-    pos[i, :len(p)], labels[i, :len(p)], weights[i, :len(p)] = p, ids[i, p], 1.0
+    pos[i, : len(p)], labels[i, : len(p)], weights[i, : len(p)] = p, ids[i, p], 1.0
     mlm[i, p] = 103
-  return {F.TEXT_IDS: ids, F.TEXT_MASK: mask, F.MLM_IDS: mlm, F.MLM_POSITIONS: pos,
-          F.MLM_LABELS: labels, F.MLM_WEIGHTS: weights, F.VALID: np.ones((b,), np.int32),
-          F.RECORD_ID: np.arange(b, dtype=np.int32), F.SOURCE_ID: np.zeros((b,), np.int32)}
+  return {
+    F.TEXT_IDS: ids,
+    F.TEXT_MASK: mask,
+    F.MLM_IDS: mlm,
+    F.MLM_POSITIONS: pos,
+    F.MLM_LABELS: labels,
+    F.MLM_WEIGHTS: weights,
+    F.VALID: np.ones((b,), np.int32),
+    F.RECORD_ID: np.arange(b, dtype=np.int32),
+    F.SOURCE_ID: np.zeros((b,), np.int32),
+  }
 
 
-def random_batch(sizes: F.BatchSizes, vocab: int = 30522, seed: int = 0,
-                 num_invalid: int = 0) -> dict:
+def random_batch(
+  sizes: F.BatchSizes, vocab: int = 30522, seed: int = 0, num_invalid: int = 0
+) -> dict:
   """A MixedBatch of random content; the last `num_invalid` rows of every kind are padding."""
   rng = np.random.default_rng(seed)
   R, P = sizes.image_res, sizes.image_res // sizes.patch_size
   out = {}
   if sizes.image_batch:
-    out[F.IMAGE] = {F.PIXELS: rng.integers(0, 256, (sizes.image_batch, R, R, 3), dtype=np.uint8),
-                    **_text(rng, sizes.image_batch, sizes, vocab)}
+    out[F.IMAGE] = {
+      F.PIXELS: rng.integers(0, 256, (sizes.image_batch, R, R, 3), dtype=np.uint8),
+      **_text(rng, sizes.image_batch, sizes, vocab),
+    }
   if sizes.region_batch:
     b, n = sizes.region_batch, sizes.region_max_images
     wh = rng.uniform(0.1, 0.9, size=(b, 2))
@@ -61,14 +72,21 @@ def random_batch(sizes: F.BatchSizes, vocab: int = 30522, seed: int = 0,
       grid[cy0:cy1, cx0:cx1] = 1
       patch[i] = 1 if is_image[i] else grid.reshape(-1)
     out[F.REGION] = {
-        F.PIXELS: rng.integers(0, 256, (n, R, R, 3), dtype=np.uint8),
-        F.IMAGE_VALID: np.ones((n,), np.int32),
-        F.IMAGE_INDEX: rng.integers(0, n, size=b).astype(np.int32),
-        F.BOX: box, F.PATCH_MASK: patch, F.IS_IMAGE: is_image, **_text(rng, b, sizes, vocab)}
+      F.PIXELS: rng.integers(0, 256, (n, R, R, 3), dtype=np.uint8),
+      F.IMAGE_VALID: np.ones((n,), np.int32),
+      F.IMAGE_INDEX: rng.integers(0, n, size=b).astype(np.int32),
+      F.BOX: box,
+      F.PATCH_MASK: patch,
+      F.IS_IMAGE: is_image,
+      **_text(rng, b, sizes, vocab),
+    }
   if sizes.video_batch:
     b, f = sizes.video_batch, sizes.frame_len
-    out[F.VIDEO] = {F.FRAMES: rng.integers(0, 256, (b, f, R, R, 3), dtype=np.uint8),
-                    F.FRAME_VALID: np.ones((b, f), np.int32), **_text(rng, b, sizes, vocab)}
+    out[F.VIDEO] = {
+      F.FRAMES: rng.integers(0, 256, (b, f, R, R, 3), dtype=np.uint8),
+      F.FRAME_VALID: np.ones((b, f), np.int32),
+      **_text(rng, b, sizes, vocab),
+    }
   if num_invalid:
     for kind, fields in out.items():
       fields[F.VALID][-num_invalid:] = 0

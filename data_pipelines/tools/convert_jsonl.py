@@ -20,8 +20,13 @@ import sys
 
 from data_pipelines import features as F
 from data_pipelines.jsonl_format import JsonlFormat
-from data_pipelines.tools.validate import Problem, add_format_args, default_tokenizer
-from data_pipelines.tools.validate import format_from_args, iter_checked
+from data_pipelines.tools.validate import (
+  Problem,
+  add_format_args,
+  default_tokenizer,
+  format_from_args,
+  iter_checked,
+)
 
 
 @dataclasses.dataclass
@@ -38,15 +43,24 @@ class ConvertStats:
     return {r: c[r] for r in F.SKIP_REASONS if c[r]}
 
 
-def convert(src: str, out_dir: str, kind: str, fmt: JsonlFormat | None = None, check: bool = True,
-            tokenizer=None, preproc_cfg: F.PreprocConfig = F.PreprocConfig(), split: str = "train",
-            log=None) -> ConvertStats:
+def convert(
+  src: str,
+  out_dir: str,
+  kind: str,
+  fmt: JsonlFormat | None = None,
+  check: bool = True,
+  tokenizer=None,
+  preproc_cfg: F.PreprocConfig = F.PreprocConfig(),
+  split: str = "train",
+  log=None,
+) -> ConvertStats:
   """Converts JSON lines at `src` to an ArrayRecord dataset under `out_dir`.
 
   `log(problem)` is called for each bad line (default: print to stderr).
   """
   from data_pipelines import arrayrecord
   from data_pipelines.sources import JsonLinesSource
+
   source = JsonLinesSource(src, kind, fmt)
   if check and tokenizer is None:
     tokenizer = default_tokenizer(preproc_cfg.max_tokens)
@@ -69,26 +83,48 @@ def convert(src: str, out_dir: str, kind: str, fmt: JsonlFormat | None = None, c
 
 def main(argv: list[str] | None = None) -> int:
   """CLI entry point; prints a JSON summary and returns 0 (bad lines are expected, not fatal)."""
-  parser = argparse.ArgumentParser(prog="python -m data_pipelines.tools.convert_jsonl",
-                                   description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="python -m data_pipelines.tools.convert_jsonl",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   parser.add_argument("src", help="JSON-lines file or directory")
   parser.add_argument("out_dir", help="output data dir (the dataset goes to OUT_DIR/x2vlm_<kind>/)")
   add_format_args(parser)
-  parser.add_argument("--no-check", action="store_true",
-                      help="skip check_record (image decoding, tokenisation, elem usability)")
+  parser.add_argument(
+    "--no-check",
+    action="store_true",
+    help="skip check_record (image decoding, tokenisation, elem usability)",
+  )
   parser.add_argument("--tokenizer", help="HF tokenizer dir for the checks (default: MiniLM)")
   parser.add_argument("--max-tokens", type=int, default=F.PreprocConfig().max_tokens)
   parser.add_argument("--split", default="train")
   args = parser.parse_args(argv)
   from data_pipelines.sources import detect_kind
+
   kind = args.kind or detect_kind(args.src)
   cfg = dataclasses.replace(F.PreprocConfig(), max_tokens=args.max_tokens)
   tok = None if args.no_check else default_tokenizer(args.max_tokens, args.tokenizer)
-  stats = convert(args.src, args.out_dir, kind, format_from_args(args, kind),
-                  check=not args.no_check, tokenizer=tok, preproc_cfg=cfg, split=args.split)
-  print(json.dumps({"dataset_dir": stats.dataset_dir, "kind": kind, "written": stats.written,
-                    "skipped": stats.skipped}))
+  stats = convert(
+    args.src,
+    args.out_dir,
+    kind,
+    format_from_args(args, kind),
+    check=not args.no_check,
+    tokenizer=tok,
+    preproc_cfg=cfg,
+    split=args.split,
+  )
+  print(
+    json.dumps(
+      {
+        "dataset_dir": stats.dataset_dir,
+        "kind": kind,
+        "written": stats.written,
+        "skipped": stats.skipped,
+      }
+    )
+  )
   return 0
 
 

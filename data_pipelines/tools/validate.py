@@ -58,8 +58,10 @@ def default_tokenizer(max_tokens: int = 40, directory: str | None = None):
   Cached: loading takes seconds and the tokenizer is only read.
   """
   from data_pipelines.text_ops import Tokenizer
+
   if directory is None:
     from data_pipelines.assets import minilm_dir
+
     directory = minilm_dir()
   return Tokenizer(directory, max_tokens)
 
@@ -77,11 +79,16 @@ def iter_checked(source, tokenizer: Any, preproc_cfg: F.PreprocConfig, check: bo
       yield i, None, Problem(f"{path}:{pos}", e.reason, e.field, e.detail, e.record_id)
 
 
-def validate(path: str, kind: str | None = None, tokenizer: Any = None,
-             preproc_cfg: F.PreprocConfig = F.PreprocConfig(), fmt: JsonlFormat | None = None,
-             ) -> Report:
+def validate(
+  path: str,
+  kind: str | None = None,
+  tokenizer: Any = None,
+  preproc_cfg: F.PreprocConfig = F.PreprocConfig(),
+  fmt: JsonlFormat | None = None,
+) -> Report:
   """Reads and checks every record of `path`; see the module docstring."""
   from data_pipelines.sources import open_source
+
   source = open_source(path, kind, fmt)
   tokenizer = tokenizer or default_tokenizer(preproc_cfg.max_tokens)
   problems = [p for _, _, p in iter_checked(source, tokenizer, preproc_cfg) if p is not None]
@@ -94,15 +101,20 @@ def add_format_args(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--image-key", help="image / frames key (default: binary, video_frames)")
   parser.add_argument("--caption-key", help="caption key (default: desc, caption, text)")
   parser.add_argument("--rpath", action="store_true", help="images are file paths, not base64")
-  parser.add_argument("--image-root", help="base dir of relative image paths (default: the "
-                      "directory of each JSON-lines file)")
+  parser.add_argument(
+    "--image-root",
+    help="base dir of relative image paths (default: the directory of each JSON-lines file)",
+  )
   parser.add_argument("--language", help="pick this language of dict captions")
 
 
 def format_from_args(args: argparse.Namespace, kind: str) -> JsonlFormat:
   """The JsonlFormat selected by `add_format_args` flags."""
-  overrides = {"is_image_rpath": args.rpath, "image_root": args.image_root,
-               "language": args.language}
+  overrides = {
+    "is_image_rpath": args.rpath,
+    "image_root": args.image_root,
+    "language": args.language,
+  }
   if args.image_key:
     overrides["image_key"] = args.image_key
   if args.caption_key:
@@ -112,17 +124,26 @@ def format_from_args(args: argparse.Namespace, kind: str) -> JsonlFormat:
 
 def main(argv: list[str] | None = None) -> int:
   """CLI entry point; returns the exit code."""
-  parser = argparse.ArgumentParser(prog="python -m data_pipelines.tools.validate",
-                                   description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="python -m data_pipelines.tools.validate",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   parser.add_argument("path", help="JSON-lines file/dir or ArrayRecord dataset dir")
   add_format_args(parser)
-  parser.add_argument("--tokenizer", help="HF tokenizer dir (default: MiniLM, bert-base-uncased vocab)")
-  parser.add_argument("--max-tokens", type=int, default=F.PreprocConfig().max_tokens,
-                      help="max_words of pre_caption (= max_tokens in pre-training)")
+  parser.add_argument(
+    "--tokenizer", help="HF tokenizer dir (default: MiniLM, bert-base-uncased vocab)"
+  )
+  parser.add_argument(
+    "--max-tokens",
+    type=int,
+    default=F.PreprocConfig().max_tokens,
+    help="max_words of pre_caption (= max_tokens in pre-training)",
+  )
   parser.add_argument("--quiet", action="store_true", help="print only the counts")
   args = parser.parse_args(argv)
   from data_pipelines.sources import detect_kind, is_arrayrecord
+
   kind = args.kind
   if kind is None and not is_arrayrecord(args.path):
     kind = detect_kind(args.path)

@@ -50,12 +50,20 @@ def _import(args):
   for n in notes:
     print(f"note: {n}")
   cfg, source_size, cfg_notes = infer_config(
-      sd, ck_config, variant=args.variant, num_heads=args.num_heads, text_layers=args.text_layers,
-      fusion_layers=args.fusion_layers, image_size=args.image_size)
+    sd,
+    ck_config,
+    variant=args.variant,
+    num_heads=args.num_heads,
+    text_layers=args.text_layers,
+    fusion_layers=args.fusion_layers,
+    image_size=args.image_size,
+  )
   for n in cfg_notes:
     print(f"config: {n}")
-  print(f"layout: {S.detect_layout(sd)}; {len(sd)} entries; checkpoint resolution {source_size}, "
-        f"target {cfg.vision.image_size}")
+  print(
+    f"layout: {S.detect_layout(sd)}; {len(sd)} entries; checkpoint resolution {source_size}, "
+    f"target {cfg.vision.image_size}"
+  )
   allow = {k for k in ("missing", "unexpected", "check") if getattr(args, f"allow_{k}")}
   params, report = O.official_to_params(sd, cfg, allow=allow, source_image_size=source_size)
   print(report.summary())
@@ -81,8 +89,10 @@ def cmd_jax_to_official(args) -> None:
   cfg, params = _load_ours(args.src)
   sd = O.params_to_official(params, cfg, layout=args.layout)
   _write_official(args.dst, sd, official_config_dict(cfg))
-  print(f"wrote {len(sd)} entries ({S.count_parameters(S.official_state_spec(cfg, args.layout)):,} "
-        f"parameters) to {args.dst}")
+  print(
+    f"wrote {len(sd)} entries ({S.count_parameters(S.official_state_spec(cfg, args.layout)):,} "
+    f"parameters) to {args.dst}"
+  )
 
 
 def cmd_official_to_safetensors(args) -> None:
@@ -95,32 +105,45 @@ def cmd_official_to_safetensors(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
   """The argparse parser of `python -m x2vlm_jax.convert`."""
-  p = argparse.ArgumentParser(prog="python -m x2vlm_jax.convert", description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(
+    prog="python -m x2vlm_jax.convert", description=__doc__.split("\n")[0]
+  )
   sub = p.add_subparsers(dest="command", required=True)
 
   def importing(sp):
-    sp.add_argument("--variant", choices=("tiny", "base", "large"),
-                    help="defaults for what shapes cannot tell (default: by text width)")
+    sp.add_argument(
+      "--variant",
+      choices=("tiny", "base", "large"),
+      help="defaults for what shapes cannot tell (default: by text width)",
+    )
     sp.add_argument("--num-heads", type=int, help="text/fusion attention heads (default width/64)")
-    sp.add_argument("--text-layers", type=int, help="text-only layers (default: first cross-attn layer)")
+    sp.add_argument(
+      "--text-layers", type=int, help="text-only layers (default: first cross-attn layer)"
+    )
     sp.add_argument("--fusion-layers", type=int, help="fusion layers (default: the rest)")
-    sp.add_argument("--image-size", type=int,
-                    help="target resolution; resizes rel-pos tables "
-                    "(docs/conversion.md#resolution-change)")
+    sp.add_argument(
+      "--image-size",
+      type=int,
+      help="target resolution; resizes rel-pos tables (docs/conversion.md#resolution-change)",
+    )
     sp.add_argument("--allow-missing", action="store_true", help="our params absent from the file")
     sp.add_argument("--allow-unexpected", action="store_true", help="file entries we do not use")
     sp.add_argument("--allow-check", action="store_true", help="tied/buffer value differences")
 
   def layout(sp):
-    sp.add_argument("--layout", choices=S.LAYOUTS, default=S.PRETRAIN,
-                    help="official key layout to write (default pretrain; finetune: no `bert.`, "
-                    "no MLM head, docs/fidelity.md#fine-tuning-layout)")
+    sp.add_argument(
+      "--layout",
+      choices=S.LAYOUTS,
+      default=S.PRETRAIN,
+      help="official key layout to write (default pretrain; finetune: no `bert.`, "
+      "no MLM head, docs/fidelity.md#fine-tuning-layout)",
+    )
 
   for name, fn, src, dst, is_import in (
-      ("official-to-jax", cmd_official_to_jax, "SRC.th", "OUT_DIR", True),
-      ("jax-to-official", cmd_jax_to_official, "OUT_DIR", "DST.th", False),
-      ("official-to-safetensors", cmd_official_to_safetensors, "SRC.th", "DST.safetensors", True),
-      ("jax-to-safetensors", cmd_jax_to_official, "OUT_DIR", "DST.safetensors", False),
+    ("official-to-jax", cmd_official_to_jax, "SRC.th", "OUT_DIR", True),
+    ("jax-to-official", cmd_jax_to_official, "OUT_DIR", "DST.th", False),
+    ("official-to-safetensors", cmd_official_to_safetensors, "SRC.th", "DST.safetensors", True),
+    ("jax-to-safetensors", cmd_jax_to_official, "OUT_DIR", "DST.safetensors", False),
   ):
     sp = sub.add_parser(name, help=f"{src} -> {dst}")
     sp.add_argument("src", type=pathlib.Path, metavar=src)

@@ -1,6 +1,6 @@
 """The model side of every importer: the parameters a model expects, and writing loaded ones in.
 
-The Hugging Face tower importers (`hf.load_bert` / `hf.load_beit`) and the official `.th` /
+The Hugging Face tower importers (`hf.load_bert` / `hf_beit.load_beit`) and the official `.th` /
 safetensors import (`official.official_to_params`) all produce a nested dict of numpy arrays in
 our parameter layout. `apply_params` writes such dicts into a model, keeping each parameter's
 dtype and sharding, and returns the paths left at init -- the official `init_params`, which the

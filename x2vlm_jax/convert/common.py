@@ -87,7 +87,9 @@ class CoverageReport:
   matched: list[str] = dataclasses.field(default_factory=list)  # foreign keys used
   missing: list[str] = dataclasses.field(default_factory=list)  # our paths ("a.b[3]") not filled
   unexpected: list[str] = dataclasses.field(default_factory=list)  # foreign keys no rule took
-  shape: list[str] = dataclasses.field(default_factory=list)  # "key: got (..) expected (..) for path"
+  shape: list[str] = dataclasses.field(
+    default_factory=list
+  )  # "key: got (..) expected (..) for path"
   check: list[str] = dataclasses.field(default_factory=list)  # tied/buffer value failures
   notes: list[str] = dataclasses.field(default_factory=list)  # informational (e.g. dropped buffers)
 
@@ -103,9 +105,9 @@ class CoverageReport:
   def summary(self, limit: int = 20) -> str:
     """Human-readable report: counts, then up to `limit` names per kind."""
     lines = [
-        f"matched {len(self.matched)} foreign entries; missing {len(self.missing)}, "
-        f"unexpected {len(self.unexpected)}, shape mismatches {len(self.shape)}, "
-        f"failed checks {len(self.check)}"
+      f"matched {len(self.matched)} foreign entries; missing {len(self.missing)}, "
+      f"unexpected {len(self.unexpected)}, shape mismatches {len(self.shape)}, "
+      f"failed checks {len(self.check)}"
     ]
     for kind in MISMATCH_KINDS + ("notes",):
       items = getattr(self, kind)
@@ -121,9 +123,9 @@ class CoverageReport:
     errs = self.errors(allow)
     if errs:
       raise ConversionError(
-          f"{what} failed ({', '.join(f'{len(v)} {k}' for k, v in errs.items())}; allow with "
-          f"{sorted(errs)}):\n{self.summary()}",
-          self,
+        f"{what} failed ({', '.join(f'{len(v)} {k}' for k, v in errs.items())}; allow with "
+        f"{sorted(errs)}):\n{self.summary()}",
+        self,
       )
 
 
@@ -170,13 +172,13 @@ def find_rule(rules: Sequence[Rule], key: str) -> tuple[Rule, re.Match] | None:
 
 
 def merge(
-    foreign: Mapping[str, np.ndarray],
-    rules: Sequence[Rule],
-    expected: Mapping[str, Any],
-    *,
-    allow: Iterable[str] = (),
-    init: Mapping[str, Any] | None = None,
-    what: str = "import",
+  foreign: Mapping[str, np.ndarray],
+  rules: Sequence[Rule],
+  expected: Mapping[str, Any],
+  *,
+  allow: Iterable[str] = (),
+  init: Mapping[str, Any] | None = None,
+  what: str = "import",
 ) -> tuple[dict[str, Any], CoverageReport]:
   """Fills a nested dict shaped like `expected` from `foreign` via `rules`; strict by default.
 
@@ -190,10 +192,15 @@ def merge(
   key unless all mismatches are allowed.
   """
   allow = _check_kinds(allow)
-  exp = (expected if all(not isinstance(v, Mapping) for v in expected.values())
-         else treepath.flatten_dict(expected))
-  st = _MergeState({k: shape_dtype(v) for k, v in exp.items()},
-                   treepath.flatten_dict(init) if init is not None else {})
+  exp = (
+    expected
+    if all(not isinstance(v, Mapping) for v in expected.values())
+    else treepath.flatten_dict(expected)
+  )
+  st = _MergeState(
+    {k: shape_dtype(v) for k, v in exp.items()},
+    treepath.flatten_dict(init) if init is not None else {},
+  )
   for key, value in foreign.items():
     value = np.asarray(value)
     found = find_rule(rules, key)
@@ -221,13 +228,16 @@ class _MergeState:
   exp: dict[str, tuple[Shape, np.dtype]]  # our dotted path -> (shape, dtype)
   init: dict[str, Any]  # our dotted path -> concrete init value
   report: CoverageReport = dataclasses.field(default_factory=CoverageReport)
-  filled: dict[str, set] = dataclasses.field(default_factory=dict)  # path -> layer indices; {None}: unstacked
+  filled: dict[str, set] = dataclasses.field(
+    default_factory=dict
+  )  # path -> layer indices; {None}: unstacked
   out: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
   tied: list[tuple[str, Rule, re.Match, np.ndarray]] = dataclasses.field(default_factory=list)
 
 
-def _check_buffer(report: CoverageReport, key: str, value: np.ndarray, rule: Rule,
-                  m: re.Match) -> None:
+def _check_buffer(
+  report: CoverageReport, key: str, value: np.ndarray, rule: Rule, m: re.Match
+) -> None:
   """A non-learned foreign buffer: matched if it equals `rule.expect`, else reported."""
   if rule.expect is None:
     report.notes.append(f"{key}: dropped")
@@ -242,8 +252,9 @@ def _check_buffer(report: CoverageReport, key: str, value: np.ndarray, rule: Rul
     report.matched.append(key)
 
 
-def _fill(st: _MergeState, key: str, value: np.ndarray, rule: Rule, path: str,
-          idx: int | None) -> None:
+def _fill(
+  st: _MergeState, key: str, value: np.ndarray, rule: Rule, path: str, idx: int | None
+) -> None:
   """Writes one learned foreign entry into its slot of our param (or reports why not)."""
   report = st.report
   if path not in st.exp:
@@ -257,7 +268,8 @@ def _fill(st: _MergeState, key: str, value: np.ndarray, rule: Rule, path: str,
   want_foreign = tuple(rule.transform.foreign_shape(layer_shape))
   if value.shape != want_foreign:
     report.shape.append(
-        f"{key}: got {value.shape} expected {want_foreign} (for {_slot(path, idx)} {layer_shape})")
+      f"{key}: got {value.shape} expected {want_foreign} (for {_slot(path, idx)} {layer_shape})"
+    )
     return
   ours = _cast(rule.transform.to_ours(value, layer_shape), dtype, key)
   slots = st.filled.setdefault(path, set())
@@ -269,8 +281,9 @@ def _fill(st: _MergeState, key: str, value: np.ndarray, rule: Rule, path: str,
     st.out[path] = ours
   else:
     if path not in st.out:
-      st.out[path] = (np.array(st.init[path], dtype=dtype) if path in st.init
-                      else np.zeros(full_shape, dtype))
+      st.out[path] = (
+        np.array(st.init[path], dtype=dtype) if path in st.init else np.zeros(full_shape, dtype)
+      )
     st.out[path][idx] = ours
   report.matched.append(key)
 
@@ -285,10 +298,14 @@ def _check_tied(st: _MergeState) -> None:
     primary = st.out[path] if idx is None else st.out[path][idx]
     theirs = rule.transform.to_foreign(primary)
     if value.shape != theirs.shape:
-      st.report.shape.append(f"{key}: got {value.shape} expected {theirs.shape} (tied to {_slot(path, idx)})")
+      st.report.shape.append(
+        f"{key}: got {value.shape} expected {theirs.shape} (tied to {_slot(path, idx)})"
+      )
     elif not np.array_equal(value, theirs):
       diff = float(np.max(np.abs(value.astype(np.float64) - theirs.astype(np.float64))))
-      st.report.check.append(f"{key}: tied to {_slot(path, idx)} but differs (max abs diff {diff:.3g})")
+      st.report.check.append(
+        f"{key}: tied to {_slot(path, idx)} but differs (max abs diff {diff:.3g})"
+      )
     else:
       st.report.matched.append(key)
 
@@ -307,12 +324,12 @@ def _fill_missing(st: _MergeState) -> None:
 
 
 def export(
-    params: Mapping[str, Any],
-    rules: Sequence[Rule],
-    keys: Iterable[str],
-    *,
-    allow_unused: bool = False,
-    what: str = "export",
+  params: Mapping[str, Any],
+  rules: Sequence[Rule],
+  keys: Iterable[str],
+  *,
+  allow_unused: bool = False,
+  what: str = "export",
 ) -> dict[str, np.ndarray]:
   """Writes our nested `params` as a foreign dict with exactly `keys`, in that order.
 
@@ -320,8 +337,11 @@ def export(
   value (as a separate array). Raises `ConversionError` naming keys without a rule or a source,
   and (unless `allow_unused`) our parameters that no key writes, since they would be lost.
   """
-  flat = (treepath.flatten_dict(params) if any(isinstance(v, Mapping) for v in params.values())
-          else dict(params))
+  flat = (
+    treepath.flatten_dict(params)
+    if any(isinstance(v, Mapping) for v in params.values())
+    else dict(params)
+  )
   out: dict[str, np.ndarray] = {}
   report = CoverageReport()
   used: set[str] = set()
@@ -351,7 +371,8 @@ def export(
     out[key] = val if val.flags.c_contiguous else np.ascontiguousarray(val)
   unused = sorted(set(flat) - used)
   (report.notes if allow_unused else report.unexpected).extend(
-      f"{p}: our parameter is not written by any foreign key" for p in unused)
+    f"{p}: our parameter is not written by any foreign key" for p in unused
+  )
   report.raise_unless_ok((), what)
   return out
 

@@ -1,4 +1,4 @@
-"""Importers for the towers' initial weights: Hugging Face BERT and BEiT-2.
+"""Importers for the towers' initial weights: Hugging Face BERT (here) and BEiT-2 (`hf_beit.py`).
 
 Official behaviour: docs/fidelity.md#initial-weights-from-bert-and-beit-2.
 
@@ -64,7 +64,9 @@ class ImportResult:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_state_dict(src: Source, *, weights_only: bool = True) -> "collections.OrderedDict[str, np.ndarray]":
+def read_state_dict(
+  src: Source, *, weights_only: bool = True
+) -> "collections.OrderedDict[str, np.ndarray]":
   """A state dict as numpy arrays from a mapping, a safetensors / torch file, or an HF directory.
 
   Directories are searched for `model.safetensors` then `pytorch_model.bin`. A top-level
@@ -82,9 +84,12 @@ def read_state_dict(src: Source, *, weights_only: bool = True) -> "collections.O
           path = path / name
           break
       else:
-        raise FileNotFoundError(f"{src}: no model.safetensors or pytorch_model.bin in this directory")
+        raise FileNotFoundError(
+          f"{src}: no model.safetensors or pytorch_model.bin in this directory"
+        )
     if path.suffix == ".safetensors":
       from safetensors.numpy import load_file
+
       obj = load_file(str(path))
     else:
       return torch_io.load_th(path, weights_only=weights_only)[0]
@@ -112,11 +117,17 @@ def text_config_from_hf(path: str | pathlib.Path, **overrides) -> TextConfig:
   if hf.get("position_embedding_type", "absolute") != "absolute":
     raise ValueError(f"{path}: only absolute position embeddings are supported")
   cfg = TextConfig(
-      vocab_size=hf["vocab_size"], width=hf["hidden_size"], depth=hf["num_hidden_layers"],
-      num_heads=hf["num_attention_heads"], mlp_dim=hf["intermediate_size"],
-      max_positions=hf["max_position_embeddings"], type_vocab_size=hf.get("type_vocab_size", 2),
-      pad_token_id=hf.get("pad_token_id", 0) or 0, ln_eps=hf.get("layer_norm_eps", 1e-12),
-      dropout=hf.get("hidden_dropout_prob", 0.1))
+    vocab_size=hf["vocab_size"],
+    width=hf["hidden_size"],
+    depth=hf["num_hidden_layers"],
+    num_heads=hf["num_attention_heads"],
+    mlp_dim=hf["intermediate_size"],
+    max_positions=hf["max_position_embeddings"],
+    type_vocab_size=hf.get("type_vocab_size", 2),
+    pad_token_id=hf.get("pad_token_id", 0) or 0,
+    ln_eps=hf.get("layer_norm_eps", 1e-12),
+    dropout=hf.get("hidden_dropout_prob", 0.1),
+  )
   return dataclasses.replace(cfg, **overrides)
 
 
@@ -125,14 +136,15 @@ def text_config_from_hf(path: str | pathlib.Path, **overrides) -> TextConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def _result(params: dict, report: C.CoverageReport, scope: Iterable[str]) -> ImportResult:
+def make_result(params: dict, report: C.CoverageReport, scope: Iterable[str]) -> ImportResult:
   loaded = frozenset(treepath.flatten_dict(params))
   return ImportResult(params, loaded, frozenset(scope) - loaded, report)
 
 
 def _combine(a: C.CoverageReport, b: C.CoverageReport) -> C.CoverageReport:
-  return C.CoverageReport(*(getattr(a, f.name) + getattr(b, f.name)
-                            for f in dataclasses.fields(C.CoverageReport)))
+  return C.CoverageReport(
+    *(getattr(a, f.name) + getattr(b, f.name) for f in dataclasses.fields(C.CoverageReport))
+  )
 
 
 def _deep_update(dst: dict, src: Mapping) -> dict:
@@ -155,22 +167,25 @@ def _bert_layer_rules(ours: str, attn: str, attn_norm: str) -> list[C.Rule]:
   """Rules of one post-LN BERT layer into our stacked `ours` (text.layers / fusion.layers)."""
   r = []
   for name in ("query", "key", "value"):
-    r += [C.Rule(_L + rf"attention\.self\.{name}\.weight", f"{ours}.{attn}.{name}.kernel",
-                 T.LINEAR_TO_HEADS),
-          C.Rule(_L + rf"attention\.self\.{name}\.bias", f"{ours}.{attn}.{name}.bias",
-                 T.BIAS_TO_HEADS)]
+    r += [
+      C.Rule(
+        _L + rf"attention\.self\.{name}\.weight", f"{ours}.{attn}.{name}.kernel", T.LINEAR_TO_HEADS
+      ),
+      C.Rule(_L + rf"attention\.self\.{name}\.bias", f"{ours}.{attn}.{name}.bias", T.BIAS_TO_HEADS),
+    ]
   r += [
-      C.Rule(_L + r"attention\.output\.dense\.weight", f"{ours}.{attn}.out.kernel",
-             T.LINEAR_FROM_HEADS),
-      C.Rule(_L + r"attention\.output\.dense\.bias", f"{ours}.{attn}.out.bias"),
-      C.Rule(_L + r"attention\.output\.LayerNorm\.weight", f"{ours}.{attn_norm}.scale"),
-      C.Rule(_L + r"attention\.output\.LayerNorm\.bias", f"{ours}.{attn_norm}.bias"),
-      C.Rule(_L + r"intermediate\.dense\.weight", f"{ours}.mlp.fc1.kernel", T.LINEAR),
-      C.Rule(_L + r"intermediate\.dense\.bias", f"{ours}.mlp.fc1.bias"),
-      C.Rule(_L + r"output\.dense\.weight", f"{ours}.mlp.fc2.kernel", T.LINEAR),
-      C.Rule(_L + r"output\.dense\.bias", f"{ours}.mlp.fc2.bias"),
-      C.Rule(_L + r"output\.LayerNorm\.weight", f"{ours}.mlp_norm.scale"),
-      C.Rule(_L + r"output\.LayerNorm\.bias", f"{ours}.mlp_norm.bias"),
+    C.Rule(
+      _L + r"attention\.output\.dense\.weight", f"{ours}.{attn}.out.kernel", T.LINEAR_FROM_HEADS
+    ),
+    C.Rule(_L + r"attention\.output\.dense\.bias", f"{ours}.{attn}.out.bias"),
+    C.Rule(_L + r"attention\.output\.LayerNorm\.weight", f"{ours}.{attn_norm}.scale"),
+    C.Rule(_L + r"attention\.output\.LayerNorm\.bias", f"{ours}.{attn_norm}.bias"),
+    C.Rule(_L + r"intermediate\.dense\.weight", f"{ours}.mlp.fc1.kernel", T.LINEAR),
+    C.Rule(_L + r"intermediate\.dense\.bias", f"{ours}.mlp.fc1.bias"),
+    C.Rule(_L + r"output\.dense\.weight", f"{ours}.mlp.fc2.kernel", T.LINEAR),
+    C.Rule(_L + r"output\.dense\.bias", f"{ours}.mlp.fc2.bias"),
+    C.Rule(_L + r"output\.LayerNorm\.weight", f"{ours}.mlp_norm.scale"),
+    C.Rule(_L + r"output\.LayerNorm\.bias", f"{ours}.mlp_norm.bias"),
   ]
   return r
 
@@ -179,32 +194,34 @@ def bert_rules(text: TextConfig) -> list[C.Rule]:
   """HF BERT keys (after `bert.` stripping and gamma/beta renaming) -> text tower + MLM head."""
   positions = np.arange(text.max_positions)[None]
   return [
-      C.Rule(r"embeddings\.word_embeddings\.weight", "text.embeddings.word"),
-      C.Rule(r"embeddings\.position_embeddings\.weight", "text.embeddings.position"),
-      C.Rule(r"embeddings\.token_type_embeddings\.weight", "text.embeddings.token_type"),
-      C.Rule(r"embeddings\.LayerNorm\.weight", "text.embeddings.norm.scale"),
-      C.Rule(r"embeddings\.LayerNorm\.bias", "text.embeddings.norm.bias"),
-      C.Rule(r"embeddings\.position_ids", None, expect=lambda m: positions),
-      *_bert_layer_rules("text.layers", "attn", "attn_norm"),
-      C.Rule(r"cls\.predictions\.transform\.dense\.weight", "mlm_head.dense.kernel", T.LINEAR),
-      C.Rule(r"cls\.predictions\.transform\.dense\.bias", "mlm_head.dense.bias"),
-      C.Rule(r"cls\.predictions\.transform\.LayerNorm\.weight", "mlm_head.norm.scale"),
-      C.Rule(r"cls\.predictions\.transform\.LayerNorm\.bias", "mlm_head.norm.bias"),
-      C.Rule(r"cls\.predictions\.bias", "mlm_head.bias"),
-      # The decoder is tied to the word embeddings and its bias to cls.predictions.bias
-      # (docs/fidelity.md#tied-decoder-entries).
-      C.Rule(r"cls\.predictions\.decoder\.weight", "text.embeddings.word", tied=True),
-      C.Rule(r"cls\.predictions\.decoder\.bias", "mlm_head.bias", tied=True),
-      # Never used by X2-VLM (no pooler, no NSP head): dropped, as the official loader ignores them.
-      C.Rule(r"pooler\..*", None),
-      C.Rule(r"cls\.seq_relationship\..*", None),
+    C.Rule(r"embeddings\.word_embeddings\.weight", "text.embeddings.word"),
+    C.Rule(r"embeddings\.position_embeddings\.weight", "text.embeddings.position"),
+    C.Rule(r"embeddings\.token_type_embeddings\.weight", "text.embeddings.token_type"),
+    C.Rule(r"embeddings\.LayerNorm\.weight", "text.embeddings.norm.scale"),
+    C.Rule(r"embeddings\.LayerNorm\.bias", "text.embeddings.norm.bias"),
+    C.Rule(r"embeddings\.position_ids", None, expect=lambda m: positions),
+    *_bert_layer_rules("text.layers", "attn", "attn_norm"),
+    C.Rule(r"cls\.predictions\.transform\.dense\.weight", "mlm_head.dense.kernel", T.LINEAR),
+    C.Rule(r"cls\.predictions\.transform\.dense\.bias", "mlm_head.dense.bias"),
+    C.Rule(r"cls\.predictions\.transform\.LayerNorm\.weight", "mlm_head.norm.scale"),
+    C.Rule(r"cls\.predictions\.transform\.LayerNorm\.bias", "mlm_head.norm.bias"),
+    C.Rule(r"cls\.predictions\.bias", "mlm_head.bias"),
+    # The decoder is tied to the word embeddings and its bias to cls.predictions.bias
+    # (docs/fidelity.md#tied-decoder-entries).
+    C.Rule(r"cls\.predictions\.decoder\.weight", "text.embeddings.word", tied=True),
+    C.Rule(r"cls\.predictions\.decoder\.bias", "mlm_head.bias", tied=True),
+    # Never used by X2-VLM (no pooler, no NSP head): dropped, as the official loader ignores them.
+    C.Rule(r"pooler\..*", None),
+    C.Rule(r"cls\.seq_relationship\..*", None),
   ]
 
 
-def _normalise_bert_keys(sd: Mapping[str, np.ndarray]) -> "collections.OrderedDict[str, np.ndarray]":
+def _normalise_bert_keys(
+  sd: Mapping[str, np.ndarray],
+) -> "collections.OrderedDict[str, np.ndarray]":
   out = collections.OrderedDict()
   for k, v in sd.items():
-    k2 = k[len("bert."):] if k.startswith("bert.") else k
+    k2 = k[len("bert.") :] if k.startswith("bert.") else k
     k2 = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", k2)  # TF-era checkpoints
     k2 = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k2)
     if k2 in out:
@@ -221,16 +238,33 @@ def _check_hf_config(src: Source, text: TextConfig) -> None:
   if not cfg_file.exists():
     return
   theirs = text_config_from_hf(cfg_file)
-  fields = ("vocab_size", "width", "depth", "num_heads", "mlp_dim", "max_positions",
-            "type_vocab_size", "ln_eps")
-  bad = [f"{f}: file {getattr(theirs, f)} vs model {getattr(text, f)}" for f in fields
-         if getattr(theirs, f) != getattr(text, f)]
+  fields = (
+    "vocab_size",
+    "width",
+    "depth",
+    "num_heads",
+    "mlp_dim",
+    "max_positions",
+    "type_vocab_size",
+    "ln_eps",
+  )
+  bad = [
+    f"{f}: file {getattr(theirs, f)} vs model {getattr(text, f)}"
+    for f in fields
+    if getattr(theirs, f) != getattr(text, f)
+  ]
   if bad:
     raise ValueError(f"{cfg_file} does not match the model's TextConfig: " + "; ".join(bad))
 
 
-def load_bert(src: Source, model_cfg: ModelConfig, *, fusion_layers: Iterable[int] | None = None,
-              allow: Iterable[str] = (), weights_only: bool = True) -> ImportResult:
+def load_bert(
+  src: Source,
+  model_cfg: ModelConfig,
+  *,
+  fusion_layers: Iterable[int] | None = None,
+  allow: Iterable[str] = (),
+  weights_only: bool = True,
+) -> ImportResult:
   """HF BERT -> text tower (+ fusion self-attn/FFN copies, + MLM head when present).
 
   fusion_layers: BERT layer copied into each fusion layer (default: the last fusion.depth
@@ -243,185 +277,63 @@ def load_bert(src: Source, model_cfg: ModelConfig, *, fusion_layers: Iterable[in
   sd = _normalise_bert_keys(read_state_dict(src, weights_only=weights_only))
   shapes = apply.expected_shapes(model_cfg)
   scope = [p for p in shapes if p.split(".")[0] in ("text", "fusion", "mlm_head")]
-  layer_ids = sorted({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.layer\.(\d+)\.", k))})
+  layer_ids = sorted(
+    {int(m.group(1)) for k in sd if (m := re.match(r"encoder\.layer\.(\d+)\.", k))}
+  )
   n_src = (max(layer_ids) + 1) if layer_ids else 0
   if n_src != text.depth:
     raise C.ConversionError(f"BERT has {n_src} layers but the text tower has depth {text.depth}")
 
   has_mlm = any(k.startswith("cls.predictions.") for k in sd)
-  text_expected = {p: s for p, s in shapes.items()
-                   if p.startswith("text.") or (has_mlm and p.startswith("mlm_head."))}
-  params, report = C.merge(sd, bert_rules(text), text_expected, allow=allow,
-                           what="HF BERT -> text tower")
+  text_expected = {
+    p: s
+    for p, s in shapes.items()
+    if p.startswith("text.") or (has_mlm and p.startswith("mlm_head."))
+  }
+  params, report = C.merge(
+    sd, bert_rules(text), text_expected, allow=allow, what="HF BERT -> text tower"
+  )
   if not has_mlm:
     report.notes.append("no cls.predictions.* in the file: MLM head left at init")
 
   # Fusion layers: self-attention + FFN copied from chosen BERT layers
   # (docs/fidelity.md#initial-weights-from-bert-and-beit-2).
-  fusion_layers = (list(range(n_src - fusion.depth, n_src)) if fusion_layers is None
-                   else [int(i) for i in fusion_layers])
+  fusion_layers = (
+    list(range(n_src - fusion.depth, n_src))
+    if fusion_layers is None
+    else [int(i) for i in fusion_layers]
+  )
   if len(fusion_layers) != fusion.depth or any(not 0 <= i < n_src for i in fusion_layers):
-    raise ValueError(f"fusion_layers {fusion_layers} must name {fusion.depth} of the BERT's "
-                     f"{n_src} layers")
+    raise ValueError(
+      f"fusion_layers {fusion_layers} must name {fusion.depth} of the BERT's {n_src} layers"
+    )
   if (fusion.num_heads, fusion.mlp_dim) != (text.num_heads, text.mlp_dim):
-    raise ValueError("fusion layers can be copied from BERT only when their heads/mlp_dim equal "
-                     f"the text tower's: fusion ({fusion.num_heads}, {fusion.mlp_dim}) vs text "
-                     f"({text.num_heads}, {text.mlp_dim})")
+    raise ValueError(
+      "fusion layers can be copied from BERT only when their heads/mlp_dim equal "
+      f"the text tower's: fusion ({fusion.num_heads}, {fusion.mlp_dim}) vs text "
+      f"({text.num_heads}, {text.mlp_dim})"
+    )
   sub = collections.OrderedDict()
   for j, i in enumerate(fusion_layers):
     prefix = f"encoder.layer.{i}."
     for k, v in sd.items():
       if k.startswith(prefix):
-        sub[f"encoder.layer.{j}." + k[len(prefix):]] = v
-  fusion_expected = {p: s for p, s in shapes.items()
-                     if re.match(r"fusion\.layers\.(self_attn|self_norm|mlp|mlp_norm)\.", p)}
-  fparams, freport = C.merge(sub, _bert_layer_rules("fusion.layers", "self_attn", "self_norm"),
-                             fusion_expected, allow=allow, what="HF BERT -> fusion self-attn/FFN")
+        sub[f"encoder.layer.{j}." + k[len(prefix) :]] = v
+  fusion_expected = {
+    p: s
+    for p, s in shapes.items()
+    if re.match(r"fusion\.layers\.(self_attn|self_norm|mlp|mlp_norm)\.", p)
+  }
+  fparams, freport = C.merge(
+    sub,
+    _bert_layer_rules("fusion.layers", "self_attn", "self_norm"),
+    fusion_expected,
+    allow=allow,
+    what="HF BERT -> fusion self-attn/FFN",
+  )
   freport.matched.clear()  # the same foreign keys were already counted as matched above
-  freport.notes.append(f"fusion layers 0..{fusion.depth - 1} <- BERT layers {fusion_layers} "
-                       "(self-attention + FFN); cross-attention left at init")
-  return _result(_deep_update(params, fparams), _combine(report, freport), scope)
-
-
-# ---------------------------------------------------------------------------------------------
-# BEiT-2.
-# ---------------------------------------------------------------------------------------------
-
-_B = r"blocks\.(?P<layer>\d+)\."
-
-
-def beit_rules() -> list[C.Rule]:
-  """Official BEiT-2 `.pth` keys -> vision tower.
-
-  See docs/fidelity.md#initial-weights-from-bert-and-beit-2 and docs/fidelity.md#weight-layouts.
-  """
-  v = "vision.blocks"
-  return [
-      C.Rule(r"cls_token", "vision.cls_token"),
-      C.Rule(r"patch_embed\.proj\.weight", "vision.patch_embed.kernel", T.CONV_OIHW),
-      C.Rule(r"patch_embed\.proj\.bias", "vision.patch_embed.bias"),
-      C.Rule(_B + r"gamma_1", f"{v}.gamma_1"),
-      C.Rule(_B + r"gamma_2", f"{v}.gamma_2"),
-      C.Rule(_B + r"norm1\.weight", f"{v}.norm1.scale"),
-      C.Rule(_B + r"norm1\.bias", f"{v}.norm1.bias"),
-      C.Rule(_B + r"norm2\.weight", f"{v}.norm2.scale"),
-      C.Rule(_B + r"norm2\.bias", f"{v}.norm2.bias"),
-      C.Rule(_B + r"attn\.qkv\.weight", f"{v}.attn.qkv.kernel", T.FUSED_QKV),
-      C.Rule(_B + r"attn\.q_bias", f"{v}.attn.q_bias", T.BIAS_TO_HEADS),
-      C.Rule(_B + r"attn\.v_bias", f"{v}.attn.v_bias", T.BIAS_TO_HEADS),
-      C.Rule(_B + r"attn\.relative_position_bias_table", f"{v}.attn.rel_pos_bias"),
-      C.Rule(_B + r"attn\.proj\.weight", f"{v}.attn.proj.kernel", T.LINEAR_FROM_HEADS),
-      C.Rule(_B + r"attn\.proj\.bias", f"{v}.attn.proj.bias"),
-      C.Rule(_B + r"mlp\.fc1\.weight", f"{v}.mlp.fc1.kernel", T.LINEAR),
-      C.Rule(_B + r"mlp\.fc1\.bias", f"{v}.mlp.fc1.bias"),
-      C.Rule(_B + r"mlp\.fc2\.weight", f"{v}.mlp.fc2.kernel", T.LINEAR),
-      C.Rule(_B + r"mlp\.fc2\.bias", f"{v}.mlp.fc2.bias"),
-      C.Rule(r"fc_norm\.weight", "vision.fc_norm.scale"),
-      C.Rule(r"fc_norm\.bias", "vision.fc_norm.bias"),
-      C.Rule(r"head\..*", None),  # the ImageNet classifier; deleted by the official loader
-  ]
-
-
-# transformers BeitModel names -> official names. Hub checkpoints (v4) and v5 in-memory modules.
-_HF_BEIT = [
-    (r"embeddings\.cls_token", "cls_token"),
-    (r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
-    (r"embeddings\.position_embeddings", "pos_embed"),
-    (r"embeddings\.mask_token", "mask_token"),
-    (r"(?:encoder\.layer|layers)\.(\d+)\.lambda_(1|2)", r"blocks.\1.gamma_\2"),
-    (r"(?:encoder\.layer|layers)\.(\d+)\.layernorm_before\.(weight|bias)", r"blocks.\1.norm1.\2"),
-    (r"(?:encoder\.layer|layers)\.(\d+)\.layernorm_after\.(weight|bias)", r"blocks.\1.norm2.\2"),
-    (r"(?:encoder\.layer|layers)\.(\d+)\.attention\.(?:attention\.query|q_proj)\.(weight|bias)",
-     r"blocks.\1.attn.q.\2"),
-    (r"(?:encoder\.layer|layers)\.(\d+)\.attention\.(?:attention\.key|k_proj)\.(weight|bias)",
-     r"blocks.\1.attn.k.\2"),
-    (r"(?:encoder\.layer|layers)\.(\d+)\.attention\.(?:attention\.value|v_proj)\.(weight|bias)",
-     r"blocks.\1.attn.v.\2"),
-    (r"(?:encoder\.layer|layers)\.(\d+)\.attention\.(?:output\.dense|o_proj)\.(weight|bias)",
-     r"blocks.\1.attn.proj.\2"),
-    (r"(?:encoder\.layer\.(\d+)\.intermediate\.dense|layers\.(\d+)\.mlp\.fc1)\.(weight|bias)",
-     r"blocks.\1\2.mlp.fc1.\3"),
-    (r"(?:encoder\.layer\.(\d+)\.output\.dense|layers\.(\d+)\.mlp\.fc2)\.(weight|bias)",
-     r"blocks.\1\2.mlp.fc2.\3"),
-    (r"(?:encoder\.layer|layers)\.(\d+)\.(?:attention\.attention\.)?relative_position_bias\."
-     r"relative_position_bias_table", r"blocks.\1.attn.relative_position_bias_table"),
-    (r"(?:encoder\.relative_position_bias|shared_position_bias)\.relative_position_bias_table",
-     "rel_pos_bias.relative_position_bias_table"),
-    (r"pooler\.layernorm\.(weight|bias)", r"fc_norm.\1"),  # mean pooling's LayerNorm = fc_norm
-    (r"layernorm\.(weight|bias)", r"norm.\1"),  # final norm of a non-mean-pooling BEiT
-]
-
-
-def _is_hf_beit(keys: Iterable[str]) -> bool:
-  return any(re.match(r"(beit\.)?(embeddings\.|encoder\.layer\.|layers\.\d+\.)", k) for k in keys)
-
-
-def _hf_beit_to_official(sd: Mapping[str, np.ndarray], notes: list[str]) -> "collections.OrderedDict[str, np.ndarray]":
-  """Renames HF keys to the official layout and fuses separate q/k/v into `attn.qkv.weight`."""
-  out, unknown = collections.OrderedDict(), []
-  for k, v in sd.items():
-    k0 = k[len("beit."):] if k.startswith("beit.") else k
-    for pat, rep in _HF_BEIT:
-      if re.fullmatch(pat, k0):
-        out[re.sub(pat, rep, k0)] = v
-        break
-    else:
-      out[k] = v  # left as is; the strict merge reports it as unexpected
-      unknown.append(k)
-  blocks = sorted({int(m.group(1)) for k in out if (m := re.match(r"blocks\.(\d+)\.attn\.q\.weight$", k))})
-  for i in blocks:
-    p = f"blocks.{i}.attn."
-    parts = [out.pop(p + n + ".weight", None) for n in ("q", "k", "v")]
-    if any(x is None for x in parts):
-      raise C.ConversionError(f"BEiT layer {i}: query/key/value weights must all be present")
-    # Rows [q; k; v] (docs/fidelity.md#weight-layouts).
-    out[p + "qkv.weight"] = np.concatenate(parts, axis=0)
-    k_bias = out.pop(p + "k.bias", None)
-    if k_bias is not None and np.any(k_bias != 0):
-      raise C.ConversionError(f"BEiT layer {i}: a non-zero key bias cannot be represented (the "
-                              "official attention fixes it at 0)")
-    for n, ours in (("q", "q_bias"), ("v", "v_bias")):
-      if p + n + ".bias" in out:
-        out[p + ours] = out.pop(p + n + ".bias")
-  notes.append(f"transformers BEiT layout: {len(blocks)} layers renamed to the official layout")
-  return out
-
-
-def load_beit(src: Source, model_cfg: ModelConfig, *, allow: Iterable[str] = (),
-              weights_only: bool = True) -> ImportResult:
-  """BEiT-2 weights (official `.pth` or transformers BeitModel layout) -> vision tower.
-
-  A shared `rel_pos_bias.relative_position_bias_table` is copied into every block; index
-  buffers are dropped (recomputed); tables of another grid are resized to the config's grid.
-  """
-  vcfg = model_cfg.vision
-  notes: list[str] = []
-  sd = read_state_dict(src, weights_only=weights_only)
-  if _is_hf_beit(sd):
-    sd = _hf_beit_to_official(sd, notes)
-  sd = collections.OrderedDict((k, v) for k, v in sd.items()
-                               if not k.endswith("relative_position_index"))
-  shared = sd.pop("rel_pos_bias.relative_position_bias_table", None)
-  if shared is not None:
-    blocks = sorted({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
-    for i in blocks:
-      key = f"blocks.{i}.attn.relative_position_bias_table"
-      if key in sd:
-        raise C.ConversionError(f"{key} and a shared rel_pos_bias table are both present")
-      sd[key] = shared
-    notes.append(f"shared relative_position_bias_table copied into {len(blocks)} blocks")
-  for k in list(sd):
-    if k.endswith("attn.relative_position_bias_table") and sd[k].shape[0] != vcfg.num_rel:
-      rows = sd[k].shape[0] - 3
-      side = int(round(np.sqrt(max(rows, 0))))
-      if side * side != rows or side % 2 == 0:
-        raise C.ConversionError(f"{k}: {sd[k].shape[0]} rows do not describe a square patch grid")
-      from x2vlm_jax.models.vision import resize_rel_pos_bias
-      src_grid = (side + 1) // 2
-      sd[k] = resize_rel_pos_bias(sd[k], src_grid, vcfg.grid)
-      notes.append(f"{k}: resized grid {src_grid} -> {vcfg.grid}")
-  shapes = apply.expected_shapes(model_cfg)
-  expected = {p: s for p, s in shapes.items() if p.startswith("vision.")}
-  params, report = C.merge(sd, beit_rules(), expected, allow=allow, what="BEiT-2 -> vision tower")
-  report.notes[:0] = notes
-  return _result(params, report, expected)
+  freport.notes.append(
+    f"fusion layers 0..{fusion.depth - 1} <- BERT layers {fusion_layers} "
+    "(self-attention + FFN); cross-attention left at init"
+  )
+  return make_result(_deep_update(params, fparams), _combine(report, freport), scope)

@@ -44,15 +44,27 @@ def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
   dw = cfg.text.width
   sh = _Shapes(np.dtype(cfg.param_dtype))
   tree = {
-      "vision": _vision_shapes(sh, cfg.vision),
-      "text": _text_shapes(sh, cfg.text),
-      "fusion": _fusion_shapes(sh, cfg),
-      "vision_proj": sh.dense((), cfg.vision.width, cfg.embed_dim),
-      "text_proj": sh.dense((), dw, cfg.embed_dim),
-      "temp": sh.s(),
-      "itm_head": {"fc1": sh.dense((), dw, 2 * dw), "norm": sh.norm((), 2 * dw), "fc2": sh.dense((), 2 * dw, 2)},
-      "box_head": {"fc1": sh.dense((), dw, 2 * dw), "norm": sh.norm((), 2 * dw), "fc2": sh.dense((), 2 * dw, 4)},
-      "mlm_head": {"dense": sh.dense((), dw, dw), "norm": sh.norm((), dw), "bias": sh.s(cfg.text.vocab_size)},
+    "vision": _vision_shapes(sh, cfg.vision),
+    "text": _text_shapes(sh, cfg.text),
+    "fusion": _fusion_shapes(sh, cfg),
+    "vision_proj": sh.dense((), cfg.vision.width, cfg.embed_dim),
+    "text_proj": sh.dense((), dw, cfg.embed_dim),
+    "temp": sh.s(),
+    "itm_head": {
+      "fc1": sh.dense((), dw, 2 * dw),
+      "norm": sh.norm((), 2 * dw),
+      "fc2": sh.dense((), 2 * dw, 2),
+    },
+    "box_head": {
+      "fc1": sh.dense((), dw, 2 * dw),
+      "norm": sh.norm((), 2 * dw),
+      "fc2": sh.dense((), 2 * dw, 4),
+    },
+    "mlm_head": {
+      "dense": sh.dense((), dw, dw),
+      "norm": sh.norm((), dw),
+      "bias": sh.s(cfg.text.vocab_size),
+    },
   }
   if cfg.frame_len > 0:
     tree["frame_embed"] = sh.s(cfg.frame_len, cfg.vision.width)
@@ -78,10 +90,10 @@ class _Shapes:
   def attn(self, n, heads, dh, d_q, d_kv):
     s = self.s
     return {
-        "query": {"kernel": s(*n, d_q, heads, dh), "bias": s(*n, heads, dh)},
-        "key": {"kernel": s(*n, d_kv, heads, dh), "bias": s(*n, heads, dh)},
-        "value": {"kernel": s(*n, d_kv, heads, dh), "bias": s(*n, heads, dh)},
-        "out": {"kernel": s(*n, heads, dh, d_q), "bias": s(*n, d_q)},
+      "query": {"kernel": s(*n, d_q, heads, dh), "bias": s(*n, heads, dh)},
+      "key": {"kernel": s(*n, d_kv, heads, dh), "bias": s(*n, heads, dh)},
+      "value": {"kernel": s(*n, d_kv, heads, dh), "bias": s(*n, heads, dh)},
+      "out": {"kernel": s(*n, heads, dh, d_q), "bias": s(*n, d_q)},
     }
 
 
@@ -89,24 +101,24 @@ def _vision_shapes(sh: _Shapes, v: VisionConfig) -> dict[str, Any]:
   s, norm, dense = sh.s, sh.norm, sh.dense
   dv, vh, vdh, nv = v.width, v.num_heads, v.width // v.num_heads, (v.depth,)
   return {
-      "patch_embed": {"kernel": s(v.patch_size, v.patch_size, 3, dv), "bias": s(dv)},
-      "cls_token": s(1, 1, dv),
-      **({"pos_embed": s(1, v.num_patches + 1, dv)} if v.abs_pos_embed else {}),
-      "blocks": {
-          "norm1": norm(nv, dv),
-          "norm2": norm(nv, dv),
-          "attn": {
-              "qkv": {"kernel": s(*nv, dv, 3, vh, vdh)},
-              "q_bias": s(*nv, vh, vdh),
-              "v_bias": s(*nv, vh, vdh),
-              "rel_pos_bias": s(*nv, v.num_rel, vh),
-              "proj": {"kernel": s(*nv, vh, vdh, dv), "bias": s(*nv, dv)},
-          },
-          "gamma_1": s(*nv, dv),
-          "gamma_2": s(*nv, dv),
-          "mlp": {"fc1": dense(nv, dv, v.mlp_dim), "fc2": dense(nv, v.mlp_dim, dv)},
+    "patch_embed": {"kernel": s(v.patch_size, v.patch_size, 3, dv), "bias": s(dv)},
+    "cls_token": s(1, 1, dv),
+    **({"pos_embed": s(1, v.num_patches + 1, dv)} if v.abs_pos_embed else {}),
+    "blocks": {
+      "norm1": norm(nv, dv),
+      "norm2": norm(nv, dv),
+      "attn": {
+        "qkv": {"kernel": s(*nv, dv, 3, vh, vdh)},
+        "q_bias": s(*nv, vh, vdh),
+        "v_bias": s(*nv, vh, vdh),
+        "rel_pos_bias": s(*nv, v.num_rel, vh),
+        "proj": {"kernel": s(*nv, vh, vdh, dv), "bias": s(*nv, dv)},
       },
-      "fc_norm": norm((), dv),
+      "gamma_1": s(*nv, dv),
+      "gamma_2": s(*nv, dv),
+      "mlp": {"fc1": dense(nv, dv, v.mlp_dim), "fc2": dense(nv, v.mlp_dim, dv)},
+    },
+    "fc_norm": norm((), dv),
   }
 
 
@@ -114,18 +126,18 @@ def _text_shapes(sh: _Shapes, t: TextConfig) -> dict[str, Any]:
   s, norm, dense = sh.s, sh.norm, sh.dense
   dw, th, tdh, nt = t.width, t.num_heads, t.width // t.num_heads, (t.depth,)
   return {
-      "embeddings": {
-          "word": s(t.vocab_size, dw),
-          "position": s(t.max_positions, dw),
-          "token_type": s(t.type_vocab_size, dw),
-          "norm": norm((), dw),
-      },
-      "layers": {
-          "attn": sh.attn(nt, th, tdh, dw, dw),
-          "attn_norm": norm(nt, dw),
-          "mlp_norm": norm(nt, dw),
-          "mlp": {"fc1": dense(nt, dw, t.mlp_dim), "fc2": dense(nt, t.mlp_dim, dw)},
-      },
+    "embeddings": {
+      "word": s(t.vocab_size, dw),
+      "position": s(t.max_positions, dw),
+      "token_type": s(t.type_vocab_size, dw),
+      "norm": norm((), dw),
+    },
+    "layers": {
+      "attn": sh.attn(nt, th, tdh, dw, dw),
+      "attn_norm": norm(nt, dw),
+      "mlp_norm": norm(nt, dw),
+      "mlp": {"fc1": dense(nt, dw, t.mlp_dim), "fc2": dense(nt, t.mlp_dim, dw)},
+    },
   }
 
 
@@ -133,14 +145,14 @@ def _fusion_shapes(sh: _Shapes, cfg: ModelConfig) -> dict[str, Any]:
   f, dw, dv = cfg.fusion, cfg.text.width, cfg.vision.width
   fh, fdh, nf = f.num_heads, dw // f.num_heads, (f.depth,)
   return {
-      "layers": {
-          "self_attn": sh.attn(nf, fh, fdh, dw, dw),
-          "cross_attn": sh.attn(nf, fh, fdh, dw, dv),
-          "self_norm": sh.norm(nf, dw),
-          "cross_norm": sh.norm(nf, dw),
-          "mlp_norm": sh.norm(nf, dw),
-          "mlp": {"fc1": sh.dense(nf, dw, f.mlp_dim), "fc2": sh.dense(nf, f.mlp_dim, dw)},
-      },
+    "layers": {
+      "self_attn": sh.attn(nf, fh, fdh, dw, dw),
+      "cross_attn": sh.attn(nf, fh, fdh, dw, dv),
+      "self_norm": sh.norm(nf, dw),
+      "cross_norm": sh.norm(nf, dw),
+      "mlp_norm": sh.norm(nf, dw),
+      "mlp": {"fc1": sh.dense(nf, dw, f.mlp_dim), "fc2": sh.dense(nf, f.mlp_dim, dw)},
+    },
   }
 
 
@@ -157,18 +169,20 @@ def _ln_rules(foreign: str, ours: str, **kw) -> list[C.Rule]:
 
 
 def _linear_rules(foreign: str, ours: str, kernel=T.LINEAR, bias=T.IDENTITY, **kw) -> list[C.Rule]:
-  return [C.Rule(foreign + r"\.weight", ours + ".kernel", kernel, **kw),
-          C.Rule(foreign + r"\.bias", ours + ".bias", bias, **kw)]
+  return [
+    C.Rule(foreign + r"\.weight", ours + ".kernel", kernel, **kw),
+    C.Rule(foreign + r"\.bias", ours + ".bias", bias, **kw),
+  ]
 
 
 def official_rules(cfg: ModelConfig) -> list[C.Rule]:
   """Rules mapping official keys (pre-training or fine-tuning layout) to our paths for `cfg`."""
   return [
-      C.Rule(r"absolute_frame_pos_embed", "frame_embed", FRAME_EMBED),
-      C.Rule(r"temp", "temp"),
-      *_vision_rules(cfg.vision),
-      *_bert_rules(cfg.text, cfg.fusion),
-      *_head_rules(),
+    C.Rule(r"absolute_frame_pos_embed", "frame_embed", FRAME_EMBED),
+    C.Rule(r"temp", "temp"),
+    *_vision_rules(cfg.vision),
+    *_bert_rules(cfg.text, cfg.fusion),
+    *_head_rules(),
   ]
 
 
@@ -176,23 +190,29 @@ def _vision_rules(v: VisionConfig) -> list[C.Rule]:
   """The vision encoder's own entries, then its blocks (one stack in our tree)."""
   grid = v.grid
   rules: list[C.Rule] = [
-      C.Rule(r"vision_encoder\.cls_token", "vision.cls_token"),
-      C.Rule(r"vision_encoder\.pos_embed", "vision.pos_embed"),
-      *_linear_rules(r"vision_encoder\.patch_embed\.proj", "vision.patch_embed", T.CONV_OIHW),
-      *_ln_rules(r"vision_encoder\.fc_norm", "vision.fc_norm"),
+    C.Rule(r"vision_encoder\.cls_token", "vision.cls_token"),
+    C.Rule(r"vision_encoder\.pos_embed", "vision.pos_embed"),
+    *_linear_rules(r"vision_encoder\.patch_embed\.proj", "vision.patch_embed", T.CONV_OIHW),
+    *_ln_rules(r"vision_encoder\.fc_norm", "vision.fc_norm"),
   ]
   blk = r"vision_encoder\.blocks\.(?P<layer>\d+)\."
   rng = {"layer_range": (0, v.depth)}
   rules += [
-      C.Rule(blk + r"gamma_(?P<g>[12])", r"vision.blocks.gamma_\g<g>", **rng),
-      *_ln_rules(blk + r"norm(?P<n>[12])", r"vision.blocks.norm\g<n>", **rng),
-      C.Rule(blk + r"attn\.(?P<b>[qv])_bias", r"vision.blocks.attn.\g<b>_bias", T.BIAS_TO_HEADS, **rng),
-      C.Rule(blk + r"attn\.relative_position_bias_table", "vision.blocks.attn.rel_pos_bias", **rng),
-      C.Rule(blk + r"attn\.relative_position_index", None,
-             expect=lambda m: S.relative_position_index(grid), **rng),
-      C.Rule(blk + r"attn\.qkv\.weight", "vision.blocks.attn.qkv.kernel", T.FUSED_QKV, **rng),
-      *_linear_rules(blk + r"attn\.proj", "vision.blocks.attn.proj", T.LINEAR_FROM_HEADS, **rng),
-      *_linear_rules(blk + r"mlp\.fc(?P<fc>[12])", r"vision.blocks.mlp.fc\g<fc>", **rng),
+    C.Rule(blk + r"gamma_(?P<g>[12])", r"vision.blocks.gamma_\g<g>", **rng),
+    *_ln_rules(blk + r"norm(?P<n>[12])", r"vision.blocks.norm\g<n>", **rng),
+    C.Rule(
+      blk + r"attn\.(?P<b>[qv])_bias", r"vision.blocks.attn.\g<b>_bias", T.BIAS_TO_HEADS, **rng
+    ),
+    C.Rule(blk + r"attn\.relative_position_bias_table", "vision.blocks.attn.rel_pos_bias", **rng),
+    C.Rule(
+      blk + r"attn\.relative_position_index",
+      None,
+      expect=lambda m: S.relative_position_index(grid),
+      **rng,
+    ),
+    C.Rule(blk + r"attn\.qkv\.weight", "vision.blocks.attn.qkv.kernel", T.FUSED_QKV, **rng),
+    *_linear_rules(blk + r"attn\.proj", "vision.blocks.attn.proj", T.LINEAR_FROM_HEADS, **rng),
+    *_linear_rules(blk + r"mlp\.fc(?P<fc>[12])", r"vision.blocks.mlp.fc\g<fc>", **rng),
   ]
   return rules
 
@@ -202,36 +222,51 @@ def _bert_rules(t: TextConfig, f: FusionConfig) -> list[C.Rule]:
   bert = r"text_encoder\.(?:bert\.)?"
   emb = bert + r"embeddings\."
   rules = [
-      C.Rule(emb + "position_ids", None, expect=lambda m: S.position_ids(t.max_positions)),
-      C.Rule(emb + r"word_embeddings\.weight", "text.embeddings.word"),
-      C.Rule(emb + r"position_embeddings\.weight", "text.embeddings.position"),
-      C.Rule(emb + r"token_type_embeddings\.weight", "text.embeddings.token_type"),
-      *_ln_rules(emb + "LayerNorm", "text.embeddings.norm"),
+    C.Rule(emb + "position_ids", None, expect=lambda m: S.position_ids(t.max_positions)),
+    C.Rule(emb + r"word_embeddings\.weight", "text.embeddings.word"),
+    C.Rule(emb + r"position_embeddings\.weight", "text.embeddings.position"),
+    C.Rule(emb + r"token_type_embeddings\.weight", "text.embeddings.token_type"),
+    *_ln_rules(emb + "LayerNorm", "text.embeddings.norm"),
   ]
   lay = bert + r"encoder\.layer\.(?P<layer>\d+)\."
   qkv = r"(?P<qkv>query|key|value)"
   for tower, off, depth, self_attn, self_norm in (
-      ("text.layers", 0, t.depth, "attn", "attn_norm"),
-      ("fusion.layers", t.depth, f.depth, "self_attn", "self_norm"),
+    ("text.layers", 0, t.depth, "attn", "attn_norm"),
+    ("fusion.layers", t.depth, f.depth, "self_attn", "self_norm"),
   ):
     kw = {"layer_offset": off, "layer_range": (off, off + depth)}
     rules += [
-        *_linear_rules(lay + r"attention\.self\." + qkv, rf"{tower}.{self_attn}.\g<qkv>",
-                       T.LINEAR_TO_HEADS, T.BIAS_TO_HEADS, **kw),
-        *_linear_rules(lay + r"attention\.output\.dense", f"{tower}.{self_attn}.out",
-                       T.LINEAR_FROM_HEADS, **kw),
-        *_ln_rules(lay + r"attention\.output\.LayerNorm", f"{tower}.{self_norm}", **kw),
-        *_linear_rules(lay + r"intermediate\.dense", f"{tower}.mlp.fc1", **kw),
-        *_linear_rules(lay + r"output\.dense", f"{tower}.mlp.fc2", **kw),
-        *_ln_rules(lay + r"output\.LayerNorm", f"{tower}.mlp_norm", **kw),
+      *_linear_rules(
+        lay + r"attention\.self\." + qkv,
+        rf"{tower}.{self_attn}.\g<qkv>",
+        T.LINEAR_TO_HEADS,
+        T.BIAS_TO_HEADS,
+        **kw,
+      ),
+      *_linear_rules(
+        lay + r"attention\.output\.dense", f"{tower}.{self_attn}.out", T.LINEAR_FROM_HEADS, **kw
+      ),
+      *_ln_rules(lay + r"attention\.output\.LayerNorm", f"{tower}.{self_norm}", **kw),
+      *_linear_rules(lay + r"intermediate\.dense", f"{tower}.mlp.fc1", **kw),
+      *_linear_rules(lay + r"output\.dense", f"{tower}.mlp.fc2", **kw),
+      *_ln_rules(lay + r"output\.LayerNorm", f"{tower}.mlp_norm", **kw),
     ]
     if tower == "fusion.layers":
       rules += [
-          *_linear_rules(lay + r"crossattention\.self\." + qkv, r"fusion.layers.cross_attn.\g<qkv>",
-                         T.LINEAR_TO_HEADS, T.BIAS_TO_HEADS, **kw),
-          *_linear_rules(lay + r"crossattention\.output\.dense", "fusion.layers.cross_attn.out",
-                         T.LINEAR_FROM_HEADS, **kw),
-          *_ln_rules(lay + r"crossattention\.output\.LayerNorm", "fusion.layers.cross_norm", **kw),
+        *_linear_rules(
+          lay + r"crossattention\.self\." + qkv,
+          r"fusion.layers.cross_attn.\g<qkv>",
+          T.LINEAR_TO_HEADS,
+          T.BIAS_TO_HEADS,
+          **kw,
+        ),
+        *_linear_rules(
+          lay + r"crossattention\.output\.dense",
+          "fusion.layers.cross_attn.out",
+          T.LINEAR_FROM_HEADS,
+          **kw,
+        ),
+        *_ln_rules(lay + r"crossattention\.output\.LayerNorm", "fusion.layers.cross_norm", **kw),
       ]
   return rules
 
@@ -240,21 +275,21 @@ def _head_rules() -> list[C.Rule]:
   """The MLM head (its decoder tied), the two projections, the ITM and box heads."""
   mlm = r"text_encoder\.cls\.predictions\."
   rules = [
-      C.Rule(mlm + "bias", "mlm_head.bias"),
-      *_linear_rules(mlm + r"transform\.dense", "mlm_head.dense"),
-      *_ln_rules(mlm + r"transform\.LayerNorm", "mlm_head.norm"),
-      # The decoder is tied (docs/fidelity.md#tied-decoder-entries): checked on import,
-      # re-written on export.
-      C.Rule(mlm + r"decoder\.weight", "text.embeddings.word", tied=True),
-      C.Rule(mlm + r"decoder\.bias", "mlm_head.bias", tied=True),
-      *_linear_rules(r"vision_proj", "vision_proj"),
-      *_linear_rules(r"text_proj", "text_proj"),
+    C.Rule(mlm + "bias", "mlm_head.bias"),
+    *_linear_rules(mlm + r"transform\.dense", "mlm_head.dense"),
+    *_ln_rules(mlm + r"transform\.LayerNorm", "mlm_head.norm"),
+    # The decoder is tied (docs/fidelity.md#tied-decoder-entries): checked on import,
+    # re-written on export.
+    C.Rule(mlm + r"decoder\.weight", "text.embeddings.word", tied=True),
+    C.Rule(mlm + r"decoder\.bias", "mlm_head.bias", tied=True),
+    *_linear_rules(r"vision_proj", "vision_proj"),
+    *_linear_rules(r"text_proj", "text_proj"),
   ]
   for theirs, ours in (("itm_head", "itm_head"), ("bbox_head", "box_head")):
     rules += [
-        *_linear_rules(theirs + r"\.0", f"{ours}.fc1"),
-        *_ln_rules(theirs + r"\.1", f"{ours}.norm"),
-        *_linear_rules(theirs + r"\.3", f"{ours}.fc2"),
+      *_linear_rules(theirs + r"\.0", f"{ours}.fc1"),
+      *_ln_rules(theirs + r"\.1", f"{ours}.norm"),
+      *_linear_rules(theirs + r"\.3", f"{ours}.fc2"),
     ]
   return rules
 
@@ -265,14 +300,14 @@ def _head_rules() -> list[C.Rule]:
 
 
 def official_to_params(
-    state_dict: Mapping[str, Any],
-    cfg: ModelConfig,
-    strict: bool = True,
-    *,
-    allow: Iterable[str] = (),
-    source_image_size: int | None = None,
-    resize_fn: Callable[..., np.ndarray] | None = None,
-    init: Mapping[str, Any] | None = None,
+  state_dict: Mapping[str, Any],
+  cfg: ModelConfig,
+  strict: bool = True,
+  *,
+  allow: Iterable[str] = (),
+  source_image_size: int | None = None,
+  resize_fn: Callable[..., np.ndarray] | None = None,
+  init: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], C.CoverageReport]:
   """Official state dict (numpy or torch values) -> (our nested numpy params, coverage report).
 
@@ -290,18 +325,26 @@ def official_to_params(
   notes: list[str] = []
   if source_image_size is not None and source_image_size != cfg.vision.image_size:
     if cfg.vision.abs_pos_embed:
-      raise ValueError("resizing a vision tower with an absolute position embedding is not "
-                       "supported (only the relative-position tables are resized; see "
-                       "docs/conversion.md#resolution-change)")
+      raise ValueError(
+        "resizing a vision tower with an absolute position embedding is not "
+        "supported (only the relative-position tables are resized; see "
+        "docs/conversion.md#resolution-change)"
+      )
     sd, notes = _resize_vision(sd, cfg, source_image_size, resize_fn, allow)
-  params, report = C.merge(sd, official_rules(cfg), param_shapes(cfg), allow=allow, init=init,
-                           what="official -> jax import")
+  params, report = C.merge(
+    sd,
+    official_rules(cfg),
+    param_shapes(cfg),
+    allow=allow,
+    init=init,
+    what="official -> jax import",
+  )
   report.notes[:0] = notes
   return params, report
 
 
 def params_to_official(
-    params: Mapping[str, Any], cfg: ModelConfig, layout: str = S.PRETRAIN
+  params: Mapping[str, Any], cfg: ModelConfig, layout: str = S.PRETRAIN
 ) -> "collections.OrderedDict[str, np.ndarray]":
   """Our nested params -> ordered official state dict of numpy arrays (float32 / int64).
 
@@ -311,10 +354,18 @@ def params_to_official(
   """
   params = to_numpy_tree(params)
   spec = S.official_state_spec(cfg, layout)
-  out = C.export(params, official_rules(cfg), spec.keys(), allow_unused=(layout == S.FINETUNE),
-                 what="jax -> official export")
-  bad = [f"{k}: {out[k].shape} {out[k].dtype}, spec {s} {d}"
-         for k, (s, d) in spec.items() if out[k].shape != s]
+  out = C.export(
+    params,
+    official_rules(cfg),
+    spec.keys(),
+    allow_unused=(layout == S.FINETUNE),
+    what="jax -> official export",
+  )
+  bad = [
+    f"{k}: {out[k].shape} {out[k].dtype}, spec {s} {d}"
+    for k, (s, d) in spec.items()
+    if out[k].shape != s
+  ]
   if bad:
     raise C.ConversionError("exported shapes differ from the official spec:\n  " + "\n  ".join(bad))
   return collections.OrderedDict((k, out[k].astype(spec[k][1], copy=False)) for k in spec)
@@ -327,25 +378,35 @@ def _resize_vision(sd, cfg, source_image_size, resize_fn, allow):
   """
   v = cfg.vision
   if source_image_size % v.patch_size:
-    raise ValueError(f"source image size {source_image_size} is not a multiple of patch {v.patch_size}")
+    raise ValueError(
+      f"source image size {source_image_size} is not a multiple of patch {v.patch_size}"
+    )
   src_grid, dst_grid = source_image_size // v.patch_size, v.grid
   if resize_fn is None:
     try:
       from x2vlm_jax.models.vision import resize_rel_pos_bias as resize_fn
     except ImportError as e:
-      raise ImportError("resolution change needs x2vlm_jax.models.vision.resize_rel_pos_bias, "
-                        "which is not available in this checkout") from e
+      raise ImportError(
+        "resolution change needs x2vlm_jax.models.vision.resize_rel_pos_bias, "
+        "which is not available in this checkout"
+      ) from e
   src_index, dst_index = S.relative_position_index(src_grid), S.relative_position_index(dst_grid)
   src_rows = (2 * src_grid - 1) ** 2 + 3
   # Check everything against the claimed source grid before interpolating anything.
-  bad = [k for k, val in sd.items()
-         if (k.endswith("attn.relative_position_index")
-             and (val.shape != src_index.shape or not np.array_equal(val, src_index)))
-         or (k.endswith("attn.relative_position_bias_table") and val.shape[:1] != (src_rows,))]
+  bad = [
+    k
+    for k, val in sd.items()
+    if (
+      k.endswith("attn.relative_position_index")
+      and (val.shape != src_index.shape or not np.array_equal(val, src_index))
+    )
+    or (k.endswith("attn.relative_position_bias_table") and val.shape[:1] != (src_rows,))
+  ]
   if bad and "check" not in allow:
     raise C.ConversionError(
-        f"{bad[0]} (and {len(bad) - 1} more) does not fit the source grid {src_grid} "
-        f"(image size {source_image_size}); wrong source resolution?")
+      f"{bad[0]} (and {len(bad) - 1} more) does not fit the source grid {src_grid} "
+      f"(image size {source_image_size}); wrong source resolution?"
+    )
   out, notes = collections.OrderedDict(), []
   for k, val in sd.items():
     if k.endswith("attn.relative_position_bias_table") and val.shape[:1] == (src_rows,):

@@ -41,14 +41,14 @@ def _indices(sd, pattern) -> set[int]:
 
 
 def infer_config(
-    sd: Mapping[str, Any],
-    ckpt_config: Mapping[str, Any] | None = None,
-    *,
-    variant: str | None = None,
-    num_heads: int | None = None,
-    text_layers: int | None = None,
-    fusion_layers: int | None = None,
-    image_size: int | None = None,
+  sd: Mapping[str, Any],
+  ckpt_config: Mapping[str, Any] | None = None,
+  *,
+  variant: str | None = None,
+  num_heads: int | None = None,
+  text_layers: int | None = None,
+  fusion_layers: int | None = None,
+  image_size: int | None = None,
 ) -> tuple[ModelConfig, int, list[str]]:
   """(config for our model, the checkpoint's own image size, notes on where values came from).
 
@@ -64,7 +64,9 @@ def infer_config(
     variant = str(ours["variant"])
   word_key, word = _find(sd, r"text_encoder\.(?:bert\.)?embeddings\.word_embeddings\.weight")
   if word is None:
-    raise ValueError("not an X2-VLM state dict: no text_encoder[.bert].embeddings.word_embeddings.weight")
+    raise ValueError(
+      "not an X2-VLM state dict: no text_encoder[.bert].embeddings.word_embeddings.weight"
+    )
   if variant is None:
     variant = "large" if word[1] == 1024 else "base"
     notes.append(f"variant defaults: {variant} (text width {word[1]})")
@@ -72,14 +74,17 @@ def infer_config(
   v, t, f = base.vision, base.text, base.fusion
 
   vision, source_size = _infer_vision(sd, ck, v, image_size, notes)
-  text, fusion = _infer_text_fusion(sd, ck, t, f, word, num_heads, text_layers, fusion_layers, notes)
+  text, fusion = _infer_text_fusion(
+    sd, ck, t, f, word, num_heads, text_layers, fusion_layers, notes
+  )
 
   proj = _shape(sd, "vision_proj.weight") or _shape(sd, "text_proj.weight")
   embed_dim = proj[0] if proj is not None else int(ck.get("embed_dim", base.embed_dim))
   frames = _shape(sd, "absolute_frame_pos_embed")
   frame_len = frames[1] if frames is not None else 0
-  cfg = dataclasses.replace(base, vision=vision, text=text, fusion=fusion, embed_dim=embed_dim,
-                            frame_len=frame_len)
+  cfg = dataclasses.replace(
+    base, vision=vision, text=text, fusion=fusion, embed_dim=embed_dim, frame_len=frame_len
+  )
   if "temp" in ck:
     cfg = dataclasses.replace(cfg, temp_init=float(ck["temp"]))
   return cfg, source_size, notes
@@ -117,8 +122,10 @@ def _infer_vision(sd, ck, v, image_size, notes):
       raise ValueError(f"relative_position_bias_table has {table[0]} rows, not (2P-1)^2 + 3")
     source_size = (int(side) + 1) // 2 * psize
     if "image_res" in ck and int(ck["image_res"]) != source_size:
-      notes.append(f"config image_res {ck['image_res']} disagrees with the tables ({source_size}); "
-                   "using the tables")
+      notes.append(
+        f"config image_res {ck['image_res']} disagrees with the tables ({source_size}); "
+        "using the tables"
+      )
   elif "image_res" in ck:
     source_size = int(ck["image_res"])
   else:
@@ -134,7 +141,9 @@ def _infer_text_fusion(sd, ck, t, f, word, num_heads, text_layers, fusion_layers
   lay = r"text_encoder\.(?:bert\.)?encoder\.layer\.(\d+)\..*"
   all_layers = _indices(sd, lay)
   cross = _indices(sd, r"text_encoder\.(?:bert\.)?encoder\.layer\.(\d+)\.crossattention\..*")
-  total = max(all_layers) + 1 if all_layers else int(ck.get("text_num_hidden_layers", t.depth + f.depth))
+  total = (
+    max(all_layers) + 1 if all_layers else int(ck.get("text_num_hidden_layers", t.depth + f.depth))
+  )
   if text_layers is None and "text_fusion_start_at" in ck:
     text_layers = int(ck["text_fusion_start_at"])
     notes.append(f"text layers {text_layers} from config text_fusion_start_at")
@@ -142,20 +151,28 @@ def _infer_text_fusion(sd, ck, t, f, word, num_heads, text_layers, fusion_layers
     text_layers = min(cross) if cross else total - (fusion_layers or f.depth)
     notes.append(f"text layers {text_layers} from the first layer with cross-attention")
   if cross and min(cross) != text_layers:
-    raise ValueError(f"text/fusion split: {text_layers} text layers requested but the first layer "
-                     f"with cross-attention is {min(cross)}")
+    raise ValueError(
+      f"text/fusion split: {text_layers} text layers requested but the first layer "
+      f"with cross-attention is {min(cross)}"
+    )
   if fusion_layers is None:
     fusion_layers = total - text_layers
   if text_layers + fusion_layers != total:
-    raise ValueError(f"{text_layers} text + {fusion_layers} fusion layers != {total} layers in the checkpoint")
+    raise ValueError(
+      f"{text_layers} text + {fusion_layers} fusion layers != {total} layers in the checkpoint"
+    )
   _, inter = _find(sd, r"text_encoder\.(?:bert\.)?encoder\.layer\.0\.intermediate\.dense\.weight")
-  _, finter = _find(sd, rf"text_encoder\.(?:bert\.)?encoder\.layer\.{text_layers}\.intermediate\.dense\.weight")
+  _, finter = _find(
+    sd, rf"text_encoder\.(?:bert\.)?encoder\.layer\.{text_layers}\.intermediate\.dense\.weight"
+  )
   _, pos = _find(sd, r"text_encoder\.(?:bert\.)?embeddings\.position_embeddings\.weight")
   _, ttype = _find(sd, r"text_encoder\.(?:bert\.)?embeddings\.token_type_embeddings\.weight")
   width = word[1]
   if num_heads is None:
     if width % 64:
-      raise ValueError(f"text width {width} is not a multiple of 64: pass the head count (--num-heads)")
+      raise ValueError(
+        f"text width {width} is not a multiple of 64: pass the head count (--num-heads)"
+      )
     num_heads = width // 64
     notes.append(f"text heads {num_heads} = width / 64 (default head dim)")
   if width % num_heads:
@@ -168,8 +185,12 @@ def _infer_text_fusion(sd, ck, t, f, word, num_heads, text_layers, fusion_layers
   if ttype is not None:
     tkw["type_vocab_size"] = ttype[0]
   text = dataclasses.replace(t, **tkw)
-  return text, dataclasses.replace(f, depth=fusion_layers, num_heads=num_heads,
-                                   mlp_dim=finter[0] if finter is not None else text.mlp_dim)
+  return text, dataclasses.replace(
+    f,
+    depth=fusion_layers,
+    num_heads=num_heads,
+    mlp_dim=finter[0] if finter is not None else text.mlp_dim,
+  )
 
 
 def official_config_dict(cfg: ModelConfig, variant: str | None = None) -> dict[str, Any]:
@@ -180,13 +201,13 @@ def official_config_dict(cfg: ModelConfig, variant: str | None = None) -> dict[s
   re-import without flags.
   """
   out: dict[str, Any] = {
-      "use_beit_v2": True,
-      "image_res": cfg.vision.image_size,
-      "patch_size": cfg.vision.patch_size,
-      "embed_dim": cfg.embed_dim,
-      "temp": cfg.temp_init,
-      "text_num_hidden_layers": cfg.text.depth + cfg.fusion.depth,
-      "text_fusion_start_at": cfg.text.depth,
+    "use_beit_v2": True,
+    "image_res": cfg.vision.image_size,
+    "patch_size": cfg.vision.patch_size,
+    "embed_dim": cfg.embed_dim,
+    "temp": cfg.temp_init,
+    "text_num_hidden_layers": cfg.text.depth + cfg.fusion.depth,
+    "text_fusion_start_at": cfg.text.depth,
   }
   if cfg.frame_len > 0:
     out.update(video_encoding="avgpool", frame_len=cfg.frame_len, add_frame_pos=True)

@@ -31,8 +31,8 @@ LAYOUTS = (PRETRAIN, FINETUNE)
 # Tied entries of the pre-training layout: duplicate name -> primary name
 # (docs/fidelity.md#tied-decoder-entries).
 TIED = {
-    "text_encoder.cls.predictions.decoder.weight": "text_encoder.bert.embeddings.word_embeddings.weight",
-    "text_encoder.cls.predictions.decoder.bias": "text_encoder.cls.predictions.bias",
+  "text_encoder.cls.predictions.decoder.weight": "text_encoder.bert.embeddings.word_embeddings.weight",  # noqa: E501
+  "text_encoder.cls.predictions.decoder.bias": "text_encoder.cls.predictions.bias",
 }
 
 
@@ -80,7 +80,9 @@ def _bert_prefix(layout: str) -> tuple[str, str]:
   raise ValueError(f"unknown official layout {layout!r}; expected one of {LAYOUTS}")
 
 
-def official_state_spec(cfg: ModelConfig, layout: str = PRETRAIN) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+def official_state_spec(
+  cfg: ModelConfig, layout: str = PRETRAIN
+) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """Ordered {official key: (PyTorch shape, dtype)} of every state-dict entry for `cfg`.
 
   Order follows `nn.Module.state_dict()` of the official `XVLM`

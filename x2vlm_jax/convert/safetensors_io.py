@@ -24,8 +24,9 @@ from x2vlm_jax.convert.arrays import to_numpy
 CONFIG_KEY = "config"
 
 
-def save_safetensors(path: str | pathlib.Path, state_dict: Mapping[str, np.ndarray],
-                     config: Mapping | None = None) -> None:
+def save_safetensors(
+  path: str | pathlib.Path, state_dict: Mapping[str, np.ndarray], config: Mapping | None = None
+) -> None:
   """Writes an official state dict (numpy or torch values) with its config as JSON metadata."""
   tensors = {}
   for k, v in state_dict.items():
@@ -34,11 +35,16 @@ def save_safetensors(path: str | pathlib.Path, state_dict: Mapping[str, np.ndarr
       raise TypeError(f"{k}: dtype {arr.dtype}; official checkpoints hold float32 and int64 only")
     # Separate, contiguous copies: tied entries must not alias (safetensors rejects shared memory).
     tensors[k] = np.array(arr, order="C", copy=True)
-  metadata = {"format": "pt", CONFIG_KEY: json.dumps(dict(config or {}), sort_keys=True, default=str)}
+  metadata = {
+    "format": "pt",
+    CONFIG_KEY: json.dumps(dict(config or {}), sort_keys=True, default=str),
+  }
   save_file(tensors, str(path), metadata=metadata)
 
 
-def load_safetensors(path: str | pathlib.Path) -> tuple["collections.OrderedDict[str, np.ndarray]", dict | None]:
+def load_safetensors(
+  path: str | pathlib.Path,
+) -> tuple["collections.OrderedDict[str, np.ndarray]", dict | None]:
   """Reads (state dict of numpy arrays, config dict or None). Keys come back in file order."""
   sd = collections.OrderedDict()
   with safe_open(str(path), framework="numpy") as f:

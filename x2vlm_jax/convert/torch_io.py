@@ -28,8 +28,9 @@ def _torch():
     import torch
   except ImportError as e:
     raise ImportError(
-        "reading/writing .th checkpoints needs PyTorch: `pip install torch` "
-        "(or the project's `torch` extra); safetensors files need no torch") from e
+      "reading/writing .th checkpoints needs PyTorch: `pip install torch` "
+      "(or the project's `torch` extra); safetensors files need no torch"
+    ) from e
   return torch
 
 
@@ -44,8 +45,9 @@ def _plain(obj: Any) -> Any:
   return str(obj)
 
 
-def load_th(path: str | pathlib.Path, weights_only: bool | None = None
-            ) -> tuple["collections.OrderedDict[str, np.ndarray]", dict | None, list[str]]:
+def load_th(
+  path: str | pathlib.Path, weights_only: bool | None = None
+) -> tuple["collections.OrderedDict[str, np.ndarray]", dict | None, list[str]]:
   """Reads a torch pickle -> (numpy state dict, config or None, notes).
 
   Accepts `{'model': sd, 'config': cfg}` (official checkpoints), a sub-dict under 'module' or
@@ -63,12 +65,16 @@ def load_th(path: str | pathlib.Path, weights_only: bool | None = None
   except Exception as e:  # pickle refused by the safe unpickler
     if weights_only:
       raise
-    notes.append(f"weights_only=True failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
-                 "re-read with weights_only=False (full unpickling: trusted files only)")
+    notes.append(
+      f"weights_only=True failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+      "re-read with weights_only=False (full unpickling: trusted files only)"
+    )
     obj = torch.load(str(path), map_location="cpu", weights_only=False)
   if not isinstance(obj, Mapping):
-    raise ValueError(f"{path}: expected a dict (state dict or {{'model': ..., 'config': ...}}), "
-                     f"got {type(obj).__name__}")
+    raise ValueError(
+      f"{path}: expected a dict (state dict or {{'model': ..., 'config': ...}}), "
+      f"got {type(obj).__name__}"
+    )
   config, sd = None, obj
   for wrapper in ("model", "module", "state_dict"):
     if isinstance(obj.get(wrapper), Mapping):
@@ -79,13 +85,17 @@ def load_th(path: str | pathlib.Path, weights_only: bool | None = None
       break
   non_tensors = [k for k, v in sd.items() if not hasattr(v, "shape")]
   if non_tensors:
-    raise ValueError(f"{path}: entries {non_tensors[:5]} are not tensors; top-level keys "
-                     f"{sorted(obj)[:10]} do not look like an X2-VLM checkpoint")
+    raise ValueError(
+      f"{path}: entries {non_tensors[:5]} are not tensors; top-level keys "
+      f"{sorted(obj)[:10]} do not look like an X2-VLM checkpoint"
+    )
   out = collections.OrderedDict((k, to_numpy(v, k)) for k, v in sd.items())
   return out, (_plain(config) if config is not None else None), notes
 
 
-def save_th(path: str | pathlib.Path, state_dict: Mapping[str, np.ndarray], config: Mapping | None = None) -> None:
+def save_th(
+  path: str | pathlib.Path, state_dict: Mapping[str, np.ndarray], config: Mapping | None = None
+) -> None:
   """Writes `{'model': sd, 'config': config}` with official dtypes and tied storage.
 
   Each tied duplicate name (`TIED`) becomes a view of its primary tensor (same storage), after

@@ -95,8 +95,9 @@ def _stack(rows: list[np.ndarray], shape: tuple[int, ...], dtype) -> np.ndarray:
   return np.stack(rows).astype(dtype) if rows else np.zeros((0,) + shape, dtype)
 
 
-def retrieval_set(sources: Sequence[Any], tokenizer: Tokenizer, image_res: int,
-                  max_images: int = 0) -> RetrievalSet:
+def retrieval_set(
+  sources: Sequence[Any], tokenizer: Tokenizer, image_res: int, max_images: int = 0
+) -> RetrievalSet:
   """Distinct images (grouped by image bytes) of image-kind records with all their captions.
 
   max_images > 0 keeps only the first max_images distinct images (quick periodic evaluation).
@@ -108,7 +109,9 @@ def retrieval_set(sources: Sequence[Any], tokenizer: Tokenizer, image_res: int,
   for rec in _records(sources, skips):
     rid = str(rec.get("id", "?"))
     data, raw_caps = rec.get("image"), rec.get("captions")
-    if not isinstance(data, (bytes, bytearray, memoryview)) or not isinstance(raw_caps, (list, tuple)):
+    if not isinstance(data, (bytes, bytearray, memoryview)) or not isinstance(
+      raw_caps, (list, tuple)
+    ):
       skips["bad_field_type"] += 1
       continue
     digest = hashlib.sha1(bytes(data)).hexdigest()
@@ -150,9 +153,15 @@ def retrieval_set(sources: Sequence[Any], tokenizer: Tokenizer, image_res: int,
     raise ValueError(f"retrieval evaluation set is empty (skipped: {dict(skips)})")
   L = tokenizer.max_tokens
   return RetrievalSet(
-      pixels=np.stack(pixels), ids=_stack(ids, (L,), np.int32), mask=_stack(mask, (L,), np.int32),
-      txt2img=np.asarray(txt2img, np.int64), img2txt=img2txt, captions=captions,
-      image_ids=image_ids, skips=dict(skips))
+    pixels=np.stack(pixels),
+    ids=_stack(ids, (L,), np.int32),
+    mask=_stack(mask, (L,), np.int32),
+    txt2img=np.asarray(txt2img, np.int64),
+    img2txt=img2txt,
+    captions=captions,
+    image_ids=image_ids,
+    skips=dict(skips),
+  )
 
 
 def elem_phrase(elem: Mapping[str, Any]) -> Any:
@@ -168,8 +177,9 @@ def elem_phrase(elem: Mapping[str, Any]) -> Any:
   return caps[0]
 
 
-def grounding_set(sources: Sequence[Any], tokenizer: Tokenizer, image_res: int,
-                  max_phrases: int = 0) -> GroundingSet:
+def grounding_set(
+  sources: Sequence[Any], tokenizer: Tokenizer, image_res: int, max_phrases: int = 0
+) -> GroundingSet:
   """One phrase per elem of every region-kind record, with the full image and its pixel box."""
   skips: collections.Counter = collections.Counter()
   pixels, originals = [], []
@@ -202,7 +212,7 @@ def grounding_set(sources: Sequence[Any], tokenizer: Tokenizer, image_res: int,
       rows.append((phrase, tok, [float(v) for v in elem["bb"]]))
     if not rows:
       continue
-    for phrase, tok, bb in rows[:max_phrases - len(phrases) if max_phrases else None]:
+    for phrase, tok, bb in rows[: max_phrases - len(phrases) if max_phrases else None]:
       index.append(len(pixels))
       ids.append(tok.ids)
       mask.append(tok.mask)
@@ -214,7 +224,13 @@ def grounding_set(sources: Sequence[Any], tokenizer: Tokenizer, image_res: int,
   if not phrases:
     raise ValueError(f"grounding evaluation set is empty (skipped: {dict(skips)})")
   return GroundingSet(
-      pixels=np.stack(pixels), originals=originals, image_index=np.asarray(index, np.int32),
-      ids=np.stack(ids).astype(np.int32), mask=np.stack(mask).astype(np.int32), phrases=phrases,
-      image_wh=np.asarray(wh, np.float32), gt_boxes=np.asarray(boxes, np.float32),
-      skips=dict(skips))
+    pixels=np.stack(pixels),
+    originals=originals,
+    image_index=np.asarray(index, np.int32),
+    ids=np.stack(ids).astype(np.int32),
+    mask=np.stack(mask).astype(np.int32),
+    phrases=phrases,
+    image_wh=np.asarray(wh, np.float32),
+    gt_boxes=np.asarray(boxes, np.float32),
+    skips=dict(skips),
+  )

@@ -43,7 +43,9 @@ def _check(pred, wh, gt, valid):
   if pred.shape != (n, 4):
     raise ValueError(f"pred_boxes must be [N, 4] normalised (cx, cy, w, h), got {pred.shape}")
   if wh.shape != (n, 2):
-    raise ValueError(f"image_wh must be [N, 2] (width, height) in pixels with N={n}, got {wh.shape}")
+    raise ValueError(
+      f"image_wh must be [N, 2] (width, height) in pixels with N={n}, got {wh.shape}"
+    )
   if gt.shape != (n, 4):
     raise ValueError(f"gt_boxes must be [N, 4] pixel (x, y, w, h) with N={n}, got {gt.shape}")
   if valid is not None and valid.shape != (n,):
@@ -57,8 +59,15 @@ def _check(pred, wh, gt, valid):
     raise ValueError(f"image_wh[{bad[0]}] = {wh[bad[0]].tolist()} must be positive")
 
 
-def evaluate_grounding(pred_boxes, image_wh, gt_boxes, *, valid=None, iou_threshold: float = IOU_THRESHOLD,
-                       prefix: str = "grounding") -> dict[str, float]:
+def evaluate_grounding(
+  pred_boxes,
+  image_wh,
+  gt_boxes,
+  *,
+  valid=None,
+  iou_threshold: float = IOU_THRESHOLD,
+  prefix: str = "grounding",
+) -> dict[str, float]:
   """Grounding accuracy (percent) of predicted boxes against ground-truth boxes.
 
   Args:
@@ -90,9 +99,9 @@ def evaluate_grounding(pred_boxes, image_wh, gt_boxes, *, valid=None, iou_thresh
   mean_box = np.broadcast_to(pixel_xywh_to_pred(gt, wh).mean(axis=0), pred.shape)
   iou_mean = np.asarray(box_ops.legacy_pixel_iou(pred_to_pixel_xywh(mean_box, wh), gt))
   return {
-      f"{prefix}/acc": 100.0 * float(np.mean(iou >= iou_threshold)),
-      f"{prefix}/acc_whole_image": 100.0 * float(np.mean(iou_whole >= iou_threshold)),
-      f"{prefix}/acc_mean_box": 100.0 * float(np.mean(iou_mean >= iou_threshold)),
-      f"{prefix}/mean_iou": float(np.mean(iou)),
-      f"{prefix}/count": float(pred.shape[0]),
+    f"{prefix}/acc": 100.0 * float(np.mean(iou >= iou_threshold)),
+    f"{prefix}/acc_whole_image": 100.0 * float(np.mean(iou_whole >= iou_threshold)),
+    f"{prefix}/acc_mean_box": 100.0 * float(np.mean(iou_mean >= iou_threshold)),
+    f"{prefix}/mean_iou": float(np.mean(iou)),
+    f"{prefix}/count": float(pred.shape[0]),
   }

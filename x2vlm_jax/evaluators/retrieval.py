@@ -44,11 +44,15 @@ def _check_targets(num_images: int, num_texts: int, txt2img, img2txt):
   """Validates and converts the ground truth; errors name the field and the offending entry."""
   txt2img = np.asarray(txt2img)
   if txt2img.shape != (num_texts,) or not np.issubdtype(txt2img.dtype, np.integer):
-    raise ValueError(f"txt2img must be {num_texts} integer image indices (one per text), "
-                     f"got shape {txt2img.shape} dtype {txt2img.dtype}")
+    raise ValueError(
+      f"txt2img must be {num_texts} integer image indices (one per text), "
+      f"got shape {txt2img.shape} dtype {txt2img.dtype}"
+    )
   bad = np.flatnonzero((txt2img < 0) | (txt2img >= num_images))
   if bad.size:
-    raise ValueError(f"txt2img[{bad[0]}] = {txt2img[bad[0]]} is not an image index in [0, {num_images})")
+    raise ValueError(
+      f"txt2img[{bad[0]}] = {txt2img[bad[0]]} is not an image index in [0, {num_images})"
+    )
   if len(img2txt) != num_images:
     raise ValueError(f"img2txt must have one list per image ({num_images}), got {len(img2txt)}")
   gt_img, gt_txt = [], []
@@ -76,7 +80,9 @@ def _ranks_t2i(score_t2i: np.ndarray, txt2img: np.ndarray) -> np.ndarray:
   return (score_t2i >= gt[:, None]).sum(axis=1) - 1
 
 
-def retrieval_metrics(score_i2t, score_t2i, txt2img, img2txt, prefix: str = "retrieval") -> dict[str, float]:
+def retrieval_metrics(
+  score_i2t, score_t2i, txt2img, img2txt, prefix: str = "retrieval"
+) -> dict[str, float]:
   """The official `itm_eval` metrics from two score matrices.
 
   Args:
@@ -93,8 +99,10 @@ def retrieval_metrics(score_i2t, score_t2i, txt2img, img2txt, prefix: str = "ret
   score_t2i = np.asarray(score_t2i, np.float32)
   num_images, num_texts = score_i2t.shape
   if score_t2i.shape != (num_texts, num_images):
-    raise ValueError(f"score_t2i must be [{num_texts}, {num_images}] (transpose of score_i2t "
-                     f"{score_i2t.shape}), got {score_t2i.shape}")
+    raise ValueError(
+      f"score_t2i must be [{num_texts}, {num_images}] (transpose of score_i2t "
+      f"{score_i2t.shape}), got {score_t2i.shape}"
+    )
   txt2img, gt_img, gt_txt = _check_targets(num_images, num_texts, txt2img, img2txt)
   tr = recall_at_k(_ranks_i2t(score_i2t, gt_img, gt_txt))
   ir = recall_at_k(_ranks_t2i(score_t2i, txt2img))
@@ -111,8 +119,9 @@ def similarities(image_feats, text_feats) -> np.ndarray:
   img = np.asarray(image_feats, np.float32)
   txt = np.asarray(text_feats, np.float32)
   if img.ndim != 2 or txt.ndim != 2 or img.shape[1] != txt.shape[1]:
-    raise ValueError(f"image_feats [Ni, E] and text_feats [Nt, E] must share E, got {img.shape} "
-                     f"and {txt.shape}")
+    raise ValueError(
+      f"image_feats [Ni, E] and text_feats [Nt, E] must share E, got {img.shape} and {txt.shape}"
+    )
   return img @ txt.T
 
 
@@ -123,8 +132,9 @@ def _top_k(rows: np.ndarray, k: int) -> np.ndarray:
   return np.argpartition(-rows, k - 1, axis=1)[:, :k]
 
 
-def _score_pairs(pairs_img: np.ndarray, pairs_txt: np.ndarray, itm_score_fn: ItmScoreFn,
-                 chunk_size: int) -> np.ndarray:
+def _score_pairs(
+  pairs_img: np.ndarray, pairs_txt: np.ndarray, itm_score_fn: ItmScoreFn, chunk_size: int
+) -> np.ndarray:
   """ITM scores of the given pairs, calling `itm_score_fn` on fixed-size chunks.
 
   The last chunk is padded (by repeating its last pair) so that a jitted scorer compiles once.
@@ -136,11 +146,12 @@ def _score_pairs(pairs_img: np.ndarray, pairs_txt: np.ndarray, itm_score_fn: Itm
     img = np.empty((chunk_size,), np.int32)
     txt = np.empty((chunk_size,), np.int32)
     img[: stop - start], txt[: stop - start] = pairs_img[start:stop], pairs_txt[start:stop]
-    img[stop - start:], txt[stop - start:] = pairs_img[stop - 1], pairs_txt[stop - 1]
+    img[stop - start :], txt[stop - start :] = pairs_img[stop - 1], pairs_txt[stop - 1]
     scores = np.asarray(itm_score_fn(img, txt), np.float32)
     if scores.shape != (chunk_size,):
-      raise ValueError(f"itm_score_fn must return one score per pair, shape ({chunk_size},); got "
-                       f"{scores.shape}")
+      raise ValueError(
+        f"itm_score_fn must return one score per pair, shape ({chunk_size},); got {scores.shape}"
+      )
     out[start:stop] = scores[: stop - start]
   return out
 
@@ -178,8 +189,17 @@ def itm_rerank_scores(sims, itm_score_fn: ItmScoreFn, k: int, chunk_size: int = 
   return score_i2t, score_t2i
 
 
-def evaluate_retrieval(image_feats, text_feats, txt2img, img2txt, itm_score_fn: ItmScoreFn, *,
-                       k_test: int, chunk_size: int = 256, prefix: str = "retrieval") -> dict[str, float]:
+def evaluate_retrieval(
+  image_feats,
+  text_feats,
+  txt2img,
+  img2txt,
+  itm_score_fn: ItmScoreFn,
+  *,
+  k_test: int,
+  chunk_size: int = 256,
+  prefix: str = "retrieval",
+) -> dict[str, float]:
   """The official retrieval evaluation: ITC top-k candidates re-ranked by ITM.
 
   `k_test` candidates per query (paper: 80 COCO, 32 Flickr30K); see `itm_rerank_scores`.
@@ -190,8 +210,9 @@ def evaluate_retrieval(image_feats, text_feats, txt2img, img2txt, itm_score_fn: 
   return retrieval_metrics(score_i2t, score_t2i, txt2img, img2txt, prefix)
 
 
-def evaluate_retrieval_itc(image_feats, text_feats, txt2img, img2txt, *,
-                           prefix: str = "retrieval_itc") -> dict[str, float]:
+def evaluate_retrieval_itc(
+  image_feats, text_feats, txt2img, img2txt, *, prefix: str = "retrieval_itc"
+) -> dict[str, float]:
   """Retrieval ranked by ITC similarity only (no ITM re-ranking)."""
   sims = similarities(image_feats, text_feats)
   return retrieval_metrics(sims, sims.T, txt2img, img2txt, prefix)

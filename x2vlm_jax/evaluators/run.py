@@ -13,7 +13,8 @@ Jitted functions (each compiled once per evaluation shape, reused by every later
   boxes(vision [B, S, Dv], text [B, L, Dt], mask [B, L]) -> (cx, cy, w, h) [B, 4]
 Vision tokens and text states are computed once per image / text and kept on the host; the
 ITM scorer gathers the rows of a chunk of (image, text) pairs and runs only the fusion tower
-(its cross-attention keys/values come from the gathered vision tokens, docs/fidelity.md#retrieval-protocol).
+(its cross-attention keys/values come from the gathered vision tokens,
+docs/fidelity.md#retrieval-protocol).
 
 With a mesh, every input batch is laid out with its batch axis over the mesh's batch shards
 (the batch is rounded up to a multiple of their number) and outputs are replicated, so every
@@ -40,8 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data_pipelines import features as F
 from data_pipelines import mixture
-from x2vlm_jax import global_batch
-from x2vlm_jax import sharding
+from x2vlm_jax import global_batch, sharding
 from x2vlm_jax.evaluators import eval_data, grounding, retrieval
 
 
@@ -111,7 +111,8 @@ def _fused(graphdef, state, vision, text, mask):
 
 def _itm(graphdef, state, vision, text, mask):
   m, fused = _fused(graphdef, state, vision, text, mask)
-  # The official ranking score is the raw class-1 logit, not a probability (docs/fidelity.md#retrieval-protocol).
+  # The official ranking score is the raw class-1 logit, not a probability
+  # (docs/fidelity.md#retrieval-protocol).
   return m.itm_logits(fused)[:, 1].astype(jnp.float32)  # [C]
 
 
@@ -126,8 +127,12 @@ def _jitted(mesh: Mesh | None) -> dict[str, Callable]:
   evaluation during training re-uses the compiled code of the previous call."""
   out = None if mesh is None else NamedSharding(mesh, PartitionSpec())  # replicated outputs
   jit = functools.partial(jax.jit, static_argnums=0, out_shardings=out)
-  return {"encode_images": jit(_encode_images), "encode_texts": jit(_encode_texts),
-          "itm": jit(_itm), "boxes": jit(_boxes)}
+  return {
+    "encode_images": jit(_encode_images),
+    "encode_texts": jit(_encode_texts),
+    "itm": jit(_itm),
+    "boxes": jit(_boxes),
+  }
 
 
 class _Fns:
@@ -162,22 +167,43 @@ class _Fns:
     return [np.concatenate(o) for o in outs]
 
 
-def run_retrieval(fns: _Fns, data: eval_data.RetrievalSet, batch: int, k_test: int,
-                  itm_chunk: int, prefix: str = "eval/retrieval") -> dict[str, float]:
+def run_retrieval(
+  fns: _Fns,
+  data: eval_data.RetrievalSet,
+  batch: int,
+  k_test: int,
+  itm_chunk: int,
+  prefix: str = "eval/retrieval",
+) -> dict[str, float]:
   """ITC features for all images and texts, then the official ITM re-ranking
   (docs/fidelity.md#retrieval-protocol)."""
   vis_tokens, img_feat = fns.batched(fns.encode_images, batch, data.pixels)
   txt_states, txt_feat = fns.batched(fns.encode_texts, batch, data.ids, data.mask)
 
   def itm_score_fn(img_idx: np.ndarray, txt_idx: np.ndarray) -> np.ndarray:
-    scores = fns.itm(fns.state, fns.put(vis_tokens[img_idx]), fns.put(txt_states[txt_idx]),
-                     fns.put(data.mask[txt_idx]))
+    scores = fns.itm(
+      fns.state,
+      fns.put(vis_tokens[img_idx]),
+      fns.put(txt_states[txt_idx]),
+      fns.put(data.mask[txt_idx]),
+    )
     return np.asarray(jax.device_get(scores))
 
-  out = retrieval.evaluate_retrieval(img_feat, txt_feat, data.txt2img, data.img2txt, itm_score_fn,
-                                     k_test=k_test, chunk_size=itm_chunk, prefix=prefix)
-  out.update(retrieval.evaluate_retrieval_itc(img_feat, txt_feat, data.txt2img, data.img2txt,
-                                              prefix=prefix + "_itc"))
+  out = retrieval.evaluate_retrieval(
+    img_feat,
+    txt_feat,
+    data.txt2img,
+    data.img2txt,
+    itm_score_fn,
+    k_test=k_test,
+    chunk_size=itm_chunk,
+    prefix=prefix,
+  )
+  out.update(
+    retrieval.evaluate_retrieval_itc(
+      img_feat, txt_feat, data.txt2img, data.img2txt, prefix=prefix + "_itc"
+    )
+  )
   out[f"{prefix}/num_images"] = float(len(data.img2txt))
   out[f"{prefix}/num_texts"] = float(len(data.captions))
   out[f"{prefix}/chance_r1"] = 100.0 / len(data.img2txt)  # text -> image R@1 of a random ranker
@@ -194,9 +220,16 @@ def predict_boxes(fns: _Fns, data: eval_data.GroundingSet, batch: int) -> np.nda
   return boxes
 
 
-def evaluate(model, eval_cfg: EvalConfig, tokenizer, mesh: Mesh | None = None, *,
-             step: int | None = None, png_path: str | None = None,
-             log: Callable[[str], None] | None = print) -> dict[str, float]:
+def evaluate(
+  model,
+  eval_cfg: EvalConfig,
+  tokenizer,
+  mesh: Mesh | None = None,
+  *,
+  step: int | None = None,
+  png_path: str | None = None,
+  log: Callable[[str], None] | None = print,
+) -> dict[str, float]:
   """Runs the configured evaluators; returns {'eval/<name>/<metric>': value}.
 
   Args:
@@ -223,16 +256,17 @@ def evaluate(model, eval_cfg: EvalConfig, tokenizer, mesh: Mesh | None = None, *
     metrics["eval/retrieval/seconds"] = time.time() - t0
   if (sec := eval_cfg.grounding) is not None:
     t0 = time.time()
-    data = eval_data.grounding_set(_sources(F.REGION, sec.data), tokenizer, res,
-                                   sec.max_phrases)
+    data = eval_data.grounding_set(_sources(F.REGION, sec.data), tokenizer, res, sec.max_phrases)
     if data.skips:
       say(f"eval/grounding{where}: skipped {data.skips}")
     boxes = predict_boxes(fns, data, batch)
-    metrics.update(grounding.evaluate_grounding(boxes, data.image_wh, data.gt_boxes,
-                                                prefix="eval/grounding"))
+    metrics.update(
+      grounding.evaluate_grounding(boxes, data.image_wh, data.gt_boxes, prefix="eval/grounding")
+    )
     metrics["eval/grounding/seconds"] = time.time() - t0
     if png_path and sec.png_examples > 0 and jax.process_index() == 0:
       from x2vlm_jax.evaluators import visualize  # pylint: disable=g-import-not-at-top
+
       visualize.write_grounding_png(png_path, data, boxes, sec.png_examples)
       say(f"eval/grounding: wrote {png_path}")
   return metrics
@@ -241,13 +275,18 @@ def evaluate(model, eval_cfg: EvalConfig, tokenizer, mesh: Mesh | None = None, *
 def format_metrics(metrics: Mapping[str, Any]) -> str:
   """The headline numbers on one line (R@1/5/10 both directions, grounding vs baseline)."""
   parts = []
-  for key, label in (("eval/retrieval/img_r", "text->image R@"), ("eval/retrieval/txt_r", "image->text R@")):
+  for key, label in (
+    ("eval/retrieval/img_r", "text->image R@"),
+    ("eval/retrieval/txt_r", "image->text R@"),
+  ):
     if f"{key}1" in metrics:
       parts.append(label + "1/5/10 " + "/".join(f"{metrics[f'{key}{k}']:.1f}" for k in (1, 5, 10)))
   if "eval/retrieval/chance_r1" in metrics:
     parts.append(f"chance R@1 {metrics['eval/retrieval/chance_r1']:.1f}")
   if "eval/grounding/acc" in metrics:
-    parts.append(f"grounding acc {metrics['eval/grounding/acc']:.1f} "
-                 f"(baselines: whole image {metrics['eval/grounding/acc_whole_image']:.1f}, "
-                 f"mean box {metrics['eval/grounding/acc_mean_box']:.1f})")
+    parts.append(
+      f"grounding acc {metrics['eval/grounding/acc']:.1f} "
+      f"(baselines: whole image {metrics['eval/grounding/acc_whole_image']:.1f}, "
+      f"mean box {metrics['eval/grounding/acc_mean_box']:.1f})"
+    )
   return "; ".join(parts)

@@ -62,13 +62,15 @@ def grounding_tiles(data, pred_boxes: np.ndarray, n: int) -> Image.Image:
     tile = Image.fromarray(img).resize((round(w * scale), round(h * scale)), Image.NEAREST)
     draw = ImageDraw.Draw(tile)
     for (x, y, bw, bh), colour in ((data.gt_boxes[p], TRUE_COLOUR), (pred_px[p], PRED_COLOUR)):
-      draw.rectangle([x * scale, y * scale, (x + bw) * scale, (y + bh) * scale], outline=colour,
-                     width=3)
+      draw.rectangle(
+        [x * scale, y * scale, (x + bw) * scale, (y + bh) * scale], outline=colour, width=3
+      )
     x0 = 8 + t * (_TILE + 8)
     canvas.paste(tile, (x0, 8))
     text = f"{data.phrases[p]} (IoU {iou[p]:.2f})"
-    ImageDraw.Draw(canvas).multiline_text((x0, _TILE + 12), "\n".join(_wrap(text, 40)[:3]),
-                                          fill="black", font=font)
+    ImageDraw.Draw(canvas).multiline_text(
+      (x0, _TILE + 12), "\n".join(_wrap(text, 40)[:3]), fill="black", font=font
+    )
   return canvas
 
 

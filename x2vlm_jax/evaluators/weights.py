@@ -18,11 +18,11 @@ import pathlib
 import jax
 
 from x2vlm_jax import checkpoint as ckpt_lib
-from x2vlm_jax import init_lib
-from x2vlm_jax import params_io
+from x2vlm_jax import init_lib, params_io
 from x2vlm_jax.models.config import ModelConfig
 from x2vlm_jax.models.x2vlm import X2VLM
 from x2vlm_jax.train_state import ParamLayout, restore_params
+
 
 def _checkpoint_dir(path: pathlib.Path) -> pathlib.Path | None:
   """`path` itself or `path/checkpoints` when it holds committed orbax steps."""
@@ -32,8 +32,9 @@ def _checkpoint_dir(path: pathlib.Path) -> pathlib.Path | None:
   return None
 
 
-def from_checkpoint(model_cfg: ModelConfig, ckpt_dir: pathlib.Path, mesh,
-                    step: int | None = None) -> tuple[X2VLM, int]:
+def from_checkpoint(
+  model_cfg: ModelConfig, ckpt_dir: pathlib.Path, mesh, step: int | None = None
+) -> tuple[X2VLM, int]:
   """(model, step) from the trainer's newest good checkpoint (or exactly `step`)."""
   layout = ParamLayout.build(model_cfg, mesh)
   with ckpt_lib.CheckpointManager(ckpt_dir, max_to_keep=None) as manager:
@@ -45,15 +46,23 @@ def _initialised(init: init_lib.InitConfig, model_cfg: ModelConfig, mesh):
   return init_lib.initialize(init, model_cfg, mesh, jax.random.key(0))
 
 
-def load_model(model_cfg: ModelConfig, mesh, *, checkpoint: str = "", official_th: str = "",
-               step: int | None = None) -> tuple[X2VLM, str]:
+def load_model(
+  model_cfg: ModelConfig,
+  mesh,
+  *,
+  checkpoint: str = "",
+  official_th: str = "",
+  step: int | None = None,
+) -> tuple[X2VLM, str]:
   """(model born sharded on `mesh`, a one-line description of where the weights came from).
 
   Exactly one of `checkpoint` (workdir, checkpoints dir or params dir) and `official_th`.
   """
   if bool(checkpoint) == bool(official_th):
-    raise ValueError("give exactly one of --checkpoint (a training workdir, its checkpoints "
-                     "directory or a params directory) and --official_th")
+    raise ValueError(
+      "give exactly one of --checkpoint (a training workdir, its checkpoints "
+      "directory or a params directory) and --official_th"
+    )
   if official_th:
     init = _initialised(init_lib.InitConfig(official_th=official_th), model_cfg, mesh)
     missing = len(init.fresh_paths)
@@ -64,13 +73,17 @@ def load_model(model_cfg: ModelConfig, mesh, *, checkpoint: str = "", official_t
   if (path / params_io.CONFIG_FILE).exists():
     init = _initialised(init_lib.InitConfig(params_dir=str(path)), model_cfg, mesh)
     if init.fresh_paths:
-      raise ValueError(f"{path}: parameters {list(init.fresh_paths)[:5]} are missing from the "
-                       "params directory; refusing to evaluate freshly initialised weights")
+      raise ValueError(
+        f"{path}: parameters {list(init.fresh_paths)[:5]} are missing from the "
+        "params directory; refusing to evaluate freshly initialised weights"
+      )
     return init.model, f"params directory {path}"
   ckpt_dir = _checkpoint_dir(path)
   if ckpt_dir is None:
-    raise FileNotFoundError(f"--checkpoint {checkpoint}: neither a params directory (no "
-                            f"{params_io.CONFIG_FILE}) nor a workdir / checkpoints directory "
-                            "with committed steps")
+    raise FileNotFoundError(
+      f"--checkpoint {checkpoint}: neither a params directory (no "
+      f"{params_io.CONFIG_FILE}) nor a workdir / checkpoints directory "
+      "with committed steps"
+    )
   model, at = from_checkpoint(model_cfg, ckpt_dir, mesh, step)
   return model, f"checkpoint {ckpt_dir} step {at} (parameters only)"

@@ -100,10 +100,10 @@ class ModelConfig:
   def tiny(cls, **kw) -> "ModelConfig":
     """Oddly sized, 2-layer towers at 64 px (P=4, T=16) for fast CPU tests."""
     base = cls(
-        vision=VisionConfig(width=36, depth=2, num_heads=3, mlp_dim=52, image_size=64),
-        text=TextConfig(width=40, depth=2, num_heads=4, mlp_dim=56, max_positions=64),
-        fusion=FusionConfig(depth=2, num_heads=4, mlp_dim=56),
-        embed_dim=24,
+      vision=VisionConfig(width=36, depth=2, num_heads=3, mlp_dim=52, image_size=64),
+      text=TextConfig(width=40, depth=2, num_heads=4, mlp_dim=56, max_positions=64),
+      fusion=FusionConfig(depth=2, num_heads=4, mlp_dim=56),
+      embed_dim=24,
     )
     return dataclasses.replace(base, **kw)
 
@@ -116,10 +116,10 @@ class ModelConfig:
   def large(cls, **kw) -> "ModelConfig":
     """BEiT-2 L/16 + 1024-wide BERT; with frame_len=3: 592,952,129 parameters."""
     base = cls(
-        vision=VisionConfig(width=1024, depth=24, num_heads=16, mlp_dim=4096),
-        text=TextConfig(width=1024, depth=12, num_heads=16, mlp_dim=4096),
-        fusion=FusionConfig(depth=6, num_heads=16, mlp_dim=4096),
-        frame_len=3,
+      vision=VisionConfig(width=1024, depth=24, num_heads=16, mlp_dim=4096),
+      text=TextConfig(width=1024, depth=12, num_heads=16, mlp_dim=4096),
+      fusion=FusionConfig(depth=6, num_heads=16, mlp_dim=4096),
+      frame_len=3,
     )
     return dataclasses.replace(base, **kw)
 
@@ -132,11 +132,19 @@ class ModelConfig:
     tower with only relative position biases has no cheap way to tell where a patch is, and the
     box head must say where a phrase is after a few hundred CPU steps."""
     base = cls(
-        vision=VisionConfig(width=192, depth=4, num_heads=3, mlp_dim=768, image_size=128,
-                            drop_path_rate=0.0, abs_pos_embed=True, pos_embed_init="sincos"),
-        text=TextConfig(width=384, depth=6, num_heads=12, mlp_dim=1536),
-        fusion=FusionConfig(depth=2, num_heads=12, mlp_dim=1536),
-        embed_dim=128,
+      vision=VisionConfig(
+        width=192,
+        depth=4,
+        num_heads=3,
+        mlp_dim=768,
+        image_size=128,
+        drop_path_rate=0.0,
+        abs_pos_embed=True,
+        pos_embed_init="sincos",
+      ),
+      text=TextConfig(width=384, depth=6, num_heads=12, mlp_dim=1536),
+      fusion=FusionConfig(depth=2, num_heads=12, mlp_dim=1536),
+      embed_dim=128,
     )
     return dataclasses.replace(base, **kw)
 
@@ -145,5 +153,7 @@ class ModelConfig:
     try:
       factory = {"tiny": cls.tiny, "base": cls.base, "large": cls.large, "demo": cls.demo}[name]
     except KeyError:
-      raise ValueError(f"unknown model variant {name!r}; expected tiny, base, large or demo") from None
+      raise ValueError(
+        f"unknown model variant {name!r}; expected tiny, base, large or demo"
+      ) from None
     return factory(**kw)

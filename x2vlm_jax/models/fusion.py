@@ -31,8 +31,9 @@ class VisionKV(NamedTuple):
 class FusionLayer(nnx.Module):
   """One fusion layer; cross-attention takes precomputed per-layer K/V."""
 
-  def __init__(self, cfg: FusionConfig, width: int, vision_width: int, *, dtype, param_dtype,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, cfg: FusionConfig, width: int, vision_width: int, *, dtype, param_dtype, rngs: nnx.Rngs
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.rate = cfg.dropout
     self.self_attn = Attention(width, cfg.num_heads, **kw)
@@ -44,11 +45,17 @@ class FusionLayer(nnx.Module):
 
   def __call__(self, x, text_bias, kv, vision_bias, keys, deterministic: bool):
     ks = [None] * 5 if deterministic else [keys[i] for i in range(5)]
-    a = self.self_attn(x, self.self_attn.project_kv(x), text_bias, dropout_rate=self.rate,
-                       keys=None if deterministic else (ks[0], ks[1]))
+    a = self.self_attn(
+      x,
+      self.self_attn.project_kv(x),
+      text_bias,
+      dropout_rate=self.rate,
+      keys=None if deterministic else (ks[0], ks[1]),
+    )
     x = self.self_norm(x + a)
-    c = self.cross_attn(x, kv, vision_bias, dropout_rate=self.rate,
-                        keys=None if deterministic else (ks[2], ks[3]))
+    c = self.cross_attn(
+      x, kv, vision_bias, dropout_rate=self.rate, keys=None if deterministic else (ks[2], ks[3])
+    )
     x = self.cross_norm(x + c)
     f = L.dropout(self.mlp(x), self.rate, ks[4])
     return L.constrain(self.mlp_norm(x + f), L.ACT)
@@ -57,14 +64,23 @@ class FusionLayer(nnx.Module):
 class FusionTower(nnx.Module):
   """Text states [B, L, Dt] attend to vision tokens (or their precomputed K/V) -> [B, L, Dt]."""
 
-  def __init__(self, cfg: FusionConfig, text: TextConfig, vision_width: int, *,
-               dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    cfg: FusionConfig,
+    text: TextConfig,
+    vision_width: int,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    remat: bool = False,
+    rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.cfg, self.dtype, self.remat = cfg, dtype, remat
     self.width, self.vision_width = text.width, vision_width
-    self.layers = L.stacked(lambda r: FusionLayer(cfg, text.width, vision_width, rngs=r, **kw),
-                            cfg.depth, rngs)
+    self.layers = L.stacked(
+      lambda r: FusionLayer(cfg, text.width, vision_width, rngs=r, **kw), cfg.depth, rngs
+    )
 
   def vision_kv(self, vision: jax.Array) -> VisionKV:
     """[N, S, Dv] -> VisionKV of [layers, N, S, H, dh], every layer's K/V computed once."""
@@ -80,19 +96,26 @@ class FusionTower(nnx.Module):
 
     return VisionKV(project(ca.key), project(ca.value))
 
-  def __call__(self, text: jax.Array, text_mask: jax.Array, vision: jax.Array | VisionKV,
-               vision_mask: jax.Array, kv_index: jax.Array | None = None,
-               key: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self,
+    text: jax.Array,
+    text_mask: jax.Array,
+    vision: jax.Array | VisionKV,
+    vision_mask: jax.Array,
+    kv_index: jax.Array | None = None,
+    key: jax.Array | None = None,
+  ) -> jax.Array:
     """text [B, L, Dt], text_mask [B, L]; vision [N, S, Dv] tokens or a VisionKV;
     vision_mask [B, S] (per text row); kv_index [B] picks each text's row of N (None: N == B)."""
     is_kv = isinstance(vision, VisionKV)
     b = text.shape[0]
-    n, s = (vision.key.shape[1:3] if is_kv else vision.shape[:2])
+    n, s = vision.key.shape[1:3] if is_kv else vision.shape[:2]
     if text_mask.shape != text.shape[:2]:
       raise ValueError(f"text_mask {text_mask.shape} does not match text {text.shape[:2]}")
     if vision_mask.shape != (b, s):
-      raise ValueError(f"vision_mask must be [B={b}, S={s}] (one row per text), got "
-                       f"{vision_mask.shape}")
+      raise ValueError(
+        f"vision_mask must be [B={b}, S={s}] (one row per text), got {vision_mask.shape}"
+      )
     if kv_index is None and n != b:
       raise ValueError(f"{n} vision rows for {b} texts: pass kv_index [B] to pick rows")
     if kv_index is not None and kv_index.shape != (b,):

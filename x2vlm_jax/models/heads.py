@@ -21,9 +21,17 @@ class Projection(L.Dense):
 
   def __init__(self, width: int, embed_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
     init = L.torch_linear(width)
-    super().__init__((width,), (embed_dim,), kernel_names=("embed", "proj"), bias_names=("proj",),
-                     kernel_init=init, bias_init=init, dtype=dtype, param_dtype=param_dtype,
-                     rngs=rngs)
+    super().__init__(
+      (width,),
+      (embed_dim,),
+      kernel_names=("embed", "proj"),
+      bias_names=("proj",),
+      kernel_init=init,
+      bias_init=init,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = super().__call__(x).astype(jnp.float32)
@@ -36,12 +44,25 @@ class MlpHead(nnx.Module):
 
   def __init__(self, width: int, out: int, ln_eps: float, *, dtype, param_dtype, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.fc1 = L.Dense((width,), (2 * width,), kernel_names=("embed", "mlp"), bias_names=("mlp",),
-                       kernel_init=L.torch_linear(width), bias_init=L.torch_linear(width), **kw)
+    self.fc1 = L.Dense(
+      (width,),
+      (2 * width,),
+      kernel_names=("embed", "mlp"),
+      bias_names=("mlp",),
+      kernel_init=L.torch_linear(width),
+      bias_init=L.torch_linear(width),
+      **kw,
+    )
     self.norm = L.LayerNorm(2 * width, ln_eps, **kw)
-    self.fc2 = L.Dense((2 * width,), (out,), kernel_names=("mlp", "classes"),
-                       bias_names=("classes",), kernel_init=L.torch_linear(2 * width),
-                       bias_init=L.torch_linear(2 * width), **kw)
+    self.fc2 = L.Dense(
+      (2 * width,),
+      (out,),
+      kernel_names=("mlp", "classes"),
+      bias_names=("classes",),
+      kernel_init=L.torch_linear(2 * width),
+      bias_init=L.torch_linear(2 * width),
+      **kw,
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.fc2(L.gelu(self.norm(self.fc1(x)))).astype(jnp.float32)
@@ -50,12 +71,19 @@ class MlpHead(nnx.Module):
 class MlmHead(nnx.Module):
   """dense -> GELU -> LayerNorm(1e-12) -> h . word_embeddings^T + bias (decoder tied)."""
 
-  def __init__(self, width: int, vocab_size: int, ln_eps: float, *, dtype, param_dtype,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, width: int, vocab_size: int, ln_eps: float, *, dtype, param_dtype, rngs: nnx.Rngs
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.dtype = dtype
-    self.dense = L.Dense((width,), (width,), kernel_names=("embed", "embed"),
-                         bias_names=("embed",), kernel_init=L.normal(0.02), **kw)
+    self.dense = L.Dense(
+      (width,),
+      (width,),
+      kernel_names=("embed", "embed"),
+      bias_names=("embed",),
+      kernel_init=L.normal(0.02),
+      **kw,
+    )
     self.norm = L.LayerNorm(width, ln_eps, **kw)
     self.bias = L.param(rngs, L.zeros, (vocab_size,), ("vocab",), param_dtype)
 

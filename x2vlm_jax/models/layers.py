@@ -52,7 +52,9 @@ def torch_linear(fan_in: int) -> Init:
   """PyTorch's default nn.Linear init for weight and bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
   (kaiming_uniform with a=sqrt(5) reduces to this bound). Used by the heads."""
   bound = 1.0 / math.sqrt(fan_in)
-  return lambda key, shape, dtype: jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+  return lambda key, shape, dtype: jax.random.uniform(
+    key, shape, jnp.float32, -bound, bound
+  ).astype(dtype)
 
 
 def constant(value: float) -> Init:
@@ -110,14 +112,27 @@ class Dense(nnx.Module):
   (`[D, H, dh]`, `[H, dh, D]`); the bias has shape out_shape.
   """
 
-  def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], *, kernel_names: Names,
-               bias_names: Names | None, kernel_init: Init, bias_init: Init = zeros,
-               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_shape: Sequence[int],
+    out_shape: Sequence[int],
+    *,
+    kernel_names: Names,
+    bias_names: Names | None,
+    kernel_init: Init,
+    bias_init: Init = zeros,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     self.in_ndim = len(in_shape)
     self.dtype = dtype
     self.kernel = param(rngs, kernel_init, (*in_shape, *out_shape), kernel_names, param_dtype)
-    self.bias = (param(rngs, bias_init, tuple(out_shape), bias_names, param_dtype)
-                 if bias_names is not None else None)
+    self.bias = (
+      param(rngs, bias_init, tuple(out_shape), bias_names, param_dtype)
+      if bias_names is not None
+      else None
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     k = self.kernel[...].astype(self.dtype)
@@ -130,8 +145,15 @@ class Dense(nnx.Module):
 class LayerNorm(nnx.Module):
   """LayerNorm whose statistics are always float32 (even in bfloat16 mode); output in `dtype`."""
 
-  def __init__(self, dim: int, eps: float, *, dtype: Any = jnp.float32,
-               param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    dim: int,
+    eps: float,
+    *,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     self.eps = eps
     self.dtype = dtype
     self.scale = param(rngs, ones, (dim,), ("norm",), param_dtype)
@@ -154,13 +176,34 @@ def gelu(x: jax.Array) -> jax.Array:
 class Mlp(nnx.Module):
   """fc1 -> exact GELU -> fc2 (no dropout inside; callers add it where BERT has it)."""
 
-  def __init__(self, dim: int, hidden: int, *, kernel_init: Init, dtype: Any, param_dtype: Any,
-               rngs: nnx.Rngs, fc2_init: Init | None = None):
+  def __init__(
+    self,
+    dim: int,
+    hidden: int,
+    *,
+    kernel_init: Init,
+    dtype: Any,
+    param_dtype: Any,
+    rngs: nnx.Rngs,
+    fc2_init: Init | None = None,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.fc1 = Dense((dim,), (hidden,), kernel_names=("embed", "mlp"), bias_names=("mlp",),
-                     kernel_init=kernel_init, **kw)
-    self.fc2 = Dense((hidden,), (dim,), kernel_names=("mlp", "embed"), bias_names=("embed",),
-                     kernel_init=fc2_init or kernel_init, **kw)
+    self.fc1 = Dense(
+      (dim,),
+      (hidden,),
+      kernel_names=("embed", "mlp"),
+      bias_names=("mlp",),
+      kernel_init=kernel_init,
+      **kw,
+    )
+    self.fc2 = Dense(
+      (hidden,),
+      (dim,),
+      kernel_names=("mlp", "embed"),
+      bias_names=("embed",),
+      kernel_init=fc2_init or kernel_init,
+      **kw,
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.fc2(gelu(self.fc1(x)))
@@ -179,8 +222,15 @@ def padding_bias(mask: jax.Array, value: float) -> jax.Array:
   return ((1.0 - mask.astype(jnp.float32)) * value)[:, None, None, :]
 
 
-def dot_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, *,
-                  dropout_rate: float = 0.0, key: jax.Array | None = None) -> jax.Array:
+def dot_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  bias: jax.Array | None,
+  *,
+  dropout_rate: float = 0.0,
+  key: jax.Array | None = None,
+) -> jax.Array:
   """softmax(q.k^T + bias) . v with float32 logits/softmax; q must already be scaled.
 
   q [B, L, H, dh], k/v [B, S, H, dh], bias broadcastable to [B, H, L, S] -> [B, L, H, dh].
@@ -234,8 +284,9 @@ def stacked(make: Callable[[nnx.Rngs], nnx.Module], depth: int, rngs: nnx.Rngs) 
   return create(keys)
 
 
-def scan_layers(layers: nnx.Module, body: Callable, x: jax.Array, xs: Any, *,
-                remat: bool = False) -> jax.Array:
+def scan_layers(
+  layers: nnx.Module, body: Callable, x: jax.Array, xs: Any, *, remat: bool = False
+) -> jax.Array:
   """Runs `x = body(layer_i, x, xs_i)` over a stacked module with `nnx.scan`.
 
   xs: pytree of per-layer inputs with a leading depth axis (drop-path rates, dropout keys,
@@ -243,8 +294,12 @@ def scan_layers(layers: nnx.Module, body: Callable, x: jax.Array, xs: Any, *,
   backward pass (`nnx.remat`), trading FLOPs for memory.
   """
   fn = nnx.remat(body) if remat else body
-  scan = nnx.scan(fn, in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry,
-                  transform_metadata={nnx.PARTITION_NAME: "layers"})
+  scan = nnx.scan(
+    fn,
+    in_axes=(0, nnx.Carry, 0),
+    out_axes=nnx.Carry,
+    transform_metadata={nnx.PARTITION_NAME: "layers"},
+  )
   return scan(layers, x, xs)
 
 

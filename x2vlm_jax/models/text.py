@@ -26,8 +26,16 @@ class Attention(nnx.Module):
   kv_width differs from width for cross-attention (keys/values come from the vision tokens).
   """
 
-  def __init__(self, width: int, num_heads: int, *, kv_width: int | None = None, dtype,
-               param_dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    width: int,
+    num_heads: int,
+    *,
+    kv_width: int | None = None,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+  ):
     if width % num_heads:
       raise ValueError(f"text width {width} is not divisible by {num_heads} heads")
     h, dh = num_heads, width // num_heads
@@ -39,15 +47,23 @@ class Attention(nnx.Module):
     self.query = L.Dense((width,), (h, dh), **heads, **kw)
     self.key = L.Dense((kv_width,), (h, dh), **heads, **kw)
     self.value = L.Dense((kv_width,), (h, dh), **heads, **kw)
-    self.out = L.Dense((h, dh), (width,), kernel_names=("heads", "kv", "embed"),
-                       bias_names=("embed",), **kw)
+    self.out = L.Dense(
+      (h, dh), (width,), kernel_names=("heads", "kv", "embed"), bias_names=("embed",), **kw
+    )
 
   def project_kv(self, y: jax.Array) -> tuple[jax.Array, jax.Array]:
     """[B, S, kv_width] -> keys, values [B, S, H, dh]."""
     return self.key(y), self.value(y)
 
-  def __call__(self, x: jax.Array, kv: tuple[jax.Array, jax.Array], bias: jax.Array, *,
-               dropout_rate: float, keys) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    kv: tuple[jax.Array, jax.Array],
+    bias: jax.Array,
+    *,
+    dropout_rate: float,
+    keys,
+  ) -> jax.Array:
     """x [B, L, D]; kv from `project_kv`; bias [B, 1, 1, S] -> [B, L, D] (before residual/LN).
 
     keys: None (deterministic) or two keys (probabilities, output)."""
@@ -70,8 +86,13 @@ class TextLayer(nnx.Module):
 
   def __call__(self, x, bias, keys, deterministic: bool):
     ks = [None] * 3 if deterministic else [keys[i] for i in range(3)]
-    a = self.attn(x, self.attn.project_kv(x), bias, dropout_rate=self.rate,
-                  keys=None if deterministic else (ks[0], ks[1]))
+    a = self.attn(
+      x,
+      self.attn.project_kv(x),
+      bias,
+      dropout_rate=self.rate,
+      keys=None if deterministic else (ks[0], ks[1]),
+    )
     x = self.attn_norm(x + a)
     f = L.dropout(self.mlp(x), self.rate, ks[2])
     return L.constrain(self.mlp_norm(x + f), L.ACT)
@@ -86,10 +107,12 @@ class TextEmbeddings(nnx.Module):
     self.word = L.param(rngs, init, (cfg.vocab_size, cfg.width), ("vocab", "embed"), param_dtype)
     # nn.Embedding(padding_idx=pad) + BERT's _init_weights: the [PAD] row starts at zero.
     self.word[...] = self.word[...].at[cfg.pad_token_id].set(0)
-    self.position = L.param(rngs, init, (cfg.max_positions, cfg.width), ("positions", "embed"),
-                            param_dtype)
-    self.token_type = L.param(rngs, init, (cfg.type_vocab_size, cfg.width), (None, "embed"),
-                              param_dtype)
+    self.position = L.param(
+      rngs, init, (cfg.max_positions, cfg.width), ("positions", "embed"), param_dtype
+    )
+    self.token_type = L.param(
+      rngs, init, (cfg.type_vocab_size, cfg.width), (None, "embed"), param_dtype
+    )
     self.norm = L.LayerNorm(cfg.width, cfg.ln_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, ids: jax.Array, key: jax.Array | None) -> jax.Array:
@@ -104,8 +127,15 @@ class TextEmbeddings(nnx.Module):
 class TextTower(nnx.Module):
   """ids [B, L] + mask [B, L] -> hidden states [B, L, D] (output of the last text layer)."""
 
-  def __init__(self, cfg: TextConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               remat: bool = False, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    cfg: TextConfig,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    remat: bool = False,
+    rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.cfg, self.remat = cfg, remat
     self.embeddings = TextEmbeddings(cfg, rngs=rngs, **kw)

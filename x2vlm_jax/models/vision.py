@@ -98,8 +98,10 @@ def resize_rel_pos_bias(table: np.ndarray, src_grid: int, dst_grid: int) -> np.n
   table = np.asarray(table)
   s, t = 2 * src_grid - 1, 2 * dst_grid - 1
   if table.ndim != 2 or table.shape[0] != s * s + 3:
-    raise ValueError(f"rel-pos table of shape {table.shape} does not fit a {src_grid}x{src_grid} "
-                     f"patch grid (expected [{s * s + 3}, heads])")
+    raise ValueError(
+      f"rel-pos table of shape {table.shape} does not fit a {src_grid}x{src_grid} "
+      f"patch grid (expected [{s * s + 3}, heads])"
+    )
   if src_grid == dst_grid:
     return table.copy()
   extra = table[-3:]
@@ -135,14 +137,29 @@ class VisionAttention(nnx.Module):
     dh = d // h
     self.num_heads, self.head_dim, self.dtype = h, dh, dtype
     init = L.trunc_normal(0.02)
-    self.qkv = L.Dense((d,), (3, h, dh), kernel_names=("embed", "qkv", "heads", "kv"),
-                       bias_names=None, kernel_init=init, dtype=dtype, param_dtype=param_dtype,
-                       rngs=rngs)
+    self.qkv = L.Dense(
+      (d,),
+      (3, h, dh),
+      kernel_names=("embed", "qkv", "heads", "kv"),
+      bias_names=None,
+      kernel_init=init,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
     self.q_bias = L.param(rngs, L.zeros, (h, dh), ("heads", "kv"), param_dtype)
     self.v_bias = L.param(rngs, L.zeros, (h, dh), ("heads", "kv"), param_dtype)
     self.rel_pos_bias = L.param(rngs, L.zeros, (cfg.num_rel, h), ("rel_pos", "heads"), param_dtype)
-    self.proj = L.Dense((h, dh), (d,), kernel_names=("heads", "kv", "embed"), bias_names=("embed",),
-                        kernel_init=init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.proj = L.Dense(
+      (h, dh),
+      (d,),
+      kernel_names=("heads", "kv", "embed"),
+      bias_names=("embed",),
+      kernel_init=init,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
 
   def __call__(self, x: jax.Array, rel_index: np.ndarray) -> jax.Array:
     qkv = self.qkv(x)  # [B, S, 3, H, dh]
@@ -164,10 +181,12 @@ class VisionBlock(nnx.Module):
     self.attn = VisionAttention(cfg, **kw)
     self.norm2 = L.LayerNorm(cfg.width, cfg.ln_eps, **kw)
     self.mlp = L.Mlp(cfg.width, cfg.mlp_dim, kernel_init=L.trunc_normal(0.02), **kw)
-    self.gamma_1 = L.param(rngs, L.constant(cfg.layer_scale_init), (cfg.width,), ("embed",),
-                           param_dtype)
-    self.gamma_2 = L.param(rngs, L.constant(cfg.layer_scale_init), (cfg.width,), ("embed",),
-                           param_dtype)
+    self.gamma_1 = L.param(
+      rngs, L.constant(cfg.layer_scale_init), (cfg.width,), ("embed",), param_dtype
+    )
+    self.gamma_2 = L.param(
+      rngs, L.constant(cfg.layer_scale_init), (cfg.width,), ("embed",), param_dtype
+    )
     self.dtype = dtype
 
   def __call__(self, x, rel_index, rate, keys, deterministic: bool):
@@ -206,8 +225,15 @@ def sincos_init(grid: int) -> L.Init:
 class VisionTower(nnx.Module):
   """BEiT-2 ViT: normalised images [N, R, R, 3] -> [N, 1+T, D] = [patch mean, patches]."""
 
-  def __init__(self, cfg: VisionConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               remat: bool = False, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    cfg: VisionConfig,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    remat: bool = False,
+    rngs: nnx.Rngs,
+  ):
     if cfg.image_size % cfg.patch_size:
       raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch {cfg.patch_size}")
     if cfg.width % cfg.num_heads:
@@ -217,15 +243,27 @@ class VisionTower(nnx.Module):
     p, d = cfg.patch_size, cfg.width
     init = L.trunc_normal(0.02)
     # The 16x16/16 conv is a dense layer on non-overlapping patches flattened as (kH, kW, C).
-    self.patch_embed = L.Dense((p, p, 3), (d,), kernel_names=("patch", "patch", "patch", "embed"),
-                               bias_names=("embed",), kernel_init=init, rngs=rngs, **kw)
+    self.patch_embed = L.Dense(
+      (p, p, 3),
+      (d,),
+      kernel_names=("patch", "patch", "patch", "embed"),
+      bias_names=("embed",),
+      kernel_init=init,
+      rngs=rngs,
+      **kw,
+    )
     self.cls_token = L.param(rngs, init, (1, 1, d), (None, None, "embed"), param_dtype)
     pos_init = {"trunc_normal": init, "sincos": sincos_init(cfg.grid)}.get(cfg.pos_embed_init)
     if pos_init is None:
-      raise ValueError(f"VisionConfig.pos_embed_init must be 'trunc_normal' or 'sincos', got "
-                       f"{cfg.pos_embed_init!r}")
-    self.pos_embed = (L.param(rngs, pos_init, (1, 1 + cfg.num_patches, d), (None, None, "embed"),
-                              param_dtype) if cfg.abs_pos_embed else None)
+      raise ValueError(
+        f"VisionConfig.pos_embed_init must be 'trunc_normal' or 'sincos', got "
+        f"{cfg.pos_embed_init!r}"
+      )
+    self.pos_embed = (
+      L.param(rngs, pos_init, (1, 1 + cfg.num_patches, d), (None, None, "embed"), param_dtype)
+      if cfg.abs_pos_embed
+      else None
+    )
     self.blocks = L.stacked(lambda r: VisionBlock(cfg, rngs=r, **kw), cfg.depth, rngs)
     # fix_init_weight: proj and fc2 of block i divided by sqrt(2 (i + 1))
     # (docs/fidelity.md#vision-initialisation).
@@ -245,9 +283,11 @@ class VisionTower(nnx.Module):
   def __call__(self, images: jax.Array, key: jax.Array | None = None) -> jax.Array:
     cfg = self.cfg
     if images.ndim != 4 or images.shape[1:] != (cfg.image_size, cfg.image_size, 3):
-      raise ValueError(f"vision tower expects images [N, {cfg.image_size}, {cfg.image_size}, 3], "
-                       f"got {images.shape}; a table trained at another resolution must be "
-                       "converted with resize_rel_pos_bias first")
+      raise ValueError(
+        f"vision tower expects images [N, {cfg.image_size}, {cfg.image_size}, 3], "
+        f"got {images.shape}; a table trained at another resolution must be "
+        "converted with resize_rel_pos_bias first"
+      )
     n = images.shape[0]
     x = self.patch_embed(self.patchify(images.astype(self.dtype)))  # [N, T, D]
     cls = jnp.broadcast_to(self.cls_token[...].astype(self.dtype), (n, 1, cfg.width))

@@ -34,8 +34,9 @@ class X2VLM(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     if cfg.text.width % cfg.fusion.num_heads:
-      raise ValueError(f"fusion heads {cfg.fusion.num_heads} do not divide text width "
-                       f"{cfg.text.width}")
+      raise ValueError(
+        f"fusion heads {cfg.fusion.num_heads} do not divide text width {cfg.text.width}"
+      )
     self.cfg = cfg
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     dv, dt = cfg.vision.width, cfg.text.width
@@ -49,8 +50,9 @@ class X2VLM(nnx.Module):
     self.box_head = MlpHead(dt, 4, cfg.head_ln_eps, rngs=rngs, **kw)
     self.mlm_head = MlmHead(dt, cfg.text.vocab_size, cfg.text.ln_eps, rngs=rngs, **kw)
     if cfg.frame_len > 0:
-      self.frame_embed = L.param(rngs, L.trunc_normal(0.02), (cfg.frame_len, dv),
-                                 ("frames", "embed"), cfg.param_dtype)
+      self.frame_embed = L.param(
+        rngs, L.trunc_normal(0.02), (cfg.frame_len, dv), ("frames", "embed"), cfg.param_dtype
+      )
     else:
       self.frame_embed = None
 
@@ -60,12 +62,14 @@ class X2VLM(nnx.Module):
     """uint8 [N, R, R, 3] -> [N, 1+T, Dv]; token 0 = mean of the fc_norm'ed patch tokens."""
     r = self.cfg.vision.image_size
     if pixels.dtype != jnp.uint8 or pixels.ndim != 4 or pixels.shape[1:] != (r, r, 3):
-      raise ValueError(f"pixels must be uint8 [N, {r}, {r}, 3], got {pixels.dtype} "
-                       f"{tuple(pixels.shape)}")
+      raise ValueError(
+        f"pixels must be uint8 [N, {r}, {r}, 3], got {pixels.dtype} {tuple(pixels.shape)}"
+      )
     return self.vision(normalize_pixels(pixels, self.cfg.dtype), key)
 
-  def encode_video(self, frames: jax.Array, frame_valid: jax.Array | None = None,
-                   key: jax.Array | None = None) -> jax.Array:
+  def encode_video(
+    self, frames: jax.Array, frame_valid: jax.Array | None = None, key: jax.Array | None = None
+  ) -> jax.Array:
     """uint8 [B, F, R, R, 3] (+ frame_valid [B, F]) -> [B, 1+T, Dv].
 
     Official behaviour: docs/fidelity.md#video-frame-embedding.
@@ -81,8 +85,7 @@ class X2VLM(nnx.Module):
     x = self.encode_image(frames.reshape((b * f,) + frames.shape[2:]), key)
     return self.pool_frames(x.reshape((b, f) + x.shape[1:]), frame_valid)
 
-  def pool_frames(self, frame_tokens: jax.Array, frame_valid: jax.Array | None = None
-                  ) -> jax.Array:
+  def pool_frames(self, frame_tokens: jax.Array, frame_valid: jax.Array | None = None) -> jax.Array:
     """Per-frame tower outputs [B, F, 1+T, Dv] -> clip tokens [B, 1+T, Dv].
 
     Official behaviour: docs/fidelity.md#video-frame-embedding.
@@ -92,8 +95,9 @@ class X2VLM(nnx.Module):
     """
     b, f = frame_tokens.shape[:2]
     if self.frame_embed is not None and f != self.cfg.frame_len:
-      raise ValueError(f"frames has {f} frames but the model's frame embedding has frame_len "
-                       f"{self.cfg.frame_len}")
+      raise ValueError(
+        f"frames has {f} frames but the model's frame embedding has frame_len {self.cfg.frame_len}"
+      )
     if frame_valid is not None and frame_valid.shape != (b, f):
       raise ValueError(f"frame_valid must be [B={b}, F={f}], got {tuple(frame_valid.shape)}")
     x = frame_tokens.astype(jnp.float32)  # [B, F, 1+T, Dv]
@@ -107,8 +111,9 @@ class X2VLM(nnx.Module):
     return L.constrain(out.astype(self.cfg.dtype), L.ACT)
 
   @staticmethod
-  def concepts(image_tokens: jax.Array, patch_mask: jax.Array,
-               image_index: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def concepts(
+    image_tokens: jax.Array, patch_mask: jax.Array, image_index: jax.Array
+  ) -> tuple[jax.Array, jax.Array]:
     """Region/object concepts without re-encoding (docs/fidelity.md#region-concepts).
 
     image_tokens [N, 1+T, D], patch_mask [B, T] (1 = patch inside the box), image_index [B] ->
@@ -136,17 +141,24 @@ class X2VLM(nnx.Module):
     """[N, S, Dv] -> every fusion layer's cross-attention K/V, [layers, N, S, H, dh] each."""
     return self.fusion.vision_kv(vision_tokens)
 
-  def fuse(self, text: jax.Array, text_mask: jax.Array, vision: jax.Array | VisionKV,
-           vision_mask: jax.Array, kv_index: jax.Array | None = None,
-           key: jax.Array | None = None) -> jax.Array:
+  def fuse(
+    self,
+    text: jax.Array,
+    text_mask: jax.Array,
+    vision: jax.Array | VisionKV,
+    vision_mask: jax.Array,
+    kv_index: jax.Array | None = None,
+    key: jax.Array | None = None,
+  ) -> jax.Array:
     """Fusion layers: text [B, L, Dt] attends to vision tokens [N, S, Dv] or their VisionKV;
     vision_mask [B, S]; kv_index [B] selects each text's vision row -> [B, L, Dt]."""
     return self.fusion(text, text_mask, vision, vision_mask, kv_index, key)
 
   # -- heads -----------------------------------------------------------------------------------
 
-  def itc_features(self, vision_tokens: jax.Array,
-                   text_tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def itc_features(
+    self, vision_tokens: jax.Array, text_tokens: jax.Array
+  ) -> tuple[jax.Array, jax.Array]:
     """L2-normalised ITC features from token 0: ([N, E], [B, E]) float32."""
     return self.vision_proj(vision_tokens[:, 0]), self.text_proj(text_tokens[:, 0])
 
