@@ -212,7 +212,7 @@ def main():
 
   from data_pipelines.testing.random_batch import random_batch
   from x2vlm_jax import global_batch, optim, sharding, step_jit
-  from x2vlm_jax.pretrain_loss import StepConfig
+  from x2vlm_jax.objectives import StepConfig
   from x2vlm_jax.train_state import TrainStateSpec
 
   cfg, sizes, per_update = _model_and_sizes(args)

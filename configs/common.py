@@ -7,6 +7,7 @@ lock_config=True)`), so a misspelt `--config.optim.lrr=...` is rejected instead 
 ignored.
 
 Sections:
+  task   'pretrain' or a fine-tuning task (x2vlm_jax/tasks.py)
   model  architecture variant and overrides (image_res, frame_len, dtype, remat)
   init   where the initial weights come from (empty string = not used)
   data   tokenizer, preprocessing, per-kind source lists, aux sources, workers
@@ -54,6 +55,8 @@ def base_config() -> mlc.ConfigDict:
   Official settings: docs/fidelity.md#optimiser-and-schedule, docs/fidelity.md#training-loop.
   """
   c = mlc.ConfigDict()
+  # What the run trains: 'pretrain' or a fine-tuning task (x2vlm_jax/tasks.py).
+  c.task = "pretrain"
 
   c.model = mlc.ConfigDict()
   c.model.variant = "base"  # tiny | base | large (x2vlm_jax/models/config.py)
@@ -165,6 +168,10 @@ def base_config() -> mlc.ConfigDict:
   c.train.peak_tflops = 0.0  # per-device peak, for MFU in the progress line (0 = not shown)
   c.train.compilation_cache_dir = ""  # persistent XLA compilation cache ('' = off)
   c.train.log_example_ids = False  # per-step (source, record) ids per kind -> example_ids.*.jsonl
+  # Model selection: after each evaluation, a better value of this metric (e.g.
+  # 'eval/retrieval/val/r_mean') writes the parameters to <workdir>/best/ ('' = off).
+  c.train.select_metric = ""
+  c.train.select_mode = "max"  # or 'min'
   c.train.stop_after = -1  # end the run (saving) after this step, < total_steps (tests; -1 off)
 
   # Evaluation (x2vlm_jax/evaluators/run.py): names to run, e.g. ('retrieval', 'grounding'),

@@ -161,7 +161,6 @@ _CRASH_SCRIPT = textwrap.dedent("""
     import jax.numpy as jnp
     from orbax.checkpoint._src.path import atomicity
     from x2vlm_jax import checkpoint as ck
-from x2vlm_jax import checksums
 
     mgr = ck.CheckpointManager(sys.argv[1], async_save=True)
     mgr.save(1, {"x": jnp.arange(10.0)}, data_iter={"image": {"i": 1}})

@@ -25,6 +25,7 @@ LAYERS = {
   "x2vlm_jax.flops": 1,
   "x2vlm_jax.preemption": 1,
   "x2vlm_jax.metrics_writer": 1,
+  "x2vlm_jax.run_env": 1,
   "x2vlm_jax.global_batch": 1,
   "x2vlm_jax.models": 2,  # features only: towers, heads, the X2VLM module
   "x2vlm_jax.losses": 3,
@@ -36,15 +37,17 @@ LAYERS = {
   "x2vlm_jax.convert": 3,
   "x2vlm_jax.train_state": 4,
   "x2vlm_jax.init_lib": 4,
-  "x2vlm_jax.pretrain_loss": 5,
+  "x2vlm_jax.objectives": 5,
   "x2vlm_jax.train_step": 5,
   "x2vlm_jax.step_jit": 5,
+  "x2vlm_jax.tasks": 5,
   "x2vlm_jax.evaluators": 6,  # beside the loop: never imports it
   "x2vlm_jax.run_config": 7,
   "x2vlm_jax.train_data": 7,
   "x2vlm_jax.train_report": 7,
   "x2vlm_jax.train_lib": 7,
   "x2vlm_jax.export": 7,
+  "x2vlm_jax.train_eval": 7,
   "x2vlm_jax.demo": 8,
   "configs": 8,
 }

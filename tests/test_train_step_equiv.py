@@ -24,7 +24,7 @@ from train_step_testlib import FAST_COMPILE, init_params, naive_loss_fn
 from data_pipelines import features as F
 from data_pipelines.testing.random_batch import random_batch
 from x2vlm_jax import global_batch, optim, sharding, treepath
-from x2vlm_jax import pretrain_loss as pl
+from x2vlm_jax import objectives as pl
 from x2vlm_jax.models.config import ModelConfig
 from x2vlm_jax.train_state import TrainStateSpec
 

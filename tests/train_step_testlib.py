@@ -14,7 +14,7 @@ from flax import nnx
 
 from data_pipelines import features as F
 from x2vlm_jax import losses
-from x2vlm_jax import pretrain_loss as pl
+from x2vlm_jax import objectives as pl
 from x2vlm_jax.models.x2vlm import X2VLM
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
@@ -39,7 +39,7 @@ def naive_kind_terms(model, kind: str, b, temp, key, cfg, mesh, itm: bool = True
   Own vision- and text-tower calls, and every fusion pass with its own vision tokens, so the
   cross-attention K/V are recomputed for every row of every pass as the official code does;
   the passes share one fusion call only to keep the reference quick to compile.
-  Returns itc, itm, mlm (+ box_l1, box_giou), as `pretrain_loss.merged_terms` does per kind.
+  Returns itc, itm, mlm (+ box_l1, box_giou), as `objectives.merged_terms` does per kind.
   """
   keys = pl.kind_keys(key, cfg)
   valid = b[F.VALID]
@@ -99,7 +99,7 @@ def naive_kind_terms(model, kind: str, b, temp, key, cfg, mesh, itm: bool = True
 
 
 def naive_loss_fn(model, batch, key, cfg, mesh=None, itm: bool = True):
-  """`pretrain_loss.loss_fn` with every kind computed by `naive_kind_terms`."""
+  """`objectives.loss_fn` with every kind computed by `naive_kind_terms`."""
   temp = model.temp[...]
   terms = {}
   for i, kind in enumerate(k for k in F.KINDS if k in batch):

@@ -5,6 +5,7 @@ Every place where a config section becomes a typed object is here, so the rest o
 ConfigDict itself. The model config is the one source of truth for the image resolution and the
 patch size: batch shapes and preprocessing read them from it.
 
+  task(cfg)                                -> the run's Task (tasks.py)
   model_config(cfg)                        -> ModelConfig (variant + overrides)
   init_config(cfg)                         -> InitConfig (initial weight sources)
   optim_config(cfg)                        -> OptimConfig
@@ -26,12 +27,13 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from data_pipelines import features as F
-from x2vlm_jax import assets, init_lib, optim, pretrain_loss, sharding, train_data
-from x2vlm_jax.evaluators import run as eval_run
+from x2vlm_jax import assets, init_lib, objectives, optim, sharding, tasks, train_data
+from x2vlm_jax.evaluators import settings as eval_settings
 from x2vlm_jax.models.config import ModelConfig
 
 # Resuming with any of these changed is a different experiment (refused unless allowed).
 CRITICAL_KEYS = (
+  "task",
   "model",
   "batch",
   "data.image",
@@ -89,13 +91,23 @@ def optim_config(cfg) -> optim.OptimConfig:
   return optim.OptimConfig(**cfg.optim.to_dict())
 
 
-def step_config(cfg) -> pretrain_loss.StepConfig:
-  """StepConfig from the config's `loss` section."""
-  return pretrain_loss.StepConfig(
+def task(cfg) -> tasks.Task:
+  """The run's task (`config.task`), checked against the configured batch kinds."""
+  t = tasks.get(str(cfg.task))
+  t.check_batch({k: int(cfg.batch[k]) for k in F.KINDS})
+  return t
+
+
+def step_config(cfg) -> objectives.StepConfig:
+  """StepConfig from the config's `loss` section and the task's objectives."""
+  t = task(cfg)
+  return objectives.StepConfig(
     iter_perc=dict(cfg.loss.iter_perc.to_dict()),
     term_weights=dict(cfg.loss.term_weights.to_dict()),
     neg_shards=int(cfg.loss.neg_shards),
     itc_grad_world_size=int(cfg.loss.itc_grad_world_size),
+    objectives=t.objectives,
+    image_ids=t.image_ids,
   )
 
 
@@ -207,33 +219,48 @@ def streams_config(cfg) -> train_data.StreamsConfig:
   return train_data.StreamsConfig(sources, aux_sources, aux_prob, options)
 
 
-def eval_config(section) -> eval_run.EvalConfig:
+def _splits(name: str, data) -> eval_settings.Splits:
+  """`data` of an evaluator: a list of source entries (one unnamed split), a single entry, or a
+  dict split name -> list of entries."""
+  if isinstance(data, Mapping) and "type" not in data:
+    splits = [(str(k), v) for k, v in data.items()]
+  else:
+    splits = [("", data)]
+  out = []
+  for split, entries in splits:
+    if isinstance(entries, Mapping):  # a single source given without a list
+      entries = [entries]
+    if not entries:
+      where = f"eval.{name}.data" + (f".{split}" if split else "")
+      raise ValueError(f"{where}: no sources configured for the {name} evaluator")
+    out.append((split, tuple(dict(e) for e in entries)))
+  return tuple(out)
+
+
+def eval_config(section) -> eval_settings.EvalConfig:
   """EvalConfig from the `eval` section (a ConfigDict or a mapping): `evaluators` names what
   runs, each with its sub-section; unknown names or keys and missing data are errors."""
   sec = section.to_dict() if hasattr(section, "to_dict") else dict(section)
   names = tuple(sec.get("evaluators") or ())
-  unknown = [n for n in names if n not in eval_run.EVALUATORS]
+  known = eval_settings.EVALUATORS
+  unknown = [n for n in names if n not in known]
   if unknown:
-    raise ValueError(
-      f"eval.evaluators: unknown {unknown}; known evaluators are {list(eval_run.EVALUATORS)}"
-    )
+    raise ValueError(f"eval.evaluators: unknown {unknown}; known evaluators are {list(known)}")
   chosen = {}
   for name in names:
-    settings_cls = eval_run.EVALUATORS[name]
+    settings_cls = known[name]
     fields = {f.name for f in dataclasses.fields(settings_cls)}
     given = dict(sec.get(name) or {})
     bad = set(given) - fields
     if bad:
       raise ValueError(f"eval.{name}: unknown keys {sorted(bad)}; expected {sorted(fields)}")
-    data = given.pop("data", None)
-    if isinstance(data, Mapping):  # a single source given without a list
-      data = [data]
-    if not data:
-      raise ValueError(f"eval.{name}.data: no sources configured for the {name} evaluator")
-    chosen[name] = settings_cls(
-      data=tuple(dict(e) for e in data), **{k: int(v) for k, v in given.items()}
-    )
-  return eval_run.EvalConfig(batch_size=int(sec.get("batch_size", 32)), **chosen)
+    data = _splits(name, given.pop("data", None) or [])
+    kind = given.pop("kind", None)
+    if kind is not None and kind not in (F.IMAGE, F.VIDEO):
+      raise ValueError(f"eval.{name}.kind = {kind!r}: expected 'image' or 'video'")
+    extra = {"kind": kind} if kind else {}
+    chosen[name] = settings_cls(data=data, **extra, **{k: int(v) for k, v in given.items()})
+  return eval_settings.EvalConfig(batch_size=int(sec.get("batch_size", 32)), **chosen)
 
 
 def tokenizer_dir(cfg) -> str:
@@ -269,6 +296,8 @@ class LoopConfig:
   log_example_ids: bool
   itm: bool  # loss.itm
   stop_calc_itm: int  # ITM only before this step; -1 = always
+  select_metric: str  # evaluation metric whose best value keeps `best/params` ('' = none)
+  select_mode: str  # 'max' or 'min'
 
 
 def parse_profile_steps(text: str) -> tuple[int, int] | None:
@@ -306,4 +335,12 @@ def loop_config(cfg, profile_steps: str = "") -> LoopConfig:
     log_example_ids=bool(t.log_example_ids),
     itm=bool(cfg.loss.itm),
     stop_calc_itm=int(cfg.loss.stop_calc_itm),
+    select_metric=str(t.select_metric),
+    select_mode=_select_mode(str(t.select_mode)),
   )
+
+
+def _select_mode(mode: str) -> str:
+  if mode not in ("max", "min"):
+    raise ValueError(f"config.train.select_mode = {mode!r}: expected 'max' or 'min'")
+  return mode

@@ -7,7 +7,8 @@ whose axis 0 is the micro-batch), the key replicated and `itm` static. It compil
 on first use of each `itm` value, with the mesh set as the ambient mesh while tracing so the
 model's activation constraints (`layers.constrain`) are active.
 
-`pretrain_step(spec, step_cfg, accum_steps)` is the pre-training step built that way.
+`task_step(spec, task, step_cfg, accum_steps)` is the trainer's step of a task built that way
+(`pretrain_step` the pre-training one: the benchmark and the tests use it).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from x2vlm_jax import global_batch, pretrain_loss, train_step
+from x2vlm_jax import global_batch, objectives, tasks, train_step
 from x2vlm_jax.train_state import TrainStateSpec
 
 
@@ -89,11 +90,18 @@ class JittedStep:
     return tuple(self._compiled)
 
 
-def pretrain_step(
-  spec: TrainStateSpec, step_cfg: pretrain_loss.StepConfig, accum_steps: int = 1, **kwargs
+def task_step(
+  spec: TrainStateSpec, task, step_cfg: objectives.StepConfig, accum_steps: int = 1, **kwargs
 ) -> JittedStep:
-  """The pre-training step of `spec` (the trainer's, the benchmark's and the tests' step)."""
-  loss = pretrain_loss.make_loss(step_cfg, spec.mesh)
+  """The train step of `task` (`tasks.Task`) for `spec`: the trainer's step."""
+  loss = task.make_loss(step_cfg, spec.mesh)
   return JittedStep(
     spec, train_step.make_train_step(spec, loss, accum_steps), accum_steps, **kwargs
   )
+
+
+def pretrain_step(
+  spec: TrainStateSpec, step_cfg: objectives.StepConfig, accum_steps: int = 1, **kwargs
+) -> JittedStep:
+  """The pre-training step of `spec` (`task_step` of the 'pretrain' task)."""
+  return task_step(spec, tasks.TASKS["pretrain"], step_cfg, accum_steps, **kwargs)

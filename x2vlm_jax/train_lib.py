@@ -4,10 +4,11 @@
   1. `_Run.start`: the mesh, the typed configs (`run_config`), and the train state: resumed from
      the newest good checkpoint in `workdir/checkpoints` (config change check, data-iterator
      state of every stream and process) or initialised from the configured weights (`init_lib`)
-     with a fresh optimizer; the data streams; the jitted step (`step_jit.pretrain_step`, the
-     ITM and no-ITM variants compiled on first use);
+     with a fresh optimizer; the data streams; the jitted step of the config's task
+     (`tasks.py`, `step_jit.task_step`; ITM and no-ITM variants compiled on first use);
   2. the loop: preemption check, the step's batch (`_Batches`), the step, metrics read one step
-     late (`train_report.Reporter`), then checkpoint / evaluation / profiling when due;
+     late (`train_report.Reporter`), then checkpoint / evaluation and model selection
+     (`train_eval.py`) / profiling when due;
   3. the export of the final weights (`export.py`).
 
 Exactness: the step key is fold_in(key(seed), step) and data positions are checkpointed, so a
@@ -40,14 +41,15 @@ from x2vlm_jax import (
   metrics_writer,
   optim,
   preemption,
+  run_env,
   sharding,
   step_jit,
   train_data,
+  train_eval,
   train_report,
 )
 from x2vlm_jax import flops as flops_lib
 from x2vlm_jax import run_config as rc
-from x2vlm_jax.evaluators import run as eval_run
 from x2vlm_jax.train_report import NonFiniteError
 from x2vlm_jax.train_state import TrainStateSpec
 
@@ -58,7 +60,6 @@ __all__ = [
   "NonFiniteError",
   "RunResult",
   "train_and_evaluate",
-  "enable_compilation_cache",
   "itm_for_step",
   "CKPT_DIR",
 ]
@@ -71,37 +72,6 @@ class RunResult:
   status: str
   step: int
   workdir: str
-
-
-class _QuietOrbax(py_logging.Filter):
-  """Drops orbax's INFO records (a few dozen lines per checkpoint would bury the progress
-  lines); its warnings and errors pass."""
-
-  def filter(self, record: py_logging.LogRecord) -> bool:
-    return record.levelno >= py_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
-
-
-def _setup_logging(workdir: pathlib.Path) -> py_logging.Handler:
-  name = "train.log" if jax.process_index() == 0 else f"train.p{jax.process_index()}.log"
-  handler = py_logging.FileHandler(workdir / name)
-  handler.setFormatter(py_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-  quiet = _QuietOrbax()
-  handler.addFilter(quiet)
-  absl_handler = logging.get_absl_handler()
-  if not any(isinstance(f, _QuietOrbax) for f in absl_handler.filters):
-    absl_handler.addFilter(quiet)
-  py_logging.getLogger().addHandler(handler)
-  logging.set_verbosity(logging.INFO)
-  return handler
-
-
-def enable_compilation_cache(path: str) -> None:
-  """Persistent XLA cache for every compiled program (restarts reuse the compiled step)."""
-  if not path:
-    return
-  jax.config.update("jax_compilation_cache_dir", str(path))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def itm_for_step(loop: rc.LoopConfig, step: int, aux_choice, image_aux: bool) -> bool:
@@ -157,6 +127,11 @@ class _Run:
   data_state: dict | None = None  # the restored data-iterator states of every process
   tokenizer: Tokenizer | None = None
   streams: train_data.DataStreams | None = None
+
+  @property
+  def task(self):
+    """The run's task (`tasks.Task`)."""
+    return rc.task(self.cfg)
 
   @classmethod
   def start(
@@ -300,19 +275,18 @@ class _Saver:
     )
 
 
-def _evaluate(run: _Run, state: dict, step: int, writer: metrics_writer.MetricsWriter) -> None:
-  """Runs the configured evaluators on the current parameters."""
-  results = eval_run.evaluate(
-    run.spec.model(state["params"]),
+def _periodic_eval(run: _Run, writer) -> train_eval.PeriodicEval:
+  return train_eval.PeriodicEval(
     rc.eval_config(run.cfg.eval),
+    run.spec.model,
     run.tokenizer,
     run.mesh,
-    step=step,
-    png_path=str(run.workdir / f"grounding_{step}.png"),
-    log=writer.log,
+    run.workdir,
+    writer,
+    run.model_cfg,
+    run.loop.select_metric,
+    run.loop.select_mode,
   )
-  writer.write_scalars(step, results)
-  writer.log(f"step {step}: " + eval_run.format_metrics(results))
 
 
 def _reporter(run: _Run, writer, manager, jstep: step_jit.JittedStep) -> train_report.Reporter:
@@ -321,7 +295,9 @@ def _reporter(run: _Run, writer, manager, jstep: step_jit.JittedStep) -> train_r
   # Analytic FLOPs of the global step per device (XLA's cost analysis counts a scanned layer
   # once); the ITM variant is the larger one.
   flops = lambda: (
-    flops_lib.step_flops(run.model_cfg, run.sizes, itm=any(jstep.compiled_variants))
+    flops_lib.step_flops(
+      run.model_cfg, run.sizes, itm=any(jstep.compiled_variants), objectives=run.task.objectives
+    )
     * loop.accum_steps
     * jax.process_count()
     / jax.device_count()
@@ -362,10 +338,10 @@ def train_and_evaluate(
   """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  log_handler = _setup_logging(workdir)
+  log_handler = run_env.setup_logging(workdir)
   t_start = time.time()
   loop = rc.loop_config(config, profile_steps)
-  enable_compilation_cache(loop.compilation_cache_dir)
+  run_env.enable_compilation_cache(loop.compilation_cache_dir)
   writer = metrics_writer.MetricsWriter(workdir)
   manager = ckpt_lib.CheckpointManager(
     workdir / CKPT_DIR,
@@ -403,8 +379,9 @@ def train_and_evaluate(
 def _loop(run: _Run, manager, writer, watcher) -> tuple[str, int]:
   """Steps from run.start_step until the end, a stop or a preemption: (status, step)."""
   loop = run.loop
-  jstep = step_jit.pretrain_step(
+  jstep = step_jit.task_step(
     run.spec,
+    run.task,
     rc.step_config(run.cfg),
     loop.accum_steps,
     on_compile=lambda itm, s: writer.log(f"compiled the step (itm={itm}) in {s:.1f} s"),
@@ -413,6 +390,7 @@ def _loop(run: _Run, manager, writer, watcher) -> tuple[str, int]:
   batches = _Batches(run.streams, run.mesh, loop.accum_steps, ids_path)
   reporter = _reporter(run, writer, manager, jstep)
   saver = _Saver(manager, run)
+  evaluation = _periodic_eval(run, writer)
   base_key, image_aux = _base_key(loop), F.IMAGE in run.streams.aux_prob
   profile, step = loop.profile_steps, run.start_step
   while step < loop.total_steps:
@@ -439,8 +417,8 @@ def _loop(run: _Run, manager, writer, watcher) -> tuple[str, int]:
     if step % loop.ckpt_every == 0 or at_end:
       reporter.flush()  # never save a state whose non-finite count is unchecked
       saver.save(step, run.state, force=at_end)
-    if loop.eval_every and step % loop.eval_every == 0 and len(run.cfg.eval.evaluators):
-      _evaluate(run, run.state, step, writer)
+    if loop.eval_every and step % loop.eval_every == 0 and evaluation.enabled:
+      evaluation.run(run.state["params"], step)
     if step == loop.stop_after:
       reporter.flush()
       manager.wait_until_finished()

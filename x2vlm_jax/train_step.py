@@ -8,7 +8,7 @@
     micro-batches when `accum_steps` > 1;
   * the optax update; an update whose loss or gradient norm is not finite is skipped: parameters
     and optimizer state stay bit-unchanged and the `nonfinite_*` counters move.
-`step_jit.py` jits it for a mesh; `pretrain_loss.make_loss` is the pre-training loss.
+`step_jit.py` jits it for a mesh; `objectives.make_loss` is the pre-training loss.
 """
 
 from __future__ import annotations

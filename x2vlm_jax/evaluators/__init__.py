@@ -1,7 +1,7 @@
 """Downstream evaluators. The metric functions (`retrieval.py`, `grounding.py`) are plain
 functions of arrays and scorer callables (never of the model class); `run.py` binds them to a
 model, so the same code runs inside `train.py` and `eval.py`. Which evaluators exist is the
-explicit table `run.EVALUATORS` (config name -> settings), no registry.
+explicit table `settings.EVALUATORS` (config name -> settings), no registry.
 """
 
 from x2vlm_jax.evaluators.grounding import evaluate_grounding

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from data_pipelines import features as F
-from data_pipelines import image_ops
+from data_pipelines import image_ops, video_ops
 from data_pipelines.checks import box_ok, decode_image
 from data_pipelines.text_ops import Tokenizer, pre_caption
 
@@ -35,7 +35,7 @@ from data_pipelines.text_ops import Tokenizer, pre_caption
 class RetrievalSet:
   """Distinct images with their captions.
 
-  pixels   uint8 [Ni, R, R, 3] test-transformed images
+  pixels   uint8 [Ni, R, R, 3] test-transformed images (videos: [Ni, F, R, R, 3] frames)
   ids      int32 [Nt, L], mask int32 [Nt, L] tokenised captions
   txt2img  int64 [Nt] image of each caption; img2txt: Ni lists of caption indices
   captions the cleaned caption strings [Nt]; image_ids the record id of each image [Ni]
@@ -95,10 +95,42 @@ def _stack(rows: list[np.ndarray], shape: tuple[int, ...], dtype) -> np.ndarray:
   return np.stack(rows).astype(dtype) if rows else np.zeros((0,) + shape, dtype)
 
 
+def _vision_key(rec: Mapping[str, Any], frame_len: int) -> tuple[str, Any] | None:
+  """(digest of the image / all frames, the encoded data) of a record; None if malformed."""
+  if frame_len:  # video: every frame of every clip, in order
+    clips = rec.get("clips")
+    if not isinstance(clips, (list, tuple)) or not all(isinstance(c, (list, tuple)) for c in clips):
+      return None
+    frames = [bytes(f) for c in clips for f in c]
+    return hashlib.sha1(b"".join(frames)).hexdigest(), frames
+  data = rec.get("image")
+  if not isinstance(data, (bytes, bytearray, memoryview)):
+    return None
+  return hashlib.sha1(bytes(data)).hexdigest(), data
+
+
+def _vision_pixels(data: Any, rid: str, image_res: int, frame_len: int) -> np.ndarray:
+  """[R, R, 3] test-transformed image, or [F, R, R, 3] frames (evaluation frame sampling)."""
+  if not frame_len:
+    return image_ops.eval_transform(decode_image(data, rid, "image"), image_res)
+  if not data:
+    raise F.SkipRecord("empty_video", rid, "clips", "0 frames")
+  ids = video_ops.sample_frame_ids(len(data), frame_len, False, np.random.default_rng(0))
+  return np.stack(
+    [image_ops.eval_transform(decode_image(data[i], rid, f"frames[{i}]"), image_res) for i in ids]
+  )
+
+
 def retrieval_set(
-  sources: Sequence[Any], tokenizer: Tokenizer, image_res: int, max_images: int = 0
+  sources: Sequence[Any],
+  tokenizer: Tokenizer,
+  image_res: int,
+  max_images: int = 0,
+  frame_len: int = 0,
 ) -> RetrievalSet:
-  """Distinct images (grouped by image bytes) of image-kind records with all their captions.
+  """Distinct images (grouped by image bytes) of image-kind records with all their captions;
+  with frame_len > 0, distinct videos of video-kind records (grouped by their frames), each as
+  `frame_len` frames sampled as the official evaluation samples them.
 
   max_images > 0 keeps only the first max_images distinct images (quick periodic evaluation).
   """
@@ -107,24 +139,22 @@ def retrieval_set(
   pixels, image_ids, img2txt = [], [], []
   ids, mask, txt2img, captions = [], [], [], []
   for rec in _records(sources, skips):
-    rid = str(rec.get("id", "?"))
-    data, raw_caps = rec.get("image"), rec.get("captions")
-    if not isinstance(data, (bytes, bytearray, memoryview)) or not isinstance(
-      raw_caps, (list, tuple)
-    ):
+    rid, raw_caps = str(rec.get("id", "?")), rec.get("captions")
+    key = _vision_key(rec, frame_len)
+    if key is None or not isinstance(raw_caps, (list, tuple)):
       skips["bad_field_type"] += 1
       continue
-    digest = hashlib.sha1(bytes(data)).hexdigest()
+    digest, data = key
     if digest not in by_hash:
       if max_images and len(pixels) >= max_images:
         continue
       try:
-        img = decode_image(data, rid, "image")
+        vision = _vision_pixels(data, rid, image_res, frame_len)
       except F.SkipRecord as e:
         skips[e.reason] += 1
         continue
       by_hash[digest] = len(pixels)
-      pixels.append(image_ops.eval_transform(img, image_res))
+      pixels.append(vision)
       image_ids.append(rid)
       img2txt.append([])
     index = by_hash[digest]

@@ -27,7 +27,6 @@ section: `evaluators` names the ones to run, one sub-section of settings each).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from collections.abc import Callable, Mapping
@@ -43,44 +42,7 @@ from data_pipelines import features as F
 from data_pipelines import mixture
 from x2vlm_jax import global_batch, sharding
 from x2vlm_jax.evaluators import eval_data, grounding, retrieval
-
-
-@dataclasses.dataclass(frozen=True)
-class RetrievalSettings:
-  """Image-text retrieval: data (image-kind source entries), ITM re-ranked candidates per
-  query, pairs per ITM call, and a cap on the number of images (0 = all)."""
-
-  data: tuple
-  k_test: int = 16
-  itm_chunk: int = 64
-  max_images: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class GroundingSettings:
-  """Box grounding: data (region-kind source entries), a cap on the phrases (0 = all), and how
-  many images the PNG of predicted vs true boxes shows."""
-
-  data: tuple
-  max_phrases: int = 0
-  png_examples: int = 6
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalConfig:
-  """Which evaluators run (a section each; None = not run) and the batch per jitted call.
-  Built from the config's `eval` section by `run_config.eval_config`."""
-
-  retrieval: RetrievalSettings | None = None
-  grounding: GroundingSettings | None = None
-  batch_size: int = 32
-
-  @property
-  def names(self) -> tuple[str, ...]:
-    return tuple(n for n in EVALUATORS if getattr(self, n) is not None)
-
-
-EVALUATORS = {"retrieval": RetrievalSettings, "grounding": GroundingSettings}
+from x2vlm_jax.evaluators.settings import EvalConfig, GroundingSettings, RetrievalSettings, prefix
 
 
 def _sources(kind: str, entries) -> list:
@@ -94,6 +56,12 @@ def _model(graphdef, state):
 def _encode_images(graphdef, state, pixels):
   m = _model(graphdef, state)
   tokens = m.encode_image(pixels)  # [B, S, Dv]
+  return tokens, m.vision_proj(tokens[:, 0])  # [B, S, Dv], [B, E]
+
+
+def _encode_videos(graphdef, state, frames):
+  m = _model(graphdef, state)
+  tokens = m.encode_video(frames)  # [B, S, Dv]: frames averaged (with the frame embedding)
   return tokens, m.vision_proj(tokens[:, 0])  # [B, S, Dv], [B, E]
 
 
@@ -129,6 +97,7 @@ def _jitted(mesh: Mesh | None) -> dict[str, Callable]:
   jit = functools.partial(jax.jit, static_argnums=0, out_shardings=out)
   return {
     "encode_images": jit(_encode_images),
+    "encode_videos": jit(_encode_videos),
     "encode_texts": jit(_encode_texts),
     "itm": jit(_itm),
     "boxes": jit(_boxes),
@@ -175,9 +144,10 @@ def run_retrieval(
   itm_chunk: int,
   prefix: str = "eval/retrieval",
 ) -> dict[str, float]:
-  """ITC features for all images and texts, then the official ITM re-ranking
+  """ITC features for all images (or videos) and texts, then the official ITM re-ranking
   (docs/fidelity.md#retrieval-protocol)."""
-  vis_tokens, img_feat = fns.batched(fns.encode_images, batch, data.pixels)
+  encode = fns.encode_videos if data.pixels.ndim == 5 else fns.encode_images
+  vis_tokens, img_feat = fns.batched(encode, batch, data.pixels)
   txt_states, txt_feat = fns.batched(fns.encode_texts, batch, data.ids, data.mask)
 
   def itm_score_fn(img_idx: np.ndarray, txt_idx: np.ndarray) -> np.ndarray:
@@ -220,6 +190,44 @@ def predict_boxes(fns: _Fns, data: eval_data.GroundingSet, batch: int) -> np.nda
   return boxes
 
 
+def _retrieval(fns, sec: RetrievalSettings, tokenizer, res, frame_len, batch, say) -> dict:
+  metrics = {}
+  for split, entries in sec.data:
+    t0, name = time.time(), prefix("retrieval", split)
+    data = eval_data.retrieval_set(
+      _sources(sec.kind, entries),
+      tokenizer,
+      res,
+      sec.max_images,
+      frame_len=frame_len if sec.kind == F.VIDEO else 0,
+    )
+    if data.skips:
+      say(f"{name}: skipped {data.skips}")
+    k, chunk = sec.k_test, fns.round_batch(sec.itm_chunk)
+    metrics.update(run_retrieval(fns, data, batch, k, chunk, prefix=name))
+    metrics[f"{name}/seconds"] = time.time() - t0
+  return metrics
+
+
+def _grounding(fns, sec: GroundingSettings, tokenizer, res, batch, png_path, say) -> dict:
+  metrics = {}
+  for split, entries in sec.data:
+    t0, name = time.time(), prefix("grounding", split)
+    data = eval_data.grounding_set(_sources(F.REGION, entries), tokenizer, res, sec.max_phrases)
+    if data.skips:
+      say(f"{name}: skipped {data.skips}")
+    boxes = predict_boxes(fns, data, batch)
+    metrics.update(grounding.evaluate_grounding(boxes, data.image_wh, data.gt_boxes, prefix=name))
+    metrics[f"{name}/seconds"] = time.time() - t0
+    if png_path and sec.png_examples > 0 and jax.process_index() == 0:
+      from x2vlm_jax.evaluators import visualize  # pylint: disable=g-import-not-at-top
+
+      path = png_path if not split else png_path.replace(".png", f"_{split}.png")
+      visualize.write_grounding_png(path, data, boxes, sec.png_examples)
+      say(f"{name}: wrote {path}")
+  return metrics
+
+
 def evaluate(
   model,
   eval_cfg: EvalConfig,
@@ -230,7 +238,8 @@ def evaluate(
   png_path: str | None = None,
   log: Callable[[str], None] | None = print,
 ) -> dict[str, float]:
-  """Runs the configured evaluators; returns {'eval/<name>/<metric>': value}.
+  """Runs the configured evaluators on every split; returns {metric name: value}
+  (names in `settings.py`: 'eval/<evaluator>[/<split>]/<metric>').
 
   Args:
     model: an `X2VLM` (parameters possibly sharded over `mesh`).
@@ -242,33 +251,15 @@ def evaluate(
     log: where to report progress and skip counts (None = silent).
   """
   where = "" if step is None else f" (step {step})"
-  say = log or (lambda _: None)
+  say = (lambda s: log(s + where)) if log else (lambda _: None)
   fns = _Fns(model, mesh)
   batch = fns.round_batch(eval_cfg.batch_size)
-  res = model.cfg.vision.image_size
+  res, frame_len = model.cfg.vision.image_size, max(model.cfg.frame_len, 1)
   metrics: dict[str, float] = {}
-  if (sec := eval_cfg.retrieval) is not None:
-    t0 = time.time()
-    data = eval_data.retrieval_set(_sources(F.IMAGE, sec.data), tokenizer, res, sec.max_images)
-    if data.skips:
-      say(f"eval/retrieval{where}: skipped {data.skips}")
-    metrics.update(run_retrieval(fns, data, batch, sec.k_test, fns.round_batch(sec.itm_chunk)))
-    metrics["eval/retrieval/seconds"] = time.time() - t0
-  if (sec := eval_cfg.grounding) is not None:
-    t0 = time.time()
-    data = eval_data.grounding_set(_sources(F.REGION, sec.data), tokenizer, res, sec.max_phrases)
-    if data.skips:
-      say(f"eval/grounding{where}: skipped {data.skips}")
-    boxes = predict_boxes(fns, data, batch)
-    metrics.update(
-      grounding.evaluate_grounding(boxes, data.image_wh, data.gt_boxes, prefix="eval/grounding")
-    )
-    metrics["eval/grounding/seconds"] = time.time() - t0
-    if png_path and sec.png_examples > 0 and jax.process_index() == 0:
-      from x2vlm_jax.evaluators import visualize  # pylint: disable=g-import-not-at-top
-
-      visualize.write_grounding_png(png_path, data, boxes, sec.png_examples)
-      say(f"eval/grounding: wrote {png_path}")
+  if eval_cfg.retrieval is not None:
+    metrics.update(_retrieval(fns, eval_cfg.retrieval, tokenizer, res, frame_len, batch, say))
+  if eval_cfg.grounding is not None:
+    metrics.update(_grounding(fns, eval_cfg.grounding, tokenizer, res, batch, png_path, say))
   return metrics
 
 

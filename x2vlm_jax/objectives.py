@@ -56,6 +56,12 @@ class StepConfig:
   # reproduces the official scaling for world size W.
   itc_grad_world_size: int = 0
   deterministic: bool = False  # no dropout / drop path (e.g. to evaluate the loss)
+  # The objectives computed (a task picks them; pre-training computes all four). 'box' applies
+  # to the region kind; an objective left out costs nothing (its passes are not traced).
+  objectives: tuple[str, ...] = ("itc", "itm", "mlm", "box")
+  # Retrieval fine-tuning: rows with equal `image_id` are positives of each other in ITC (soft
+  # targets) and never each other's ITM negatives (docs/fidelity.md#duplicates-are-negatives).
+  image_ids: bool = False
 
 
 class KindKeys(NamedTuple):
@@ -76,18 +82,22 @@ def kind_keys(key, cfg: StepConfig) -> KindKeys:
   return KindKeys(*jax.random.split(key, 4))
 
 
-def negatives(key, v, t, temp, valid, cfg: StepConfig, mesh: Mesh | None):
-  """(negative image, negative text) row per row, drawn per data shard."""
+def negatives(key, v, t, temp, valid, cfg: StepConfig, mesh: Mesh | None, ids=None):
+  """(negative image, negative text) row per row, drawn per data shard; rows sharing an id
+  (`ids`, optional) are never drawn as each other's negatives."""
   if cfg.neg_shards == 0 and sharding.batch_shards(mesh) > 1:
-    return losses.sample_hard_negatives_sharded(mesh, key, v, t, temp, valid)
-  return losses.sample_hard_negatives(key, v, t, temp, valid, num_shards=max(cfg.neg_shards, 1))
+    return losses.sample_hard_negatives_sharded(mesh, key, v, t, temp, valid, ids=ids)
+  return losses.sample_hard_negatives(
+    key, v, t, temp, valid, ids=ids, num_shards=max(cfg.neg_shards, 1)
+  )
 
 
 def fused_terms(kind: str, b, itm_logits, mlm_logits, box, neg, itm: bool) -> dict:
   """ITM / MLM / box terms of one kind from its head outputs (the order `combine` sums in).
 
   itm_logits: [positive, negative image, negative text] logits [B, 2] each (itm only);
-  mlm_logits [B, M, V]; box [B, 4] (regions only); neg: the negative rows of each pair.
+  mlm_logits [B, M, V] (None: no MLM); box [B, 4] (regions with the box objective, else None);
+  neg: the negative rows of each pair.
   """
   valid = b[F.VALID]
   terms = {}
@@ -96,9 +106,10 @@ def fused_terms(kind: str, b, itm_logits, mlm_logits, box, neg, itm: bool) -> di
     terms["itm"] = losses.itm_loss(
       *itm_logits, valid=valid, neg_image_valid=neg[0] != arange, neg_text_valid=neg[1] != arange
     )
-  mlm_w = b[F.MLM_WEIGHTS] * valid[:, None].astype(jnp.float32)
-  terms["mlm"], _ = losses.mlm_loss(mlm_logits, b[F.MLM_LABELS], mlm_w)
-  if kind == F.REGION:
+  if mlm_logits is not None:
+    mlm_w = b[F.MLM_WEIGHTS] * valid[:, None].astype(jnp.float32)
+    terms["mlm"], _ = losses.mlm_loss(mlm_logits, b[F.MLM_LABELS], mlm_w)
+  if kind == F.REGION and box is not None:
     terms["box_l1"], terms["box_giou"] = losses.box_loss(box, b[F.BOX], b[F.IS_IMAGE], valid)
   return terms
 
@@ -169,10 +180,12 @@ def _encode_vision(model: X2VLM, batch, kinds, nbs, key, mesh) -> Vision:
   return Vision(sequences, tokens, mask)
 
 
-def _encode_texts(model: X2VLM, batch, kinds, key, mesh) -> tuple[dict, dict]:
-  """(unmasked, MLM-masked) text states per kind, [B, L, Dt], from one text-tower call."""
-  ids = [batch[k][F.TEXT_IDS] for k in kinds] + [batch[k][F.MLM_IDS] for k in kinds]
-  masks = [batch[k][F.TEXT_MASK] for k in kinds] * 2
+def _encode_texts(model: X2VLM, batch, kinds, key, mesh, mlm: bool) -> tuple[dict, dict]:
+  """(unmasked, MLM-masked) text states per kind, [B, L, Dt], from one text-tower call (the
+  masked ones only with the MLM objective; else the second dict is empty)."""
+  masked = [batch[k][F.MLM_IDS] for k in kinds] if mlm else []
+  ids = [batch[k][F.TEXT_IDS] for k in kinds] + masked
+  masks = [batch[k][F.TEXT_MASK] for k in kinds] * (2 if mlm else 1)
   sizes = [x.shape[0] for x in ids]
   sh = sc.num_shards(mesh, sizes)
   texts = sc.split(model.encode_text(sc.cat(ids, sh), sc.cat(masks, sh), key), sizes, sh)
@@ -238,24 +251,26 @@ class FusionPass(NamedTuple):
 
 
 def _fusion_passes(
-  batch, kinds, text, text_mlm, vision: Vision, table: KVTable, neg, itm: bool
+  batch, kinds, text, text_mlm, vision: Vision, table: KVTable, neg, use: frozenset
 ) -> list[FusionPass]:
-  """The passes of every kind: ITM (positive, negative image, negative text), MLM, box."""
+  """The passes of every kind: ITM (positive, negative image, negative text), MLM, box; only
+  those of the objectives in `use`."""
   passes = []
   for i, kind in enumerate(kinds):
     m, t, vm = batch[kind][F.TEXT_MASK], text[kind], vision.mask[kind]
     arange = jnp.arange(t.shape[0])
     rows = table.concept_rows(arange) if kind == F.REGION else table.full_rows(i, arange)
-    neg_img, neg_txt = neg[kind]
-    if itm:
+    if "itm" in use:
+      neg_img, neg_txt = neg[kind]
       passes += [
         FusionPass("itm", kind, t, m, rows, vm),
         FusionPass("itm", kind, t, m, rows[neg_img], vm[neg_img]),
         FusionPass("itm", kind, t[neg_txt], m[neg_txt], rows, vm),
       ]
-    passes.append(FusionPass("mlm", kind, text_mlm[kind], m, rows, vm))
+    if "mlm" in use:
+      passes.append(FusionPass("mlm", kind, text_mlm[kind], m, rows, vm))
   # Box pass: the full image with an all-ones mask (docs/fidelity.md#box-pass-uses-the-full-image).
-  if F.REGION in kinds:
+  if F.REGION in kinds and "box" in use:
     rb, i = batch[F.REGION], kinds.index(F.REGION)
     s = vision.sequences[i].shape[1]
     passes.append(
@@ -293,10 +308,29 @@ def _heads(model: X2VLM, batch, kinds, passes, fused, mesh) -> dict[str, list]:
     )
     return [(passes[i].kind, o) for i, o in zip(idx, out)]
 
-  heads = {"itm": run("itm", model.itm_logits) if any(p.head == "itm" for p in passes) else []}
-  heads["mlm"] = run("mlm", model.mlm_logits, [batch[k][F.MLM_POSITIONS] for k in kinds])
-  heads["box"] = run("box", model.box) if F.REGION in kinds else []
+  has = lambda head: any(p.head == head for p in passes)
+  heads = {"itm": run("itm", model.itm_logits) if has("itm") else []}
+  mlm_positions = [batch[k][F.MLM_POSITIONS] for k in kinds]
+  heads["mlm"] = run("mlm", model.mlm_logits, mlm_positions) if has("mlm") else []
+  heads["box"] = run("box", model.box) if has("box") else []
   return heads
+
+
+def _contrastive(model, batch, kinds, vision, text, temp, per_kind, cfg, mesh, use):
+  """Per kind: ITC on the kind's global batch and the ITM hard negatives (per data shard)."""
+  grad_scale = 1.0 / cfg.itc_grad_world_size if cfg.itc_grad_world_size else None
+  itc, neg = {}, {}
+  for kind, keys in zip(kinds, per_kind):
+    b = batch[kind]
+    valid, ids = b[F.VALID], (b[F.IMAGE_ID] if cfg.image_ids else None)
+    if not {"itc", "itm"} & use:
+      continue
+    v_feat, t_feat = model.itc_features(vision.tokens[kind], text[kind])
+    if "itc" in use:
+      itc[kind] = losses.itc_loss(v_feat, t_feat, temp, valid, ids=ids, grad_scale=grad_scale)
+    if "itm" in use:
+      neg[kind] = negatives(keys.negatives, v_feat, t_feat, temp, valid, cfg, mesh, ids=ids)
+  return itc, neg
 
 
 def merged_terms(
@@ -309,10 +343,12 @@ def merged_terms(
 ):
   """Loss terms of every kind present, each tower called once (see the module docstring).
 
-  Returns kind -> {itc, itm, mlm (+ box_l1, box_giou)}.
+  Returns kind -> {itc, itm, mlm (+ box_l1, box_giou)}, the objectives of `cfg.objectives`
+  (ITM only when `itm` too: the loop may switch it off for a step).
   """
   kinds = [k for k in F.KINDS if k in batch]
   check_inputs(batch, kinds, model)
+  use = frozenset(o for o in cfg.objectives if o != "itm" or itm)
   temp = model.temp[...]
   per_kind = [
     kind_keys(None if key is None else jax.random.fold_in(key, i), cfg) for i in range(len(kinds))
@@ -324,38 +360,26 @@ def merged_terms(
   nbs = {k: batch[k][F.TEXT_IDS].shape[0] for k in kinds}
 
   vision = _encode_vision(model, batch, kinds, nbs, k_vis, mesh)
-  text, text_mlm = _encode_texts(model, batch, kinds, k_txt, mesh)
-
-  # ITC per kind on its global batch; hard negatives per data shard.
-  grad_scale = 1.0 / cfg.itc_grad_world_size if cfg.itc_grad_world_size else None
-  itc, neg = {}, {}
-  for kind, keys in zip(kinds, per_kind):
-    valid = batch[kind][F.VALID]
-    v_feat, t_feat = model.itc_features(vision.tokens[kind], text[kind])
-    itc[kind] = losses.itc_loss(v_feat, t_feat, temp, valid, grad_scale=grad_scale)
-    arange = jnp.arange(nbs[kind])
-    neg[kind] = (
-      negatives(keys.negatives, v_feat, t_feat, temp, valid, cfg, mesh) if itm else (arange, arange)
-    )
-
+  text, text_mlm = _encode_texts(model, batch, kinds, k_txt, mesh, "mlm" in use)
+  itc, neg = _contrastive(model, batch, kinds, vision, text, temp, per_kind, cfg, mesh, use)
   table = _kv_table(model, batch, kinds, vision, mesh)
-  passes = _fusion_passes(batch, kinds, text, text_mlm, vision, table, neg, itm)
+  passes = _fusion_passes(batch, kinds, text, text_mlm, vision, table, neg, use)
   fused = _fuse(model, passes, table.kv, k_fuse, mesh)
   heads = _heads(model, batch, kinds, passes, fused, mesh)
 
   terms = {}
   for kind in kinds:
     mine = {head: [o for k, o in outs if k == kind] for head, outs in heads.items()}
-    terms[kind] = {"itc": itc[kind]}
+    terms[kind] = {"itc": itc[kind]} if kind in itc else {}
     terms[kind].update(
       fused_terms(
         kind,
         batch[kind],
         mine["itm"],
-        mine["mlm"][0],
+        mine["mlm"][0] if mine["mlm"] else None,
         mine["box"][0] if mine["box"] else None,
-        neg[kind],
-        itm,
+        neg.get(kind),
+        "itm" in use,
       )
     )
   return terms
@@ -378,7 +402,7 @@ def loss_fn(
 
 
 def make_loss(cfg: StepConfig, mesh: Mesh | None = None):
-  """`loss(model, batch, key, itm)` of `train_step.make_train_step` for pre-training."""
+  """`loss(model, batch, key, itm)` of `train_step.make_train_step`: the objectives of `cfg`."""
 
   def loss(model: X2VLM, batch, key, itm: bool = True):
     return loss_fn(model, batch, key, cfg, mesh, itm)

@@ -1,0 +1,59 @@
+"""What each evaluator is told to do: typed settings built from the config's `eval` section by
+`run_config.eval_config` (the one place a config becomes settings).
+
+Every evaluator reads one or more named *splits*, each a list of source entries (the same
+`{'type': ..., ...}` entries as training data). In the config, `data` is either a list of entries
+(one unnamed split: metrics `eval/<evaluator>/<metric>`) or a dict split name -> list of entries
+(metrics `eval/<evaluator>/<split>/<metric>`, e.g. `eval/grounding/testA/acc`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+Splits = tuple[tuple[str, tuple[dict, ...]], ...]  # ((split name or '', source entries), ...)
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalSettings:
+  """Image-text (kind 'image') or video-text (kind 'video') retrieval: ITC ranking, then the
+  official ITM re-ranking of the top `k_test` candidates per query, `itm_chunk` pairs per ITM
+  call, at most `max_images` images or videos per split (0 = all)."""
+
+  data: Splits
+  kind: str = "image"
+  k_test: int = 16
+  itm_chunk: int = 64
+  max_images: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class GroundingSettings:
+  """Box grounding: accuracy at IoU >= 0.5 per split, at most `max_phrases` phrases (0 = all),
+  and how many images the PNG of predicted vs true boxes shows."""
+
+  data: Splits
+  max_phrases: int = 0
+  png_examples: int = 6
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """Which evaluators run (a section each; None = not run) and the batch per jitted call."""
+
+  retrieval: RetrievalSettings | None = None
+  grounding: GroundingSettings | None = None
+  batch_size: int = 32
+
+  @property
+  def names(self) -> tuple[str, ...]:
+    return tuple(n for n in EVALUATORS if getattr(self, n) is not None)
+
+
+# Config name -> settings type: the explicit table of evaluators.
+EVALUATORS = {"retrieval": RetrievalSettings, "grounding": GroundingSettings}
+
+
+def prefix(evaluator: str, split: str) -> str:
+  """Metric prefix of one split: 'eval/retrieval' or 'eval/retrieval/test'."""
+  return f"eval/{evaluator}" + (f"/{split}" if split else "")

@@ -1,0 +1,43 @@
+"""Process-level set-up of a run: logging into the workdir and the persistent compilation cache."""
+
+from __future__ import annotations
+
+import logging as py_logging
+import os
+import pathlib
+
+import jax
+from absl import logging
+
+
+class QuietOrbax(py_logging.Filter):
+  """Drops orbax's INFO records (a few dozen lines per checkpoint would bury the progress
+  lines); its warnings and errors pass."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno >= py_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def setup_logging(workdir: pathlib.Path) -> py_logging.Handler:
+  """Logs (absl and Python) also to <workdir>/train.log (train.p<i>.log on process i > 0),
+  orbax INFO records filtered; returns the handler to remove at the end."""
+  name = "train.log" if jax.process_index() == 0 else f"train.p{jax.process_index()}.log"
+  handler = py_logging.FileHandler(workdir / name)
+  handler.setFormatter(py_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+  quiet = QuietOrbax()
+  handler.addFilter(quiet)
+  absl_handler = logging.get_absl_handler()
+  if not any(isinstance(f, QuietOrbax) for f in absl_handler.filters):
+    absl_handler.addFilter(quiet)
+  py_logging.getLogger().addHandler(handler)
+  logging.set_verbosity(logging.INFO)
+  return handler
+
+
+def enable_compilation_cache(path: str) -> None:
+  """Persistent XLA cache for every compiled program (restarts reuse the compiled step)."""
+  if not path:
+    return
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

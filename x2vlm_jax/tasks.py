@@ -1,0 +1,73 @@
+"""The tasks the one training loop runs: pre-training and the fine-tuning tasks.
+
+A task is the part of a run that is not shared: which batch kinds it trains on, which X²-VLM
+objectives its loss computes (`objectives.py`) and whether rows that share an image id are each
+other's positives, and which evaluators report on it. Everything else -- the loop, checkpoints,
+resume, preemption, non-finite skipping, progress, TensorBoard, evaluation cadence, model
+selection, export -- is the same code for every task (`train_lib.py`). A config names its task
+(`config.task`); `TASKS` is the one table of them.
+
+  pretrain          image, region and video kinds; ITC + ITM + MLM + box (the official step)
+  retrieval         image kind; ITC with image-id soft targets + ITM with same-image pairs never
+                    drawn as negatives (docs/finetuning.md#image-text-retrieval)
+  video_retrieval   the same on the video kind (docs/finetuning.md#video-text-retrieval)
+  grounding         region kind, one referring expression per image; the box loss (L1 + GIoU)
+                    on the full image (docs/finetuning.md#referring-expression-grounding)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from jax.sharding import Mesh
+
+from data_pipelines import features as F
+from x2vlm_jax import objectives
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """One task: its batch kinds, objectives and evaluators (see the module docstring)."""
+
+  name: str
+  kinds: tuple[str, ...]  # batch kinds it may train on
+  objectives: tuple[str, ...]  # subset of ('itc', 'itm', 'mlm', 'box')
+  image_ids: bool = False  # rows with equal `image_id` are positives of each other
+  evaluators: tuple[str, ...] = ()  # evaluators that report on this task
+
+  def make_loss(self, step_cfg: objectives.StepConfig, mesh: Mesh | None):
+    """`loss(model, batch, key, itm) -> (loss, metrics)` of the task's train step."""
+    cfg = dataclasses.replace(step_cfg, objectives=self.objectives, image_ids=self.image_ids)
+    return objectives.make_loss(cfg, mesh)
+
+  def check_batch(self, sizes: Mapping[str, int]) -> None:
+    """Raises naming the config field if the batch uses a kind the task does not train on."""
+    extra = [k for k, n in sizes.items() if n and k not in self.kinds]
+    if extra:
+      raise ValueError(
+        f"task {self.name!r} trains on {list(self.kinds)}; set config.batch.{extra[0]} = 0"
+      )
+    if not any(sizes.get(k) for k in self.kinds):
+      raise ValueError(f"task {self.name!r} needs a batch of {' or '.join(self.kinds)}")
+
+
+TASKS = {
+  "pretrain": Task(
+    "pretrain", F.KINDS, ("itc", "itm", "mlm", "box"), evaluators=("retrieval", "grounding")
+  ),
+  "retrieval": Task(
+    "retrieval", (F.IMAGE,), ("itc", "itm"), image_ids=True, evaluators=("retrieval",)
+  ),
+  "video_retrieval": Task(
+    "video_retrieval", (F.VIDEO,), ("itc", "itm"), image_ids=True, evaluators=("retrieval",)
+  ),
+  "grounding": Task("grounding", (F.REGION,), ("box",), evaluators=("grounding",)),
+}
+
+
+def get(name: str) -> Task:
+  """The task called `name` (config.task); an unknown name lists the known ones."""
+  if name not in TASKS:
+    raise ValueError(f"config.task = {name!r} is not a task; known tasks: {sorted(TASKS)}")
+  return TASKS[name]
