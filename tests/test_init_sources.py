@@ -87,6 +87,9 @@ def _check_adapted(result, src: dict, fresh: dict):
 def test_checkpoint_workdir_at_new_resolution_and_frames(mesh, source, fresh):
   workdir, src_run, src = source
   _, dst_run = _run_configs(workdir)
+  # A save of the source run in progress is left alone (read-only).
+  in_progress = workdir / ckpt_lib.CKPT_DIR / f"{STEP + 1}.orbax-checkpoint-tmp-1"
+  in_progress.mkdir()
   init = rc.init_config(dst_run)  # the source architecture from the checkpoint's saved config
   assert init.checkpoint == str(workdir)
   assert init.checkpoint_model == rc.model_config(src_run)
@@ -95,6 +98,8 @@ def test_checkpoint_workdir_at_new_resolution_and_frames(mesh, source, fresh):
   _check_adapted(result, src, fresh)
   assert any(f"step {STEP}: parameters only" in n for n in result.notes)
   assert any("frame_embed: 2 -> 3 frames" in n for n in result.notes)
+  assert in_progress.is_dir()
+  in_progress.rmdir()
   # The checkpoints directory itself works too.
   assert init_lib.checkpoint_dir(workdir / ckpt_lib.CKPT_DIR) == workdir / ckpt_lib.CKPT_DIR
   with pytest.raises(FileNotFoundError, match="neither a training workdir"):

@@ -100,7 +100,7 @@ def saved_run_config(path: str | pathlib.Path) -> dict:
   `run_config.saved_model_config` turns its `model` section into the run's ModelConfig."""
   from x2vlm_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
 
-  with ckpt_lib.CheckpointManager(checkpoint_dir(path), max_to_keep=None) as manager:
+  with ckpt_lib.CheckpointManager(checkpoint_dir(path), read_only=True) as manager:
     return manager.saved_config()
 
 
@@ -193,7 +193,8 @@ def _from_checkpoint(model: X2VLM, init: InitConfig, mesh, notes: list[str]) -> 
   adapt.plan_adaptation(
     {p: x.shape for p, x in treepath.flatten(layout.abstract())}, src_cfg, model.cfg
   )
-  with ckpt_lib.CheckpointManager(ckpt_dir, max_to_keep=None) as manager:
+  # Read-only: the source run may still be writing its next step.
+  with ckpt_lib.CheckpointManager(ckpt_dir, read_only=True) as manager:
     params, step = train_state.restore_params(manager, layout)
   notes.append(f"checkpoint {ckpt_dir} step {step}: parameters only (no optimizer state)")
   return _load(model, params, src_cfg, notes)
