@@ -77,6 +77,9 @@ def base_config() -> mlc.ConfigDict:
   # An official X2-VLM .th (docs/fidelity.md#continued-pre-training).
   c.init.official_th = ""
   c.init.params_dir = ""  # our own params directory (params_io.save_params; e.g. an export)
+  # A training run's workdir (or its checkpoints dir): the parameters of its newest good
+  # checkpoint, resized to this model (docs/conversion.md#fine-tuning-initialisation).
+  c.init.checkpoint = ""
 
   c.data = mlc.ConfigDict()
   c.data.tokenizer = ""  # tokenizer directory; '' = init.bert_dir; 'minilm' = the packaged one

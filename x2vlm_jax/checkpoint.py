@@ -182,6 +182,8 @@ class CheckpointManager:
     keep_every: additionally keep forever every step divisible by K (None: no such steps).
     async_save: `save` returns once arrays are copied to host; writing continues in background.
     save_interval_steps: orbax only saves steps divisible by this (unless `force=True`).
+    read_only: only read (another run's checkpoints, possibly still being written): nothing is
+      saved, deleted or cleaned up (a running save's temporary directory is left alone).
   """
 
   def __init__(
@@ -192,6 +194,7 @@ class CheckpointManager:
     keep_every: int | None = None,
     async_save: bool = True,
     save_interval_steps: int = 1,
+    read_only: bool = False,
   ):
     policies = [ocp_policies.LatestN(n=max_to_keep)]
     if keep_every:
@@ -203,6 +206,8 @@ class CheckpointManager:
       # Left-over '<step>.orbax-checkpoint-tmp-*' directories of a crashed save are removed.
       cleanup_tmp_directories=True,
     )
+    if read_only:
+      options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
     self.directory = directory
     self._mgr = ocp.CheckpointManager(
       directory,

@@ -5,8 +5,17 @@ Sources, chosen by `InitConfig` (the config's `init` section; empty string = unu
   nothing            every parameter from its initializer (e.g. the shapes-world demo vision)
   bert_dir           Hugging Face BERT -> text tower, fusion self-attn/FFN copies, MLM head
   beit_path          BEiT-2 weights -> vision tower; combinable with bert_dir
-  official_th        an official X2-VLM `.th` (continued pre-training)
+  official_th        an official X2-VLM `.th` or `.safetensors` (continued pre-training,
+                     fine-tuning; pre-training or fine-tuning key layout)
   params_dir         our own params directory (`params_io.save_params`, e.g. a run's export)
+  checkpoint         a training run's workdir or its checkpoints directory: the parameters of its
+                     newest good checkpoint (never the optimizer state)
+
+The last three hold a whole model saved for some configuration (read from the file's tables, the
+directory's `model_config.json`, the checkpoint's saved run config); `convert.adapt.adapt_params`
+fits it to the model built here: relative-position tables resized to its resolution, the frame
+embedding cut or extended to its frame count, heads it lacks dropped, any other shape difference
+an error (docs/conversion.md#fine-tuning-initialisation).
 
 The model is always first created with every parameter born sharded on the mesh, then the
 loaded arrays overwrite their slots shard by shard, so nothing is materialised whole on one
@@ -19,9 +28,11 @@ Fresh parameters follow the official `init_params`
 (docs/fidelity.md#learning-rate-multiplier-for-fresh-parameters): from BERT/BEiT, the from-scratch
 list (projections, temp, ITM/box heads, fusion cross-attention, frame embedding) plus anything
 else of the BERT scope the file lacked (e.g. an MLM head); parameters the BEiT file does not
-cover are *not* added, as in the official loader. From an official `.th` or our params, exactly
-the parameters the file lacks (stage 2: the frame embedding). With no source at all we use the
-from-scratch list too, so the heads keep their official 2x rate relative to the towers.
+cover are *not* added, as in the official loader. From a whole model (official `.th`, our params,
+a checkpoint), exactly the parameters the source lacks (stage 2: the frame embedding; the MLM head
+of a fine-tuning-layout file) plus a frame embedding of another frame count. With no source at
+all we use the from-scratch list too, so the heads keep their official 2x rate relative to the
+towers.
 """
 
 from __future__ import annotations
@@ -56,6 +67,10 @@ class InitConfig:
   beit_path: str = ""
   official_th: str = ""
   params_dir: str = ""
+  checkpoint: str = ""  # a training workdir or its checkpoints directory
+  # The architecture the checkpoint was trained with (needed with `checkpoint`;
+  # `run_config.init_config` builds it from the checkpoint's saved run config).
+  checkpoint_model: ModelConfig | None = None
 
 
 def _check_exists(path: str, key: str) -> pathlib.Path:
@@ -65,8 +80,50 @@ def _check_exists(path: str, key: str) -> pathlib.Path:
   return p
 
 
-def _from_official(model: X2VLM, path: str, model_cfg: ModelConfig, notes: list[str]):
-  from x2vlm_jax.convert import apply, official  # pylint: disable=g-import-not-at-top
+def checkpoint_dir(path: str | pathlib.Path) -> pathlib.Path:
+  """The directory of committed checkpoint steps: `path/checkpoints` of a training workdir, or
+  `path` itself when it holds the steps."""
+  from x2vlm_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+
+  p = _check_exists(str(path), "checkpoint")
+  for cand in (p / ckpt_lib.CKPT_DIR, p):
+    if cand.is_dir() and any(c.name.isdigit() for c in cand.iterdir()):
+      return cand
+  raise FileNotFoundError(
+    f"config.init.checkpoint = {str(path)!r}: neither a training workdir nor a checkpoints "
+    "directory with committed steps"
+  )
+
+
+def saved_run_config(path: str | pathlib.Path) -> dict:
+  """The run config (JSON dict) saved with the newest checkpoint of a workdir / checkpoints dir;
+  `run_config.saved_model_config` turns its `model` section into the run's ModelConfig."""
+  from x2vlm_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+
+  with ckpt_lib.CheckpointManager(checkpoint_dir(path), read_only=True) as manager:
+    return manager.saved_config()
+
+
+def _init_values(model: X2VLM):
+  """The model's current (initial) value of a parameter path, on the host."""
+  from x2vlm_jax.convert import adapt  # pylint: disable=g-import-not-at-top
+
+  ours = treepath.flatten_state(nnx.state(model, nnx.Param))
+  return lambda path: adapt.to_host(ours[path][...])
+
+
+def _load(model: X2VLM, params, src_cfg: ModelConfig, notes: list[str]) -> frozenset[str]:
+  """Adapts a whole source model's params to `model` and writes them; returns the fresh paths."""
+  from x2vlm_jax.convert import adapt, apply  # pylint: disable=g-import-not-at-top
+
+  params, adapt_notes, fresh = adapt.adapt_params(params, src_cfg, model.cfg, _init_values(model))
+  notes.extend(adapt_notes)
+  return apply.apply_params(model, params) | frozenset(fresh)
+
+
+def _from_official(model: X2VLM, path: str, notes: list[str]) -> frozenset[str]:
+  """An official `.th` / `.safetensors` of any resolution and frame count, either key layout."""
+  from x2vlm_jax.convert import adapt, apply  # pylint: disable=g-import-not-at-top
   from x2vlm_jax.convert.torch_io import load_th  # pylint: disable=g-import-not-at-top
 
   p = _check_exists(path, "official_th")
@@ -77,58 +134,70 @@ def _from_official(model: X2VLM, path: str, model_cfg: ModelConfig, notes: list[
   else:
     sd, _, read_notes = load_th(p)
     notes.extend(read_notes)
-  # Missing keys are allowed (e.g. the frame embedding of stage 2,
-  # docs/fidelity.md#continued-pre-training); they stay at init.
-  params, report = official.official_to_params(sd, model_cfg, allow={"missing"})
+  # Missing keys are allowed (the frame embedding of stage 2, the MLM head of a fine-tuning
+  # layout; docs/fidelity.md#continued-pre-training); they stay at init and are fresh.
+  params, report, fresh = adapt.official_params(sd, model.cfg, _init_values(model))
   notes.append(f"official checkpoint {path}:\n{report.summary()}")
-  return apply.apply_params(model, params)
+  return apply.apply_params(model, params) | frozenset(fresh)
 
 
-def _from_params_dir(model: X2VLM, path: str, notes: list[str]):
-  """Our params directory; parameters absent from it stay at init (and are fresh)."""
+def _from_params_dir(model: X2VLM, path: str, notes: list[str]) -> frozenset[str]:
+  """Our params directory, saved for the config in its `model_config.json`; parameters absent
+  from it stay at init (and are fresh). Kept parameters are read straight into the model's
+  shardings; only those to adapt (tables, frame embedding) come to the host."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   from x2vlm_jax import params_io  # pylint: disable=g-import-not-at-top
+  from x2vlm_jax.convert import adapt  # pylint: disable=g-import-not-at-top
 
-  directory = _check_exists(path, "params_dir").absolute()
-  state = nnx.state(model, nnx.Param)
-  ours = treepath.flatten_state(state)
-  ckptr = ocp.StandardCheckpointer()
+  directory = _check_exists(path, "params_dir").absolute() / params_io.PARAMS_DIR
+  src_cfg = params_io.load_config(directory.parent)
+  ours = treepath.flatten_state(nnx.state(model, nnx.Param))
+  ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
   try:
-    meta = ckptr.metadata(directory / params_io.PARAMS_DIR).item_metadata
-    saved = {p: m for p, m in treepath.flatten(meta)}
-    unknown = sorted(set(saved) - set(ours))
-    if unknown:
-      raise ValueError(
-        f"{path}: parameters {unknown[:10]} are not in this model "
-        f"(config.model differs from the saved model_config.json?)"
-      )
-    bad = [
-      f"{p}: saved {tuple(saved[p].shape)} vs model {tuple(ours[p][...].shape)}"
-      for p in saved
-      if tuple(saved[p].shape) != tuple(ours[p][...].shape)
-    ]
-    if bad:
-      raise ValueError(f"{path}: shapes differ from the model: " + "; ".join(bad[:10]))
-    # Restore straight into the model's shardings (only the saved leaves).
-    flat_target = {
-      p: jax.ShapeDtypeStruct(tuple(m.shape), ours[p][...].dtype, sharding=ours[p][...].sharding)
-      for p, m in saved.items()
-    }
-    target = treepath.unflatten_like(meta, flat_target)
-    restored = ckptr.restore(directory / params_io.PARAMS_DIR, target)
+    saved = dict(treepath.flatten(ckptr.metadata(directory).item_metadata.tree))
+    plan = adapt.plan_adaptation({p: m.shape for p, m in saved.items()}, src_cfg, model.cfg)
+    target = {p: _sds(saved[p].shape, ours[p][...]) for p in plan.keep}
+    target.update({p: jax.ShapeDtypeStruct(saved[p].shape, saved[p].dtype) for p in plan.resize})
+    target = treepath.unflatten_dict(target)
+    restored = ckptr.restore(
+      directory,
+      args=ocp.args.PyTreeRestore(
+        item=target,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True,
+      ),
+    )
   finally:
     ckptr.close()
-  # The restored arrays already sit in the model's shardings: write them in place (no host copy,
-  # so this also works when no process can address every shard).
-  flat = dict(treepath.flatten(restored))
-  pure = nnx.to_pure_dict(state)
-  for p, arr in flat.items():
-    treepath.set_path(pure, p, arr)
-  nnx.replace_by_pure_dict(state, pure)
-  nnx.update(model, state)
-  notes.append(f"params dir {path}: {len(flat)} of {len(ours)} parameters loaded")
-  return frozenset(ours) - frozenset(flat)
+  n = len(plan.keep) + len(plan.resize)
+  notes.append(f"params dir {path}: {n} of {len(ours)} parameters loaded")
+  return _load(model, restored, src_cfg, notes)
+
+
+def _sds(shape, like) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(tuple(shape), like.dtype, sharding=like.sharding)
+
+
+def _from_checkpoint(model: X2VLM, init: InitConfig, mesh, notes: list[str]) -> frozenset[str]:
+  """The parameters (only) of a training run's newest good checkpoint, read with the
+  architecture it was trained with (`init.checkpoint_model`), then adapted."""
+  from x2vlm_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from x2vlm_jax import train_state  # pylint: disable=g-import-not-at-top
+  from x2vlm_jax.convert import adapt  # pylint: disable=g-import-not-at-top
+
+  src_cfg = init.checkpoint_model
+  ckpt_dir = checkpoint_dir(init.checkpoint)
+  layout = train_state.ParamLayout.build(src_cfg, mesh)
+  # Fail on an architecture that cannot be adapted before reading any array.
+  adapt.plan_adaptation(
+    {p: x.shape for p, x in treepath.flatten(layout.abstract())}, src_cfg, model.cfg
+  )
+  # Read-only: the source run may still be writing its next step.
+  with ckpt_lib.CheckpointManager(ckpt_dir, read_only=True) as manager:
+    params, step = train_state.restore_params(manager, layout)
+  notes.append(f"checkpoint {ckpt_dir} step {step}: parameters only (no optimizer state)")
+  return _load(model, params, src_cfg, notes)
 
 
 def initialize(init: InitConfig, model_cfg: ModelConfig, mesh, key) -> InitResult:
@@ -148,19 +217,27 @@ def initialize(init: InitConfig, model_cfg: ModelConfig, mesh, key) -> InitResul
       ("bert_dir/beit_path", bert or beit),
       ("official_th", official_th),
       ("params_dir", params_dir),
+      ("checkpoint", init.checkpoint),
     )
     if v
   ]
   if len(chosen) > 1:
     raise ValueError(f"config.init: choose one weight source, got {chosen}")
+  if init.checkpoint and init.checkpoint_model is None:
+    raise ValueError(
+      "InitConfig.checkpoint needs checkpoint_model, the architecture the run was trained with "
+      "(run_config.init_config reads it from the checkpoint's saved config)"
+    )
   model = create_sharded(model_cfg, mesh, key)
   notes: list[str] = []
   params_state = nnx.state(model, nnx.Param)
   scratch = optim.from_scratch_fresh_paths(params_state)
   if official_th:
-    fresh = tuple(sorted(_from_official(model, official_th, model_cfg, notes)))
+    fresh = tuple(sorted(_from_official(model, official_th, notes)))
   elif params_dir:
     fresh = tuple(sorted(_from_params_dir(model, params_dir, notes)))
+  elif init.checkpoint:
+    fresh = tuple(sorted(_from_checkpoint(model, init, mesh, notes)))
   elif bert or beit:
     from x2vlm_jax.convert import apply, hf, hf_beit  # pylint: disable=g-import-not-at-top
 

@@ -8,6 +8,7 @@ patch size: batch shapes and preprocessing read them from it.
   task(cfg)                                -> the run's Task (tasks.py)
   model_config(cfg)                        -> ModelConfig (variant + overrides)
   init_config(cfg)                         -> InitConfig (initial weight sources)
+  saved_model_config(saved)                -> ModelConfig of a run from its saved run config
   optim_config(cfg)                        -> OptimConfig
   step_config(cfg)                         -> StepConfig (what one step computes)
   batch_sizes(cfg, model_cfg, mesh, ...)   -> per-process BatchSizes of one micro-batch
@@ -24,6 +25,7 @@ import dataclasses
 from collections.abc import Mapping
 
 import jax.numpy as jnp
+import ml_collections
 from jax.sharding import Mesh
 
 from data_pipelines import features as F
@@ -76,14 +78,34 @@ def model_config(cfg) -> ModelConfig:
 
 
 def init_config(cfg) -> init_lib.InitConfig:
-  """InitConfig from the config's `init` section ('minilm' resolved to the packaged BERT)."""
+  """InitConfig from the config's `init` section ('minilm' resolved to the packaged BERT).
+
+  With `init.checkpoint`, the architecture of that run comes from the run config saved with its
+  newest checkpoint (`saved_model_config`)."""
   i = cfg.init
+  checkpoint = str(i.checkpoint)
   return init_lib.InitConfig(
     bert_dir=resolve_dir(i.bert_dir),
     beit_path=str(i.beit_path),
     official_th=str(i.official_th),
     params_dir=str(i.params_dir),
+    checkpoint=checkpoint,
+    checkpoint_model=(
+      saved_model_config(init_lib.saved_run_config(checkpoint)) if checkpoint else None
+    ),
   )
+
+
+def saved_model_config(saved: Mapping) -> ModelConfig:
+  """The ModelConfig of a run from the run config saved with its checkpoints (a JSON dict, as
+  `CheckpointManager.saved_config()` returns it): its `model` section through `model_config`."""
+  model = saved.get("model")
+  if not isinstance(model, Mapping):
+    raise ValueError("the checkpoint's saved run config has no `model` section")
+  try:
+    return model_config(ml_collections.ConfigDict({"model": dict(model)}))
+  except (AttributeError, KeyError) as e:
+    raise ValueError(f"the checkpoint's saved `model` section {dict(model)} is incomplete") from e
 
 
 def optim_config(cfg) -> optim.OptimConfig:

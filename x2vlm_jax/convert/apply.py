@@ -31,7 +31,11 @@ def expected_shapes(model_cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], 
 
 def apply_params(model, *params: Mapping[str, Any]) -> frozenset[str]:
   """Writes nested dicts of loaded arrays into `model` in place (same dtype and sharding as its
-  params) and returns the dotted paths of every model parameter that none of them holds."""
+  params) and returns the dotted paths of every model parameter that none of them holds.
+
+  Host arrays are placed onto the parameter's sharding; jax arrays stay on the devices (cast and
+  resharded there if needed; already in place, e.g. restored into the model's shardings, they are
+  used as they are), so no process needs to address a whole parameter."""
   import jax
   from flax import nnx
 
@@ -46,7 +50,11 @@ def apply_params(model, *params: Mapping[str, Any]) -> frozenset[str]:
       old = current[path][...]
       if tuple(arr.shape) != tuple(old.shape):
         raise C.ConversionError(f"{path}: loaded shape {arr.shape} vs model {old.shape}")
-      treepath.set_path(pure, path, jax.device_put(np.asarray(arr, dtype=old.dtype), old.sharding))
+      if isinstance(arr, jax.Array):
+        new = jax.device_put(arr if arr.dtype == old.dtype else arr.astype(old.dtype), old.sharding)
+      else:
+        new = jax.device_put(np.asarray(arr, dtype=old.dtype), old.sharding)
+      treepath.set_path(pure, path, new)
       loaded.add(path)
   nnx.replace_by_pure_dict(state, pure)
   nnx.update(model, state)

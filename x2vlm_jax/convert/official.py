@@ -4,8 +4,8 @@ Three pieces, all pure NumPy (the official key list itself is `official_spec`):
 - `param_shapes(cfg)`: our side, the nested {path: (shape, dtype)} of docs/architecture.md.
 - `official_rules(cfg)`: the `common.Rule` table between official keys and our paths
   (docs/conversion.md#key-mapping); it accepts the pre-training layout (`text_encoder.bert.*`,
-  `text_encoder.cls.*`) and the fine-tuning layout (no `bert.`, no MLM head;
-  docs/fidelity.md#fine-tuning-layout).
+  `text_encoder.cls.*`), the fine-tuning layout (no `bert.`, no MLM head;
+  docs/fidelity.md#fine-tuning-layout) and `roberta.` in place of `bert.`.
 - `official_to_params` / `params_to_official`: strict conversion both ways, with tied weights
   and buffers checked on import and re-created on export.
 
@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
+from x2vlm_jax import treepath
 from x2vlm_jax.convert import common as C
 from x2vlm_jax.convert import official_spec as S
 from x2vlm_jax.convert import transforms as T
@@ -218,8 +219,10 @@ def _vision_rules(v: VisionConfig) -> list[C.Rule]:
 
 
 def _bert_rules(t: TextConfig, f: FusionConfig) -> list[C.Rule]:
-  """The one official BERT: embeddings, then its layers split into our text and fusion stacks."""
-  bert = r"text_encoder\.(?:bert\.)?"
+  """The one official BERT: embeddings, then its layers split into our text and fusion stacks.
+
+  Keys with `bert.`, `roberta.` or neither (the official fine-tuning loader strips both)."""
+  bert = r"text_encoder\.(?:bert\.|roberta\.)?"
   emb = bert + r"embeddings\."
   rules = [
     C.Rule(emb + "position_ids", None, expect=lambda m: S.position_ids(t.max_positions)),
@@ -306,7 +309,6 @@ def official_to_params(
   *,
   allow: Iterable[str] = (),
   source_image_size: int | None = None,
-  resize_fn: Callable[..., np.ndarray] | None = None,
   init: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], C.CoverageReport]:
   """Official state dict (numpy or torch values) -> (our nested numpy params, coverage report).
@@ -314,15 +316,14 @@ def official_to_params(
   strict: raise `common.ConversionError` on any mismatch not in `allow` (kinds: missing,
     unexpected, shape, check). `strict=False` allows every kind and only reports.
   source_image_size: resolution the checkpoint was trained at, if different from
-    `cfg.vision.image_size`: each block's rel-pos table is resized
-    (docs/fidelity.md#relative-position-bias-resize) with `resize_fn` (default:
-    `x2vlm_jax.models.vision.resize_rel_pos_bias`) and the index buffers are checked against the
-    source grid.
+    `cfg.vision.image_size`: the file is imported for that resolution (index buffers checked
+    against the source grid), then each block's rel-pos table is resized by
+    `adapt.adapt_params` (docs/fidelity.md#relative-position-bias-resize).
   init: concrete params used for our parameters the checkpoint lacks (see `common.merge`).
   """
   allow = set(C.MISMATCH_KINDS) if not strict else set(allow)
   sd = collections.OrderedDict((k, to_numpy(val, k)) for k, val in state_dict.items())
-  notes: list[str] = []
+  src_cfg = cfg
   if source_image_size is not None and source_image_size != cfg.vision.image_size:
     if cfg.vision.abs_pos_embed:
       raise ValueError(
@@ -330,16 +331,24 @@ def official_to_params(
         "supported (only the relative-position tables are resized; see "
         "docs/conversion.md#resolution-change)"
       )
-    sd, notes = _resize_vision(sd, cfg, source_image_size, resize_fn, allow)
+    src_cfg = _source_grid_config(sd, cfg, source_image_size, allow)
+    if init is not None:  # the tables' init has the target shape; they always come from the file
+      init = {
+        p: v for p, v in treepath.flatten_dict(init).items() if not p.endswith("rel_pos_bias")
+      }
   params, report = C.merge(
     sd,
-    official_rules(cfg),
-    param_shapes(cfg),
+    official_rules(src_cfg),
+    param_shapes(src_cfg),
     allow=allow,
     init=init,
     what="official -> jax import",
   )
-  report.notes[:0] = notes
+  if src_cfg is not cfg:
+    from x2vlm_jax.convert import adapt  # pylint: disable=g-import-not-at-top
+
+    params, notes, _ = adapt.adapt_params(params, src_cfg, cfg)
+    report.notes[:0] = notes
   return params, report
 
 
@@ -371,28 +380,17 @@ def params_to_official(
   return collections.OrderedDict((k, out[k].astype(spec[k][1], copy=False)) for k in spec)
 
 
-def _resize_vision(sd, cfg, source_image_size, resize_fn, allow):
-  """Resizes rel-pos tables from the source grid to cfg's and swaps in the target index.
-
-  Algorithm: docs/fidelity.md#relative-position-bias-resize.
-  """
+def _source_grid_config(sd, cfg, source_image_size, allow) -> ModelConfig:
+  """`cfg` at the source resolution, after checking the index buffers and table sizes against
+  the source grid (a wrong source resolution is named before anything is imported)."""
   v = cfg.vision
   if source_image_size % v.patch_size:
     raise ValueError(
       f"source image size {source_image_size} is not a multiple of patch {v.patch_size}"
     )
-  src_grid, dst_grid = source_image_size // v.patch_size, v.grid
-  if resize_fn is None:
-    try:
-      from x2vlm_jax.models.vision import resize_rel_pos_bias as resize_fn
-    except ImportError as e:
-      raise ImportError(
-        "resolution change needs x2vlm_jax.models.vision.resize_rel_pos_bias, "
-        "which is not available in this checkout"
-      ) from e
-  src_index, dst_index = S.relative_position_index(src_grid), S.relative_position_index(dst_grid)
+  src_grid = source_image_size // v.patch_size
+  src_index = S.relative_position_index(src_grid)
   src_rows = (2 * src_grid - 1) ** 2 + 3
-  # Check everything against the claimed source grid before interpolating anything.
   bad = [
     k
     for k, val in sd.items()
@@ -407,14 +405,4 @@ def _resize_vision(sd, cfg, source_image_size, resize_fn, allow):
       f"{bad[0]} (and {len(bad) - 1} more) does not fit the source grid {src_grid} "
       f"(image size {source_image_size}); wrong source resolution?"
     )
-  out, notes = collections.OrderedDict(), []
-  for k, val in sd.items():
-    if k.endswith("attn.relative_position_bias_table") and val.shape[:1] == (src_rows,):
-      new = np.asarray(resize_fn(val, src_grid, dst_grid), dtype=val.dtype)
-      notes.append(f"{k}: resized {val.shape} -> {new.shape} (grid {src_grid} -> {dst_grid})")
-      out[k] = new
-    elif k.endswith("attn.relative_position_index"):
-      out[k] = dst_index  # recomputed for the target grid
-    else:
-      out[k] = val
-  return out, notes
+  return cfg.replace(vision=dataclasses.replace(v, image_size=source_image_size))

@@ -62,7 +62,9 @@ def infer_config(
     num_heads = int(ours["text_num_heads"])
   if variant is None and "variant" in ours:
     variant = str(ours["variant"])
-  word_key, word = _find(sd, r"text_encoder\.(?:bert\.)?embeddings\.word_embeddings\.weight")
+  word_key, word = _find(
+    sd, r"text_encoder\.(?:bert\.|roberta\.)?embeddings\.word_embeddings\.weight"
+  )
   if word is None:
     raise ValueError(
       "not an X2-VLM state dict: no text_encoder[.bert].embeddings.word_embeddings.weight"
@@ -138,9 +140,11 @@ def _infer_text_fusion(sd, ck, t, f, word, num_heads, text_layers, fusion_layers
   """(text config, fusion config) from the BERT stack's shapes; `word`: the embedding shape."""
   # ---- text and fusion: one official BERT stack split in two
   # (docs/fidelity.md#text-and-fusion-towers).
-  lay = r"text_encoder\.(?:bert\.)?encoder\.layer\.(\d+)\..*"
+  lay = r"text_encoder\.(?:bert\.|roberta\.)?encoder\.layer\.(\d+)\..*"
   all_layers = _indices(sd, lay)
-  cross = _indices(sd, r"text_encoder\.(?:bert\.)?encoder\.layer\.(\d+)\.crossattention\..*")
+  cross = _indices(
+    sd, r"text_encoder\.(?:bert\.|roberta\.)?encoder\.layer\.(\d+)\.crossattention\..*"
+  )
   total = (
     max(all_layers) + 1 if all_layers else int(ck.get("text_num_hidden_layers", t.depth + f.depth))
   )
@@ -161,12 +165,17 @@ def _infer_text_fusion(sd, ck, t, f, word, num_heads, text_layers, fusion_layers
     raise ValueError(
       f"{text_layers} text + {fusion_layers} fusion layers != {total} layers in the checkpoint"
     )
-  _, inter = _find(sd, r"text_encoder\.(?:bert\.)?encoder\.layer\.0\.intermediate\.dense\.weight")
-  _, finter = _find(
-    sd, rf"text_encoder\.(?:bert\.)?encoder\.layer\.{text_layers}\.intermediate\.dense\.weight"
+  _, inter = _find(
+    sd, r"text_encoder\.(?:bert\.|roberta\.)?encoder\.layer\.0\.intermediate\.dense\.weight"
   )
-  _, pos = _find(sd, r"text_encoder\.(?:bert\.)?embeddings\.position_embeddings\.weight")
-  _, ttype = _find(sd, r"text_encoder\.(?:bert\.)?embeddings\.token_type_embeddings\.weight")
+  _, finter = _find(
+    sd,
+    rf"text_encoder\.(?:bert\.|roberta\.)?encoder\.layer\.{text_layers}\.intermediate\.dense\.weight",
+  )
+  _, pos = _find(sd, r"text_encoder\.(?:bert\.|roberta\.)?embeddings\.position_embeddings\.weight")
+  _, ttype = _find(
+    sd, r"text_encoder\.(?:bert\.|roberta\.)?embeddings\.token_type_embeddings\.weight"
+  )
   width = word[1]
   if num_heads is None:
     if width % 64:
