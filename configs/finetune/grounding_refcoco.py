@@ -41,6 +41,9 @@ def get_config(arg=None):
   c.data.careful_hflip = True
   c.batch.region = BATCH
   c.batch.region_max_images = BATCH
+  # The official script wraps the model in DDP before building the optimizer, so no parameter
+  # gets lr_mult in its multi-GPU runs (docs/finetuning.md#lr_mult-quirk).
+  c.optim.lr_mult = 1.0
   c.optim.lr = 1e-5
   ft.epochs(c, 10, ft.steps_per_epoch(TRAIN_EXPRESSIONS, BATCH))
   c.eval.evaluators = ("grounding",)

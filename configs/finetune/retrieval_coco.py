@@ -28,6 +28,9 @@ def retrieval_config(variant: str, name: str, train_pairs: int, k_test: int):
   c.data.image = [entry("train")]
   c.data.max_tokens = 40
   c.batch.image = BATCH
+  # The official script wraps the model in DDP before building the optimizer, so no parameter
+  # gets lr_mult in its multi-GPU runs (docs/finetuning.md#lr_mult-quirk).
+  c.optim.lr_mult = 1.0
   c.optim.lr = 3e-5
   ft.epochs(c, 10, ft.steps_per_epoch(train_pairs, BATCH))
   c.eval.evaluators = ("retrieval",)

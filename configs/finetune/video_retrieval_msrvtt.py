@@ -32,6 +32,9 @@ def get_config(arg=None):
   c.data.video = [entry("train")]
   c.data.max_tokens = 40
   c.batch.video = BATCH
+  # The official script wraps the model in DDP before building the optimizer, so no parameter
+  # gets lr_mult in its multi-GPU runs (docs/finetuning.md#lr_mult-quirk).
+  c.optim.lr_mult = 1.0
   c.optim.lr = 3e-5
   ft.epochs(c, 5, ft.steps_per_epoch(TRAIN_PAIRS, BATCH))
   c.eval.evaluators = ("retrieval",)

@@ -37,7 +37,8 @@ def from_checkpoint(
 ) -> tuple[X2VLM, int]:
   """(model, step) from the trainer's newest good checkpoint (or exactly `step`)."""
   layout = ParamLayout.build(model_cfg, mesh)
-  with ckpt_lib.CheckpointManager(ckpt_dir, max_to_keep=None) as manager:
+  # Read-only: evaluating a run that is still training must not touch its saves in flight.
+  with ckpt_lib.CheckpointManager(ckpt_dir, max_to_keep=None, read_only=True) as manager:
     params, at = restore_params(manager, layout, step)
   return layout.model(params), at
 
