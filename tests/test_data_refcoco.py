@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import pickle
 import re
 
+import numpy as np
 import pytest
+from PIL import Image
 
+from data_pipelines import examples, image_ops, mixture, refcoco, synthetic_tasks
 from data_pipelines import features as F
-from data_pipelines import mixture, refcoco, synthetic_tasks
 from data_pipelines.tools import validate
 
 _LINE = re.compile(r"^(\S+:\d+): (\w+): (\S+): ")
@@ -153,3 +157,41 @@ def test_bad_entries_are_skipped_counted_and_validated(tmp_path, files, tokenize
   assert listed == sorted((f"{path}:{i}", r) for i, (r, _) in expected.items())
   with pytest.raises(ValueError, match="region records"):
     mixture.build_source(F.IMAGE, entry)
+
+
+def _official_target(box, crop, flip, res):
+  """The official grounding box target: crop shift, careful flip, resize, normalise."""
+  x, y, w, h = box
+  cw, ch = crop.x1 - crop.x0, crop.y1 - crop.y0
+  x, y = x - crop.x0, y - crop.y0
+  if flip:
+    x = (cw - x) - w
+  x, w, y, h = x * res / cw, w * res / cw, y * res / ch, h * res / ch
+  return np.array([(x + w / 2) / res, (y + h / 2) / res, w / res, h / res])
+
+
+@pytest.mark.parametrize("text", ["the striped thing", "the thing on the LEFT"])
+def test_grounding_example_matches_the_official_transform(tokenizer, text):
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format="PNG")
+  box = [5.6, 7.3, 20.2, 15.9]  # fractional pixels, as RefCOCO boxes are
+  rec = {"kind": F.REGION, "id": "r", "image": buf.getvalue(), "captions": []}
+  rec["elems"] = [{"bb": box, "captions": [text], "attributes": []}]
+  careful = "left" in text.lower()
+  flips, truncated_differs = 0, False
+  for seed in range(24):
+    ex = examples.make_example(F.REGION, rec, np.random.default_rng(seed), PRE, tokenizer)
+    replay = np.random.default_rng(seed)
+    replay.integers(0, 1)  # the anchor elem
+    crop = image_ops.sample_region_crop(box, 50, 40, replay)
+    flip = bool(replay.random() < 0.5) and not careful
+    flips += flip
+    np.testing.assert_allclose(ex[F.BOX][0], _official_target(box, crop, flip, 32), atol=1e-6)
+    assert ex[F.PIXELS].shape == (32, 32, 3) and ex[F.IS_IMAGE].tolist() == [0]
+    pre = dataclasses.replace(PRE, exact_boxes=False)  # pre-training: int() boxes
+    old = examples.make_example(F.REGION, rec, np.random.default_rng(seed), pre, tokenizer)
+    truncated_differs |= not np.allclose(old[F.BOX][0], ex[F.BOX][0], atol=1e-3)
+  assert (flips == 0) if careful else (flips > 0)
+  assert truncated_differs
