@@ -326,7 +326,8 @@ def make_train_iterator(
 
   sizes: host-local (per process) batch sizes with exactly one non-zero kind: the kind streamed.
   data_cfg: mapping with that kind's list of sources, data_cfg[kind], each
-    {'type': 'jsonl' | 'arrayrecord' | 'synthetic', 'path': ..., 'weight': 1.0, key names...};
+    {'type': 'jsonl' | 'json' | 'refcoco' | 'arrayrecord' | 'synthetic', 'path': ...,
+    'weight': 1.0, key names...} (`source_specs.build_source`);
     optional 'num_workers' (worker processes: an int, or {kind: int}), 'worker_buffer_size',
     'read_threads', 'num_epochs'.
   process_index/count default to JAX's.
