@@ -33,8 +33,9 @@ _BYTES = dict(dtype=np.object_)  # a variable-length byte string (encoded image 
 def features_for(kind: str) -> TFDS.FeaturesDict:
   """The flat TFDS features dict of one kind (no nested Sequence: see module docstring)."""
   common = {"id": TFDS.Text(), "captions": TFDS.Sequence(TFDS.Text())}
+  image_id = {"image_id": TFDS.Text()}  # "" when the record has none
   if kind == F.IMAGE:
-    return TFDS.FeaturesDict({**common, "image": TFDS.Tensor(shape=(), **_BYTES)})
+    return TFDS.FeaturesDict({**common, **image_id, "image": TFDS.Tensor(shape=(), **_BYTES)})
   if kind == F.REGION:
     return TFDS.FeaturesDict(
       {
@@ -51,6 +52,7 @@ def features_for(kind: str) -> TFDS.FeaturesDict:
     return TFDS.FeaturesDict(
       {
         **common,
+        **image_id,
         "frames": TFDS.Tensor(shape=(None,), **_BYTES),  # all frames of all clips, flattened
         "clip_lengths": TFDS.Tensor(shape=(None,), dtype=np.int32),  # [n_clips]
         "is_continuous": TFDS.Tensor(shape=(), dtype=np.bool_),
@@ -63,6 +65,8 @@ def to_example(record: dict) -> dict[str, Any]:
   """Canonical record -> TFDS example dict of its kind."""
   kind = record["kind"]
   ex = {"id": record["id"], "captions": list(record["captions"])}
+  if kind != F.REGION:
+    ex["image_id"] = record.get("image_id") or ""
   if kind == F.IMAGE:
     ex["image"] = bytes(record["image"])
   elif kind == F.REGION:
@@ -104,6 +108,8 @@ def from_example(kind: str, ex: dict[str, Any]) -> dict:
     "id": _text(ex["id"]),
     "captions": [_text(c) for c in ex["captions"]],
   }
+  if _text(ex.get("image_id", b"")):  # datasets written before image ids have no such feature
+    record["image_id"] = _text(ex["image_id"])
   if kind == F.IMAGE:
     record["image"] = bytes(ex["image"])
   elif kind == F.REGION:

@@ -54,14 +54,15 @@ def image_size(data: bytes, record_id: str, field: str) -> tuple[int, int]:
   return arr.shape[1], arr.shape[0]
 
 
-def box_ok(bb, width: int, height: int) -> bool:
+def box_ok(bb, width: int, height: int, exact: bool = False) -> bool:
   """Whether an elem box passes the official crop rule (docs/fidelity.md#region-crop).
 
-  The box is truncated with int() (towards zero, as the official code does), must have w, h > 0
+  The box is truncated with int() (towards zero, as the official pre-training code does; with
+  `exact` it is kept as given, as the official grounding fine-tuning does), must have w, h > 0
   and lie inside the image: x >= 0, y >= 0, x + w <= W, y + h <= H.
   """
   try:
-    x, y, w, h = (math.trunc(float(v)) for v in bb)
+    x, y, w, h = (float(v) if exact else math.trunc(float(v)) for v in bb)
   except (TypeError, ValueError, OverflowError):
     return False
   return w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= width and y + h <= height
@@ -90,10 +91,17 @@ def elem_texts(elem: dict) -> list[str]:
 
 
 def elem_problem(
-  elem: dict, width: int, height: int, tokenizer: Any, max_words: int, record_id: str, field: str
+  elem: dict,
+  width: int,
+  height: int,
+  tokenizer: Any,
+  max_words: int,
+  record_id: str,
+  field: str,
+  exact_boxes: bool = False,
 ) -> str | None:
   """The skip reason that makes an elem unusable ('bad_box' or a caption reason), else None."""
-  if not box_ok(elem["bb"], width, height):
+  if not box_ok(elem["bb"], width, height, exact_boxes):
     return "bad_box"
   if not elem["captions"]:
     return "empty_caption"
@@ -139,17 +147,22 @@ def check_record(record: dict, tokenizer: Any, preproc_cfg: F.PreprocConfig) -> 
         decode_image(frame, rid, f"clips[{ci}][{fi}]")
   else:
     size = image_size(record["image"], rid, "image")
-  check_texts(record, tokenizer, preproc_cfg.max_tokens, size)
+  check_texts(record, tokenizer, preproc_cfg.max_tokens, size, preproc_cfg.exact_boxes)
 
 
 def check_texts(
-  record: dict, tokenizer: Any, max_words: int, size: tuple[int, int] | None = None
+  record: dict,
+  tokenizer: Any,
+  max_words: int,
+  size: tuple[int, int] | None = None,
+  exact_boxes: bool = False,
 ) -> list[int] | None:
   """The text and box part of `check_record` (no image decoding), shared with the pipeline.
 
   The training pipeline calls this on every example so that it skips exactly the records the
   validator reports, whatever its random choices. `size` = (width, height) of the image, needed
-  for region records. Returns the usable elem indices of a region record (else None).
+  for region records; `exact_boxes` as `PreprocConfig.exact_boxes`. Returns the usable elem
+  indices of a region record (else None).
   """
   rid, kind = record["id"], record["kind"]
   if kind == F.VIDEO and (not record["clips"] or any(len(c) == 0 for c in record["clips"])):
@@ -162,7 +175,7 @@ def check_texts(
     return None
   width, height = size
   problems = [
-    elem_problem(e, width, height, tokenizer, max_words, rid, f"elems[{i}]")
+    elem_problem(e, width, height, tokenizer, max_words, rid, f"elems[{i}]", exact_boxes)
     for i, e in enumerate(record["elems"])
   ]
   if all(p is not None for p in problems):

@@ -147,10 +147,10 @@ def region_example(
   # Deterministic filter shared with the validator: an elem is usable when its box passes the
   # crop rule and all its texts survive pre_caption + tokenisation; a bad whole-image caption
   # skips the record (as the official reader drops the line, docs/fidelity.md#bad-elems).
-  ok = check_texts(record, tokenizer, cfg.max_tokens, (width, height))
+  ok = check_texts(record, tokenizer, cfg.max_tokens, (width, height), cfg.exact_boxes)
   boxes = np.zeros((len(elems), 4), np.float64)  # [N, 4] (x, y, w, h)
   for i in ok:
-    boxes[i] = [math.trunc(float(v)) for v in elems[i]["bb"]]
+    boxes[i] = [float(v) if cfg.exact_boxes else math.trunc(float(v)) for v in elems[i]["bb"]]
   anchor = ok[int(rng.integers(0, len(ok)))]
   allow_flip = cfg.hflip and not (cfg.careful_hflip and _mentions_left_right(record))
   view = image_ops.region_transform(

@@ -8,6 +8,9 @@ Two contracts live here:
 
    common:   'kind'   str  one of KINDS
              'id'     str  stable id of the record (given by the data, else "<file>:<line>")
+   image and video, optional:
+             'image_id' str  the data's id of the image / video (the official retrieval files'
+                             `image_id` or index key); records of one image share it
    image:    'image'    bytes   the encoded image file (JPEG/PNG/...), not decoded
              'captions' list[str]  >= 1 caption (one is drawn per use)
    region:   'image'    bytes
@@ -26,6 +29,8 @@ Two contracts live here:
 from __future__ import annotations
 
 import dataclasses
+import zlib
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -43,6 +48,9 @@ VALID = "valid"  # int32 [B] 1 for a real row, 0 for padding
 IMAGE_ID = "image_id"  # int32 [B] image / video kinds: hash of the record's image id (-1 padding)
 RECORD_ID = "record_id"  # int32 [B] index of the record within its source (-1 for padding)
 SOURCE_ID = "source_id"  # int32 [B] index of the source within the kind (-1 for padding)
+# int32 [B] image and video kinds: `image_id_hash` of the record's image id (of its record id
+# when it has none), -1 for padding; a model input (retrieval: ITC soft targets, ITM negatives).
+IMAGE_ID = "image_id"
 
 # Vision fields.
 PIXELS = "pixels"  # uint8 [N, R, R, 3] (image kind: N = B; region kind: N = max_images)
@@ -120,7 +128,12 @@ def batch_spec(s: BatchSizes) -> dict[str, dict[str, tuple[tuple[int, ...], np.d
 
   spec = {}
   if s.image_batch:
-    spec[IMAGE] = {PIXELS: ((s.image_batch, R, R, 3), np.uint8), **text(s.image_batch)}
+    b = s.image_batch
+    spec[IMAGE] = {
+      PIXELS: ((b, R, R, 3), np.uint8),
+      IMAGE_ID: ((b,), np.int32),
+      **text(b),
+    }
   if s.region_batch:
     b, n = s.region_batch, s.region_max_images
     spec[REGION] = {
@@ -134,8 +147,27 @@ def batch_spec(s: BatchSizes) -> dict[str, dict[str, tuple[tuple[int, ...], np.d
     }
   if s.video_batch:
     b, f = s.video_batch, s.frame_len
-    spec[VIDEO] = {FRAMES: ((b, f, R, R, 3), np.uint8), FRAME_VALID: ((b, f), np.int32), **text(b)}
+    spec[VIDEO] = {
+      FRAMES: ((b, f, R, R, 3), np.uint8),
+      FRAME_VALID: ((b, f), np.int32),
+      IMAGE_ID: ((b,), np.int32),
+      **text(b),
+    }
   return spec
+
+
+def image_id_hash(value: str) -> int:
+  """A stable non-negative 31-bit int of an image id string (crc32 of its UTF-8 bytes)."""
+  return zlib.crc32(value.encode("utf-8")) & 0x7FFFFFFF
+
+
+def record_image_id(record: Mapping) -> int:
+  """The IMAGE_ID of a canonical record: hash of its 'image_id', else of its record 'id'.
+
+  Records without an image id thus stay distinct from each other (one image per record).
+  """
+  value = record.get("image_id")
+  return image_id_hash(str(record.get("id", "?") if value is None else value))
 
 
 def check_batch(batch, s: BatchSizes) -> None:
@@ -173,6 +205,9 @@ class PreprocConfig:
   randaugment: bool = True
   crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop scale (fine-tuning: (0.5, 1))
   careful_hflip: bool = False  # region crops: no flip if "left"/"right" occurs in a text
+  # Region boxes keep their fractional pixels for the crop rule, the crop and the target, as
+  # the official grounding fine-tuning does (pre-training truncates them with int()).
+  exact_boxes: bool = False
   hflip: bool = True  # random horizontal flips (official); False keeps "left"/"right" texts true
   train: bool = True  # False: deterministic test transform (bicubic resize, eval frame sampling)
 

@@ -1,7 +1,8 @@
 """The official JSON-lines formats (docs/data.md) <-> canonical records (`features.py`).
 
 `parse_line` turns one text line into a canonical record and never raises anything but
-`SkipRecord`; `to_line` does the reverse (base64 images), used by the synthetic world and the
+`SkipRecord` (`parse_object` does the same for one entry of a JSON-array file, the fine-tuning
+format); `to_line` does the reverse (base64 images), used by the synthetic world and the
 tests. Images are not decoded here (that happens in the grain map / `checks.py`); base64 is,
 so invalid base64 is reported as 'corrupt_image' at read time.
 """
@@ -26,7 +27,10 @@ class JsonlFormat:
   the image field holds a file path instead of base64 bytes; relative paths are resolved
   against `image_root`, or the directory of the JSON-lines file when `image_root` is None.
   `language` picks one entry of a dict caption (the official `language_chosen`); otherwise all
-  values of the dict become caption alternatives.
+  values of the dict become caption alternatives. `image_id_key` (image and video kinds) names
+  an optional key whose value (str or int) becomes the record's 'image_id'. With `frames_file`
+  (video kind) the frames key holds the path of a JSON file with the list of base64 frames
+  (the official video retrieval format), resolved like an image path.
   """
 
   image_key: str = "binary"
@@ -34,6 +38,8 @@ class JsonlFormat:
   is_image_rpath: bool = False
   image_root: str | None = None
   language: str | None = None
+  image_id_key: str | None = None
+  frames_file: bool = False
 
 
 def default_format(kind: str, **overrides) -> JsonlFormat:
@@ -46,8 +52,38 @@ def default_format(kind: str, **overrides) -> JsonlFormat:
   return dataclasses.replace(JsonlFormat(image_key=keys[0], caption_key=keys[1]), **overrides)
 
 
+def array_format(kind: str, **overrides) -> JsonlFormat:
+  """The official fine-tuning key names of JSON-array files (docs/data.md), with overrides.
+
+  Image and video kinds: the retrieval files' `image` (a path under image_root; for videos a
+  JSON frames file), `caption` and `image_id` keys. Region: the JSON-lines names with paths.
+  """
+  if kind == F.REGION:
+    return default_format(kind, is_image_rpath=True, **overrides)
+  base = JsonlFormat(
+    image_key="image",
+    caption_key="caption",
+    is_image_rpath=True,
+    image_id_key="image_id",
+    frames_file=kind == F.VIDEO,
+  )
+  return dataclasses.replace(base, **overrides)
+
+
 def _bad(rid: str, field: str, detail: str) -> F.SkipRecord:
   return F.SkipRecord("bad_field_type", rid, field, detail)
+
+
+def _read_file(value: str, fmt: JsonlFormat, base_dir: str, rid: str, field: str) -> bytes:
+  """The bytes of a relative (to image_root, else base_dir) or absolute path."""
+  path = os.path.join(fmt.image_root or base_dir, value)
+  try:
+    with open(path, "rb") as f:
+      return f.read()
+  except FileNotFoundError:
+    raise F.SkipRecord("missing_image", rid, field, f"no file {path}") from None
+  except OSError as e:
+    raise F.SkipRecord("missing_image", rid, field, f"cannot read {path}: {e}") from None
 
 
 def _image_bytes(value: Any, fmt: JsonlFormat, base_dir: str, rid: str, field: str) -> bytes:
@@ -59,14 +95,7 @@ def _image_bytes(value: Any, fmt: JsonlFormat, base_dir: str, rid: str, field: s
       f"expected a {'path' if fmt.is_image_rpath else 'base64'} string, got {type(value).__name__}",
     )
   if fmt.is_image_rpath:
-    path = os.path.join(fmt.image_root or base_dir, value)
-    try:
-      with open(path, "rb") as f:
-        return f.read()
-    except FileNotFoundError:
-      raise F.SkipRecord("missing_image", rid, field, f"no file {path}") from None
-    except OSError as e:
-      raise F.SkipRecord("missing_image", rid, field, f"cannot read {path}: {e}") from None
+    return _read_file(value, fmt, base_dir, rid, field)
   try:
     data = base64.b64decode(value, validate=True)
   except (binascii.Error, ValueError) as e:
@@ -131,8 +160,29 @@ def _elem(value: Any, rid: str, field: str) -> dict:
   return {"bb": box, "captions": captions, "attributes": attrs}
 
 
-def _frames(value: Any, fmt: JsonlFormat, base_dir: str, rid: str, field: str) -> list[list[bytes]]:
-  """'video_frames': a list of frames (one clip) or a list of clips of frames."""
+def _frames_file(value: Any, fmt: JsonlFormat, base_dir: str, rid: str, field: str) -> list:
+  """The frame list held by a JSON frames file (official video retrieval format)."""
+  if not isinstance(value, str):
+    raise _bad(rid, field, f"expected the path of a frames file, got {type(value).__name__}")
+  data = _read_file(value, fmt, base_dir, rid, field)
+  try:
+    frames = json.loads(data)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise F.SkipRecord("corrupt_image", rid, field, f"frames file {value}: {e}"[:120]) from None
+  if not isinstance(frames, list):
+    detail = f"frames file {value} holds a JSON {type(frames).__name__}, not a list of frames"
+    raise F.SkipRecord("corrupt_image", rid, field, detail)
+  return frames
+
+
+def _frames(
+  value: Any, fmt: JsonlFormat, base_dir: str, rid: str, field: str
+) -> tuple[list[list[bytes]], bool]:
+  """(clips, given as a list of clips) of 'video_frames': a list of frames (one clip) or a list
+  of clips of frames; with `fmt.frames_file` the value names a JSON file holding that list."""
+  if fmt.frames_file:
+    value = _frames_file(value, fmt, base_dir, rid, field)
+    fmt = dataclasses.replace(fmt, is_image_rpath=False, frames_file=False)  # base64 frames
   if not isinstance(value, list):
     raise _bad(rid, field, f"expected a list of frames or clips, got {type(value).__name__}")
   if not value:
@@ -150,7 +200,33 @@ def _frames(value: Any, fmt: JsonlFormat, base_dir: str, rid: str, field: str) -
     out.append(
       [_image_bytes(fr, fmt, base_dir, rid, f"{field}[{ci}][{fi}]") for fi, fr in enumerate(clip)]
     )
-  return out
+  return out, clips is value
+
+
+def _image_id(obj: dict, fmt: JsonlFormat, rid: str) -> dict[str, str]:
+  """{'image_id': str} when `fmt.image_id_key` is set and present in the object, else {}."""
+  key = fmt.image_id_key
+  if key is None or key not in obj:
+    return {}
+  value = obj[key]
+  if not isinstance(value, (str, int)) or isinstance(value, bool) or value == "":
+    raise _bad(rid, key, f"expected a non-empty str or an int, got {value!r:.40}")
+  return {"image_id": str(value)}
+
+
+def _video_fields(obj: dict, fmt: JsonlFormat, base_dir: str, rid: str) -> dict[str, Any]:
+  """clips, captions and is_continuous of a video object."""
+  clips, multi = _frames(obj[fmt.image_key], fmt, base_dir, rid, fmt.image_key)
+  captions = _captions(obj[fmt.caption_key], fmt, rid, fmt.caption_key)
+  if multi:
+    if len(captions) != len(clips):
+      raise _bad(rid, fmt.caption_key, f"{len(captions)} captions for {len(clips)} clips")
+    if not isinstance(obj.get("is_continuous"), bool):
+      raise _bad(rid, "is_continuous", "required bool when frames are clips")
+  cont = obj.get("is_continuous", False)
+  if not isinstance(cont, bool):
+    raise _bad(rid, "is_continuous", f"expected bool, got {type(cont).__name__}")
+  return {"clips": clips, "captions": captions, "is_continuous": cont}
 
 
 def parse_line(
@@ -161,11 +237,22 @@ def parse_line(
   Raises:
     SkipRecord with one of SKIP_REASONS naming `rid` and the field; nothing else.
   """
-  fmt = fmt or default_format(kind)
   try:
     obj = json.loads(line)
   except (ValueError, UnicodeDecodeError) as e:
     raise F.SkipRecord("bad_json", rid, "<line>", str(e)[:80]) from None
+  return parse_object(kind, obj, rid, fmt, base_dir)
+
+
+def parse_object(
+  kind: str, obj: Any, rid: str, fmt: JsonlFormat | None = None, base_dir: str = "."
+) -> dict:
+  """One parsed JSON value (a line, or an entry of a JSON array) -> canonical record.
+
+  Raises:
+    SkipRecord with one of SKIP_REASONS naming `rid` and the field; nothing else.
+  """
+  fmt = fmt or default_format(kind)
   if not isinstance(obj, dict):
     raise F.SkipRecord("bad_json", rid, "<line>", f"a JSON {type(obj).__name__}, not an object")
   if "id" in obj:
@@ -179,6 +266,7 @@ def parse_line(
   if kind == F.IMAGE:
     record["image"] = _image_bytes(obj[fmt.image_key], fmt, base_dir, rid, fmt.image_key)
     record["captions"] = _captions(obj[fmt.caption_key], fmt, rid, fmt.caption_key)
+    record.update(_image_id(obj, fmt, rid))
   elif kind == F.REGION:
     # The official region reader always uses "caption" (our default) for the whole-image
     # caption, which is optional there.
@@ -192,18 +280,8 @@ def parse_line(
     record["captions"] = _captions(obj[cap], fmt, rid, cap) if cap in obj else []
     record["elems"] = [_elem(e, rid, f"elems[{i}]") for i, e in enumerate(elems)]
   elif kind == F.VIDEO:
-    clips = _frames(obj[fmt.image_key], fmt, base_dir, rid, fmt.image_key)
-    captions = _captions(obj[fmt.caption_key], fmt, rid, fmt.caption_key)
-    multi = isinstance(obj[fmt.image_key][0], list)
-    if multi:
-      if len(captions) != len(clips):
-        raise _bad(rid, fmt.caption_key, f"{len(captions)} captions for {len(clips)} clips")
-      if not isinstance(obj.get("is_continuous"), bool):
-        raise _bad(rid, "is_continuous", "required bool when frames are clips")
-    cont = obj.get("is_continuous", False)
-    if not isinstance(cont, bool):
-      raise _bad(rid, "is_continuous", f"expected bool, got {type(cont).__name__}")
-    record.update(clips=clips, captions=captions, is_continuous=cont)
+    record.update(_video_fields(obj, fmt, base_dir, rid))
+    record.update(_image_id(obj, fmt, rid))
   else:
     raise ValueError(f"unknown kind {kind!r}; expected one of {F.KINDS}")
   return record
@@ -230,6 +308,8 @@ def to_line(
     return next(paths) if paths is not None else base64.b64encode(data).decode("ascii")
 
   obj = _video_obj(record, fmt, enc) if kind == F.VIDEO else _still_obj(record, fmt, enc)
+  if fmt.image_id_key and record.get("image_id") is not None:
+    obj[fmt.image_id_key] = record["image_id"]
   obj.update(extra or {})
   return json.dumps(obj)
 

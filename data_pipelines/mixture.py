@@ -30,6 +30,7 @@ import numpy as np
 
 from data_pipelines import features as F
 from data_pipelines import packing, workers
+from data_pipelines.source_specs import build_source
 
 STATE_VERSION = 1
 _EXAMPLE_TAG = 0  # seed tag of per-example randomness (packing uses tag 1)
@@ -110,7 +111,10 @@ class ExampleFn:
     except Exception as e:  # a bug or a bad config, not bad data: fail loudly, naming the record
       rid = record.get("id", "?") if isinstance(record, Mapping) else "?"
       raise RuntimeError(f"{where} (id {rid}): make_example failed: {type(e).__name__}: {e}") from e
-    return packing.Tagged(example, None, record_index, source_id)
+    image_id = -1
+    if self.kind != F.REGION and isinstance(record, Mapping):
+      image_id = F.record_image_id(record)
+    return packing.Tagged(example, None, record_index, source_id, image_id)
 
 
 def _kind_id(kind: str) -> int:
@@ -262,71 +266,6 @@ def _as_dict(cfg) -> dict:
   return dict(cfg)
 
 
-_COMMON_KEYS = {"type", "path", "weight"}
-_JSONL_KEYS = {
-  "image_key",
-  "caption_key",
-  "is_image_rpath",
-  "image_root",
-  "language",
-  "keys",
-  "index_cache_dir",
-}
-_SOURCE_KEYS = {
-  "jsonl": _COMMON_KEYS | _JSONL_KEYS,
-  "arrayrecord": _COMMON_KEYS | {"split"},
-  "synthetic": _COMMON_KEYS | {"size", "seed", "world"},
-}
-
-
-def build_source(kind: str, spec: Mapping[str, Any]):
-  """One random-access source from its config entry.
-
-  spec['type']:
-    'jsonl':       path (file or directory); optional key names image_key / caption_key /
-                   is_image_rpath / image_root / language (top level or under 'keys', defaults:
-                   the released names of the kind), index_cache_dir.
-    'arrayrecord': path of a TFDS ArrayRecord dataset written by arrayrecord.write; split.
-    'synthetic':   size (records), seed (world seed), world (WorldConfig fields).
-  """
-  typ = spec.get("type")
-  if typ not in _SOURCE_KEYS:
-    raise ValueError(f"{kind} source {dict(spec)}: type must be one of {sorted(_SOURCE_KEYS)}")
-  unknown = set(spec) - _SOURCE_KEYS[typ]
-  if unknown:
-    raise ValueError(f"{kind} {typ} source: unknown keys {sorted(unknown)}")
-  # pylint: disable=g-import-not-at-top
-  if typ == "synthetic":
-    from data_pipelines import synthetic
-
-    if "size" not in spec:
-      raise ValueError(f"{kind} synthetic source: 'size' (number of records) is required")
-    world = synthetic.ShapesWorld(
-      synthetic.WorldConfig(**dict(spec.get("world", {}))),
-      seed=int(spec.get("seed", synthetic.TRAIN_SEED)),
-    )
-    return synthetic.SyntheticSource(kind, int(spec["size"]), world)
-  if "path" not in spec:
-    raise ValueError(f"{kind} {typ} source: 'path' is required")
-  if typ == "arrayrecord":
-    from data_pipelines import arrayrecord
-
-    src = arrayrecord.ArrayRecordSource(spec["path"], split=spec.get("split", "train"))
-    if src.kind != kind:
-      raise ValueError(f"{spec['path']}: holds {src.kind!r} records, listed under {kind!r}")
-    return src
-  from data_pipelines import jsonl_format, sources
-
-  keys = {k: spec[k] for k in _JSONL_KEYS - {"keys", "index_cache_dir"} if k in spec}
-  keys.update(dict(spec.get("keys", {})))
-  return sources.JsonLinesSource(
-    spec["path"],
-    kind,
-    jsonl_format.default_format(kind, **keys),
-    index_cache_dir=spec.get("index_cache_dir"),
-  )
-
-
 def _process(process_index, process_count) -> tuple[int, int]:
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
@@ -387,7 +326,8 @@ def make_train_iterator(
 
   sizes: host-local (per process) batch sizes with exactly one non-zero kind: the kind streamed.
   data_cfg: mapping with that kind's list of sources, data_cfg[kind], each
-    {'type': 'jsonl' | 'arrayrecord' | 'synthetic', 'path': ..., 'weight': 1.0, key names...};
+    {'type': 'jsonl' | 'json' | 'refcoco' | 'arrayrecord' | 'synthetic', 'path': ...,
+    'weight': 1.0, key names...} (`source_specs.build_source`);
     optional 'num_workers' (worker processes: an int, or {kind: int}), 'worker_buffer_size',
     'read_threads', 'num_epochs'.
   process_index/count default to JAX's.

@@ -9,9 +9,10 @@
           is_image [n]
 
 The functions here turn a list of such examples into arrays that match `features.batch_spec`
-exactly; the bookkeeping fields (valid, record_id, source_id, and for regions image_valid and
-image_index) are added here, never by `make_example`. Missing rows (a finite stream that ran out)
-are zeros with valid = 0 and record_id = source_id = -1, so shapes never change.
+exactly; the bookkeeping fields (valid, record_id, source_id, image_id for images and videos,
+and for regions image_valid and image_index) are added here, never by `make_example`. Missing
+rows (a finite stream that ran out) are zeros with valid = 0 and record_id = source_id =
+image_id = -1, so shapes never change.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from data_pipelines import features as F
 from data_pipelines import workers
 
 # Fields the packer owns: make_example must not produce them.
-_BOOKKEEPING = (F.VALID, F.RECORD_ID, F.SOURCE_ID, F.IMAGE_VALID, F.IMAGE_INDEX)
+_BOOKKEEPING = (F.VALID, F.RECORD_ID, F.SOURCE_ID, F.IMAGE_ID, F.IMAGE_VALID, F.IMAGE_INDEX)
 # Region fields that belong to the image slot rather than to a text.
 _REGION_IMAGE_FIELDS = (F.PIXELS,)
 
@@ -40,12 +41,14 @@ class Tagged:
   skip:      the SKIP_REASONS entry when skipped, else None
   record_id: index of the record within its source (before sharding)
   source_id: index of the source within the kind
+  image_id:  `features.record_image_id` of the record (image and video kinds), else -1
   """
 
   example: dict | None
   skip: str | None
   record_id: int
   source_id: int
+  image_id: int = -1
 
 
 @functools.lru_cache(maxsize=64)
@@ -115,12 +118,14 @@ def pack_rows(kind: str, items: Sequence[Tagged], sizes: F.BatchSizes) -> dict[s
   out = _zeros(spec)
   out[F.RECORD_ID][:] = -1
   out[F.SOURCE_ID][:] = -1
+  out[F.IMAGE_ID][:] = -1
   for row, item in enumerate(items):
     for name, value in item.example.items():
       out[name][row] = value
     out[F.VALID][row] = 1
     out[F.RECORD_ID][row] = item.record_id
     out[F.SOURCE_ID][row] = item.source_id
+    out[F.IMAGE_ID][row] = item.image_id
   return out
 
 

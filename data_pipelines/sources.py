@@ -1,27 +1,37 @@
-"""Random-access data sources over official JSON-lines files (grain `RandomAccessDataSource`).
+"""Random-access data sources over official JSON files (grain `RandomAccessDataSource`).
 
 A source is a file or a directory of files (names containing `_SUCCESS` are skipped, as the
-official reader does). Each file gets a line-offset index, built by a cheap
+official reader does). JSON-lines files (pre-training) get a line-offset index, built by a cheap
 newline scan and cached (in memory, and on disk when `index_cache_dir` is given), so
-`source[i]` seeks straight to line i. `__getitem__` returns a canonical record (`features.py`)
-or raises `SkipRecord`; record ids are "<file basename>:<line number>" (1-based) unless the line
-has an "id". `open_source` also dispatches to the ArrayRecord reader.
+`source[i]` seeks straight to line i. JSON-array files (the fine-tuning files: one array of
+entries) are read once and kept in memory as compact per-entry JSON. `__getitem__` returns a
+canonical record (`features.py`) or raises `SkipRecord`; record ids are
+"<file basename>:<line number or 1-based entry index>" unless the entry has an "id".
+`open_source` dispatches between JSON lines, JSON arrays and the ArrayRecord reader.
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
+import json
 import os
 from typing import Sequence
 
 import numpy as np
 
 from data_pipelines import features as F
-from data_pipelines.jsonl_format import JsonlFormat, default_format, parse_line
+from data_pipelines.jsonl_format import (
+  JsonlFormat,
+  array_format,
+  default_format,
+  parse_line,
+  parse_object,
+)
 
 _CHUNK = 1 << 24  # bytes read per step of the newline scan
 _INDEX_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+_ARRAY_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
 
 def list_files(path: str | os.PathLike) -> list[str]:
@@ -174,6 +184,94 @@ class JsonLinesSource:
     return [self[i] for i in indices]
 
 
+def is_json_array(path: str | os.PathLike) -> bool:
+  """Whether the (first) data file of `path` is a JSON array: its first non-blank byte is '['."""
+  with open(list_files(path)[0], "rb") as f:
+    while chunk := f.read(4096):
+      head = chunk.lstrip()
+      if head:
+        return head[:1] == b"["
+  return False
+
+
+def array_entries(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """(uint8 buffer of every entry re-serialised as JSON, int64 [N + 1] offsets) of a JSON-array
+  file; cached in memory per (path, size, mtime). A file that is not one JSON array raises
+  ValueError (no entry can be read from it)."""
+  st = os.stat(path)
+  key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+  if key not in _ARRAY_CACHE:
+    try:
+      with open(path, "rb") as f:
+        entries = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+      raise ValueError(f"{path}: not a JSON file: {e}") from None
+    if not isinstance(entries, list):
+      raise ValueError(f"{path}: holds a JSON {type(entries).__name__}, not an array of entries")
+    parts = [json.dumps(e, ensure_ascii=False).encode("utf-8") for e in entries]
+    offsets = np.cumsum([0] + [len(p) for p in parts]).astype(np.int64)
+    _ARRAY_CACHE[key] = (np.frombuffer(b"".join(parts), np.uint8), offsets)
+  return _ARRAY_CACHE[key]
+
+
+class JsonArraySource:
+  """grain `RandomAccessDataSource` over JSON-array files (official fine-tuning files).
+
+  Every entry of the array(s) is one record, parsed like a JSON line (`parse_object`); record ids
+  are "<file basename>:<1-based entry index>". The default key names are the official
+  retrieval ones (`jsonl_format.array_format`: image paths under image_root, `caption`,
+  `image_id`; video entries name a JSON file of base64 frames).
+
+  Args:
+    path: a JSON-array file or a directory of them.
+    kind: one of `features.KINDS`.
+    fmt: key names / image storage (`jsonl_format.array_format(kind)` when None).
+  """
+
+  def __init__(self, path: str | os.PathLike, kind: str, fmt: JsonlFormat | None = None):
+    if kind not in F.KINDS:
+      raise ValueError(f"unknown kind {kind!r}; expected one of {F.KINDS}")
+    self.kind, self.fmt = kind, fmt or array_format(kind)
+    self.files = list_files(path)
+    self._entries = [array_entries(f) for f in self.files]
+    self._cum = np.cumsum([0] + [len(o) - 1 for _, o in self._entries]).tolist()
+
+  def __len__(self) -> int:
+    return self._cum[-1]
+
+  def __repr__(self) -> str:
+    return f"JsonArraySource(kind={self.kind!r}, files={len(self.files)}, records={len(self)})"
+
+  def _locate(self, i: int) -> tuple[int, int]:
+    if not -len(self) <= i < len(self):
+      raise IndexError(f"record {i} out of range for {len(self)} records")
+    i %= len(self)
+    fi = bisect.bisect_right(self._cum, i) - 1
+    return fi, i - self._cum[fi]
+
+  def location(self, i: int) -> tuple[str, int]:
+    """(file path, 1-based entry index) of record i."""
+    fi, j = self._locate(i)
+    return self.files[fi], j + 1
+
+  def raw_entry(self, i: int) -> bytes:
+    """Entry i as JSON text."""
+    fi, j = self._locate(i)
+    buf, offsets = self._entries[fi]
+    return buf[offsets[j] : offsets[j + 1]].tobytes()
+
+  def __getitem__(self, i: int) -> dict:
+    """Canonical record i; raises `SkipRecord` for a bad entry (never anything else)."""
+    path, index = self.location(i)
+    rid = f"{os.path.basename(path)}:{index}"
+    obj = json.loads(self.raw_entry(i))
+    return parse_object(self.kind, obj, rid, self.fmt, os.path.dirname(path))
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+    """Batch read; raises `SkipRecord` at the first bad record."""
+    return [self[i] for i in indices]
+
+
 def is_arrayrecord(path: str | os.PathLike) -> bool:
   """Whether `path` is (or holds) a TFDS ArrayRecord dataset written by `arrayrecord.py`."""
   from data_pipelines import arrayrecord  # tfds import is slow; only pay for it when needed
@@ -184,9 +282,10 @@ def is_arrayrecord(path: str | os.PathLike) -> bool:
 def open_source(
   path: str | os.PathLike, kind: str | None = None, fmt: JsonlFormat | None = None, **kwargs
 ):
-  """A random-access source for `path`: ArrayRecord dataset dir or JSON-lines file/dir.
+  """A random-access source for `path`: ArrayRecord dataset dir, JSON-array or JSON-lines
+  file/dir.
 
-  `kind` is required for JSON lines unless it can be inferred from the first parseable line
+  `kind` is required for JSON unless it can be inferred from the first parseable entries
   (see `detect_kind`); ArrayRecord datasets record their kind.
   """
   from data_pipelines import arrayrecord
@@ -196,13 +295,31 @@ def open_source(
     if kind is not None and kind != src.kind:
       raise ValueError(f"{path}: holds {src.kind!r} records, not {kind!r}")
     return src
+  if is_json_array(path):
+    return JsonArraySource(path, kind or detect_kind(path), fmt)
   return JsonLinesSource(path, kind or detect_kind(path), fmt, **kwargs)
 
 
-def detect_kind(path: str | os.PathLike, max_lines: int = 100) -> str:
-  """Infers the kind of a JSON-lines source from the keys of its first parseable line(s)."""
-  import json
+def _kind_of(obj: dict, array: bool) -> str:
+  """The kind an official object looks like: elems -> region; video_frames (or, in a JSON
+  array, a value naming a JSON frames file) -> video; else image."""
+  if "elems" in obj:
+    return F.REGION
+  if "video_frames" in obj:
+    return F.VIDEO
+  if array and any(isinstance(v, str) and v.lower().endswith(".json") for v in obj.values()):
+    return F.VIDEO
+  return F.IMAGE
 
+
+def detect_kind(path: str | os.PathLike, max_lines: int = 100) -> str:
+  """Infers the kind of a JSON source from the keys of its first parseable line(s) / entries."""
+  if is_json_array(path):
+    buf, offsets = array_entries(list_files(path)[0])
+    for j in range(min(max_lines, len(offsets) - 1)):
+      obj = json.loads(buf[offsets[j] : offsets[j + 1]].tobytes())
+      if isinstance(obj, dict):
+        return _kind_of(obj, array=True)
   for f in list_files(path):
     with open(f, "rb") as fh:
       for n, line in enumerate(fh):
@@ -213,11 +330,7 @@ def detect_kind(path: str | os.PathLike, max_lines: int = 100) -> str:
         except ValueError:
           continue
         if isinstance(obj, dict):
-          if "elems" in obj:
-            return F.REGION
-          if "video_frames" in obj:
-            return F.VIDEO
-          return F.IMAGE
+          return _kind_of(obj, array=False)
   raise ValueError(
     f"{path}: cannot infer the kind (no JSON object in the first lines); pass --kind"
   )

@@ -41,6 +41,12 @@ def _text(rng, b, sizes: F.BatchSizes, vocab: int):
   }
 
 
+def _image_ids(b: int) -> np.ndarray:
+  """Distinct image ids (one image per row), drawn without the rng so the other fields keep
+  their values."""
+  return np.asarray([F.image_id_hash(f"random-{i}") for i in range(b)], np.int32)
+
+
 def random_batch(
   sizes: F.BatchSizes, vocab: int = 30522, seed: int = 0, num_invalid: int = 0
 ) -> dict:
@@ -51,6 +57,7 @@ def random_batch(
   if sizes.image_batch:
     out[F.IMAGE] = {
       F.PIXELS: rng.integers(0, 256, (sizes.image_batch, R, R, 3), dtype=np.uint8),
+      F.IMAGE_ID: _image_ids(sizes.image_batch),
       **_text(rng, sizes.image_batch, sizes, vocab),
     }
   if sizes.region_batch:
@@ -85,6 +92,7 @@ def random_batch(
     out[F.VIDEO] = {
       F.FRAMES: rng.integers(0, 256, (b, f, R, R, 3), dtype=np.uint8),
       F.FRAME_VALID: np.ones((b, f), np.int32),
+      F.IMAGE_ID: _image_ids(b),
       **_text(rng, b, sizes, vocab),
     }
   if num_invalid:
@@ -92,4 +100,6 @@ def random_batch(
       fields[F.VALID][-num_invalid:] = 0
       fields[F.RECORD_ID][-num_invalid:] = -1
       fields[F.SOURCE_ID][-num_invalid:] = -1
+      if F.IMAGE_ID in fields:
+        fields[F.IMAGE_ID][-num_invalid:] = -1
   return out

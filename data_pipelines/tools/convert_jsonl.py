@@ -2,7 +2,8 @@
 
     python -m data_pipelines.tools.convert_jsonl --kind region SRC OUT_DIR [--no-check] ...
 
-SRC is a JSON-lines file or directory (`_SUCCESS` files skipped). Bad lines are not written:
+SRC is a JSON-lines file or directory (`_SUCCESS` files skipped), or a JSON-array file (the
+fine-tuning formats, entries numbered from 1). Bad lines are not written:
 each is reported on stderr as `file:line: reason: field: detail` and counted per reason. By
 default every record is also checked with `checks.check_record` (images decode, captions
 tokenise, a usable region elem exists), so the dataset holds only records that cannot fail
@@ -59,9 +60,9 @@ def convert(
   `log(problem)` is called for each bad line (default: print to stderr).
   """
   from data_pipelines import arrayrecord
-  from data_pipelines.sources import JsonLinesSource
+  from data_pipelines.sources import JsonArraySource, JsonLinesSource, is_json_array
 
-  source = JsonLinesSource(src, kind, fmt)
+  source = (JsonArraySource if is_json_array(src) else JsonLinesSource)(src, kind, fmt)
   if check and tokenizer is None:
     tokenizer = default_tokenizer(preproc_cfg.max_tokens)
   log = log or (lambda p: print(p, file=sys.stderr))
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     description=__doc__,
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
-  parser.add_argument("src", help="JSON-lines file or directory")
+  parser.add_argument("src", help="JSON-lines file or directory, or a JSON-array file")
   parser.add_argument("out_dir", help="output data dir (the dataset goes to OUT_DIR/x2vlm_<kind>/)")
   add_format_args(parser)
   parser.add_argument(
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--max-tokens", type=int, default=F.PreprocConfig().max_tokens)
   parser.add_argument("--split", default="train")
   args = parser.parse_args(argv)
-  from data_pipelines.sources import detect_kind
+  from data_pipelines.sources import detect_kind, is_json_array
 
   kind = args.kind or detect_kind(args.src)
   cfg = dataclasses.replace(F.PreprocConfig(), max_tokens=args.max_tokens)
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args.src,
     args.out_dir,
     kind,
-    format_from_args(args, kind),
+    format_from_args(args, kind, is_json_array(args.src)),
     check=not args.no_check,
     tokenizer=tok,
     preproc_cfg=cfg,

@@ -1,8 +1,11 @@
 """Validator: lists every bad record of a data source and counts them per skip reason.
 
     python -m data_pipelines.tools.validate PATH [--kind K] [--tokenizer DIR] [--rpath] ...
+    python -m data_pipelines.tools.validate SPLIT.json --refs REFS.p --instances INST.json ...
 
-PATH is a JSON-lines file or directory, or an ArrayRecord dataset directory. Every record is
+PATH is a JSON-lines file or directory, a JSON-array file (the fine-tuning formats; entries are
+numbered from 1), an ArrayRecord dataset directory, or with --refs/--instances a RefCOCO-style
+split file (region records, boxes kept exact as in grounding fine-tuning). Every record is
 read (reader faults: bad JSON, wrong types, missing/corrupt images, empty captions, empty
 videos) and checked with `checks.check_record` (decoding, captions that clean or tokenise to
 nothing, unusable region elems). Each bad record prints as `file:line: reason: field: detail`
@@ -21,7 +24,7 @@ from typing import Any, NamedTuple
 
 from data_pipelines import checks
 from data_pipelines import features as F
-from data_pipelines.jsonl_format import JsonlFormat, default_format
+from data_pipelines.jsonl_format import JsonlFormat, array_format, default_format
 
 
 class Problem(NamedTuple):
@@ -89,7 +92,13 @@ def validate(
   """Reads and checks every record of `path`; see the module docstring."""
   from data_pipelines.sources import open_source
 
-  source = open_source(path, kind, fmt)
+  return validate_source(open_source(path, kind, fmt), tokenizer, preproc_cfg)
+
+
+def validate_source(
+  source, tokenizer: Any = None, preproc_cfg: F.PreprocConfig = F.PreprocConfig()
+) -> Report:
+  """Reads and checks every record of a source with `location(i)` (any reader here)."""
   tokenizer = tokenizer or default_tokenizer(preproc_cfg.max_tokens)
   problems = [p for _, _, p in iter_checked(source, tokenizer, preproc_cfg) if p is not None]
   return Report(total=len(source), problems=problems)
@@ -106,20 +115,47 @@ def add_format_args(parser: argparse.ArgumentParser) -> None:
     help="base dir of relative image paths (default: the directory of each JSON-lines file)",
   )
   parser.add_argument("--language", help="pick this language of dict captions")
+  parser.add_argument(
+    "--image-id-key", help="key of the image id / video index (JSON arrays default: image_id)"
+  )
 
 
-def format_from_args(args: argparse.Namespace, kind: str) -> JsonlFormat:
-  """The JsonlFormat selected by `add_format_args` flags."""
+def format_from_args(args: argparse.Namespace, kind: str, array: bool = False) -> JsonlFormat:
+  """The JsonlFormat selected by `add_format_args` flags (`array`: a JSON-array file, whose
+  defaults are the fine-tuning ones, image paths included)."""
   overrides = {
-    "is_image_rpath": args.rpath,
     "image_root": args.image_root,
     "language": args.language,
+    "is_image_rpath": args.rpath or array,
   }
-  if args.image_key:
-    overrides["image_key"] = args.image_key
-  if args.caption_key:
-    overrides["caption_key"] = args.caption_key
-  return default_format(kind, **overrides)
+  for key in ("image_key", "caption_key", "image_id_key"):
+    if getattr(args, key):
+      overrides[key] = getattr(args, key)
+  return (array_format if array else default_format)(kind, **overrides)
+
+
+def _refcoco_args(parser: argparse.ArgumentParser) -> None:
+  group = parser.add_argument_group("RefCOCO-style grounding (PATH = the split JSON array)")
+  group.add_argument("--refs", help="REFER refs pickle, refs(unc).p")
+  group.add_argument("--instances", help="COCO-style instances.json")
+  group.add_argument("--split", help="keep only refs of this split (val, testA, testB, ...)")
+
+
+def _open(args: argparse.Namespace):
+  """(source, preproc exact_boxes) for the command line."""
+  from data_pipelines.sources import detect_kind, is_arrayrecord, is_json_array, open_source
+
+  if args.refs or args.instances:
+    from data_pipelines.refcoco import RefcocoSource
+
+    src = RefcocoSource(args.path, args.refs, args.instances, args.image_root, args.split)
+    return src, True
+  kind = args.kind
+  if kind is None and not is_arrayrecord(args.path):
+    kind = detect_kind(args.path)
+  array = kind is not None and not is_arrayrecord(args.path) and is_json_array(args.path)
+  fmt = format_from_args(args, kind, array) if kind else None
+  return open_source(args.path, kind, fmt), False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,15 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     help="max_words of pre_caption (= max_tokens in pre-training)",
   )
   parser.add_argument("--quiet", action="store_true", help="print only the counts")
+  _refcoco_args(parser)
   args = parser.parse_args(argv)
-  from data_pipelines.sources import detect_kind, is_arrayrecord
-
-  kind = args.kind
-  if kind is None and not is_arrayrecord(args.path):
-    kind = detect_kind(args.path)
-  fmt = format_from_args(args, kind) if kind else None
-  cfg = dataclasses.replace(F.PreprocConfig(), max_tokens=args.max_tokens)
-  report = validate(args.path, kind, default_tokenizer(args.max_tokens, args.tokenizer), cfg, fmt)
+  source, exact = _open(args)
+  cfg = dataclasses.replace(F.PreprocConfig(), max_tokens=args.max_tokens, exact_boxes=exact)
+  report = validate_source(source, default_tokenizer(args.max_tokens, args.tokenizer), cfg)
   if not args.quiet:
     for p in report.problems:
       print(p)
