@@ -96,6 +96,9 @@ def base_config() -> mlc.ConfigDict:
   # Pre-training flips without editing texts (docs/fidelity.md#horizontal-flips-never-edit-text).
   c.data.careful_hflip = False
   c.data.hflip = True  # random horizontal flips of images, frames and region crops
+  # Region boxes: False truncates pixel boxes to integers as pre-training does; True keeps them
+  # fractional as the official grounding fine-tuning does (docs/data.md).
+  c.data.exact_boxes = False
   # Per-kind source lists (see `source` / `synthetic` above); mixture weights inside entries.
   c.data.image = []
   c.data.region = []

@@ -45,7 +45,6 @@ MLM_POSITIONS = "mlm_positions"  # int32 [B, M] masked positions, padded with 0
 MLM_LABELS = "mlm_labels"  # int32 [B, M] original ids at those positions, padded with 0
 MLM_WEIGHTS = "mlm_weights"  # float32 [B, M] 1 for real masked positions, 0 for padding
 VALID = "valid"  # int32 [B] 1 for a real row, 0 for padding
-IMAGE_ID = "image_id"  # int32 [B] image / video kinds: hash of the record's image id (-1 padding)
 RECORD_ID = "record_id"  # int32 [B] index of the record within its source (-1 for padding)
 SOURCE_ID = "source_id"  # int32 [B] index of the source within the kind (-1 for padding)
 # int32 [B] image and video kinds: `image_id_hash` of the record's image id (of its record id

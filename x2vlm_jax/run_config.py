@@ -210,6 +210,7 @@ def preproc_config(cfg, model_cfg: ModelConfig) -> F.PreprocConfig:
     crop_scale=tuple(float(x) for x in d.crop_scale),
     careful_hflip=bool(d.careful_hflip),
     hflip=bool(d.hflip),
+    exact_boxes=bool(d.exact_boxes),
     train=True,
   )
 

@@ -39,6 +39,7 @@ def get_config(arg=None):
   c.data.max_tokens = 40
   c.data.max_regions = 1  # one expression per image crop
   c.data.careful_hflip = True
+  c.data.exact_boxes = True  # the grounding dataset keeps fractional boxes
   c.batch.region = BATCH
   c.batch.region_max_images = BATCH
   # The official script wraps the model in DDP before building the optimizer, so no parameter
