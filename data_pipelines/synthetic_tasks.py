@@ -26,6 +26,8 @@ import io
 import json
 import os
 import pickle
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -124,22 +126,25 @@ def write_retrieval(
   eval_captions: int = 5,
   image_size: int = 64,
   seed: int = TRAIN_SEED,
+  world: Mapping[str, Any] | None = None,
 ) -> RetrievalFiles:
   """Writes images/<split>/NNNNNN.png and retrieval_{train,val,test}.json under out_dir.
 
   train: one entry {"image", "caption", "image_id"} per caption, `captions_per_image` per
   image, image_id an int unique per image; val/test: one entry {"image", "caption": [...]} per
-  distinct image with `eval_captions` captions.
+  distinct image with `eval_captions` captions. `world`: other WorldConfig fields (e.g.
+  max_shapes).
   """
   out_dir = os.fspath(out_dir)
   root, seen, paths = os.path.join(out_dir, "images"), set(), {}
   for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
-    world = ShapesWorld(WorldConfig(image_size=image_size), seed=split_seed(seed, split))
+    cfg = WorldConfig(**{**dict(world or {}), "image_size": image_size})
+    world_split = ShapesWorld(cfg, seed=split_seed(seed, split))
     entries = []
-    for k, (index, data, shapes) in enumerate(_scenes(world, n, seen)):
+    for k, (index, data, shapes) in enumerate(_scenes(world_split, n, seen)):
       rel = f"{split}/{k:06d}.png"
       _write_bytes(os.path.join(root, rel), data)
-      rng = np.random.default_rng([world.seed, 11, index])
+      rng = np.random.default_rng([world_split.seed, 11, index])
       if split == "train":
         caps = scene_captions(shapes, image_size, rng, captions_per_image)
         entries += [{"image": rel, "caption": c, "image_id": k} for c in caps]
@@ -293,16 +298,18 @@ def write_grounding(
   sentences_per_ref: int = 2,
   image_size: int = 64,
   seed: int = TRAIN_SEED,
+  world: Mapping[str, Any] | None = None,
 ) -> GroundingFiles:
   """Writes a RefCOCO+-style set under out_dir: images/<split>/NNNNNN.png, refcoco+_train.json,
   refcoco+_val.json, refcoco+_test.json (testA then testB entries), refs(unc).p, instances.json.
 
   Scenes hold 2-4 shapes; every shape is one ref (its exact tight box is the annotation) with
   up to `sentences_per_ref` expressions from `referring_expressions`, one split entry each.
+  `world`: other WorldConfig fields (e.g. max_shapes).
   """
   out_dir = os.fspath(out_dir)
   tables = _Tables(os.path.join(out_dir, "images"))
-  cfg = WorldConfig(image_size=image_size, min_shapes=2)
+  cfg = WorldConfig(**{"min_shapes": 2, **dict(world or {}), "image_size": image_size})
   seen: set[str] = set()
   for split, n in (("train", n_train), ("val", n_val), ("testA", n_testA), ("testB", n_testB)):
     world = ShapesWorld(cfg, seed=split_seed(seed, split))
