@@ -61,6 +61,12 @@ class TextConfig:
   pad_token_id: int = 0
   ln_eps: float = 1e-12
   dropout: float = 0.1  # hidden and attention-probability dropout
+  # Official `text_drop_path_rate` (0 in pre-training, 0.1 in the RefCOCO+ grounding fine-tune):
+  # per-layer rates linspace(0, rate, depth) of a drop path on the attention and FFN outputs that
+  # drops whole token positions for the whole batch (docs/fidelity.md#text-drop-path). Above 0 it
+  # replaces the layers' hidden dropout (which becomes 0); attention-probability and embedding
+  # dropout stay at `dropout`.
+  drop_path_rate: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +80,9 @@ class FusionConfig:
   dropout: float = 0.1
   # Additive key-mask value of cross-attention (transformers 4.12 `invert_attention_mask`, fp32).
   cross_mask_value: float = -1e9
+  # Official `cross_drop_path_rate`: as TextConfig.drop_path_rate, over the fusion layers'
+  # self-attention, cross-attention and FFN outputs (hidden dropout 0 in this tower when above 0).
+  drop_path_rate: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,9 @@ keys/values depend only on the vision tokens, so `vision_kv` computes them for e
 once (`[layers, N, S, H, dh]`) and `__call__` accepts them precomputed, optionally gathered per
 text row with `kv_index` (region texts reuse their image's K/V,
 docs/fidelity.md#shared-tower-calls-and-kv-reuse). Passing vision tokens goes through the same
-`vision_kv`, so both routes give identical results.
+`vision_kv`, so both routes give identical results. Dropout as in the text tower; with
+`config.drop_path_rate` > 0 the three sub-layer output dropouts become the official token-position
+drop path (`text.branch`, docs/fidelity.md#text-drop-path).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from flax import nnx
 
 from x2vlm_jax.models import layers as L
 from x2vlm_jax.models.config import FusionConfig, TextConfig
-from x2vlm_jax.models.text import TEXT_MASK_VALUE, Attention
+from x2vlm_jax.models.text import TEXT_MASK_VALUE, Attention, branch
 
 
 class VisionKV(NamedTuple):
@@ -43,21 +45,17 @@ class FusionLayer(nnx.Module):
     self.mlp = L.Mlp(width, cfg.mlp_dim, kernel_init=L.normal(0.02), **kw)
     self.mlp_norm = L.LayerNorm(width, cfg.ln_eps, **kw)
 
-  def __call__(self, x, text_bias, kv, vision_bias, keys, deterministic: bool):
+  def __call__(self, x, text_bias, kv, vision_bias, keys, deterministic: bool, path_rate=None):
+    """keys [5]: self-attention probabilities / output, cross-attention probabilities / output,
+    FFN output; path_rate: None (no drop path) or this layer's drop-path rate."""
     ks = [None] * 5 if deterministic else [keys[i] for i in range(5)]
     a = self.self_attn(
-      x,
-      self.self_attn.project_kv(x),
-      text_bias,
-      dropout_rate=self.rate,
-      keys=None if deterministic else (ks[0], ks[1]),
+      x, self.self_attn.project_kv(x), text_bias, dropout_rate=self.rate, key=ks[0]
     )
-    x = self.self_norm(x + a)
-    c = self.cross_attn(
-      x, kv, vision_bias, dropout_rate=self.rate, keys=None if deterministic else (ks[2], ks[3])
-    )
-    x = self.cross_norm(x + c)
-    f = L.dropout(self.mlp(x), self.rate, ks[4])
+    x = self.self_norm(x + branch(a, ks[1], self.rate, path_rate))
+    c = self.cross_attn(x, kv, vision_bias, dropout_rate=self.rate, key=ks[2])
+    x = self.cross_norm(x + branch(c, ks[3], self.rate, path_rate))
+    f = branch(self.mlp(x), ks[4], self.rate, path_rate)
     return L.constrain(self.mlp_norm(x + f), L.ACT)
 
 
@@ -75,6 +73,8 @@ class FusionTower(nnx.Module):
     remat: bool = False,
     rngs: nnx.Rngs,
   ):
+    if not 0.0 <= cfg.drop_path_rate < 1.0:
+      raise ValueError(f"FusionConfig.drop_path_rate must be in [0, 1), got {cfg.drop_path_rate}")
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.cfg, self.dtype, self.remat = cfg, dtype, remat
     self.width, self.vision_width = text.width, vision_width
@@ -125,12 +125,17 @@ class FusionTower(nnx.Module):
     vision_bias = L.padding_bias(vision_mask, self.cfg.cross_mask_value)  # [B, 1, 1, S]
     keys = L.layer_keys(key, self.cfg.depth, 5)
     deterministic = key is None
+    xs = ((kv.key, kv.value), keys)
+    # The drop path's per-layer rates are scanned only when it can act (nothing extra otherwise).
+    if not deterministic and self.cfg.drop_path_rate > 0.0:
+      xs = xs + (jnp.asarray(L.path_rates(self.cfg.drop_path_rate, self.cfg.depth)),)
 
     def body(layer, h, xs):
-      (k, v), ks = xs  # k, v [N, S, H, dh] of this layer
+      (k, v), ks = xs[:2]  # k, v [N, S, H, dh] of this layer
+      rate = xs[2] if len(xs) == 3 else None
       if kv_index is not None:
         k, v = jnp.take(k, kv_index, axis=0), jnp.take(v, kv_index, axis=0)  # [B, S, H, dh]
-      return layer(h, text_bias, (k, v), vision_bias, ks, deterministic)
+      return layer(h, text_bias, (k, v), vision_bias, ks, deterministic, path_rate=rate)
 
     x = L.constrain(text.astype(self.dtype), L.ACT)
-    return L.scan_layers(self.layers, body, x, ((kv.key, kv.value), keys), remat=self.remat)
+    return L.scan_layers(self.layers, body, x, xs, remat=self.remat)

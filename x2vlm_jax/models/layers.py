@@ -263,6 +263,25 @@ def drop_path(x: jax.Array, rate: jax.Array | float, key: jax.Array | None) -> j
   return (x * (keep.astype(jnp.float32) / keep_prob)).astype(x.dtype)
 
 
+def drop_positions(x: jax.Array, rate: jax.Array | float, key: jax.Array | None) -> jax.Array:
+  """Drop path of the official BERT layers (docs/fidelity.md#text-drop-path): x [B, L, ...] gets
+  one Bernoulli(1-rate) per token position, shared by every row of the batch (mask [1, L, 1]),
+  kept positions scaled by 1/(1-rate). Identity when key is None; `rate` may be traced (per-layer
+  rates are scan inputs), and rate 0 keeps everything unchanged."""
+  if key is None:
+    return x
+  keep_prob = 1.0 - jnp.asarray(rate, jnp.float32)
+  keep = jax.random.bernoulli(key, keep_prob, (1, x.shape[1]) + (1,) * (x.ndim - 2))
+  return (x * (keep.astype(jnp.float32) / keep_prob)).astype(x.dtype)
+
+
+def path_rates(rate: float, depth: int) -> np.ndarray:
+  """Per-layer BERT drop-path rates: linspace(0, rate, depth) as float32, rates <= 1e-3 set to 0
+  (the official layers only build a drop path above that threshold)."""
+  rates = np.linspace(0.0, rate, depth)
+  return np.where(rates > 1e-3, rates, 0.0).astype(np.float32)
+
+
 def layer_keys(key: jax.Array | None, depth: int, per_layer: int) -> jax.Array:
   """Keys for a scanned tower: [depth, per_layer] typed keys (dummy ones when key is None, in
   which case the per-layer bodies are called with `deterministic=True` and never read them)."""

@@ -5,7 +5,8 @@ Official behaviour: docs/fidelity.md#bert-text-tower, docs/fidelity.md#dropout-p
 Works for any width/depth/head count (bert-base, bert-large-12l, MiniLM-L6-H384). Layers are
 stacked and scanned; dropout (p = config.dropout) on the embedding output, the attention
 probabilities, after the attention output dense and after the FFN output dense -- only when a
-key is given.
+key is given. With `config.drop_path_rate` > 0 the two output dropouts are replaced by the
+official token-position drop path (`branch`, docs/fidelity.md#text-drop-path).
 """
 
 from __future__ import annotations
@@ -62,19 +63,30 @@ class Attention(nnx.Module):
     bias: jax.Array,
     *,
     dropout_rate: float,
-    keys,
+    key: jax.Array | None,
   ) -> jax.Array:
-    """x [B, L, D]; kv from `project_kv`; bias [B, 1, 1, S] -> [B, L, D] (before residual/LN).
-
-    keys: None (deterministic) or two keys (probabilities, output)."""
-    k_probs, k_out = (None, None) if keys is None else keys
+    """x [B, L, D]; kv from `project_kv`; bias [B, 1, 1, S] -> output dense [B, L, D], before the
+    residual branch (`branch`) and LN. Dropout on the probabilities only when `key` is given."""
     q = self.query(x) * self.head_dim**-0.5  # [B, L, H, dh]
-    ctx = L.dot_attention(q, kv[0], kv[1], bias, dropout_rate=dropout_rate, key=k_probs)
-    return L.dropout(self.out(ctx), dropout_rate, k_out)
+    ctx = L.dot_attention(q, kv[0], kv[1], bias, dropout_rate=dropout_rate, key=key)
+    return self.out(ctx)
+
+
+def branch(
+  y: jax.Array, key: jax.Array | None, dropout_rate: float, path_rate: jax.Array | None
+) -> jax.Array:
+  """A sub-layer output before its residual add: hidden dropout, or, in a tower with a drop path
+  (`path_rate`, this layer's traced rate), the token-position drop path with the same key and no
+  hidden dropout -- the official code sets hidden dropout to 0 when the drop path is on
+  (docs/fidelity.md#text-drop-path). Identity when key is None."""
+  if path_rate is None:
+    return L.dropout(y, dropout_rate, key)
+  return L.drop_positions(y, path_rate, key)
 
 
 class TextLayer(nnx.Module):
-  """x = LN(x + drop(attn(x))); x = LN(x + drop(fc2(gelu(fc1 x))))."""
+  """x = LN(x + branch(attn(x))); x = LN(x + branch(fc2(gelu(fc1 x)))) (`branch`: dropout or
+  drop path)."""
 
   def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -84,17 +96,13 @@ class TextLayer(nnx.Module):
     self.mlp = L.Mlp(cfg.width, cfg.mlp_dim, kernel_init=L.normal(0.02), **kw)
     self.mlp_norm = L.LayerNorm(cfg.width, cfg.ln_eps, **kw)
 
-  def __call__(self, x, bias, keys, deterministic: bool):
+  def __call__(self, x, bias, keys, deterministic: bool, path_rate=None):
+    """keys [3]: attention probabilities, attention output, FFN output; path_rate: None (no drop
+    path) or this layer's drop-path rate."""
     ks = [None] * 3 if deterministic else [keys[i] for i in range(3)]
-    a = self.attn(
-      x,
-      self.attn.project_kv(x),
-      bias,
-      dropout_rate=self.rate,
-      keys=None if deterministic else (ks[0], ks[1]),
-    )
-    x = self.attn_norm(x + a)
-    f = L.dropout(self.mlp(x), self.rate, ks[2])
+    a = self.attn(x, self.attn.project_kv(x), bias, dropout_rate=self.rate, key=ks[0])
+    x = self.attn_norm(x + branch(a, ks[1], self.rate, path_rate))
+    f = branch(self.mlp(x), ks[2], self.rate, path_rate)
     return L.constrain(self.mlp_norm(x + f), L.ACT)
 
 
@@ -136,6 +144,8 @@ class TextTower(nnx.Module):
     remat: bool = False,
     rngs: nnx.Rngs,
   ):
+    if not 0.0 <= cfg.drop_path_rate < 1.0:
+      raise ValueError(f"TextConfig.drop_path_rate must be in [0, 1), got {cfg.drop_path_rate}")
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.cfg, self.remat = cfg, remat
     self.embeddings = TextEmbeddings(cfg, rngs=rngs, **kw)
@@ -153,8 +163,13 @@ class TextTower(nnx.Module):
     bias = L.padding_bias(mask, TEXT_MASK_VALUE)  # [B, 1, 1, L]
     keys = L.layer_keys(k_layers, self.cfg.depth, 3)
     deterministic = key is None
+    xs = (keys,)
+    # The drop path's per-layer rates are scanned only when it can act (nothing extra otherwise).
+    if not deterministic and self.cfg.drop_path_rate > 0.0:
+      xs = xs + (jnp.asarray(L.path_rates(self.cfg.drop_path_rate, self.cfg.depth)),)
 
-    def body(layer, h, ks):
-      return layer(h, bias, ks, deterministic)
+    def body(layer, h, xs):
+      rate = xs[1] if len(xs) == 2 else None
+      return layer(h, bias, xs[0], deterministic, path_rate=rate)
 
-    return L.scan_layers(self.layers, body, x, keys, remat=self.remat)
+    return L.scan_layers(self.layers, body, x, xs, remat=self.remat)
