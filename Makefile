@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo finetune-demo test bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -20,6 +20,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m x2vlm_jax.demo
+
+finetune-demo: $(STAMP)
+	$(BIN)/python -m x2vlm_jax.finetune_demo
 
 test: $(STAMP)
 	$(BIN)/ruff check .

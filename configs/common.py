@@ -67,6 +67,10 @@ def base_config() -> mlc.ConfigDict:
   # '' = the variant's text tower; else a BERT directory ('minilm' allowed) whose config.json
   # sizes the text tower (fusion heads / FFN follow it).
   c.model.text_config_from = ""
+  # Drop path on the text / fusion layers' branches, linspace(0, rate) over depth (0 in
+  # pre-training; the RefCOCO+ fine-tune sets 0.1 each, docs/fidelity.md#text-drop-path).
+  c.model.text_drop_path = 0.0
+  c.model.fusion_drop_path = 0.0
 
   c.init = mlc.ConfigDict()
   # From-scratch pre-training loads BERT (text + fusion copies) and BEiT-2 (vision),

@@ -63,7 +63,7 @@ def write_data(data_dir: pathlib.Path, ci: bool) -> dict[str, int]:
   return counts
 
 
-def _run(cmd: list[str], log_path: pathlib.Path) -> None:
+def run_stage(cmd: list[str], log_path: pathlib.Path) -> None:
   """Runs a stage, echoing its output and keeping a copy; raises on failure."""
   print("$ " + " ".join(cmd), flush=True)
   env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -111,7 +111,7 @@ def main(argv=None) -> dict:
   print(f"wrote JSON lines under {work / 'data'}: {counts} ({times['data']:.0f} s)", flush=True)
 
   t0 = time.time()
-  _run(
+  run_stage(
     [
       sys.executable,
       "train.py",
@@ -124,7 +124,7 @@ def main(argv=None) -> dict:
   times["train"] = time.time() - t0
 
   t0 = time.time()
-  _run(
+  run_stage(
     [
       sys.executable,
       "eval.py",

@@ -31,12 +31,16 @@ REPO = demo.REPO
 CONFIG = REPO / "configs" / "finetune" / "demo.py"
 DEFAULT_PRETRAINED = pathlib.Path("/tmp/x2vlm_demo/run")
 HEADLINE = {  # task -> (metric on the test splits, label)
-  "retrieval": [("eval/retrieval/test/img_r1", "text->image R@1"),
-                ("eval/retrieval/test/txt_r1", "image->text R@1"),
-                ("eval/retrieval/test/r_mean", "mean recall")],
-  "grounding": [("eval/grounding/testA/acc", "accuracy testA"),
-                ("eval/grounding/testB/acc", "accuracy testB"),
-                ("eval/grounding/val/acc", "accuracy val")],
+  "retrieval": [
+    ("eval/retrieval/test/img_r1", "text->image R@1"),
+    ("eval/retrieval/test/txt_r1", "image->text R@1"),
+    ("eval/retrieval/test/r_mean", "mean recall"),
+  ],
+  "grounding": [
+    ("eval/grounding/testA/acc", "accuracy testA"),
+    ("eval/grounding/testB/acc", "accuracy testB"),
+    ("eval/grounding/val/acc", "accuracy val"),
+  ],
 }
 
 
@@ -67,15 +71,22 @@ def _pretrained(args, work: pathlib.Path) -> pathlib.Path:
 
 def _evaluate(config: str, checkpoint: pathlib.Path, out: pathlib.Path) -> dict:
   demo.run_stage(
-    [sys.executable, "eval.py", f"--config={config}", f"--checkpoint={checkpoint}",
-     f"--output={out}.json", f"--png={out}.png"],
+    [
+      sys.executable,
+      "eval.py",
+      f"--config={config}",
+      f"--checkpoint={checkpoint}",
+      f"--output={out}.json",
+      f"--png={out}.png",
+    ],
     out.with_suffix(".log"),
   )
   return json.loads(out.with_suffix(".json").read_text())
 
 
-def run_task(task: str, data: pathlib.Path, pretrained: pathlib.Path, work: pathlib.Path,
-             ci: bool) -> dict:
+def run_task(
+  task: str, data: pathlib.Path, pretrained: pathlib.Path, work: pathlib.Path, ci: bool
+) -> dict:
   """Zero-shot evaluation, fine-tuning and fine-tuned evaluation of one task."""
   config = f"{CONFIG}:task={task},data={data}" + (",ci" if ci else "")
   times = {}
@@ -85,17 +96,26 @@ def run_task(task: str, data: pathlib.Path, pretrained: pathlib.Path, work: path
   t0 = time.time()
   run = work / f"{task}_run"
   demo.run_stage(
-    [sys.executable, "train.py", f"--config={config}", f"--workdir={run}",
-     f"--config.init.checkpoint={pretrained}",
-     f"--config.train.compilation_cache_dir={work / 'jax_cache'}"],
+    [
+      sys.executable,
+      "train.py",
+      f"--config={config}",
+      f"--workdir={run}",
+      f"--config.init.checkpoint={pretrained}",
+      f"--config.train.compilation_cache_dir={work / 'jax_cache'}",
+    ],
     work / f"{task}_train.log",
   )
   times["fine_tune"] = time.time() - t0
   t0 = time.time()
   tuned = _evaluate(config, run, work / f"{task}_fine_tuned")
   times["fine_tuned_eval"] = time.time() - t0
-  return {"zero_shot": zero, "fine_tuned": tuned, "seconds": times,
-          "losses": demo.read_losses(run / "metrics.jsonl")}
+  return {
+    "zero_shot": zero,
+    "fine_tuned": tuned,
+    "seconds": times,
+    "losses": demo.read_losses(run / "metrics.jsonl"),
+  }
 
 
 def main(argv=None) -> dict:
@@ -112,8 +132,10 @@ def main(argv=None) -> dict:
   pretrained = _pretrained(args, work)
   t1 = time.time()
   write_data(work / "data", args.ci)
-  summary = {"pretrained": str(pretrained),
-             "seconds": {"pretrain": t1 - t0, "data": time.time() - t1}}
+  summary = {
+    "pretrained": str(pretrained),
+    "seconds": {"pretrain": t1 - t0, "data": time.time() - t1},
+  }
   for task in ("retrieval", "grounding"):
     summary[task] = run_task(task, work / "data", pretrained, work, args.ci)
   summary["seconds"]["total"] = time.time() - t0

@@ -74,7 +74,17 @@ def model_config(cfg) -> ModelConfig:
       f"config.model.image_res {m.image_res} is not a multiple of the patch size "
       f"{vision.patch_size}"
     )
-  return base.replace(vision=vision, frame_len=int(m.frame_len), dtype=dtype, remat=bool(m.remat))
+  # Saved configs of older runs lack the drop-path keys: 0, as pre-training.
+  text = dataclasses.replace(base.text, drop_path_rate=float(m.get("text_drop_path", 0.0)))
+  fusion = dataclasses.replace(base.fusion, drop_path_rate=float(m.get("fusion_drop_path", 0.0)))
+  return base.replace(
+    vision=vision,
+    text=text,
+    fusion=fusion,
+    frame_len=int(m.frame_len),
+    dtype=dtype,
+    remat=bool(m.remat),
+  )
 
 
 def init_config(cfg) -> init_lib.InitConfig:
