@@ -37,9 +37,10 @@ def main(argv):
   from absl import logging  # pylint: disable=g-import-not-at-top
 
   from data_pipelines.text_ops import Tokenizer  # pylint: disable=g-import-not-at-top
-  from x2vlm_jax import run_config, sharding  # pylint: disable=g-import-not-at-top
+  from x2vlm_jax import run_config, run_env, sharding  # pylint: disable=g-import-not-at-top
   from x2vlm_jax.evaluators import run, weights  # pylint: disable=g-import-not-at-top
 
+  run_env.quiet_orbax()  # orbax's INFO lines would bury the result
   cfg = _CONFIG.value
   mesh = sharding.make_mesh(cfg.mesh.to_dict())
   model, source = weights.load_model(

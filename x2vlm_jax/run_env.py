@@ -18,17 +18,24 @@ class QuietOrbax(py_logging.Filter):
     return record.levelno >= py_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
+def quiet_orbax() -> QuietOrbax:
+  """Filters orbax's INFO records out of the absl console handler (once); returns the filter."""
+  absl_handler = logging.get_absl_handler()
+  for f in absl_handler.filters:
+    if isinstance(f, QuietOrbax):
+      return f
+  quiet = QuietOrbax()
+  absl_handler.addFilter(quiet)
+  return quiet
+
+
 def setup_logging(workdir: pathlib.Path) -> py_logging.Handler:
   """Logs (absl and Python) also to <workdir>/train.log (train.p<i>.log on process i > 0),
   orbax INFO records filtered; returns the handler to remove at the end."""
   name = "train.log" if jax.process_index() == 0 else f"train.p{jax.process_index()}.log"
   handler = py_logging.FileHandler(workdir / name)
   handler.setFormatter(py_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-  quiet = QuietOrbax()
-  handler.addFilter(quiet)
-  absl_handler = logging.get_absl_handler()
-  if not any(isinstance(f, QuietOrbax) for f in absl_handler.filters):
-    absl_handler.addFilter(quiet)
+  handler.addFilter(quiet_orbax())
   py_logging.getLogger().addHandler(handler)
   logging.set_verbosity(logging.INFO)
   return handler

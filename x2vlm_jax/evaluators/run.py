@@ -264,20 +264,23 @@ def evaluate(
 
 
 def format_metrics(metrics: Mapping[str, Any]) -> str:
-  """The headline numbers on one line (R@1/5/10 both directions, grounding vs baseline)."""
+  """The headline numbers on one line, per evaluator and split: R@1/5/10 both directions and
+  chance for retrieval, accuracy and its baselines for grounding."""
   parts = []
-  for key, label in (
-    ("eval/retrieval/img_r", "text->image R@"),
-    ("eval/retrieval/txt_r", "image->text R@"),
-  ):
-    if f"{key}1" in metrics:
-      parts.append(label + "1/5/10 " + "/".join(f"{metrics[f'{key}{k}']:.1f}" for k in (1, 5, 10)))
-  if "eval/retrieval/chance_r1" in metrics:
-    parts.append(f"chance R@1 {metrics['eval/retrieval/chance_r1']:.1f}")
-  if "eval/grounding/acc" in metrics:
+  r = lambda key: "/".join(f"{metrics[f'{key}{k}']:.1f}" for k in (1, 5, 10))
+  for key in sorted(k for k in metrics if k.endswith("/img_r1")):
+    pre = key[: -len("/img_r1")]
+    name = pre[len("eval/") :]
     parts.append(
-      f"grounding acc {metrics['eval/grounding/acc']:.1f} "
-      f"(baselines: whole image {metrics['eval/grounding/acc_whole_image']:.1f}, "
-      f"mean box {metrics['eval/grounding/acc_mean_box']:.1f})"
+      f"{name}: text->image R@1/5/10 {r(pre + '/img_r')}, image->text {r(pre + '/txt_r')}"
+      + (
+        f" (chance R@1 {metrics[pre + '/chance_r1']:.1f})" if pre + "/chance_r1" in metrics else ""
+      )
+    )
+  for key in sorted(k for k in metrics if k.startswith("eval/grounding") and k.endswith("/acc")):
+    pre = key[: -len("/acc")]
+    parts.append(
+      f"{pre[len('eval/') :]} acc {metrics[key]:.1f} (baselines: whole image "
+      f"{metrics[pre + '/acc_whole_image']:.1f}, mean box {metrics[pre + '/acc_mean_box']:.1f})"
     )
   return "; ".join(parts)
