@@ -18,7 +18,7 @@ selection, export -- is the same code for every task (`train_lib.py`). A config 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from jax.sharding import Mesh
 
@@ -28,16 +28,25 @@ from x2vlm_jax import objectives
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-  """One task: its batch kinds, objectives and evaluators (see the module docstring)."""
+  """One task: its batch kinds, objectives and evaluators (see the module docstring).
+
+  A task whose loss is not a selection of the X²-VLM objectives (a classification head, an
+  answer decoder, ...) gives `loss`: `loss(step_cfg, mesh) -> loss(model, batch, key, itm)`,
+  written in its own module next to this table; its heads are optional parts of the model
+  (`ModelConfig`), so checkpoints, sharding and conversion treat them like any parameter.
+  """
 
   name: str
   kinds: tuple[str, ...]  # batch kinds it may train on
-  objectives: tuple[str, ...]  # subset of ('itc', 'itm', 'mlm', 'box')
+  objectives: tuple[str, ...]  # subset of ('itc', 'itm', 'mlm', 'box'); () with a custom loss
   image_ids: bool = False  # rows with equal `image_id` are positives of each other
   evaluators: tuple[str, ...] = ()  # evaluators that report on this task
+  loss: Callable[[objectives.StepConfig, Mesh | None], Callable] | None = None
 
   def make_loss(self, step_cfg: objectives.StepConfig, mesh: Mesh | None):
     """`loss(model, batch, key, itm) -> (loss, metrics)` of the task's train step."""
+    if self.loss is not None:
+      return self.loss(step_cfg, mesh)
     cfg = dataclasses.replace(step_cfg, objectives=self.objectives, image_ids=self.image_ids)
     return objectives.make_loss(cfg, mesh)
 
