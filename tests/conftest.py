@@ -14,3 +14,38 @@ os.environ.setdefault("XLA_FLAGS", _XLA_TEST_FLAGS)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def demo_ci(tmp_path_factory):
+  """`python -m x2vlm_jax.demo --ci` once per session (tests/test_demo.py checks it; the
+  fine-tuning demo test starts from its run): its summary, plus '_work' and '_stdout'."""
+  work = tmp_path_factory.mktemp("demo")
+  env = dict(os.environ)
+  # One CPU device and XLA's default options, exactly as `make demo` runs on a user's machine
+  # (not the suite's fast-compiling flags: over 60 steps the optimised step code saves far more
+  # than its longer compile costs).
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run(
+    [sys.executable, "-m", "x2vlm_jax.demo", "--ci", f"--workdir={work}"],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=1500,
+  )
+  assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+  out = json.loads((work / "summary.json").read_text())
+  out["_work"] = work
+  out["_stdout"] = proc.stdout
+  return out

@@ -63,31 +63,39 @@ def _metrics(workdir: pathlib.Path) -> dict[int, dict]:
   return out
 
 
+@pytest.fixture(scope="module")
+def runs(data, cache, tmp_path_factory):
+  """Each task trained once to step 12 (evaluated at the end)."""
+  out = {}
+  for task in ("retrieval", "video_retrieval", "grounding"):
+    workdir = tmp_path_factory.mktemp(task)
+    result = train_lib.train_and_evaluate(_config(task, data, cache), workdir)
+    out[task] = (result, workdir)
+  return out
+
+
 @pytest.mark.parametrize("task", ["retrieval", "video_retrieval", "grounding"])
-def test_task_trains_evaluates_and_keeps_the_best(task, data, cache, tmp_path):
-  result = train_lib.train_and_evaluate(_config(task, data, cache), tmp_path)
+def test_task_trains_evaluates_and_keeps_the_best(task, runs):
+  result, workdir = runs[task]
   assert result.status == "done" and result.step == 12
-  m = _metrics(tmp_path)
+  m = _metrics(workdir)
   for name in LOSSES[task]:
     first = np.mean([m[s][name] for s in (1, 2, 3)])
     last = np.mean([m[s][name] for s in (10, 11, 12)])
+    print(f"{task} {name}: {first:.4f} -> {last:.4f}")
     assert last < first, (name, first, last)
   for name in METRICS[task]:
     assert name in m[12], sorted(m[12])
-  best = json.loads((tmp_path / "best" / "best.json").read_text())
-  assert best["step"] == 12 and (tmp_path / "best" / best["dir"] / "model_config.json").exists()
+  best = json.loads((workdir / "best" / "best.json").read_text())
+  assert best["step"] == 12 and (workdir / "best" / best["dir"] / "model_config.json").exists()
 
 
-def test_stopped_and_resumed_run_is_identical(data, cache, tmp_path):
-  """stop_after=7 (saves step 7), then a restart to step 12 == one run to step 12."""
-  full, part = tmp_path / "full", tmp_path / "part"
-  train_lib.train_and_evaluate(_config("retrieval", data, cache, eval_every=0), full)
-  stopped = train_lib.train_and_evaluate(
-    _config("retrieval", data, cache, eval_every=0, stop_after=7), part
-  )
+def test_stopped_and_resumed_run_is_identical(runs, data, cache, tmp_path):
+  """stop_after=7 (saves step 7), then a restart to step 12 == the uninterrupted run."""
+  stopped = train_lib.train_and_evaluate(_config("retrieval", data, cache, stop_after=7), tmp_path)
   assert stopped.status == "stopped" and stopped.step == 7
-  train_lib.train_and_evaluate(_config("retrieval", data, cache, eval_every=0), part)
-  a, b = _metrics(full), _metrics(part)
+  train_lib.train_and_evaluate(_config("retrieval", data, cache), tmp_path)
+  a, b = _metrics(runs["retrieval"][1]), _metrics(tmp_path)
   assert sorted(a) == sorted(b) == list(range(1, 13))
   for step in a:
-    assert a[step] == b[step], step  # every logged number, bit for bit
+    assert a[step] == b[step], step  # every logged number (training and evaluation), bit for bit

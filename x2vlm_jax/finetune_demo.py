@@ -44,19 +44,19 @@ HEADLINE = {  # task -> (metric on the test splits, label)
 }
 
 
-def write_data(data_dir: pathlib.Path, ci: bool) -> None:
+def write_data(data_dir: pathlib.Path, ci: bool, tasks=("retrieval", "grounding")) -> None:
   """The synthetic retrieval and grounding sets at the demo model's resolution."""
   sys.path.insert(0, str(REPO))
   from configs.finetune import demo as cfg  # pylint: disable=g-import-not-at-top
   from data_pipelines import synthetic_tasks  # pylint: disable=g-import-not-at-top
 
   sizes = cfg.CI_SIZES if ci else cfg.SIZES
-  synthetic_tasks.write_retrieval(
-    data_dir / "retrieval", image_size=128, world=cfg.WORLD, **sizes["retrieval"]
-  )
-  synthetic_tasks.write_grounding(
-    data_dir / "grounding", image_size=128, world=cfg.WORLD, **sizes["grounding"]
-  )
+  writers = {
+    "retrieval": synthetic_tasks.write_retrieval,
+    "grounding": synthetic_tasks.write_grounding,
+  }
+  for task in tasks:
+    writers[task](data_dir / task, image_size=128, world=cfg.WORLD, **sizes[task])
 
 
 def _pretrained(args, work: pathlib.Path) -> pathlib.Path:
@@ -123,7 +123,12 @@ def main(argv=None) -> dict:
   parser.add_argument("--workdir", default="/tmp/x2vlm_finetune_demo")
   parser.add_argument("--pretrained", default="", help="a pre-training demo run directory")
   parser.add_argument("--ci", action="store_true", help="the short CI variant")
+  parser.add_argument("--tasks", default="retrieval,grounding", help="comma-separated subset")
   args = parser.parse_args(argv)
+  chosen = [t for t in args.tasks.split(",") if t]
+  unknown = set(chosen) - set(HEADLINE)
+  if unknown or not chosen:
+    parser.error(f"--tasks: expected a subset of {sorted(HEADLINE)}, got {args.tasks!r}")
   work = pathlib.Path(args.workdir).absolute()
   if work.exists():
     shutil.rmtree(work)
@@ -131,12 +136,12 @@ def main(argv=None) -> dict:
   t0 = time.time()
   pretrained = _pretrained(args, work)
   t1 = time.time()
-  write_data(work / "data", args.ci)
+  write_data(work / "data", args.ci, chosen)
   summary = {
     "pretrained": str(pretrained),
     "seconds": {"pretrain": t1 - t0, "data": time.time() - t1},
   }
-  for task in ("retrieval", "grounding"):
+  for task in chosen:
     summary[task] = run_task(task, work / "data", pretrained, work, args.ci)
   summary["seconds"]["total"] = time.time() - t0
   (work / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -147,6 +152,8 @@ def main(argv=None) -> dict:
 def print_summary(summary: dict) -> None:
   print(f"\npre-trained model: {summary['pretrained']}")
   for task, rows in HEADLINE.items():
+    if task not in summary:
+      continue
     res = summary[task]
     print(f"{task}: zero-shot -> fine-tuned (held-out)")
     for key, label in rows:
