@@ -33,6 +33,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import json  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
 
   from absl import logging  # pylint: disable=g-import-not-at-top
 
@@ -42,6 +43,15 @@ def main(argv):
 
   run_env.quiet_orbax()  # orbax's INFO lines would bury the result
   cfg = _CONFIG.value
+  eval_cfg = run_config.eval_config(cfg.eval)
+  if not eval_cfg.names:  # checked before any weights are read
+    print(
+      "eval.py: the config runs no evaluator: set config.eval.evaluators (e.g. "
+      "--config.eval.evaluators=\"('retrieval',)\") and its section's data "
+      "(docs/evaluation.md)",
+      file=sys.stderr,
+    )
+    sys.exit(2)
   mesh = sharding.make_mesh(cfg.mesh.to_dict())
   model, source = weights.load_model(
     run_config.model_config(cfg),
@@ -54,7 +64,7 @@ def main(argv):
   tokenizer = Tokenizer(run_config.tokenizer_dir(cfg), int(cfg.data.max_tokens))
   metrics = run.evaluate(
     model,
-    run_config.eval_config(cfg.eval),
+    eval_cfg,
     tokenizer,
     mesh,
     png_path=_PNG.value or None,

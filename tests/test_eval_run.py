@@ -173,3 +173,28 @@ def test_load_model_from_params_dir(model, tmp_path):
     weights.load_model(cfg, mesh)
   with pytest.raises(FileNotFoundError, match="neither a params directory"):
     weights.load_model(cfg, mesh, checkpoint=str(tmp_path))
+
+
+def test_eval_py_without_evaluators_exits_2(tmp_path):
+  """eval.py never succeeds silently: no evaluator configured is an error before any read."""
+  import os
+  import pathlib
+  import subprocess
+  import sys
+
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  proc = subprocess.run(
+    [
+      sys.executable,
+      str(repo / "eval.py"),
+      f"--config={repo / 'configs/tiny.py'}",
+      f"--checkpoint={tmp_path}",
+    ],
+    cwd=repo,
+    env=dict(os.environ, PYTHONPATH=str(repo)),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "runs no evaluator" in proc.stderr and "config.eval.evaluators" in proc.stderr
