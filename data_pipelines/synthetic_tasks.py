@@ -87,17 +87,28 @@ def _scenes(world: ShapesWorld, n: int, seen: set[str]):
   return out
 
 
+def _join(parts: list[str]) -> str:
+  return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + f" and {parts[-1]}"
+
+
 def scene_captions(shapes: list[Shape], image_size: int, rng, n: int) -> list[str]:
-  """n true captions of a scene: the listing, relations / positions, then other phrasings."""
+  """n true captions of a scene, each naming EVERY shape (so a caption picks out its image as
+  well as the scene allows, as COCO's captions describe the whole picture; a caption naming one
+  of several shapes would also fit other images and make retrieval labels noisy): the listing,
+  then relations (two shapes), positions and other phrasings in a random order."""
   phrases = [s.phrase() for s in shapes]
   plain = [s.phrase(with_size=False) for s in shapes]
-  listing = phrases[0] if len(shapes) == 1 else ", ".join(phrases[:-1]) + f" and {phrases[-1]}"
-  pool = [listing, f"a picture of {listing}"]
-  pool += [f"{a.phrase()} {relation(a, b)} {b.phrase()}" for a in shapes for b in shapes if a != b]
-  pool += [f"{p} at the {where(s, image_size)}" for p, s in zip(plain, shapes)]
-  pool += [f"{s.phrase()} at the {where(s, image_size)}" for s in shapes]
-  pool.append(plain[0] if len(shapes) == 1 else ", ".join(plain[:-1]) + f" and {plain[-1]}")
-  pool = list(dict.fromkeys(pool))  # distinct (always >= 5)
+  listing = _join(phrases)
+  pool = [listing, f"a picture of {listing}", _join(plain)]
+  if len(shapes) == 2:
+    a, b = shapes
+    pool += [
+      f"{a.phrase()} {relation(a, b)} {b.phrase()}",
+      f"{b.phrase()} {relation(b, a)} {a.phrase()}",
+    ]
+  pool.append(_join([f"{p} at the {where(s, image_size)}" for p, s in zip(phrases, shapes)]))
+  pool.append(_join([f"{p} at the {where(s, image_size)}" for p, s in zip(plain, shapes)]))
+  pool = list(dict.fromkeys(pool))  # distinct (always >= 4)
   order = rng.permutation(len(pool) - 1) + 1
   out = pool[:1] + [pool[i] for i in order]
   return [out[i % len(out)] for i in range(n)]

@@ -81,6 +81,7 @@ def get_config(arg=None):
   if task == "retrieval":
     c.data.image = [src["train"]]
     c.data.hflip = False
+    c.data.crop_scale = (0.9, 1.0)  # captions name positions ("at the top left"): keep them true
     c.batch.image = 16
     c.eval.evaluators = ("retrieval",)
     c.eval.retrieval = mlc.ConfigDict(
@@ -100,7 +101,7 @@ def get_config(arg=None):
     )
     c.train.select_metric = "eval/grounding/val/acc"
   steps = (CI_STEPS if ci else STEPS)[task]
-  c.optim.lr = 1e-4
+  c.optim.lr = 5e-5
   c.optim.lr_mult = 1.0
   c.optim.clip_norm = 0.0
   c.optim.warmup_steps = 0.1
