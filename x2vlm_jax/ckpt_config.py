@@ -137,11 +137,11 @@ class ConfigCheck:
     )
     exclude = tuple(self.critical_keys) + tuple(self.neutral_keys)
     stream = config_diff(saved, self.config, self.stream_keys, exclude)
-    warnings = [f"critical setting changed (allowed): {d}" for d in allowed]
-    warnings += [f"data stream setting changed: {d}" for d in stream]
-    for w in warnings:
-      logging.warning("resume: %s", w)
-    return warnings
+    for d in stream:
+      logging.warning("resume: data stream setting changed: %s", d)
+    return [f"critical setting changed (allowed): {d}" for d in allowed] + [
+      f"data stream setting changed: {d}" for d in stream
+    ]
 
 
 def shape_problems(saved_leaves: Mapping[str, Mapping], target, partial: bool) -> list[str]:
@@ -157,7 +157,8 @@ def shape_problems(saved_leaves: Mapping[str, Mapping], target, partial: bool) -
   flat, _ = jax.tree_util.tree_flatten_with_path(target)
   wanted = {leaf_name(p): tuple(x.shape) for p, x in flat if hasattr(x, "shape")}
   problems = []
-  for name in sorted(set(wanted) | (set() if partial else set(saved_leaves))):
+  names = set(wanted) | (set() if partial else set(saved_leaves))
+  for name in sorted(names, key=lambda n: ("opt_state" in n, n)):  # parameters first
     if name not in saved_leaves:
       problems.append(f"leaf {name!r}: not in the checkpoint")
     elif name not in wanted:

@@ -15,6 +15,7 @@ strict JSON and a diverged run is still visible in the file.
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import math
 import os
@@ -28,6 +29,7 @@ import numpy as np
 from absl import logging
 
 JSONL_NAME = "metrics.jsonl"
+_WRITERS = itertools.count()  # distinguishes the event files of one process
 
 
 def _import_tensorboardx():
@@ -99,8 +101,13 @@ class MetricsWriter:
     self._jsonl = open(os.path.join(self.workdir, JSONL_NAME), "a", encoding="utf-8")
     if tensorboard:
       tbx = _import_tensorboardx()
+      # tensorboardX names the file by the second and the host and opens it with 'wb': the
+      # suffix keeps a writer opened within the same second (a quick restart) from overwriting.
       self._tb = tbx.SummaryWriter(
-        logdir=os.path.join(self.workdir, tb_subdir), flush_secs=30, purge_step=purge_step
+        logdir=os.path.join(self.workdir, tb_subdir),
+        flush_secs=30,
+        purge_step=purge_step,
+        filename_suffix=f".{os.getpid()}.{next(_WRITERS)}",
       )
 
   @property
