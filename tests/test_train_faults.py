@@ -303,7 +303,7 @@ def test_nan_updates_skipped_then_run_stops(reference, cache_dir, tmp_path):
     "--config.train.keep=10",
   )
   assert rc != 0 and "3 consecutive non-finite updates" in out, out[-4000:]
-  assert "the newest checkpoint, step 11 is intact" in out, out[-4000:]
+  assert "the newest intact checkpoint is step 11: a relaunch resumes there" in out, out[-4000:]
   m = _metrics(workdir)
   assert [s for s in sorted(m) if s > STEPS and m[s]["train/update_skipped"]] == [10, 11]
   assert _ckpt_steps(workdir) == [6, 7, 8, 9, 10, 11]  # nothing after the third NaN

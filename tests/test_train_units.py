@@ -161,6 +161,8 @@ def test_progress_line_skips_and_nonfinite_stop_names_intact_step(tmp_path, capl
   assert "skipped" not in lines[0]
   assert lines[1].endswith(" | skipped main/image/bad_image 3 main/region/too_few_boxes 1")
   reporter.step_done(3, m(2))
-  with pytest.raises(train_report.NonFiniteError, match="newest checkpoint, step 8 is intact"):
+  with pytest.raises(
+    train_report.NonFiniteError, match="newest intact checkpoint is step 8: a relaunch resumes"
+  ):
     reporter.flush()
   writer.close()

@@ -155,11 +155,14 @@ class Reporter:
     total_bad = int(host.pop("nonfinite_total"))
     if bad >= self.loop.max_consecutive_nonfinite > 0:
       latest = self._latest()
-      where = "no checkpoint was saved" if latest is None else f"step {latest} is intact"
+      where = (
+        "no checkpoint was saved: a relaunch starts from step 0"
+        if latest is None
+        else f"the newest intact checkpoint is step {latest}: a relaunch resumes there"
+      )
       raise NonFiniteError(
         f"{bad} consecutive non-finite updates (last at step {done_step - 1}; "
-        f"{total_bad} in total): stopping without saving; the newest checkpoint, "
-        f"{where}, is where a relaunch resumes"
+        f"{total_bad} in total): stopping without saving; {where}"
       )
     self.window.add(host)
     if done_step % self.loop.log_every == 0 or done_step == self.loop.total_steps:
