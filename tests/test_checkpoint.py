@@ -1,5 +1,6 @@
 """Tests of x2vlm_jax.checkpoint: round trips, retention, corruption fallback, crash safety,
-restoring onto another mesh, and the config-change refusal."""
+restoring onto another mesh, and the config-change refusal (every file of a step, the moving
+aside and the checks before reading: tests/test_checkpoint_integrity.py)."""
 
 import glob
 import os
@@ -16,7 +17,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from x2vlm_jax import checkpoint as ck
-from x2vlm_jax import checksums
+from x2vlm_jax import checksums, ckpt_config
 from x2vlm_jax.sharding import make_mesh
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,6 +90,7 @@ def test_round_trip_async(tmp_path, mesh8, monkeypatch):
     "kinds": ["image"],
   }
   assert mgr.saved_config() == out.config
+  assert mgr.check_step(7).ok and (tmp_path / "ckpt" / "7" / "x2vlm_manifest.json").exists()
   mgr.close()
 
 
@@ -137,23 +139,23 @@ def test_corrupt_latest_falls_back(tmp_path, mesh8):
   assert out.step == 1 and out.data_iter == {"image": {"i": 1}}
   _assert_tree_equal(out.state, s1)
   assert len(out.skipped) == 1
-  assert "step 2 is corrupt" in out.skipped[0] and "'params/w'" in out.skipped[0], out.skipped
-  # Asking for the corrupt step explicitly fails loudly instead of falling back.
-  with pytest.raises(ck.CheckpointError, match="step 2 is corrupt"):
-    mgr2.restore(ck.abstract_target(s1), step=2)
+  assert "step 2 is corrupt: file state/ocdbt.process_0/d/" in out.skipped[0], out.skipped
+  assert "differs from its SHA-256" in out.skipped[0] and "moved aside" in out.skipped[0]
+  assert mgr2.all_steps() == [1] and mgr2.moved_aside()[0].startswith("2.corrupt-")
 
 
-def test_unreadable_latest_falls_back(tmp_path, mesh8):
+def test_missing_files_reject_the_step(tmp_path, mesh8):
   mgr = ck.CheckpointManager(tmp_path / "ckpt", async_save=False)
   state = _state(mesh8)
   mgr.save(1, state)
   mgr.save(2, state)
   for f in glob.glob(str(tmp_path / "ckpt" / "2" / "state" / "ocdbt.process_*" / "d" / "*")):
     os.remove(f)
-  out = ck.CheckpointManager(tmp_path / "ckpt").restore(ck.abstract_target(state))
-  assert out.step == 1 and "step 2 is unreadable" in out.skipped[0]
   with pytest.raises(ck.CheckpointError, match="no restorable checkpoint"):
     ck.CheckpointManager(tmp_path / "ckpt").restore(ck.abstract_target(state), fallback=False)
+  # The rejected step was moved aside: step 1 is now the newest.
+  out = ck.CheckpointManager(tmp_path / "ckpt").restore(ck.abstract_target(state))
+  assert out.step == 1 and out.skipped == ()
 
 
 _CRASH_SCRIPT = textwrap.dedent("""
@@ -257,8 +259,10 @@ def test_config_change_refused(tmp_path):
   mgr = ck.CheckpointManager(tmp_path / "ckpt", async_save=False)
   mgr.save(1, {"x": np.zeros(3, np.float32)}, config=saved)
   with pytest.raises(ck.ConfigChangedError, match="seed: 1 -> 2"):
-    mgr.restore(config=new, critical_keys=("seed",))
-  assert mgr.restore(config=new, critical_keys=("seed",), allow_config_change=True).step == 1
+    mgr.restore(check_config=ckpt_config.ConfigCheck(new, ("seed",)))
+  allowed = ckpt_config.ConfigCheck(new, ("seed",), allow_config_change=True)
+  out = mgr.restore(check_config=allowed)
+  assert out.step == 1 and out.warnings == ("critical setting changed (allowed): seed: 1 -> 2",)
 
 
 def test_bad_inputs_named(tmp_path):
@@ -340,5 +344,5 @@ def test_partial_restore_reads_and_verifies_only_the_subtree(tmp_path, mesh8):
   needle = np.asarray(s2["params"]["w"])[0, :8].tobytes()
   _flip_byte_in_array_data(str(tmp_path / "ckpt" / "2"), needle)
   out = ck.CheckpointManager(tmp_path / "ckpt", async_save=False).restore(target, partial=True)
-  assert out.step == 1 and "'params/w'" in out.skipped[0], out.skipped
+  assert out.step == 1 and "file state/ocdbt.process_0/d/" in out.skipped[0], out.skipped
   _assert_tree_equal(out.state, {"params": s1["params"]})

@@ -33,6 +33,8 @@ LAYERS = {
   "x2vlm_jax.optim": 3,
   "x2vlm_jax.checkpoint": 3,
   "x2vlm_jax.checksums": 3,
+  "x2vlm_jax.ckpt_manifest": 3,
+  "x2vlm_jax.ckpt_config": 3,
   "x2vlm_jax.params_io": 3,
   "x2vlm_jax.convert": 3,
   "x2vlm_jax.train_state": 4,

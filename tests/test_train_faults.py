@@ -1,5 +1,7 @@
 """The real trainer (`train.py`, tiny config) in subprocesses: exact resume after kill -9 and
-a corrupt checkpoint, preemption of a two-process run, NaN skipping, config checks.
+a corrupt checkpoint (logs line for line as one run; the damaged step moved aside and saved
+again), kill -9 before the first commit, preemption of a two-process run, NaN skipping, config
+checks (in-process ones: tests/test_resume_checks.py).
 
 Compilation dominates the cost of these tests, so every run shares one persistent XLA cache
 (`train.compilation_cache_dir`) and the single-process runs all compile the same step: NaNs are
@@ -108,6 +110,12 @@ def _metrics(workdir) -> dict[int, dict]:
       continue
     out[rec["step"]] = rec["metrics"]
   return out
+
+
+def _lines(workdir) -> list[tuple[int, dict]]:
+  """metrics.jsonl line for line (without the wall time)."""
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  return [(r["step"], r["metrics"]) for r in map(json.loads, path.read_text().splitlines())]
 
 
 def _losses(workdir) -> dict[int, float]:
@@ -246,11 +254,37 @@ def test_kill9_during_async_save_then_corrupt_latest_resume_is_exact(
   assert committed and committed[-1] in (kill_at - 1, kill_at), committed
   latest = committed[-1]
   _flip_byte(workdir, latest)
-  rc, out = _run(workdir, cache_dir, workers)
+  rc, out = _run(workdir, cache_dir, workers, "--config.train.keep=20")
   assert rc == 0, out[-4000:]
-  assert f"step {latest} is corrupt" in out, out[-4000:]
+  assert f"step {latest} is corrupt: file state/" in out, out[-4000:]
   assert f"resumed from step {committed[-2]}" in out, out[-4000:]
-  assert _losses(workdir) == _losses(reference), f"killed at step {kill_at}"
+  # The damaged step was moved aside, not deleted, and the run saved that step again.
+  moved = [p.name for p in (workdir / "checkpoints").iterdir() if ".corrupt-" in p.name]
+  assert [m.split(".")[0] for m in moved] == [str(latest)], moved
+  assert _ckpt_steps(workdir) == list(range(committed[0], STEPS + 1)), _ckpt_steps(workdir)
+  # The logs read like the uninterrupted run's, line for line.
+  assert _lines(workdir) == _lines(reference), f"killed at step {kill_at}"
+  assert _ids(workdir) == _ids(reference)
+
+
+def test_kill9_before_the_first_commit_logs_like_one_run(reference, cache_dir, tmp_path):
+  """kill -9 after two steps, before any checkpoint was committed: the restart begins at step 0
+  and its metrics.jsonl and example ids equal the uninterrupted run's line for line."""
+  workdir = tmp_path / "run"
+  proc, log = _start(workdir, cache_dir, "--config.train.ckpt_every=100")
+  try:
+    logged = lambda: (workdir / "metrics.jsonl").exists() and 2 in _metrics(workdir)
+    assert _wait_for(logged, proc), _output(workdir)[-4000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+    log.close()
+  assert _ckpt_steps(workdir) == [] and len(_ids(workdir)) >= 2
+  rc, out = _run(workdir, cache_dir)
+  assert rc == 0 and "start at step 0" in out, out[-4000:]
+  assert _lines(workdir) == _lines(reference)
   assert _ids(workdir) == _ids(reference)
 
 
@@ -269,6 +303,7 @@ def test_nan_updates_skipped_then_run_stops(reference, cache_dir, tmp_path):
     "--config.train.keep=10",
   )
   assert rc != 0 and "3 consecutive non-finite updates" in out, out[-4000:]
+  assert "the newest intact checkpoint is step 11: a relaunch resumes there" in out, out[-4000:]
   m = _metrics(workdir)
   assert [s for s in sorted(m) if s > STEPS and m[s]["train/update_skipped"]] == [10, 11]
   assert _ckpt_steps(workdir) == [6, 7, 8, 9, 10, 11]  # nothing after the third NaN

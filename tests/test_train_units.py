@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 
 import numpy as np
 import pytest
 
 from configs import tiny
 from data_pipelines import features as F
+from x2vlm_jax import metrics_writer, train_data, train_report, train_step
 from x2vlm_jax import run_config as rc
-from x2vlm_jax import train_data, train_report, train_step
 from x2vlm_jax.models.config import ModelConfig
 
 
@@ -91,3 +93,76 @@ def test_truncate_jsonl_and_profile_steps(tmp_path):
   assert rc.parse_profile_steps("") is None
   with pytest.raises(ValueError):
     rc.parse_profile_steps("15,10")
+
+
+def _events(workdir) -> list:
+  """(step, kind) of every TensorBoard event in file order ('purge' for a SessionLog START)."""
+  from tensorboardX.proto import event_pb2
+
+  out = []
+  for path in sorted(workdir.glob("events.out.tfevents.*")):
+    raw = path.read_bytes()
+    while raw:
+      n = int.from_bytes(raw[:8], "little")
+      ev = event_pb2.Event.FromString(raw[12 : 12 + n])
+      raw = raw[16 + n :]
+      kind = "purge" if ev.session_log.status == 1 else ev.WhichOneof("what")
+      out.append((ev.step, kind))
+  return out
+
+
+def test_restart_logs_trim_to_the_start_step(tmp_path):
+  """On every start the logs agree with the state: metrics.jsonl keeps the steps <= the restored
+  step (none on a fresh start), the example ids the steps before it, and TensorBoard gets a
+  purge event hiding later ones."""
+  ids = tmp_path / "example_ids.p0.jsonl"
+  ids.write_text("".join(json.dumps({"step": s, "ids": [s]}) + "\n" for s in range(6)))
+  with metrics_writer.MetricsWriter(tmp_path) as w:
+    for s in range(1, 7):
+      w.write_scalars(s, {"train/loss": s})
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 7, "metr')  # cut by a kill -9
+  steps = lambda p: [json.loads(l)["step"] for l in p.read_text().splitlines()]
+  writer = train_report.restart_logs(tmp_path, 3, True, ids)
+  assert steps(tmp_path / "metrics.jsonl") == [1, 2, 3] and steps(ids) == [0, 1, 2]
+  writer.write_scalars(4, {"train/loss": 4.0})
+  writer.close()
+  assert steps(tmp_path / "metrics.jsonl") == [1, 2, 3, 4]
+  events = [e for e in _events(tmp_path) if e[1] in ("summary", "purge")]
+  assert events[-2:] == [(4, "purge"), (4, "summary")] and (6, "summary") in events[:-2]
+  train_report.restart_logs(tmp_path, 0, False, ids).close()  # a fresh start: nothing kept
+  assert steps(tmp_path / "metrics.jsonl") == [] and steps(ids) == []
+
+
+def test_progress_line_skips_and_nonfinite_stop_names_intact_step(tmp_path, caplog):
+  loop = dataclasses.replace(
+    rc.loop_config(tiny.get_config()), log_every=1, max_consecutive_nonfinite=2
+  )
+  skips = {"main/image/bad_image": 0}
+  writer = metrics_writer.MetricsWriter(tmp_path, tensorboard=False)
+  reporter = train_report.Reporter(
+    writer,
+    loop,
+    {"image": 4},
+    0,
+    flops_per_device=lambda: 0.0,
+    lr=lambda s: 1e-3,
+    skip_counts=lambda: dict(skips),
+    latest_checkpoint=lambda: 8,
+  )
+  m = lambda bad: {"loss/total": np.float32(1.0), "nonfinite_run": bad, "nonfinite_total": bad}
+  with caplog.at_level(logging.INFO):
+    reporter.step_done(1, m(0))
+    reporter.flush()
+    skips.update({"main/image/bad_image": 3, "main/region/too_few_boxes": 1, "aux/image/x": 0})
+    reporter.step_done(2, m(0))
+    reporter.flush()
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+  assert "skipped" not in lines[0]
+  assert lines[1].endswith(" | skipped main/image/bad_image 3 main/region/too_few_boxes 1")
+  reporter.step_done(3, m(2))
+  with pytest.raises(
+    train_report.NonFiniteError, match="newest intact checkpoint is step 8: a relaunch resumes"
+  ):
+    reporter.flush()
+  writer.close()

@@ -1,24 +1,35 @@
-"""Checkpointing: an orbax `CheckpointManager` wrapper with integrity checks.
+"""Checkpointing: an orbax `CheckpointManager` wrapper that never restores a step it cannot vouch
+for.
 
 Each saved step holds four items, written together and committed atomically by orbax:
 
   state      the train-state pytree (params, optimizer state, step, PRNG key data, ...)
-  data_iter  the data-iterator state, a JSON dict with one entry per data kind
+  data_iter  the data-iterator state, a JSON dict with one entry per process and stream
   config     the run config as JSON (to refuse a resume whose critical settings changed)
   checksums  per-leaf shape, dtype and a 64-bit fingerprint of the leaf's bits (checksums.py)
 
-Orbax writes a step into a temporary directory and renames it only after every item has been
-written (`AtomicRenameTemporaryPath`), so a crash mid-save leaves an uncommitted
-`<step>.orbax-checkpoint-tmp-*` directory that is never listed as a step; `restore` additionally
-verifies checksums and falls back to the previous step when the latest one is corrupt or
-unreadable.
+plus `x2vlm_manifest.json`, the size and SHA-256 of every file of the step, written last before
+orbax's commit marker (ckpt_manifest.py). Orbax writes a step into a temporary directory and
+renames it only after every item has been written, so a crash mid-save leaves an uncommitted
+`<step>.orbax-checkpoint-tmp-*` directory that is never listed as a step.
+
+A restore tries the newest step first and for each candidate:
+  1. checks the marker, the manifest and every file (`ckpt_manifest.check_step`); a step that
+     fails is rejected naming the file and moved aside to `<step>.corrupt-<UTC time>` (never
+     deleted; not in read-only mode), so the run can write that step again;
+  2. reads the JSON items and runs the config check and the leaf-shape check before any array
+     is read (ckpt_config.py): a changed critical setting or shape raises, it is not corruption;
+  3. reads the arrays and compares them with the per-leaf fingerprints (a mismatch: as 1).
+The first step that passes is returned; rejected newer ones are listed in `Restored.skipped`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -27,20 +38,37 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocp_policies
+from orbax.checkpoint import multihost as ocp_multihost
 
+from x2vlm_jax import ckpt_manifest
 from x2vlm_jax.checksums import leaf_checksums, leaf_name, leaf_names, verify_checksums
+from x2vlm_jax.ckpt_config import (  # re-exported: the checkpoint API callers use
+  ConfigChangedError,
+  check_config_compatible,
+  shape_problems,
+  to_jsonable,
+)
+
+__all__ = [
+  "CheckpointError",
+  "CheckpointManager",
+  "ConfigChangedError",
+  "Restored",
+  "abstract_target",
+  "check_config_compatible",
+  "to_jsonable",
+]
 
 STATE, DATA_ITER, CONFIG, CHECKSUMS = "state", "data_iter", "config", "checksums"
 CKPT_DIR = "checkpoints"  # where a training workdir keeps its steps
+CORRUPT = ".corrupt-"  # a rejected step is renamed '<step>.corrupt-<UTC time>'
 _CHECKSUM_FORMAT = 1
+_barriers = itertools.count()
 
 
 class CheckpointError(RuntimeError):
-  """No checkpoint could be restored (all candidates missing, unreadable or corrupt)."""
-
-
-class ConfigChangedError(ValueError):
-  """A critical run setting differs between the saved checkpoint and the new run."""
+  """No checkpoint could be restored (all candidates missing, rejected), or an intact one could
+  not be read into the target."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +80,8 @@ class Restored:
     state: the train-state pytree, laid out like the restore target.
     data_iter: the data-iterator state dict saved with that step.
     config: the run config (JSON dict) saved with that step.
-    skipped: one line per newer step that was rejected (unreadable or corrupt), newest first.
+    skipped: one line per newer step that was rejected (naming the file or leaf), newest first.
+    warnings: what the config check allowed but reported (e.g. a changed data.max_tokens).
   """
 
   step: int
@@ -60,79 +89,7 @@ class Restored:
   data_iter: dict
   config: dict
   skipped: tuple[str, ...] = ()
-
-
-# ----------------------------------------------------------------------------------------------
-# Config handling.
-
-
-def to_jsonable(obj, where: str = "config"):
-  """Converts a config (ConfigDict, dataclass, dict, tuples, numpy scalars) to plain JSON."""
-  if hasattr(obj, "to_dict") and callable(obj.to_dict):
-    obj = obj.to_dict()
-  if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-    obj = dataclasses.asdict(obj)
-  if isinstance(obj, Mapping):
-    return {str(k): to_jsonable(v, f"{where}.{k}") for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [to_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
-  if isinstance(obj, np.generic):
-    return obj.item()
-  if isinstance(obj, np.ndarray):
-    return obj.tolist()
-  if obj is None or isinstance(obj, (bool, int, float, str)):
-    return obj
-  # Callables, classes, ...: recorded by repr so the saved config stays readable and comparable.
-  return repr(obj)
-
-
-def _flatten(d, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  if isinstance(d, Mapping):
-    for k, v in d.items():
-      key = f"{prefix}.{k}" if prefix else str(k)
-      if isinstance(v, Mapping) and v:
-        out.update(_flatten(v, key))
-      else:
-        out[key] = v
-  return out
-
-
-def check_config_compatible(
-  saved_cfg, new_cfg, critical_keys: Sequence[str], allow_config_change: bool = False
-) -> list[str]:
-  """Refuses to resume when a critical setting changed.
-
-  Args:
-    saved_cfg: the config stored in the checkpoint (dict or ConfigDict).
-    new_cfg: the config of the run that wants to resume.
-    critical_keys: dotted keys; each covers itself and every key nested below it.
-    allow_config_change: if True, differences are logged as a warning instead of raising.
-
-  Returns:
-    One line per differing critical key ('key: old -> new'); empty when compatible.
-
-  Raises:
-    ConfigChangedError: listing every differing key with its old and new value.
-  """
-  old, new = _flatten(to_jsonable(saved_cfg)), _flatten(to_jsonable(new_cfg))
-
-  def critical(key):
-    return any(key == c or key.startswith(c + ".") for c in critical_keys)
-
-  missing = object()
-  diffs = []
-  for key in sorted(k for k in set(old) | set(new) if critical(k)):
-    a, b = old.get(key, missing), new.get(key, missing)
-    if a != b:
-      fmt = lambda v: "<absent>" if v is missing else json.dumps(v)
-      diffs.append(f"{key}: {fmt(a)} -> {fmt(b)}")
-  if diffs:
-    msg = "critical config settings differ from the checkpoint:\n  " + "\n  ".join(diffs)
-    if not allow_config_change:
-      raise ConfigChangedError(msg + "\npass allow_config_change=True to resume anyway")
-    logging.warning("%s\n(allowed by allow_config_change=True)", msg)
-  return diffs
+  warnings: tuple[str, ...] = ()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,7 +140,8 @@ class CheckpointManager:
     async_save: `save` returns once arrays are copied to host; writing continues in background.
     save_interval_steps: orbax only saves steps divisible by this (unless `force=True`).
     read_only: only read (another run's checkpoints, possibly still being written): nothing is
-      saved, deleted or cleaned up (a running save's temporary directory is left alone).
+      saved, deleted, moved aside or cleaned up (a running save's temporary directory is left
+      alone; a rejected step is only skipped).
   """
 
   def __init__(
@@ -205,10 +163,13 @@ class CheckpointManager:
       enable_async_checkpointing=async_save,
       # Left-over '<step>.orbax-checkpoint-tmp-*' directories of a crashed save are removed.
       cleanup_tmp_directories=True,
+      # Orbax's commit with the manifest written just before the marker.
+      temporary_path_class=ckpt_manifest.temporary_path_class(directory),
     )
     if read_only:
       options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
     self.directory = directory
+    self.read_only = read_only
     self._mgr = ocp.CheckpointManager(
       directory,
       options=options,
@@ -266,7 +227,7 @@ class CheckpointManager:
     """Blocks until every pending async save is written and committed."""
     self._mgr.wait_until_finished()
 
-  # -- listing --------------------------------------------------------------------------------
+  # -- listing and checking -------------------------------------------------------------------
 
   def all_steps(self) -> list[int]:
     """Committed steps, ascending (uncommitted tmp directories are never listed)."""
@@ -278,43 +239,62 @@ class CheckpointManager:
     steps = self.all_steps()
     return steps[-1] if steps else None
 
+  def step_dir(self, step: int) -> epath.Path:
+    return epath.Path(self.directory) / str(step)
+
+  def moved_aside(self) -> list[str]:
+    """Names of the rejected steps moved aside in this directory ('12.corrupt-...')."""
+    d = epath.Path(self.directory)
+    return sorted(p.name for p in d.iterdir() if CORRUPT in p.name) if d.exists() else []
+
+  def check_step(self, step: int, prefixes=None) -> ckpt_manifest.Verdict:
+    """The manifest check of one committed step (`ckpt_manifest.check_step`; a collective with
+    several processes when every file is checked)."""
+    verdict = ckpt_manifest.check_step(self.step_dir(step), prefixes, share=prefixes is None)
+    for note in verdict.notes:
+      logging.warning("checkpoint step %d: %s", step, note)
+    return verdict
+
+  def latest_intact_step(self) -> int | None:
+    """The newest step whose files all match its manifest, after pending saves finished."""
+    self.wait_until_finished()
+    for s in reversed(self.all_steps()):
+      if self.check_step(s).ok:
+        return s
+    return None
+
   def saved_config(self, step: int | None = None) -> dict:
-    """The config stored with `step` (default: latest), without restoring any arrays."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise CheckpointError(f"no committed checkpoint in {self.directory}")
-    out = self._mgr.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))
-    return out[CONFIG]
+    """The config stored with `step` (default: the newest step whose marker, manifest and
+    config files check out), without reading any array."""
+    steps = [step] if step is not None else list(reversed(self.all_steps()))
+    problems = []
+    for s in steps:
+      verdict = self.check_step(s, prefixes=(CONFIG + "/",))
+      if verdict.ok:
+        return self._read_json(s, CONFIG)
+      problems.append(f"step {s}: " + "; ".join(verdict.problems))
+    raise CheckpointError(
+      f"no checkpoint with an intact config in {self.directory}:\n  " + "\n  ".join(problems)
+    )
 
   # -- restoring ------------------------------------------------------------------------------
 
-  def _read_state(self, step: int, target, partial: bool) -> tuple[Any, dict, dict, dict]:
-    """(state, data_iter, config, checksums) of one step; `partial` reads only `target`'s leaves."""
+  def _read_json(self, step: int, *items: str):
+    args = ocp.args.Composite(**{k: ocp.args.JsonRestore() for k in items})
+    out = self._mgr.restore(step, args=args)
+    return out[items[0]] if len(items) == 1 else tuple(out[k] for k in items)
+
+  def _read_arrays(self, step: int, target, partial: bool):
+    """The state of one step; `partial` reads only `target`'s leaves."""
     if not partial:
-      out = self._mgr.restore(
-        step,
-        args=ocp.args.Composite(
-          **{
-            STATE: ocp.args.StandardRestore(target),
-            DATA_ITER: ocp.args.JsonRestore(),
-            CONFIG: ocp.args.JsonRestore(),
-            CHECKSUMS: ocp.args.JsonRestore(),
-          }
-        ),
-      )
-      return out[STATE], out[DATA_ITER], out[CONFIG], out[CHECKSUMS]
+      args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore(target)})
+      return self._mgr.restore(step, args=args)[STATE]
     # A sub-tree of the state (e.g. the parameters without the optimizer moments): orbax's
     # PyTree handler reads only the named arrays, straight into the target's shardings.
-    meta = self._mgr.restore(
-      step,
-      args=ocp.args.Composite(
-        **{CONFIG: ocp.args.JsonRestore(), CHECKSUMS: ocp.args.JsonRestore()}
-      ),
-    )
     ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
     try:
-      state = ckptr.restore(
-        epath.Path(self.directory) / str(step) / STATE,
+      return ckptr.restore(
+        self.step_dir(step) / STATE,
         args=ocp.args.PyTreeRestore(
           item=target,
           restore_args=ocp.checkpoint_utils.construct_restore_args(target),
@@ -323,32 +303,66 @@ class CheckpointManager:
       )
     finally:
       ckptr.close()
-    return state, {}, meta[CONFIG], meta[CHECKSUMS]
 
-  def _restore_one(
-    self, step: int, target, verify: bool, partial: bool = False
-  ) -> tuple[Restored | None, str | None]:
-    """Restores and verifies one step; returns (result, None) or (None, why it was rejected)."""
+  def _reject(self, step: int, why: str) -> str:
+    """Logs a rejected step and, unless read-only, moves it aside; returns the report line."""
+    logging.error("checkpoint rejected: %s", why)
+    if self.read_only:
+      return why
+    moved = None
+    if jax.process_index() == 0:
+      stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+      src = self.step_dir(step)
+      for n in itertools.count():
+        moved = src.parent / f"{step}{CORRUPT}{stamp}{f'-{n}' if n else ''}"
+        if not moved.exists():
+          break
+      src.rename(moved)
+      logging.warning("moved rejected checkpoint step %d aside to %s (not deleted)", step, moved)
+    if jax.process_count() > 1:
+      ocp_multihost.sync_global_processes(f"x2vlm_ckpt_moved_aside_{step}_{next(_barriers)}")
+    self._mgr.reload()
+    return why + (f"; moved aside to {moved.name}" if moved is not None else "")
+
+  def _restore_one(self, step, target, verify, partial, check_config):
+    """(Restored, None) or (None, why the step was rejected); raises on config changes and on
+    an intact step that cannot be read into the target."""
+    if verify:
+      verdict = self.check_step(step)
+      if not verdict.ok:
+        return None, f"step {step} is corrupt: " + _first(verdict.problems)
     try:
-      state, data_iter, config, sums = self._read_state(step, target, partial)
+      config, sums, data_iter = self._read_json(step, CONFIG, CHECKSUMS, DATA_ITER)
     except Exception as e:  # orbax / tensorstore raise many types for damaged files
       return None, f"step {step} is unreadable: {type(e).__name__}: {str(e)[:500]}"
+    config, sums = dict(config or {}), dict(sums or {})
+    warnings = tuple(check_config(config)) if check_config is not None else ()
+    target = target(config) if callable(target) else target
+    if verify and (sums.get("format") != _CHECKSUM_FORMAT or "leaves" not in sums):
+      return None, f"step {step} has no usable checksums (format {sums.get('format')!r})"
+    misfit = shape_problems(sums["leaves"], target, partial) if "leaves" in sums else []
+    if misfit:
+      raise ConfigChangedError(
+        f"the arrays of checkpoint step {step} do not fit this run's state (a changed model "
+        "or optimizer; not allowed by any flag):\n  " + _first(misfit, sep="\n  ", n=20)
+      )
+    try:
+      state = self._read_arrays(step, target, partial)
+    except Exception as e:  # orbax / tensorstore raise many types
+      why = f"step {step} is unreadable: {type(e).__name__}: {str(e)[:500]}"
+      if verify:  # its files are intact: not a damaged step, so no fallback
+        raise CheckpointError(f"{why} (its files match the manifest)") from e
+      return None, why
     if verify:
-      sums = sums or {}
-      if sums.get("format") != _CHECKSUM_FORMAT or "leaves" not in sums:
-        return None, f"step {step} has no usable checksums (format {sums.get('format')!r})"
       expected = sums["leaves"]
       if partial:  # only the leaves that were read
         names = set(leaf_names(state))
         expected = {k: v for k, v in expected.items() if k in names}
       problems = verify_checksums(state, expected, _target_dtypes(target))
       if problems:
-        return None, f"step {step} is corrupt: " + "; ".join(problems[:10]) + (
-          f" (+{len(problems) - 10} more)" if len(problems) > 10 else ""
-        )
-    return Restored(
-      step=step, state=state, data_iter=dict(data_iter or {}), config=dict(config or {})
-    ), None
+        return None, f"step {step} is corrupt: " + _first(problems)
+    data_iter = {} if partial else dict(data_iter or {})
+    return Restored(step, state, data_iter, config, warnings=warnings), None
 
   def restore(
     self,
@@ -357,29 +371,31 @@ class CheckpointManager:
     step: int | None = None,
     verify: bool = True,
     fallback: bool = True,
-    config=None,
-    critical_keys: Sequence[str] = (),
-    allow_config_change: bool = False,
+    check_config: Callable[[dict], Sequence[str]] | None = None,
     partial: bool = False,
   ) -> Restored:
-    """Restores the latest good committed step (or exactly `step`).
+    """Restores the latest good committed step (or exactly `step`); see the module docstring.
 
     Args:
       target: the restore target: a pytree like the saved state whose array leaves are
         `jax.ShapeDtypeStruct(shape, dtype, sharding=...)` (see `abstract_target`); arrays are
-        placed straight onto those shardings, so another mesh or device count is fine. None
-        restores with the saved layout (same topology only).
+        placed straight onto those shardings, so another mesh or device count is fine. Or a
+        function of the step's saved config returning it (called before any array is read).
+        None restores with the saved layout (same topology only).
       step: restore this step only (no fallback); default: newest committed step.
-      verify: check the per-leaf checksums after reading.
-      fallback: if the newest step is unreadable or corrupt, try older steps (newest first).
-      config: if given, `check_config_compatible(saved, config, critical_keys)` is enforced.
-      critical_keys, allow_config_change: passed to `check_config_compatible`.
+      verify: check the manifest before and the per-leaf checksums after reading; rejected
+        steps are moved aside (unless read-only). False: no checks (benchmarks).
+      fallback: if the newest step is rejected, try older steps (newest first).
+      check_config: called with the saved config before any array is read; raises
+        `ConfigChangedError` to refuse, returns warnings (`ckpt_config.ConfigCheck`).
       partial: `target` names a sub-tree of the saved state (e.g. {'train': {'params': ...}});
-        only those arrays are read and verified, and `data_iter` comes back empty.
+        only those arrays are read and fingerprint-checked (the manifest check covers every
+        file of the step either way), and `data_iter` comes back empty.
 
     Raises:
-      CheckpointError: no committed step, or every candidate step was rejected.
-      ConfigChangedError: the restored step's config differs in a critical key.
+      CheckpointError: no committed step, every candidate was rejected, or an intact step could
+        not be read into the target.
+      ConfigChangedError: the config check refused, or the saved leaf shapes differ.
     """
     steps = self.all_steps()
     if step is not None:
@@ -396,18 +412,14 @@ class CheckpointManager:
       raise CheckpointError(f"no committed checkpoint in {self.directory}")
     skipped = []
     for s in candidates:
-      result, why = self._restore_one(s, target, verify, partial)
+      result, why = self._restore_one(s, target, verify, partial, check_config)
       if result is not None:
         if skipped:
           logging.warning(
             "restored step %d after rejecting newer steps:\n  %s", s, "\n  ".join(skipped)
           )
-        result = dataclasses.replace(result, skipped=tuple(skipped))
-        if config is not None:
-          check_config_compatible(result.config, config, critical_keys, allow_config_change)
-        return result
-      logging.error("checkpoint rejected: %s", why)
-      skipped.append(why)
+        return dataclasses.replace(result, skipped=tuple(skipped))
+      skipped.append(self._reject(s, why) if verify else why)
     raise CheckpointError(
       f"no restorable checkpoint in {self.directory}:\n  " + "\n  ".join(skipped)
     )
@@ -422,3 +434,9 @@ class CheckpointManager:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def _first(problems: Sequence[str], sep: str = "; ", n: int = 10) -> str:
+  """The first `n` problems joined, and how many more there are."""
+  more = f" (+{len(problems) - n} more)" if len(problems) > n else ""
+  return sep.join(problems[:n]) + more

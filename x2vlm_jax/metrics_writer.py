@@ -15,6 +15,7 @@ strict JSON and a diverged run is still visible in the file.
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import math
 import os
@@ -28,6 +29,7 @@ import numpy as np
 from absl import logging
 
 JSONL_NAME = "metrics.jsonl"
+_WRITERS = itertools.count()  # distinguishes the event files of one process
 
 
 def _import_tensorboardx():
@@ -76,6 +78,8 @@ class MetricsWriter:
     tensorboard: also write TensorBoard event files (to `workdir/tb_subdir`).
     tb_subdir: sub-directory for event files ('' = the workdir itself).
     process_index: override of `jax.process_index()` (tests, custom launchers).
+    purge_step: start the event file with TensorBoard's purge event: events of steps >=
+      purge_step written before it (by a run that died after them) are hidden.
   """
 
   def __init__(
@@ -85,6 +89,7 @@ class MetricsWriter:
     tensorboard: bool = True,
     tb_subdir: str = "",
     process_index: int | None = None,
+    purge_step: int | None = None,
   ):
     self.workdir = os.fspath(workdir)
     self.active = (jax.process_index() if process_index is None else process_index) == 0
@@ -96,7 +101,14 @@ class MetricsWriter:
     self._jsonl = open(os.path.join(self.workdir, JSONL_NAME), "a", encoding="utf-8")
     if tensorboard:
       tbx = _import_tensorboardx()
-      self._tb = tbx.SummaryWriter(logdir=os.path.join(self.workdir, tb_subdir), flush_secs=30)
+      # tensorboardX names the file by the second and the host and opens it with 'wb': the
+      # suffix keeps a writer opened within the same second (a quick restart) from overwriting.
+      self._tb = tbx.SummaryWriter(
+        logdir=os.path.join(self.workdir, tb_subdir),
+        flush_secs=30,
+        purge_step=purge_step,
+        filename_suffix=f".{os.getpid()}.{next(_WRITERS)}",
+      )
 
   @property
   def jsonl_path(self) -> str:

@@ -9,6 +9,7 @@ patch size: batch shapes and preprocessing read them from it.
   model_config(cfg)                        -> ModelConfig (variant + overrides)
   init_config(cfg)                         -> InitConfig (initial weight sources)
   saved_model_config(saved)                -> ModelConfig of a run from its saved run config
+  run_json(cfg, model_cfg), resume_check   -> the config saved with checkpoints; its check
   optim_config(cfg)                        -> OptimConfig
   step_config(cfg)                         -> StepConfig (what one step computes)
   batch_sizes(cfg, model_cfg, mesh, ...)   -> per-process BatchSizes of one micro-batch
@@ -29,14 +30,17 @@ import ml_collections
 from jax.sharding import Mesh
 
 from data_pipelines import features as F
-from x2vlm_jax import assets, init_lib, objectives, optim, sharding, tasks, train_data
+from x2vlm_jax import assets, ckpt_config, init_lib, objectives, optim, sharding, tasks, train_data
 from x2vlm_jax.evaluators import settings as eval_settings
 from x2vlm_jax.models.config import ModelConfig
 
 # Resuming with any of these changed is a different experiment (refused unless allowed).
+# `_model_resolved` is the model config after the variant table and `model.text_config_from`
+# are applied (`run_json`): every field that shapes a parameter, whatever set it.
 CRITICAL_KEYS = (
   "task",
   "model",
+  "_model_resolved",
   "batch",
   "data.image",
   "data.region",
@@ -44,6 +48,10 @@ CRITICAL_KEYS = (
   "data.aux",
   "train.seed",
 )
+# Changes here alter which examples a resumed run reads and how they are masked, not its state:
+# allowed, with a warning on resume (docs/training.md#checkpoints-and-resuming).
+STREAM_KEYS = ("data", "loss.aux_iter_perc")
+NEUTRAL_KEYS = ("data.num_workers", "data.worker_buffer_size", "data.read_threads")
 
 
 def resolve_dir(path: str) -> str:
@@ -116,6 +124,20 @@ def saved_model_config(saved: Mapping) -> ModelConfig:
     return model_config(ml_collections.ConfigDict({"model": dict(model)}))
   except (AttributeError, KeyError) as e:
     raise ValueError(f"the checkpoint's saved `model` section {dict(model)} is incomplete") from e
+
+
+def run_json(cfg, model_cfg: ModelConfig) -> dict:
+  """The run config as checkpoints store it: the config as JSON plus `_model_resolved`."""
+  out = ckpt_config.to_jsonable(cfg)
+  out["_model_resolved"] = ckpt_config.to_jsonable(model_cfg)
+  return out
+
+
+def resume_check(run: Mapping, allow_config_change: bool) -> ckpt_config.ConfigCheck:
+  """The check of a checkpoint's saved config against `run` (`run_json`) before a resume."""
+  return ckpt_config.ConfigCheck(
+    run, CRITICAL_KEYS, STREAM_KEYS, NEUTRAL_KEYS, allow_config_change=allow_config_change
+  )
 
 
 def optim_config(cfg) -> optim.OptimConfig:

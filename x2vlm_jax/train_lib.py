@@ -155,27 +155,37 @@ class _Run:
       dict(mesh.shape),
       sizes,
     )
-    config_json = ckpt_lib.to_jsonable(cfg)
+    config_json = rc.run_json(cfg, model_cfg)
     args = (cfg, loop, workdir, mesh, model_cfg, sizes)
     if manager.latest_step() is None:
+      moved = manager.moved_aside()
+      if moved:  # never start over silently where every checkpoint was rejected
+        raise ckpt_lib.CheckpointError(
+          f"{workdir / CKPT_DIR} has no good checkpoint; rejected steps were moved aside "
+          f"({', '.join(moved)}): move them out of the directory to start from step 0"
+        )
       return cls._initialise(*args, config_json)
-    fresh = tuple(manager.saved_config().get("_fresh_paths", ()))
-    spec = TrainStateSpec.build(model_cfg, rc.optim_config(cfg), mesh, fresh)
+    specs = []
+
+    def target(saved: dict) -> dict:  # after the step's files and config were checked
+      fresh = tuple(saved.get("_fresh_paths", ()))
+      specs.append(TrainStateSpec.build(model_cfg, rc.optim_config(cfg), mesh, fresh))
+      return specs[-1].checkpoint_target()
+
     restored = manager.restore(
-      spec.checkpoint_target(),
-      config=config_json,
-      critical_keys=rc.CRITICAL_KEYS,
-      allow_config_change=allow_config_change,
+      target, check_config=rc.resume_check(config_json, allow_config_change)
     )
     saved_rng = np.asarray(restored.state["rng"].addressable_data(0))
     if not np.array_equal(saved_rng, np.asarray(jax.random.key_data(_base_key(loop)))):
       raise ckpt_lib.ConfigChangedError("the checkpoint's PRNG key differs from key(train.seed)")
     for why in restored.skipped:
       writer.log(f"checkpoint: rejected newer step: {why}")
+    for warning in restored.warnings:
+      writer.log(f"warning on resume: {warning}")
     writer.log(f"resumed from step {restored.step} ({workdir / CKPT_DIR})")
     return cls(
       *args,
-      spec,
+      specs[-1],
       restored.state["train"],
       int(restored.step),
       True,
@@ -310,21 +320,8 @@ def _reporter(run: _Run, writer, manager, jstep: step_jit.JittedStep) -> train_r
     flops_per_device=flops,
     lr=lambda s: float(lr(s)),
     skip_counts=run.streams.skip_counts,
-    latest_checkpoint=manager.latest_step,
+    latest_checkpoint=manager.latest_intact_step,
   )
-
-
-def _restart_logs(run: _Run, writer) -> metrics_writer.MetricsWriter:
-  """Drops log lines of steps that will be redone after a resume; returns the writer to use."""
-  if run.loop.log_example_ids:
-    train_report.truncate_jsonl(
-      run.workdir / EXAMPLE_IDS.format(jax.process_index()), run.start_step
-    )
-  if jax.process_index() == 0 and run.resumed:
-    writer.close()
-    train_report.truncate_jsonl(run.workdir / metrics_writer.JSONL_NAME, run.start_step + 1)
-    writer = metrics_writer.MetricsWriter(run.workdir)
-  return writer
 
 
 def train_and_evaluate(
@@ -342,7 +339,8 @@ def train_and_evaluate(
   t_start = time.time()
   loop = rc.loop_config(config, profile_steps)
   run_env.enable_compilation_cache(loop.compilation_cache_dir)
-  writer = metrics_writer.MetricsWriter(workdir)
+  # Log lines only until the logs are trimmed to the start step (`train_report.restart_logs`).
+  writer = metrics_writer.MetricsWriter(workdir, tensorboard=False)
   manager = ckpt_lib.CheckpointManager(
     workdir / CKPT_DIR,
     max_to_keep=loop.keep,
@@ -354,10 +352,12 @@ def train_and_evaluate(
   try:
     run = _Run.start(config, workdir, manager, writer, loop, allow_config_change)
     run.config_json["_fresh_paths"] = list(run.spec.fresh_paths)
+    run.open_streams(allow_config_change)
+    writer.close()
+    ids_log = workdir / EXAMPLE_IDS.format(jax.process_index())
+    writer = train_report.restart_logs(workdir, run.start_step, run.resumed, ids_log)
     if jax.process_index() == 0:
       _write_reports(run, writer)
-    run.open_streams(allow_config_change)
-    writer = _restart_logs(run, writer)
     writer.log(
       f"start at step {run.start_step} of {loop.total_steps} (set-up {time.time() - t_start:.1f} s)"
     )

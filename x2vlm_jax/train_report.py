@@ -4,6 +4,10 @@ window, the non-finite-update check, the progress line, TensorBoard and `metrics
 The host reads a step's metrics only after it has dispatched the next step, so it never waits
 for the device step it just launched (`step_done`). Before a checkpoint is saved the pending
 step is read (`flush`): a state whose non-finite count is unchecked is never saved.
+
+`restart_logs` runs on every start: it trims `metrics.jsonl` and the example-id logs to the
+step the run starts from and tells TensorBoard to hide later events, so whatever moment a run
+died at, its logs read like one uninterrupted run (docs/training.md#logs-after-a-crash).
 """
 
 from __future__ import annotations
@@ -34,7 +38,32 @@ def truncate_jsonl(path: pathlib.Path, start_step: int) -> None:
         keep.append(line)
     except (ValueError, KeyError, TypeError):
       continue  # a line cut by a kill -9
-  path.write_text("".join(l + "\n" for l in keep))
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text("".join(l + "\n" for l in keep))
+  tmp.replace(path)  # a crash while trimming leaves the old or the new file, never half
+
+
+def restart_logs(
+  workdir: pathlib.Path, start_step: int, resumed: bool, example_ids: pathlib.Path
+) -> metrics_writer.MetricsWriter:
+  """Trims the logs to the state the run starts from; returns the run's writer.
+
+  `metrics.jsonl` keeps the lines of steps <= start_step when resuming (its step is the count
+  of updates done) and none on a fresh start; this process's example-id log keeps the steps
+  < start_step (its step is the index of the step that read the batch); TensorBoard gets a
+  purge event, which hides the events of later steps written before it.
+  """
+  truncate_jsonl(example_ids, start_step)
+  first_new = start_step + 1 if resumed else 0
+  if jax.process_index() == 0:
+    truncate_jsonl(workdir / metrics_writer.JSONL_NAME, first_new)
+  return metrics_writer.MetricsWriter(workdir, purge_step=first_new)
+
+
+def skip_text(skips: Mapping[str, int]) -> str:
+  """' | skipped main/image/bad_image 3 ...' (cumulative, per reason) or '' when none."""
+  shown = [f"{k} {int(v)}" for k, v in sorted(skips.items()) if v]
+  return " | skipped " + " ".join(shown) if shown else ""
 
 
 def progress_metrics(m: Mapping[str, float]) -> dict[str, float]:
@@ -75,8 +104,8 @@ class Reporter:
     start_step: the step the run starts (or resumes) at.
     flops_per_device: () -> model FLOPs of one step per device (for MFU; 0 = unknown).
     lr: step -> learning rate (logged).
-    skip_counts: () -> data-skip counters (logged).
-    latest_checkpoint: () -> the newest committed step (named when the run stops).
+    skip_counts: () -> cumulative data-skip counters (logged; on the progress line when > 0).
+    latest_checkpoint: () -> the newest intact step (named when the run stops), or None.
   """
 
   def __init__(
@@ -125,10 +154,15 @@ class Reporter:
     bad = int(host.pop("nonfinite_run"))
     total_bad = int(host.pop("nonfinite_total"))
     if bad >= self.loop.max_consecutive_nonfinite > 0:
+      latest = self._latest()
+      where = (
+        "no checkpoint was saved: a relaunch starts from step 0"
+        if latest is None
+        else f"the newest intact checkpoint is step {latest}: a relaunch resumes there"
+      )
       raise NonFiniteError(
         f"{bad} consecutive non-finite updates (last at step {done_step - 1}; "
-        f"{total_bad} in total): stopping without saving; the last checkpoint "
-        f"({self._latest()}) is intact"
+        f"{total_bad} in total): stopping without saving; {where}"
       )
     self.window.add(host)
     if done_step % self.loop.log_every == 0 or done_step == self.loop.total_steps:
@@ -143,7 +177,8 @@ class Reporter:
     scalars = {f"train/{k}": v for k, v in avg.items()}
     scalars["train/nonfinite_total"] = total_bad
     scalars["train/lr"] = self._lr(step - 1)
-    for k, v in self._skips().items():
+    skips = dict(self._skips())
+    for k, v in skips.items():
       scalars[f"data/skipped/{k}"] = v
     self.writer.write_scalars(step, scalars)
-    self.writer.log(line)
+    self.writer.log(line + skip_text(skips))
