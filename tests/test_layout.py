@@ -41,6 +41,8 @@ LAYERS = {
   "x2vlm_jax.train_step": 5,
   "x2vlm_jax.step_jit": 5,
   "x2vlm_jax.tasks": 5,
+  "x2vlm_jax.tasks_vqa": 5,
+  "x2vlm_jax.tasks_cls": 5,
   "x2vlm_jax.evaluators": 6,  # beside the loop: never imports it
   "x2vlm_jax.run_config": 7,
   "x2vlm_jax.train_data": 7,
