@@ -52,6 +52,7 @@ LAYERS = {
   "x2vlm_jax.train_eval": 7,
   "x2vlm_jax.demo": 8,
   "x2vlm_jax.finetune_demo": 8,
+  "x2vlm_jax.vqa_demo": 8,
   "configs": 8,
 }
 EXACT = {"x2vlm_jax": 1}  # the package itself (a prefix entry would hide unlisted modules)
