@@ -125,24 +125,32 @@ def test_answer_log_probs_by_hand():
 
 def test_ranking_equals_scoring_each_answer_alone(model):
   question, qmask, ids, mask = _case(2)
-  top, probs = tasks_vqa.rank_answers(model, question, qmask, ids, mask, k=len(ids))
-  top, probs = np.asarray(top), np.asarray(probs)
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def alone(state, ids, mask, q, qm):  # ONE answer [1, La] for ONE question [1, Lq, Dt]
+    m = nnx.merge(graphdef, state)
+    start = m.answer_logits(ids[:, :1], jnp.ones((1, 1), jnp.int32), q, qm)
+    p_first = jax.nn.softmax(start[0, 0])[ids[0, 1]]
+    # log p(first token) + the teacher-forced sum (first token again, [SEP] included).
+    return jnp.log(p_first) + answer_log_probs(m.answer_logits(ids, mask, q, qm), ids, mask).sum()
+
+  rank = jax.jit(
+    lambda state, k: tasks_vqa.rank_answers(
+      nnx.merge(graphdef, state), question, qmask, ids, mask, k
+    ),
+    static_argnums=1,
+  )
+  top, probs = (np.asarray(x) for x in rank(state, len(ids)))
   for qi in range(len(question)):
-    scores = []
-    for a in range(len(ids)):
-      one = lambda x, a=a: x[a : a + 1]
-      q, qm = question[qi : qi + 1], qmask[qi : qi + 1]
-      start = np.asarray(model.answer_logits(one(ids)[:, :1], np.ones((1, 1), np.int32), q, qm))
-      p_first = jax.nn.softmax(start[0, 0])[ids[a, 1]]
-      seq = answer_log_probs(model.answer_logits(one(ids), one(mask), q, qm), one(ids), one(mask))
-      # log p(first token) + the teacher-forced sum (first token again, [SEP] included).
-      scores.append(float(np.log(p_first) + np.sum(seq)))
-    scores = np.asarray(scores)
+    q, qm = question[qi : qi + 1], qmask[qi : qi + 1]
+    scores = np.asarray(
+      [float(alone(state, ids[a : a + 1], mask[a : a + 1], q, qm)) for a in range(len(ids))]
+    )
     assert list(top[qi]) == list(np.argsort(-scores, kind="stable")), (qi, scores)
     np.testing.assert_allclose(probs[qi], np.sort(jax.nn.softmax(scores))[::-1], rtol=1e-4)
   # With k < the list, the candidates are the k best first tokens, re-ranked.
-  top2, _ = tasks_vqa.rank_answers(model, question, qmask, ids, mask, k=2)
-  assert np.asarray(top2).shape == (3, 2)
+  assert np.asarray(rank(state, 2)[0]).shape == (3, 2)
 
 
 def _shapes(cfg):

@@ -89,6 +89,8 @@ def rank_answers(
   Returns:
     (answer indices [Nq, k], their probabilities [Nq, k]) best first.
   """
+  answer_ids, answer_mask = jnp.asarray(answer_ids), jnp.asarray(answer_mask)
+  question_mask = jnp.asarray(question_mask)
   nq, na = question.shape[0], answer_ids.shape[0]
   k = min(int(k), na)
   kv = model.question_kv(question)  # cross-attention K/V once per question
