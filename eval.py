@@ -26,6 +26,7 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: newest goo
 _OFFICIAL = flags.DEFINE_string("official_th", "", "An official X2-VLM .th (or .safetensors).")
 _OUTPUT = flags.DEFINE_string("output", "", "Also write the metrics JSON to this file.")
 _PNG = flags.DEFINE_string("png", "", "Write predicted vs true grounding boxes to this PNG.")
+_RESULTS = flags.DEFINE_string("results", "", "Write result files (VQA answers) to this directory.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -69,6 +70,7 @@ def main(argv):
     mesh,
     png_path=_PNG.value or None,
     log=lambda s: logging.info("%s", s),
+    result_dir=_RESULTS.value or None,
   )
   text = json.dumps(metrics, indent=1, sort_keys=True)
   if _OUTPUT.value:

@@ -279,5 +279,9 @@ def make_example(
   if not isinstance(record, dict):
     raise F.SkipRecord("bad_field_type", "?", "record", f"is {type(record).__name__}, not dict")
   rid = str(record.get("id", "?"))
+  if cfg.task_fields:  # VQA / NLVR2 / video QA examples (task_examples.py)
+    from data_pipelines import task_examples  # pylint: disable=g-import-not-at-top
+
+    return task_examples.make_example(kind, dict(record, id=rid, kind=kind), rng, cfg, tokenizer)
   _check_fields(kind, record, rid)
   return _BUILDERS[kind](dict(record, id=rid, kind=kind), rng, cfg, tokenizer)

@@ -61,6 +61,17 @@ IS_IMAGE = "is_image"  # int32 [B] region kind: 1 if the text describes the whol
 FRAMES = "frames"  # uint8 [B, F, R, R, 3] video kind
 FRAME_VALID = "frame_valid"  # int32 [B, F] video kind
 
+# Fine-tuning task fields: added to one kind's sub-batch when `BatchSizes.task_fields` names the
+# task (never present in pre-training batches; docs/finetuning.md).
+ANSWER_IDS = "answer_ids"  # int32 [B, A, La] VQA: `[CLS] answer [SEP]` of up to A answers
+ANSWER_MASK = "answer_mask"  # int32 [B, A, La]
+ANSWER_WEIGHTS = "answer_weights"  # float32 [B, A] VQA: each answer's weight (0: empty slot)
+PAIR_PIXELS = "pair_pixels"  # uint8 [B, R, R, 3] NLVR2: the second (right) image of the pair
+LABEL = "label"  # int32 [B] NLVR2 (1 = true) / video QA answer class; IGNORE_LABEL: no class
+IGNORE_LABEL = -100  # an answer outside the answer vocabulary (ignored by the loss)
+VQA, NLVR2, VIDEO_QA = "vqa", "nlvr2", "video_qa"
+TASK_KIND = {VQA: IMAGE, NLVR2: IMAGE, VIDEO_QA: VIDEO}  # task fields -> the kind they extend
+
 TEXT_FIELDS = (
   TEXT_IDS,
   TEXT_MASK,
@@ -102,10 +113,32 @@ class BatchSizes:
   region_max_images: int = 0  # N_i image slots of a region sub-batch
   video_batch: int = 0  # B_v clips
   frame_len: int = 3  # F
+  task_fields: str = ""  # '' or a TASK_KIND key: that task's fields in its kind's sub-batch
+  max_answers: int = 0  # A: answer slots per question (VQA)
+  answer_tokens: int = 0  # La: tokens per answer (VQA)
 
   @property
   def num_patches(self) -> int:
     return (self.image_res // self.patch_size) ** 2
+
+
+def task_spec(s: BatchSizes, b: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """The fields `s.task_fields` adds to its kind's sub-batch of b rows (none when '')."""
+  if s.task_fields not in TASK_KIND:
+    return {}
+  if s.task_fields == VQA:
+    a, la = s.max_answers, s.answer_tokens
+    if a < 1 or la < 3:
+      raise ValueError(f"VQA batches need max_answers >= 1 and answer_tokens >= 3, got {a}, {la}")
+    return {
+      ANSWER_IDS: ((b, a, la), np.int32),
+      ANSWER_MASK: ((b, a, la), np.int32),
+      ANSWER_WEIGHTS: ((b, a), np.float32),
+    }
+  out = {LABEL: ((b,), np.int32)}
+  if s.task_fields == NLVR2:
+    out[PAIR_PIXELS] = ((b, s.image_res, s.image_res, 3), np.uint8)
+  return out
 
 
 def batch_spec(s: BatchSizes) -> dict[str, dict[str, tuple[tuple[int, ...], np.dtype]]]:
@@ -152,6 +185,12 @@ def batch_spec(s: BatchSizes) -> dict[str, dict[str, tuple[tuple[int, ...], np.d
       IMAGE_ID: ((b,), np.int32),
       **text(b),
     }
+  if s.task_fields:
+    kind = TASK_KIND.get(s.task_fields)
+    if kind is None:
+      raise ValueError(f"task_fields {s.task_fields!r}: expected '' or one of {sorted(TASK_KIND)}")
+    if kind in spec:
+      spec[kind].update(task_spec(s, spec[kind][VALID][0][0]))
   return spec
 
 
@@ -208,6 +247,11 @@ class PreprocConfig:
   # the official grounding fine-tuning does (pre-training truncates them with int()).
   exact_boxes: bool = False
   hflip: bool = True  # random horizontal flips (official); False keeps "left"/"right" texts true
+  # Fine-tuning examples (data_pipelines/task_examples.py): '' or a TASK_KIND key, and the VQA
+  # answer slots / tokens (as BatchSizes).
+  task_fields: str = ""
+  max_answers: int = 0
+  answer_tokens: int = 0
   train: bool = True  # False: deterministic test transform (bicubic resize, eval frame sampling)
 
 

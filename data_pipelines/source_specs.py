@@ -7,6 +7,8 @@ One entry is a mapping with a 'type' and the keys of that type (docs/data.md#sou
   refcoco      RefCOCO-style grounding (split JSON + REFER refs pickle + COCO instances)
   arrayrecord  a TFDS ArrayRecord dataset written by `arrayrecord.write`
   synthetic    the in-memory shapes world
+  vqa, nlvr2, video_qa   the official VQA / NLVR2 / MSRVTT-QA and MSVD-QA files
+               (`task_sources.py`)
 
 Every type also takes 'weight' (mixture weight, read by `mixture.make_train_iterator`).
 """
@@ -36,7 +38,11 @@ SOURCE_KEYS = {
   "refcoco": _COMMON_KEYS | _REFCOCO_KEYS,
   "arrayrecord": _COMMON_KEYS | {"split"},
   "synthetic": _COMMON_KEYS | {"size", "seed", "world"},
+  "vqa": _COMMON_KEYS | {"image_root", "vg_root"},
+  "nlvr2": _COMMON_KEYS | {"image_root"},
+  "video_qa": _COMMON_KEYS | {"ans2label", "frames_root", "naming"},
 }
+_TASK_KIND = {"vqa": F.IMAGE, "nlvr2": F.IMAGE, "video_qa": F.VIDEO}
 
 
 def _format(kind: str, spec: Mapping[str, Any], base):
@@ -90,6 +96,18 @@ def build_source(kind: str, spec: Mapping[str, Any]):
     if src.kind != kind:
       raise ValueError(f"{spec['path']}: holds {src.kind!r} records, listed under {kind!r}")
     return src
+  if typ in _TASK_KIND:
+    from data_pipelines import task_sources
+
+    if kind != _TASK_KIND[typ]:
+      raise ValueError(f"a {typ} source yields {_TASK_KIND[typ]} records, listed under {kind!r}")
+    args = {k: v for k, v in spec.items() if k not in ("type", "weight")}
+    cls = {
+      "vqa": task_sources.VqaSource,
+      "nlvr2": task_sources.Nlvr2Source,
+      "video_qa": task_sources.VideoQaSource,
+    }
+    return cls[typ](**args)
   if typ == "refcoco":
     from data_pipelines import refcoco
 

@@ -104,8 +104,8 @@ def test_missing_dropped_and_errors():
   wide = TINY.replace(embed_dim=32)
   with pytest.raises(C.ConversionError, match=r"vision_proj.kernel: source shape \(36, 24\)"):
     adapt.adapt_params(_random_params(TINY), TINY, wide)
-  with pytest.raises(C.ConversionError, match="cls_head.kernel: not a parameter"):
-    adapt.adapt_params({"cls_head.kernel": np.zeros((2, 2))}, TINY, TINY)
+  with pytest.raises(C.ConversionError, match="pooler.kernel: not a parameter"):
+    adapt.adapt_params({"pooler.kernel": np.zeros((2, 2))}, TINY, TINY)
   with pytest.raises(C.ConversionError, match="patch size"):
     small_patch = _at(TINY).replace(vision=dataclasses.replace(TINY.vision, patch_size=8))
     adapt.adapt_params(_random_params(TINY), TINY, small_patch)

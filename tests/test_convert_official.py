@@ -128,7 +128,8 @@ def test_official_round_trip_bit_exact(cfg):
   back = O.params_to_official(params, cfg)
   assert_same_state(sd, back)
   for dup, primary in S.TIED.items():
-    assert np.array_equal(back[dup], back[primary])
+    if dup in back:  # the answer decoder's ties exist only in a VQA model
+      assert np.array_equal(back[dup], back[primary])
 
 
 def test_layouts_land_where_the_contract_says():

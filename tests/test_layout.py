@@ -43,6 +43,8 @@ LAYERS = {
   "x2vlm_jax.train_step": 5,
   "x2vlm_jax.step_jit": 5,
   "x2vlm_jax.tasks": 5,
+  "x2vlm_jax.tasks_vqa": 5,
+  "x2vlm_jax.tasks_cls": 5,
   "x2vlm_jax.evaluators": 6,  # beside the loop: never imports it
   "x2vlm_jax.run_config": 7,
   "x2vlm_jax.train_data": 7,
@@ -52,6 +54,7 @@ LAYERS = {
   "x2vlm_jax.train_eval": 7,
   "x2vlm_jax.demo": 8,
   "x2vlm_jax.finetune_demo": 8,
+  "x2vlm_jax.vqa_demo": 8,
   "configs": 8,
 }
 EXACT = {"x2vlm_jax": 1}  # the package itself (a prefix entry would hide unlisted modules)

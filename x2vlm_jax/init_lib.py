@@ -200,6 +200,21 @@ def _from_checkpoint(model: X2VLM, init: InitConfig, mesh, notes: list[str]) -> 
   return _load(model, params, src_cfg, notes)
 
 
+def _decoder_from_towers(model: X2VLM, notes: list[str]) -> set[str]:
+  """A VQA decoder of a model built from BERT: initialised as the official code initialises it
+  from a checkpoint (`adapt.decoder_from_encoder`: fusion layers, text embeddings, MLM head,
+  here the BERT copies); its cross-attention, fresh in the fusion tower, stays fresh."""
+  if model.cfg.decoder_layers == 0:
+    return set()
+  from x2vlm_jax.convert import adapt, apply  # pylint: disable=g-import-not-at-top
+
+  flat = {p: v[...] for p, v in treepath.flatten_state(nnx.state(model, nnx.Param)).items()}
+  decoder, note = adapt.decoder_from_encoder(flat, model.cfg, model.cfg)
+  apply.apply_params(model, treepath.unflatten_dict(decoder))
+  notes.append(note)
+  return {"text_decoder.layers.cross_attn", "text_decoder.layers.cross_norm"}
+
+
 def initialize(init: InitConfig, model_cfg: ModelConfig, mesh, key) -> InitResult:
   """Creates the sharded model on `mesh` and loads the configured initial weights.
 
@@ -254,7 +269,7 @@ def initialize(init: InitConfig, model_cfg: ModelConfig, mesh, key) -> InitResul
       notes.append(f"BEiT {beit}:\n{res.report.summary()}")
       results.append(res)
     apply.apply_params(model, *(r.params for r in results))
-    fresh = tuple(sorted(set(scratch) | bert_scope_fresh))
+    fresh = tuple(sorted(set(scratch) | bert_scope_fresh | _decoder_from_towers(model, notes)))
   else:
     notes.append("no init source: every parameter from its initializer")
     fresh = scratch

@@ -68,8 +68,12 @@ class OptimConfig:
   vision_lr: float | None = None
   text_lr: float | None = None
   fusion_lr: float | None = None
+  # Path prefixes that get lr x lr_mult even though they were loaded: the official VQA
+  # `large_lr_for_dec` puts the whole answer decoder there (('text_decoder',)).
+  mult_paths: tuple[str, ...] = ()
 
   def __post_init__(self):
+    object.__setattr__(self, "mult_paths", tuple(self.mult_paths))
     if self.total_steps < 1:
       raise ValueError(f"OptimConfig.total_steps must be >= 1, got {self.total_steps}")
     if self.lr <= 0:
@@ -129,6 +133,7 @@ def lr_schedule(cfg: OptimConfig) -> Callable[[Any], jnp.ndarray]:
 WEIGHT_DECAY_RULES: tuple[tuple[str, bool, str], ...] = (
   ("itm_head.norm.scale", True, "itm_head.1.weight matches no substring"),
   ("box_head.norm.scale", True, "bbox_head.1.weight matches no substring"),
+  ("cls_head.norm.scale", True, "cls_head.1.weight matches no substring"),
   (
     "*bias",
     False,
@@ -140,6 +145,7 @@ WEIGHT_DECAY_RULES: tuple[tuple[str, bool, str], ...] = (
   ("text.*norm.scale", False, "embeddings / attention.output / output .LayerNorm.weight"),
   ("fusion.*norm.scale", False, "attention / crossattention / output .LayerNorm.weight"),
   ("mlm_head.norm.scale", False, "cls.predictions.transform.LayerNorm.weight"),
+  ("text_decoder.*norm.scale", False, "text_decoder.* .LayerNorm.weight (the VQA decoder)"),
 )
 # Everything else decays: kernels, embedding tables, gamma_1/gamma_2, cls_token, temp,
 # frame_embed: none of their official names contains a no-decay substring
@@ -196,7 +202,7 @@ def param_group(path: str, fresh_paths: Iterable[str], cfg: OptimConfig) -> Para
   tower_lr = {"vision": cfg.vision_lr, "text": cfg.text_lr, "fusion": fusion_lr}.get(tower)
   if tower_lr is not None:
     name, factor = tower, tower_lr / cfg.lr
-  elif _is_fresh(path, fresh_paths):
+  elif _is_fresh(path, fresh_paths) or _is_fresh(path, cfg.mult_paths):
     name, factor = "fresh", cfg.lr_mult
   else:
     name, factor = "base", 1.0
@@ -370,7 +376,7 @@ def make_optimizer(
     # `optax.tree_map_params` (train_state.py) calls init on a leafless placeholder tree to
     # find the parameter-shaped parts of the state; there is nothing to check then.
     if jax.tree.leaves(params):
-      check_fresh_paths(params, fresh_paths)
+      check_fresh_paths(params, fresh_paths + cfg.mult_paths)
       for path, _ in treepath.flatten(params):
         group_of(path)  # fail at init, not inside the jitted step, on an unclassified parameter
     return base.init(params)

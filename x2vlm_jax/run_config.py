@@ -92,7 +92,20 @@ def model_config(cfg) -> ModelConfig:
     frame_len=int(m.frame_len),
     dtype=dtype,
     remat=bool(m.remat),
+    # The fine-tuning heads (absent from pre-training configs and older saved configs).
+    decoder_layers=int(m.get("decoder_layers", 0)),
+    cls_labels=int(m.get("cls_labels", 0)),
+    cls_inputs=int(m.get("cls_inputs", 1)),
   )
+
+
+def _task_data(cfg) -> dict:
+  """The task's kind-specific batch fields and their sizes (BatchSizes / PreprocConfig)."""
+  return {
+    "task_fields": tasks.get(str(cfg.task)).fields,
+    "max_answers": int(cfg.data.get("max_answers", 0)),
+    "answer_tokens": int(cfg.data.get("answer_tokens", 0)),
+  }
 
 
 def init_config(cfg) -> init_lib.InitConfig:
@@ -220,6 +233,7 @@ def batch_sizes(
     max_masks=int(cfg.data.max_masks),
     frame_len=int(cfg.batch.frame_len),
     **sizes,
+    **_task_data(cfg),
   )
 
 
@@ -244,6 +258,7 @@ def preproc_config(cfg, model_cfg: ModelConfig) -> F.PreprocConfig:
     hflip=bool(d.hflip),
     exact_boxes=bool(d.exact_boxes),
     train=True,
+    **_task_data(cfg),
   )
 
 
@@ -314,7 +329,9 @@ def eval_config(section) -> eval_settings.EvalConfig:
     if kind is not None and kind not in (F.IMAGE, F.VIDEO):
       raise ValueError(f"eval.{name}.kind = {kind!r}: expected 'image' or 'video'")
     extra = {"kind": kind} if kind else {}
-    chosen[name] = settings_cls(data=data, **extra, **{k: int(v) for k, v in given.items()})
+    types = {f.name: f.type for f in dataclasses.fields(settings_cls)}
+    given = {k: (str(v) if types[k] in ("str", str) else int(v)) for k, v in given.items()}
+    chosen[name] = settings_cls(data=data, **extra, **given)
   return eval_settings.EvalConfig(batch_size=int(sec.get("batch_size", 32)), **chosen)
 
 

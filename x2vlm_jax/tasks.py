@@ -13,6 +13,12 @@ selection, export -- is the same code for every task (`train_lib.py`). A config 
   video_retrieval   the same on the video kind (docs/finetuning.md#video-text-retrieval)
   grounding         region kind, one referring expression per image; the box loss (L1 + GIoU)
                     on the full image (docs/finetuning.md#referring-expression-grounding)
+  vqa               image kind + answers; the answer decoder's weighted LM loss
+                    (tasks_vqa.py, docs/finetuning.md#vqa-v2)
+  nlvr2             image kind + a second image + label; cls_head on both fused [CLS]
+                    (tasks_cls.py, docs/finetuning.md#nlvr2)
+  video_qa          video kind + answer class; cls_head on the fused [CLS]
+                    (tasks_cls.py, docs/finetuning.md#video-qa)
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from collections.abc import Callable, Mapping
 from jax.sharding import Mesh
 
 from data_pipelines import features as F
-from x2vlm_jax import objectives
+from x2vlm_jax import objectives, tasks_cls, tasks_vqa
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +48,7 @@ class Task:
   image_ids: bool = False  # rows with equal `image_id` are positives of each other
   evaluators: tuple[str, ...] = ()  # evaluators that report on this task
   loss: Callable[[objectives.StepConfig, Mesh | None], Callable] | None = None
+  fields: str = ""  # kind-specific batch fields (features.TASK_KIND key), '' = none
 
   def make_loss(self, step_cfg: objectives.StepConfig, mesh: Mesh | None):
     """`loss(model, batch, key, itm) -> (loss, metrics)` of the task's train step."""
@@ -72,6 +79,18 @@ TASKS = {
     "video_retrieval", (F.VIDEO,), ("itc", "itm"), image_ids=True, evaluators=("retrieval",)
   ),
   "grounding": Task("grounding", (F.REGION,), ("box",), evaluators=("grounding",)),
+  "vqa": Task("vqa", (F.IMAGE,), (), evaluators=("vqa",), loss=tasks_vqa.make_loss, fields=F.VQA),
+  "nlvr2": Task(
+    "nlvr2", (F.IMAGE,), (), evaluators=("nlvr2",), loss=tasks_cls.make_nlvr2_loss, fields=F.NLVR2
+  ),
+  "video_qa": Task(
+    "video_qa",
+    (F.VIDEO,),
+    (),
+    evaluators=("video_qa",),
+    loss=tasks_cls.make_video_qa_loss,
+    fields=F.VIDEO_QA,
+  ),
 }
 
 

@@ -74,6 +74,7 @@ class PeriodicEval:
       step=step,
       png_path=str(self.workdir / f"grounding_{step}.png"),
       log=self.writer.log,
+      result_dir=str(self.workdir / f"results_{step}"),
     )
     self.writer.write_scalars(step, results)
     self.writer.log(f"step {step}: " + eval_run.format_metrics(results))

@@ -39,7 +39,18 @@ REL_POS = "vision.blocks.attn.rel_pos_bias"
 FRAME_EMBED = "frame_embed"
 # Top-level parameters a destination model may lack (task models without a head, an image model
 # from a video checkpoint); source values there are dropped. Tower parameters never are.
-DROPPABLE = ("frame_embed", "mlm_head", "itm_head", "box_head", "vision_proj", "text_proj", "temp")
+DROPPABLE = (
+  "frame_embed",
+  "mlm_head",
+  "itm_head",
+  "box_head",
+  "vision_proj",
+  "text_proj",
+  "temp",
+  "text_decoder",
+  "cls_head",
+)
+DECODER = "text_decoder"
 
 Shape = tuple[int, ...]
 
@@ -124,6 +135,12 @@ def adapt_params(
   plan = plan_adaptation({p: tuple(v.shape) for p, v in flat.items()}, src_cfg, dst_cfg)
   out = {p: flat[p] for p in plan.keep}
   notes = [f"{p}: dropped (the destination model has no such parameter)" for p in plan.drop]
+  if any(p.startswith(DECODER + ".") for p in plan.missing) and not any(
+    p.startswith(DECODER + ".") for p in flat
+  ):
+    decoder, note = decoder_from_encoder(flat, src_cfg, dst_cfg)
+    out.update(decoder)
+    notes.append(note)
   for path in plan.resize:
     if path == REL_POS:
       out[path], note = resize_rel_pos_tables(
@@ -138,8 +155,54 @@ def adapt_params(
         dst_init = to_host(init(path))
       out[path], note = resize_frame_embed(to_host(flat[path]), dst_frames, dst_init)
     notes.append(note)
-  fresh = set(plan.missing) | ({FRAME_EMBED} & set(plan.resize))
+  fresh = (set(plan.missing) - set(out)) | ({FRAME_EMBED} & set(plan.resize))
   return treepath.unflatten_dict(out), notes, tuple(sorted(fresh))
+
+
+def decoder_from_encoder(flat: Mapping[str, Any], src_cfg: ModelConfig, dst_cfg: ModelConfig):
+  """({decoder path: array}, note): the official initialisation of a VQA answer decoder the
+  source lacks (`XVLMForVQA.load_pretrained`, docs/finetuning.md#vqa-v2): decoder layer k <-
+  fusion layer k (with half as many decoder layers, fusion layer 2k + 1), its embeddings <- the
+  text embeddings, its MLM head <- the MLM head (when the source has one). The cross-attention
+  keys / values are copied only when the vision width equals the text width (they read question
+  states); otherwise they keep their initial values, as in the official code."""
+  n_dec, n_fus = dst_cfg.decoder_layers, src_cfg.fusion.depth
+  if n_dec not in (n_fus, n_fus // 2) or n_dec < 1:
+    raise C.ConversionError(
+      f"{DECODER}: {n_dec} decoder layers cannot be initialised from {n_fus} fusion layers "
+      "(the official code supports the fusion depth or half of it)"
+    )
+  pick = slice(None) if n_dec == n_fus else slice(1, None, 2)
+  same_width = src_cfg.vision.width == dst_cfg.text.width
+  prefixes = {"fusion.layers.": "layers.", "text.embeddings.": "embeddings.", "mlm_head.": ""}
+  out = {}
+  for path, arr in flat.items():
+    for src, dst in prefixes.items():
+      if not path.startswith(src):
+        continue
+      rest = path[len(src) :]
+      if src == "fusion.layers." and rest.startswith(("cross_attn.key.", "cross_attn.value.")):
+        if not same_width:
+          continue
+      value = arr[pick] if src == "fusion.layers." else arr
+      out[f"{DECODER}.{dst}{'mlm_head.' if src == 'mlm_head.' else ''}{rest}"] = _copy(value)
+  layers = "all" if n_dec == n_fus else "the odd"
+  note = (
+    f"{DECODER}: initialised from {layers} fusion layers, the text embeddings"
+    + (" and the MLM head" if any(p.startswith("mlm_head.") for p in flat) else "")
+    + ("" if same_width else "; cross-attention keys / values fresh (vision width != text width)")
+  )
+  return out, note
+
+
+def _copy(x: Any) -> Any:
+  """A copy that owns its buffer (the train step donates every parameter: two parameters must
+  never share one)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if isinstance(x, jax.Array):
+    return jax.numpy.copy(x)
+  return np.array(x)
 
 
 def resize_rel_pos_tables(tables: np.ndarray, src_grid: int, dst_grid: int):
@@ -214,7 +277,22 @@ def official_source_config(sd: Mapping[str, Any], cfg: ModelConfig) -> ModelConf
     size = (side + 1) // 2 * v.patch_size
   frames = sd.get("absolute_frame_pos_embed")
   frame_len = int(np.shape(frames)[1]) if frames is not None and np.ndim(frames) == 4 else 0
-  return cfg.replace(vision=dataclasses.replace(v, image_size=size), frame_len=frame_len)
+  return cfg.replace(
+    vision=dataclasses.replace(v, image_size=size), frame_len=frame_len, **_task_heads_of(sd, cfg)
+  )
+
+
+def _task_heads_of(sd: Mapping[str, Any], cfg: ModelConfig) -> dict[str, int]:
+  """The fine-tuning heads an official state dict holds: decoder layers (`text_decoder.*`)
+  and the `cls_head` size (its classes and how many fused [CLS] vectors it reads)."""
+  prefix = "text_decoder.bert.encoder.layer."
+  layers = {k[len(prefix) :].split(".")[0] for k in sd if k.startswith(prefix)}
+  out = {"decoder_layers": len(layers), "cls_labels": 0, "cls_inputs": 1}
+  fc1, fc2 = sd.get("cls_head.0.weight"), sd.get("cls_head.3.weight")
+  if fc1 is not None and fc2 is not None:
+    out["cls_labels"] = int(np.shape(fc2)[0])
+    out["cls_inputs"] = max(1, int(np.shape(fc1)[1]) // cfg.text.width)
+  return out
 
 
 def official_params(

@@ -1,7 +1,8 @@
 """Official X2-VLM state dicts <-> our nested param dict (docs/architecture.md).
 
 Three pieces, all pure NumPy (the official key list itself is `official_spec`):
-- `param_shapes(cfg)`: our side, the nested {path: (shape, dtype)} of docs/architecture.md.
+- `param_shapes(cfg)`: our side, the nested {path: (shape, dtype)} of docs/architecture.md
+  (`param_shapes.py`, re-exported here).
 - `official_rules(cfg)`: the `common.Rule` table between official keys and our paths
   (docs/conversion.md#key-mapping); it accepts the pre-training layout (`text_encoder.bert.*`,
   `text_encoder.cls.*`), the fine-tuning layout (no `bert.`, no MLM head;
@@ -12,7 +13,8 @@ Three pieces, all pure NumPy (the official key list itself is `official_spec`):
 Official text layers [0, text.depth) are our `text.layers`, the next fusion.depth layers are our
 `fusion.layers` (the official model keeps one 18-layer BERT,
 docs/fidelity.md#text-and-fusion-towers). Official behaviour of the checkpoints:
-docs/fidelity.md#checkpoints-and-conversion.
+docs/fidelity.md#checkpoints-and-conversion. The fine-tuning heads (`text_decoder.*`,
+`cls_head.*`) have rules only when the config has them.
 """
 
 from __future__ import annotations
@@ -29,133 +31,8 @@ from x2vlm_jax.convert import common as C
 from x2vlm_jax.convert import official_spec as S
 from x2vlm_jax.convert import transforms as T
 from x2vlm_jax.convert.arrays import to_numpy, to_numpy_tree
+from x2vlm_jax.convert.param_shapes import param_shapes
 from x2vlm_jax.models.config import FusionConfig, ModelConfig, TextConfig, VisionConfig
-
-# ---------------------------------------------------------------------------------------------
-# Our parameter shapes (the table of docs/architecture.md).
-# ---------------------------------------------------------------------------------------------
-
-
-def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
-  """Nested {path: (shape, dtype)} of our parameters for `cfg`, per docs/architecture.md.
-
-  Stacked towers carry a leading layer axis. tests/test_convert_official.py checks this table
-  against `nnx.eval_shape` of the real model.
-  """
-  dw = cfg.text.width
-  sh = _Shapes(np.dtype(cfg.param_dtype))
-  tree = {
-    "vision": _vision_shapes(sh, cfg.vision),
-    "text": _text_shapes(sh, cfg.text),
-    "fusion": _fusion_shapes(sh, cfg),
-    "vision_proj": sh.dense((), cfg.vision.width, cfg.embed_dim),
-    "text_proj": sh.dense((), dw, cfg.embed_dim),
-    "temp": sh.s(),
-    "itm_head": {
-      "fc1": sh.dense((), dw, 2 * dw),
-      "norm": sh.norm((), 2 * dw),
-      "fc2": sh.dense((), 2 * dw, 2),
-    },
-    "box_head": {
-      "fc1": sh.dense((), dw, 2 * dw),
-      "norm": sh.norm((), 2 * dw),
-      "fc2": sh.dense((), 2 * dw, 4),
-    },
-    "mlm_head": {
-      "dense": sh.dense((), dw, dw),
-      "norm": sh.norm((), dw),
-      "bias": sh.s(cfg.text.vocab_size),
-    },
-  }
-  if cfg.frame_len > 0:
-    tree["frame_embed"] = sh.s(cfg.frame_len, cfg.vision.width)
-  return tree
-
-
-@dataclasses.dataclass(frozen=True)
-class _Shapes:
-  """(shape, dtype) leaves of one dtype, and the sub-trees our layers are made of; `n` is the
-  leading (stacked layer) shape, () for an unstacked layer."""
-
-  dtype: np.dtype
-
-  def s(self, *shape):
-    return (tuple(shape), self.dtype)
-
-  def norm(self, n, d):
-    return {"scale": self.s(*n, d), "bias": self.s(*n, d)}
-
-  def dense(self, n, i, o):
-    return {"kernel": self.s(*n, i, o), "bias": self.s(*n, o)}
-
-  def attn(self, n, heads, dh, d_q, d_kv):
-    s = self.s
-    return {
-      "query": {"kernel": s(*n, d_q, heads, dh), "bias": s(*n, heads, dh)},
-      "key": {"kernel": s(*n, d_kv, heads, dh), "bias": s(*n, heads, dh)},
-      "value": {"kernel": s(*n, d_kv, heads, dh), "bias": s(*n, heads, dh)},
-      "out": {"kernel": s(*n, heads, dh, d_q), "bias": s(*n, d_q)},
-    }
-
-
-def _vision_shapes(sh: _Shapes, v: VisionConfig) -> dict[str, Any]:
-  s, norm, dense = sh.s, sh.norm, sh.dense
-  dv, vh, vdh, nv = v.width, v.num_heads, v.width // v.num_heads, (v.depth,)
-  return {
-    "patch_embed": {"kernel": s(v.patch_size, v.patch_size, 3, dv), "bias": s(dv)},
-    "cls_token": s(1, 1, dv),
-    **({"pos_embed": s(1, v.num_patches + 1, dv)} if v.abs_pos_embed else {}),
-    "blocks": {
-      "norm1": norm(nv, dv),
-      "norm2": norm(nv, dv),
-      "attn": {
-        "qkv": {"kernel": s(*nv, dv, 3, vh, vdh)},
-        "q_bias": s(*nv, vh, vdh),
-        "v_bias": s(*nv, vh, vdh),
-        "rel_pos_bias": s(*nv, v.num_rel, vh),
-        "proj": {"kernel": s(*nv, vh, vdh, dv), "bias": s(*nv, dv)},
-      },
-      "gamma_1": s(*nv, dv),
-      "gamma_2": s(*nv, dv),
-      "mlp": {"fc1": dense(nv, dv, v.mlp_dim), "fc2": dense(nv, v.mlp_dim, dv)},
-    },
-    "fc_norm": norm((), dv),
-  }
-
-
-def _text_shapes(sh: _Shapes, t: TextConfig) -> dict[str, Any]:
-  s, norm, dense = sh.s, sh.norm, sh.dense
-  dw, th, tdh, nt = t.width, t.num_heads, t.width // t.num_heads, (t.depth,)
-  return {
-    "embeddings": {
-      "word": s(t.vocab_size, dw),
-      "position": s(t.max_positions, dw),
-      "token_type": s(t.type_vocab_size, dw),
-      "norm": norm((), dw),
-    },
-    "layers": {
-      "attn": sh.attn(nt, th, tdh, dw, dw),
-      "attn_norm": norm(nt, dw),
-      "mlp_norm": norm(nt, dw),
-      "mlp": {"fc1": dense(nt, dw, t.mlp_dim), "fc2": dense(nt, t.mlp_dim, dw)},
-    },
-  }
-
-
-def _fusion_shapes(sh: _Shapes, cfg: ModelConfig) -> dict[str, Any]:
-  f, dw, dv = cfg.fusion, cfg.text.width, cfg.vision.width
-  fh, fdh, nf = f.num_heads, dw // f.num_heads, (f.depth,)
-  return {
-    "layers": {
-      "self_attn": sh.attn(nf, fh, fdh, dw, dw),
-      "cross_attn": sh.attn(nf, fh, fdh, dw, dv),
-      "self_norm": sh.norm(nf, dw),
-      "cross_norm": sh.norm(nf, dw),
-      "mlp_norm": sh.norm(nf, dw),
-      "mlp": {"fc1": sh.dense(nf, dw, f.mlp_dim), "fc2": sh.dense(nf, f.mlp_dim, dw)},
-    },
-  }
-
 
 # ---------------------------------------------------------------------------------------------
 # The rule table (docs/conversion.md#key-mapping).
@@ -184,6 +61,8 @@ def official_rules(cfg: ModelConfig) -> list[C.Rule]:
     *_vision_rules(cfg.vision),
     *_bert_rules(cfg.text, cfg.fusion),
     *_head_rules(),
+    *(_decoder_rules(cfg) if cfg.decoder_layers > 0 else []),
+    *(_mlp_head_rules("cls_head", "cls_head") if cfg.cls_labels > 0 else []),
   ]
 
 
@@ -223,77 +102,114 @@ def _bert_rules(t: TextConfig, f: FusionConfig) -> list[C.Rule]:
 
   Keys with `bert.`, `roberta.` or neither (the official fine-tuning loader strips both)."""
   bert = r"text_encoder\.(?:bert\.|roberta\.)?"
-  emb = bert + r"embeddings\."
-  rules = [
-    C.Rule(emb + "position_ids", None, expect=lambda m: S.position_ids(t.max_positions)),
-    C.Rule(emb + r"word_embeddings\.weight", "text.embeddings.word"),
-    C.Rule(emb + r"position_embeddings\.weight", "text.embeddings.position"),
-    C.Rule(emb + r"token_type_embeddings\.weight", "text.embeddings.token_type"),
-    *_ln_rules(emb + "LayerNorm", "text.embeddings.norm"),
-  ]
+  rules = _embedding_rules(bert + r"embeddings\.", "text.embeddings", t.max_positions)
   lay = bert + r"encoder\.layer\.(?P<layer>\d+)\."
+  rules += _layer_rules(lay, "text.layers", "attn", "attn_norm", 0, t.depth, cross=False)
+  rules += _layer_rules(lay, "fusion.layers", "self_attn", "self_norm", t.depth, f.depth)
+  return rules
+
+
+def _layer_rules(
+  lay: str, tower: str, self_attn: str, self_norm: str, off: int, depth: int, cross: bool = True
+) -> list[C.Rule]:
+  """One stack of official BERT layers `lay` (foreign numbers [off, off + depth)) -> our
+  stacked `tower`; with `cross`, the cross-attention of every layer too."""
+  kw = {"layer_offset": off, "layer_range": (off, off + depth)}
   qkv = r"(?P<qkv>query|key|value)"
-  for tower, off, depth, self_attn, self_norm in (
-    ("text.layers", 0, t.depth, "attn", "attn_norm"),
-    ("fusion.layers", t.depth, f.depth, "self_attn", "self_norm"),
-  ):
-    kw = {"layer_offset": off, "layer_range": (off, off + depth)}
+  rules = [
+    *_linear_rules(
+      lay + r"attention\.self\." + qkv,
+      rf"{tower}.{self_attn}.\g<qkv>",
+      T.LINEAR_TO_HEADS,
+      T.BIAS_TO_HEADS,
+      **kw,
+    ),
+    *_linear_rules(
+      lay + r"attention\.output\.dense", f"{tower}.{self_attn}.out", T.LINEAR_FROM_HEADS, **kw
+    ),
+    *_ln_rules(lay + r"attention\.output\.LayerNorm", f"{tower}.{self_norm}", **kw),
+    *_linear_rules(lay + r"intermediate\.dense", f"{tower}.mlp.fc1", **kw),
+    *_linear_rules(lay + r"output\.dense", f"{tower}.mlp.fc2", **kw),
+    *_ln_rules(lay + r"output\.LayerNorm", f"{tower}.mlp_norm", **kw),
+  ]
+  if cross:
     rules += [
       *_linear_rules(
-        lay + r"attention\.self\." + qkv,
-        rf"{tower}.{self_attn}.\g<qkv>",
+        lay + r"crossattention\.self\." + qkv,
+        rf"{tower}.cross_attn.\g<qkv>",
         T.LINEAR_TO_HEADS,
         T.BIAS_TO_HEADS,
         **kw,
       ),
       *_linear_rules(
-        lay + r"attention\.output\.dense", f"{tower}.{self_attn}.out", T.LINEAR_FROM_HEADS, **kw
+        lay + r"crossattention\.output\.dense", f"{tower}.cross_attn.out", T.LINEAR_FROM_HEADS, **kw
       ),
-      *_ln_rules(lay + r"attention\.output\.LayerNorm", f"{tower}.{self_norm}", **kw),
-      *_linear_rules(lay + r"intermediate\.dense", f"{tower}.mlp.fc1", **kw),
-      *_linear_rules(lay + r"output\.dense", f"{tower}.mlp.fc2", **kw),
-      *_ln_rules(lay + r"output\.LayerNorm", f"{tower}.mlp_norm", **kw),
+      *_ln_rules(lay + r"crossattention\.output\.LayerNorm", f"{tower}.cross_norm", **kw),
     ]
-    if tower == "fusion.layers":
-      rules += [
-        *_linear_rules(
-          lay + r"crossattention\.self\." + qkv,
-          r"fusion.layers.cross_attn.\g<qkv>",
-          T.LINEAR_TO_HEADS,
-          T.BIAS_TO_HEADS,
-          **kw,
-        ),
-        *_linear_rules(
-          lay + r"crossattention\.output\.dense",
-          "fusion.layers.cross_attn.out",
-          T.LINEAR_FROM_HEADS,
-          **kw,
-        ),
-        *_ln_rules(lay + r"crossattention\.output\.LayerNorm", "fusion.layers.cross_norm", **kw),
-      ]
   return rules
+
+
+def _decoder_rules(cfg: ModelConfig) -> list[C.Rule]:
+  """The VQA answer decoder (`text_decoder.bert.*`, `text_decoder.cls.*`, a BERT LM-head model
+  with cross-attention in every layer) -> our `text_decoder`."""
+  dec = r"text_decoder\.bert\."
+  return [
+    *_embedding_rules(dec + r"embeddings\.", "text_decoder.embeddings", cfg.text.max_positions),
+    *_layer_rules(
+      dec + r"encoder\.layer\.(?P<layer>\d+)\.",
+      "text_decoder.layers",
+      "self_attn",
+      "self_norm",
+      0,
+      cfg.decoder_layers,
+    ),
+    *_mlm_rules(r"text_decoder\.cls\.predictions\.", "text_decoder."),
+  ]
+
+
+def _embedding_rules(emb: str, ours: str, max_positions: int) -> list[C.Rule]:
+  """BERT embeddings `emb*` -> our TextEmbeddings `ours`; `position_ids` is a checked buffer."""
+  return [
+    C.Rule(emb + "position_ids", None, expect=lambda m: S.position_ids(max_positions)),
+    C.Rule(emb + r"word_embeddings\.weight", f"{ours}.word"),
+    C.Rule(emb + r"position_embeddings\.weight", f"{ours}.position"),
+    C.Rule(emb + r"token_type_embeddings\.weight", f"{ours}.token_type"),
+    *_ln_rules(emb + "LayerNorm", f"{ours}.norm"),
+  ]
+
+
+def _mlm_rules(mlm: str, scope: str) -> list[C.Rule]:
+  """A BERT MLM head `mlm*` -> our `<scope>mlm_head`; its decoder is tied to the word
+  embeddings of the same scope (docs/fidelity.md#tied-decoder-entries): checked on import,
+  re-written on export."""
+  word = f"{scope}embeddings.word" if scope else "text.embeddings.word"
+  return [
+    C.Rule(mlm + "bias", f"{scope}mlm_head.bias"),
+    *_linear_rules(mlm + r"transform\.dense", f"{scope}mlm_head.dense"),
+    *_ln_rules(mlm + r"transform\.LayerNorm", f"{scope}mlm_head.norm"),
+    C.Rule(mlm + r"decoder\.weight", word, tied=True),
+    C.Rule(mlm + r"decoder\.bias", f"{scope}mlm_head.bias", tied=True),
+  ]
+
+
+def _mlp_head_rules(theirs: str, ours: str) -> list[C.Rule]:
+  """`build_mlp` (Linear, LayerNorm, GELU, Linear: indices 0, 1, 3) -> our MlpHead."""
+  return [
+    *_linear_rules(theirs + r"\.0", f"{ours}.fc1"),
+    *_ln_rules(theirs + r"\.1", f"{ours}.norm"),
+    *_linear_rules(theirs + r"\.3", f"{ours}.fc2"),
+  ]
 
 
 def _head_rules() -> list[C.Rule]:
   """The MLM head (its decoder tied), the two projections, the ITM and box heads."""
-  mlm = r"text_encoder\.cls\.predictions\."
   rules = [
-    C.Rule(mlm + "bias", "mlm_head.bias"),
-    *_linear_rules(mlm + r"transform\.dense", "mlm_head.dense"),
-    *_ln_rules(mlm + r"transform\.LayerNorm", "mlm_head.norm"),
-    # The decoder is tied (docs/fidelity.md#tied-decoder-entries): checked on import,
-    # re-written on export.
-    C.Rule(mlm + r"decoder\.weight", "text.embeddings.word", tied=True),
-    C.Rule(mlm + r"decoder\.bias", "mlm_head.bias", tied=True),
+    *_mlm_rules(r"text_encoder\.cls\.predictions\.", ""),
     *_linear_rules(r"vision_proj", "vision_proj"),
     *_linear_rules(r"text_proj", "text_proj"),
   ]
   for theirs, ours in (("itm_head", "itm_head"), ("bbox_head", "box_head")):
-    rules += [
-      *_linear_rules(theirs + r"\.0", f"{ours}.fc1"),
-      *_ln_rules(theirs + r"\.1", f"{ours}.norm"),
-      *_linear_rules(theirs + r"\.3", f"{ours}.fc2"),
-    ]
+    rules += _mlp_head_rules(theirs, ours)
   return rules
 
 

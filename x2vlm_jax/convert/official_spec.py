@@ -14,6 +14,7 @@ and our parameter paths is `official.official_rules`.
 from __future__ import annotations
 
 import collections
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -33,6 +34,9 @@ LAYOUTS = (PRETRAIN, FINETUNE)
 TIED = {
   "text_encoder.cls.predictions.decoder.weight": "text_encoder.bert.embeddings.word_embeddings.weight",  # noqa: E501
   "text_encoder.cls.predictions.decoder.bias": "text_encoder.cls.predictions.bias",
+  # The VQA answer decoder's own LM head, tied to its own embeddings.
+  "text_decoder.cls.predictions.decoder.weight": "text_decoder.bert.embeddings.word_embeddings.weight",  # noqa: E501
+  "text_decoder.cls.predictions.decoder.bias": "text_decoder.cls.predictions.bias",
 }
 
 
@@ -104,7 +108,30 @@ def official_state_spec(
   _vision_spec(add, v)
   _bert_spec(add, cfg, bert, cls)
   _heads_spec(add, cfg)
+  _task_heads_spec(add, cfg)
   return spec
+
+
+def _task_heads_spec(add: Callable[..., None], cfg: ModelConfig) -> None:
+  """The fine-tuning heads a task model adds (docs/finetuning.md): the VQA answer decoder
+  `text_decoder.*` (a BERT LM-head model, cross-attention to text-width question states in
+  every layer) and `cls_head.*` (build_mlp(cls_inputs * D, labels))."""
+  dt = cfg.text.width
+  if cfg.decoder_layers > 0:
+    dec = cfg.replace(
+      text=dataclasses.replace(cfg.text, depth=0),
+      fusion=dataclasses.replace(cfg.fusion, depth=cfg.decoder_layers),
+      vision=dataclasses.replace(cfg.vision, width=dt),
+    )
+    _bert_spec(add, dec, "text_decoder.bert.", "text_decoder.cls.")
+  if cfg.cls_labels > 0:
+    di = cfg.cls_inputs * dt
+    add("cls_head.0.weight", (2 * di, di))
+    add("cls_head.0.bias", (2 * di,))
+    add("cls_head.1.weight", (2 * di,))
+    add("cls_head.1.bias", (2 * di,))
+    add("cls_head.3.weight", (cfg.cls_labels, 2 * di))
+    add("cls_head.3.bias", (cfg.cls_labels,))
 
 
 def _vision_spec(add: Callable[..., None], v: VisionConfig) -> None:

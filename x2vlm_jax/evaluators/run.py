@@ -41,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from data_pipelines import features as F
 from data_pipelines import mixture
 from x2vlm_jax import global_batch, sharding
-from x2vlm_jax.evaluators import eval_data, grounding, retrieval
+from x2vlm_jax.evaluators import eval_data, grounding, qa, retrieval
 from x2vlm_jax.evaluators.settings import EvalConfig, GroundingSettings, RetrievalSettings, prefix
 
 
@@ -237,6 +237,7 @@ def evaluate(
   step: int | None = None,
   png_path: str | None = None,
   log: Callable[[str], None] | None = print,
+  result_dir: str | None = None,
 ) -> dict[str, float]:
   """Runs the configured evaluators on every split; returns {metric name: value}
   (names in `settings.py`: 'eval/<evaluator>[/<split>]/<metric>').
@@ -249,6 +250,7 @@ def evaluate(
     step: training step, only used in log lines.
     png_path: if given (and grounding runs), write predicted vs true boxes of a few images there.
     log: where to report progress and skip counts (None = silent).
+    result_dir: where result files go (the VQA result JSON) unless the settings name one.
   """
   where = "" if step is None else f" (step {step})"
   say = (lambda s: log(s + where)) if log else (lambda _: None)
@@ -260,6 +262,12 @@ def evaluate(
     metrics.update(_retrieval(fns, eval_cfg.retrieval, tokenizer, res, frame_len, batch, say))
   if eval_cfg.grounding is not None:
     metrics.update(_grounding(fns, eval_cfg.grounding, tokenizer, res, batch, png_path, say))
+  if eval_cfg.vqa is not None:
+    metrics.update(qa.run_vqa(fns, eval_cfg.vqa, tokenizer, res, batch, result_dir, say))
+  for task in ("nlvr2", "video_qa"):
+    if getattr(eval_cfg, task) is not None:
+      sec = getattr(eval_cfg, task)
+      metrics.update(qa.run_classify(fns, task, sec, tokenizer, res, frame_len, batch, say))
   return metrics
 
 
@@ -283,4 +291,11 @@ def format_metrics(metrics: Mapping[str, Any]) -> str:
       f"{pre[len('eval/') :]} acc {metrics[key]:.1f} (baselines: whole image "
       f"{metrics[pre + '/acc_whole_image']:.1f}, mean box {metrics[pre + '/acc_mean_box']:.1f})"
     )
+  for key in sorted(k for k in metrics if k.split("/")[1] in ("vqa", "nlvr2", "video_qa")):
+    if key.endswith("/acc"):
+      pre = key[: -len("/acc")]
+      parts.append(
+        f"{pre[len('eval/') :]} acc {metrics[key]:.1f} (majority "
+        f"{metrics.get(pre + '/acc_majority', float('nan')):.1f})"
+      )
   return "; ".join(parts)

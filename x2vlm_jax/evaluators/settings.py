@@ -38,11 +38,38 @@ class GroundingSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class VqaSettings:
+  """VQA: every question ranks the answer list (`answer_list`, a JSON list of strings) with the
+  official decoder ranking of its `k_test` best first-token candidates; VQA accuracy where the
+  split's file has answers; at most `max_questions` per split (0 = all). The official result
+  file (question_id -> answer) of each split goes to `result_dir` (during training: the run's
+  workdir when empty)."""
+
+  data: Splits
+  answer_list: str = ""
+  k_test: int = 128
+  max_questions: int = 0
+  result_dir: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifySettings:
+  """NLVR2 or video QA: accuracy of the cls_head's argmax per split, at most `max_examples`
+  per split (0 = all)."""
+
+  data: Splits
+  max_examples: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalConfig:
   """Which evaluators run (a section each; None = not run) and the batch per jitted call."""
 
   retrieval: RetrievalSettings | None = None
   grounding: GroundingSettings | None = None
+  vqa: VqaSettings | None = None
+  nlvr2: ClassifySettings | None = None
+  video_qa: ClassifySettings | None = None
   batch_size: int = 32
 
   @property
@@ -51,7 +78,13 @@ class EvalConfig:
 
 
 # Config name -> settings type: the explicit table of evaluators.
-EVALUATORS = {"retrieval": RetrievalSettings, "grounding": GroundingSettings}
+EVALUATORS = {
+  "retrieval": RetrievalSettings,
+  "grounding": GroundingSettings,
+  "vqa": VqaSettings,
+  "nlvr2": ClassifySettings,
+  "video_qa": ClassifySettings,
+}
 
 
 def prefix(evaluator: str, split: str) -> str:

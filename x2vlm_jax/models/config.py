@@ -101,6 +101,10 @@ class ModelConfig:
   dtype: Any = jnp.float32  # compute dtype
   param_dtype: Any = jnp.float32
   remat: bool = False  # rematerialise each transformer block in the backward pass
+  # Fine-tuning heads, optional parts of the model (absent by default; docs/finetuning.md):
+  decoder_layers: int = 0  # VQA answer decoder `text_decoder` (official: 6 layers); 0 = none
+  cls_labels: int = 0  # classes of `cls_head` (NLVR2 2, MSRVTT-QA 1500); 0 = no cls_head
+  cls_inputs: int = 1  # fused [CLS] vectors concatenated into cls_head (NLVR2: 2 images)
 
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)

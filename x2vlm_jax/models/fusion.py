@@ -71,12 +71,14 @@ class FusionTower(nnx.Module):
     dtype=jnp.float32,
     param_dtype=jnp.float32,
     remat: bool = False,
+    causal: bool = False,
     rngs: nnx.Rngs,
   ):
     if not 0.0 <= cfg.drop_path_rate < 1.0:
       raise ValueError(f"FusionConfig.drop_path_rate must be in [0, 1), got {cfg.drop_path_rate}")
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.cfg, self.dtype, self.remat = cfg, dtype, remat
+    self.causal = causal  # self-attention sees earlier positions only (the VQA answer decoder)
     self.width, self.vision_width = text.width, vision_width
     self.layers = L.stacked(
       lambda r: FusionLayer(cfg, text.width, vision_width, rngs=r, **kw), cfg.depth, rngs
@@ -121,7 +123,10 @@ class FusionTower(nnx.Module):
     if kv_index is not None and kv_index.shape != (b,):
       raise ValueError(f"kv_index must be [B={b}], got {kv_index.shape}")
     kv = vision if is_kv else self.vision_kv(vision)
-    text_bias = L.padding_bias(text_mask, TEXT_MASK_VALUE)  # [B, 1, 1, L]
+    if self.causal:
+      text_bias = L.causal_bias(text_mask, TEXT_MASK_VALUE)  # [B, 1, L, L]
+    else:
+      text_bias = L.padding_bias(text_mask, TEXT_MASK_VALUE)  # [B, 1, 1, L]
     vision_bias = L.padding_bias(vision_mask, self.cfg.cross_mask_value)  # [B, 1, 1, S]
     keys = L.layer_keys(key, self.cfg.depth, 5)
     deterministic = key is None

@@ -222,6 +222,15 @@ def padding_bias(mask: jax.Array, value: float) -> jax.Array:
   return ((1.0 - mask.astype(jnp.float32)) * value)[:, None, None, :]
 
 
+def causal_bias(mask: jax.Array, value: float) -> jax.Array:
+  """Key mask [B, L] -> additive bias [B, 1, L, L] of a decoder's self-attention: query i sees
+  the real keys j <= i, as BERT's decoder mask (causal x padding, then (1 - m) * value)."""
+  length = mask.shape[1]
+  causal = jnp.tril(jnp.ones((length, length), jnp.float32))  # [L, L], row = query
+  keep = causal[None] * mask.astype(jnp.float32)[:, None, :]  # [B, L, L]
+  return ((1.0 - keep) * value)[:, None]
+
+
 def dot_attention(
   q: jax.Array,
   k: jax.Array,

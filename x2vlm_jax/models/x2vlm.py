@@ -1,7 +1,8 @@
 """The X2-VLM model: vision, text and fusion towers plus heads. Computes features, never losses.
 
 API (docs/architecture.md): `encode_image`, `encode_video`, `concepts`, `encode_text`,
-`vision_kv`, `fuse`, `itc_features`, `itm_logits`, `box`, `mlm_logits`, `temperature`.
+`vision_kv`, `fuse`, `itc_features`, `itm_logits`, `box`, `mlm_logits`, `temperature`; with the
+optional fine-tuning heads `answer_logits` / `question_kv` (VQA decoder) and `cls_logits`.
 Randomness (dropout, drop path) only through an explicit `key`; `key=None` is deterministic.
 
 `create_sharded` builds the parameters directly in their final sharding (one jitted constructor
@@ -20,6 +21,7 @@ from jax.sharding import Mesh
 from x2vlm_jax import sharding
 from x2vlm_jax.models import layers as L
 from x2vlm_jax.models.config import ModelConfig
+from x2vlm_jax.models.decoder import TextDecoder
 from x2vlm_jax.models.fusion import FusionTower, VisionKV
 from x2vlm_jax.models.heads import MlmHead, MlpHead, Projection
 from x2vlm_jax.models.text import TextTower
@@ -55,6 +57,16 @@ class X2VLM(nnx.Module):
       )
     else:
       self.frame_embed = None
+    # Fine-tuning heads last, so the parameters above draw the same initial values with or
+    # without them (docs/finetuning.md).
+    self.text_decoder = (
+      TextDecoder(cfg, remat=cfg.remat, rngs=rngs, **kw) if cfg.decoder_layers > 0 else None
+    )
+    self.cls_head = (
+      MlpHead(cfg.cls_inputs * dt, cfg.cls_labels, cfg.head_ln_eps, rngs=rngs, **kw)
+      if cfg.cls_labels > 0
+      else None
+    )
 
   # -- vision ----------------------------------------------------------------------------------
 
@@ -176,6 +188,35 @@ class X2VLM(nnx.Module):
       raise ValueError(f"positions must be [B={fused.shape[0]}, M], got {tuple(positions.shape)}")
     h = jnp.take_along_axis(fused, positions[:, :, None].astype(jnp.int32), axis=1)  # [B, M, Dt]
     return self.mlm_head(h, self.text.embeddings.word[...])
+
+  # -- fine-tuning heads (present only when configured) -----------------------------------------
+
+  def answer_logits(
+    self,
+    ids: jax.Array,
+    mask: jax.Array,
+    question: jax.Array | VisionKV,
+    question_mask: jax.Array,
+    q_index: jax.Array | None = None,
+    key: jax.Array | None = None,
+  ) -> jax.Array:
+    """VQA decoder: answer ids / mask [N, La] attending to fused question states [Nq, Lq, Dt]
+    (or `question_kv`), question_mask [N, Lq], q_index [N] -> next-token logits [N, La, V]."""
+    if self.text_decoder is None:
+      raise ValueError("this model has no answer decoder (ModelConfig.decoder_layers = 0)")
+    return self.text_decoder.logits(ids, mask, question, question_mask, q_index, key)
+
+  def question_kv(self, question: jax.Array) -> VisionKV:
+    """Fused question states [Nq, Lq, Dt] -> the decoder layers' cross-attention K/V."""
+    if self.text_decoder is None:
+      raise ValueError("this model has no answer decoder (ModelConfig.decoder_layers = 0)")
+    return self.text_decoder.question_kv(question)
+
+  def cls_logits(self, cls: jax.Array) -> jax.Array:
+    """`cls_head` on fused [CLS] vectors [B, cls_inputs * Dt] -> float32 logits [B, C]."""
+    if self.cls_head is None:
+      raise ValueError("this model has no cls_head (ModelConfig.cls_labels = 0)")
+    return self.cls_head(cls)
 
 
 # -- construction helpers ----------------------------------------------------------------------

@@ -1,0 +1,40 @@
+"""A short VQA fine-tune on real data in CI: the `easy-vqa` package's images and questions,
+converted to the official VQA format (`data_pipelines.tools.easy_vqa`), trained through the one
+training loop (`configs/finetune/vqa_easy.py`, its CI variant), evaluated with the official
+ranking and VQA accuracy on held-out questions: above the majority-answer baseline."""
+
+import json
+
+import pytest
+
+from configs.finetune import vqa_easy
+from x2vlm_jax import train_lib
+
+easy_vqa = pytest.importorskip("easy_vqa")
+
+
+def test_conversion_format(tmp_path):
+  from data_pipelines.tools import easy_vqa as tool
+
+  counts = tool.convert(tmp_path, val_images=2, max_train_images=5, max_test_images=2)
+  assert counts["train"] > 0 and counts["val"] > 0 and counts["test"] > 0
+  row = json.loads((tmp_path / "vqa_test.json").read_text())[0]
+  assert set(row) == {"question_id", "image", "question", "answer"}
+  assert row["question_id"] >= tool.TEST_ID_OFFSET and len(row["answer"]) == 10
+  assert (tmp_path / "images" / row["image"]).is_file()
+  assert len(json.loads((tmp_path / "answer_list.json").read_text())) == 13
+
+
+def test_short_fine_tune_beats_the_majority_answer(tmp_path):
+  from data_pipelines.tools import easy_vqa as tool
+
+  tool.convert(tmp_path / "data", val_images=100, max_train_images=700, max_test_images=1)
+  c = vqa_easy.get_config(f"data={tmp_path / 'data'},ci")
+  result = train_lib.train_and_evaluate(c, tmp_path / "run")
+  assert result.status == "done"
+  final = {}
+  for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
+    final.update(json.loads(line)["metrics"])
+  acc, base = final["eval/vqa/val/acc"], final["eval/vqa/val/acc_majority"]
+  assert acc > base + 2.0, (acc, base)  # measured: 43.0 vs 37.3
+  assert list((tmp_path / "run").glob("results_*/vqa_result_val.json"))
