@@ -221,7 +221,8 @@ def test_th_write_read_with_torch(tmp_path):
   assert model["temp"].shape == () and model["temp"].dtype == torch.float32
   assert model["vision_encoder.blocks.0.attn.relative_position_index"].dtype == torch.int64
   for dup, primary in S.TIED.items():  # shared storage, as module.state_dict() produces
-    assert model[dup].untyped_storage().data_ptr() == model[primary].untyped_storage().data_ptr()
+    if dup in model:  # the answer decoder's ties exist only in a VQA model
+      assert model[dup].untyped_storage().data_ptr() == model[primary].untyped_storage().data_ptr()
   module = _spec_module(torch, cfg)
   assert list(module.state_dict()) == list(sd)  # the spec order is state_dict() order
   module.load_state_dict(model, strict=True)

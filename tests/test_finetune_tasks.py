@@ -59,7 +59,10 @@ def _metrics(workdir: pathlib.Path) -> dict[int, dict]:
   out = {}
   for line in (workdir / "metrics.jsonl").read_text().splitlines():
     rec = json.loads(line)
-    out.setdefault(rec["step"], {}).update(rec["metrics"])
+    # Wall-clock figures (eval `.../seconds`) differ between any two runs; everything else is
+    # a function of the data, the seeds and the step.
+    kept = {k: v for k, v in rec["metrics"].items() if not k.endswith("/seconds")}
+    out.setdefault(rec["step"], {}).update(kept)
   return out
 
 
