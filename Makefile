@@ -27,7 +27,8 @@ finetune-demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest tests
+	# Two workers, whole files per worker (module fixtures are built once); the slowest listed.
+	$(BIN)/python -m pytest tests -n 2 --dist loadfile --durations=30
 
 clean:
 	rm -rf $(VENV)
