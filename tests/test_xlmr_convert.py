@@ -1,0 +1,109 @@
+"""The official XVLMPlus layout (multilingual X2-VLM, `cclm_x2vlm_*.th`) <-> ours: key list,
+sizes, strict bit-exact round trips at tiny and base widths (docs/multilingual.md#conversion)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from convert_testlib import assert_same_state, random_official
+
+from x2vlm_jax import treepath
+from x2vlm_jax.convert import common as C
+from x2vlm_jax.convert import official as O
+from x2vlm_jax.convert import official_spec as S
+from x2vlm_jax.models.config import FusionConfig, ModelConfig, VisionConfig
+
+# XLM-R base widths (768, 12 heads, 514 positions, 224 px) with one layer per tower and a
+# 1,000-row vocabulary: every width-dependent shape of the base model at ~25M floats; the
+# 250,002-row shapes are checked by the full-size spec test below.
+XLMR_BASE_SHALLOW = ModelConfig.xlmr_base(
+  vision=VisionConfig(depth=1),
+  text=dataclasses.replace(ModelConfig.xlmr_base().text, depth=1, vocab_size=1000),
+  fusion=FusionConfig(depth=1),
+)
+
+
+@pytest.mark.parametrize("size", ["base", "large"])
+def test_plus_spec_sizes_and_keys(size):
+  cfg = getattr(ModelConfig, f"xlmr_{size}")()
+  spec = S.official_state_spec(cfg, S.PLUS_PRETRAIN)
+  # The learned size of the official key list equals the model built from the same config.
+  assert S.count_parameters(spec) == {"base": 615_540_825, "large": 1_225_073_817}[size]
+  d, tl = cfg.text.width, cfg.text.depth
+  keys = list(spec)
+  assert keys[:2] == ["temp", "vision_encoder.cls_token"]
+  assert keys[-1] == "mlm_head.predictions.decoder.bias"
+  assert spec["text_encoder.embeddings.position_ids"] == ((1, 514), np.int64)
+  assert spec["text_encoder.embeddings.word_embeddings.weight"][0] == (250002, d)
+  assert spec["text_encoder.embeddings.token_type_embeddings.weight"][0] == (1, d)
+  assert spec["mlm_head.predictions.decoder.weight"][0] == (250002, d)
+  assert f"text_encoder.encoder.layer.{tl - 1}.output.LayerNorm.bias" in spec
+  assert not any("crossattention" in k for k in keys if k.startswith("text_encoder."))
+  assert spec["cross_encoder.encoder.layer.5.crossattention.self.key.weight"][0] == (
+    d,
+    cfg.vision.width,
+  )
+  assert "cross_encoder.encoder.layer.6.output.dense.bias" not in spec
+  assert keys.index("cross_encoder.encoder.layer.0.attention.self.query.weight") > keys.index(
+    f"text_encoder.encoder.layer.{tl - 1}.output.LayerNorm.bias"
+  )
+  fine = S.official_state_spec(cfg, S.PLUS_FINETUNE)
+  assert set(spec) - set(fine) == {k for k in spec if k.startswith("mlm_head.")}
+
+
+@pytest.mark.parametrize("cfg", [ModelConfig.xlmr_tiny(), XLMR_BASE_SHALLOW], ids=["tiny", "base"])
+def test_plus_round_trip_bit_exact(cfg):
+  sd = random_official(cfg, layout=S.PLUS_PRETRAIN)
+  assert S.detect_layout(sd) == S.PLUS_PRETRAIN
+  params, report = O.official_to_params(sd, cfg)
+  assert not (report.missing or report.unexpected or report.shape or report.check)
+  assert len(report.matched) == len(sd)
+  want = treepath.flatten_dict(O.param_shapes(cfg))
+  got = {k: (v.shape, v.dtype) for k, v in treepath.flatten_dict(params).items()}
+  assert got == want
+  back = O.params_to_official(params, cfg)
+  assert_same_state(sd, back)
+  # The decoder weight is its own parameter (random here, unlike the word embeddings).
+  assert not np.array_equal(
+    back["mlm_head.predictions.decoder.weight"],
+    back["text_encoder.embeddings.word_embeddings.weight"],
+  )
+
+
+def test_plus_layout_lands_where_the_contract_says():
+  cfg = ModelConfig.xlmr_tiny()
+  sd = random_official(cfg, layout=S.PLUS_PRETRAIN)
+  p, _ = O.official_to_params(sd, cfg)
+  d = cfg.text.width
+  assert np.array_equal(
+    p["fusion"]["layers"]["cross_attn"]["value"]["kernel"][1].reshape(cfg.vision.width, d),
+    sd["cross_encoder.encoder.layer.1.crossattention.self.value.weight"].T,
+  )
+  assert np.array_equal(
+    p["text"]["layers"]["mlp"]["fc1"]["kernel"][1],
+    sd["text_encoder.encoder.layer.1.intermediate.dense.weight"].T,
+  )
+  assert np.array_equal(p["mlm_head"]["decoder"], sd["mlm_head.predictions.decoder.weight"])
+  assert np.array_equal(
+    p["text"]["embeddings"]["position"], sd["text_encoder.embeddings.position_embeddings.weight"]
+  )
+
+
+def test_plus_finetune_layout_and_errors():
+  cfg = ModelConfig.xlmr_tiny()
+  sd = random_official(cfg, layout=S.PLUS_FINETUNE)
+  assert S.detect_layout(sd) == S.PLUS_FINETUNE
+  with pytest.raises(C.ConversionError, match="mlm_head.decoder"):
+    O.official_to_params(sd, cfg)
+  params, report = O.official_to_params(sd, cfg, allow={"missing"})
+  assert sorted(report.missing)[0] == "mlm_head.bias" and "mlm_head.decoder" in report.missing
+  assert_same_state(sd, O.params_to_official(params, cfg, layout=S.PLUS_FINETUNE))
+  with pytest.raises(ValueError, match="does not fit"):
+    O.params_to_official(params, cfg, layout=S.FINETUNE)
+  bad = dict(random_official(cfg, layout=S.PLUS_PRETRAIN))
+  bad["mlm_head.predictions.decoder.bias"] = bad["mlm_head.predictions.decoder.bias"] + 1
+  with pytest.raises(C.ConversionError, match="decoder.bias"):
+    O.official_to_params(bad, cfg)
+  # An English (XVLM) config refuses the XVLMPlus file instead of guessing.
+  with pytest.raises(C.ConversionError):
+    O.official_to_params(sd, ModelConfig.tiny())

@@ -1,0 +1,113 @@
+"""The official XVLMPlus layout (multilingual X2-VLM, `cclm_x2vlm_*.th`) <-> our parameters.
+
+Official behaviour: docs/multilingual.md#layout and #conversion. `XVLMPlusBase` keeps two
+encoders: `text_encoder.*` (a RobertaModel, no pooler, no cross-attention: our `text`) and
+`cross_encoder.*` (a 6-layer BertModel without embeddings, cross-attention in every layer: our
+`fusion`), and its MLM head is a separate `mlm_head.*` (BertOnlyMLMHead on the text config)
+whose decoder weight is its own parameter, only the decoder bias being tied to
+`predictions.bias`. State-dict order: own parameters (`temp`), then the sub-modules in
+registration order: vision, text, cross encoder, projections, ITM / box heads, then `mlm_head`
+(created after the base constructor).
+
+Layouts: `plus_pretrain` (the CrossViewLM pre-training model: every head incl. `mlm_head`) and
+`plus_finetune` (no `mlm_head`; a task model may hold fewer heads, reported by the loader).
+`official.official_to_params` / `params_to_official` dispatch here when `cfg.xvlm_plus`.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import numpy as np
+
+from x2vlm_jax.convert import common as C
+from x2vlm_jax.convert import official as O
+from x2vlm_jax.convert import official_spec as S
+from x2vlm_jax.models.config import ModelConfig
+
+
+def plus_state_spec(cfg: ModelConfig, layout: str) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """Ordered {official key: (PyTorch shape, dtype)} of an XVLMPlus state dict for `cfg`."""
+  if layout not in (S.PLUS_PRETRAIN, S.PLUS_FINETUNE):
+    raise ValueError(f"not an XVLMPlus layout: {layout!r}")
+  if not cfg.xvlm_plus:
+    raise ValueError(f"layout {layout!r} needs a config with xvlm_plus=True")
+  t, f = cfg.text, cfg.fusion
+  dv, dt = cfg.vision.width, t.width
+  spec: dict[str, tuple[tuple[int, ...], Any]] = collections.OrderedDict()
+
+  def add(key, shape, dtype=S.F32):
+    spec[key] = (tuple(shape), np.dtype(dtype))
+
+  if cfg.frame_len > 0:
+    add("absolute_frame_pos_embed", (1, cfg.frame_len, 1, dv))
+  add("temp", ())
+  S.vision_spec(add, cfg.vision)
+  e = "text_encoder.embeddings."
+  add(e + "position_ids", (1, t.max_positions), S.I64)  # persistent; token_type_ids is not
+  add(e + "word_embeddings.weight", (t.vocab_size, dt))
+  add(e + "position_embeddings.weight", (t.max_positions, dt))
+  add(e + "token_type_embeddings.weight", (t.type_vocab_size, dt))
+  add(e + "LayerNorm.weight", (dt,))
+  add(e + "LayerNorm.bias", (dt,))
+  for i in range(t.depth):
+    S.layer_spec(add, f"text_encoder.encoder.layer.{i}.", dt, dv, t.mlp_dim, cross=False)
+  for i in range(f.depth):
+    S.layer_spec(add, f"cross_encoder.encoder.layer.{i}.", dt, dv, f.mlp_dim, cross=True)
+  S.heads_spec(add, cfg)
+  if layout == S.PLUS_PRETRAIN:
+    p = "mlm_head.predictions."
+    add(p + "bias", (t.vocab_size,))
+    add(p + "transform.dense.weight", (dt, dt))
+    add(p + "transform.dense.bias", (dt,))
+    add(p + "transform.LayerNorm.weight", (dt,))
+    add(p + "transform.LayerNorm.bias", (dt,))
+    add(p + "decoder.weight", (t.vocab_size, dt))  # untied: its own parameter
+    add(p + "decoder.bias", (t.vocab_size,))  # tied to predictions.bias
+  S.task_heads_spec(add, cfg)
+  return spec
+
+
+def plus_rules(cfg: ModelConfig) -> list[C.Rule]:
+  """Rules mapping XVLMPlus keys to our paths (`text_encoder.roberta.` accepted as well)."""
+  t, f = cfg.text, cfg.fusion
+  text = r"text_encoder\.(?:roberta\.)?"
+  mlm = r"mlm_head\.predictions\."
+  rules = [
+    C.Rule(r"absolute_frame_pos_embed", "frame_embed", O.FRAME_EMBED),
+    C.Rule(r"temp", "temp"),
+    *O._vision_rules(cfg.vision),  # noqa: SLF001 -- same package, shared rule builders
+    *O._embedding_rules(text + r"embeddings\.", "text.embeddings", t.max_positions),  # noqa: SLF001
+    *O._layer_rules(  # noqa: SLF001
+      text + r"encoder\.layer\.(?P<layer>\d+)\.",
+      "text.layers",
+      "attn",
+      "attn_norm",
+      0,
+      t.depth,
+      cross=False,
+    ),
+    *O._layer_rules(  # noqa: SLF001
+      r"cross_encoder\.encoder\.layer\.(?P<layer>\d+)\.",
+      "fusion.layers",
+      "self_attn",
+      "self_norm",
+      0,
+      f.depth,
+    ),
+    C.Rule(mlm + "bias", "mlm_head.bias"),
+    *O._linear_rules(mlm + r"transform\.dense", "mlm_head.dense"),  # noqa: SLF001
+    *O._ln_rules(mlm + r"transform\.LayerNorm", "mlm_head.norm"),  # noqa: SLF001
+    C.Rule(mlm + r"decoder\.weight", "mlm_head.decoder"),
+    C.Rule(mlm + r"decoder\.bias", "mlm_head.bias", tied=True),
+    *O._linear_rules(r"vision_proj", "vision_proj"),  # noqa: SLF001
+    *O._linear_rules(r"text_proj", "text_proj"),  # noqa: SLF001
+    *O._mlp_head_rules("itm_head", "itm_head"),  # noqa: SLF001
+    *O._mlp_head_rules("bbox_head", "box_head"),  # noqa: SLF001
+  ]
+  if cfg.decoder_layers > 0:
+    rules += O._decoder_rules(cfg)  # noqa: SLF001
+  if cfg.cls_labels > 0:
+    rules += O._mlp_head_rules("cls_head", "cls_head")  # noqa: SLF001
+  return rules
