@@ -58,13 +58,6 @@ def _pick(options, rng: np.random.Generator, record_id: str, field: str):
 
 
 def _check_tokenizer(cfg: F.PreprocConfig, tokenizer: Tokenizer) -> None:
-  if cfg.train and cfg.mask_whole_word and tokenizer.sentencepiece:
-    # The official multilingual datasets mask single SentencePiece pieces
-    # (mask_whole_word=False, docs/multilingual.md#tokenisation); there is no whole-word rule.
-    raise ValueError(
-      "data.mask_whole_word is True but the tokenizer is SentencePiece (XLM-R): set it False, "
-      "as the official multilingual pre-training does"
-    )
   if tokenizer.max_tokens != cfg.max_tokens:
     raise ValueError(
       f"tokenizer pads to {tokenizer.max_tokens} tokens but "

@@ -6,7 +6,7 @@ the fairseq id shift), pre_caption on non-Latin scripts, MLM masking over Senten
 import numpy as np
 import pytest
 
-from data_pipelines import examples, masking, spm_tokenizer, synthetic_multilingual
+from data_pipelines import masking, spm_tokenizer, synthetic_multilingual
 from data_pipelines.features import MLM_IDS, MLM_LABELS, MLM_POSITIONS, PreprocConfig, SkipRecord
 from data_pipelines.text_ops import Tokenizer, pre_caption
 
@@ -93,6 +93,19 @@ def test_mlm_masking_over_sentencepiece_pieces(tok_dir):
   assert len(pos) == masking.num_predictions(n, 0.5, 6) and (pos < n).all()
   np.testing.assert_array_equal(out[MLM_LABELS][: len(pos)], tok.ids[pos])
   assert (out[MLM_IDS][pos] == ours.mask_id).any()
-  # Whole-word masking has no SentencePiece rule in the official code: refused, not guessed.
-  with pytest.raises(ValueError, match="SentencePiece"):
-    examples._check_tokenizer(PreprocConfig(max_tokens=L, mask_whole_word=True), ours)
+  # The official code forces whole-word masking off for non-BERT tokenizers; over SentencePiece
+  # pieces our whole-word rule never fires, so both settings mask the same positions and ids.
+  for seed in range(20):
+    a, b = (
+      masking.mask_caption(
+        tok.ids,
+        tok.pieces,
+        np.random.default_rng(seed),
+        PreprocConfig(max_tokens=L, mask_whole_word=wwm, max_masks=6, mask_prob=0.5),
+        mask_id=ours.mask_id,
+        vocab_size=ours.vocab_size,
+      )
+      for wwm in (True, False)
+    )
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
