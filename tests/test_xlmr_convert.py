@@ -107,3 +107,38 @@ def test_plus_finetune_layout_and_errors():
   # An English (XVLM) config refuses the XVLMPlus file instead of guessing.
   with pytest.raises(C.ConversionError):
     O.official_to_params(sd, ModelConfig.tiny())
+
+
+def test_cli_round_trip_infers_the_plus_config(tmp_path):
+  """A CCLM-layout file -> our params -> an official .th / safetensors, with the config read
+  off the shapes (no flags), and the .th written with the tied bias sharing storage."""
+  from x2vlm_jax.convert.__main__ import main
+  from x2vlm_jax.convert.official_config import infer_config
+  from x2vlm_jax.convert.safetensors_io import load_safetensors, save_safetensors
+
+  cfg = ModelConfig.xlmr_tiny()
+  sd = random_official(cfg, layout=S.PLUS_PRETRAIN)
+  with pytest.raises(ValueError, match="head count"):
+    infer_config(sd, None)
+  got, _, _ = infer_config(sd, None, variant="xlmr_base", num_heads=4)
+  assert got.text == cfg.text
+  assert (got.fusion.depth, got.fusion.mlp_dim, got.xvlm_plus) == (2, 56, True)
+  save_safetensors(tmp_path / "cclm.safetensors", sd, None)
+  argv = ["--variant", "xlmr_base", "--num-heads", "4"]
+  assert (
+    main(["official-to-jax", str(tmp_path / "cclm.safetensors"), str(tmp_path / "p"), *argv]) == 0
+  )
+  assert main(["jax-to-safetensors", str(tmp_path / "p"), str(tmp_path / "back.safetensors")]) == 0
+  back, config = load_safetensors(tmp_path / "back.safetensors")[:2]
+  assert_same_state(sd, back, ordered=False)  # safetensors stores its keys sorted
+  assert config["text_num_hidden_layers"] == 2 and config["cross_num_hidden_layers"] == 2
+  torch = pytest.importorskip("torch")
+  assert main(["jax-to-official", str(tmp_path / "p"), str(tmp_path / "back.th")]) == 0
+  th = torch.load(tmp_path / "back.th", weights_only=True)["model"]
+  assert list(th) == list(sd)
+  p = "mlm_head.predictions."
+  assert th[p + "decoder.bias"].data_ptr() == th[p + "bias"].data_ptr()
+  assert (
+    th[p + "decoder.weight"].data_ptr()
+    != th["text_encoder.embeddings.word_embeddings.weight"].data_ptr()
+  )

@@ -17,6 +17,8 @@ Layouts: `plus_pretrain` (the CrossViewLM pre-training model: every head incl. `
 from __future__ import annotations
 
 import collections
+import dataclasses
+import re
 from typing import Any
 
 import numpy as np
@@ -24,6 +26,7 @@ import numpy as np
 from x2vlm_jax.convert import common as C
 from x2vlm_jax.convert import official as O
 from x2vlm_jax.convert import official_spec as S
+from x2vlm_jax.convert.official_config import infer_vision
 from x2vlm_jax.models.config import ModelConfig
 
 
@@ -111,3 +114,56 @@ def plus_rules(cfg: ModelConfig) -> list[C.Rule]:
   if cfg.cls_labels > 0:
     rules += O._mlp_head_rules("cls_head", "cls_head")  # noqa: SLF001
   return rules
+
+
+def infer_plus_config(sd, ck, variant, num_heads, image_size, notes) -> tuple[ModelConfig, int]:
+  """(config, the checkpoint's image size) of an XVLMPlus state dict, read off its shapes:
+  text / cross-encoder depths, widths, vocabulary, positions; heads = width / 64 unless given.
+  Defaults for the rest come from `variant` (xlmr_base / xlmr_large by text width)."""
+
+  def shape(pattern):
+    return next((tuple(v.shape) for k, v in sd.items() if re.fullmatch(pattern, k)), None)
+
+  def layers(pattern):
+    return {int(m.group(1)) for k in sd if (m := re.fullmatch(pattern, k))}
+
+  text = r"text_encoder\.(?:roberta\.)?"
+  word = shape(text + r"embeddings\.word_embeddings\.weight")
+  if word is None:
+    raise ValueError("XVLMPlus state dict without text_encoder.embeddings.word_embeddings.weight")
+  if variant is None:
+    variant = "xlmr_large" if word[1] == 1024 else "xlmr_base"
+    notes.append(f"variant defaults: {variant} (text width {word[1]})")
+  base = ModelConfig.named(variant)
+  if not base.xvlm_plus:
+    raise ValueError(f"variant {variant!r} is not an XVLMPlus (multilingual) model")
+  vision, source_size = infer_vision(sd, ck, base.vision, image_size, notes)
+  if num_heads is None and word[1] % 64:
+    raise ValueError(f"text width {word[1]} is not a multiple of 64: pass the head count")
+  heads = num_heads or word[1] // 64
+  if num_heads is None:
+    notes.append(f"text heads {heads} = width / 64 (default head dim)")
+  t_layers = layers(text + r"encoder\.layer\.(\d+)\..*")
+  c_layers = layers(r"cross_encoder\.encoder\.layer\.(\d+)\..*")
+  inter = shape(text + r"encoder\.layer\.0\.intermediate\.dense\.weight")
+  c_inter = shape(r"cross_encoder\.encoder\.layer\.0\.intermediate\.dense\.weight")
+  pos = shape(text + r"embeddings\.position_embeddings\.weight")
+  ttype = shape(text + r"embeddings\.token_type_embeddings\.weight")
+  tkw = dict(vocab_size=word[0], width=word[1], num_heads=heads)
+  tkw.update(depth=max(t_layers) + 1 if t_layers else base.text.depth)
+  tkw.update(mlp_dim=inter[0] if inter else base.text.mlp_dim)
+  tkw.update(max_positions=pos[0] if pos else base.text.max_positions)
+  tkw.update(type_vocab_size=ttype[0] if ttype else base.text.type_vocab_size)
+  fkw = dict(depth=max(c_layers) + 1 if c_layers else base.fusion.depth, num_heads=heads)
+  fkw.update(mlp_dim=c_inter[0] if c_inter else base.fusion.mlp_dim)
+  proj = sd.get("vision_proj.weight")
+  frames = sd.get("absolute_frame_pos_embed")
+  cfg = dataclasses.replace(
+    base,
+    vision=vision,
+    text=dataclasses.replace(base.text, **tkw),
+    fusion=dataclasses.replace(base.fusion, **fkw),
+    embed_dim=proj.shape[0] if proj is not None else base.embed_dim,
+    frame_len=frames.shape[1] if frames is not None else 0,
+  )
+  return cfg, source_size
