@@ -116,3 +116,12 @@ def test_xlmr_config_errors():
   ids = jnp.zeros((1, cfg.text.max_positions - 1), jnp.int32)
   with pytest.raises(ValueError, match="exceeds"):
     model.encode_text(ids, jnp.ones_like(ids))
+
+
+def test_xlmr_config_from_hf_directory(tmp_path):
+  cfg = ModelConfig.xlmr_tiny()
+  _hf_config(cfg.text).save_pretrained(tmp_path)
+  assert hf_xlmr.xlmr_config_from_hf(tmp_path) == cfg.text
+  from x2vlm_jax.convert import hf
+
+  assert hf.text_config_from_hf(tmp_path).kind == "xlmr"  # by model_type "xlm-roberta"

@@ -26,7 +26,8 @@ from x2vlm_jax.models.config import ModelConfig, TextConfig
 
 
 def xlmr_config_from_hf(path: str | pathlib.Path, **overrides) -> TextConfig:
-  """TextConfig(kind="xlmr") from an HF XLM-R `config.json` (file or directory)."""
+  """TextConfig(kind="xlmr") from an HF XLM-R `config.json` (file or directory), whatever its
+  model_type says."""
   cfg = hf.text_config_from_hf(path)
   return dataclasses.replace(cfg, kind="xlmr", **overrides)
 
