@@ -142,3 +142,45 @@ def test_cli_round_trip_infers_the_plus_config(tmp_path):
     th[p + "decoder.weight"].data_ptr()
     != th["text_encoder.embeddings.word_embeddings.weight"].data_ptr()
   )
+
+
+def test_plus_from_english_follows_load_pretrained_xvlm():
+  """The paper's path: English X2-VLM file + XLM-R weights -> the multilingual model."""
+  from convert_testlib import random_official as english_random
+
+  from x2vlm_jax.convert import official_plus
+
+  cfg = ModelConfig.xlmr_tiny()
+  eng_cfg = ModelConfig.tiny()  # same vision, 40-wide text / fusion
+  eng = english_random(eng_cfg)
+  xlmr = {
+    k[len("text_encoder.") :]: v
+    for k, v in random_official(cfg, layout=S.PLUS_PRETRAIN, seed=3).items()
+    if k.startswith("text_encoder.")
+  }
+  params, notes = official_plus.plus_from_english(eng, eng_cfg, xlmr, cfg)
+  t = "text_encoder.bert.encoder.layer."
+  assert np.array_equal(  # official layer 2 (= English text depth) -> cross encoder layer 0
+    params["fusion"]["layers"]["mlp"]["fc1"]["kernel"][0], eng[t + "2.intermediate.dense.weight"].T
+  )
+  assert np.array_equal(
+    params["text"]["embeddings"]["word"], xlmr["embeddings.word_embeddings.weight"]
+  )
+  assert np.array_equal(
+    params["mlm_head"]["norm"]["scale"],
+    eng["text_encoder.cls.predictions.transform.LayerNorm.weight"],
+  )
+  assert "bias" not in params["mlm_head"] and "decoder" not in params["mlm_head"]
+  flat = set(treepath.flatten_dict(params))
+  want = set(treepath.flatten_dict(O.param_shapes(cfg)))
+  assert want - flat == {"mlm_head.bias", "mlm_head.decoder"} and flat <= want
+  with pytest.raises(ValueError, match="text width"):
+    official_plus.plus_from_english(
+      eng,
+      eng_cfg,
+      xlmr,
+      ModelConfig.xlmr_tiny().replace(
+        text=dataclasses.replace(cfg.text, width=48),
+        fusion=FusionConfig(depth=2, num_heads=4, mlp_dim=56),
+      ),
+    )

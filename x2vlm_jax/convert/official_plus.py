@@ -167,3 +167,38 @@ def infer_plus_config(sd, ck, variant, num_heads, image_size, notes) -> tuple[Mo
     frame_len=frames.shape[1] if frames is not None else 0,
   )
   return cfg, source_size
+
+
+def plus_from_english(
+  english_sd, english_cfg: ModelConfig, xlmr_src, cfg: ModelConfig
+) -> tuple[dict[str, Any], list[str]]:
+  """The paper's path (docs/multilingual.md#the-papers-claim-and-the-released-checkpoints): an
+  English X2-VLM state dict + HF XLM-R weights -> params of the XVLMPlus `cfg`, as the official
+  `load_pretrained_xvlm(replace_text_encoder=True)` + `load_pretrained_text` build them.
+
+  From the English file: vision, the fusion layers (official layers >= 12, the cross encoder),
+  projections, temperature, ITM / box heads and the MLM head's transform (`dense`, `norm`); its
+  text layers, embeddings and MLM decoder / bias are dropped. From `xlmr_src`: the text tower.
+  Left out (fresh): `mlm_head.bias` and `mlm_head.decoder`. Returns (params, notes)."""
+  from x2vlm_jax.convert import hf_xlmr  # pylint: disable=g-import-not-at-top
+
+  if not cfg.xvlm_plus or english_cfg.xvlm_plus:
+    raise ValueError("plus_from_english needs an English config and an XVLMPlus config")
+  if english_cfg.text.width != cfg.text.width:
+    raise ValueError(
+      f"the English cross encoder is {english_cfg.text.width} wide but the XLM-R tower is "
+      f"{cfg.text.width}: the official cross encoder must have the text width"
+    )
+  eng, _ = O.official_to_params(english_sd, english_cfg, allow={"missing"})
+  keep = ("vision", "fusion", "vision_proj", "text_proj", "temp", "itm_head", "box_head")
+  params: dict[str, Any] = {k: eng[k] for k in keep if k in eng}
+  if "frame_embed" in eng and cfg.frame_len == english_cfg.frame_len > 0:
+    params["frame_embed"] = eng["frame_embed"]
+  if "mlm_head" in eng:
+    params["mlm_head"] = {k: eng["mlm_head"][k] for k in ("dense", "norm")}
+  params["text"] = hf_xlmr.load_xlmr(xlmr_src, cfg).params["text"]
+  notes = [
+    "English text layers, embeddings and MLM decoder dropped; text tower from XLM-R; "
+    "mlm_head.bias and mlm_head.decoder fresh"
+  ]
+  return params, notes
