@@ -57,7 +57,9 @@ def draw_mask_spans(
     else:
       st, end = pos, pos + 1
     if mask_whole_word:
-      # Grow to whole words: a '##' piece continues the word to its left.
+      # Grow to whole words: a '##' piece continues the word to its left. SentencePiece (XLM-R)
+      # pieces never start with '##', so for them this is a no-op: the official code forces
+      # whole-word masking off for every non-BERT tokenizer (docs/multilingual.md#tokenisation).
       while st >= 0 and pieces[st].startswith("##"):
         st -= 1
       while end < n and pieces[end].startswith("##"):

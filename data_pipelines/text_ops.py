@@ -4,6 +4,16 @@ Both follow the official pre-training text path (docs/fidelity.md#caption-cleani
 docs/fidelity.md#tokenisation): the caption is normalised by
 `pre_caption`, split into word pieces by an uncased BERT WordPiece tokenizer, and laid out as
 `[CLS] + pieces[:L-1] + [SEP]` padded with `[PAD]` = 0 to exactly L tokens.
+
+An XLM-R SentencePiece tokenizer (docs/multilingual.md#tokenisation) works the same way with
+`<s>` / `</s>` around its pieces. Its `<pad>` is id 1, but batches still pad with 0: the
+attention mask says which tokens are real, and the XLM-R text tower takes positions and padded
+ids from the mask, so its outputs equal the official ones (`models/text.py`).
+
+`pre_caption` on non-Latin scripts behaves as the official one: only ASCII punctuation is
+replaced (the full-width "，" and "。" stay), lower-casing leaves CJK unchanged, and the
+`max_words` cut counts space-separated chunks, so a Chinese or Japanese caption without spaces
+is one "word" and is only cut by the tokenizer's max_tokens.
 """
 
 from __future__ import annotations
@@ -72,7 +82,9 @@ class TokenizedText:
 
 
 class Tokenizer:
-  """Fixed-length BERT word-piece tokenizer around a Hugging Face fast tokenizer.
+  """Fixed-length BERT word-piece (or XLM-R SentencePiece) tokenizer around a Hugging Face fast
+  tokenizer; `sentencepiece` says which (SentencePiece pieces mark word starts with '▁' and
+  have no '##' continuations, so whole-word masking does not apply to them).
 
   Loads with `AutoTokenizer.from_pretrained(directory)` (never `BertTokenizer(vocab_file=...)`,
   which yields all-[UNK] ids in transformers v5). Padding/truncation settings stored in
@@ -101,7 +113,8 @@ class Tokenizer:
     self.cls_token, self.sep_token = hf.cls_token, hf.sep_token
     # Ids that span masking must stop at (the official rule's "special" positions).
     self.special_ids = frozenset(int(i) for i in hf.all_special_ids)
-    if self.pad_id != 0:
+    self.sentencepiece = isinstance(self._backend.model, tokenizers.models.Unigram)
+    if self.pad_id != 0 and not self.sentencepiece:
       raise ValueError(f"{directory}: [PAD] id is {self.pad_id}; the batch contract pads with 0")
 
   def pieces(self, caption: str) -> tuple[list[int], list[str]]:

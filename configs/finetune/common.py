@@ -23,7 +23,13 @@ import ml_collections as mlc
 
 from configs import common
 
-TOKENIZER = {"base": "data/bert-base-uncased", "large": "data/bert-large-uncased"}
+TOKENIZER = {
+  "base": "data/bert-base-uncased",
+  "large": "data/bert-large-uncased",
+  # The multilingual model (XLM-R text tower, docs/multilingual.md).
+  "xlmr_base": "data/xlm-roberta-base",
+  "xlmr_large": "data/xlm-roberta-large",
+}
 
 
 def steps_per_epoch(train_pairs: int, global_batch: int) -> int:

@@ -90,9 +90,14 @@ def cmd_jax_to_official(args) -> None:
   sd = O.params_to_official(params, cfg, layout=args.layout)
   _write_official(args.dst, sd, official_config_dict(cfg))
   print(
-    f"wrote {len(sd)} entries ({S.count_parameters(S.official_state_spec(cfg, args.layout)):,} "
+    f"wrote {len(sd)} entries ({S.count_parameters(_spec(cfg, args.layout)):,} "
     f"parameters) to {args.dst}"
   )
+
+
+def _spec(cfg, layout):
+  """The spec of the layout written (the default one of the config when not given)."""
+  return S.official_state_spec(cfg, layout or (S.PLUS_PRETRAIN if cfg.xvlm_plus else S.PRETRAIN))
 
 
 def cmd_official_to_safetensors(args) -> None:
@@ -113,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
   def importing(sp):
     sp.add_argument(
       "--variant",
-      choices=("tiny", "base", "large"),
+      choices=("tiny", "base", "large", "xlmr_base", "xlmr_large"),
       help="defaults for what shapes cannot tell (default: by text width)",
     )
     sp.add_argument("--num-heads", type=int, help="text/fusion attention heads (default width/64)")
@@ -134,9 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
       "--layout",
       choices=S.LAYOUTS,
-      default=S.PRETRAIN,
-      help="official key layout to write (default pretrain; finetune: no `bert.`, "
-      "no MLM head, docs/fidelity.md#fine-tuning-layout)",
+      default=None,
+      help="official key layout to write (default pretrain, plus_pretrain for the multilingual "
+      "model; finetune: no `bert.`, no MLM head, docs/fidelity.md#fine-tuning-layout; plus_*: "
+      "docs/multilingual.md#conversion)",
     )
 
   for name, fn, src, dst, is_import in (

@@ -106,7 +106,8 @@ def read_state_dict(
 
 
 def text_config_from_hf(path: str | pathlib.Path, **overrides) -> TextConfig:
-  """TextConfig from a Hugging Face BERT `config.json` (file or its directory)."""
+  """TextConfig from a Hugging Face BERT (or XLM-R / RoBERTa) `config.json` (file or its
+  directory)."""
   path = pathlib.Path(path)
   if path.is_dir():
     path = path / "config.json"
@@ -117,6 +118,8 @@ def text_config_from_hf(path: str | pathlib.Path, **overrides) -> TextConfig:
   if hf.get("position_embedding_type", "absolute") != "absolute":
     raise ValueError(f"{path}: only absolute position embeddings are supported")
   cfg = TextConfig(
+    # RoBERTa-family embeddings (padding-offset positions): docs/multilingual.md
+    kind="xlmr" if hf.get("model_type") in ("xlm-roberta", "roberta") else "bert",
     vocab_size=hf["vocab_size"],
     width=hf["hidden_size"],
     depth=hf["num_hidden_layers"],

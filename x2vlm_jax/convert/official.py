@@ -54,7 +54,12 @@ def _linear_rules(foreign: str, ours: str, kernel=T.LINEAR, bias=T.IDENTITY, **k
 
 
 def official_rules(cfg: ModelConfig) -> list[C.Rule]:
-  """Rules mapping official keys (pre-training or fine-tuning layout) to our paths for `cfg`."""
+  """Rules mapping official keys (pre-training or fine-tuning layout) to our paths for `cfg`;
+  the XVLMPlus layout's (`official_plus.py`) when `cfg.xvlm_plus`."""
+  if cfg.xvlm_plus:
+    from x2vlm_jax.convert import official_plus  # pylint: disable=g-import-not-at-top
+
+    return official_plus.plus_rules(cfg)
   return [
     C.Rule(r"absolute_frame_pos_embed", "frame_embed", FRAME_EMBED),
     C.Rule(r"temp", "temp"),
@@ -269,21 +274,32 @@ def official_to_params(
 
 
 def params_to_official(
-  params: Mapping[str, Any], cfg: ModelConfig, layout: str = S.PRETRAIN
+  params: Mapping[str, Any], cfg: ModelConfig, layout: str | None = None
 ) -> "collections.OrderedDict[str, np.ndarray]":
   """Our nested params -> ordered official state dict of numpy arrays (float32 / int64).
+
+  layout: default 'pretrain', or 'plus_pretrain' for an XVLMPlus config (`cfg.xvlm_plus`); a
+  layout of the other family raises.
 
   Buffers are recomputed for `cfg`; tied names are written as separate arrays with identical
   values (`torch_io.save_th` re-links them to shared storage). The fine-tuning layout omits the
   MLM head, so `mlm_head.*` is not written there.
   """
+  plus = (S.PLUS_PRETRAIN, S.PLUS_FINETUNE)
+  if layout is None:
+    layout = S.PLUS_PRETRAIN if cfg.xvlm_plus else S.PRETRAIN
+  if (layout in plus) != cfg.xvlm_plus:
+    raise ValueError(
+      f"layout {layout!r} does not fit a config with xvlm_plus={cfg.xvlm_plus} "
+      f"(XVLMPlus layouts: {plus})"
+    )
   params = to_numpy_tree(params)
   spec = S.official_state_spec(cfg, layout)
   out = C.export(
     params,
     official_rules(cfg),
     spec.keys(),
-    allow_unused=(layout == S.FINETUNE),
+    allow_unused=layout in (S.FINETUNE, S.PLUS_FINETUNE),
     what="jax -> official export",
   )
   bad = [

@@ -62,6 +62,13 @@ def infer_config(
     num_heads = int(ours["text_num_heads"])
   if variant is None and "variant" in ours:
     variant = str(ours["variant"])
+  if any(k.startswith("cross_encoder.") for k in sd):  # the multilingual XVLMPlus layout
+    from x2vlm_jax.convert import official_plus  # pylint: disable=g-import-not-at-top
+
+    cfg, source_size = official_plus.infer_plus_config(
+      sd, ck, variant, num_heads, image_size, notes
+    )
+    return cfg, source_size, notes
   word_key, word = _find(
     sd, r"text_encoder\.(?:bert\.|roberta\.)?embeddings\.word_embeddings\.weight"
   )
@@ -75,7 +82,7 @@ def infer_config(
   base = ModelConfig.named(variant)
   v, t, f = base.vision, base.text, base.fusion
 
-  vision, source_size = _infer_vision(sd, ck, v, image_size, notes)
+  vision, source_size = infer_vision(sd, ck, v, image_size, notes)
   text, fusion = _infer_text_fusion(
     sd, ck, t, f, word, num_heads, text_layers, fusion_layers, notes
   )
@@ -92,7 +99,7 @@ def infer_config(
   return cfg, source_size, notes
 
 
-def _infer_vision(sd, ck, v, image_size, notes):
+def infer_vision(sd, ck, v, image_size, notes):
   """(vision config, the checkpoint's image size) from the vision encoder's shapes."""
   # ---- vision: width, depth, MLP, patch, heads and resolution from shapes
   # (docs/fidelity.md#official-key-list).
@@ -209,14 +216,28 @@ def official_config_dict(cfg: ModelConfig, variant: str | None = None) -> dict[s
   plus an `x2vlm_jax` entry with what the YAML does not carry (text head count), so our own files
   re-import without flags.
   """
+  if cfg.xvlm_plus:  # the XVLMPlus / CCLM YAML keys (docs/multilingual.md#conversion)
+    size = "large" if cfg.text.width == 1024 else "base"
+    layers = {
+      "text_encoder": f"data/xlm-roberta-{size}",
+      "text_num_hidden_layers": cfg.text.depth,
+      "cross_encoder": "data/bert-large-uncased-12l"
+      if size == "large"
+      else "data/bert-base-uncased",
+      "cross_num_hidden_layers": cfg.fusion.depth,
+    }
+  else:
+    layers = {
+      "text_num_hidden_layers": cfg.text.depth + cfg.fusion.depth,
+      "text_fusion_start_at": cfg.text.depth,
+    }
   out: dict[str, Any] = {
     "use_beit_v2": True,
     "image_res": cfg.vision.image_size,
     "patch_size": cfg.vision.patch_size,
     "embed_dim": cfg.embed_dim,
     "temp": cfg.temp_init,
-    "text_num_hidden_layers": cfg.text.depth + cfg.fusion.depth,
-    "text_fusion_start_at": cfg.text.depth,
+    **layers,
   }
   if cfg.frame_len > 0:
     out.update(video_encoding="avgpool", frame_len=cfg.frame_len, add_frame_pos=True)

@@ -27,7 +27,11 @@ I64 = np.dtype(np.int64)
 
 PRETRAIN = "pretrain"
 FINETUNE = "finetune"
-LAYOUTS = (PRETRAIN, FINETUNE)
+# The XVLMPlus layout of the multilingual model (`official_plus.py`,
+# docs/multilingual.md#layout): separate `text_encoder.*` / `cross_encoder.*`, `mlm_head.*`.
+PLUS_PRETRAIN = "plus_pretrain"
+PLUS_FINETUNE = "plus_finetune"
+LAYOUTS = (PRETRAIN, FINETUNE, PLUS_PRETRAIN, PLUS_FINETUNE)
 
 # Tied entries of the pre-training layout: duplicate name -> primary name
 # (docs/fidelity.md#tied-decoder-entries).
@@ -37,6 +41,8 @@ TIED = {
   # The VQA answer decoder's own LM head, tied to its own embeddings.
   "text_decoder.cls.predictions.decoder.weight": "text_decoder.bert.embeddings.word_embeddings.weight",  # noqa: E501
   "text_decoder.cls.predictions.decoder.bias": "text_decoder.cls.predictions.bias",
+  # XVLMPlus `mlm_head`: only the bias is tied; its decoder weight is its own parameter.
+  "mlm_head.predictions.decoder.bias": "mlm_head.predictions.bias",
 }
 
 
@@ -95,6 +101,10 @@ def official_state_spec(
   keeps the same heads (a task model may hold fewer; extra ones are reported as unexpected by
   the loader).
   """
+  if layout in (PLUS_PRETRAIN, PLUS_FINETUNE):
+    from x2vlm_jax.convert import official_plus  # pylint: disable=g-import-not-at-top
+
+    return official_plus.plus_state_spec(cfg, layout)
   v = cfg.vision
   bert, cls = _bert_prefix(layout)
   spec: dict[str, tuple[tuple[int, ...], np.dtype]] = collections.OrderedDict()
@@ -105,14 +115,14 @@ def official_state_spec(
   if cfg.frame_len > 0:  # registered before `temp` (docs/fidelity.md#official-key-list)
     add("absolute_frame_pos_embed", (1, cfg.frame_len, 1, v.width))
   add("temp", ())
-  _vision_spec(add, v)
+  vision_spec(add, v)
   _bert_spec(add, cfg, bert, cls)
-  _heads_spec(add, cfg)
-  _task_heads_spec(add, cfg)
+  heads_spec(add, cfg)
+  task_heads_spec(add, cfg)
   return spec
 
 
-def _task_heads_spec(add: Callable[..., None], cfg: ModelConfig) -> None:
+def task_heads_spec(add: Callable[..., None], cfg: ModelConfig) -> None:
   """The fine-tuning heads a task model adds (docs/finetuning.md): the VQA answer decoder
   `text_decoder.*` (a BERT LM-head model, cross-attention to text-width question states in
   every layer) and `cls_head.*` (build_mlp(cls_inputs * D, labels))."""
@@ -134,7 +144,7 @@ def _task_heads_spec(add: Callable[..., None], cfg: ModelConfig) -> None:
     add("cls_head.3.bias", (cfg.cls_labels,))
 
 
-def _vision_spec(add: Callable[..., None], v: VisionConfig) -> None:
+def vision_spec(add: Callable[..., None], v: VisionConfig) -> None:
   """The BEiT-2 vision encoder's entries."""
   dv = v.width
   add("vision_encoder.cls_token", (1, 1, dv))
@@ -179,31 +189,9 @@ def _bert_spec(add: Callable[..., None], cfg: ModelConfig, bert: str, cls: str) 
   add(e + "LayerNorm.bias", (dt,))
   for layer in range(t.depth + f.depth):
     fusion = layer >= t.depth
-    mlp = f.mlp_dim if fusion else t.mlp_dim
-    b = f"{bert}encoder.layer.{layer}."
-    for name in ("query", "key", "value"):
-      add(b + f"attention.self.{name}.weight", (dt, dt))
-      add(b + f"attention.self.{name}.bias", (dt,))
-    add(b + "attention.output.dense.weight", (dt, dt))
-    add(b + "attention.output.dense.bias", (dt,))
-    add(b + "attention.output.LayerNorm.weight", (dt,))
-    add(b + "attention.output.LayerNorm.bias", (dt,))
-    if fusion:
-      add(b + "crossattention.self.query.weight", (dt, dt))
-      add(b + "crossattention.self.query.bias", (dt,))
-      for name in ("key", "value"):
-        add(b + f"crossattention.self.{name}.weight", (dt, dv))
-        add(b + f"crossattention.self.{name}.bias", (dt,))
-      add(b + "crossattention.output.dense.weight", (dt, dt))
-      add(b + "crossattention.output.dense.bias", (dt,))
-      add(b + "crossattention.output.LayerNorm.weight", (dt,))
-      add(b + "crossattention.output.LayerNorm.bias", (dt,))
-    add(b + "intermediate.dense.weight", (mlp, dt))
-    add(b + "intermediate.dense.bias", (mlp,))
-    add(b + "output.dense.weight", (dt, mlp))
-    add(b + "output.dense.bias", (dt,))
-    add(b + "output.LayerNorm.weight", (dt,))
-    add(b + "output.LayerNorm.bias", (dt,))
+    layer_spec(
+      add, f"{bert}encoder.layer.{layer}.", dt, dv, f.mlp_dim if fusion else t.mlp_dim, fusion
+    )
   if cls:
     p = cls + "predictions."
     add(p + "bias", (t.vocab_size,))  # own parameter of the LM head: listed before sub-modules
@@ -215,7 +203,35 @@ def _bert_spec(add: Callable[..., None], cfg: ModelConfig, bert: str, cls: str) 
     add(p + "decoder.bias", (t.vocab_size,))  # tied to predictions.bias
 
 
-def _heads_spec(add: Callable[..., None], cfg: ModelConfig) -> None:
+def layer_spec(add: Callable[..., None], b: str, dt: int, dv: int, mlp: int, cross: bool) -> None:
+  """One official BERT / RoBERTa layer at key prefix `b` (width dt, FFN mlp); with `cross`, its
+  cross-attention to dv-wide keys/values."""
+  for name in ("query", "key", "value"):
+    add(b + f"attention.self.{name}.weight", (dt, dt))
+    add(b + f"attention.self.{name}.bias", (dt,))
+  add(b + "attention.output.dense.weight", (dt, dt))
+  add(b + "attention.output.dense.bias", (dt,))
+  add(b + "attention.output.LayerNorm.weight", (dt,))
+  add(b + "attention.output.LayerNorm.bias", (dt,))
+  if cross:
+    add(b + "crossattention.self.query.weight", (dt, dt))
+    add(b + "crossattention.self.query.bias", (dt,))
+    for name in ("key", "value"):
+      add(b + f"crossattention.self.{name}.weight", (dt, dv))
+      add(b + f"crossattention.self.{name}.bias", (dt,))
+    add(b + "crossattention.output.dense.weight", (dt, dt))
+    add(b + "crossattention.output.dense.bias", (dt,))
+    add(b + "crossattention.output.LayerNorm.weight", (dt,))
+    add(b + "crossattention.output.LayerNorm.bias", (dt,))
+  add(b + "intermediate.dense.weight", (mlp, dt))
+  add(b + "intermediate.dense.bias", (mlp,))
+  add(b + "output.dense.weight", (dt, mlp))
+  add(b + "output.dense.bias", (dt,))
+  add(b + "output.LayerNorm.weight", (dt,))
+  add(b + "output.LayerNorm.bias", (dt,))
+
+
+def heads_spec(add: Callable[..., None], cfg: ModelConfig) -> None:
   """The two projections and the ITM / box heads."""
   dv, dt = cfg.vision.width, cfg.text.width
   add("vision_proj.weight", (cfg.embed_dim, dv))
@@ -242,11 +258,15 @@ def count_parameters(spec: Mapping[str, tuple[tuple[int, ...], Any]]) -> int:
 
 
 def detect_layout(keys: Iterable[str]) -> str:
-  """'pretrain' if BERT keys carry `bert.` (masked-LM wrapper), 'finetune' otherwise.
+  """'plus_pretrain' / 'plus_finetune' for the XVLMPlus layout (a `cross_encoder.*`; with or
+  without `mlm_head.*`), else 'pretrain' if BERT keys carry `bert.` (masked-LM wrapper),
+  'finetune' otherwise.
 
   See docs/fidelity.md#fine-tuning-layout.
   """
   keys = list(keys)
+  if any(k.startswith("cross_encoder.") for k in keys):
+    return PLUS_PRETRAIN if any(k.startswith("mlm_head.") for k in keys) else PLUS_FINETUNE
   if any(k.startswith("text_encoder.bert.") for k in keys):
     return PRETRAIN
   if any(k.startswith("text_encoder.") for k in keys):

@@ -60,8 +60,10 @@ def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
     tree["text_decoder"] = {
       "embeddings": _text_shapes(sh, cfg.text)["embeddings"],
       **_fusion_shapes(sh, dec),
-      "mlm_head": tree["mlm_head"],
+      "mlm_head": dict(tree["mlm_head"]),
     }
+  if cfg.xvlm_plus:  # the XVLMPlus MLM head's own decoder (docs/multilingual.md#layout)
+    tree["mlm_head"]["decoder"] = sh.s(cfg.text.vocab_size, dw)
   if cfg.cls_labels > 0:
     di = cfg.cls_inputs * dw
     tree["cls_head"] = {

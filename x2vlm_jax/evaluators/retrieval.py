@@ -114,6 +114,19 @@ def retrieval_metrics(
   return out
 
 
+def mean_over_splits(metrics: dict[str, float], prefixes: Sequence[str], out: str) -> dict:
+  """The mean of each metric over the splits `prefixes` (every split has the same names):
+  {out/<name>: mean}; e.g. the per-language retrieval metrics -> their mean over languages."""
+  if not prefixes:
+    raise ValueError("no splits to average")
+  names = sorted(k[len(prefixes[0]) + 1 :] for k in metrics if k.startswith(prefixes[0] + "/"))
+  names = [n for n in names if n != "seconds"]
+  missing = [f"{p}/{n}" for p in prefixes for n in names if f"{p}/{n}" not in metrics]
+  if missing:
+    raise ValueError(f"splits differ in their metrics: {missing[:3]} missing")
+  return {f"{out}/{n}": float(np.mean([metrics[f"{p}/{n}"] for p in prefixes])) for n in names}
+
+
 def similarities(image_feats, text_feats) -> np.ndarray:
   """[Ni, Nt] = image_feats · text_featsᵀ in float32 (features are already normalised)."""
   img = np.asarray(image_feats, np.float32)

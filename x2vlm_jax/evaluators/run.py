@@ -206,6 +206,9 @@ def _retrieval(fns, sec: RetrievalSettings, tokenizer, res, frame_len, batch, sa
     k, chunk = sec.k_test, fns.round_batch(sec.itm_chunk)
     metrics.update(run_retrieval(fns, data, batch, k, chunk, prefix=name))
     metrics[f"{name}/seconds"] = time.time() - t0
+  if sec.mean_name:
+    names = [prefix("retrieval", split) for split, _ in sec.data]
+    metrics.update(retrieval.mean_over_splits(metrics, names, prefix("retrieval", sec.mean_name)))
   return metrics
 
 

@@ -25,6 +25,10 @@ class RetrievalSettings:
   k_test: int = 16
   itm_chunk: int = 64
   max_images: int = 0
+  # Non-empty: also the mean of every metric over the splits, as `<prefix>/<mean_name>/...`
+  # (multilingual retrieval: one split per language, selected on the mean r_mean over the
+  # languages as the official XRetrieval.py does; docs/multilingual.md#retrieval).
+  mean_name: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

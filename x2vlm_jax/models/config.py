@@ -49,8 +49,15 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-  """Post-LN BERT text tower (layers 0-11 of the official 18-layer stack)."""
+  """Post-LN BERT text tower (layers 0-11 of the official 18-layer stack), or XLM-R.
 
+  kind "bert": BERT embeddings (positions 0..L-1). kind "xlmr": RoBERTa embeddings as XLM-R
+  (docs/multilingual.md#xlm-r-text-tower): position of a real token = padding_idx + its rank
+  among the real tokens, padded tokens sit at padding_idx; with `xlmr_text` the sizes of
+  xlm-roberta-base/large (vocab 250002, 514 positions, one token type, pad id 1, eps 1e-5).
+  """
+
+  kind: str = "bert"  # "bert" | "xlmr"
   vocab_size: int = 30522
   width: int = 768
   depth: int = 12
@@ -67,6 +74,38 @@ class TextConfig:
   # replaces the layers' hidden dropout (which becomes 0); attention-probability and embedding
   # dropout stay at `dropout`.
   drop_path_rate: float = 0.0
+
+  def __post_init__(self):
+    if self.kind not in ("bert", "xlmr"):
+      raise ValueError(f"TextConfig.kind must be 'bert' or 'xlmr', got {self.kind!r}")
+    if self.kind == "xlmr" and self.max_positions < 3:
+      raise ValueError("an XLM-R tower needs max_positions >= 3 (positions start at pad_id + 1)")
+
+  @property
+  def max_length(self) -> int:
+    """Longest text the position table can hold: XLM-R positions start after padding_idx."""
+    return self.max_positions - (self.pad_token_id + 1 if self.kind == "xlmr" else 0)
+
+
+def xlmr_text(size: str = "base", **kw) -> TextConfig:
+  """XLM-R text tower: xlm-roberta-base (12 x 768) or -large (24 x 1024), HF config values."""
+  sizes = {"base": (768, 12, 12, 3072), "large": (1024, 24, 16, 4096)}
+  if size not in sizes:
+    raise ValueError(f"unknown XLM-R size {size!r}; expected base or large")
+  width, depth, heads, mlp = sizes[size]
+  cfg = TextConfig(
+    kind="xlmr",
+    vocab_size=250002,
+    width=width,
+    depth=depth,
+    num_heads=heads,
+    mlp_dim=mlp,
+    max_positions=514,
+    type_vocab_size=1,
+    pad_token_id=1,
+    ln_eps=1e-5,
+  )
+  return dataclasses.replace(cfg, **kw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +144,10 @@ class ModelConfig:
   decoder_layers: int = 0  # VQA answer decoder `text_decoder` (official: 6 layers); 0 = none
   cls_labels: int = 0  # classes of `cls_head` (NLVR2 2, MSRVTT-QA 1500); 0 = no cls_head
   cls_inputs: int = 1  # fused [CLS] vectors concatenated into cls_head (NLVR2: 2 images)
+  # Official `XVLMPlusBase` layout (docs/multilingual.md#layout): the fusion tower is a separate
+  # 6-layer BERT cross encoder (its own `cross_encoder.*` keys) and the MLM head (`mlm_head.*`)
+  # has its own, untied decoder matrix. Structure and computation of the towers are unchanged.
+  xvlm_plus: bool = False
 
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)
@@ -162,11 +205,35 @@ class ModelConfig:
     return dataclasses.replace(base, **kw)
 
   @classmethod
+  def xlmr_tiny(cls, **kw) -> "ModelConfig":
+    """`tiny` with a 2-layer XLM-R-style tower (vocab 300, 40 wide) in the XVLMPlus layout."""
+    text = xlmr_text(width=40, depth=2, num_heads=4, mlp_dim=56, vocab_size=300, max_positions=66)
+    return dataclasses.replace(cls.tiny(text=text, xvlm_plus=True), **kw)
+
+  @classmethod
+  def xlmr_base(cls, **kw) -> "ModelConfig":
+    """Multilingual X2-VLM base (`cclm_x2vlm_base`): BEiT-2 B/16 + XLM-R base + bert-base 6-layer
+    cross encoder, XVLMPlus layout with its untied MLM head: 615,540,825 parameters."""
+    return dataclasses.replace(cls(text=xlmr_text("base"), xvlm_plus=True), **kw)
+
+  @classmethod
+  def xlmr_large(cls, **kw) -> "ModelConfig":
+    """Multilingual X2-VLM large (`cclm_x2vlm_large`): BEiT-2 L/16 + XLM-R large + the 6-layer
+    1024-wide cross encoder, XVLMPlus layout with its untied MLM head: 1,225,073,817 parameters."""
+    large = cls.large(frame_len=0, text=xlmr_text("large"), xvlm_plus=True)
+    return dataclasses.replace(large, **kw)
+
+  @classmethod
   def named(cls, name: str, **kw) -> "ModelConfig":
-    try:
-      factory = {"tiny": cls.tiny, "base": cls.base, "large": cls.large, "demo": cls.demo}[name]
-    except KeyError:
-      raise ValueError(
-        f"unknown model variant {name!r}; expected tiny, base, large or demo"
-      ) from None
-    return factory(**kw)
+    factories = {
+      "tiny": cls.tiny,
+      "base": cls.base,
+      "large": cls.large,
+      "demo": cls.demo,
+      "xlmr_tiny": cls.xlmr_tiny,
+      "xlmr_base": cls.xlmr_base,
+      "xlmr_large": cls.xlmr_large,
+    }
+    if name not in factories:
+      raise ValueError(f"unknown model variant {name!r}; expected one of {sorted(factories)}")
+    return factories[name](**kw)

@@ -51,7 +51,7 @@ class TextDecoder(FusionTower):
     [N, Lq] (per answer row); q_index [N] picks each row's question (None: Nq == N) ->
     float32 next-token logits [N, La, V] (position t predicts token t + 1)."""
     k_emb, k_layers = (None, None) if key is None else tuple(jax.random.split(key))
-    x = self.embeddings(ids, k_emb)  # [N, La, Dt]
+    x = self.embeddings(ids, k_emb, mask)  # [N, La, Dt]
     h = self(x, mask, question, question_mask, q_index, k_layers)  # [N, La, Dt]
     return self.mlm_head(h, self.embeddings.word[...])
 

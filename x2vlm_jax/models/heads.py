@@ -69,10 +69,19 @@ class MlpHead(nnx.Module):
 
 
 class MlmHead(nnx.Module):
-  """dense -> GELU -> LayerNorm(1e-12) -> h . word_embeddings^T + bias (decoder tied)."""
+  """dense -> GELU -> LayerNorm -> h . W^T + bias, W the word embeddings (decoder tied) or, with
+  `own_decoder` (the XVLMPlus `mlm_head`, docs/multilingual.md#layout), a matrix of its own."""
 
   def __init__(
-    self, width: int, vocab_size: int, ln_eps: float, *, dtype, param_dtype, rngs: nnx.Rngs
+    self,
+    width: int,
+    vocab_size: int,
+    ln_eps: float,
+    *,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+    own_decoder: bool = False,
   ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.dtype = dtype
@@ -86,9 +95,20 @@ class MlmHead(nnx.Module):
     )
     self.norm = L.LayerNorm(width, ln_eps, **kw)
     self.bias = L.param(rngs, L.zeros, (vocab_size,), ("vocab",), param_dtype)
+    # BERT's _init_weights draws the untied decoder Linear N(0, 0.02), like the embeddings.
+    self.decoder = (
+      L.param(rngs, L.normal(0.02), (vocab_size, width), ("vocab", "embed"), param_dtype)
+      if own_decoder
+      else None
+    )
 
-  def __call__(self, h: jax.Array, word_embeddings: jax.Array) -> jax.Array:
-    """h [B, M, D] (states at the predicted positions), word [V, D] -> logits [B, M, V] f32."""
+  def __call__(self, h: jax.Array, word_embeddings: jax.Array | None = None) -> jax.Array:
+    """h [B, M, D] (states at the predicted positions), word [V, D] (ignored with an own
+    decoder) -> logits [B, M, V] f32."""
+    if self.decoder is not None:
+      word_embeddings = self.decoder[...]
+    elif word_embeddings is None:
+      raise ValueError("a tied MLM head needs the word embeddings")
     h = self.norm(L.gelu(self.dense(h)))
     logits = jnp.einsum("bmd,vd->bmv", h, word_embeddings.astype(self.dtype))
     return logits.astype(jnp.float32) + self.bias[...].astype(jnp.float32)

@@ -1,4 +1,4 @@
-"""Post-LN BERT text tower: embeddings + self-attention encoder layers.
+"""Post-LN BERT / XLM-R text tower: embeddings + self-attention encoder layers.
 
 Official behaviour: docs/fidelity.md#bert-text-tower, docs/fidelity.md#dropout-placement.
 
@@ -107,7 +107,14 @@ class TextLayer(nnx.Module):
 
 
 class TextEmbeddings(nnx.Module):
-  """word + absolute position + token-type(0) embeddings -> LayerNorm -> dropout."""
+  """word + absolute position + token-type(0) embeddings -> LayerNorm -> dropout.
+
+  BERT positions are 0..L-1. XLM-R (`kind` "xlmr") positions follow RoBERTa's
+  `create_position_ids_from_input_ids`: pad_id + (rank of the token among the real tokens), and
+  pad_id on padded tokens. We take "real" from the attention mask, not from `ids != pad_id`, so
+  a batch padded with any id (our batches pad with 0, which is XLM-R's <s>) gets the official
+  positions; padded ids are also replaced by pad_id, so padded rows equal the official ones.
+  """
 
   def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
     init = L.normal(0.02)
@@ -118,16 +125,30 @@ class TextEmbeddings(nnx.Module):
     self.position = L.param(
       rngs, init, (cfg.max_positions, cfg.width), ("positions", "embed"), param_dtype
     )
+    if cfg.kind == "xlmr":  # RoBERTa's position table is an Embedding with padding_idx too
+      self.position[...] = self.position[...].at[cfg.pad_token_id].set(0)
     self.token_type = L.param(
       rngs, init, (cfg.type_vocab_size, cfg.width), (None, "embed"), param_dtype
     )
     self.norm = L.LayerNorm(cfg.width, cfg.ln_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, ids: jax.Array, key: jax.Array | None) -> jax.Array:
+  def __call__(
+    self, ids: jax.Array, key: jax.Array | None, mask: jax.Array | None = None
+  ) -> jax.Array:
+    """ids [B, L] (+ mask [B, L], needed by XLM-R) -> [B, L, D]."""
     length = ids.shape[1]
+    if self.cfg.kind == "xlmr":
+      if mask is None:
+        raise ValueError("an XLM-R text tower needs the attention mask for its position ids")
+      real = (mask > 0).astype(jnp.int32)
+      ids = jnp.where(real > 0, ids, self.cfg.pad_token_id)
+      pos = jnp.cumsum(real, axis=1) * real + self.cfg.pad_token_id  # [B, L]
+      pos_emb = jnp.take(self.position[...], pos, axis=0)  # [B, L, D]
+    else:
+      pos_emb = self.position[...][:length][None]  # positions 0..L-1
     x = jnp.take(self.word[...], ids, axis=0)  # [B, L, D]
-    # Position ids 0..L-1 and token type 0 for every token (the official code never sets types).
-    x = x + self.position[...][:length][None] + self.token_type[...][0][None, None]
+    # Token type 0 for every token (the official code never sets types).
+    x = x + pos_emb + self.token_type[...][0][None, None]
     x = self.norm(x.astype(self.dtype))
     return L.dropout(x, self.cfg.dropout, key)
 
@@ -154,12 +175,15 @@ class TextTower(nnx.Module):
   def __call__(self, ids: jax.Array, mask: jax.Array, key: jax.Array | None = None) -> jax.Array:
     if ids.ndim != 2 or mask.shape != ids.shape:
       raise ValueError(f"text ids {ids.shape} and mask {mask.shape} must both be [B, L]")
-    if ids.shape[1] > self.cfg.max_positions:
-      raise ValueError(f"text length {ids.shape[1]} exceeds max_positions {self.cfg.max_positions}")
+    if ids.shape[1] > self.cfg.max_length:
+      raise ValueError(
+        f"text length {ids.shape[1]} exceeds {self.cfg.max_length} "
+        f"(max_positions {self.cfg.max_positions}, {self.cfg.kind} positions)"
+      )
     if not jnp.issubdtype(ids.dtype, jnp.integer):
       raise ValueError(f"text ids must be integers, got {ids.dtype}")
     k_emb, k_layers = (None, None) if key is None else tuple(jax.random.split(key))
-    x = L.constrain(self.embeddings(ids, k_emb), L.ACT)
+    x = L.constrain(self.embeddings(ids, k_emb, mask), L.ACT)
     bias = L.padding_bias(mask, TEXT_MASK_VALUE)  # [B, 1, 1, L]
     keys = L.layer_keys(k_layers, self.cfg.depth, 3)
     deterministic = key is None

@@ -29,7 +29,7 @@ from x2vlm_jax.models.vision import VisionTower, normalize_pixels
 
 
 class X2VLM(nnx.Module):
-  """X2-VLM: BEiT-2 vision tower, BERT text tower, fusion tower and heads.
+  """X2-VLM: BEiT-2 vision tower, BERT (or XLM-R) text tower, fusion tower and heads.
 
   Official architecture: docs/fidelity.md#architecture.
   """
@@ -50,7 +50,10 @@ class X2VLM(nnx.Module):
     self.temp = L.param(rngs, L.constant(cfg.temp_init), (), (), cfg.param_dtype)
     self.itm_head = MlpHead(dt, 2, cfg.head_ln_eps, rngs=rngs, **kw)
     self.box_head = MlpHead(dt, 4, cfg.head_ln_eps, rngs=rngs, **kw)
-    self.mlm_head = MlmHead(dt, cfg.text.vocab_size, cfg.text.ln_eps, rngs=rngs, **kw)
+    # XVLMPlus: BertOnlyMLMHead(text config) with its own decoder (docs/multilingual.md#layout).
+    self.mlm_head = MlmHead(
+      dt, cfg.text.vocab_size, cfg.text.ln_eps, own_decoder=cfg.xvlm_plus, rngs=rngs, **kw
+    )
     if cfg.frame_len > 0:
       self.frame_embed = L.param(
         rngs, L.trunc_normal(0.02), (cfg.frame_len, dv), ("frames", "embed"), cfg.param_dtype
