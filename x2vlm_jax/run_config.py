@@ -175,6 +175,7 @@ def step_config(cfg) -> objectives.StepConfig:
     itc_grad_world_size=int(cfg.loss.itc_grad_world_size),
     objectives=t.objectives,
     image_ids=t.image_ids,
+    label_smoothing=float(cfg.loss.get("label_smoothing", 0.1)),
   )
 
 
@@ -258,6 +259,7 @@ def preproc_config(cfg, model_cfg: ModelConfig) -> F.PreprocConfig:
     hflip=bool(d.hflip),
     exact_boxes=bool(d.exact_boxes),
     train=True,
+    caption_prompt=str(d.get("caption_prompt", "a picture of")),
     **_task_data(cfg),
   )
 

@@ -123,11 +123,19 @@ class TextEmbeddings(nnx.Module):
     )
     self.norm = L.LayerNorm(cfg.width, cfg.ln_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, ids: jax.Array, key: jax.Array | None) -> jax.Array:
+  def __call__(
+    self, ids: jax.Array, key: jax.Array | None, positions: jax.Array | None = None
+  ) -> jax.Array:
+    """ids [B, L] -> [B, L, D]; positions [B, L] (default 0..L-1; captioning gives an inserted
+    [MASK] the position of the token it predicts)."""
     length = ids.shape[1]
     x = jnp.take(self.word[...], ids, axis=0)  # [B, L, D]
-    # Position ids 0..L-1 and token type 0 for every token (the official code never sets types).
-    x = x + self.position[...][:length][None] + self.token_type[...][0][None, None]
+    if positions is None:
+      pos = self.position[...][:length][None]  # [1, L, D]
+    else:
+      pos = jnp.take(self.position[...], positions, axis=0)  # [B, L, D]
+    # Token type 0 for every token (the official code never sets types).
+    x = x + pos + self.token_type[...][0][None, None]
     x = self.norm(x.astype(self.dtype))
     return L.dropout(x, self.cfg.dropout, key)
 
@@ -151,16 +159,28 @@ class TextTower(nnx.Module):
     self.embeddings = TextEmbeddings(cfg, rngs=rngs, **kw)
     self.layers = L.stacked(lambda r: TextLayer(cfg, rngs=r, **kw), cfg.depth, rngs)
 
-  def __call__(self, ids: jax.Array, mask: jax.Array, key: jax.Array | None = None) -> jax.Array:
-    if ids.ndim != 2 or mask.shape != ids.shape:
-      raise ValueError(f"text ids {ids.shape} and mask {mask.shape} must both be [B, L]")
+  def __call__(
+    self,
+    ids: jax.Array,
+    mask: jax.Array,
+    key: jax.Array | None = None,
+    positions: jax.Array | None = None,
+  ) -> jax.Array:
+    """mask: key mask [B, L], or a per-example attention mask [B, L, L] (row = query);
+    positions [B, L] or None (0..L-1)."""
+    if ids.ndim != 2 or mask.shape not in (ids.shape, ids.shape + ids.shape[1:]):
+      raise ValueError(
+        f"text ids {ids.shape} must be [B, L] and mask {mask.shape} [B, L] or [B, L, L]"
+      )
+    if positions is not None and positions.shape != ids.shape:
+      raise ValueError(f"positions {positions.shape} must match ids {ids.shape}")
     if ids.shape[1] > self.cfg.max_positions:
       raise ValueError(f"text length {ids.shape[1]} exceeds max_positions {self.cfg.max_positions}")
     if not jnp.issubdtype(ids.dtype, jnp.integer):
       raise ValueError(f"text ids must be integers, got {ids.dtype}")
     k_emb, k_layers = (None, None) if key is None else tuple(jax.random.split(key))
-    x = L.constrain(self.embeddings(ids, k_emb), L.ACT)
-    bias = L.padding_bias(mask, TEXT_MASK_VALUE)  # [B, 1, 1, L]
+    x = L.constrain(self.embeddings(ids, k_emb, positions), L.ACT)
+    bias = L.attention_bias(mask, TEXT_MASK_VALUE)  # [B, 1, 1 or L, L]
     keys = L.layer_keys(k_layers, self.cfg.depth, 3)
     deterministic = key is None
     xs = (keys,)
