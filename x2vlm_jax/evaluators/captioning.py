@@ -109,7 +109,7 @@ def generate_captions(fns, pixels: np.ndarray, tokenizer, sec: CaptionSettings, 
   p_ids, _ = tokenizer.pieces(sec.prompt) if sec.prompt.strip() else ([], [])
   prompt = np.asarray([tokenizer.cls_id] + p_ids, np.int32)
   cfg = decode_settings(sec, tokenizer, batch, len(prompt))
-  out = None if fns.mesh is None else jax.sharding.NamedSharding(fns.mesh, jax.sharding.P())
+  out = None if fns.mesh is None else jax.sharding.NamedSharding(fns.mesh, jax.sharding.PartitionSpec())
   gen = _jitted(out)
 
   def fn(state, px):
