@@ -6,7 +6,6 @@ loss against hand-made / NumPy references."""
 
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

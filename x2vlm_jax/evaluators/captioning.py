@@ -24,6 +24,7 @@ import time
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from data_pipelines import features as F
 from data_pipelines import image_ops, mixture
@@ -109,7 +110,7 @@ def generate_captions(fns, pixels: np.ndarray, tokenizer, sec: CaptionSettings, 
   p_ids, _ = tokenizer.pieces(sec.prompt) if sec.prompt.strip() else ([], [])
   prompt = np.asarray([tokenizer.cls_id] + p_ids, np.int32)
   cfg = decode_settings(sec, tokenizer, batch, len(prompt))
-  out = None if fns.mesh is None else jax.sharding.NamedSharding(fns.mesh, jax.sharding.PartitionSpec())
+  out = None if fns.mesh is None else NamedSharding(fns.mesh, PartitionSpec())  # replicated
   gen = _jitted(out)
 
   def fn(state, px):
