@@ -45,19 +45,23 @@ def _with_eos_bias(model, value):
   return nnx.split(m)[1]
 
 
-def _direct_log_probs(model, pixels, tokens, n):
-  """log p of each of the first n tokens from one uncached forward pass: the training layout
-  with a [MASK] inserted before every token (`tasks_caption.caption_attention`)."""
-  ids, pos, ins, slots = list(map(int, PROMPT)), list(range(len(PROMPT))), [0] * len(PROMPT), []
-  for k in range(n):
-    slots.append(len(ids))
-    ids += [CFG.mask_id, int(tokens[k])]
-    pos += [len(PROMPT) + k] * 2
-    ins += [1, 0]
-  att = tc.caption_attention(jnp.asarray([ins]))
-  fused = tc.caption_states(model, pixels[None], jnp.asarray([ids]), jnp.asarray([pos]), att)
-  logp = jax.nn.log_softmax(model.mlm_logits(fused, jnp.asarray([slots])), -1)[0]
-  return np.asarray([logp[k, int(tokens[k])] for k in range(n)])
+@nnx.jit
+def _direct(model, pixels, tokens):
+  """log p of every token of tokens [B, S] from one uncached forward pass: the training layout
+  with a [MASK] inserted before every token (`tasks_caption.caption_attention`). Attention is
+  causal, so the tokens after a caption's end change nothing before it."""
+  b, s = tokens.shape
+  p = len(PROMPT)
+  pairs = jnp.stack([jnp.full((b, s), CFG.mask_id), tokens], -1).reshape(b, 2 * s)
+  ids = jnp.concatenate([jnp.broadcast_to(PROMPT, (b, p)), pairs], 1)
+  pos = jnp.concatenate([jnp.arange(p), jnp.repeat(p + jnp.arange(s), 2)])
+  ins = jnp.concatenate([jnp.zeros(p, jnp.int32), jnp.tile(jnp.asarray([1, 0]), s)])
+  att = tc.caption_attention(jnp.broadcast_to(ins, (b, p + 2 * s)))
+  pos = jnp.broadcast_to(pos, (b, p + 2 * s))
+  fused = tc.caption_states(model, pixels, ids, pos, att)
+  slots = jnp.broadcast_to(p + 2 * jnp.arange(s), (b, s))
+  logp = jax.nn.log_softmax(model.mlm_logits(fused, slots), -1)  # [B, S, V]
+  return jnp.take_along_axis(logp, tokens[:, :, None], -1)[:, :, 0]
 
 
 def test_beam_one_equals_greedy_and_scores_are_direct_log_probs(setup):
@@ -67,12 +71,12 @@ def test_beam_one_equals_greedy_and_scores_are_direct_log_probs(setup):
   np.testing.assert_array_equal(greedy.lengths, beam1.lengths)
   np.testing.assert_allclose(greedy.scores, beam1.scores, rtol=1e-6)
   for out in (greedy, beam3):
+    lp = np.asarray(_direct(model, pixels, out.tokens))
     for i in range(pixels.shape[0]):
       n = int(out.lengths[i])
       assert 1 <= n <= CFG.max_length
       assert np.all(np.asarray(out.tokens[i, n:]) == 0)
-      lp = _direct_log_probs(model, pixels[i], out.tokens[i], n)
-      np.testing.assert_allclose(float(out.scores[i]), lp.sum(), rtol=1e-4, atol=1e-4)
+      np.testing.assert_allclose(float(out.scores[i]), lp[i, :n].sum(), rtol=1e-4, atol=1e-4)
   # Beam search finds a hypothesis at least as probable as greedy's when both run to the cap.
   full = (np.asarray(greedy.lengths) == CFG.max_length) & (np.asarray(beam3.lengths) == 7)
   assert np.all(np.asarray(beam3.scores)[full] >= np.asarray(greedy.scores)[full] - 1e-4)
