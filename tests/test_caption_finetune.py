@@ -103,7 +103,6 @@ def finetune(tmp_path_factory):
   tok = Tokenizer(str(assets.minilm_dir()), int(c.data.max_tokens))
   before = eval_run.evaluate(model, rc.eval_config(c.eval), tok, log=None)
   c.init.params_dir = str(pretrained)
-  c.mesh.data = 1  # one CPU device: 8 fake devices only slow a batch of 8 down
   workdir = tmp_path_factory.mktemp("caption_run")
   train_lib.train_and_evaluate(c, workdir)
   return before, workdir
