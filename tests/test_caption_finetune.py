@@ -115,7 +115,7 @@ def test_finetuning_beats_the_pretrained_model_on_held_out_images(finetune):
   for name in ("bleu_1", "bleu_4", "rouge_l", "cider", "num_images"):
     assert f"eval/caption/val/{name}" in after
   assert after["eval/caption/val/num_images"] == 8
-  # The tiny model learns the phrasing and the colour within 100 steps, the shape and size less
+  # The tiny model learns the phrasing and the colour within 60 steps, the shape and size less
   # reliably, so exact 4-grams stay rare at this scale: BLEU-1..3 and CIDEr must rise clearly,
   # BLEU-4 must not fall (docs/finetuning.md#captioning).
   for name, gain in (("bleu_1", 20.0), ("bleu_3", 10.0), ("cider", 50.0)):
