@@ -4,7 +4,7 @@
 
 DIR holds the Karpathy-format set `synthetic_tasks.write_retrieval` writes at 64 px (train: one
 entry per caption; val: one per image with its captions). Captions to 24 tokens with up to 10
-masks, global batches of 8, a constant learning rate over 60 steps, generation with the
+masks, global batches of 8, a constant learning rate over 100 steps, generation with the
 official rules over at most 10 steps.
 """
 
@@ -12,7 +12,7 @@ import ml_collections as mlc
 
 from configs import common
 
-STEPS = 60
+STEPS = 100
 
 
 def sources(data_dir: str) -> dict[str, dict]:
