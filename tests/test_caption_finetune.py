@@ -4,7 +4,9 @@ loop (`train_lib`) and the captioning evaluator; a short fine-tune from a saved 
 params directory beats that model's BLEU and CIDEr on held-out images. Also the FG-free layout
 and the loss against hand-made / NumPy references."""
 
+import dataclasses
 import json
+import types
 
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +21,7 @@ from data_pipelines.text_ops import Tokenizer
 from x2vlm_jax import assets, optim, params_io, sharding, train_lib
 from x2vlm_jax import run_config as rc
 from x2vlm_jax import tasks_caption as tc
+from x2vlm_jax.evaluators import captioning
 from x2vlm_jax.evaluators import run as eval_run
 from x2vlm_jax.models.x2vlm import create_sharded
 
@@ -147,3 +150,9 @@ def test_coco_config_builds_with_the_released_settings():
   assert rc.eval_config(c.eval).names == ("caption",)
   rc.loop_config(c)
   optim.OptimConfig(**c.optim.to_dict())
+  # Decoding: max_length tokens by default; the official count (test batch 20 + 50 - the
+  # 4-token prompt = 66 steps) on request.
+  tok = types.SimpleNamespace(sep_id=102, mask_id=103)
+  assert captioning.decode_settings(e, tok, 20, 4).max_length == 50
+  quirk = dataclasses.replace(e, official_length_cap=True)
+  assert captioning.decode_settings(quirk, tok, 20, 4).max_length == 66
