@@ -69,8 +69,14 @@ ANSWER_WEIGHTS = "answer_weights"  # float32 [B, A] VQA: each answer's weight (0
 PAIR_PIXELS = "pair_pixels"  # uint8 [B, R, R, 3] NLVR2: the second (right) image of the pair
 LABEL = "label"  # int32 [B] NLVR2 (1 = true) / video QA answer class; IGNORE_LABEL: no class
 IGNORE_LABEL = -100  # an answer outside the answer vocabulary (ignored by the loss)
-VQA, NLVR2, VIDEO_QA = "vqa", "nlvr2", "video_qa"
-TASK_KIND = {VQA: IMAGE, NLVR2: IMAGE, VIDEO_QA: VIDEO}  # task fields -> the kind they extend
+# Captioning (`caption_examples.py`): the caption with a [MASK] inserted before every masked
+# token, Lc = max_tokens + max_masks; mlm_positions / labels / weights index its [MASK] slots.
+CAPTION_IDS = "caption_ids"  # int32 [B, Lc] `[CLS] prompt caption [SEP]` + inserted [MASK]s
+CAPTION_POSITIONS = "caption_positions"  # int32 [B, Lc] position ids ([MASK] = its token's)
+CAPTION_INSERTED = "caption_inserted"  # int32 [B, Lc] 1 at an inserted [MASK]
+VQA, NLVR2, VIDEO_QA, CAPTION = "vqa", "nlvr2", "video_qa", "caption"
+# task fields -> the kind they extend
+TASK_KIND = {VQA: IMAGE, NLVR2: IMAGE, VIDEO_QA: VIDEO, CAPTION: IMAGE}
 
 TEXT_FIELDS = (
   TEXT_IDS,
@@ -135,6 +141,9 @@ def task_spec(s: BatchSizes, b: int) -> dict[str, tuple[tuple[int, ...], np.dtyp
       ANSWER_MASK: ((b, a, la), np.int32),
       ANSWER_WEIGHTS: ((b, a), np.float32),
     }
+  if s.task_fields == CAPTION:
+    lc = s.max_tokens + s.max_masks
+    return {k: ((b, lc), np.int32) for k in (CAPTION_IDS, CAPTION_POSITIONS, CAPTION_INSERTED)}
   out = {LABEL: ((b,), np.int32)}
   if s.task_fields == NLVR2:
     out[PAIR_PIXELS] = ((b, s.image_res, s.image_res, 3), np.uint8)
@@ -252,6 +261,7 @@ class PreprocConfig:
   task_fields: str = ""
   max_answers: int = 0
   answer_tokens: int = 0
+  caption_prompt: str = "a picture of"  # captioning: the official prompt after [CLS]
   train: bool = True  # False: deterministic test transform (bicubic resize, eval frame sampling)
 
 

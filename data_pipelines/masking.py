@@ -30,19 +30,22 @@ def draw_mask_spans(
   skipgram_prb: float,
   skipgram_size: int,
   mask_whole_word: bool,
+  first: int = 1,
 ) -> tuple[set[int], list[tuple[int, int, int]]]:
   """Walks the shuffled candidates and masks whole-word spans until >= n_pred.
 
   Args:
     pieces: word-piece strings of the n real tokens, `[CLS]` first (position 0 is never masked).
     n_pred: target number of masked positions.
+    first: the first maskable position (1: all but [CLS]; captioning also keeps its prompt,
+      the official `num_source_tokens`).
 
   Returns:
     (masked, spans): the masked set before truncation, and per span drawn (start candidate,
     first added position, exclusive end of the added positions), for inspection in tests.
   """
   n = len(pieces)
-  cand = rng.permutation(np.arange(1, n)).tolist()  # positions 1..n-1: [SEP] included
+  cand = rng.permutation(np.arange(first, n)).tolist()  # first..n-1: [SEP] included
   last_cand = n - 1
   masked: set[int] = set()
   spans: list[tuple[int, int, int]] = []
@@ -66,8 +69,8 @@ def draw_mask_spans(
         end += 1
     stop = st
     for mp in range(st, end):
-      # Stop the span at [CLS] (the only special position) or past the last candidate.
-      if 0 < mp <= last_cand:
+      # Stop the span at [CLS] / the prompt (the special positions) or past the last candidate.
+      if first <= mp <= last_cand:
         masked.add(mp)
         stop = mp + 1
       else:
@@ -85,18 +88,23 @@ def choose_masked_positions(
   skipgram_prb: float,
   skipgram_size: int,
   mask_whole_word: bool,
+  first: int = 1,
+  n_tokens: int | None = None,
 ) -> list[int]:
   """Picks the positions to mask in one tokenised caption.
 
   Args:
     pieces: word-piece strings of the n real tokens, `[CLS]` first.
     rng: per-example generator.
+    first: the first maskable position (`draw_mask_spans`); n_tokens: the n of n_pred when it
+      is not len(pieces) (captioning: without the prompt).
 
   Returns:
     sorted list of masked positions: exactly n_pred of them (n - 1 >= n_pred whenever n >= 2
     and mask_prob <= 0.5; otherwise every candidate).
   """
-  n_pred = num_predictions(len(pieces), mask_prob, max_masks)
+  n = len(pieces) if n_tokens is None else n_tokens  # captioning leaves out its prompt
+  n_pred = num_predictions(n, mask_prob, max_masks)
   masked, _ = draw_mask_spans(
     pieces,
     rng,
@@ -104,6 +112,7 @@ def choose_masked_positions(
     skipgram_prb=skipgram_prb,
     skipgram_size=skipgram_size,
     mask_whole_word=mask_whole_word,
+    first=first,
   )
   out = sorted(masked)
   if len(out) > n_pred:

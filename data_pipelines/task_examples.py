@@ -10,6 +10,7 @@ unmasked: mlm_ids = text_ids, no masked position) plus the task's (`features.tas
             official train transform); sentence text fields; label
   video_qa  frames [F, R, R, 3], frame_valid [F] (frames sampled as in video retrieval, each
             transformed on its own, flip coin per frame); question text fields; label
+  caption   pixels; the caption with inserted [MASK]s (caption_examples.py)
 
 Official behaviour (docs/finetuning.md): questions are cleaned by `pre_question` (lower case,
 punctuation -> space, first `max_tokens` words); VQA and video QA flip images with p 0.5 only
@@ -23,8 +24,8 @@ import re
 
 import numpy as np
 
+from data_pipelines import caption_examples, image_ops, video_ops
 from data_pipelines import features as F
-from data_pipelines import image_ops, video_ops
 from data_pipelines.checks import decode_image
 from data_pipelines.text_ops import Tokenizer, pre_caption
 
@@ -138,7 +139,12 @@ def video_qa_example(record, rng, cfg: F.PreprocConfig, tokenizer: Tokenizer) ->
   return out
 
 
-BUILDERS = {F.VQA: vqa_example, F.NLVR2: nlvr2_example, F.VIDEO_QA: video_qa_example}
+BUILDERS = {
+  F.VQA: vqa_example,
+  F.NLVR2: nlvr2_example,
+  F.VIDEO_QA: video_qa_example,
+  F.CAPTION: caption_examples.caption_example,
+}
 
 
 def make_example(kind: str, record: dict, rng, cfg: F.PreprocConfig, tokenizer: Tokenizer):

@@ -122,6 +122,10 @@ class Tokenizer:
     enc = self._backend.encode(caption, add_special_tokens=False)
     return list(enc.ids), list(enc.tokens)
 
+  def decode(self, ids) -> str:
+    """Text of word-piece ids without special tokens (generated captions)."""
+    return self._backend.decode([int(i) for i in ids], skip_special_tokens=True)
+
   def __call__(self, caption: str, record_id: str = "?", field: str = "captions") -> TokenizedText:
     """Tokenises one cleaned caption into the fixed-length layout.
 

@@ -45,6 +45,8 @@ LAYERS = {
   "x2vlm_jax.tasks": 5,
   "x2vlm_jax.tasks_vqa": 5,
   "x2vlm_jax.tasks_cls": 5,
+  "x2vlm_jax.tasks_caption": 5,
+  "x2vlm_jax.caption_decode": 5,
   "x2vlm_jax.evaluators": 6,  # beside the loop: never imports it
   "x2vlm_jax.run_config": 7,
   "x2vlm_jax.train_data": 7,

@@ -1,5 +1,6 @@
 """The fine-tuning demo, end to end on a CPU: the pre-training demo's model fine-tuned on synthetic
-retrieval and grounding, against its zero-shot self (`make finetune-demo`).
+retrieval and grounding (and, with `--tasks=caption`, captioning), against its zero-shot self
+(`make finetune-demo`).
 
   python -m x2vlm_jax.finetune_demo [--pretrained=RUN] [--workdir=/tmp/x2vlm_finetune_demo] [--ci]
 
@@ -41,7 +42,13 @@ HEADLINE = {  # task -> (metric on the test splits, label)
     ("eval/grounding/testB/acc", "accuracy testB"),
     ("eval/grounding/val/acc", "accuracy val"),
   ],
+  "caption": [
+    ("eval/caption/test/bleu_4", "BLEU-4 test"),
+    ("eval/caption/test/cider", "CIDEr test"),
+    ("eval/caption/val/cider", "CIDEr val"),
+  ],
 }
+SHOWN_CAPTIONS = 5  # fine-tuned captions printed next to their references
 
 
 def write_data(data_dir: pathlib.Path, ci: bool, tasks=("retrieval", "grounding")) -> None:
@@ -54,6 +61,7 @@ def write_data(data_dir: pathlib.Path, ci: bool, tasks=("retrieval", "grounding"
   writers = {
     "retrieval": synthetic_tasks.write_retrieval,
     "grounding": synthetic_tasks.write_grounding,
+    "caption": synthetic_tasks.write_retrieval,  # Karpathy format: the captioning files too
   }
   for task in tasks:
     writers[task](data_dir / task, image_size=128, world=cfg.WORLD, **sizes[task])
@@ -78,6 +86,7 @@ def _evaluate(config: str, checkpoint: pathlib.Path, out: pathlib.Path) -> dict:
       f"--checkpoint={checkpoint}",
       f"--output={out}.json",
       f"--png={out}.png",
+      f"--results={out}_results",
     ],
     out.with_suffix(".log"),
   )
@@ -110,6 +119,8 @@ def run_task(
   t0 = time.time()
   tuned = _evaluate(config, run, work / f"{task}_fine_tuned")
   times["fine_tuned_eval"] = time.time() - t0
+  if task == "caption":
+    show_captions(data / task, work / f"{task}_fine_tuned_results")
   return {
     "zero_shot": zero,
     "fine_tuned": tuned,
@@ -118,12 +129,30 @@ def run_task(
   }
 
 
+def show_captions(data: pathlib.Path, results: pathlib.Path) -> None:
+  """Prints the first fine-tuned test captions next to the references of their images."""
+  from x2vlm_jax.evaluators.caption_metric import image_id_from_path  # pylint: disable=g-import-not-at-top
+
+  refs = json.loads((data / "retrieval_test.json").read_text())
+  got = {
+    r["image_id"]: r["caption"]
+    for r in json.loads((results / "caption_result_test.json").read_text())
+  }
+  print("fine-tuned captions on held-out images (test split):")
+  for entry in refs[:SHOWN_CAPTIONS]:
+    print(f"  {entry['image']}: {got.get(image_id_from_path(entry['image']))!r}")
+    for r in entry["caption"][:2]:
+      print(f"      reference: {r!r}")
+
+
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", default="/tmp/x2vlm_finetune_demo")
   parser.add_argument("--pretrained", default="", help="a pre-training demo run directory")
   parser.add_argument("--ci", action="store_true", help="the short CI variant")
-  parser.add_argument("--tasks", default="retrieval,grounding", help="comma-separated subset")
+  parser.add_argument(
+    "--tasks", default="retrieval,grounding", help="comma-separated, of retrieval,grounding,caption"
+  )
   args = parser.parse_args(argv)
   chosen = [t for t in args.tasks.split(",") if t]
   unknown = set(chosen) - set(HEADLINE)

@@ -62,6 +62,8 @@ class StepConfig:
   # Retrieval fine-tuning: rows with equal `image_id` are positives of each other in ITC (soft
   # targets) and never each other's ITM negatives (docs/fidelity.md#duplicates-are-negatives).
   image_ids: bool = False
+  # Captioning (tasks_caption.py): the official label smoothing of the masked-token loss.
+  label_smoothing: float = 0.1
 
 
 class KindKeys(NamedTuple):

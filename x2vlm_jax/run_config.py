@@ -175,6 +175,7 @@ def step_config(cfg) -> objectives.StepConfig:
     itc_grad_world_size=int(cfg.loss.itc_grad_world_size),
     objectives=t.objectives,
     image_ids=t.image_ids,
+    label_smoothing=float(cfg.loss.get("label_smoothing", 0.1)),
   )
 
 
@@ -258,6 +259,7 @@ def preproc_config(cfg, model_cfg: ModelConfig) -> F.PreprocConfig:
     hflip=bool(d.hflip),
     exact_boxes=bool(d.exact_boxes),
     train=True,
+    caption_prompt=str(d.get("caption_prompt", "a picture of")),
     **_task_data(cfg),
   )
 
@@ -330,7 +332,8 @@ def eval_config(section) -> eval_settings.EvalConfig:
       raise ValueError(f"eval.{name}.kind = {kind!r}: expected 'image' or 'video'")
     extra = {"kind": kind} if kind else {}
     types = {f.name: f.type for f in dataclasses.fields(settings_cls)}
-    given = {k: (str(v) if types[k] in ("str", str) else int(v)) for k, v in given.items()}
+    conv = {"str": str, "float": float, "bool": bool}  # every other setting is an int
+    given = {k: conv.get(str(types[k]), int)(v) for k, v in given.items()}
     chosen[name] = settings_cls(data=data, **extra, **given)
   return eval_settings.EvalConfig(batch_size=int(sec.get("batch_size", 32)), **chosen)
 

@@ -17,6 +17,9 @@ selection, export -- is the same code for every task (`train_lib.py`). A config 
                     (tasks_vqa.py, docs/finetuning.md#vqa-v2)
   nlvr2             image kind + a second image + label; cls_head on both fused [CLS]
                     (tasks_cls.py, docs/finetuning.md#nlvr2)
+  caption           image kind + the caption with inserted [MASK]s; the MLM head's label-smoothed
+                    loss, UniLM-style left to right (tasks_caption.py,
+                    docs/finetuning.md#captioning)
   video_qa          video kind + answer class; cls_head on the fused [CLS]
                     (tasks_cls.py, docs/finetuning.md#video-qa)
 """
@@ -29,7 +32,7 @@ from collections.abc import Callable, Mapping
 from jax.sharding import Mesh
 
 from data_pipelines import features as F
-from x2vlm_jax import objectives, tasks_cls, tasks_vqa
+from x2vlm_jax import objectives, tasks_caption, tasks_cls, tasks_vqa
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +85,14 @@ TASKS = {
   "vqa": Task("vqa", (F.IMAGE,), (), evaluators=("vqa",), loss=tasks_vqa.make_loss, fields=F.VQA),
   "nlvr2": Task(
     "nlvr2", (F.IMAGE,), (), evaluators=("nlvr2",), loss=tasks_cls.make_nlvr2_loss, fields=F.NLVR2
+  ),
+  "caption": Task(
+    "caption",
+    (F.IMAGE,),
+    (),
+    evaluators=("caption",),
+    loss=tasks_caption.make_loss,
+    fields=F.CAPTION,
   ),
   "video_qa": Task(
     "video_qa",

@@ -11,6 +11,8 @@ shape of the scene, e.g. "the small red circle left of the square").
   get_config('task=retrieval,data=DIR')   image-text retrieval: ITC with image-id soft targets
                                           + ITM; evaluated on val (selection) and test
   get_config('task=grounding,data=DIR')   box grounding; evaluated on val, testA, testB
+  get_config('task=caption,data=DIR')     captioning (the retrieval files); BLEU / CIDEr on
+                                          val (selection) and test
   add ',ci' for the short CI variant.
 
 As in the pre-training demo, captions say "left of" / "at the right", so retrieval images are
@@ -23,22 +25,24 @@ import ml_collections as mlc
 from configs import common
 
 WORLD = {"max_shapes": 2}  # the scenes of the pre-training demo (configs/demo.py)
-STEPS = {"retrieval": 300, "grounding": 300}
-CI_STEPS = {"retrieval": 40, "grounding": 40}
+STEPS = {"retrieval": 300, "grounding": 300, "caption": 300}
+CI_STEPS = {"retrieval": 40, "grounding": 40, "caption": 40}
 SIZES = {  # written by x2vlm_jax/finetune_demo.py (images per split)
   "retrieval": {"n_train": 2000, "n_val": 50, "n_test": 100},
   "grounding": {"n_train": 1000, "n_val": 30, "n_testA": 30, "n_testB": 30},
+  "caption": {"n_train": 1000, "n_val": 30, "n_test": 50},
 }
 CI_SIZES = {
   "retrieval": {"n_train": 400, "n_val": 20, "n_test": 50},
   "grounding": {"n_train": 200, "n_val": 10, "n_testA": 10, "n_testB": 10},
+  "caption": {"n_train": 200, "n_val": 10, "n_test": 20},
 }
 
 
 def sources(data_dir: str, task: str) -> dict[str, dict]:
   """The source entry of each split of `task` under `data_dir` (the driver's layout)."""
   d = f"{data_dir}/{task}"
-  if task == "retrieval":
+  if task in ("retrieval", "caption"):  # captioning reads the same Karpathy-format files
     return {
       s: {"type": "json", "path": f"{d}/retrieval_{s}.json", "image_root": f"{d}/images"}
       for s in ("train", "val", "test")
@@ -57,13 +61,31 @@ def sources(data_dir: str, task: str) -> dict[str, dict]:
   }
 
 
+def _caption(c, src) -> None:
+  """Captioning with the official objective and generation (docs/finetuning.md#captioning);
+  captions name positions, so no flip and a mild crop."""
+  c.data.image = [src["train"]]
+  c.data.hflip = False
+  c.data.crop_scale = (0.9, 1.0)
+  c.data.max_tokens = 30
+  c.data.max_masks = 12
+  c.data.mask_prob = 0.6
+  c.batch.image = 16
+  c.eval.evaluators = ("caption",)
+  c.eval.caption = mlc.ConfigDict(
+    {"data": {"val": [src["val"]], "test": [src["test"]]}, "max_length": 30, "min_length": 5}
+  )
+  c.train.select_metric = "eval/caption/val/cider"
+
+
 def get_config(arg=None):
   """arg: 'task=retrieval|grounding,data=DIR[,ci]'."""
   opts = common.parse_arg(arg)
   unknown = set(opts) - {"task", "data", "ci"}
   if unknown or opts.get("task") not in STEPS or not opts.get("data"):
     raise ValueError(
-      f"finetune demo config: expected 'task=retrieval|grounding,data=DIR[,ci]', got {arg!r}"
+      "finetune demo config: expected 'task=retrieval|grounding|caption,data=DIR[,ci]', "
+      f"got {arg!r}"
     )
   task, ci = opts["task"], "ci" in opts
   src = sources(opts["data"], task)
@@ -88,6 +110,8 @@ def get_config(arg=None):
       {"data": {"val": [src["val"]], "test": [src["test"]]}, "k_test": 16, "itm_chunk": 64}
     )
     c.train.select_metric = "eval/retrieval/val/r_mean"
+  elif task == "caption":
+    _caption(c, src)
   else:
     c.data.region = [src["train"]]
     c.data.max_regions = 1

@@ -41,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from data_pipelines import features as F
 from data_pipelines import mixture
 from x2vlm_jax import global_batch, sharding
-from x2vlm_jax.evaluators import eval_data, grounding, qa, retrieval
+from x2vlm_jax.evaluators import captioning, eval_data, grounding, qa, retrieval
 from x2vlm_jax.evaluators.settings import EvalConfig, GroundingSettings, RetrievalSettings, prefix
 
 
@@ -253,7 +253,8 @@ def evaluate(
     step: training step, only used in log lines.
     png_path: if given (and grounding runs), write predicted vs true boxes of a few images there.
     log: where to report progress and skip counts (None = silent).
-    result_dir: where result files go (the VQA result JSON) unless the settings name one.
+    result_dir: where result files go (the VQA and caption result JSON) unless the settings
+      name one.
   """
   where = "" if step is None else f" (step {step})"
   say = (lambda s: log(s + where)) if log else (lambda _: None)
@@ -267,6 +268,9 @@ def evaluate(
     metrics.update(_grounding(fns, eval_cfg.grounding, tokenizer, res, batch, png_path, say))
   if eval_cfg.vqa is not None:
     metrics.update(qa.run_vqa(fns, eval_cfg.vqa, tokenizer, res, batch, result_dir, say))
+  if eval_cfg.caption is not None:
+    sec = eval_cfg.caption
+    metrics.update(captioning.run_caption(fns, sec, tokenizer, res, batch, result_dir, say))
   for task in ("nlvr2", "video_qa"):
     if getattr(eval_cfg, task) is not None:
       sec = getattr(eval_cfg, task)
@@ -301,4 +305,9 @@ def format_metrics(metrics: Mapping[str, Any]) -> str:
         f"{pre[len('eval/') :]} acc {metrics[key]:.1f} (majority "
         f"{metrics.get(pre + '/acc_majority', float('nan')):.1f})"
       )
+  for key in sorted(k for k in metrics if k.startswith("eval/caption") and k.endswith("/cider")):
+    pre = key[: -len("/cider")]
+    parts.append(
+      f"{pre[len('eval/') :]} BLEU-4 {metrics[pre + '/bleu_4']:.1f} CIDEr {metrics[key]:.1f}"
+    )
   return "; ".join(parts)

@@ -66,6 +66,27 @@ class ClassifySettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class CaptionSettings:
+  """Captioning: the official generation (`caption_decode.py`: `prompt`, `num_beams` beams,
+  `max_length` steps, EOS forbidden for `min_length`, `length_penalty`, repeated
+  `no_repeat_ngram`-grams banned) on at most `max_images` images per split (0 = all); COCO
+  caption metrics against the split's captions and the result file `caption_result_<split>.json`
+  in `result_dir` (during training: the run's workdir when empty). `official_length_cap`: the
+  official step count, evaluation batch + max_length - prompt length (a quirk)."""
+
+  data: Splits
+  prompt: str = "a picture of"
+  num_beams: int = 3
+  max_length: int = 50
+  min_length: int = 5
+  length_penalty: float = 0.0
+  no_repeat_ngram: int = 3
+  max_images: int = 0
+  result_dir: str = ""
+  official_length_cap: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalConfig:
   """Which evaluators run (a section each; None = not run) and the batch per jitted call."""
 
@@ -74,6 +95,7 @@ class EvalConfig:
   vqa: VqaSettings | None = None
   nlvr2: ClassifySettings | None = None
   video_qa: ClassifySettings | None = None
+  caption: CaptionSettings | None = None
   batch_size: int = 32
 
   @property
@@ -88,6 +110,7 @@ EVALUATORS = {
   "vqa": VqaSettings,
   "nlvr2": ClassifySettings,
   "video_qa": ClassifySettings,
+  "caption": CaptionSettings,
 }
 
 

@@ -107,13 +107,16 @@ class FusionTower(nnx.Module):
     kv_index: jax.Array | None = None,
     key: jax.Array | None = None,
   ) -> jax.Array:
-    """text [B, L, Dt], text_mask [B, L]; vision [N, S, Dv] tokens or a VisionKV;
+    """text [B, L, Dt], text_mask [B, L] (or an attention mask [B, L, L], row = query); vision
+    [N, S, Dv] tokens or a VisionKV;
     vision_mask [B, S] (per text row); kv_index [B] picks each text's row of N (None: N == B)."""
     is_kv = isinstance(vision, VisionKV)
     b = text.shape[0]
     n, s = vision.key.shape[1:3] if is_kv else vision.shape[:2]
-    if text_mask.shape != text.shape[:2]:
-      raise ValueError(f"text_mask {text_mask.shape} does not match text {text.shape[:2]}")
+    if text_mask.shape not in (text.shape[:2], text.shape[:2] + text.shape[1:2]):
+      raise ValueError(
+        f"text_mask {text_mask.shape} must be [B, L] or [B, L, L] for text {text.shape[:2]}"
+      )
     if vision_mask.shape != (b, s):
       raise ValueError(
         f"vision_mask must be [B={b}, S={s}] (one row per text), got {vision_mask.shape}"
@@ -125,8 +128,8 @@ class FusionTower(nnx.Module):
     kv = vision if is_kv else self.vision_kv(vision)
     if self.causal:
       text_bias = L.causal_bias(text_mask, TEXT_MASK_VALUE)  # [B, 1, L, L]
-    else:
-      text_bias = L.padding_bias(text_mask, TEXT_MASK_VALUE)  # [B, 1, 1, L]
+    else:  # a key mask [B, L] or a per-example attention mask [B, L, L] (captioning)
+      text_bias = L.attention_bias(text_mask, TEXT_MASK_VALUE)  # [B, 1, 1 or L, L]
     vision_bias = L.padding_bias(vision_mask, self.cfg.cross_mask_value)  # [B, 1, 1, S]
     keys = L.layer_keys(key, self.cfg.depth, 5)
     deterministic = key is None

@@ -222,6 +222,14 @@ def padding_bias(mask: jax.Array, value: float) -> jax.Array:
   return ((1.0 - mask.astype(jnp.float32)) * value)[:, None, None, :]
 
 
+def attention_bias(mask: jax.Array, value: float) -> jax.Array:
+  """A key mask [B, S] -> `padding_bias` [B, 1, 1, S]; a per-example attention mask [B, L, S]
+  (row = query, 1 = attend; the captioning task's UniLM-style masks) -> [B, 1, L, S]."""
+  if mask.ndim == 3:
+    return ((1.0 - mask.astype(jnp.float32)) * value)[:, None]
+  return padding_bias(mask, value)
+
+
 def causal_bias(mask: jax.Array, value: float) -> jax.Array:
   """Key mask [B, L] -> additive bias [B, 1, L, L] of a decoder's self-attention: query i sees
   the real keys j <= i, as BERT's decoder mask (causal x padding, then (1 - m) * value)."""

@@ -133,9 +133,15 @@ class TextEmbeddings(nnx.Module):
     self.norm = L.LayerNorm(cfg.width, cfg.ln_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(
-    self, ids: jax.Array, key: jax.Array | None, mask: jax.Array | None = None
+    self,
+    ids: jax.Array,
+    key: jax.Array | None,
+    mask: jax.Array | None = None,
+    positions: jax.Array | None = None,
   ) -> jax.Array:
-    """ids [B, L] (+ mask [B, L], needed by XLM-R) -> [B, L, D]."""
+    """ids [B, L] -> [B, L, D]. mask [B, L] is needed by XLM-R (its positions count real
+    tokens); positions [B, L] (BERT; default 0..L-1: captioning gives an inserted [MASK] the
+    position of the token it predicts)."""
     length = ids.shape[1]
     if self.cfg.kind == "xlmr":
       if mask is None:
@@ -144,8 +150,10 @@ class TextEmbeddings(nnx.Module):
       ids = jnp.where(real > 0, ids, self.cfg.pad_token_id)
       pos = jnp.cumsum(real, axis=1) * real + self.cfg.pad_token_id  # [B, L]
       pos_emb = jnp.take(self.position[...], pos, axis=0)  # [B, L, D]
-    else:
+    elif positions is None:
       pos_emb = self.position[...][:length][None]  # positions 0..L-1
+    else:
+      pos_emb = jnp.take(self.position[...], positions, axis=0)  # [B, L, D]
     x = jnp.take(self.word[...], ids, axis=0)  # [B, L, D]
     # Token type 0 for every token (the official code never sets types).
     x = x + pos_emb + self.token_type[...][0][None, None]
@@ -172,9 +180,23 @@ class TextTower(nnx.Module):
     self.embeddings = TextEmbeddings(cfg, rngs=rngs, **kw)
     self.layers = L.stacked(lambda r: TextLayer(cfg, rngs=r, **kw), cfg.depth, rngs)
 
-  def __call__(self, ids: jax.Array, mask: jax.Array, key: jax.Array | None = None) -> jax.Array:
-    if ids.ndim != 2 or mask.shape != ids.shape:
-      raise ValueError(f"text ids {ids.shape} and mask {mask.shape} must both be [B, L]")
+  def __call__(
+    self,
+    ids: jax.Array,
+    mask: jax.Array,
+    key: jax.Array | None = None,
+    positions: jax.Array | None = None,
+  ) -> jax.Array:
+    """mask: key mask [B, L], or a per-example attention mask [B, L, L] (row = query; BERT
+    only); positions [B, L] or None (0..L-1)."""
+    if ids.ndim != 2 or mask.shape not in (ids.shape, ids.shape + ids.shape[1:]):
+      raise ValueError(
+        f"text ids {ids.shape} must be [B, L] and mask {mask.shape} [B, L] or [B, L, L]"
+      )
+    if self.cfg.kind == "xlmr" and (mask.ndim != 2 or positions is not None):
+      raise ValueError("an XLM-R text tower takes a key mask [B, L] and derives its positions")
+    if positions is not None and positions.shape != ids.shape:
+      raise ValueError(f"positions {positions.shape} must match ids {ids.shape}")
     if ids.shape[1] > self.cfg.max_length:
       raise ValueError(
         f"text length {ids.shape[1]} exceeds {self.cfg.max_length} "
@@ -183,8 +205,9 @@ class TextTower(nnx.Module):
     if not jnp.issubdtype(ids.dtype, jnp.integer):
       raise ValueError(f"text ids must be integers, got {ids.dtype}")
     k_emb, k_layers = (None, None) if key is None else tuple(jax.random.split(key))
-    x = L.constrain(self.embeddings(ids, k_emb, mask), L.ACT)
-    bias = L.padding_bias(mask, TEXT_MASK_VALUE)  # [B, 1, 1, L]
+    emb_mask = mask if mask.ndim == 2 else None
+    x = L.constrain(self.embeddings(ids, k_emb, emb_mask, positions), L.ACT)
+    bias = L.attention_bias(mask, TEXT_MASK_VALUE)  # [B, 1, 1 or L, L]
     keys = L.layer_keys(k_layers, self.cfg.depth, 3)
     deterministic = key is None
     xs = (keys,)

@@ -148,9 +148,16 @@ class X2VLM(nnx.Module):
 
   # -- text and fusion -------------------------------------------------------------------------
 
-  def encode_text(self, ids: jax.Array, mask: jax.Array, key: jax.Array | None = None) -> jax.Array:
-    """ids [B, L], mask [B, L] -> [B, L, Dt] (text layers only; the official `text` mode)."""
-    return self.text(ids, mask, key)
+  def encode_text(
+    self,
+    ids: jax.Array,
+    mask: jax.Array,
+    key: jax.Array | None = None,
+    positions: jax.Array | None = None,
+  ) -> jax.Array:
+    """ids [B, L], mask [B, L] (or an attention mask [B, L, L], row = query), positions [B, L]
+    (default 0..L-1) -> [B, L, Dt] (text layers only; the official `text` mode)."""
+    return self.text(ids, mask, key, positions)
 
   def vision_kv(self, vision_tokens: jax.Array) -> VisionKV:
     """[N, S, Dv] -> every fusion layer's cross-attention K/V, [layers, N, S, H, dh] each."""
