@@ -42,6 +42,7 @@ LAYERS = {
   "x2vlm_jax.train_state": 4,
   "x2vlm_jax.init_lib": 4,
   "x2vlm_jax.objectives": 5,
+  "x2vlm_jax.mvptr_objectives": 5,
   "x2vlm_jax.train_step": 5,
   "x2vlm_jax.step_jit": 5,
   "x2vlm_jax.tasks": 5,
