@@ -31,11 +31,16 @@ def _model_shapes(cfg):
   return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in treepath.flatten_dict(state).items()}
 
 
-@pytest.mark.parametrize("cfg", [TINY, MvptrConfig.base()], ids=["tiny", "base"])
+@pytest.mark.parametrize(
+  "cfg",
+  [TINY, MvptrConfig.tiny(phrase_head=True), MvptrConfig.base()],
+  ids=["tiny", "tiny_phrase_head", "base"],
+)
 def test_spec_and_shapes_match_the_model(cfg):
   assert S.mvptr_param_shapes(cfg) == _model_shapes(cfg)
   spec = S.mvptr_state_spec(cfg)
-  assert S.count_parameters(spec) == count_mvptr_params(cfg)
+  head = cfg.phrase_head * (cfg.vocab_size + cfg.width * (cfg.width + 3))  # not official
+  assert S.count_parameters(spec) + head == count_mvptr_params(cfg)
   # Every official key has a rule whose target exists with the transformed shape.
   ours, rules = S.mvptr_param_shapes(cfg), MC.mvptr_rules(cfg)
   for key, (shape, _) in spec.items():
@@ -86,3 +91,18 @@ def test_untied_decoder_and_missing_key_are_named():
   with pytest.raises(C.ConversionError) as err:
     MC.mvptr_to_params(sd, TINY, allow=["check"])
   assert "mul_encoder.layers.mlp.fc2.bias[1]" in str(err.value) and "bert.extra" in str(err.value)
+
+
+def test_paper_phrase_head_is_ours_only():
+  cfg = MvptrConfig.tiny(phrase_head=True)
+  sd = random_official(cfg)
+  with pytest.raises(C.ConversionError, match="phrase_mlm_head"):
+    MC.mvptr_to_params(sd, cfg)
+  params, report = MC.mvptr_to_params(sd, cfg, allow=["missing"])
+  assert sorted(report.missing) == [
+    f"phrase_mlm_head.{n}"
+    for n in ("bias", "dense.bias", "dense.kernel", "norm.bias", "norm.scale")
+  ]
+  params["phrase_mlm_head"] = {"bias": np.zeros(cfg.vocab_size, np.float32)}  # export drops it
+  back = MC.params_to_mvptr(params, cfg)
+  assert all(np.array_equal(back[k], sd[k]) for k in sd)

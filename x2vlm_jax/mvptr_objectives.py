@@ -8,7 +8,8 @@ MCR^s + VSC on the uni-modal stacks only, no cross-modal pass at all; stage 2: a
 
 Batch (arrays; -1 labels = not a target):
   text_ids, text_mask, text_labels [B, L_A]: stream A, its masked-word labels (MLM);
-  phrase_slots [B, L_A]: 1 at the phrase-id slots of stream A (WPG phrases);
+  phrase_positions, phrase_valid, phrase_labels [B, P]: slot in stream A of each phrase, 1 for
+    a real phrase (WPG), the original phrase id of a masked phrase (textual MCR);
   tag_ids, tag_mask, tag_labels [B, T]: stream B's tag part and its masked-tag labels (MCR^v);
   regions [B, R, region_dim], region_mask [B, R].
 
@@ -35,8 +36,7 @@ class MvptrObjectives:
   """Variant ("paper" | "code") per objective where they differ, and the weights by name."""
 
   mcr_v: str = "paper"
-  # The one default that is not the paper's: its phrase-concept head is not built yet.
-  mcr_s: str = "code"
+  mcr_s: str = "paper"  # needs a model with `phrase_head` (the code variant does not)
   vsc: str = "paper"
   wpg: str = "paper"
   itm: str = "paper"
@@ -50,12 +50,6 @@ class MvptrObjectives:
     unknown = set(dict(self.weights)) - set(NAMES)
     if unknown:
       raise ValueError(f"MvptrObjectives.weights: unknown objectives {sorted(unknown)}")
-    if self.mcr_s == "paper" and self.weight("mcr_s") > 0:
-      # The paper predicts phrases with an MLP over the phrase vocabulary; that head is not built.
-      raise ValueError(
-        "textual MCR as in the paper needs a phrase-concept head, which is not built yet "
-        "(docs/mvptr.md#not-built-yet); use mcr_s='code' (no phrase loss) or weight 0"
-      )
 
   def weight(self, name: str) -> float:
     return float(dict(self.weights).get(name, 0.0))
@@ -88,8 +82,15 @@ def _uni_modal_terms(model, batch, keys, s: MvptrObjectives, terms: dict):
   if s.mcr_v == "paper":
     labels = _hungarian(logits, labels)
   terms["mcr_v"], _ = ML.mcr_loss(logits, labels, labels >= 0)
-  # Textual MCR: the code's variant (labels -1, no loss); the paper's needs an unbuilt head.
-  terms["mcr_s"], _ = ML.mcr_loss(None, None, None, enabled=False)
+  # Textual MCR: paper over the whole table at the phrase slots, Hungarian-matched; code: none.
+  if s.mcr_s == "paper" and s.weight("mcr_s") > 0:
+    pos = batch["phrase_positions"]
+    h = jnp.take_along_axis(text, pos[..., None], axis=1)  # [B, P, D]
+    logits = model.phrase_logits(h)  # [B, P, vocab]
+    labels = _hungarian(logits, batch["phrase_labels"])
+    terms["mcr_s"], _ = ML.mcr_loss(logits, labels, labels >= 0)
+  else:
+    terms["mcr_s"], _ = ML.mcr_loss(None, None, None, enabled=False)
   t, v = model.global_features(text, vis)
   terms["vsc"] = ML.vsc_loss(t, v, model.logit_scale[...], variant=s.vsc, shards=s.vsc_shards)
   return text, vis, t, v
@@ -113,9 +114,10 @@ def _joint_terms(model, batch, keys, s: MvptrObjectives, uni, terms: dict):
   # WPG: paper at the phrase layer, negative image from the VSC distribution; code at the last
   # layer, a uniformly random other image. Negative regions come from that image's own pass.
   states = joint.phrase_state if s.wpg == "paper" else joint.sequence
-  phrases, regs = states[:, :la], states[:, la:]
+  phrases = jnp.take_along_axis(states, batch["phrase_positions"][..., None], axis=1)
+  regs = states[:, la:]
   other = ML.pick_negatives(keys[7], sim, scale, "sample" if s.wpg == "paper" else "uniform")
-  slots = batch["phrase_slots"]
+  slots = batch["phrase_valid"]
   kw = dict(variant=s.wpg, key=keys[8])
   pos = ML.phrase_region_score(phrases, slots, regs, r_mask, **kw)
   negs = ML.phrase_region_score(phrases, slots, regs[other], r_mask[other], **kw)

@@ -89,9 +89,11 @@ def mvptr_to_params(
 
 def params_to_mvptr(params: Mapping[str, Any], cfg: MvptrConfig) -> "collections.OrderedDict":
   """Our nested params -> the official state dict (float32 numpy, official key order); the tied
-  decoders are written as their own arrays equal to the word rows."""
+  decoders are written as their own arrays equal to the word rows. The paper's phrase head
+  (`phrase_head`) has no official key and is left out."""
   spec = mvptr_state_spec(cfg)
-  out = C.export(to_numpy_tree(params), mvptr_rules(cfg), spec.keys(), what="jax -> MVPTR export")
+  ours = {k: v for k, v in to_numpy_tree(params).items() if k != "phrase_mlm_head"}
+  out = C.export(ours, mvptr_rules(cfg), spec.keys(), what="jax -> MVPTR export")
   bad = [f"{k}: {out[k].shape}, spec {s}" for k, (s, _) in spec.items() if out[k].shape != s]
   if bad:
     raise C.ConversionError("exported shapes differ from the MVPTR spec:\n  " + "\n  ".join(bad))

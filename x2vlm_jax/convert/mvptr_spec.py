@@ -120,8 +120,9 @@ def mvptr_param_shapes(cfg: MvptrConfig) -> dict[str, tuple[tuple[int, ...], np.
   add("logit_scale")
   add("itm_head.kernel", d, cfg.itm_classes)
   add("itm_head.bias", cfg.itm_classes)
-  for head in ("mlm_head", "tag_mlm_head"):
-    add(f"{head}.bias", cfg.word_vocab_size)
+  heads = ("mlm_head", "tag_mlm_head") + (("phrase_mlm_head",) if cfg.phrase_head else ())
+  for head in heads:
+    add(f"{head}.bias", cfg.vocab_size if head == "phrase_mlm_head" else cfg.word_vocab_size)
     add(f"{head}.dense.kernel", d, d)
     add(f"{head}.dense.bias", d)
     add(f"{head}.norm.scale", d)

@@ -125,6 +125,8 @@ class MVPTR(nnx.Module):
     # joint output (`cls.predictions`) and tag word pieces of the visual output (`half_mlm`).
     self.mlm_head = MlmHead(d, cfg.word_vocab_size, cfg.ln_eps, **kw)
     self.tag_mlm_head = MlmHead(d, cfg.word_vocab_size, cfg.ln_eps, **kw)
+    if cfg.phrase_head:
+      self.phrase_mlm_head = MlmHead(d, cfg.vocab_size, cfg.ln_eps, **kw)
     if cfg.qa_answers > 0:
       self.qa_head = L.Dense(
         (d,), (cfg.qa_answers,), kernel_names=("embed", "classes"), bias_names=("classes",),
@@ -187,6 +189,13 @@ class MVPTR(nnx.Module):
   def tag_mlm_logits(self, h) -> jax.Array:
     """Visual states at masked tag slots [B, M, D] -> word-piece logits (official `half_mlm`)."""
     return self.tag_mlm_head(h, self.word_rows())
+
+  def phrase_logits(self, h) -> jax.Array:
+    """Textual states at masked phrase slots [B, M, D] -> logits over the whole table (words +
+    phrases) [B, M, vocab] f32: the paper's textual MCR (needs `phrase_head`)."""
+    if not self.cfg.phrase_head:
+      raise ValueError("phrase_logits needs MvptrConfig(phrase_head=True)")
+    return self.phrase_mlm_head(h, self.embeddings.word[...])
 
   def itm_logits(self, pooled) -> jax.Array:
     """Pooled joint output [B, D] -> [B, itm_classes] f32 (official label 0 = match)."""

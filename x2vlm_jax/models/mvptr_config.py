@@ -43,6 +43,9 @@ class MvptrConfig:
   phrase_layer: int = 2
   itm_classes: int = 2  # `cls.seq_relationship` (official `num_contrast_classes`, 2 or 3)
   qa_answers: int = 0  # `qa_head` rows of the pre-training class (config-defined); 0 = absent
+  # The paper's textual MCR head (not in the released code): an MLM-style head on the textual
+  # stack decoding over the *whole* table (words + phrases), tied to it. Off = the official tree.
+  phrase_head: bool = False
   logit_scale_init: float = 2.6592600369644165  # ln(1 / 0.07)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
