@@ -34,10 +34,9 @@ class Embeddings(nnx.Module):
   def __init__(self, cfg: MvptrConfig, *, rngs: nnx.Rngs):
     init, pd = L.normal(0.02), cfg.param_dtype
     self.cfg = cfg
+    # The official `init_weights` (old pytorch_transformers) re-draws the whole table, [PAD] row
+    # included, so unlike our X2-VLM text tower the pad row is not zeroed here.
     self.word = L.param(rngs, init, (cfg.vocab_size, cfg.width), ("vocab", "embed"), pd)
-    # nn.Embedding(padding_idx=0) starts the [PAD] row at zero; BERT init then re-draws it, but a
-    # from-scratch table with a zero pad row changes nothing the converter or the losses see.
-    self.word[...] = self.word[...].at[0].set(0)
     self.position = L.param(rngs, init, (cfg.max_positions, cfg.width), ("positions", "embed"), pd)
     self.token_type = L.param(rngs, init, (cfg.type_vocab_size, cfg.width), (None, "embed"), pd)
     self.norm = L.LayerNorm(cfg.width, cfg.ln_eps, dtype=cfg.dtype, param_dtype=pd, rngs=rngs)
