@@ -3,10 +3,13 @@ computes all six terms (paper variants, Hungarian via a host callback) in one ji
 few SGD steps on one batch lower every stage-2 term."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
+from data_pipelines.mvptr_examples import MvptrExampleSpec, build_example
 from tests import mvptr_testlib as M
 from x2vlm_jax.models.mvptr import abstract_mvptr
 from x2vlm_jax.models.mvptr_config import MvptrConfig
@@ -17,25 +20,24 @@ CFG = MvptrConfig.tiny(
 )  # one layer per stack: compile time
 
 
-def batch(cfg=CFG, b=4, la=9, t=5, r=6):
-  x = M.inputs(cfg, batch=3, la=la, tags=t, regs=r)
-  x = {k: np.concatenate([v, v[:1]])[:b] for k, v in x.items()}  # 4 rows
+SPEC = MvptrExampleSpec(
+  max_tokens=7, max_phrases=3, max_tags=5, max_regions=6, region_dim=CFG.region_dim,
+  word_vocab_size=CFG.word_vocab_size, vocab_size=CFG.vocab_size, cls_id=1, sep_id=2, mask_id=3,
+  first_word_id=5, word_rate=0.4, tag_rate=0.5, phrase_rate=0.5,
+)  # fmt: skip
+
+
+def batch(b=4):
+  """Rows built by the data-side example builder, so its output is what the terms read."""
   rng = np.random.default_rng(2)
-  positions = np.tile(np.array([[5, 6, 0]]), (b, 1))  # two phrase slots (third: padding)
-  valid = np.concatenate([x["a_mask"][:, 5:7], np.zeros((b, 1), np.int32)], axis=1)
-  phrase_labels = np.where(valid > 0, x["ids"][np.arange(b)[:, None], positions], -1)
-  phrase_labels[:, 1] = -1  # the second phrase is not masked
-  words = (rng.random((b, la)) < 0.3) & (x["a_mask"] > 0) & (np.arange(la) < 5)
-  text_labels = np.where(words, x["ids"] % cfg.word_vocab_size, -1)
-  text_labels[:, 1] = x["ids"][:, 1] % cfg.word_vocab_size  # at least one masked word per row
-  tag_labels = np.where(x["t_mask"] > 0, x["tag_ids"], -1)
-  tag_labels[:, 0] = -1
-  return dict(
-    text_ids=x["ids"], text_mask=x["a_mask"], text_labels=text_labels,
-    phrase_positions=positions, phrase_valid=valid, phrase_labels=phrase_labels,
-    tag_ids=x["tag_ids"], tag_mask=x["t_mask"], tag_labels=tag_labels,
-    regions=x["regions"], region_mask=x["r_mask"],
-  )  # fmt: skip
+  rows = []
+  for i in range(b):
+    words = rng.integers(5, CFG.word_vocab_size, 3 + i)
+    phrases = rng.integers(CFG.word_vocab_size, CFG.vocab_size, 1 + i % 3)
+    tags = rng.integers(5, CFG.word_vocab_size, 2 + i % 2)
+    regions = rng.standard_normal((3 + i, CFG.region_dim))
+    rows.append(build_example(rng, words, phrases, tags, regions, SPEC))
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 def test_settings_are_checked():
@@ -68,8 +70,9 @@ def test_stage1_never_runs_the_cross_modal_stack(monkeypatch):
 
 def test_stage2_all_terms_fall_in_a_jitted_step():
   model, b = M.random_model(CFG), batch()
+  model.logit_scale[...] = jnp.asarray(CFG.logit_scale_init)  # the real init: ln(1 / 0.07)
   s = MvptrObjectives.stage(2)
-  opt = nnx.Optimizer(model, __import__("optax").sgd(0.1), wrt=nnx.Param)
+  opt = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
 
   @nnx.jit
   def step(model, opt, key):
