@@ -29,6 +29,8 @@ LAYERS = {
   "x2vlm_jax.global_batch": 1,
   "x2vlm_jax.models": 2,  # features only: towers, heads, the X2VLM module
   "x2vlm_jax.losses": 3,
+  "x2vlm_jax.mvptr_losses": 3,
+  "x2vlm_jax.mvptr_concepts": 3,
   "x2vlm_jax.shard_concat": 3,
   "x2vlm_jax.optim": 3,
   "x2vlm_jax.checkpoint": 3,
@@ -40,6 +42,7 @@ LAYERS = {
   "x2vlm_jax.train_state": 4,
   "x2vlm_jax.init_lib": 4,
   "x2vlm_jax.objectives": 5,
+  "x2vlm_jax.mvptr_objectives": 5,
   "x2vlm_jax.train_step": 5,
   "x2vlm_jax.step_jit": 5,
   "x2vlm_jax.tasks": 5,
