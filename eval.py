@@ -39,7 +39,7 @@ def main(argv):
   from absl import logging  # pylint: disable=g-import-not-at-top
 
   from data_pipelines.text_ops import Tokenizer  # pylint: disable=g-import-not-at-top
-  from x2vlm_jax import run_config, run_env, sharding  # pylint: disable=g-import-not-at-top
+  from x2vlm_jax import paths, run_config, run_env, sharding  # pylint: disable=g-import-not-at-top
   from x2vlm_jax.evaluators import run, weights  # pylint: disable=g-import-not-at-top
 
   run_env.quiet_orbax()  # orbax's INFO lines would bury the result
@@ -73,9 +73,8 @@ def main(argv):
     result_dir=_RESULTS.value or None,
   )
   text = json.dumps(metrics, indent=1, sort_keys=True)
-  if _OUTPUT.value:
-    with open(_OUTPUT.value, "w") as f:
-      f.write(text + "\n")
+  if _OUTPUT.value:  # epath: --output=gs://... is written to the bucket
+    paths.path(_OUTPUT.value).write_text(text + "\n")
   print(text)
   logging.info("%s", run.format_metrics(metrics))
 

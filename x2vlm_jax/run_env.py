@@ -29,11 +29,15 @@ def quiet_orbax() -> QuietOrbax:
   return quiet
 
 
+def log_name() -> str:
+  """This process's log file: train.log on process 0, train.p<i>.log on the others."""
+  return "train.log" if jax.process_index() == 0 else f"train.p{jax.process_index()}.log"
+
+
 def setup_logging(workdir: pathlib.Path) -> py_logging.Handler:
   """Logs (absl and Python) also to <workdir>/train.log (train.p<i>.log on process i > 0),
   orbax INFO records filtered; returns the handler to remove at the end."""
-  name = "train.log" if jax.process_index() == 0 else f"train.p{jax.process_index()}.log"
-  handler = py_logging.FileHandler(workdir / name)
+  handler = py_logging.FileHandler(workdir / log_name())
   handler.setFormatter(py_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
   handler.addFilter(quiet_orbax())
   py_logging.getLogger().addHandler(handler)
