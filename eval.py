@@ -3,7 +3,7 @@
   python eval.py --config=configs/demo.py --checkpoint=/tmp/demo/run
   python eval.py --config=configs/demo.py --checkpoint=/tmp/demo/run/export/params
   python eval.py --config=configs/pretrain_base_4m.py --official_th=x2vlm_base_4m.th \
-      --config.eval.evaluators.retrieval.data='[...]'
+      --config.eval.evaluators=retrieval --config.eval.retrieval.data=json:/data/coco_test.json
 
 The config is the same file the run was trained with (its `model`, `data.tokenizer`,
 `data.max_tokens` and `eval` sections are used). The metrics are printed as one JSON object on
@@ -47,9 +47,9 @@ def main(argv):
   eval_cfg = run_config.eval_config(cfg.eval)
   if not eval_cfg.names:  # checked before any weights are read
     print(
-      "eval.py: the config runs no evaluator: set config.eval.evaluators (e.g. "
-      "--config.eval.evaluators=\"('retrieval',)\") and its section's data "
-      "(docs/evaluation.md)",
+      "eval.py: the config runs no evaluator: set config.eval.evaluators and its section's "
+      "data, e.g. --config.eval.evaluators=retrieval "
+      "--config.eval.retrieval.data=json:/data/coco_test.json (docs/evaluation.md)",
       file=sys.stderr,
     )
     sys.exit(2)

@@ -311,7 +311,10 @@ def eval_config(section) -> eval_settings.EvalConfig:
   """EvalConfig from the `eval` section (a ConfigDict or a mapping): `evaluators` names what
   runs, each with its sub-section; unknown names or keys and missing data are errors."""
   sec = section.to_dict() if hasattr(section, "to_dict") else dict(section)
-  names = tuple(sec.get("evaluators") or ())
+  # `--config.eval.evaluators=retrieval,grounding` arrives as one string in a tuple.
+  raw = sec.get("evaluators") or ()
+  names = tuple(n.strip() for x in ((raw,) if isinstance(raw, str) else raw) for n in x.split(","))
+  names = tuple(n for n in names if n)
   known = eval_settings.EVALUATORS
   unknown = [n for n in names if n not in known]
   if unknown:
