@@ -9,10 +9,10 @@ import jax
 import ml_collections as mlc
 import numpy as np
 import pytest
+import tiny_launch
 from fake_gcs import fake_gcs
 from flax import nnx
 
-from configs import tiny
 from data_pipelines import synthetic
 from x2vlm_jax import paths, sharding, train_lib
 from x2vlm_jax import run_config as rc
@@ -43,11 +43,9 @@ def bucket(tmp_path_factory):
   os.chdir(cwd)  # a `gs:` folder collapsed by pathlib would appear here
   try:
     with fake_gcs(str(root), mp):
-      c = tiny.get_config()
-      c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2  # 8 simulated devices
-      c.batch.region_max_images = 4
-      c.train.total_steps, c.train.ckpt_every, c.train.log_every = 2, 1, 1
-      c.train.eval_every, c.train.export_at_end = 2, True
+      c = tiny_launch.config(
+        tmp_path_factory, 2, ckpt_every=1, log_every=1, eval_every=2, export_at_end=True
+      )
       c.eval = _grounding_eval()
       result = train_lib.train_and_evaluate(c, URL)
       yield root / "bkt/runs/tiny", result, c, cwd

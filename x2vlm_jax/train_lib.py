@@ -274,7 +274,9 @@ class _Saver:
       lambda: jax.random.key_data(_base_key(run.loop)), out_shardings=replicated
     )()
 
-  def save(self, step: int, state: dict, force: bool = False) -> None:
+  def save(self, step: int, state: dict, force: bool = False) -> float:
+    """Saves `step`; logs and returns the seconds the loop was blocked."""
+    t0 = time.monotonic()
     self.last_saved = step
     data_iter = train_data.gather_process_states(self.run.streams.get_state())
     self.manager.save(
@@ -285,6 +287,10 @@ class _Saver:
       force=force,
     )
     self.logdir.sync()  # a cloud workdir gets the logs up to this checkpoint
+    seconds = time.monotonic() - t0
+    background = " (files still being written in the background)" if self.manager.async_save else ""
+    logging.info("checkpoint: step %d saved in %.1f s%s", step, seconds, background)
+    return seconds
 
 
 def _periodic_eval(run: _Run, writer) -> train_eval.PeriodicEval:
@@ -337,7 +343,9 @@ def train_and_evaluate(
   """
   workdir = paths.path(workdir)  # keeps gs://... intact (pathlib would collapse the //)
   workdir.mkdir(parents=True, exist_ok=True)
-  logdir = paths.LogDir(workdir, _log_names())
+  # The logs this process continues on a resume (copied down from a cloud workdir).
+  logs = (run_env.log_name(), EXAMPLE_IDS.format(jax.process_index()))
+  logdir = paths.LogDir(workdir, logs + (metrics_writer.JSONL_NAME,) * (jax.process_index() == 0))
   log_handler = run_env.setup_logging(logdir.local)
   t_start = time.time()
   loop = rc.loop_config(config, profile_steps)
@@ -380,22 +388,18 @@ def train_and_evaluate(
   return RunResult(status, step, str(workdir))
 
 
-def _log_names() -> tuple[str, ...]:
-  """The log files this process continues when it resumes (copied down from a cloud workdir)."""
-  i = jax.process_index()
-  names = (run_env.log_name(), EXAMPLE_IDS.format(i))
-  return names + ((metrics_writer.JSONL_NAME,) if i == 0 else ())
-
-
 def _loop(run: _Run, manager, writer, watcher, logdir: paths.LogDir) -> tuple[str, int]:
   """Steps from run.start_step until the end, a stop or a preemption: (status, step)."""
   loop = run.loop
+  reporter = None
+
+  def compiled(itm: bool, seconds: float) -> None:
+    writer.log(f"compiled the step (itm={itm}) in {seconds:.1f} s")
+    if reporter is not None:  # compile time is not step time (rates, ETA)
+      reporter.pause("compile", seconds)
+
   jstep = step_jit.task_step(
-    run.spec,
-    run.task,
-    rc.step_config(run.cfg),
-    loop.accum_steps,
-    on_compile=lambda itm, s: writer.log(f"compiled the step (itm={itm}) in {s:.1f} s"),
+    run.spec, run.task, rc.step_config(run.cfg), loop.accum_steps, on_compile=compiled
   )
   ids_path = logdir.local / EXAMPLE_IDS.format(jax.process_index())
   ids_path = ids_path if loop.log_example_ids else None
@@ -428,9 +432,11 @@ def _loop(run: _Run, manager, writer, watcher, logdir: paths.LogDir) -> tuple[st
     at_end = step in (loop.total_steps, loop.stop_after)
     if step % loop.ckpt_every == 0 or at_end:
       reporter.flush()  # never save a state whose non-finite count is unchecked
-      saver.save(step, run.state, force=at_end)
+      reporter.pause("checkpoint", saver.save(step, run.state, force=at_end))
     if loop.eval_every and step % loop.eval_every == 0 and evaluation.enabled:
+      t0 = time.monotonic()
       evaluation.run(run.state["params"], step)
+      reporter.pause("eval", time.monotonic() - t0)
     if step == loop.stop_after:
       reporter.flush()
       manager.wait_until_finished()
