@@ -373,6 +373,7 @@ class LoopConfig:
   stop_calc_itm: int  # ITM only before this step; -1 = always
   select_metric: str  # evaluation metric whose best value keeps `best/params` ('' = none)
   select_mode: str  # 'max' or 'min'
+  fast_compile: bool = False  # CPU: XLA's cheap backend options for the step (step_jit)
 
 
 def parse_profile_steps(text: str) -> tuple[int, int] | None:
@@ -412,6 +413,7 @@ def loop_config(cfg, profile_steps: str = "") -> LoopConfig:
     stop_calc_itm=int(cfg.loss.stop_calc_itm),
     select_metric=str(t.select_metric),
     select_mode=_select_mode(str(t.select_mode)),
+    fast_compile=bool(t.get("fast_compile", False)),
   )
 
 

@@ -57,13 +57,7 @@ from x2vlm_jax.train_state import TrainStateSpec
 CKPT_DIR = ckpt_lib.CKPT_DIR
 EXAMPLE_IDS = "example_ids.p{}.jsonl"
 
-__all__ = [
-  "NonFiniteError",
-  "RunResult",
-  "train_and_evaluate",
-  "itm_for_step",
-  "CKPT_DIR",
-]
+__all__ = ["NonFiniteError", "RunResult", "train_and_evaluate", "itm_for_step", "CKPT_DIR"]
 
 
 @dataclasses.dataclass
@@ -399,7 +393,12 @@ def _loop(run: _Run, manager, writer, watcher, logdir: paths.LogDir) -> tuple[st
       reporter.pause("compile", seconds)
 
   jstep = step_jit.task_step(
-    run.spec, run.task, rc.step_config(run.cfg), loop.accum_steps, on_compile=compiled
+    run.spec,
+    run.task,
+    rc.step_config(run.cfg),
+    loop.accum_steps,
+    compiler_options=step_jit.compile_options(loop.fast_compile),
+    on_compile=compiled,
   )
   ids_path = logdir.local / EXAMPLE_IDS.format(jax.process_index())
   ids_path = ids_path if loop.log_example_ids else None
