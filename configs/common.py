@@ -184,7 +184,7 @@ def base_config() -> mlc.ConfigDict:
   c.train.peak_tflops = 0.0  # per-device peak, for MFU in the progress line (0 = not shown)
   c.train.compilation_cache_dir = ""  # persistent XLA compilation cache ('' = off)
   # CPU experiments: compile the step with XLA's cheap backend options (much shorter compile,
-  # slower steps; docs/benchmarks.md#compile-time). No effect on GPU / TPU.
+  # slower steps; docs/benchmarks.md#compile-time-on-cpu). No effect on GPU / TPU.
   c.train.fast_compile = False
   c.train.log_example_ids = False  # per-step (source, record) ids per kind -> example_ids.*.jsonl
   # Model selection: after each evaluation, a better value of this metric (e.g.
