@@ -10,15 +10,17 @@
 
 import json
 import os
+import shutil
 import time
 
 import ml_collections as mlc
+import numpy as np
 import pytest
 from fake_gcs import fake_gcs
 from flax import nnx
 
 from configs import tiny
-from data_pipelines import synthetic
+from data_pipelines import fileio, synthetic
 from x2vlm_jax import metrics_writer as mw
 from x2vlm_jax import paths, sharding, train_lib
 from x2vlm_jax import run_config as rc
@@ -117,7 +119,50 @@ def test_eta_after_compile_is_within_20_percent(launched):
 
 
 def test_missing_client_names_the_extra(monkeypatch):
-  monkeypatch.setattr(paths, "_client_available", lambda scheme, module: False)
+  monkeypatch.setattr(fileio, "_client_available", lambda scheme, module: False)
   with pytest.raises(paths.MissingExtraError, match=r"pip install 'x2vlm-jax\[gcs\]'"):
     paths.path("gs://bucket/run")
   assert str(paths.path("/tmp/x")) == "/tmp/x" and not paths.is_remote("/tmp/gs://x")
+
+
+def test_jsonl_source_reads_from_the_bucket(tmp_path, monkeypatch):
+  """A data source given as gs://... (lines and the image files they name) reads the same
+  records as its local copy."""
+  from data_pipelines import features as F
+  from data_pipelines.jsonl_format import default_format
+  from data_pipelines.sources import JsonLinesSource
+
+  world = synthetic.ShapesWorld(synthetic.WorldConfig(image_size=32))
+  local = tmp_path / "local"
+  synthetic.write_jsonl(world, F.IMAGE, 5, local, n_files=2, rpath=True)
+  fmt = default_format(F.IMAGE, is_image_rpath=True)
+  with fake_gcs(str(tmp_path / "bucket"), monkeypatch) as root:
+    shutil.copytree(local, f"{root}/bkt/data")
+    remote = JsonLinesSource("gs://bkt/data", F.IMAGE, fmt)
+    assert remote.files[0].startswith("gs://bkt/data/") and len(remote) == 5
+    expected = JsonLinesSource(str(local), F.IMAGE, fmt)
+    for i in range(5):
+      a, b = remote[i], expected[i]
+      assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), i
+
+
+def test_logdir_continues_and_uploads_remote_logs(tmp_path, monkeypatch):
+  """A resumed run on a bucket continues its logs: they are copied down first, written locally
+  (object stores cannot append) and copied up whole by sync()."""
+  with fake_gcs(str(tmp_path / "bucket"), monkeypatch) as root:
+    work = paths.path("gs://bkt/run")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "train.log").write_text("old line\n")
+    logs = paths.LogDir(work, ("train.log", "metrics.jsonl"))  # no metrics.jsonl yet: skipped
+    assert logs.remote and not str(logs.local).startswith(root)
+    with open(logs.local / "train.log", "a") as f:
+      f.write("new line\n")
+    (logs.local / "tb").mkdir()
+    (logs.local / "tb" / "events.1").write_bytes(b"\x00\x01")
+    logs.sync()
+    assert (work / "train.log").read_text() == "old line\nnew line\n"
+    assert (work / "tb" / "events.1").read_bytes() == b"\x00\x01"
+    logs.close()
+    assert not logs.local.exists()
+  local = paths.LogDir(paths.path(tmp_path / "here"))
+  assert not local.remote and local.local == tmp_path / "here" and local.local.is_dir()

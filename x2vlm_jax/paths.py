@@ -15,50 +15,24 @@ down so that a resumed run continues them.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pathlib
 import shutil
-import sys
 import tempfile
 
 from etils import epath
 
-# scheme -> (client module for fsspec, the extra that installs it)
-_CLIENTS = {"gs": ("gcsfs", "gcs"), "s3": ("s3fs", "s3")}
-_URL_SCHEMES = ("gs", "s3", "az", "hf")
+from data_pipelines import fileio
 
-
-class MissingExtraError(ImportError):
-  """A cloud URL was given but no client library for it is installed."""
-
-
-def is_remote(p) -> bool:
-  """Whether `p` (str or path) is a cloud URL such as gs://bucket/x."""
-  return os.fspath(p).split("://", 1)[0] in _URL_SCHEMES and "://" in os.fspath(p)
-
-
-def _client_available(scheme: str, module: str) -> bool:
-  import fsspec  # pylint: disable=g-import-not-at-top
-
-  if "tensorflow" in sys.modules or importlib.util.find_spec("tensorflow") is not None:
-    return True  # epath then reads gs:// through tf.io.gfile
-  if scheme in fsspec.registry:  # an implementation registered in this process
-    return True
-  return importlib.util.find_spec(module) is not None
+# The URL test and the client check live with the data sources' file access (layer 0), so the
+# trainer and the data readers give the same error for a missing client.
+MissingExtraError = fileio.MissingExtraError
+is_remote = fileio.is_url
 
 
 def path(p: str | os.PathLike) -> epath.Path:
   """`p` as an `epath.Path`; a cloud URL keeps its `//` and needs its client library."""
-  text = os.fspath(p)
-  if is_remote(text):
-    scheme = text.split("://", 1)[0]
-    if scheme in _CLIENTS and not _client_available(scheme, _CLIENTS[scheme][0]):
-      module, extra = _CLIENTS[scheme]
-      raise MissingExtraError(
-        f"{text}: {scheme}:// paths need the {module} client: pip install 'x2vlm-jax[{extra}]'"
-      )
-  return epath.Path(text)
+  return fileio.url_path(p)
 
 
 def absolute(p: str | os.PathLike) -> epath.Path:
