@@ -14,6 +14,7 @@ append-mode writes, which object stores do not offer) while the bytes land in `r
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 
 import fsspec
@@ -57,12 +58,10 @@ def fake_gcs(root: str, monkeypatch):
   root = os.path.abspath(root)
   os.makedirs(root, exist_ok=True)
   cls = _fake_fs_class(root)
-  saved = {p: fsspec.registry.get(p) for p in ("gs", "gcs")}
+  registry = importlib.import_module("fsspec.registry")._registry  # the writable table
+  saved = {p: registry.get(p) for p in ("gs", "gcs")}
   for p in ("gs", "gcs"):
     fsspec.register_implementation(p, cls, clobber=True)
-  fsspec.AbstractFileSystem.clear_instance_cache() if hasattr(
-    fsspec.AbstractFileSystem, "clear_instance_cache"
-  ) else None
   from etils.epath import backend
 
   backend.fsspec_backend._get_filesystem.cache_clear()
@@ -77,8 +76,8 @@ def fake_gcs(root: str, monkeypatch):
     yield root
   finally:
     backend.fsspec_backend._get_filesystem.cache_clear()
-    for p, impl in saved.items():
+    for p, impl in saved.items():  # the process goes back to the real client (or none)
       if impl is None:
-        fsspec.registry._registry.pop(p, None) if hasattr(fsspec.registry, "_registry") else None
+        registry.pop(p, None)
       else:
-        fsspec.register_implementation(p, impl, clobber=True)
+        registry[p] = impl

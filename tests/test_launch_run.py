@@ -166,3 +166,11 @@ def test_logdir_continues_and_uploads_remote_logs(tmp_path, monkeypatch):
     assert not logs.local.exists()
   local = paths.LogDir(paths.path(tmp_path / "here"))
   assert not local.remote and local.local == tmp_path / "here" and local.local.is_dir()
+
+
+def test_fake_bucket_is_gone_after_its_context(tmp_path, monkeypatch):
+  import fsspec
+
+  with fake_gcs(str(tmp_path), monkeypatch):
+    assert "gs" in fsspec.registry
+  assert "gs" not in fsspec.registry  # later tests meet the real (missing) client again
