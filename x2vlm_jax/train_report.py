@@ -164,10 +164,6 @@ class Reporter:
 
   def _log(self, step: int, total_bad: int) -> None:
     avg = self.window.pop()
-    peak = self.loop.peak_tflops * 1e12
-    flops = self._flops() if peak else 0.0
-    mfu = flops * self.progress.window_steps_per_sec(step) / peak if peak and flops else None
-    line = self.progress.update(step, progress_metrics(avg), mfu=mfu)
     scalars = {f"train/{k}": v for k, v in avg.items()}
     scalars["train/nonfinite_total"] = total_bad
     scalars["train/lr"] = self._lr(step - 1)
@@ -175,6 +171,12 @@ class Reporter:
     for k, v in skips.items():
       scalars[f"data/skipped/{k}"] = v
     self.writer.write_scalars(step, scalars)
+    peak = self.loop.peak_tflops * 1e12
+    flops = self._flops() if peak else 0.0
+    # The progress clock is read last: this line's own work (the first one compiles the
+    # learning-rate schedule, opens the files) counts in its window, not in the next one.
+    mfu = flops * self.progress.window_steps_per_sec(step) / peak if peak and flops else None
+    line = self.progress.update(step, progress_metrics(avg), mfu=mfu)
     if total_bad:  # updates left out because their gradients were not finite
       line += f" | non-finite updates skipped {total_bad}"
     self.writer.log(line + skip_text(skips))
