@@ -95,3 +95,17 @@ def test_accumulation_error_names_the_global_and_the_micro_batch():
 
 class _Mesh:
   shape = {"data": 8, "fsdp": 1, "tensor": 1}
+
+
+def test_orbax_noise_filtered_its_real_warnings_kept():
+  """eval.py / train.py console: orbax INFO lines and its read-only notice are dropped."""
+  import logging
+
+  from x2vlm_jax.run_env import QuietOrbax
+
+  quiet, orbax = QuietOrbax(), os.path.join(os.sep, "x", "orbax", "checkpoint", "manager.py")
+  rec = lambda level, msg, path: logging.LogRecord("absl", level, path, 1, msg, (), None)
+  assert not quiet.filter(rec(logging.INFO, "Saving item", orbax))
+  assert not quiet.filter(rec(logging.WARNING, "Given directory is read only=%s", orbax))
+  assert quiet.filter(rec(logging.WARNING, "could not delete", orbax))
+  assert quiet.filter(rec(logging.INFO, "step 10/100", os.path.join(os.sep, "x", "train.py")))

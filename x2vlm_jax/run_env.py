@@ -12,10 +12,15 @@ from absl import logging
 
 class QuietOrbax(py_logging.Filter):
   """Drops orbax's INFO records (a few dozen lines per checkpoint would bury the progress
-  lines); its warnings and errors pass."""
+  lines) and its warning that a directory is read-only (eval.py asks for that); its other
+  warnings and errors pass."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
-    return record.levelno >= py_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+    if f"{os.sep}orbax{os.sep}" not in record.pathname:
+      return True
+    if str(record.msg).startswith("Given directory is read only"):
+      return False  # eval.py opens checkpoints read-only on purpose: not worth a warning
+    return record.levelno >= py_logging.WARNING
 
 
 def quiet_orbax() -> QuietOrbax:
