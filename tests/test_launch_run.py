@@ -175,3 +175,10 @@ def test_fake_bucket_is_gone_after_its_context(tmp_path, monkeypatch):
   with fake_gcs(str(tmp_path), monkeypatch):
     assert fsspec.registry["gs"] is not before.get("gs")
   assert dict(fsspec.registry) == before  # later tests meet what was there (no client: none)
+
+
+def test_s3_workdir_refused_before_anything_is_written(monkeypatch):
+  """s3:// serves data sources; orbax cannot write checkpoints there: say so at once."""
+  monkeypatch.setattr(fileio, "_client_available", lambda scheme, module: True)
+  with pytest.raises(ValueError, match="local folder or gs:// only"):
+    train_lib.train_and_evaluate(tiny.get_config(), "s3://bucket/run")

@@ -336,6 +336,8 @@ def train_and_evaluate(
     checkpoint.ConfigChangedError: a critical setting differs from the checkpoint.
   """
   workdir = paths.path(workdir)  # keeps gs://... intact (pathlib would collapse the //)
+  if paths.is_remote(workdir) and not str(workdir).startswith("gs://"):
+    raise ValueError(f"--workdir={workdir}: checkpoints go to a local folder or gs:// only")
   workdir.mkdir(parents=True, exist_ok=True)
   # The logs this process continues on a resume (copied down from a cloud workdir).
   logs = (run_env.log_name(), EXAMPLE_IDS.format(jax.process_index()))
