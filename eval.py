@@ -3,7 +3,7 @@
   python eval.py --config=configs/demo.py --checkpoint=/tmp/demo/run
   python eval.py --config=configs/demo.py --checkpoint=/tmp/demo/run/export/params
   python eval.py --config=configs/pretrain_base_4m.py --official_th=x2vlm_base_4m.th \
-      --config.eval.evaluators.retrieval.data='[...]'
+      --config.eval.evaluators=retrieval --config.eval.retrieval.data=json:/data/coco_test.json
 
 The config is the same file the run was trained with (its `model`, `data.tokenizer`,
 `data.max_tokens` and `eval` sections are used). The metrics are printed as one JSON object on
@@ -39,7 +39,7 @@ def main(argv):
   from absl import logging  # pylint: disable=g-import-not-at-top
 
   from data_pipelines.text_ops import Tokenizer  # pylint: disable=g-import-not-at-top
-  from x2vlm_jax import run_config, run_env, sharding  # pylint: disable=g-import-not-at-top
+  from x2vlm_jax import paths, run_config, run_env, sharding  # pylint: disable=g-import-not-at-top
   from x2vlm_jax.evaluators import run, weights  # pylint: disable=g-import-not-at-top
 
   run_env.quiet_orbax()  # orbax's INFO lines would bury the result
@@ -47,9 +47,9 @@ def main(argv):
   eval_cfg = run_config.eval_config(cfg.eval)
   if not eval_cfg.names:  # checked before any weights are read
     print(
-      "eval.py: the config runs no evaluator: set config.eval.evaluators (e.g. "
-      "--config.eval.evaluators=\"('retrieval',)\") and its section's data "
-      "(docs/evaluation.md)",
+      "eval.py: the config runs no evaluator: set config.eval.evaluators and its section's "
+      "data, e.g. --config.eval.evaluators=retrieval "
+      "--config.eval.retrieval.data=json:/data/coco_test.json (docs/evaluation.md)",
       file=sys.stderr,
     )
     sys.exit(2)
@@ -73,12 +73,13 @@ def main(argv):
     result_dir=_RESULTS.value or None,
   )
   text = json.dumps(metrics, indent=1, sort_keys=True)
-  if _OUTPUT.value:
-    with open(_OUTPUT.value, "w") as f:
-      f.write(text + "\n")
+  if _OUTPUT.value:  # epath: --output=gs://... is written to the bucket
+    paths.path(_OUTPUT.value).write_text(text + "\n")
   print(text)
   logging.info("%s", run.format_metrics(metrics))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from x2vlm_jax import cli  # light: absl only (jax is imported after the flags are read)
+
+  app.run(main, flags_parser=cli.parse_flags)

@@ -83,4 +83,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from x2vlm_jax import cli  # light: absl only (jax is imported after the flags are read)
+
+  app.run(main, flags_parser=cli.parse_flags)

@@ -24,8 +24,14 @@ moves `optim.total_steps` (the schedule length), unless the schedule length is s
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections as mlc
 from ml_collections import config_dict
+
+# Registers the command-line parser of source lists (`--config.data.image=jsonl:/d@0.5,...`).
+from configs import source_spec  # noqa: F401  # pylint: disable=unused-import
+from x2vlm_jax.evaluators.settings import EVALUATORS
 
 KINDS = ("image", "region", "video")
 
@@ -177,6 +183,9 @@ def base_config() -> mlc.ConfigDict:
   c.train.profile_steps = ""  # 'first,last' (e.g. '10,15'): JAX profiler trace in workdir/profile
   c.train.peak_tflops = 0.0  # per-device peak, for MFU in the progress line (0 = not shown)
   c.train.compilation_cache_dir = ""  # persistent XLA compilation cache ('' = off)
+  # CPU experiments: compile the step with XLA's cheap backend options (much shorter compile,
+  # slower steps; docs/benchmarks.md#compile-time-on-cpu). No effect on GPU / TPU.
+  c.train.fast_compile = False
   c.train.log_example_ids = False  # per-step (source, record) ids per kind -> example_ids.*.jsonl
   # Model selection: after each evaluation, a better value of this metric (e.g.
   # 'eval/retrieval/val/r_mean') writes the parameters to <workdir>/best/ ('' = off).
@@ -189,6 +198,11 @@ def base_config() -> mlc.ConfigDict:
   c.eval = mlc.ConfigDict()
   c.eval.evaluators = ()
   c.eval.batch_size = 32
+  # Every evaluator's section with its defaults and no data, so any config can switch one on from
+  # flags: --config.eval.evaluators=retrieval --config.eval.retrieval.data=json:/d/test.json
+  for name, settings in EVALUATORS.items():
+    fields = {f.name: f.default for f in dataclasses.fields(settings) if f.name != "data"}
+    c.eval[name] = mlc.ConfigDict({"data": [], **fields})
   return c
 
 

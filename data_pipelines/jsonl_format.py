@@ -17,6 +17,7 @@ import os
 from typing import Any
 
 from data_pipelines import features as F
+from data_pipelines import fileio
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +79,7 @@ def _read_file(value: str, fmt: JsonlFormat, base_dir: str, rid: str, field: str
   """The bytes of a relative (to image_root, else base_dir) or absolute path."""
   path = os.path.join(fmt.image_root or base_dir, value)
   try:
-    with open(path, "rb") as f:
+    with fileio.open_binary(path) as f:
       return f.read()
   except FileNotFoundError:
     raise F.SkipRecord("missing_image", rid, field, f"no file {path}") from None

@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from data_pipelines import features as F
+from data_pipelines import fileio
 from data_pipelines.jsonl_format import (
   JsonlFormat,
   array_format,
@@ -40,14 +41,14 @@ def list_files(path: str | os.PathLike) -> list[str]:
   Skips names containing `_SUCCESS` (official rule) and hidden files (`.crc`, editor droppings).
   """
   path = os.fspath(path)
-  if os.path.isfile(path):
+  if fileio.is_file(path):
     return [path]
-  if not os.path.isdir(path):
+  if not fileio.is_dir(path):
     raise FileNotFoundError(f"data source {path!r} does not exist")
   files = [
-    os.path.join(path, n)
-    for n in sorted(os.listdir(path))
-    if "_SUCCESS" not in n and not n.startswith(".") and os.path.isfile(os.path.join(path, n))
+    fileio.join(path, n)
+    for n in fileio.listdir(path)
+    if "_SUCCESS" not in n and not n.startswith(".") and fileio.is_file(fileio.join(path, n))
   ]
   if not files:
     raise FileNotFoundError(f"data source {path!r} holds no data files")
@@ -57,7 +58,7 @@ def list_files(path: str | os.PathLike) -> list[str]:
 def _scan_lines(path: str) -> tuple[np.ndarray, np.ndarray]:
   """(start offsets, 1-based line numbers) of the non-blank lines of a file; int64 [N] each."""
   starts, ends, base, last_byte = [np.zeros(1, np.int64)], [], 0, b"\n"
-  with open(path, "rb") as f:
+  with fileio.open_binary(path) as f:
     while chunk := f.read(_CHUNK):
       nl = np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10).astype(np.int64) + base
       ends.append(nl)
@@ -83,7 +84,7 @@ def _first_bytes(path: str, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
   out = np.zeros(len(starts), np.int64)
   idx = np.flatnonzero(ends - starts == 1)
   if len(idx):
-    with open(path, "rb") as f:
+    with fileio.open_binary(path) as f:
       for i in idx:
         f.seek(int(starts[i]))
         out[i] = f.read(1)[0]
@@ -92,8 +93,7 @@ def _first_bytes(path: str, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
 
 def line_index(path: str, cache_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Cached (offsets, line numbers) of a file; the cache key includes size and mtime."""
-  st = os.stat(path)
-  key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+  key = fileio.stat_key(path)
   if key in _INDEX_CACHE:
     return _INDEX_CACHE[key]
   cache_file = None
@@ -165,7 +165,7 @@ class JsonLinesSource:
     fi, j = self._locate(i)
     offsets = self._offsets[fi]
     start = int(offsets[j])
-    with open(self.files[fi], "rb") as f:
+    with fileio.open_binary(self.files[fi]) as f:
       f.seek(start)
       if j + 1 < len(offsets):
         data = f.read(int(offsets[j + 1]) - start)
@@ -186,7 +186,7 @@ class JsonLinesSource:
 
 def is_json_array(path: str | os.PathLike) -> bool:
   """Whether the (first) data file of `path` is a JSON array: its first non-blank byte is '['."""
-  with open(list_files(path)[0], "rb") as f:
+  with fileio.open_binary(list_files(path)[0]) as f:
     while chunk := f.read(4096):
       head = chunk.lstrip()
       if head:

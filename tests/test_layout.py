@@ -26,6 +26,8 @@ LAYERS = {
   "x2vlm_jax.preemption": 1,
   "x2vlm_jax.metrics_writer": 1,
   "x2vlm_jax.run_env": 1,
+  "x2vlm_jax.paths": 1,
+  "x2vlm_jax.cli": 1,
   "x2vlm_jax.global_batch": 1,
   "x2vlm_jax.models": 2,  # features only: towers, heads, the X2VLM module
   "x2vlm_jax.losses": 3,

@@ -170,6 +170,7 @@ class CheckpointManager:
       options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
     self.directory = directory
     self.read_only = read_only
+    self.async_save = async_save and not read_only
     self._mgr = ocp.CheckpointManager(
       directory,
       options=options,

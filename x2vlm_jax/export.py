@@ -3,18 +3,18 @@ official `.th` (when torch is importable), under `<workdir>/export`."""
 
 from __future__ import annotations
 
-import pathlib
 from collections.abc import Callable
 
 import jax
 import numpy as np
+from etils import epath
 
 from x2vlm_jax import params_io
 from x2vlm_jax.models.config import ModelConfig
 
 
 def export_params(
-  workdir: pathlib.Path, model_cfg: ModelConfig, params: dict, log: Callable[[str], None]
+  workdir: epath.Path, model_cfg: ModelConfig, params: dict, log: Callable[[str], None]
 ) -> None:
   """Writes `workdir/export/{params, model.safetensors, model.th}`; every process calls it."""
   from x2vlm_jax.convert import official  # pylint: disable=g-import-not-at-top

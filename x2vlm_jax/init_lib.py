@@ -38,13 +38,14 @@ towers.
 from __future__ import annotations
 
 import dataclasses
-import pathlib
+import os
 
 import jax
 from absl import logging
+from etils import epath
 from flax import nnx
 
-from x2vlm_jax import optim, treepath
+from x2vlm_jax import optim, paths, treepath
 from x2vlm_jax.models.config import ModelConfig
 from x2vlm_jax.models.x2vlm import X2VLM, create_sharded
 
@@ -73,14 +74,14 @@ class InitConfig:
   checkpoint_model: ModelConfig | None = None
 
 
-def _check_exists(path: str, key: str) -> pathlib.Path:
-  p = pathlib.Path(path)
+def _check_exists(path: str, key: str) -> epath.Path:
+  p = paths.path(path)
   if not p.exists():
     raise FileNotFoundError(f"config.init.{key} = {path!r} does not exist")
   return p
 
 
-def checkpoint_dir(path: str | pathlib.Path) -> pathlib.Path:
+def checkpoint_dir(path: str | os.PathLike) -> epath.Path:
   """The directory of committed checkpoint steps: `path/checkpoints` of a training workdir, or
   `path` itself when it holds the steps."""
   from x2vlm_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
@@ -95,7 +96,7 @@ def checkpoint_dir(path: str | pathlib.Path) -> pathlib.Path:
   )
 
 
-def saved_run_config(path: str | pathlib.Path) -> dict:
+def saved_run_config(path: str | os.PathLike) -> dict:
   """The run config (JSON dict) saved with the newest checkpoint of a workdir / checkpoints dir;
   `run_config.saved_model_config` turns its `model` section into the run's ModelConfig."""
   from x2vlm_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
@@ -150,7 +151,7 @@ def _from_params_dir(model: X2VLM, path: str, notes: list[str]) -> frozenset[str
   from x2vlm_jax import params_io  # pylint: disable=g-import-not-at-top
   from x2vlm_jax.convert import adapt  # pylint: disable=g-import-not-at-top
 
-  directory = _check_exists(path, "params_dir").absolute() / params_io.PARAMS_DIR
+  directory = paths.absolute(_check_exists(path, "params_dir")) / params_io.PARAMS_DIR
   src_cfg = params_io.load_config(directory.parent)
   ours = treepath.flatten_state(nnx.state(model, nnx.Param))
   ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())

@@ -225,7 +225,14 @@ def format_progress(
 
 
 class Progress:
-  """Measures throughput and ETA between successive calls and formats the progress line.
+  """Measures steady-state throughput and the ETA, and formats the progress line.
+
+  Time the loop spends outside steps is reported with `pause(reason, seconds)`. Compilation
+  happens once per program, and the steps of its window also pay one-off costs (the first
+  execution, data workers starting): such a window gives the rate of its own line, but the ETA
+  uses only windows without one (once there is one). Recurring pauses (checkpoint saves,
+  evaluations) are left out of the rates, shown on the line of the window they fell in, and
+  added to the ETA at their average cost per step so far.
 
   Args:
     total_steps: the step the run ends at.
@@ -233,6 +240,8 @@ class Progress:
     start_step: the step the timer starts at (the restored step when resuming).
     clock: a monotonic clock in seconds (injectable for tests).
   """
+
+  ONE_OFF = ("compile",)  # pauses that do not recur: their windows are warm-up
 
   def __init__(
     self,
@@ -246,28 +255,54 @@ class Progress:
     self.examples_per_step = dict(examples_per_step)
     self._clock = clock
     self._last_step, self._last_time = start_step, clock()
-    self._start_step, self._start_time = start_step, self._last_time
+    self._start_step = start_step
+    self._window_pauses: dict[str, float] = {}
+    self._steady = [0, 0.0]  # steps and busy seconds of windows without one-off pauses
+    self._recurring = 0.0  # seconds of recurring pauses since the start
+
+  def pause(self, reason: str, seconds: float) -> None:
+    """`seconds` of the current window went to `reason` (compile, checkpoint, eval), not steps."""
+    self._window_pauses[reason] = self._window_pauses.get(reason, 0.0) + seconds
+    if reason not in self.ONE_OFF:
+      self._recurring += seconds
+
+  def _window(self, step: int) -> tuple[int, float]:
+    """(steps, busy seconds) since the previous line, pauses left out."""
+    busy = self._clock() - self._last_time - sum(self._window_pauses.values())
+    return step - self._last_step, busy
+
+  def window_steps_per_sec(self, step: int) -> float:
+    """Steady-state steps per second since the previous line (pauses left out)."""
+    steps, busy = self._window(step)
+    return steps / busy if steps > 0 and busy > 0 else 0.0
 
   def update(
     self, step: int, metrics: Mapping[str, object] | None = None, mfu: float | None = None
   ) -> str:
-    """The progress line at `step`: rates over the steps since the previous call, ETA from the
-    average step time since the start (stable against single slow steps such as evaluations)."""
-    now = self._clock()
-    window_steps, window_time = step - self._last_step, now - self._last_time
+    """The progress line at `step`: rates over the steps since the previous call; ETA =
+    remaining steps x (steady time per step + recurring pauses per step so far)."""
+    steps, busy = self._window(step)
     rates = None
-    if window_steps > 0 and window_time > 0:
-      rates = {k: n * window_steps / window_time for k, n in self.examples_per_step.items()}
+    if steps > 0 and busy > 0:
+      rates = {k: n * steps / busy for k, n in self.examples_per_step.items()}
+      if not any(k in self.ONE_OFF for k in self._window_pauses):
+        self._steady[0] += steps
+        self._steady[1] += busy
+    n, t = self._steady if self._steady[0] else (steps, busy)  # a warm-up window only so far
     eta = None
-    done, elapsed = step - self._start_step, now - self._start_time
-    if done > 0 and elapsed > 0:
-      eta = (self.total_steps - step) * elapsed / done
-    self._last_step, self._last_time = step, now
-    return format_progress(
+    if n > 0 and t > 0:
+      done = max(step - self._start_step, 1)
+      eta = (self.total_steps - step) * (t / n + self._recurring / done)
+    paused = {k: v for k, v in self._window_pauses.items() if v > 0}
+    self._last_step, self._last_time, self._window_pauses = step, self._clock(), {}
+    line = format_progress(
       step, self.total_steps, metrics, examples_per_sec=rates, eta_seconds=eta, mfu=mfu
     )
+    if paused:  # the window's non-step time, so a slow line explains itself
+      line += " | paused " + " ".join(f"{k} {v:.1f} s" for k, v in sorted(paused.items()))
+    return line
 
   def steps_per_sec(self) -> float:
-    """Average steps per second since the start."""
-    elapsed = self._clock() - self._start_time
-    return (self._last_step - self._start_step) / elapsed if elapsed > 0 else 0.0
+    """Steady-state steps per second (windows without one-off pauses; 0 before one)."""
+    n, t = self._steady
+    return n / t if t > 0 else 0.0

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from x2vlm_jax import paths
 from x2vlm_jax.models.config import FusionConfig, ModelConfig, TextConfig, VisionConfig
 
 CONFIG_FILE = "model_config.json"
@@ -56,12 +57,12 @@ def config_from_dict(d: Mapping[str, Any]) -> ModelConfig:
   return ModelConfig(**d)
 
 
-def save_params(directory: str | pathlib.Path, cfg: ModelConfig, params: Mapping[str, Any]) -> None:
+def save_params(directory: str | os.PathLike, cfg: ModelConfig, params: Mapping[str, Any]) -> None:
   """Writes `model_config.json` and the params (nested dict of numpy or jax arrays) to `directory`.
 
   Refuses to overwrite an existing params directory.
   """
-  directory = pathlib.Path(directory).absolute()
+  directory = paths.absolute(directory)
   if (directory / PARAMS_DIR).exists():
     raise FileExistsError(f"{directory / PARAMS_DIR} already exists")
   directory.mkdir(parents=True, exist_ok=True)
@@ -74,16 +75,16 @@ def save_params(directory: str | pathlib.Path, cfg: ModelConfig, params: Mapping
   ckptr.close()
 
 
-def load_config(directory: str | pathlib.Path) -> ModelConfig:
+def load_config(directory: str | os.PathLike) -> ModelConfig:
   """Reads only `model_config.json` (e.g. to build the abstract model before restoring)."""
-  path = pathlib.Path(directory) / CONFIG_FILE
+  path = paths.path(directory) / CONFIG_FILE
   if not path.exists():
     raise FileNotFoundError(f"{path} not found: not a directory written by save_params")
   return config_from_dict(json.loads(path.read_text()))
 
 
 def load_params(
-  directory: str | pathlib.Path,
+  directory: str | os.PathLike,
   abstract_target: Any = None,
   shardings: Any = None,
 ) -> tuple[ModelConfig, Any]:
@@ -95,7 +96,7 @@ def load_params(
     `x2vlm_jax.sharding.state_shardings`); arrays are restored straight into those shards.
   Neither: numpy arrays on the host.
   """
-  directory = pathlib.Path(directory).absolute()
+  directory = paths.absolute(directory)
   cfg = load_config(directory)
   ckptr = ocp.StandardCheckpointer()
   try:

@@ -313,7 +313,10 @@ def eval_config(section) -> eval_settings.EvalConfig:
   """EvalConfig from the `eval` section (a ConfigDict or a mapping): `evaluators` names what
   runs, each with its sub-section; unknown names or keys and missing data are errors."""
   sec = section.to_dict() if hasattr(section, "to_dict") else dict(section)
-  names = tuple(sec.get("evaluators") or ())
+  # `--config.eval.evaluators=retrieval,grounding` arrives as one string in a tuple.
+  raw = sec.get("evaluators") or ()
+  names = tuple(n.strip() for x in ((raw,) if isinstance(raw, str) else raw) for n in x.split(","))
+  names = tuple(n for n in names if n)
   known = eval_settings.EVALUATORS
   unknown = [n for n in names if n not in known]
   if unknown:
@@ -373,6 +376,7 @@ class LoopConfig:
   stop_calc_itm: int  # ITM only before this step; -1 = always
   select_metric: str  # evaluation metric whose best value keeps `best/params` ('' = none)
   select_mode: str  # 'max' or 'min'
+  fast_compile: bool = False  # CPU: XLA's cheap backend options for the step (step_jit)
 
 
 def parse_profile_steps(text: str) -> tuple[int, int] | None:
@@ -412,6 +416,7 @@ def loop_config(cfg, profile_steps: str = "") -> LoopConfig:
     stop_calc_itm=int(cfg.loss.stop_calc_itm),
     select_metric=str(t.select_metric),
     select_mode=_select_mode(str(t.select_mode)),
+    fast_compile=bool(t.get("fast_compile", False)),
   )
 
 

@@ -12,10 +12,15 @@ from absl import logging
 
 class QuietOrbax(py_logging.Filter):
   """Drops orbax's INFO records (a few dozen lines per checkpoint would bury the progress
-  lines); its warnings and errors pass."""
+  lines) and its warning that a directory is read-only (eval.py asks for that); its other
+  warnings and errors pass."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
-    return record.levelno >= py_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+    if f"{os.sep}orbax{os.sep}" not in record.pathname:
+      return True
+    if str(record.msg).startswith("Given directory is read only"):
+      return False  # eval.py opens checkpoints read-only on purpose: not worth a warning
+    return record.levelno >= py_logging.WARNING
 
 
 def quiet_orbax() -> QuietOrbax:
@@ -29,11 +34,15 @@ def quiet_orbax() -> QuietOrbax:
   return quiet
 
 
+def log_name() -> str:
+  """This process's log file: train.log on process 0, train.p<i>.log on the others."""
+  return "train.log" if jax.process_index() == 0 else f"train.p{jax.process_index()}.log"
+
+
 def setup_logging(workdir: pathlib.Path) -> py_logging.Handler:
   """Logs (absl and Python) also to <workdir>/train.log (train.p<i>.log on process i > 0),
   orbax INFO records filtered; returns the handler to remove at the end."""
-  name = "train.log" if jax.process_index() == 0 else f"train.p{jax.process_index()}.log"
-  handler = py_logging.FileHandler(workdir / name)
+  handler = py_logging.FileHandler(workdir / log_name())
   handler.setFormatter(py_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
   handler.addFilter(quiet_orbax())
   py_logging.getLogger().addHandler(handler)

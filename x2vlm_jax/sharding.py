@@ -17,7 +17,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from x2vlm_jax import treepath
@@ -75,8 +75,14 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int], devices=None) -> Mesh:
     raise ValueError(
       f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {n}"
     )
-  arr = np.asarray(devices, dtype=object).reshape(sizes)
-  return Mesh(arr, MESH_AXES)
+  if len({getattr(d, "slice_index", 0) for d in devices}) > 1:
+    # jax.make_mesh refuses multi-slice topologies; keep the given device order there.
+    return Mesh(np.asarray(devices, dtype=object).reshape(sizes), MESH_AXES)
+  # jax.make_mesh orders devices by the physical topology (rings on TPU, so collectives along
+  # each axis use neighbouring chips); Auto axes: shardings come from annotations, not types.
+  return jax.make_mesh(
+    sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+  )
 
 
 def _axis_size(mesh: Mesh, axes) -> int:

@@ -23,6 +23,15 @@ from jax.sharding import PartitionSpec as P
 from x2vlm_jax import global_batch, objectives, tasks, train_step
 from x2vlm_jax.train_state import TrainStateSpec
 
+# XLA CPU options that trade step speed for compile time: no LLVM backend optimisation and the
+# classic (non-emitter) fusion code paths; `train.fast_compile` (docs/benchmarks.md figures).
+FAST_CPU_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+
+
+def compile_options(fast: bool) -> dict | None:
+  """The step's XLA options: FAST_CPU_COMPILE when asked for and on CPU, else XLA's defaults."""
+  return dict(FAST_CPU_COMPILE) if fast and jax.default_backend() == "cpu" else None
+
 
 class JittedStep:
   """`step(state, batch, key, itm=True) -> (state, metrics)`, jitted for `spec.mesh`.

@@ -14,10 +14,9 @@ test split, which a config reproduces only by naming the test metric
 from __future__ import annotations
 
 import json
-import pathlib
-import shutil
 
 import jax
+from etils import epath
 
 from x2vlm_jax import metrics_writer, params_io
 from x2vlm_jax.evaluators import run as eval_run
@@ -37,7 +36,7 @@ class PeriodicEval:
     model_fn,
     tokenizer,
     mesh,
-    workdir: pathlib.Path,
+    workdir: epath.Path,
     writer: metrics_writer.MetricsWriter,
     model_cfg: ModelConfig,
     select_metric: str = "",
@@ -99,7 +98,7 @@ class PeriodicEval:
     best_dir = self.workdir / BEST_DIR
     name = f"params_{step}"
     if jax.process_index() == 0 and (best_dir / name).exists():
-      shutil.rmtree(best_dir / name)  # left by a run that stopped before recording it
+      (best_dir / name).rmtree()  # left by a run that stopped before recording it
     params_io.save_params(best_dir / name, self.model_cfg, params)  # collective
     old, self.best = (
       self.best,
@@ -110,5 +109,6 @@ class PeriodicEval:
       tmp.write_text(json.dumps(self.best, indent=1) + "\n")
       tmp.replace(best_dir / BEST_JSON)  # atomic: best.json always names a complete directory
       if old is not None and old["dir"] != name:
-        shutil.rmtree(best_dir / old["dir"], ignore_errors=True)
+        if (best_dir / old["dir"]).exists():
+          (best_dir / old["dir"]).rmtree()
     self.writer.log(f"step {step}: new best {self.metric} = {value:.4f} -> {best_dir / name}")

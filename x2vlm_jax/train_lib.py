@@ -40,6 +40,7 @@ from x2vlm_jax import (
   init_lib,
   metrics_writer,
   optim,
+  paths,
   preemption,
   run_env,
   sharding,
@@ -56,13 +57,7 @@ from x2vlm_jax.train_state import TrainStateSpec
 CKPT_DIR = ckpt_lib.CKPT_DIR
 EXAMPLE_IDS = "example_ids.p{}.jsonl"
 
-__all__ = [
-  "NonFiniteError",
-  "RunResult",
-  "train_and_evaluate",
-  "itm_for_step",
-  "CKPT_DIR",
-]
+__all__ = ["NonFiniteError", "RunResult", "train_and_evaluate", "itm_for_step", "CKPT_DIR"]
 
 
 @dataclasses.dataclass
@@ -115,7 +110,7 @@ class _Run:
 
   cfg: object
   loop: rc.LoopConfig
-  workdir: pathlib.Path
+  workdir: paths.epath.Path
   mesh: object
   model_cfg: object
   sizes: F.BatchSizes
@@ -137,7 +132,7 @@ class _Run:
   def start(
     cls,
     cfg,
-    workdir: pathlib.Path,
+    workdir: paths.epath.Path,
     manager: ckpt_lib.CheckpointManager,
     writer: metrics_writer.MetricsWriter,
     loop: rc.LoopConfig,
@@ -263,8 +258,8 @@ def _write_reports(run: _Run, writer: metrics_writer.MetricsWriter) -> None:
 class _Saver:
   """Saves {state, base key} + data positions + config; remembers the last saved step."""
 
-  def __init__(self, manager: ckpt_lib.CheckpointManager, run: _Run):
-    self.manager, self.run = manager, run
+  def __init__(self, manager: ckpt_lib.CheckpointManager, run: _Run, logdir: paths.LogDir):
+    self.manager, self.run, self.logdir = manager, run, logdir
     self.last_saved = run.start_step if run.resumed else None
     # The base key's data as a replicated global array (a single-device array cannot be saved
     # by several processes).
@@ -273,7 +268,9 @@ class _Saver:
       lambda: jax.random.key_data(_base_key(run.loop)), out_shardings=replicated
     )()
 
-  def save(self, step: int, state: dict, force: bool = False) -> None:
+  def save(self, step: int, state: dict, force: bool = False) -> float:
+    """Saves `step`; logs and returns the seconds the loop was blocked."""
+    t0 = time.monotonic()
     self.last_saved = step
     data_iter = train_data.gather_process_states(self.run.streams.get_state())
     self.manager.save(
@@ -283,6 +280,11 @@ class _Saver:
       config=self.run.config_json,
       force=force,
     )
+    self.logdir.sync()  # a cloud workdir gets the logs up to this checkpoint
+    seconds = time.monotonic() - t0
+    background = " (files still being written in the background)" if self.manager.async_save else ""
+    logging.info("checkpoint: step %d saved in %.1f s%s", step, seconds, background)
+    return seconds
 
 
 def _periodic_eval(run: _Run, writer) -> train_eval.PeriodicEval:
@@ -333,14 +335,19 @@ def train_and_evaluate(
     NonFiniteError: `train.max_consecutive_nonfinite` consecutive updates were skipped.
     checkpoint.ConfigChangedError: a critical setting differs from the checkpoint.
   """
-  workdir = pathlib.Path(workdir)
+  workdir = paths.path(workdir)  # keeps gs://... intact (pathlib would collapse the //)
+  if paths.is_remote(workdir) and not str(workdir).startswith("gs://"):
+    raise ValueError(f"--workdir={workdir}: checkpoints go to a local folder or gs:// only")
   workdir.mkdir(parents=True, exist_ok=True)
-  log_handler = run_env.setup_logging(workdir)
+  # The logs this process continues on a resume (copied down from a cloud workdir).
+  logs = (run_env.log_name(), EXAMPLE_IDS.format(jax.process_index()))
+  logdir = paths.LogDir(workdir, logs + (metrics_writer.JSONL_NAME,) * (jax.process_index() == 0))
+  log_handler = run_env.setup_logging(logdir.local)
   t_start = time.time()
   loop = rc.loop_config(config, profile_steps)
   run_env.enable_compilation_cache(loop.compilation_cache_dir)
   # Log lines only until the logs are trimmed to the start step (`train_report.restart_logs`).
-  writer = metrics_writer.MetricsWriter(workdir, tensorboard=False)
+  writer = metrics_writer.MetricsWriter(logdir.local, tensorboard=False)
   manager = ckpt_lib.CheckpointManager(
     workdir / CKPT_DIR,
     max_to_keep=loop.keep,
@@ -354,14 +361,14 @@ def train_and_evaluate(
     run.config_json["_fresh_paths"] = list(run.spec.fresh_paths)
     run.open_streams(allow_config_change)
     writer.close()
-    ids_log = workdir / EXAMPLE_IDS.format(jax.process_index())
-    writer = train_report.restart_logs(workdir, run.start_step, run.resumed, ids_log)
+    ids_log = logdir.local / EXAMPLE_IDS.format(jax.process_index())
+    writer = train_report.restart_logs(logdir.local, run.start_step, run.resumed, ids_log)
     if jax.process_index() == 0:
       _write_reports(run, writer)
     writer.log(
       f"start at step {run.start_step} of {loop.total_steps} (set-up {time.time() - t_start:.1f} s)"
     )
-    status, step = _loop(run, manager, writer, watcher)
+    status, step = _loop(run, manager, writer, watcher, logdir)
     if status == "done" and loop.export_at_end:
       export.export_params(workdir, run.model_cfg, run.state["params"], writer.log)
     writer.log(f"finished ({status}) at step {step}; {time.time() - t_start:.1f} s")
@@ -373,23 +380,33 @@ def train_and_evaluate(
     writer.close()
     py_logging.getLogger().removeHandler(log_handler)
     log_handler.close()
+    logdir.close()
   return RunResult(status, step, str(workdir))
 
 
-def _loop(run: _Run, manager, writer, watcher) -> tuple[str, int]:
+def _loop(run: _Run, manager, writer, watcher, logdir: paths.LogDir) -> tuple[str, int]:
   """Steps from run.start_step until the end, a stop or a preemption: (status, step)."""
   loop = run.loop
+  reporter = None
+
+  def compiled(itm: bool, seconds: float) -> None:
+    writer.log(f"compiled the step (itm={itm}) in {seconds:.1f} s")
+    if reporter is not None:  # compile time is not step time (rates, ETA)
+      reporter.pause("compile", seconds)
+
   jstep = step_jit.task_step(
     run.spec,
     run.task,
     rc.step_config(run.cfg),
     loop.accum_steps,
-    on_compile=lambda itm, s: writer.log(f"compiled the step (itm={itm}) in {s:.1f} s"),
+    compiler_options=step_jit.compile_options(loop.fast_compile),
+    on_compile=compiled,
   )
-  ids_path = run.workdir / EXAMPLE_IDS.format(jax.process_index()) if loop.log_example_ids else None
+  ids_path = logdir.local / EXAMPLE_IDS.format(jax.process_index())
+  ids_path = ids_path if loop.log_example_ids else None
   batches = _Batches(run.streams, run.mesh, loop.accum_steps, ids_path)
   reporter = _reporter(run, writer, manager, jstep)
-  saver = _Saver(manager, run)
+  saver = _Saver(manager, run, logdir)
   evaluation = _periodic_eval(run, writer)
   base_key, image_aux = _base_key(loop), F.IMAGE in run.streams.aux_prob
   profile, step = loop.profile_steps, run.start_step
@@ -416,9 +433,11 @@ def _loop(run: _Run, manager, writer, watcher) -> tuple[str, int]:
     at_end = step in (loop.total_steps, loop.stop_after)
     if step % loop.ckpt_every == 0 or at_end:
       reporter.flush()  # never save a state whose non-finite count is unchecked
-      saver.save(step, run.state, force=at_end)
+      reporter.pause("checkpoint", saver.save(step, run.state, force=at_end))
     if loop.eval_every and step % loop.eval_every == 0 and evaluation.enabled:
+      t0 = time.monotonic()
       evaluation.run(run.state["params"], step)
+      reporter.pause("eval", time.monotonic() - t0)
     if step == loop.stop_after:
       reporter.flush()
       manager.wait_until_finished()

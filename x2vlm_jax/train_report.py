@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import time
 from collections.abc import Callable, Mapping
 
 import jax
@@ -128,26 +127,21 @@ class Reporter:
     self._flops, self._lr, self._skips = flops_per_device, lr, skip_counts
     self._latest = latest_checkpoint
     self._pending: tuple[int, dict] | None = None
-    self._times: list[float] = []  # dispatch times of the last log_every + 1 steps
 
   def step_done(self, step: int, device_metrics: dict) -> None:
     """Step `step` (the count after the update) was dispatched; reads the previous one."""
     self.flush()
     self._pending = (step, device_metrics)
-    self._times.append(time.monotonic())
-    self._times[:] = self._times[-self.loop.log_every - 1 :]
+
+  def pause(self, reason: str, seconds: float) -> None:
+    """Time outside steps (compile, checkpoint, eval): out of the rates (`Progress.pause`)."""
+    self.progress.pause(reason, seconds)
 
   def flush(self) -> None:
     """Reads the pending step's metrics now (before a save, and at the end)."""
     if self._pending is not None:
       pending, self._pending = self._pending, None
       self._read(*pending)
-
-  def _rate(self) -> float:
-    """Steps per second over the recent window of dispatch times."""
-    if len(self._times) < 2:
-      return 0.0
-    return (len(self._times) - 1) / max(self._times[-1] - self._times[0], 1e-9)
 
   def _read(self, done_step: int, device_metrics: dict) -> None:
     host = jax.device_get(device_metrics)
@@ -161,7 +155,7 @@ class Reporter:
         else f"the newest intact checkpoint is step {latest}: a relaunch resumes there"
       )
       raise NonFiniteError(
-        f"{bad} consecutive non-finite updates (last at step {done_step - 1}; "
+        f"{bad} consecutive non-finite updates (last at step {done_step}; "
         f"{total_bad} in total): stopping without saving; {where}"
       )
     self.window.add(host)
@@ -170,10 +164,6 @@ class Reporter:
 
   def _log(self, step: int, total_bad: int) -> None:
     avg = self.window.pop()
-    peak = self.loop.peak_tflops * 1e12
-    flops = self._flops() if peak else 0.0
-    mfu = flops * self._rate() / peak if peak and flops else None
-    line = self.progress.update(step, progress_metrics(avg), mfu=mfu)
     scalars = {f"train/{k}": v for k, v in avg.items()}
     scalars["train/nonfinite_total"] = total_bad
     scalars["train/lr"] = self._lr(step - 1)
@@ -181,4 +171,12 @@ class Reporter:
     for k, v in skips.items():
       scalars[f"data/skipped/{k}"] = v
     self.writer.write_scalars(step, scalars)
+    peak = self.loop.peak_tflops * 1e12
+    flops = self._flops() if peak else 0.0
+    # The progress clock is read last: this line's own work (the first one compiles the
+    # learning-rate schedule, opens the files) counts in its window, not in the next one.
+    mfu = flops * self.progress.window_steps_per_sec(step) / peak if peak and flops else None
+    line = self.progress.update(step, progress_metrics(avg), mfu=mfu)
+    if total_bad:  # updates left out because their gradients were not finite
+      line += f" | non-finite updates skipped {total_bad}"
     self.writer.log(line + skip_text(skips))

@@ -9,14 +9,18 @@ default every record is also checked with `checks.check_record` (images decode, 
 tokenise, a usable region elem exists), so the dataset holds only records that cannot fail
 deterministically; `--no-check` keeps the reader-level checks only. The dataset lands in
 `OUT_DIR/x2vlm_<kind>/1.0.0/`; record ids ("<file>:<line>" or the line's "id") are kept.
+stdout carries only the JSON summary (`... | jq .written` works); everything else goes to
+stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import json
+import os
 import sys
 
 from data_pipelines import features as F
@@ -82,6 +86,21 @@ def convert(
   return ConvertStats(dataset_dir, written[0], problems)
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr():
+  """Everything written to stdout (Python prints and C-level writes to fd 1) goes to stderr."""
+  sys.stdout.flush()
+  saved = os.dup(1)
+  try:
+    os.dup2(2, 1)
+    with contextlib.redirect_stdout(sys.stderr):
+      yield
+  finally:
+    sys.stdout.flush()
+    os.dup2(saved, 1)
+    os.close(saved)
+
+
 def main(argv: list[str] | None = None) -> int:
   """CLI entry point; prints a JSON summary and returns 0 (bad lines are expected, not fatal)."""
   parser = argparse.ArgumentParser(
@@ -106,16 +125,17 @@ def main(argv: list[str] | None = None) -> int:
   kind = args.kind or detect_kind(args.src)
   cfg = dataclasses.replace(F.PreprocConfig(), max_tokens=args.max_tokens)
   tok = None if args.no_check else default_tokenizer(args.max_tokens, args.tokenizer)
-  stats = convert(
-    args.src,
-    args.out_dir,
-    kind,
-    format_from_args(args, kind, is_json_array(args.src)),
-    check=not args.no_check,
-    tokenizer=tok,
-    preproc_cfg=cfg,
-    split=args.split,
-  )
+  with _stdout_to_stderr():  # TFDS prints progress lines; stdout carries the JSON only
+    stats = convert(
+      args.src,
+      args.out_dir,
+      kind,
+      format_from_args(args, kind, is_json_array(args.src)),
+      check=not args.no_check,
+      tokenizer=tok,
+      preproc_cfg=cfg,
+      split=args.split,
+    )
   print(
     json.dumps(
       {

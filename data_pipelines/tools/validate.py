@@ -10,7 +10,11 @@ read (reader faults: bad JSON, wrong types, missing/corrupt images, empty captio
 videos) and checked with `checks.check_record` (decoding, captions that clean or tokenise to
 nothing, unusable region elems). Each bad record prints as `file:line: reason: field: detail`
 (ArrayRecord: `dataset_dir:index`), then the per-reason counts; the exit code is 1 if any
-record is bad, 0 otherwise.
+record is bad.
+
+Exit codes: 0 every record is good; 1 bad records were found (listed); 2 usage error (bad
+arguments, argparse's convention); 3 the input cannot be read at all (missing path, not a
+recognised format, unreadable refs/instances file), reported on one line on stderr.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from typing import Any, NamedTuple
 from data_pipelines import checks
 from data_pipelines import features as F
 from data_pipelines.jsonl_format import JsonlFormat, array_format, default_format
+
+EXIT_OK, EXIT_BAD_RECORDS, EXIT_USAGE, EXIT_UNREADABLE = 0, 1, 2, 3
 
 
 class Problem(NamedTuple):
@@ -179,7 +185,11 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--quiet", action="store_true", help="print only the counts")
   _refcoco_args(parser)
   args = parser.parse_args(argv)
-  source, exact = _open(args)
+  try:
+    source, exact = _open(args)
+  except (OSError, ValueError) as e:  # nothing to validate: not a report of bad records
+    print(f"validate: {args.path}: {e}", file=sys.stderr)
+    return EXIT_UNREADABLE
   cfg = dataclasses.replace(F.PreprocConfig(), max_tokens=args.max_tokens, exact_boxes=exact)
   report = validate_source(source, default_tokenizer(args.max_tokens, args.tokenizer), cfg)
   if not args.quiet:
@@ -188,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
   print(f"{report.total} records, {len(report.problems)} bad")
   for reason, n in report.counts.items():
     print(f"  {reason}: {n}")
-  return 1 if report.problems else 0
+  return EXIT_BAD_RECORDS if report.problems else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ from collections.abc import Mapping
 
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save
 
+from x2vlm_jax import paths
 from x2vlm_jax.convert.arrays import to_numpy
 
 CONFIG_KEY = "config"
@@ -39,7 +40,8 @@ def save_safetensors(
     "format": "pt",
     CONFIG_KEY: json.dumps(dict(config or {}), sort_keys=True, default=str),
   }
-  save_file(tensors, str(path), metadata=metadata)
+  # Bytes written through epath, so a gs://... export lands in the bucket.
+  paths.path(path).write_bytes(save(tensors, metadata=metadata))
 
 
 def load_safetensors(

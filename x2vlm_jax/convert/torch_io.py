@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from x2vlm_jax import paths
 from x2vlm_jax.convert.arrays import to_numpy
 from x2vlm_jax.convert.official_spec import TIED
 
@@ -120,4 +121,5 @@ def save_th(
       out[k] = primary.detach()  # a new tensor object on the same storage, like state_dict()
     else:
       out[k] = tensors[k]
-  torch.save({"model": out, "config": _plain(dict(config or {}))}, str(path))
+  with paths.path(path).open("wb") as f:  # epath: a gs://... export lands in the bucket
+    torch.save({"model": out, "config": _plain(dict(config or {}))}, f)

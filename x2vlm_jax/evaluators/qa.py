@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 from collections.abc import Callable
 
@@ -27,7 +26,7 @@ from flax import nnx
 
 from data_pipelines import features as F
 from data_pipelines import mixture
-from x2vlm_jax import tasks_cls, tasks_vqa
+from x2vlm_jax import paths, tasks_cls, tasks_vqa
 from x2vlm_jax.evaluators import qa_data, vqa_metric
 from x2vlm_jax.evaluators.settings import ClassifySettings, VqaSettings, prefix
 
@@ -92,11 +91,10 @@ def run_vqa(fns, sec: VqaSettings, tokenizer, res: int, batch: int, result_dir, 
     best = predict_answers(fns, data, answer_ids, answer_mask, sec.k_test, batch)
     preds = [answers[int(i)] for i in best]
     if out_dir and jax.process_index() == 0:
-      path = os.path.join(out_dir, f"vqa_result{'_' + split if split else ''}.json")
-      os.makedirs(out_dir, exist_ok=True)
+      path = paths.path(out_dir) / f"vqa_result{'_' + split if split else ''}.json"
+      path.parent.mkdir(parents=True, exist_ok=True)
       rows = [{"question_id": q, "answer": a} for q, a in zip(data.question_ids, preds)]
-      with open(path, "w", encoding="utf-8") as f:
-        json.dump(rows, f)
+      path.write_text(json.dumps(rows))
       say(f"{name}: wrote {path}")
     known = [i for i, a in enumerate(data.answers) if a]
     if known:

@@ -7,12 +7,10 @@ the same way, and the phrase with the IoU underneath.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from x2vlm_jax import box_ops
+from x2vlm_jax import box_ops, paths
 from x2vlm_jax.evaluators import grounding
 
 TRUE_COLOUR = (0, 200, 0)
@@ -82,6 +80,8 @@ def write_grounding_png(path: str, data, pred_boxes: np.ndarray, n: int = 6) -> 
   draw = ImageDraw.Draw(out)
   draw.text((8, 4), "green = true box", fill=TRUE_COLOUR, font=ImageFont.load_default())
   draw.text((140, 4), "red = predicted box", fill=PRED_COLOUR, font=ImageFont.load_default())
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  out.save(path, format="PNG")
+  target = paths.path(path)  # a cloud URL is written through its client, not as a local file
+  target.parent.mkdir(parents=True, exist_ok=True)
+  with target.open("wb") as f:
+    out.save(f, format="PNG")
   return path

@@ -13,18 +13,17 @@ mismatching parameters instead of evaluating garbage.
 
 from __future__ import annotations
 
-import pathlib
-
 import jax
+from etils import epath
 
 from x2vlm_jax import checkpoint as ckpt_lib
-from x2vlm_jax import init_lib, params_io
+from x2vlm_jax import init_lib, params_io, paths
 from x2vlm_jax.models.config import ModelConfig
 from x2vlm_jax.models.x2vlm import X2VLM
 from x2vlm_jax.train_state import ParamLayout, restore_params
 
 
-def _checkpoint_dir(path: pathlib.Path) -> pathlib.Path | None:
+def _checkpoint_dir(path: epath.Path) -> epath.Path | None:
   """`path` itself or `path/checkpoints` when it holds committed orbax steps."""
   for cand in (path / ckpt_lib.CKPT_DIR, path):
     if cand.is_dir() and any(c.name.isdigit() for c in cand.iterdir()):
@@ -33,7 +32,7 @@ def _checkpoint_dir(path: pathlib.Path) -> pathlib.Path | None:
 
 
 def from_checkpoint(
-  model_cfg: ModelConfig, ckpt_dir: pathlib.Path, mesh, step: int | None = None
+  model_cfg: ModelConfig, ckpt_dir: epath.Path, mesh, step: int | None = None
 ) -> tuple[X2VLM, int]:
   """(model, step) from the trainer's newest good checkpoint (or exactly `step`)."""
   layout = ParamLayout.build(model_cfg, mesh)
@@ -68,7 +67,7 @@ def load_model(
     init = _initialised(init_lib.InitConfig(official_th=official_th), model_cfg, mesh)
     missing = len(init.fresh_paths)
     return init.model, f"official checkpoint {official_th} ({missing} parameters not in the file)"
-  path = pathlib.Path(checkpoint)
+  path = paths.path(checkpoint)
   if not path.exists():
     raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file or directory")
   if (path / params_io.CONFIG_FILE).exists():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -167,7 +168,7 @@ class VisionAttention(nnx.Module):
     k = qkv[:, :, 1]  # key bias is the constant 0 of the official [q_bias, 0, v_bias]
     v = qkv[:, :, 2] + self.v_bias[...].astype(self.dtype)
     bias = self.rel_pos_bias[...].astype(jnp.float32)[rel_index]  # [S, S, H]
-    bias = jnp.transpose(bias, (2, 0, 1))[None]  # [1, H, S, S]
+    bias = einops.rearrange(bias, "q k h -> 1 h q k")
     out = L.dot_attention(q, k, v, bias)  # [B, S, H, dh]
     return self.proj(out)
 
@@ -275,10 +276,8 @@ class VisionTower(nnx.Module):
 
   def patchify(self, images: jax.Array) -> jax.Array:
     """[N, R, R, 3] -> [N, T, p, p, 3], patches in row-major grid order (row = y)."""
-    n, r, _, c = images.shape
-    p, g = self.cfg.patch_size, r // self.cfg.patch_size
-    x = images.reshape(n, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(n, g * g, p, p, c)
+    p = self.cfg.patch_size  # the grid sizes gy = gx = R / p follow from the shape
+    return einops.rearrange(images, "n (gy py) (gx px) c -> n (gy gx) py px c", py=p, px=p)
 
   def __call__(self, images: jax.Array, key: jax.Array | None = None) -> jax.Array:
     cfg = self.cfg
