@@ -30,8 +30,9 @@ caption-demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	# Two workers, whole files per worker (module fixtures are built once); the slowest listed.
-	$(BIN)/python -m pytest tests -n 2 --dist loadfile --durations=30
+	# Two workers, whole files per worker (module fixtures are built once), the longest files
+	# first (tests/conftest.py); the slowest tests are listed at the end.
+	$(BIN)/python -m pytest tests -n 2 --dist loadfile --no-loadscope-reorder --durations=30
 
 clean:
 	rm -rf $(VENV)
