@@ -130,4 +130,4 @@ def test_task_fields_extend_one_kind_only():
   video = F.batch_spec(F.BatchSizes(image_res=32, video_batch=2, task_fields=F.VIDEO_QA))
   assert video[F.VIDEO][F.LABEL] == ((2,), np.int32)
   with pytest.raises(ValueError, match="task_fields"):
-    F.batch_spec(F.BatchSizes(image_batch=1, task_fields="caption"))
+    F.batch_spec(F.BatchSizes(image_batch=1, task_fields="snli_ve"))
