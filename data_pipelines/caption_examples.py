@@ -22,7 +22,7 @@ import numpy as np
 from data_pipelines import features as F
 from data_pipelines import image_ops
 from data_pipelines.checks import decode_image
-from data_pipelines.masking import choose_masked_positions
+from data_pipelines.masking import choose_with
 from data_pipelines.text_ops import Tokenizer
 
 
@@ -80,14 +80,10 @@ def caption_example(record, rng, cfg: F.PreprocConfig, tokenizer: Tokenizer) -> 
     tokenizer, cfg.caption_prompt, caption, rid, cfg.max_tokens
   )
   n_pred_base = len(pieces) - n_prompt  # the official n counts [CLS] and [SEP], not the prompt
-  masked = choose_masked_positions(
+  masked = choose_with(
+    cfg,
     pieces,
     rng,
-    max_masks=cfg.max_masks,
-    mask_prob=cfg.mask_prob,
-    skipgram_prb=cfg.skipgram_prb,
-    skipgram_size=cfg.skipgram_size,
-    mask_whole_word=cfg.mask_whole_word,
     first=1 + n_prompt,
     n_tokens=n_pred_base,
   )

@@ -121,6 +121,20 @@ def choose_masked_positions(
   return out
 
 
+def choose_with(cfg: PreprocConfig, pieces, rng: np.random.Generator, **kw) -> list[int]:
+  """`choose_masked_positions` with `cfg`'s masking settings (kw: `first`, `n_tokens`)."""
+  return choose_masked_positions(
+    pieces,
+    rng,
+    max_masks=cfg.max_masks,
+    mask_prob=cfg.mask_prob,
+    skipgram_prb=cfg.skipgram_prb,
+    skipgram_size=cfg.skipgram_size,
+    mask_whole_word=cfg.mask_whole_word,
+    **kw,
+  )
+
+
 def apply_mlm(
   ids: np.ndarray,
   positions: list[int],
@@ -167,15 +181,7 @@ def mask_caption(
   vocab_size: int,
 ) -> dict[str, np.ndarray]:
   """Chooses and applies the MLM mask for one tokenised caption with `cfg`'s settings."""
-  positions = choose_masked_positions(
-    pieces,
-    rng,
-    max_masks=cfg.max_masks,
-    mask_prob=cfg.mask_prob,
-    skipgram_prb=cfg.skipgram_prb,
-    skipgram_size=cfg.skipgram_size,
-    mask_whole_word=cfg.mask_whole_word,
-  )
+  positions = choose_with(cfg, pieces, rng)
   return apply_mlm(
     ids, positions, rng, mask_id=mask_id, vocab_size=vocab_size, max_masks=cfg.max_masks
   )
