@@ -21,7 +21,7 @@ def random_official(cfg: MvptrConfig, seed: int = 0):
   sd = {
     k: rng.standard_normal(s).astype(np.float32) for k, (s, _) in S.mvptr_state_spec(cfg).items()
   }
-  for key in S.TIED:
+  for key in S.tied_keys(cfg):
     sd[key] = sd["bert.embeddings.word_embeddings.weight"][: cfg.word_vocab_size].copy()
   return sd
 
@@ -106,3 +106,52 @@ def test_paper_phrase_head_is_ours_only():
   params["phrase_mlm_head"] = {"bias": np.zeros(cfg.vocab_size, np.float32)}  # export drops it
   back = MC.params_to_mvptr(params, cfg)
   assert all(np.array_equal(back[k], sd[k]) for k in sd)
+
+
+FINETUNE = {
+  "retrieval": ["logit_scale", "classifier.weight", "classifier.bias"],
+  "vqa": [f"cls.predictions.{n}" for n in ("bias", "decoder.weight", "transform.dense.weight")],
+  "ve": ["classifier.weight", "classifier.bias"],
+  "grounding": ["classifier.weight", "classifier.bias"],
+}
+
+
+@pytest.mark.parametrize("heads", sorted(FINETUNE))
+def test_finetuning_heads_convert_bit_exact(heads):
+  cfg = MvptrConfig.tiny(heads=heads, qa_answers=5 if heads == "vqa" else 0)
+  spec = S.mvptr_state_spec(cfg)
+  assert S.mvptr_param_shapes(cfg) == _model_shapes(cfg)
+  assert S.count_parameters(spec, S.tied_keys(cfg)) == count_mvptr_params(cfg)
+  assert all(k in spec for k in FINETUNE[heads])
+  # Only `bert.*` and the class's own heads: no pre-training head survives.
+  assert not [k for k in spec if k.startswith(("half_mlm", "qa_head", "cls.seq_relationship"))]
+  assert ("logit_scale" in spec) == (heads == "retrieval")
+  if heads != "vqa":
+    assert spec["classifier.weight"][0] == ({"retrieval": 2, "ve": 3, "grounding": 1}[heads], 40)
+  else:
+    assert spec["cls.predictions.decoder.weight"][0] == (5, 40)  # untied: its own matrix
+  sd = random_official(cfg, seed=3)
+  params, report = MC.mvptr_to_params(sd, cfg)
+  assert report.ok() and not report.missing and not report.unexpected
+  back = MC.params_to_mvptr(params, cfg)
+  assert list(back) == list(sd)
+  assert all(np.array_equal(back[k], sd[k]) for k in sd)
+  if heads == "vqa":
+    np.testing.assert_array_equal(
+      params["vqa_head"]["decoder"], sd["cls.predictions.decoder.weight"]
+    )
+  else:
+    np.testing.assert_array_equal(params["classifier"]["kernel"], sd["classifier.weight"].T)
+
+
+def test_pretrained_file_into_a_finetuning_model_names_the_heads():
+  """A pre-training file does not fit a retrieval model strictly: the report names the MLM
+  heads as unexpected and the new classifier as missing (the init path allows both)."""
+  cfg = MvptrConfig.tiny(heads="retrieval")
+  sd = random_official(MvptrConfig.tiny())
+  with pytest.raises(C.ConversionError, match="classifier"):
+    MC.mvptr_to_params(sd, cfg)
+  params, report = MC.mvptr_to_params(sd, cfg, allow=["missing", "unexpected"])
+  assert sorted(report.missing) == ["classifier.bias", "classifier.kernel"]
+  assert "half_mlm.decoder.weight" in report.unexpected
+  np.testing.assert_array_equal(params["logit_scale"], sd["logit_scale"])

@@ -1,4 +1,5 @@
-"""Official MVPTR state dicts <-> our `MVPTR` params, strict both ways (docs/mvptr.md#weights).
+"""Official MVPTR state dicts <-> our `MVPTR` params, strict both ways (docs/mvptr.md#weights):
+the pre-training class or, by `MvptrConfig.heads`, one of the fine-tuning classes.
 
 The rule table follows `official.py`: `common.Rule`s from official keys to our dotted paths,
 `common.merge` for the import (coverage report: missing / unexpected / shape / check) and
@@ -39,29 +40,47 @@ def _word_rows(n: int) -> T.Transform:
 
 
 def mvptr_rules(cfg: MvptrConfig) -> list[C.Rule]:
-  """Rules from the keys of `BiBertImgForPreTraining` to our paths."""
+  """Rules from the keys of the official class of `cfg.heads` to our paths."""
   rules = [
-    C.Rule(r"logit_scale", "logit_scale"),
     C.Rule(r"bert\.(?P<p>txt|vis)_proj", r"\g<p>_proj"),  # x @ W: same orientation as ours
     *O._embedding_rules(r"bert\.embeddings\.", "embeddings", cfg.max_positions),
     *O._linear_rules(r"bert\.pooler\.dense", "pooler"),
     *O._linear_rules(r"bert\.img_embedding", "img_embedding"),
-    *O._linear_rules(r"cls\.seq_relationship", "itm_head"),
-    *O._linear_rules(r"qa_head", "qa_head"),
   ]
   for stack in STACKS:
     lay = rf"bert\.{stack}\.layer\.(?P<layer>\d+)\."
     rules += O._layer_rules(lay, f"{stack}.layers", "attn", "attn_norm", 0, cfg.depth, False)
-  for theirs, ours in ((r"cls\.predictions\.", "mlm_head"), (r"half_mlm\.", "tag_mlm_head")):
+  if cfg.heads in ("pretrain", "retrieval"):
+    rules.append(C.Rule(r"logit_scale", "logit_scale"))
+  if cfg.heads == "pretrain":
     rules += [
-      C.Rule(theirs + "bias", f"{ours}.bias"),
-      *O._linear_rules(theirs + r"transform\.dense", f"{ours}.dense"),
-      *O._ln_rules(theirs + r"transform\.LayerNorm", f"{ours}.norm"),
-      C.Rule(
-        theirs + r"decoder\.weight", "embeddings.word", _word_rows(cfg.word_vocab_size), tied=True
-      ),
+      *O._linear_rules(r"cls\.seq_relationship", "itm_head"),
+      *O._linear_rules(r"qa_head", "qa_head"),
     ]
+    for theirs, ours in ((r"cls\.predictions\.", "mlm_head"), (r"half_mlm\.", "tag_mlm_head")):
+      rules += [
+        *_head_transform_rules(theirs, ours),
+        C.Rule(
+          theirs + r"decoder\.weight", "embeddings.word", _word_rows(cfg.word_vocab_size), tied=True
+        ),
+      ]
+  elif cfg.heads == "vqa":
+    # BertQAPredictionHead under the same `cls.predictions.` prefix; its decoder is its own
+    # [answers, D] matrix, stored as-is (our `MlmHead` keeps an own decoder in [V, D]).
+    rules += _head_transform_rules(r"cls\.predictions\.", "vqa_head")
+    rules.append(C.Rule(r"cls\.predictions\.decoder\.weight", "vqa_head.decoder"))
+  else:
+    rules += O._linear_rules(r"classifier", "classifier")
   return rules
+
+
+def _head_transform_rules(theirs: str, ours: str) -> list[C.Rule]:
+  """A prediction head's bias and transform (dense + LayerNorm)."""
+  return [
+    C.Rule(theirs + "bias", f"{ours}.bias"),
+    *O._linear_rules(theirs + r"transform\.dense", f"{ours}.dense"),
+    *O._ln_rules(theirs + r"transform\.LayerNorm", f"{ours}.norm"),
+  ]
 
 
 def mvptr_to_params(

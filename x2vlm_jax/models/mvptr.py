@@ -93,8 +93,9 @@ class Joint(NamedTuple):
 
 
 class MVPTR(nnx.Module):
-  """Parameters as the official pre-training model (`bert.*`, `cls.*`, `half_mlm.*`,
-  `logit_scale`, optional `qa_head`); see docs/mvptr.md for the name mapping."""
+  """Parameters as the official model class of `cfg.heads`: `bert.*` always, then the heads of
+  pre-training (`cls.*`, `half_mlm.*`, `logit_scale`, optional `qa_head`) or of one fine-tuning
+  class (docs/mvptr.md#fine-tuning); see docs/mvptr.md for the name mapping."""
 
   def __init__(self, cfg: MvptrConfig, *, rngs: nnx.Rngs):
     d, kw = cfg.width, dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
@@ -115,11 +116,23 @@ class MVPTR(nnx.Module):
     proj = L.normal(d**-0.5)
     self.txt_proj = L.param(rngs, proj, (d, d), ("embed", "proj"), cfg.param_dtype)
     self.vis_proj = L.param(rngs, proj, (d, d), ("embed", "proj"), cfg.param_dtype)
-    self.logit_scale = L.param(rngs, L.constant(cfg.logit_scale_init), (), (), cfg.param_dtype)
-    self.itm_head = L.Dense(
-      (d,), (cfg.itm_classes,), kernel_names=("embed", "classes"), bias_names=("classes",),
-      kernel_init=bert, **kw,
-    )  # fmt: skip
+    if cfg.heads in ("pretrain", "retrieval"):
+      self.logit_scale = L.param(rngs, L.constant(cfg.logit_scale_init), (), (), cfg.param_dtype)
+    if cfg.heads == "pretrain":
+      self._pretrain_heads(cfg, kw)
+    if cfg.classifier_labels:
+      # The fine-tuning `classifier` Linear(D, n) on dropout(pooler) (retrieval: a *new* ITM head
+      # with label 1 = match; SNLI-VE: 3 classes; grounding: 1 output, unused by its loss).
+      self.classifier = _linear(d, cfg.classifier_labels, kw)
+    if cfg.heads == "vqa":
+      # `BertQAPredictionHead`: transform (dense, GELU, LN) -> own decoder Linear(D, answers)
+      # without bias + a bias vector; initialised from the MLM head (`tasks_mvptr`).
+      self.vqa_head = MlmHead(d, cfg.qa_answers, cfg.ln_eps, own_decoder=True, **kw)
+
+  def _pretrain_heads(self, cfg: MvptrConfig, kw: dict) -> None:
+    """The heads of the official pre-training class `BiBertImgForPreTraining`."""
+    d = cfg.width
+    self.itm_head = _linear(d, cfg.itm_classes, kw)
     # Two MLM heads, both decoding over the word rows only (`only_word_size`): words of the
     # joint output (`cls.predictions`) and tag word pieces of the visual output (`half_mlm`).
     self.mlm_head = MlmHead(d, cfg.word_vocab_size, cfg.ln_eps, **kw)
@@ -127,10 +140,7 @@ class MVPTR(nnx.Module):
     if cfg.phrase_head:
       self.phrase_mlm_head = MlmHead(d, cfg.vocab_size, cfg.ln_eps, **kw)
     if cfg.qa_answers > 0:
-      self.qa_head = L.Dense(
-        (d,), (cfg.qa_answers,), kernel_names=("embed", "classes"), bias_names=("classes",),
-        kernel_init=bert, **kw,
-      )  # fmt: skip
+      self.qa_head = _linear(d, cfg.qa_answers, kw)
 
   # -- uni-modal stacks ------------------------------------------------------------------------
 
@@ -199,6 +209,26 @@ class MVPTR(nnx.Module):
   def itm_logits(self, pooled) -> jax.Array:
     """Pooled joint output [B, D] -> [B, itm_classes] f32 (official label 0 = match)."""
     return self.itm_head(pooled).astype(jnp.float32)
+
+  def classifier_logits(self, pooled) -> jax.Array:
+    """Fine-tuning `classifier`: [B, D] -> [B, classifier_labels] f32 (retrieval: 1 = match)."""
+    if not self.cfg.classifier_labels:
+      raise ValueError(f"heads {self.cfg.heads!r} have no classifier (retrieval, ve, grounding)")
+    return self.classifier(pooled).astype(jnp.float32)
+
+  def vqa_logits(self, h) -> jax.Array:
+    """VQA head on joint token-0 states [B, D] -> answer logits [B, qa_answers] f32."""
+    if self.cfg.heads != "vqa":
+      raise ValueError(f"vqa_logits needs MvptrConfig(heads='vqa'), got {self.cfg.heads!r}")
+    return self.vqa_head(h[:, None])[:, 0]
+
+
+def _linear(d: int, n: int, kw: dict) -> L.Dense:
+  """Linear(D -> n) with the official N(0, 0.02) init, kernel [D, n] (embed, classes)."""
+  return L.Dense(
+    (d,), (n,), kernel_names=("embed", "classes"), bias_names=("classes",),
+    kernel_init=L.normal(0.02), **kw,
+  )  # fmt: skip
 
 
 def _split(key):

@@ -21,6 +21,15 @@ from x2vlm_jax.models.config import TextConfig
 MVPTR_VOCAB_SIZE = 86051
 BERT_WORD_VOCAB_SIZE = 30522  # `only_word_size`: bert-base-uncased WordPiece ids
 
+# The head set of each official model class (docs/mvptr.md#fine-tuning): "pretrain" =
+# `BiBertImgForPreTraining` (logit_scale, ITM, the two MLM heads, optional qa_head); "retrieval" =
+# `BiImageBertForRetrieval` (logit_scale, `classifier` Linear(D, 2)); "vqa" = `BiImageBertForVQA`
+# (`cls.predictions` = BertQAPredictionHead over `qa_answers`); "ve" =
+# `BiImageBertForSequenceClassification` (`classifier` Linear(D, 3)); "grounding" =
+# `BiImageBertForRE` (`classifier` Linear(D, 1), unused by its cosine loss but in the file).
+HEAD_SETS = ("pretrain", "retrieval", "vqa", "ve", "grounding")
+CLASSIFIER_LABELS = {"retrieval": 2, "ve": 3, "grounding": 1}
+
 
 @dataclasses.dataclass(frozen=True)
 class MvptrConfig:
@@ -42,7 +51,8 @@ class MvptrConfig:
   # `phrase_layer` 2 = the third layer; the paper's WPG works at layer 3).
   phrase_layer: int = 2
   itm_classes: int = 2  # `cls.seq_relationship` (official `num_contrast_classes`, 2 or 3)
-  qa_answers: int = 0  # `qa_head` rows of the pre-training class (config-defined); 0 = absent
+  qa_answers: int = 0  # rows of `qa_head` (pretrain) or of the VQA head (heads "vqa"); 0 = none
+  heads: str = "pretrain"  # which official class's heads the model carries (HEAD_SETS)
   # The paper's textual MCR head (not in the released code): an MLM-style head on the textual
   # stack decoding over the *whole* table (words + phrases), tied to it. Off = the official tree.
   phrase_head: bool = False
@@ -58,6 +68,17 @@ class MvptrConfig:
       )
     if not 0 <= self.phrase_layer < self.depth:
       raise ValueError(f"phrase_layer {self.phrase_layer} must be in [0, depth {self.depth})")
+    if self.heads not in HEAD_SETS:
+      raise ValueError(f"MvptrConfig.heads must be one of {HEAD_SETS}, got {self.heads!r}")
+    if self.heads == "vqa" and self.qa_answers <= 0:
+      raise ValueError("MvptrConfig(heads='vqa') needs qa_answers > 0 (official 3,129)")
+    if self.heads != "pretrain" and self.phrase_head:
+      raise ValueError("phrase_head is a pre-training head: it needs heads='pretrain'")
+
+  @property
+  def classifier_labels(self) -> int:
+    """Outputs of the fine-tuning `classifier` Linear (0 = no such head)."""
+    return CLASSIFIER_LABELS.get(self.heads, 0)
 
   def replace(self, **kw) -> "MvptrConfig":
     return dataclasses.replace(self, **kw)
