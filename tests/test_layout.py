@@ -50,6 +50,7 @@ LAYERS = {
   "x2vlm_jax.tasks": 5,
   "x2vlm_jax.tasks_vqa": 5,
   "x2vlm_jax.tasks_cls": 5,
+  "x2vlm_jax.tasks_mvptr": 5,
   "x2vlm_jax.tasks_caption": 5,
   "x2vlm_jax.caption_decode": 5,
   "x2vlm_jax.evaluators": 6,  # beside the loop: never imports it

@@ -169,24 +169,29 @@ def _score_pairs(
   return out
 
 
-def itm_rerank_scores(sims, itm_score_fn: ItmScoreFn, k: int, chunk_size: int = 256):
+def itm_rerank_scores(
+  sims, itm_score_fn: ItmScoreFn, k: int, chunk_size: int = 256, k_t2i: int | None = None
+):
   """Official re-ranking: ITM logits for each query's top-k candidates, -100 elsewhere.
 
   Args:
     sims: [Ni, Nt] ITC similarities.
     itm_score_fn: (image_indices [C], text_indices [C]) -> [C] ITM logit of class 1.
-    k: candidates per query (`k_test`; the paper uses 80 for COCO and 32 for Flickr30K).
+    k: candidates per query (`k_test`; the paper uses 80 for COCO and 32 for Flickr30K); with
+      `k_t2i`, texts per image query only.
     chunk_size: pairs per `itm_score_fn` call.
+    k_t2i: images per text query when it differs from `k` (MVPTR's k_c / k_i).
 
   Returns:
     (score_i2t [Ni, Nt], score_t2i [Nt, Ni]) float32.
   """
   sims = np.asarray(sims, np.float32)
   num_images, num_texts = sims.shape
-  if k < 1 or chunk_size < 1:
-    raise ValueError(f"k ({k}) and chunk_size ({chunk_size}) must be >= 1")
+  k_t2i = k if k_t2i is None else k_t2i
+  if min(k, k_t2i, chunk_size) < 1:
+    raise ValueError(f"k ({k}, {k_t2i}) and chunk_size ({chunk_size}) must be >= 1")
   top_t = _top_k(sims, min(k, num_texts))  # [Ni, k] texts per image
-  top_i = _top_k(sims.T, min(k, num_images))  # [Nt, k] images per text
+  top_i = _top_k(sims.T, min(k_t2i, num_images))  # [Nt, k_t2i] images per text
   pair_img = np.concatenate([np.repeat(np.arange(num_images), top_t.shape[1]), top_i.reshape(-1)])
   pair_txt = np.concatenate([top_t.reshape(-1), np.repeat(np.arange(num_texts), top_i.shape[1])])
   # A pair that is a candidate in both directions is scored once (the ITM logit of a pair does

@@ -165,9 +165,19 @@ class MVPTR(nnx.Module):
 
   def global_features(self, text_hidden, vision_hidden) -> tuple[jax.Array, jax.Array]:
     """L2-normalised [CLS] @ txt_proj / vis_proj -> ([B, D], [B, D]) float32 (VSC features)."""
-    t = text_hidden[:, 0].astype(jnp.float32) @ self.txt_proj[...].astype(jnp.float32)
-    v = vision_hidden[:, 0].astype(jnp.float32) @ self.vis_proj[...].astype(jnp.float32)
-    return _normalize(t), _normalize(v)
+    return self.text_global(text_hidden), self.vision_global(vision_hidden)
+
+  def text_global(self, text_hidden) -> jax.Array:
+    """The text half of `global_features`: [B, L_A, D] -> [B, D] unit float32."""
+    return _normalize(
+      text_hidden[:, 0].astype(jnp.float32) @ self.txt_proj[...].astype(jnp.float32)
+    )
+
+  def vision_global(self, vision_hidden) -> jax.Array:
+    """The image half of `global_features`: [B, T + R, D] -> [B, D] unit float32."""
+    return _normalize(
+      vision_hidden[:, 0].astype(jnp.float32) @ self.vis_proj[...].astype(jnp.float32)
+    )
 
   # -- cross-modal stack and heads -------------------------------------------------------------
 
