@@ -213,6 +213,8 @@ def test_heads_and_fields_are_checked():
   b = _batch(model.cfg)
   with pytest.raises(KeyError, match="ve_label"):
     TM.ve_loss(model, b, None)
+  with pytest.raises(KeyError, match="no field 'tag_mask'"):
+    TM.ve_loss(model, {k: v for k, v in b.items() if k != "tag_mask"} | {"ve_label": [0] * 3}, None)
   with pytest.raises(ValueError, match="grounding variant"):
     TM.grounding_loss(model, b | {"region_boxes": BOXES, "gt_box": GT}, None, variant="x")
   with pytest.raises(ValueError, match="vqa_logits"):

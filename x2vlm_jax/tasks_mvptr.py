@@ -48,6 +48,7 @@ from x2vlm_jax import mvptr_losses as ML
 from x2vlm_jax.models import layers as L
 from x2vlm_jax.models.mvptr import MVPTR
 
+STREAM_FIELDS = ("text_ids", "text_mask", "tag_ids", "tag_mask", "regions", "region_mask")
 GROUNDING_VARIANTS = ("paper", "code")
 ITM_NEGATIVES = ("hardest", "sample")
 
@@ -65,10 +66,11 @@ def _field(batch: Mapping, name: str, task: str):
 
 def encode(model: MVPTR, b: Mapping, keys=(None, None)) -> tuple[jax.Array, jax.Array]:
   """The uni-modal stacks: (txt_encoder output [B, L_A, D], vis_encoder output [B, T + R, D])."""
+  f = {n: _field(b, n, "fine-tuning") for n in STREAM_FIELDS}
   types = b.get("text_type_ids")
-  text = model.encode_text(b["text_ids"], b["text_mask"], types, key=keys[0])
+  text = model.encode_text(f["text_ids"], f["text_mask"], types, key=keys[0])
   vis = model.encode_vision(
-    b["tag_ids"], b["tag_mask"], b["regions"], b["region_mask"], key=keys[1]
+    f["tag_ids"], f["tag_mask"], f["regions"], f["region_mask"], key=keys[1]
   )
   return text, vis
 
@@ -189,10 +191,9 @@ def init_qa_head_from_mlm(params: Mapping[str, Any], answer_token_ids: Sequence[
       raise ValueError(f"answer {a}: word pieces {ids.tolist()} outside [0, {bias.shape[0]})")
     rows.append(word[ids].mean(axis=0))
     biases.append(bias[ids].mean())
-  copy = lambda tree: jax.tree.map(lambda x: np.array(x, copy=True), dict(tree))  # noqa: E731
   return {
-    "dense": copy(mlm["dense"]),
-    "norm": copy(mlm["norm"]),
+    "dense": jax.tree.map(np.array, dict(mlm["dense"])),  # copies
+    "norm": jax.tree.map(np.array, dict(mlm["norm"])),
     "decoder": np.stack(rows).astype(word.dtype),
     "bias": np.asarray(biases, bias.dtype),
   }
