@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from x2vlm_jax import treepath
+from x2vlm_jax import sharding, treepath
 from x2vlm_jax.convert import common as C
 from x2vlm_jax.convert import mvptr as MC
 from x2vlm_jax.convert import mvptr_spec as S
@@ -122,6 +122,7 @@ def test_finetuning_heads_convert_bit_exact(heads):
   spec = S.mvptr_state_spec(cfg)
   assert S.mvptr_param_shapes(cfg) == _model_shapes(cfg)
   assert S.count_parameters(spec, S.tied_keys(cfg)) == count_mvptr_params(cfg)
+  assert sharding.check_rules_cover(nnx.state(abstract_mvptr(cfg), nnx.Param)) == []
   assert all(k in spec for k in FINETUNE[heads])
   # Only `bert.*` and the class's own heads: no pre-training head survives.
   assert not [k for k in spec if k.startswith(("half_mlm", "qa_head", "cls.seq_relationship"))]
