@@ -10,7 +10,7 @@ Batch fields (arrays, one row per example; rows are real examples, no padding ro
                                  appends the tags to the question with segment 1)
   tag_ids, tag_mask [B, T]       stream B's tag part: [CLS] + tag word pieces + [SEP]
   regions [B, R, region_dim], region_mask [B, R]
-Per task:
+Per task (one row of each: `data_pipelines/mvptr_finetune_examples.py`):
   retrieval  nothing more: row i's text and image are a matched pair (negatives in-batch)
   vqa        answer_scores [B, A] float: soft VQA score of every answer (0 for most)
   ve         ve_label [B] int: official mapping contradiction 0, neutral 1, entailment 2

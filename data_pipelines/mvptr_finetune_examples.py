@@ -1,0 +1,71 @@
+"""One MVPTR fine-tuning row: the two input streams of `mvptr_examples.build_example` without
+masking (fine-tuning corrupts nothing) plus the targets each task of
+`x2vlm_jax.tasks_mvptr` reads (docs/mvptr.md#fine-tuning):
+
+  retrieval  the stream fields only (every row is a matched pair)
+  vqa        answer_scores [A]: soft score of each answer index (official `target_tensor`)
+  ve         ve_label: contradiction 0, neutral 1, entailment 2 (official `label_mapping`)
+  grounding  region_boxes [max_regions, 4] corner boxes zero-padded like the regions, gt_box [4],
+             phrase_mask [max_tokens + max_phrases]: 1 on the stream-A slots of a word-piece span
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from data_pipelines.mvptr_examples import MvptrExampleSpec, build_example
+
+VE_LABELS = {"contradiction": 0, "neutral": 1, "entailment": 2}
+STREAMS = ("text_ids", "text_mask", "tag_ids", "tag_mask", "regions", "region_mask")
+
+
+def pair_fields(words, phrases, tags, regions, spec: MvptrExampleSpec) -> dict[str, np.ndarray]:
+  """The stream fields of one image-text pair, nothing masked (numpy int32 / float32)."""
+  plain = dataclasses.replace(spec, word_rate=0.0, tag_rate=0.0, phrase_rate=0.0)
+  row = build_example(np.random.default_rng(0), words, phrases, tags, regions, plain)
+  return {k: row[k] for k in STREAMS}
+
+
+def vqa_scores(answer_labels, scores, num_answers: int, record: str = "?") -> np.ndarray:
+  """Answer indices and their soft scores -> [num_answers] float32 target (0 elsewhere)."""
+  labels = np.asarray(answer_labels, np.int64).reshape(-1)
+  values = np.asarray(scores, np.float32).reshape(-1)
+  if labels.shape != values.shape:
+    raise ValueError(f"record {record}: {labels.size} answer labels but {values.size} scores")
+  bad = labels[(labels < 0) | (labels >= num_answers)]
+  if bad.size:
+    raise ValueError(f"record {record}: answer label {bad[0]} outside [0, {num_answers})")
+  out = np.zeros(num_answers, np.float32)
+  out[labels] = values  # a repeated label keeps its last score, as the official loop
+  return out
+
+
+def ve_label(name: str, record: str = "?") -> np.int32:
+  """SNLI-VE gold label name -> class index."""
+  if name not in VE_LABELS:
+    raise ValueError(f"record {record}: gold_label {name!r} is not one of {sorted(VE_LABELS)}")
+  return np.int32(VE_LABELS[name])
+
+
+def grounding_fields(
+  region_boxes, gt_box, span: tuple[int, int], num_words: int, spec: MvptrExampleSpec, record="?"
+) -> dict[str, np.ndarray]:
+  """Region corner boxes [n, 4] (cut / zero-padded to `max_regions` as the regions are), the
+  ground-truth box [4] and the phrase mask of word pieces [start, end) of the caption (stream A
+  slot 1 + i holds word piece i; `num_words` = the caption's word pieces before the cut)."""
+  boxes = np.asarray(region_boxes, np.float32).reshape(-1, 4)
+  gt = np.asarray(gt_box, np.float32).reshape(-1)
+  if gt.shape != (4,):
+    raise ValueError(f"record {record}: gt_box must hold 4 values, got {gt.size}")
+  kept = min(num_words, spec.max_tokens - 2)
+  start, end = span
+  if not 0 <= start < end <= kept:
+    raise ValueError(f"record {record}: phrase span {span} outside the {kept} kept word pieces")
+  padded = np.zeros((spec.max_regions, 4), np.float32)
+  n = min(spec.max_regions, boxes.shape[0])
+  padded[:n] = boxes[:n]
+  mask = np.zeros(spec.max_tokens + spec.max_phrases, np.int32)
+  mask[1 + start : 1 + end] = 1
+  return {"region_boxes": padded, "gt_box": gt, "phrase_mask": mask}
