@@ -70,6 +70,7 @@ def main():
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--lr", type=float, default=5e-4)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--itm_negatives", default="hardest", choices=TM.ITM_NEGATIVES)
   args = p.parse_args()
   rng = np.random.default_rng(args.seed)
   cfg = MvptrConfig.tiny(heads="retrieval")
@@ -81,9 +82,11 @@ def main():
   model = MVPTR(cfg, rngs=nnx.Rngs(args.seed))
   opt = nnx.Optimizer(model, optax.adamw(args.lr, weight_decay=0.05), wrt=nnx.Param)
 
+  neg = args.itm_negatives
+
   @nnx.jit
   def step(model, opt, batch, key):
-    grad_fn = nnx.value_and_grad(lambda m: TM.retrieval_loss(m, batch, key), has_aux=True)
+    grad_fn = nnx.value_and_grad(lambda m: TM.retrieval_loss(m, batch, key, itm_negatives=neg), has_aux=True)
     (loss, metrics), grads = grad_fn(model)
     opt.update(model, grads)
     return metrics
