@@ -1,6 +1,7 @@
 """Do the MVPTR fine-tuning building blocks learn? A CPU check outside the suite; prints JSON.
 
-  python bench/mvptr_finetune.py [--steps 150 --batch 16 --lr 5e-4 --seed 0]
+  python bench/mvptr_finetune.py [--steps 1000 --batch 16 --lr 1e-3 --dropout 0.0 --seed 0
+      --itm_negatives hardest|sample]
 
 A tiny retrieval model (`MvptrConfig.tiny(heads="retrieval")`, random init) is trained with
 `tasks_mvptr.retrieval_loss` (VSC + ITM on the new classifier, hardest in-batch negatives) on
@@ -66,14 +67,15 @@ def make_split(pairs, cfg, rng, protos):
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--steps", type=int, default=150)
+  p.add_argument("--steps", type=int, default=1000)
   p.add_argument("--batch", type=int, default=16)
-  p.add_argument("--lr", type=float, default=5e-4)
+  p.add_argument("--lr", type=float, default=1e-3)
+  p.add_argument("--dropout", type=float, default=0.0)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--itm_negatives", default="hardest", choices=TM.ITM_NEGATIVES)
   args = p.parse_args()
   rng = np.random.default_rng(args.seed)
-  cfg = MvptrConfig.tiny(heads="retrieval")
+  cfg = MvptrConfig.tiny(heads="retrieval", dropout=args.dropout)
   protos = rng.standard_normal((CONCEPTS, cfg.region_dim)).astype(np.float32)
   pairs = [tuple(x) for x in rng.permutation(list(itertools.combinations(range(CONCEPTS), 2)))]
   held, train = pairs[:22], pairs[22:]
