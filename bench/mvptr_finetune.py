@@ -88,8 +88,8 @@ def main():
 
   @nnx.jit
   def step(model, opt, batch, key):
-    grad_fn = nnx.value_and_grad(lambda m: TM.retrieval_loss(m, batch, key, itm_negatives=neg), has_aux=True)
-    (loss, metrics), grads = grad_fn(model)
+    loss_fn = lambda m: TM.retrieval_loss(m, batch, key, itm_negatives=neg)  # noqa: E731
+    (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     opt.update(model, grads)
     return metrics
 
