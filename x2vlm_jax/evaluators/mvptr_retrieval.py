@@ -47,6 +47,8 @@ def _arrays(data: Mapping, fields, what: str) -> dict[str, np.ndarray]:
   n = {f: a.shape[0] for f, a in out.items()}
   if len(set(n.values())) != 1:
     raise ValueError(f"MVPTR {what} inputs differ in their first axis: {n}")
+  if not next(iter(n.values())):
+    raise ValueError(f"MVPTR {what} inputs are empty")
   return out
 
 
