@@ -72,11 +72,17 @@ def read_spec_file(path: str | os.PathLike) -> dict:
   with open(path) as f:
     text = f.read()
   try:
-    return json.loads(text)
+    spec = json.loads(text)
   except ValueError:
     import yaml  # only for real YAML specs (the official ones)
 
-    return yaml.safe_load(text)
+    try:
+      spec = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+      raise ValueError(f"{path}: neither JSON nor YAML: {e}") from None
+  if not isinstance(spec, dict):
+    raise ValueError(f"{path}: holds a {type(spec).__name__}, not a mapping of spec keys")
+  return spec
 
 
 def load_spec(spec, root: str | None = None, data_dir: str | None = None) -> OscarSpec:
