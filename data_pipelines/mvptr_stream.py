@@ -19,6 +19,7 @@ words / phrases / tags int32, regions float32 [n, D], image_id int64. A batch ho
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import grain
@@ -199,3 +200,23 @@ def pretrain_iterator(
     "shuffle": bool(shuffle),
   }
   return MvptrIterator(stream, batch_size, config, read_threads)
+
+
+def heldout_arrays(source, spec: MvptrExampleSpec) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+  """Every record of a (small, held-out) source in order, unmasked (all masking rates 0), as
+  stacked `build_example` fields + image_id int64 [N] and record index int64 [N] ('index');
+  with the skip counts of the records left out. For retrieval evaluation: captions of one image
+  share its image_id."""
+  plain = dataclasses.replace(spec, word_rate=0.0, tag_rate=0.0, phrase_rate=0.0)
+  rows, skips, fn = [], {}, ExampleFn(source, plain, 0, 0)
+  for i in range(len(source)):
+    status, value = fn(i, i)
+    if status == "skip":
+      skips[value.reason] = skips.get(value.reason, 0) + 1
+      _log.warning("skipped %s", value)
+      continue
+    value["index"] = np.int64(i)
+    rows.append(value)
+  if not rows:
+    raise ValueError(f"{source!r}: no readable record")
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}, skips

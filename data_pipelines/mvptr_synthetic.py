@@ -8,10 +8,11 @@ Per image of the world (`ShapesWorld.scene` / `record`, image kind):
   plus small Gaussian noise, followed by the 6 box values of its exact box;
 - tags (detector classes): the shape names;
 - captions: the world's two captions;
-- phrases per caption: the tuples the caption states, known exactly from the scene: objects
-  (shape,), attributes (shape, colour) and (shape, size), relations (subject shape, relation,
-  object shape) with relation one of `RELATIONS`. Single-word objects take the BERT word id of
-  the shape name; attribute and relation tuples get ids from 30522 on (`phrase_vocab`).
+- phrases per caption: the tuples the caption states, known exactly from the scene: relations
+  (subject shape, relation, object shape) with relation one of `RELATIONS`, objects (shape,),
+  attributes (shape, colour) and (shape, size), in that order. Single-word objects take the
+  BERT word id of the shape name; attribute and relation tuples get ids from 30522 on
+  (`phrase_vocab`).
 
 `write_splits` writes a train split and a held-out split (retrieval evaluation: its images and
 their captions) from disjoint worlds (`synthetic.TRAIN_SEED` / `HELDOUT_SEED`); held-out image
@@ -28,6 +29,7 @@ import numpy as np
 from data_pipelines import features as F
 from data_pipelines import mvptr_regions
 from data_pipelines import synthetic as S
+from data_pipelines.mvptr_oscar import OscarSource, load_tokenizer
 from data_pipelines.mvptr_oscar_write import LayoutWriter
 from data_pipelines.mvptr_phrases import PhraseTable
 
@@ -87,18 +89,21 @@ def phrase_vocab(tokenizer) -> PhraseTable:
 
 
 def caption_phrases(caption: str, shapes) -> list[tuple[str, ...]]:
-  """The tuples a world caption states (objects, their attributes, the relation it names)."""
-  out = []
-  for s in shapes:
-    if s.phrase() in caption:  # 'a large red circle'
-      out += [(s.shape,), (s.shape, s.colour), (s.shape, s.size)]
-    elif s.phrase(with_size=False) in caption:  # 'a red circle at the top left'
-      out += [(s.shape,), (s.shape, s.colour)]
+  """The tuples a world caption states: the relation it names, then its objects, then their
+  attributes (this order keeps the most specific tuples when `max_phrases` cuts the list)."""
+  rels, objs, attrs = [], [], []
   for a in shapes:
     for b in shapes:
       if a is not b and f"{a.phrase()} {S.relation(a, b)} {b.phrase()}" == caption:
-        out.append((a.shape, RELATIONS[S.relation(a, b)], b.shape))
-  return list(dict.fromkeys(out))
+        rels.append((a.shape, RELATIONS[S.relation(a, b)], b.shape))
+  for s in shapes:
+    if s.phrase() in caption:  # 'a large red circle'
+      objs.append((s.shape,))
+      attrs += [(s.shape, s.colour), (s.shape, s.size)]
+    elif s.phrase(with_size=False) in caption:  # 'a red circle at the top left'
+      objs.append((s.shape,))
+      attrs.append((s.shape, s.colour))
+  return list(dict.fromkeys(rels + objs + attrs))
 
 
 def write(root: str, n_images: int, seed: int, first_id: int, tokenizer) -> str:
@@ -121,8 +126,6 @@ def write(root: str, n_images: int, seed: int, first_id: int, tokenizer) -> str:
 
 def write_splits(out_dir: str, n_train: int, n_heldout: int, tokenizer=None) -> dict[str, str]:
   """{'train': spec path, 'heldout': spec path} under out_dir/train and out_dir/heldout."""
-  from data_pipelines.mvptr_oscar import load_tokenizer
-
   tok = load_tokenizer(tokenizer)
   return {
     "train": write(os.path.join(out_dir, "train"), n_train, S.TRAIN_SEED, 0, tok),
@@ -130,3 +133,27 @@ def write_splits(out_dir: str, n_train: int, n_heldout: int, tokenizer=None) -> 
       os.path.join(out_dir, "heldout"), n_heldout, S.HELDOUT_SEED, HELDOUT_ID_BASE, tok
     ),
   }
+
+
+def main(argv: list[str] | None = None) -> int:
+  """`python -m data_pipelines.mvptr_synthetic OUT_DIR [--train N] [--heldout N]`: writes both
+  splits; stdout is a JSON summary (spec paths, records, phrase vocabulary size)."""
+  import argparse
+  import json
+
+  parser = argparse.ArgumentParser(prog="python -m data_pipelines.mvptr_synthetic")
+  parser.add_argument("out_dir")
+  parser.add_argument("--train", type=int, default=400, help="train images (2 captions each)")
+  parser.add_argument("--heldout", type=int, default=100, help="held-out images")
+  parser.add_argument("--tokenizer", help="HF tokenizer dir (default: MiniLM, bert-base-uncased)")
+  args = parser.parse_args(argv)
+  tok = load_tokenizer(args.tokenizer)
+  specs = write_splits(args.out_dir, args.train, args.heldout, tok)
+  summary = {k: {"spec": p, "records": len(OscarSource(p, tok))} for k, p in specs.items()}
+  summary["vocab_size"] = max(phrase_vocab(tok).ids) + 1
+  print(json.dumps(summary))
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -95,6 +95,17 @@ def test_files_are_the_official_layout(layout):
   assert len(json.loads((train / "sg.json").read_text())) == 2 * N_TRAIN
 
 
+def test_tsv_rows_count_blank_lines_and_catch_a_stale_lineidx(tmp_path):
+  tsv = tmp_path / "x.tsv"
+  tsv.write_bytes(b"a\tb\n\nccc\r\nd")  # rows: 'a\tb', blank, 'ccc', 'd' (no final newline)
+  rows = MO.TsvRows(str(tsv))
+  assert [rows.row(r) for r in range(len(rows))] == [b"a\tb", None, b"ccc", b"d"]
+  (tmp_path / "x.lineidx").write_text("0\n4\n5\n10\n")  # the official offsets: used
+  assert MO.TsvRows(str(tsv)).row(3) == b"d"
+  (tmp_path / "x.lineidx").write_text("0\n3\n6\n")  # stale: offsets not after a newline
+  assert [MO.TsvRows(str(tsv)).row(r) for r in range(4)] == [b"a\tb", None, b"ccc", b"d"]
+
+
 def _corrupt(root):
   """A copy of the train layout with one fault per image (see the expected table below)."""
   d = root / "corrupt"

@@ -93,3 +93,11 @@ def test_skipped_records_are_counted_and_logged(caplog):
   assert it.skip_counts() == {"missing_image": 2}
   assert it.get_state()["skips"] == {"missing_image": 2}
   assert "corpus.tsv:3: missing_image in field 'image_feature'" in caplog.text
+
+
+def test_heldout_arrays_are_unmasked_and_ordered():
+  arrays, skips = mvptr_stream.heldout_arrays(_Records(6, bad={4}), T.SPEC)
+  assert skips == {"missing_image": 1} and arrays["index"].tolist() == [0, 1, 2, 3, 5]
+  assert arrays["image_id"].tolist() == [0, 1, 2, 3, 5]
+  assert (arrays["text_labels"] == -1).all() and (arrays["tag_labels"] == -1).all()
+  assert arrays["text_ids"][:, 1].tolist() == [2000, 2001, 2002, 2003, 2005]  # never masked
