@@ -106,6 +106,52 @@ def test_tsv_rows_count_blank_lines_and_catch_a_stale_lineidx(tmp_path):
   assert [MO.TsvRows(str(tsv)).row(r) for r in range(4)] == [b"a\tb", None, b"ccc", b"d"]
 
 
+def test_caption_phrases_state_what_the_caption_says():
+  a = S.Shape("circle", "red", "large", (2, 20, 19, 19))
+  b = S.Shape("square", "blue", "small", (40, 25, 10, 10))
+  relation = "a large red circle to the left of a small blue square"
+  assert mvptr_synthetic.caption_phrases(relation, [b, a]) == [
+    ("circle", "left", "square"),
+    ("square",),
+    ("circle",),
+    ("square", "blue"),
+    ("square", "small"),
+    ("circle", "red"),
+    ("circle", "large"),
+  ]
+  assert mvptr_synthetic.caption_phrases("a red circle at the top left", [a]) == [
+    ("circle",),
+    ("circle", "red"),
+  ]
+
+
+def test_chunked_features_and_dataset_selection(layout):
+  root, _ = layout
+  d = root / "chunked"
+  shutil.copytree(root / "train", d)
+  (d / "features/shapes/7").mkdir()
+  for name in ("features.tsv", "imageid2idx.json", "features.lineidx"):
+    os.rename(d / "features/shapes" / name, d / "features/shapes/7" / name)
+  corpus = (d / "corpus.tsv").read_text().splitlines()
+  corpus = [line.replace("shapes_", "shapes_7_", 1) for line in corpus]  # "<ds>_<chunk>_<id>"
+  (d / "corpus.tsv").write_text("\n".join(corpus) + "\n")
+  chunked = MO.OscarSource(d / "oscar.yaml", T.tokenizer())
+  plain = MO.OscarSource(root / "train/oscar.yaml", T.tokenizer())
+  assert len(chunked) == len(plain)
+  for i in (0, 5, len(plain) - 1):
+    assert np.array_equal(chunked[i]["regions"], plain[i]["regions"])
+    assert chunked[i]["image_id"] == plain[i]["image_id"]
+  spec = MO.read_spec_file(d / "oscar.yaml")
+  spec["image_feature_path"]["coco"] = "features/shapes"
+  spec["image_label_path"]["coco"] = "labels/shapes"
+  only_coco = MO.OscarSource({**spec, "corpus": "coco"}, T.tokenizer(), root=str(d))
+  assert len(only_coco) == 0 and only_coco.excluded == {"other_dataset": len(plain)}
+  assert len(MO.OscarSource({**spec, "corpus": "shapes_coco"}, T.tokenizer(), root=str(d))) == 20
+  spec["image_feature_path"]["vg"] = spec["image_label_path"]["vg"] = "nowhere"
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    MO.OscarSource({**spec, "corpus": "vg"}, T.tokenizer(), root=str(d))
+
+
 def _corrupt(root):
   """A copy of the train layout with one fault per image (see the expected table below)."""
   d = root / "corrupt"
