@@ -14,6 +14,9 @@ Per image of the world (`ShapesWorld.scene` / `record`, image kind):
   BERT word id of the shape name; attribute and relation tuples get ids from 30522 on
   (`phrase_vocab`).
 
+Phrase-grounding ground truth: `grounding.json` next to the corpus (per corpus line, the
+region row each sg phrase denotes, -1 if ambiguous), read with `grounding_targets`.
+
 `write_splits` writes a train split and a held-out split (retrieval evaluation: its images and
 their captions) from disjoint worlds (`synthetic.TRAIN_SEED` / `HELDOUT_SEED`); held-out image
 ids start at `HELDOUT_ID_BASE` so image ids never collide across splits.
@@ -22,6 +25,7 @@ ids start at `HELDOUT_ID_BASE` so image ids never collide across splits.
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 import numpy as np
@@ -44,6 +48,7 @@ RELATIONS = {
   "below": "below",
 }
 HELDOUT_ID_BASE = 1_000_000
+GROUNDING_FILE = "grounding.json"  # per corpus line: the region row of each sg phrase
 FIRST_PHRASE_ID = 30522  # bert-base-uncased word vocabulary size
 
 
@@ -88,29 +93,53 @@ def phrase_vocab(tokenizer) -> PhraseTable:
   return PhraseTable(table)
 
 
-def caption_phrases(caption: str, shapes) -> list[tuple[str, ...]]:
-  """The tuples a world caption states: the relation it names, then its objects, then their
-  attributes (this order keeps the most specific tuples when `max_phrases` cuts the list)."""
+def grounded_phrases(caption: str, shapes) -> list[tuple[tuple[str, ...], int]]:
+  """(tuple, region) of each tuple a world caption states: the relation it names, then its
+  objects, then their attributes (this order keeps the most specific tuples when `max_phrases`
+  cuts the list). region = the index of the shape (= region row) the tuple denotes in this
+  caption (a relation: its subject), -1 when it denotes several ((circle,) in a caption naming
+  two circles)."""
   rels, objs, attrs = [], [], []
   for a in shapes:
     for b in shapes:
       if a is not b and f"{a.phrase()} {S.relation(a, b)} {b.phrase()}" == caption:
-        rels.append((a.shape, RELATIONS[S.relation(a, b)], b.shape))
-  for s in shapes:
+        rels.append(((a.shape, RELATIONS[S.relation(a, b)], b.shape), shapes.index(a)))
+  for k, s in enumerate(shapes):
     if s.phrase() in caption:  # 'a large red circle'
-      objs.append((s.shape,))
-      attrs += [(s.shape, s.colour), (s.shape, s.size)]
+      objs.append(((s.shape,), k))
+      attrs += [((s.shape, s.colour), k), ((s.shape, s.size), k)]
     elif s.phrase(with_size=False) in caption:  # 'a red circle at the top left'
-      objs.append((s.shape,))
-      attrs.append((s.shape, s.colour))
-  return list(dict.fromkeys(rels + objs + attrs))
+      objs.append(((s.shape,), k))
+      attrs.append(((s.shape, s.colour), k))
+  regions: dict[tuple, set[int]] = {}
+  for t, k in rels + objs + attrs:
+    regions.setdefault(t, set()).add(k)
+  return [(t, min(ks) if len(ks) == 1 else -1) for t, ks in regions.items()]
+
+
+def caption_phrases(caption: str, shapes) -> list[tuple[str, ...]]:
+  """The tuples a world caption states, in `grounded_phrases` order."""
+  return [t for t, _ in grounded_phrases(caption, shapes)]
+
+
+def grounding_targets(source, max_phrases: int) -> np.ndarray:
+  """int32 [len(source), max_phrases]: for each record of a synthetic layout (an
+  `OscarSource`), the region row each of its first max_phrases phrases denotes (phrase-grounding
+  ground truth from `GROUNDING_FILE`); -1 for an ambiguous phrase or an empty slot."""
+  with open(os.path.join(os.path.dirname(source.spec.corpus_file), GROUNDING_FILE)) as f:
+    lines = json.load(f)
+  out = np.full((len(source), max_phrases), -1, np.int32)
+  for i in range(len(source)):
+    g = lines[source.location(i)[1] - 1][:max_phrases]
+    out[i, : len(g)] = g
+  return out
 
 
 def write(root: str, n_images: int, seed: int, first_id: int, tokenizer) -> str:
   """Images 0..n-1 of the world with `seed` as one layout under `root`; returns the spec path."""
   world = S.ShapesWorld(seed=seed)
   writer = LayoutWriter(root, DATASET, phrase_vocab(tokenizer))
-  size = world.cfg.image_size
+  size, grounding = world.cfg.image_size, []
   for i in range(n_images):
     _, shapes = world.scene(i, F.IMAGE)
     rng = np.random.default_rng([PROJECTION_SEED, seed, i])
@@ -120,8 +149,13 @@ def write(root: str, n_images: int, seed: int, first_id: int, tokenizer) -> str:
       image_id, region_vectors(shapes, size, rng), [s.shape for s in shapes], boxes, size, size
     )
     for caption in world.record(F.IMAGE, i)["captions"]:
-      writer.add_caption(image_id, caption, caption_phrases(caption, shapes))
-  return writer.close()
+      grounded = grounded_phrases(caption, shapes)
+      writer.add_caption(image_id, caption, [t for t, _ in grounded])
+      grounding.append([k for _, k in grounded])  # every tuple is in the vocabulary
+  spec = writer.close()
+  with open(os.path.join(root, GROUNDING_FILE), "w") as f:
+    json.dump(grounding, f)
+  return spec
 
 
 def write_splits(out_dir: str, n_train: int, n_heldout: int, tokenizer=None) -> dict[str, str]:
@@ -139,7 +173,6 @@ def main(argv: list[str] | None = None) -> int:
   """`python -m data_pipelines.mvptr_synthetic OUT_DIR [--train N] [--heldout N]`: writes both
   splits; stdout is a JSON summary (spec paths, records, phrase vocabulary size)."""
   import argparse
-  import json
 
   parser = argparse.ArgumentParser(prog="python -m data_pipelines.mvptr_synthetic")
   parser.add_argument("out_dir")

@@ -61,6 +61,23 @@ def test_synthetic_round_trip_equals_the_world(layout):
       assert r["regions"].dtype == np.float32 and np.array_equal(r["regions"], regions)
       assert r["image_id"].dtype == np.int64 and r["image_id"] == MO.image_key_id("shapes", str(i))
   assert relations > 0
+  # Grounding ground truth: the region each phrase denotes shows that phrase's shape / colour
+  # (descriptions recovered from the region features through the fixed projection).
+  targets = mvptr_synthetic.grounding_targets(source, 12)
+  id_to_tuple = {v: t for t, v in vocab.tuple_to_id.items()}
+  proj, checked = mvptr_synthetic.projection(), 0
+  for i in range(len(source)):
+    r = source[i]
+    desc = np.linalg.lstsq(proj.T, r["regions"][:, :2048].T.astype(np.float64), rcond=None)[0]
+    for p, k in zip(r["phrases"].tolist(), targets[i]):
+      if k >= 0:
+        words = id_to_tuple[p]
+        assert S.SHAPES[int(np.argmax(desc[:4, k]))] == words[0]
+        if len(words) == 2 and words[1] in S.COLOURS:
+          assert list(S.COLOURS)[int(np.argmax(desc[4:9, k]))] == words[1]
+        checked += 1
+  assert checked > len(source)
+  assert (targets[:, 0] >= 0).any()
   heldout = MO.OscarSource(specs["heldout"], tok)
   assert len(heldout) == 8
   assert not {int(r["image_id"]) for r, _ in _records(heldout)} & {
