@@ -47,10 +47,9 @@ import numpy as np
 
 from data_pipelines import features as F
 from data_pipelines import fileio, mvptr_regions, sources
-from data_pipelines.mvptr_phrases import PhraseTable, load_sg_file
+from data_pipelines.mvptr_phrases import DATASET_ALIASES, PhraseTable, load_sg_file
 
 FEATURE_FILE, LABEL_FILE, OFFSET_MAP = "features.tsv", "predictions_gt.tsv", "imageid2idx.json"
-DATASET_ALIASES = {"cc": "googlecc"}  # the official reader's one renaming
 
 
 @dataclasses.dataclass(frozen=True)
