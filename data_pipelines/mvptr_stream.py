@@ -9,8 +9,8 @@ Every stream element is a pure function of its position, so the iterator's state
 position, the batch counter and the skip counters (a small JSON-able dict): restoring it
 reproduces the remaining batches bit for bit (the design of `mixture.py` / `packing.py`).
 A record whose reader raises `SkipRecord` is dropped, counted per reason (`skip_counts()`) and
-logged with its record id and field. A finite stream (num_epochs) drops its last partial batch,
-so every batch has the same shapes.
+logged with its record id and field (the first 100 skips, then at 1000, 10000, ...). A finite
+stream (num_epochs) drops its last partial batch, so every batch has the same shapes.
 
 The source is any random-access source of MVPTR records (`mvptr_oscar.OscarSource`): dicts with
 words / phrases / tags int32, regions float32 [n, D], image_id int64. A batch holds every
@@ -32,6 +32,13 @@ from data_pipelines.mvptr_examples import MvptrExampleSpec, build_example
 STATE_VERSION = 1
 IMAGE_ID = "image_id"
 _log = logging.getLogger(__name__)
+
+
+def _log_skip(error: F.SkipRecord, total: int) -> None:
+  """Logs a skip (its message names the record, reason and field): the first 100, then one in
+  each power of ten, so a badly broken data set cannot flood the log."""
+  if total <= 100 or str(total).rstrip("0") == "1":
+    _log.warning("skipped %s (%d skipped so far)", error, total)
 
 
 class ExampleFn:
@@ -119,7 +126,7 @@ class MvptrIterator(grain.DatasetIterator):
       status, value = item
       if status == "skip":
         self._skips[value.reason] = self._skips.get(value.reason, 0) + 1
-        _log.warning("skipped %s", value)  # names the record, the reason and the field
+        _log_skip(value, sum(self._skips.values()))
         continue
       examples.append(value)
     self._batch_index += 1
@@ -213,7 +220,7 @@ def heldout_arrays(source, spec: MvptrExampleSpec) -> tuple[dict[str, np.ndarray
     status, value = fn(i, i)
     if status == "skip":
       skips[value.reason] = skips.get(value.reason, 0) + 1
-      _log.warning("skipped %s", value)
+      _log_skip(value, sum(skips.values()))
       continue
     value["index"] = np.int64(i)
     rows.append(value)
