@@ -58,6 +58,20 @@ def test_resume_mid_epoch_is_bit_identical(source):
     mvptr_stream.pretrain_iterator(source, T.SPEC, 4, 8, 0, 1).set_state(state)
 
 
+def test_worker_processes_give_the_same_batches_and_state(source):
+  threads = mvptr_stream.pretrain_iterator(source, T.SPEC, 4, 2, 0, 1)
+  expected = _take(threads, 4)
+  with mvptr_stream.pretrain_iterator(source, T.SPEC, 4, 2, 0, 1, num_workers=1) as procs:
+    for a, b in zip(expected[:2], _take(procs, 2)):
+      _equal(a, b)
+    state = procs.get_state()
+  assert state == {**threads.get_state(), "position": 8, "batch_index": 2}
+  resumed = mvptr_stream.pretrain_iterator(source, T.SPEC, 4, 2, 0, 1)
+  resumed.set_state(state)
+  for a, b in zip(expected[2:], _take(resumed, 2)):
+    _equal(a, b)
+
+
 class _Records:
   """Record i has image_id i; the indices in `bad` raise SkipRecord (a reader fault)."""
 
