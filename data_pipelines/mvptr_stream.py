@@ -84,7 +84,7 @@ def example_stream(
   ds = grain.MapDataset.range(len(source))[process_index::process_count]
   if len(ds) == 0:
     raise ValueError(f"process {process_index}/{process_count}: no records in its shard")
-  if shuffle:
+  if shuffle:  # tag 15: apart from the X2-VLM kinds' seed32(seed, kind, source) shuffles
     ds = ds.shuffle(seed=seed32(seed, 15))
   if num_epochs != 1:
     if num_epochs is not None and num_epochs < 1:
