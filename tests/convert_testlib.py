@@ -21,8 +21,9 @@ TINY_ABS_POS = ModelConfig.tiny(
 )
 
 
-def random_official(cfg, layout=S.PRETRAIN, seed=0):
-  """Random state dict with every key/shape/dtype of the spec; buffers and ties as official."""
+def random_official(cfg, layout=S.PRETRAIN, seed=0, normal=True):
+  """Random state dict with every key/shape/dtype of the spec; buffers and ties as official.
+  `normal=False` draws uniform [0, 1) floats, ~3x faster for full-size models."""
   rng = np.random.default_rng(seed)
   rules = O.official_rules(cfg)
   sd = {}
@@ -33,7 +34,8 @@ def random_official(cfg, layout=S.PRETRAIN, seed=0):
     elif k in S.TIED:
       sd[k] = sd[S.TIED[k]].copy()
     else:
-      sd[k] = rng.standard_normal(shape, dtype=np.float32)
+      draw = rng.standard_normal if normal else rng.random
+      sd[k] = draw(shape, dtype=np.float32)
   return sd
 
 

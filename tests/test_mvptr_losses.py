@@ -121,6 +121,27 @@ def test_pick_negatives_modes():
   np.testing.assert_array_equal(sharp, hardest)
 
 
+def test_code_negatives_stay_on_their_device():
+  """shards=2: rows 0-3 draw among columns 0-3, rows 4-7 among 4-7 (per-GPU negatives)."""
+  sim = RNG.uniform(-1, 1, (8, 8)).astype(np.float32)
+  block = np.arange(8) // 4
+  hardest = np.asarray(ML.pick_negatives(None, sim, 0.0, "hardest", shards=2))
+  local = np.where(block[:, None] == block[None, :], sim - 2 * np.eye(8), -np.inf)
+  np.testing.assert_array_equal(hardest, np.argmax(local, axis=1))
+  keys = jax.random.split(jax.random.key(0), 100)
+  draws = np.asarray(jax.vmap(lambda k: ML.pick_negatives(k, sim, 0.0, "uniform", shards=2))(keys))
+  assert (block[draws] == block[None, :]).all() and not (draws == np.arange(8)).any()
+  assert len(np.unique(draws[:, 0])) == 3
+  hard_img, hard_txt = jnp.array(hardest), jnp.array(hardest[::-1].copy())
+  texts, images = ML.itm_pairs(jax.random.key(3), hard_img, hard_txt, shards=2)
+  texts, images = np.asarray(texts), np.asarray(images)
+  # image halves first: 2 rows of each block keep their text; then 2 rows of each keep the image
+  assert sorted(block[texts[:4]]) == [0, 0, 1, 1] and sorted(block[images[4:]]) == [0, 0, 1, 1]
+  assert sorted(texts[:4].tolist() + images[4:].tolist()) == list(range(8))
+  with pytest.raises(ValueError, match="device shards"):
+    ML.pick_negatives(None, sim[:6, :6], 0.0, "hardest", shards=4)
+
+
 def test_itm_pairs_and_loss():
   hard_img, hard_txt = jnp.array([1, 2, 3, 0]), jnp.array([3, 0, 1, 2])
   texts, images = ML.itm_pairs(jax.random.key(0), hard_img, hard_txt)

@@ -229,8 +229,9 @@ class Progress:
 
   Time the loop spends outside steps is reported with `pause(reason, seconds)`. Compilation
   happens once per program, and the steps of its window also pay one-off costs (the first
-  execution, data workers starting): such a window gives the rate of its own line, but the ETA
-  uses only windows without one (once there is one). Recurring pauses (checkpoint saves,
+  execution, data workers starting), while the window after it runs fast on the batches the
+  input pipeline prefetched during the compile: both give the rates of their own lines, but the
+  ETA uses only later windows (once there is one). Recurring pauses (checkpoint saves,
   evaluations) are left out of the rates, shown on the line of the window they fell in, and
   added to the ETA at their average cost per step so far.
 
@@ -258,6 +259,7 @@ class Progress:
     self._start_step = start_step
     self._window_pauses: dict[str, float] = {}
     self._steady = [0, 0.0]  # steps and busy seconds of windows without one-off pauses
+    self._after_one_off = False  # the previous window had one: this one drains its prefetch
     self._recurring = 0.0  # seconds of recurring pauses since the start
 
   def pause(self, reason: str, seconds: float) -> None:
@@ -285,10 +287,12 @@ class Progress:
     rates = None
     if steps > 0 and busy > 0:
       rates = {k: n * steps / busy for k, n in self.examples_per_step.items()}
-      if not any(k in self.ONE_OFF for k in self._window_pauses):
-        self._steady[0] += steps
-        self._steady[1] += busy
-    n, t = self._steady if self._steady[0] else (steps, busy)  # a warm-up window only so far
+    one_off = any(k in self.ONE_OFF for k in self._window_pauses)
+    if rates is not None and not (one_off or self._after_one_off):
+      self._steady[0] += steps
+      self._steady[1] += busy
+    self._after_one_off = one_off
+    n, t = self._steady if self._steady[0] else (steps, busy)  # warm-up windows only so far
     eta = None
     if n > 0 and t > 0:
       done = max(step - self._start_step, 1)

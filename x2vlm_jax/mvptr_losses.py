@@ -97,9 +97,11 @@ def _infonce(logits):
 # Negatives for ITM and WPG
 
 
-def pick_negatives(key, sim, logit_scale, mode: str, valid=None):
+def pick_negatives(key, sim, logit_scale, mode: str, valid=None, shards: int = 1):
   """One negative column per row of `sim` [N, N] (rows = texts, columns = images for
-  text->image; pass sim.T for image->text), never the row's own column.
+  text->image; pass sim.T for image->text), never the row's own column. With `shards` > 1 a
+  row draws only from its own contiguous block of N / shards columns (one device's local batch:
+  the released code picks its negatives on each GPU).
 
   mode "sample": drawn from softmax(exp(logit_scale) * sim) over the other valid columns (the
   paper's hard negatives from the VSC distribution; the code's `hn_mod='sample'`).
@@ -107,6 +109,9 @@ def pick_negatives(key, sim, logit_scale, mode: str, valid=None):
   mode "uniform": uniformly among the other valid columns (the code's WPG negative image)."""
   n = sim.shape[0]
   ok = ~jnp.eye(n, dtype=bool)
+  if shards > 1:
+    block = jnp.arange(n) // _block(n, shards, "pick_negatives")
+    ok = ok & (block[:, None] == block[None, :])
   if valid is not None:
     ok = ok & (jnp.asarray(valid) > 0)[None, :]
   if mode == "hardest":
@@ -120,12 +125,22 @@ def pick_negatives(key, sim, logit_scale, mode: str, valid=None):
   return jax.random.categorical(key, jnp.where(ok, logits, _NEG), axis=1)
 
 
-def itm_pairs(key, hard_image, hard_text):
+def _block(n: int, shards: int, fn: str) -> int:
+  if n % shards:
+    raise ValueError(f"{fn}: batch {n} is not divisible into {shards} device shards")
+  return n // shards
+
+
+def itm_pairs(key, hard_image, hard_text, shards: int = 1):
   """The code's ITM negatives: a random half of the rows pair text i with its hard image, the
-  other half pair its hard text with image i. Returns (text_index, image_index), each [N]."""
+  other half pair its hard text with image i; with `shards` > 1 the halves are drawn within
+  each device's block (as each GPU does). Returns (text_index, image_index), each [N]: the
+  image half of every block first, then the text halves."""
   n = hard_image.shape[0]
-  perm = jax.random.permutation(key, n)
-  first, second = perm[: n // 2], perm[n // 2 :]
+  b = _block(n, shards, "itm_pairs")
+  keys = jax.random.split(key, shards)
+  perm = jax.vmap(lambda k: jax.random.permutation(k, b))(keys) + (jnp.arange(shards) * b)[:, None]
+  first, second = perm[:, : b // 2].reshape(-1), perm[:, b // 2 :].reshape(-1)
   texts = jnp.concatenate([first, hard_text[second]])
   images = jnp.concatenate([hard_image[first], second])
   return texts, images

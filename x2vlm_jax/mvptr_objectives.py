@@ -40,7 +40,9 @@ class MvptrObjectives:
   vsc: str = "paper"
   wpg: str = "paper"
   itm: str = "paper"
-  vsc_shards: int = 1  # device count of the code's per-device VSC
+  # Device count of the code variants' per-device batches: the VSC softmax, the ITM negatives
+  # and the WPG negative image are each taken within one device's block of the batch.
+  vsc_shards: int = 1
   weights: tuple[tuple[str, float], ...] = tuple((n, 1.0) for n in NAMES)
 
   def __post_init__(self):
@@ -105,10 +107,10 @@ def _joint_terms(model, batch, keys, s: MvptrObjectives, uni, terms: dict):
   logits = model.mlm_logits(joint.sequence[:, :la])
   terms["mlm"], _ = losses.mlm_loss(logits, batch["text_labels"], batch["text_labels"] >= 0)
   sim, scale = jax.lax.stop_gradient(t @ v.T), jax.lax.stop_gradient(model.logit_scale[...])
-  mode = "sample" if s.itm == "paper" else "hardest"
-  hard_img = ML.pick_negatives(keys[3], sim, scale, mode)
-  hard_txt = ML.pick_negatives(keys[4], sim.T, scale, mode)
-  ti, ii = ML.itm_pairs(keys[5], hard_img, hard_txt)
+  mode, n = ("sample", 1) if s.itm == "paper" else ("hardest", s.vsc_shards)
+  hard_img = ML.pick_negatives(keys[3], sim, scale, mode, shards=n)
+  hard_txt = ML.pick_negatives(keys[4], sim.T, scale, mode, shards=n)
+  ti, ii = ML.itm_pairs(keys[5], hard_img, hard_txt, shards=n)
   neg = model.fuse(text[ti], a_mask[ti], regions[ii], r_mask[ii], keys[6])
   terms["itm"] = ML.itm_loss(model.itm_logits(joint.pooled), model.itm_logits(neg.pooled))
   # WPG: paper at the phrase layer, negative image from the VSC distribution; code at the last
@@ -116,7 +118,8 @@ def _joint_terms(model, batch, keys, s: MvptrObjectives, uni, terms: dict):
   states = joint.phrase_state if s.wpg == "paper" else joint.sequence
   phrases = jnp.take_along_axis(states, batch["phrase_positions"][..., None], axis=1)
   regs = states[:, la:]
-  other = ML.pick_negatives(keys[7], sim, scale, "sample" if s.wpg == "paper" else "uniform")
+  mode, n = ("sample", 1) if s.wpg == "paper" else ("uniform", s.vsc_shards)
+  other = ML.pick_negatives(keys[7], sim, scale, mode, shards=n)
   slots = batch["phrase_valid"]
   kw = dict(variant=s.wpg, key=keys[8])
   pos = ML.phrase_region_score(phrases, slots, regs, r_mask, **kw)
