@@ -80,6 +80,9 @@ def test_retrieval_loss_matches_numpy():
   assert sorted(np.concatenate([first, second]).tolist()) == [0, 1, 2, 3]
   np.testing.assert_array_equal(ii[:2], hard_img[first])
   np.testing.assert_array_equal(ti[2:], hard_txt[second])
+  # The code variant on 2 devices: every negative pair stays inside its device's block of 2.
+  ti2, ii2 = map(np.asarray, TM.retrieval_pairs(jax.random.key(3), t, v, 1.0, shards=2))
+  assert (ti2 // 2 == ii2 // 2).all() and (ti2 != ii2).all()
   cls = _linear(np.concatenate([_np(pos), _np(neg)]), _params(model, "classifier"))
   itm = _ce(cls, np.array([1] * 4 + [0] * 4))  # retrieval: label 1 = match
   np.testing.assert_allclose(metrics["loss/mvptr_retrieval/vsc"], vsc, **TOL)

@@ -95,18 +95,19 @@ def negatives_key(key) -> jax.Array:
   return jax.random.key(0) if key is None else jax.random.fold_in(key, 1)
 
 
-def retrieval_pairs(key, text_feat, image_feat, logit_scale, mode: str = "hardest"):
+def retrieval_pairs(key, text_feat, image_feat, logit_scale, mode: str = "hardest", shards=1):
   """(text index [N], image index [N]) of the ITM negatives: the hardest (or sampled) other
   image of each text and text of each image on stop-gradient VSC similarities, a random half of
-  the rows taking the hard image and the other half the hard text (official `encode_hn`)."""
+  the rows taking the hard image and the other half the hard text (official `encode_hn`); with
+  `shards` > 1 each within its device's block of the batch (`mvptr_losses.itm_pairs`)."""
   if mode not in ITM_NEGATIVES:
     raise ValueError(f"retrieval ITM negatives must be one of {ITM_NEGATIVES}, got {mode!r}")
   sim = jax.lax.stop_gradient(text_feat @ image_feat.T)
   s = jax.lax.stop_gradient(logit_scale)
   k_img, k_txt, k_split = jax.random.split(key, 3)
-  hard_img = ML.pick_negatives(k_img, sim, s, mode)
-  hard_txt = ML.pick_negatives(k_txt, sim.T, s, mode)
-  return ML.itm_pairs(k_split, hard_img, hard_txt)
+  hard_img = ML.pick_negatives(k_img, sim, s, mode, shards=shards)
+  hard_txt = ML.pick_negatives(k_txt, sim.T, s, mode, shards=shards)
+  return ML.itm_pairs(k_split, hard_img, hard_txt, shards=shards)
 
 
 def retrieval_loss(
@@ -119,7 +120,8 @@ def retrieval_loss(
   itm_negatives: str = "hardest",
 ):
   """VSC + ITM of `BiImageBertForRetrieval` (module docstring). `vsc`/`vsc_shards` as
-  `mvptr_losses.vsc_loss` (paper: global batch; code: per device)."""
+  `mvptr_losses.vsc_loss` (paper: global batch; code: per device -- the official fine-tuning
+  runs `DataParallel`, one forward per GPU -- and then the ITM negatives per device too)."""
   b = {k: jnp.asarray(v) for k, v in batch.items()}
   drop = _keys(key, 5)
   text, vis = encode(model, b, drop[:2])
@@ -129,7 +131,8 @@ def retrieval_loss(
   regions = model.region_slots(vis, b["tag_ids"].shape[1])
   a_mask, r_mask = b["text_mask"], b["region_mask"]
   pos = model.fuse(text, a_mask, regions, r_mask, drop[2])
-  ti, ii = retrieval_pairs(negatives_key(key), t, v, scale, itm_negatives)
+  shards = vsc_shards if vsc == "code" else 1
+  ti, ii = retrieval_pairs(negatives_key(key), t, v, scale, itm_negatives, shards)
   neg = model.fuse(text[ti], a_mask[ti], regions[ii], r_mask[ii], drop[3])
   n = pos.pooled.shape[0]
   logits = model.classifier_logits(_drop(model, jnp.concatenate([pos.pooled, neg.pooled]), drop[4]))
