@@ -69,3 +69,34 @@ def grounding_fields(
   mask = np.zeros(spec.max_tokens + spec.max_phrases, np.int32)
   mask[1 + start : 1 + end] = 1
   return {"region_boxes": padded, "gt_box": gt, "phrase_mask": mask}
+
+
+def region_boxes(regions) -> np.ndarray:
+  """Corner boxes [..., 4] (x1/W, y1/H, x2/W, y2/H) read back from region vectors [..., dim]
+  (their last 6 values are the box values of `mvptr_regions.box_values`)."""
+  return np.asarray(regions, np.float32)[..., -6:-2]
+
+
+def grounding_rows(rows, targets) -> dict[str, np.ndarray]:
+  """Phrase-grounding rows from stacked unmasked example rows (e.g. `mvptr_stream.heldout_arrays`)
+  and, per row and phrase slot, the region row the phrase denotes (-1 = none; e.g.
+  `mvptr_synthetic.grounding_targets`): one output row per grounded phrase with the stream
+  fields, `region_boxes` from the region vectors, `gt_box` = the denoted region's box and a
+  `phrase_mask` on the phrase's stream-A slot."""
+  targets = np.asarray(targets)
+  valid = np.asarray(rows["phrase_valid"]) > 0
+  if targets.shape != valid.shape:
+    raise ValueError(f"targets {targets.shape} must match phrase_valid {valid.shape}")
+  n, p = np.nonzero((targets >= 0) & valid)
+  k = targets[n, p]
+  real = np.asarray(rows["region_mask"])[n, k] > 0
+  if not real.all():
+    i = int(np.flatnonzero(~real)[0])
+    raise ValueError(f"row {n[i]} phrase {p[i]}: target region {k[i]} is padding")
+  out = {name: np.asarray(rows[name])[n] for name in STREAMS}
+  out["region_boxes"] = region_boxes(out["regions"])
+  out["gt_box"] = out["region_boxes"][np.arange(len(n)), k]
+  mask = np.zeros(out["text_ids"].shape, np.int32)
+  mask[np.arange(len(n)), np.asarray(rows["phrase_positions"])[n, p]] = 1
+  out["phrase_mask"] = mask
+  return out

@@ -150,3 +150,17 @@ def test_grounding_evaluation_in_blocks():
   assert (
     E.grounding_accuracy(np.eye(7)[[0] * NI], boxes, data["region_mask"], data["gt_box"]) == 100.0
   )
+
+
+def test_retrieval_inputs_from_caption_rows():
+  rows = {
+    "image_id": np.array([7, 7, 3, 9, 3]),
+    "text_ids": np.arange(5)[:, None] * np.ones((1, 4), int),
+    "text_mask": np.ones((5, 4), np.int32),
+    "regions": np.arange(5)[:, None, None] * np.ones((1, 2, 3)),
+    "region_mask": np.ones((5, 2)), "tag_ids": np.ones((5, 3)), "tag_mask": np.ones((5, 3)),
+  }  # fmt: skip
+  images, texts, txt2img = E.retrieval_inputs(rows)
+  np.testing.assert_array_equal(txt2img, [0, 0, 1, 2, 1])
+  np.testing.assert_array_equal(images["regions"][:, 0, 0], [0, 2, 3])  # first caption rows
+  np.testing.assert_array_equal(texts["text_ids"][:, 0], np.arange(5))

@@ -52,6 +52,20 @@ def _arrays(data: Mapping, fields, what: str) -> dict[str, np.ndarray]:
   return out
 
 
+def retrieval_inputs(rows: Mapping, image_key: str = "image_id"):
+  """One row per caption (e.g. `mvptr_stream.heldout_arrays`; captions of an image share its
+  `image_key`) -> (images, texts, txt2img) for `evaluate_mvptr_retrieval`: each image's fields
+  from its first caption row, images in order of first appearance."""
+  ids = np.asarray(rows[image_key])
+  _, first, txt2img = np.unique(ids, return_index=True, return_inverse=True)
+  order = np.argsort(first)  # image index = order of first appearance
+  rank = np.empty_like(order)
+  rank[order] = np.arange(order.size)
+  images = {k: np.asarray(rows[k])[first[order]] for k in IMAGE_FIELDS}
+  texts = {k: np.asarray(rows[k]) for k in TEXT_FIELDS}
+  return images, texts, rank[txt2img.reshape(-1)]
+
+
 def _blocked(fn: Callable, state, arrays: dict[str, np.ndarray], block: int) -> np.ndarray:
   """fn(state, **block of arrays) over fixed-size blocks, concatenated and trimmed."""
   if block < 1:
