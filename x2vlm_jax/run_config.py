@@ -91,12 +91,33 @@ def model_config(cfg) -> ModelConfig:
     fusion=fusion,
     frame_len=int(m.frame_len),
     dtype=dtype,
-    remat=bool(m.remat),
+    **remat_fields(bool(m.remat), str(m.get("remat_policy", ""))),
+    attention=str(m.get("attention", "einsum")),
     # The fine-tuning heads (absent from pre-training configs and older saved configs).
     decoder_layers=int(m.get("decoder_layers", 0)),
     cls_labels=int(m.get("cls_labels", 0)),
     cls_inputs=int(m.get("cls_inputs", 1)),
   )
+
+
+def remat_fields(remat: bool, policy: str) -> dict:
+  """ModelConfig remat fields from `model.remat` and `model.remat_policy`: '' = `remat` (False:
+  none, True: full) for every tower; a policy name ("save_matmuls") for every tower; or per tower
+  "vision=save_matmuls,text=none,fusion=full" (towers not named follow `remat`)."""
+  if not policy:
+    return {"remat": remat}
+  if "=" not in policy:
+    return {"remat": policy}
+  out = {"remat": remat}
+  for part in filter(None, (p.strip() for p in policy.split(","))):
+    tower, _, name = part.partition("=")
+    if tower not in ("vision", "text", "fusion") or not name:
+      raise ValueError(
+        f"config.model.remat_policy {policy!r}: {part!r} is not tower=policy with tower one of "
+        "vision, text, fusion"
+      )
+    out[f"remat_{tower}"] = name
+  return out
 
 
 def _task_data(cfg) -> dict:

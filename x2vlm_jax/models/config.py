@@ -139,7 +139,16 @@ class ModelConfig:
   frame_len: int = 0  # 0: no video frame embedding
   dtype: Any = jnp.float32  # compute dtype
   param_dtype: Any = jnp.float32
-  remat: bool = False  # rematerialise each transformer block in the backward pass
+  # What each scanned layer keeps for the backward pass: False / "none", True / "full",
+  # "save_matmuls" or "save_dots" (layers.REMAT_POLICIES); `remat_vision` / `_text` / `_fusion`
+  # override it for one tower (None = follow `remat`). The numbers are the same for all.
+  remat: bool | str = False
+  remat_vision: str | None = None
+  remat_text: str | None = None
+  remat_fusion: str | None = None  # also the VQA answer decoder's layers
+  # Attention core: "einsum" (default), "xla" or "cudnn" (`jax.nn.dot_product_attention`;
+  # models/attention.py says where each applies and when it falls back).
+  attention: str = "einsum"
   # Fine-tuning heads, optional parts of the model (absent by default; docs/finetuning.md):
   decoder_layers: int = 0  # VQA answer decoder `text_decoder` (official: 6 layers); 0 = none
   cls_labels: int = 0  # classes of `cls_head` (NLVR2 2, MSRVTT-QA 1500); 0 = no cls_head
@@ -151,6 +160,11 @@ class ModelConfig:
 
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)
+
+  def tower_remat(self, tower: str) -> bool | str:
+    """The remat setting of "vision", "text" or "fusion": its own override, else `remat`."""
+    own = getattr(self, f"remat_{tower}")
+    return self.remat if own is None else own
 
   @classmethod
   def tiny(cls, **kw) -> "ModelConfig":

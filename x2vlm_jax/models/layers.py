@@ -253,7 +253,8 @@ def dot_attention(
   q [B, L, H, dh], k/v [B, S, H, dh], bias broadcastable to [B, H, L, S] -> [B, L, H, dh].
   Dropout on the probabilities only when `key` is given (BERT attention_probs_dropout).
   """
-  logits = jnp.einsum("blhd,bshd->bhls", q, k).astype(jnp.float32)  # [B, H, L, S]
+  # float32 logits straight out of the matmul (bf16 inputs accumulate and round into float32).
+  logits = jnp.einsum("blhd,bshd->bhls", q, k, preferred_element_type=jnp.float32)  # [B, H, L, S]
   if bias is not None:
     logits = logits + bias
   probs = jax.nn.softmax(logits, axis=-1)
@@ -320,16 +321,41 @@ def stacked(make: Callable[[nnx.Rngs], nnx.Module], depth: int, rngs: nnx.Rngs) 
   return create(keys)
 
 
+# Rematerialisation policies of a scanned tower (`ModelConfig.remat`, per tower `remat_*`):
+#   none          keep every activation of every layer for the backward pass;
+#   full          keep only each layer's input, recompute the rest (`nnx.remat`);
+#   save_matmuls  keep the outputs of the weight matmuls (no batch dims: projections and MLP),
+#                 recompute the cheap element-wise work and the attention core (its [B, H, L, S]
+#                 logits and probabilities are not saved);
+#   save_dots     keep the outputs of every matmul, attention's batched ones included.
+REMAT_POLICIES = {
+  "none": None,
+  "full": None,
+  "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "save_dots": jax.checkpoint_policies.dots_saveable,
+}
+
+
+def remat_name(remat: bool | str) -> str:
+  """A remat setting (bool as before: False = none, True = full, or a policy name) -> its name."""
+  if isinstance(remat, (bool, np.bool_)):
+    return "full" if remat else "none"
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat policy {remat!r} is not one of {sorted(REMAT_POLICIES)} or a bool")
+  return remat
+
+
 def scan_layers(
-  layers: nnx.Module, body: Callable, x: jax.Array, xs: Any, *, remat: bool = False
+  layers: nnx.Module, body: Callable, x: jax.Array, xs: Any, *, remat: bool | str = False
 ) -> jax.Array:
   """Runs `x = body(layer_i, x, xs_i)` over a stacked module with `nnx.scan`.
 
   xs: pytree of per-layer inputs with a leading depth axis (drop-path rates, dropout keys,
-  precomputed cross-attention K/V). With `remat`, each layer's activations are recomputed in the
-  backward pass (`nnx.remat`), trading FLOPs for memory.
+  precomputed cross-attention K/V). `remat`: a `REMAT_POLICIES` name (or a bool: True = full)
+  saying what each layer keeps for the backward pass; the numbers are the same for all.
   """
-  fn = nnx.remat(body) if remat else body
+  name = remat_name(remat)
+  fn = body if name == "none" else nnx.remat(body, policy=REMAT_POLICIES[name])
   scan = nnx.scan(
     fn,
     in_axes=(0, nnx.Carry, 0),
