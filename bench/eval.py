@@ -80,13 +80,56 @@ def _random_set(cfg, n_img: int, per_image: int, length: int, seed: int):
   )
 
 
+def _report(args, cfg, mesh, model, data, times, pairs) -> dict:
+  """The printed JSON object (fields in the module docstring); `pairs` counts the ITM rows the
+  device computed (chunks padded to full size)."""
+  import jax
+  from flax import nnx
+
+  n_img, n_txt = args.num_images, len(data.captions)
+  enc_i, enc_t, total = times["images"], times["texts"], times["total"]
+  rerank = max(total - enc_i - enc_t, 1e-9)
+  pair_rate = pairs / rerank
+  coco_pairs = (COCO_IMAGES + COCO_TEXTS) * args.k_test
+  projected = {
+    "encode_images_s": enc_i * COCO_IMAGES / n_img,
+    "encode_texts_s": enc_t * COCO_TEXTS / n_txt,
+    "itm_s": coco_pairs / pair_rate,
+  }
+  out = {
+    "device": jax.devices()[0].device_kind,
+    "num_devices": int(mesh.devices.size),
+    "variant": args.variant,
+    "dims": args.dims or None,
+    "params": int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))),
+    "dtype": args.dtype,
+    "attention": args.attention,
+    "image_res": cfg.vision.image_size,
+    "num_images": n_img,
+    "num_texts": n_txt,
+    "k_test": args.k_test,
+    "batch": args.batch,
+    "itm_chunk": args.itm_chunk,
+    "warmup_compile_s": round(times["warmup"], 2),
+    "encode_images_s": round(enc_i, 3),
+    "encode_texts_s": round(enc_t, 3),
+    "total_s": round(total, 3),
+    "rerank_s": round(rerank, 3),
+    "itm_pairs": pairs,
+    "itm_pairs_per_s": round(pair_rate, 2),
+    "images_per_s": round(n_img / total, 3),
+    "projected_coco": {k: round(v, 1) for k, v in projected.items()},
+    "projected_coco_s": round(sum(projected.values()), 1),
+  }
+  return out
+
+
 def main():
   args = _args()
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import dims as dims_lib
   import jax
   import jax.numpy as jnp
-  from flax import nnx
 
   from x2vlm_jax import sharding
   from x2vlm_jax.evaluators import run as eval_run
@@ -127,42 +170,8 @@ def main():
   count["pairs"] = 0
   run(data)
   t3 = time.perf_counter()
-  n_img, n_txt = args.num_images, len(data.captions)
-  enc_i, enc_t, total = t1 - t0, t2 - t1, t3 - t2
-  rerank = max(total - enc_i - enc_t, 1e-9)
-  pairs = count["pairs"]  # padded to whole chunks, as the device computes them
-  pair_rate = pairs / rerank
-  coco_pairs = (COCO_IMAGES + COCO_TEXTS) * args.k_test
-  projected = {
-    "encode_images_s": enc_i * COCO_IMAGES / n_img,
-    "encode_texts_s": enc_t * COCO_TEXTS / n_txt,
-    "itm_s": coco_pairs / pair_rate,
-  }
-  out = {
-    "device": jax.devices()[0].device_kind,
-    "num_devices": int(mesh.devices.size),
-    "variant": args.variant,
-    "dims": args.dims or None,
-    "params": int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))),
-    "dtype": args.dtype,
-    "attention": args.attention,
-    "image_res": cfg.vision.image_size,
-    "num_images": n_img,
-    "num_texts": n_txt,
-    "k_test": args.k_test,
-    "batch": args.batch,
-    "itm_chunk": args.itm_chunk,
-    "warmup_compile_s": round(warmup_s, 2),
-    "encode_images_s": round(enc_i, 3),
-    "encode_texts_s": round(enc_t, 3),
-    "total_s": round(total, 3),
-    "rerank_s": round(rerank, 3),
-    "itm_pairs": pairs,
-    "itm_pairs_per_s": round(pair_rate, 2),
-    "images_per_s": round(n_img / total, 3),
-    "projected_coco": {k: round(v, 1) for k, v in projected.items()},
-    "projected_coco_s": round(sum(projected.values()), 1),
-  }
+  times = {"warmup": warmup_s, "images": t1 - t0, "texts": t2 - t1, "total": t3 - t2}
+  out = _report(args, cfg, mesh, model, data, times, count["pairs"])
   print(json.dumps(out, indent=1))
   if args.out:
     with open(args.out, "a", encoding="utf-8") as f:
