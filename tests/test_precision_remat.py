@@ -14,8 +14,7 @@ from data_pipelines import features as F
 from data_pipelines.testing.random_batch import random_batch
 from x2vlm_jax import objectives as pl
 from x2vlm_jax import optim, sharding
-from x2vlm_jax.models.config import ModelConfig
-from x2vlm_jax.run_config import remat_fields
+from x2vlm_jax.models.config import ModelConfig, remat_fields
 from x2vlm_jax.train_state import TrainStateSpec
 
 SIZES = F.BatchSizes(image_res=64, max_tokens=8, max_masks=2, image_batch=4)
@@ -137,3 +136,19 @@ def test_model_keeps_params_float32_in_bf16():
 
   state = nnx.state(abstract_model(ModelConfig.tiny(dtype=jnp.bfloat16)), nnx.Param)
   assert {x.dtype for x in jax.tree.leaves(state)} == {jnp.dtype(jnp.float32)}
+
+
+def test_resume_ignores_attention_and_remat_policy():
+  """Old checkpoints (saved before these keys existed) resume; changing them is allowed; the
+  model section stays critical otherwise."""
+  from x2vlm_jax import ckpt_config, run_config
+
+  new = {
+    "model": {"variant": "tiny", "remat": False, "attention": "xla", "remat_policy": "full"},
+    "_model_resolved": {"remat": False, "attention": "xla", "remat_text": "full"},
+  }
+  old = {"model": {"variant": "tiny", "remat": False}, "_model_resolved": {"remat": False}}
+  assert run_config.resume_check(new, False)(old) == []
+  changed = {**old, "model": {"variant": "base", "remat": False}}
+  with pytest.raises(ckpt_config.ConfigChangedError, match="model.variant"):
+    run_config.resume_check(new, False)(changed)

@@ -251,3 +251,23 @@ class ModelConfig:
     if name not in factories:
       raise ValueError(f"unknown model variant {name!r}; expected one of {sorted(factories)}")
     return factories[name](**kw)
+
+
+def remat_fields(remat: bool, policy: str) -> dict:
+  """ModelConfig remat fields from a run config's `model.remat` and `model.remat_policy`:
+  '' = `remat` (False: none, True: full) for every tower; a policy name ("save_matmuls") for
+  every tower; or per tower "vision=save_matmuls,text=none,fusion=full" (towers not named follow
+  `remat`). Policies go into the per-tower fields, so `remat` stays the config's bool."""
+  towers = ("vision", "text", "fusion")
+  if "=" not in policy:
+    return {"remat": remat, **({f"remat_{t}": policy for t in towers} if policy else {})}
+  out = {"remat": remat}
+  for part in filter(None, (p.strip() for p in policy.split(","))):
+    tower, _, name = part.partition("=")
+    if tower not in towers or not name:
+      raise ValueError(
+        f"config.model.remat_policy {policy!r}: {part!r} is not tower=policy with tower one of "
+        "vision, text, fusion"
+      )
+    out[f"remat_{tower}"] = name
+  return out
