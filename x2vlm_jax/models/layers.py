@@ -255,11 +255,37 @@ def dot_attention(
   """
   # float32 logits straight out of the matmul (bf16 inputs accumulate and round into float32).
   logits = jnp.einsum("blhd,bshd->bhls", q, k, preferred_element_type=jnp.float32)  # [B, H, L, S]
-  if bias is not None:
+  if bias is not None and bias.shape[0] == 1 < logits.shape[0] and bias.ndim == logits.ndim:
+    logits = add_shared_bias(logits, jnp.broadcast_to(bias, (1, *logits.shape[1:])))
+  elif bias is not None:
     logits = logits + bias
   probs = jax.nn.softmax(logits, axis=-1)
   probs = dropout(probs, dropout_rate, key)
   return jnp.einsum("bhls,bshd->blhd", probs.astype(v.dtype), v)
+
+
+@jax.custom_vjp
+def add_shared_bias(x: jax.Array, bias: jax.Array) -> jax.Array:
+  """x [B, ...] + bias [1, ...] (one bias shared by the batch: the vision tower's relative
+  position bias [1, H, S, S]). Same value as `x + bias`; the bias gradient, the sum of x's
+  gradient over the batch, is computed as a ones-vector matmul instead of a reduction over the
+  leading axis, which XLA CPU runs ~100x slower (measured on [8, 12, 197, 197], 2026-12-02, same
+  process: 101-125 ms vs 0.8-1.6 ms; docs/benchmarks.md). Full float32 precision (no TF32)."""
+  return x + bias
+
+
+def _add_shared_bias_fwd(x, bias):
+  return x + bias, None
+
+
+def _add_shared_bias_bwd(_, g):
+  n = g.shape[0]
+  ones = jnp.ones((n,), g.dtype)
+  db = jnp.einsum("b,bx->x", ones, g.reshape(n, -1), precision=jax.lax.Precision.HIGHEST)
+  return g, db.reshape((1, *g.shape[1:]))
+
+
+add_shared_bias.defvjp(_add_shared_bias_fwd, _add_shared_bias_bwd)
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
