@@ -85,9 +85,17 @@ def attend(
     _LOGGED.add((impl, why))
     logging.info("attention %r falls back to %r: %s", impl, used, why)
   if used == "einsum":
-    return L.dot_attention(q, k, v, bias, dropout_rate=dropout_rate, key=key)
-  if bias is not None and used == "cudnn":
-    # cuDNN wants the bias in the inputs' dtype and with the full query / key lengths.
-    b, h = bias.shape[0], bias.shape[1]
-    bias = jnp.broadcast_to(bias, (b, h, q.shape[1], k.shape[1])).astype(q.dtype)
-  return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=1.0, implementation=used)
+    core = lambda q, k, v, bias, key: L.dot_attention(
+      q, k, v, bias, dropout_rate=dropout_rate, key=key
+    )
+  else:
+    if bias is not None and used == "cudnn":
+      # cuDNN wants the bias in the inputs' dtype and with the full query / key lengths.
+      b, h = bias.shape[0], bias.shape[1]
+      bias = jnp.broadcast_to(bias, (b, h, q.shape[1], k.shape[1])).astype(q.dtype)
+    core = lambda q, k, v, bias, key: jax.nn.dot_product_attention(
+      q, k, v, bias=bias, scale=1.0, implementation=used
+    )
+  if L.recompute_attention():  # remat policy "save_all_but_attention": keep only the inputs
+    core = jax.checkpoint(core, policy=jax.checkpoint_policies.nothing_saveable)
+  return core(q, k, v, bias, key)

@@ -12,6 +12,7 @@ deterministic (evaluation).
 
 from __future__ import annotations
 
+import contextvars
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -353,13 +354,25 @@ def stacked(make: Callable[[nnx.Rngs], nnx.Module], depth: int, rngs: nnx.Rngs) 
 #   save_matmuls  keep the outputs of the weight matmuls (no batch dims: projections and MLP),
 #                 recompute the cheap element-wise work and the attention core (its [B, H, L, S]
 #                 logits and probabilities are not saved);
-#   save_dots     keep the outputs of every matmul, attention's batched ones included.
+#   save_dots     keep the outputs of every matmul, attention's batched ones included;
+#   save_all_but_attention  no remat of the layer, but the attention core (softmax(q.k + bias).v)
+#                 keeps only its inputs: its [B, H, L, S] logits and probabilities are recomputed
+#                 (`recompute_attention`). A checkpoint-name policy cannot do this: softmax's own
+#                 residuals are unnamed intermediates.
 REMAT_POLICIES = {
   "none": None,
   "full": None,
   "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
   "save_dots": jax.checkpoint_policies.dots_saveable,
+  "save_all_but_attention": None,
 }
+# Set while a tower with "save_all_but_attention" is traced; read by `attention.attend`.
+_RECOMPUTE_ATTENTION = contextvars.ContextVar("recompute_attention", default=False)
+
+
+def recompute_attention() -> bool:
+  """Whether the attention core being traced should keep only its inputs for the backward."""
+  return _RECOMPUTE_ATTENTION.get()
 
 
 def remat_name(remat: bool | str) -> str:
@@ -381,14 +394,19 @@ def scan_layers(
   saying what each layer keeps for the backward pass; the numbers are the same for all.
   """
   name = remat_name(remat)
-  fn = body if name == "none" else nnx.remat(body, policy=REMAT_POLICIES[name])
+  plain = name in ("none", "save_all_but_attention")
+  fn = body if plain else nnx.remat(body, policy=REMAT_POLICIES[name])
   scan = nnx.scan(
     fn,
     in_axes=(0, nnx.Carry, 0),
     out_axes=nnx.Carry,
     transform_metadata={nnx.PARTITION_NAME: "layers"},
   )
-  return scan(layers, x, xs)
+  token = _RECOMPUTE_ATTENTION.set(name == "save_all_but_attention")
+  try:  # the body is traced inside this call
+    return scan(layers, x, xs)
+  finally:
+    _RECOMPUTE_ATTENTION.reset(token)
 
 
 def depth_scale(depth: int) -> np.ndarray:
