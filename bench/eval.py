@@ -151,9 +151,9 @@ def main():
   count = {"pairs": 0}
   itm = fns.itm
 
-  def counting_itm(state, vision, text, mask):
-    count["pairs"] += vision.shape[0]
-    return itm(state, vision, text, mask)
+  def counting_itm(state, vision, text, mask, img, txt):
+    count["pairs"] += img.shape[0]
+    return itm(state, vision, text, mask, img, txt)
 
   fns.itm = counting_itm
   run = lambda data: eval_run.run_retrieval(fns, data, args.batch, args.k_test, args.itm_chunk)

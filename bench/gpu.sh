@@ -25,11 +25,12 @@ common=(--image_res 224 --max_tokens 40 --max_masks 12 --dtype bfloat16 --mesh d
 declare -A ROW=(
   [base_b128]="--variant base --image_batch 128 --region_batch 128 --region_max_images 50"
   [base_b128_savemm]="--variant base --image_batch 128 --region_batch 128 --region_max_images 50 --remat save_matmuls"
+  [base_b128_attn]="--variant base --image_batch 128 --region_batch 128 --region_max_images 50 --remat save_all_but_attention"
   [base_b256_remat]="--variant base --image_batch 256 --region_batch 256 --region_max_images 100 --remat full"
   [large_b64]="--variant large --image_batch 64 --region_batch 64 --region_max_images 25"
   [large_b128_remat]="--variant large --image_batch 128 --region_batch 128 --region_max_images 50 --remat full"
 )
-ORDER=(base_b128 base_b128_savemm base_b256_remat large_b64 large_b128_remat)
+ORDER=(base_b128 base_b128_savemm base_b128_attn base_b256_remat large_b64 large_b128_remat)
 for name in ${ROWS:-${ORDER[@]} eval_base}; do
   if [[ $name == eval_base ]]; then
     cmd=("$PY" bench/eval.py --variant base --dtype bfloat16 --attention "$ATTN"

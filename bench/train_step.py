@@ -2,7 +2,7 @@
 
   python bench/train_step.py --variant tiny|base [--image_batch 8 --region_batch 8
       --region_max_images 4 --video_batch 0 --max_tokens 40 --image_res 224
-      --dtype float32|bfloat16 --remat [full|save_matmuls|save_dots|none]
+      --dtype float32|bfloat16 --remat [full|save_matmuls|save_dots|save_all_but_attention|none]
       --attention einsum|xla|cudnn --mesh data=1,fsdp=-1,tensor=1 --steps 5
       --peak_tflops 989 --cpu_devices 8 --fast_compile --out rows.jsonl]
 
@@ -61,7 +61,7 @@ def _args():
     nargs="?",
     const="full",
     default="none",
-    choices=["none", "full", "save_matmuls", "save_dots"],
+    choices=["none", "full", "save_matmuls", "save_dots", "save_all_but_attention"],
     help="remat policy of every tower (bare --remat: full)",
   )
   p.add_argument("--attention", default="einsum", choices=["einsum", "xla", "cudnn"])
