@@ -51,6 +51,7 @@ def _args():
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--attention", default="einsum", choices=["einsum", "xla", "cudnn"])
   p.add_argument("--mesh", default="data=-1")
+  p.add_argument("--tag", default="", help="a name for the row (bench/gpu.sh: the row name)")
   p.add_argument("--out", default="", help="also append the JSON row to this file")
   return p.parse_args()
 
@@ -101,6 +102,7 @@ def _report(args, cfg, mesh, model, data, times, pairs) -> dict:
     "num_devices": int(mesh.devices.size),
     "variant": args.variant,
     "dims": args.dims or None,
+    "tag": args.tag or None,
     "params": int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))),
     "dtype": args.dtype,
     "attention": args.attention,

@@ -6,6 +6,11 @@
 #   bash bench/gpu.sh                  # every row
 #   PEAK=989 OUT=rows.jsonl STEPS=20 ROWS="base_b128 large_b64" bash bench/gpu.sh
 #
+# EXTRA / EXTRA_EVAL: flags appended to every train-step / the evaluation command (the last occurrence of a flag wins), e.g. a CPU smoke
+# run of the script itself:
+#   EXTRA="--dims width=64,heads=4,layers=1,mlp=128 --image_res 64 --image_batch 4
+#     --region_batch 4 --region_max_images 2 --dtype float32 --steps 1 --warmup 0" \
+#     ROWS="base_b128" PY=python bash bench/gpu.sh
 # PEAK: dense bf16 TFLOP/s of ONE device for MFU (H100 / H200 SXM: 989). A row that fails (e.g.
 # out of memory at the batch size tried) is recorded as {"row": ..., "error": ...} and the
 # script goes on. Batch sizes are global (one device here) and meant to fill an 80 GB device;
@@ -35,13 +40,13 @@ for name in ${ROWS:-${ORDER[@]} eval_base}; do
   if [[ $name == eval_base ]]; then
     cmd=("$PY" bench/eval.py --variant base --dtype bfloat16 --attention "$ATTN"
          --num_images 500 --texts_per_image 5 --k_test 128 --batch 256 --itm_chunk 1024
-         --mesh data=1 --out "$OUT")
+         --mesh data=1 --out "$OUT" --tag "$name" ${EXTRA_EVAL:-})
   elif [[ -z ${ROW[$name]+set} ]]; then
     echo "unknown row $name (rows: ${ORDER[*]} eval_base)" >&2
     exit 2
   else
     # shellcheck disable=SC2206
-    cmd=("$PY" bench/train_step.py ${ROW[$name]} "${common[@]}")
+    cmd=("$PY" bench/train_step.py ${ROW[$name]} "${common[@]}" --tag "$name" ${EXTRA:-})
   fi
   echo "== $name: ${cmd[*]}" >&2
   if ! "${cmd[@]}" > /dev/null 2> "$OUT.$name.log"; then

@@ -66,6 +66,7 @@ def _args():
   )
   p.add_argument("--attention", default="einsum", choices=["einsum", "xla", "cudnn"])
   p.add_argument("--dims", default="", help="model dimensions overriding the variant (above)")
+  p.add_argument("--tag", default="", help="a name for the row (bench/gpu.sh: the row name)")
   p.add_argument("--out", default="", help="also append the JSON row to this file (JSON lines)")
   p.add_argument("--no_itm", action="store_true", help="the step without ITM (itm=False)")
   p.add_argument(
@@ -201,6 +202,7 @@ def _report(args, cfg, sizes, per_update, mesh, state, compiled, metrics, timing
     "remat": args.remat,
     "attention": args.attention,
     "dims": args.dims or None,
+    "tag": args.tag or None,
     "itm": itm,
     "image_res": sizes.image_res,
     "max_tokens": args.max_tokens,
