@@ -119,10 +119,10 @@ def test_bfloat16_policy(mesh, params):
   assert by_prim("exp") and {dtype_of(e.outvars[0]) for e in by_prim("exp")} == {f32}
   # LayerNorm statistics: every rsqrt in float32.
   assert by_prim("rsqrt") and {dtype_of(e.outvars[0]) for e in by_prim("rsqrt")} == {f32}
-  # Matmuls in bfloat16: every weight matmul of the towers takes bfloat16 operands.
+  # Matmuls in bfloat16 (measured: 35 of 37; the float32 ones are the ITC similarities).
   dots = by_prim("dot_general")
   n_bf16 = sum(all(dtype_of(v) == bf16 for v in e.invars) for e in dots)
-  assert n_bf16 >= 0.6 * len(dots), (n_bf16, len(dots))
+  assert n_bf16 >= 0.9 * len(dots), (n_bf16, len(dots))
   # The loss and every metric come out float32.
   assert {dtype_of(v) for v in closed.jaxpr.outvars if hasattr(v, "aval")} == {f32}
 
