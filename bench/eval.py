@@ -6,7 +6,8 @@
 
 Runs the evaluator's own code (`evaluators.run.run_retrieval`: the jitted image / text encoders
 over fixed-size batches, the ITC similarities, the official top-k ITM re-ranking in chunks of
-`--itm_chunk` pairs, each distinct pair scored once) on random images and captions, after one
+`--itm_chunk` pairs, each distinct pair scored once, from every image's cross-attention K/V
+computed once where they fit: `run.kv_budget`) on random images and captions, after one
 untimed warm-up run on a few images that compiles every function. Prints one JSON object:
 
   encode_images_s / encode_texts_s  the two encoders over the whole set (timed separately, the
@@ -151,13 +152,15 @@ def main():
   model = create_sharded(cfg, mesh, jax.random.key(0, impl="rbg"))
   fns = eval_run._Fns(model, mesh)  # pylint: disable=protected-access
   count = {"pairs": 0}
-  itm = fns.itm
 
-  def counting_itm(state, vision, text, mask, img, txt):
-    count["pairs"] += img.shape[0]
-    return itm(state, vision, text, mask, img, txt)
+  def counting(itm):  # both ITM scorers (precomputed K/V or per-chunk K/V) count their pairs
+    def fn(state, vision, text, mask, img, txt):
+      count["pairs"] += img.shape[0]
+      return itm(state, vision, text, mask, img, txt)
 
-  fns.itm = counting_itm
+    return fn
+
+  fns.itm, fns.itm_kv = counting(fns.itm), counting(fns.itm_kv)
   run = lambda data: eval_run.run_retrieval(fns, data, args.batch, args.k_test, args.itm_chunk)
 
   t0 = time.perf_counter()
