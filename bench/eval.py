@@ -15,7 +15,8 @@ untimed warm-up run on a few images that compiles every function. Prints one JSO
   total_s                           the whole `run_retrieval` (encoders + ITC + re-ranking);
   rerank_s                          total_s - the two encoder times: ITC similarities, top-k and
                                     the ITM passes;
-  itm_pairs, itm_pairs_per_s        distinct (image, text) pairs scored by ITM;
+  itm_pairs, itm_pairs_per_s        distinct (image, text) pairs scored by ITM (chunks padded);
+  itm_route                         K/V computed once per image, or per chunk (`run.kv_budget`);
   images_per_s                      images of the set evaluated per second (whole evaluation);
   projected_coco_s                  COCO 5K images x 25K texts at the same k: encoders scaled by
                                     the number of images / texts, ITM by (5K + 25K) x k pairs
@@ -153,14 +154,16 @@ def main():
   fns = eval_run._Fns(model, mesh)  # pylint: disable=protected-access
   count = {"pairs": 0}
 
-  def counting(itm):  # both ITM scorers (precomputed K/V or per-chunk K/V) count their pairs
+  def counting(itm, route: str):  # both ITM scorers count their pairs and say which ran
     def fn(state, vision, text, mask, img, txt):
       count["pairs"] += img.shape[0]
+      count["route"] = route
       return itm(state, vision, text, mask, img, txt)
 
     return fn
 
-  fns.itm, fns.itm_kv = counting(fns.itm), counting(fns.itm_kv)
+  fns.itm = counting(fns.itm, "per-chunk K/V")
+  fns.itm_kv = counting(fns.itm_kv, "K/V computed once per image")
   run = lambda data: eval_run.run_retrieval(fns, data, args.batch, args.k_test, args.itm_chunk)
 
   t0 = time.perf_counter()
@@ -177,6 +180,7 @@ def main():
   t3 = time.perf_counter()
   times = {"warmup": warmup_s, "images": t1 - t0, "texts": t2 - t1, "total": t3 - t2}
   out = _report(args, cfg, mesh, model, data, times, count["pairs"])
+  out["itm_route"] = count.get("route")
   print(json.dumps(out, indent=1))
   if args.out:
     with open(args.out, "a", encoding="utf-8") as f:
