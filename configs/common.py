@@ -71,8 +71,8 @@ def base_config() -> mlc.ConfigDict:
   c.model.dtype = "bfloat16"  # compute dtype; parameters and optimizer state stay float32
   c.model.remat = False
   # '' = `remat` for every tower; else a policy (none | full | save_matmuls | save_dots |
-  # save_all_but_attention) for every
-  # tower, or per tower "vision=save_matmuls,text=none,fusion=full" (docs/train_step.md).
+  # save_all_but_attention) for every tower, or per tower
+  # "vision=save_matmuls,text=none,fusion=full" (docs/train_step.md#rematerialisation).
   c.model.remat_policy = ""
   # Attention core: einsum | xla | cudnn (x2vlm_jax/models/attention.py).
   c.model.attention = "einsum"

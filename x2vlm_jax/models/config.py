@@ -140,7 +140,8 @@ class ModelConfig:
   dtype: Any = jnp.float32  # compute dtype
   param_dtype: Any = jnp.float32
   # What each scanned layer keeps for the backward pass: False / "none", True / "full",
-  # "save_matmuls" or "save_dots" (layers.REMAT_POLICIES); `remat_vision` / `_text` / `_fusion`
+  # "save_matmuls", "save_dots" or "save_all_but_attention" (layers.REMAT_POLICIES,
+  # docs/train_step.md#rematerialisation); `remat_vision` / `_text` / `_fusion`
   # override it for one tower (None = follow `remat`). The numbers are the same for all.
   remat: bool | str = False
   remat_vision: str | None = None
