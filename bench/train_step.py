@@ -2,8 +2,19 @@
 
   python bench/train_step.py --variant tiny|base [--image_batch 8 --region_batch 8
       --region_max_images 4 --video_batch 0 --max_tokens 40 --image_res 224
-      --dtype float32|bfloat16 --remat --mesh data=1,fsdp=-1,tensor=1 --steps 5
-      --peak_tflops 989 --cpu_devices 8 --fast_compile]
+      --dtype float32|bfloat16 --remat [full|save_matmuls|save_dots|save_all_but_attention|none]
+      --attention einsum|xla|cudnn --mesh data=1,fsdp=-1,tensor=1 --steps 5
+      --peak_tflops 989 --cpu_devices 8 --fast_compile --out rows.jsonl]
+
+A model given by its dimensions instead of a variant: `--dims` overrides the variant's sizes,
+e.g. the official code's tiny test model (every tower 64 wide with 4 heads and MLP 256; 2 vision,
+2 text and 2 fusion layers; vocab 1024; ITC embedding 32) at 96 px, text 16, 6 masks:
+
+  python bench/train_step.py --dims width=64,heads=4,mlp=256,layers=2+2+2,vocab=1024,embed=32 \
+      --image_res 96 --max_tokens 16 --max_masks 6 --image_batch 8 --region_batch 8 \
+      --region_max_images 4 --mesh data=1
+
+`--dims` keys: bench/dims.py.
 
 Runs exactly the trainer's step: the train state born sharded (`train_state.TrainStateSpec`),
 the step built and jitted by `step_jit.pretrain_step` and the host batch placed by
@@ -45,7 +56,18 @@ def _args():
   p.add_argument("--max_masks", type=int, default=12)
   p.add_argument("--image_res", type=int, default=None, help="default: the variant's")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  p.add_argument("--remat", action="store_true")
+  p.add_argument(
+    "--remat",
+    nargs="?",
+    const="full",
+    default="none",
+    choices=["none", "full", "save_matmuls", "save_dots", "save_all_but_attention"],
+    help="remat policy of every tower (bare --remat: full)",
+  )
+  p.add_argument("--attention", default="einsum", choices=["einsum", "xla", "cudnn"])
+  p.add_argument("--dims", default="", help="model dimensions overriding the variant (above)")
+  p.add_argument("--tag", default="", help="a name for the row (bench/gpu.sh: the row name)")
+  p.add_argument("--out", default="", help="also append the JSON row to this file (JSON lines)")
   p.add_argument("--no_itm", action="store_true", help="the step without ITM (itm=False)")
   p.add_argument(
     "--accum_steps",
@@ -102,15 +124,20 @@ def _model_and_sizes(args):
   """(ModelConfig, per-micro-batch BatchSizes, per-update sizes) from the flags."""
   import dataclasses
 
+  import dims as dims_lib
   import jax.numpy as jnp
 
   from data_pipelines import features as F
   from x2vlm_jax.models.config import ModelConfig
 
-  kw = dict(dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32, remat=args.remat)
+  kw = dict(
+    dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
+    remat=args.remat,
+    attention=args.attention,
+  )
   if args.video_batch:
     kw["frame_len"] = args.frame_len
-  cfg = ModelConfig.named(args.variant, **kw)
+  cfg = dims_lib.with_dims(ModelConfig.named(args.variant, **kw), args.dims)
   if args.image_res:
     cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, image_size=args.image_res))
   accum = args.accum_steps
@@ -173,6 +200,9 @@ def _report(args, cfg, sizes, per_update, mesh, state, compiled, metrics, timing
     "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state["params"]))),
     "dtype": args.dtype,
     "remat": args.remat,
+    "attention": args.attention,
+    "dims": args.dims or None,
+    "tag": args.tag or None,
     "itm": itm,
     "image_res": sizes.image_res,
     "max_tokens": args.max_tokens,
@@ -246,6 +276,9 @@ def main():
   timings = {"init_s": init_s, "lower_s": lower_s, "compile_s": compile_s, "times": times}
   out = _report(args, cfg, sizes, per_update, mesh, state, compiled, metrics, timings)
   print(json.dumps(out, indent=1))
+  if args.out:
+    with open(args.out, "a", encoding="utf-8") as f:
+      f.write(json.dumps(out) + "\n")
 
 
 def _flops(compiled) -> float | None:

@@ -70,6 +70,12 @@ def base_config() -> mlc.ConfigDict:
   c.model.frame_len = 0  # > 0 adds the learned frame embedding (stage 2 with video: 3)
   c.model.dtype = "bfloat16"  # compute dtype; parameters and optimizer state stay float32
   c.model.remat = False
+  # '' = `remat` for every tower; else a policy (none | full | save_matmuls | save_dots |
+  # save_all_but_attention) for every tower, or per tower
+  # "vision=save_matmuls,text=none,fusion=full" (docs/train_step.md#rematerialisation).
+  c.model.remat_policy = ""
+  # Attention core: einsum | xla | cudnn (x2vlm_jax/models/attention.py).
+  c.model.attention = "einsum"
   # '' = the variant's text tower; else a BERT directory ('minilm' allowed) whose config.json
   # sizes the text tower (fusion heads / FFN follow it).
   c.model.text_config_from = ""

@@ -101,6 +101,9 @@ def test_scorers_match_the_model_and_full_rerank(model, tokenizer):
   want = retrieval.retrieval_metrics(itm, itm.T, data.txt2img, data.img2txt, prefix="r")
   for k, val in want.items():
     assert got[k] == pytest.approx(val), k
+  # Without room for the precomputed K/V, every chunk projects them itself: same metrics.
+  per_chunk = run.run_retrieval(fns, data, 8, nt, 8, prefix="r", kv_bytes_limit=0)
+  assert per_chunk == pytest.approx(got)
   want_itc = retrieval.evaluate_retrieval_itc(v, t, data.txt2img, data.img2txt, prefix="r_itc")
   for k, val in want_itc.items():
     assert got[k] == pytest.approx(val), k

@@ -85,7 +85,11 @@ def config_diff(saved_cfg, new_cfg, keys: Sequence[str], exclude: Sequence[str] 
 
 
 def check_config_compatible(
-  saved_cfg, new_cfg, critical_keys: Sequence[str], allow_config_change: bool = False
+  saved_cfg,
+  new_cfg,
+  critical_keys: Sequence[str],
+  allow_config_change: bool = False,
+  free_keys: Sequence[str] = (),
 ) -> list[str]:
   """Refuses to resume when a critical setting changed.
 
@@ -94,6 +98,7 @@ def check_config_compatible(
     new_cfg: the config of the run that wants to resume.
     critical_keys: dotted keys; each covers itself and every key nested below it.
     allow_config_change: if True, differences are logged as a warning instead of raising.
+    free_keys: keys under `critical_keys` that may change (how the step computes, not what).
 
   Returns:
     One line per differing critical key ('key: old -> new'); empty when compatible.
@@ -101,7 +106,7 @@ def check_config_compatible(
   Raises:
     ConfigChangedError: listing every differing key with its old and new value.
   """
-  diffs = config_diff(saved_cfg, new_cfg, critical_keys)
+  diffs = config_diff(saved_cfg, new_cfg, critical_keys, free_keys)
   if diffs:
     msg = "critical config settings differ from the checkpoint:\n  " + "\n  ".join(diffs)
     if not allow_config_change:
@@ -123,6 +128,8 @@ class ConfigCheck:
     stream_keys: differences are warnings (they change which examples are read, not the state).
     neutral_keys: keys under `stream_keys` that do not change the examples (e.g. worker counts).
     allow_config_change: critical differences become warnings.
+    free_keys: keys under `critical_keys` that may change freely (e.g. the attention
+      implementation: same numbers) and may be absent from older saved configs.
   """
 
   config: Any
@@ -130,10 +137,11 @@ class ConfigCheck:
   stream_keys: tuple[str, ...] = ()
   neutral_keys: tuple[str, ...] = ()
   allow_config_change: bool = False
+  free_keys: tuple[str, ...] = ()
 
   def __call__(self, saved: Mapping) -> list[str]:
     allowed = check_config_compatible(
-      saved, self.config, self.critical_keys, self.allow_config_change
+      saved, self.config, self.critical_keys, self.allow_config_change, self.free_keys
     )
     exclude = tuple(self.critical_keys) + tuple(self.neutral_keys)
     stream = config_diff(saved, self.config, self.stream_keys, exclude)

@@ -32,7 +32,7 @@ from jax.sharding import Mesh
 from data_pipelines import features as F
 from x2vlm_jax import assets, ckpt_config, init_lib, objectives, optim, sharding, tasks, train_data
 from x2vlm_jax.evaluators import settings as eval_settings
-from x2vlm_jax.models.config import ModelConfig
+from x2vlm_jax.models.config import ModelConfig, remat_fields
 
 # Resuming with any of these changed is a different experiment (refused unless allowed).
 # `_model_resolved` is the model config after the variant table and `model.text_config_from`
@@ -52,6 +52,11 @@ CRITICAL_KEYS = (
 # allowed, with a warning on resume (docs/training.md#checkpoints-and-resuming).
 STREAM_KEYS = ("data", "loss.aux_iter_perc")
 NEUTRAL_KEYS = ("data.num_workers", "data.worker_buffer_size", "data.read_threads")
+# How the step computes, not what (same numbers up to rounding): free to change on resume, and
+# absent from the configs of runs saved before they existed.
+FREE_KEYS = tuple(
+  f"{s}.{k}" for s in ("model", "_model_resolved") for k in ("attention", "remat_policy")
+) + tuple(f"_model_resolved.remat_{t}" for t in ("vision", "text", "fusion"))
 
 
 def resolve_dir(path: str) -> str:
@@ -91,7 +96,8 @@ def model_config(cfg) -> ModelConfig:
     fusion=fusion,
     frame_len=int(m.frame_len),
     dtype=dtype,
-    remat=bool(m.remat),
+    **remat_fields(bool(m.remat), str(m.get("remat_policy", ""))),  # older configs: no policy
+    attention=str(m.get("attention", "einsum")),
     # The fine-tuning heads (absent from pre-training configs and older saved configs).
     decoder_layers=int(m.get("decoder_layers", 0)),
     cls_labels=int(m.get("cls_labels", 0)),
@@ -149,7 +155,7 @@ def run_json(cfg, model_cfg: ModelConfig) -> dict:
 def resume_check(run: Mapping, allow_config_change: bool) -> ckpt_config.ConfigCheck:
   """The check of a checkpoint's saved config against `run` (`run_json`) before a resume."""
   return ckpt_config.ConfigCheck(
-    run, CRITICAL_KEYS, STREAM_KEYS, NEUTRAL_KEYS, allow_config_change=allow_config_change
+    run, CRITICAL_KEYS, STREAM_KEYS, NEUTRAL_KEYS, allow_config_change, free_keys=FREE_KEYS
   )
 
 

@@ -9,12 +9,16 @@ and an ITM scorer to the pure metric functions (`retrieval.py`, `grounding.py`).
 Jitted functions (each compiled once per evaluation shape, reused by every later call):
   encode_images(pixels [B, R, R, 3])  -> vision tokens [B, S, Dv], ITC features [B, E]
   encode_texts(ids, mask [B, L])      -> text states [B, L, Dt], ITC features [B, E]
-  itm(vision [C, S, Dv], text [C, L, Dt], mask [C, L]) -> ITM logit of class 1 [C]
+  itm(vision [Ni, S, Dv], text [Nt, L, Dt], mask [Nt, L], img [C], txt [C]) -> ITM logit of
+      class 1 [C] of the C pairs (img[c], txt[c]); itm_kv: the same from vision_kv(vision)
   boxes(vision [B, S, Dv], text [B, L, Dt], mask [B, L]) -> (cx, cy, w, h) [B, 4]
-Vision tokens and text states are computed once per image / text and kept on the host; the
-ITM scorer gathers the rows of a chunk of (image, text) pairs and runs only the fusion tower
-(its cross-attention keys/values come from the gathered vision tokens,
-docs/fidelity.md#retrieval-protocol).
+Vision tokens and text states are computed once per image / text. For retrieval they are then
+placed on the devices once (replicated: COCO at base is 1.5 GB of bf16 tokens) and the ITM
+scorer sends only the pair indices of a chunk, gathers the rows on the device and runs only the
+fusion tower (docs/fidelity.md#retrieval-protocol): no host gather and no host-to-device copy of
+[C, S, Dv] tokens per chunk. The cross-attention keys/values of every image are computed once
+(`vision_kv`) and picked per pair (`itm_kv`) where they fit in `kv_budget()`; else each chunk
+projects them from the gathered tokens (`itm`).
 
 With a mesh, every input batch is laid out with its batch axis over the mesh's batch shards
 (the batch is rounded up to a multiple of their number) and outputs are replicated, so every
@@ -77,10 +81,23 @@ def _fused(graphdef, state, vision, text, mask):
   return m, m.fuse(text, mask, vision, vmask)  # [C, L, Dt]
 
 
-def _itm(graphdef, state, vision, text, mask):
-  m, fused = _fused(graphdef, state, vision, text, mask)
+def _itm(graphdef, state, vision, text, mask, img, txt):
+  m, fused = _fused(graphdef, state, vision[img], text[txt], mask[txt])
   # The official ranking score is the raw class-1 logit, not a probability
   # (docs/fidelity.md#retrieval-protocol).
+  return m.itm_logits(fused)[:, 1].astype(jnp.float32)  # [C]
+
+
+def _vision_kv(graphdef, state, vision):
+  return _model(graphdef, state).vision_kv(vision)  # VisionKV, [layers, N, S, H, dh] each
+
+
+def _itm_kv(graphdef, state, kv, text, mask, img, txt):
+  """`_itm` from every image's precomputed cross-attention K/V (`kv_index` = img): the same
+  numbers without projecting an image's K/V again for each of its pairs."""
+  m = _model(graphdef, state)
+  vmask = jnp.ones((img.shape[0], kv.key.shape[2]), jnp.int32)  # full image
+  fused = m.fuse(text[txt], mask[txt], kv, vmask, kv_index=img)
   return m.itm_logits(fused)[:, 1].astype(jnp.float32)  # [C]
 
 
@@ -100,6 +117,8 @@ def _jitted(mesh: Mesh | None) -> dict[str, Callable]:
     "encode_videos": jit(_encode_videos),
     "encode_texts": jit(_encode_texts),
     "itm": jit(_itm),
+    "vision_kv": jit(_vision_kv),
+    "itm_kv": jit(_itm_kv),
     "boxes": jit(_boxes),
   }
 
@@ -109,15 +128,30 @@ class _Fns:
 
   def __init__(self, model, mesh: Mesh | None):
     self.graphdef, self.state = nnx.split(model)
+    self.model_cfg = model.cfg
     self.mesh = mesh
     self.shards = sharding.batch_shards(mesh)
     jitted = _jitted(mesh)
     for name, fn in jitted.items():
       setattr(self, name, functools.partial(fn, self.graphdef))
 
+  @property
+  def kv_row_bytes(self) -> int:
+    """Bytes of one vision token's K (or V) over every fusion layer, in the compute dtype."""
+    cfg = self.model_cfg
+    return cfg.fusion.depth * cfg.text.width * jnp.dtype(cfg.dtype).itemsize
+
   def put(self, x: np.ndarray):
     """Host batch (the same on every process) -> device array, batch axis over the mesh."""
     return x if self.mesh is None else global_batch.put_global(x, self.mesh)
+
+  def put_replicated(self, x: np.ndarray) -> jax.Array:
+    """Host array (the same on every process) -> a device array whole on every device."""
+    if self.mesh is None:
+      return jnp.asarray(x)
+    return jax.make_array_from_callback(
+      x.shape, NamedSharding(self.mesh, PartitionSpec()), lambda idx: x[idx]
+    )
 
   def round_batch(self, n: int) -> int:
     return max(self.shards, -(-n // self.shards) * self.shards)
@@ -136,6 +170,15 @@ class _Fns:
     return [np.concatenate(o) for o in outs]
 
 
+def kv_budget() -> int:
+  """Bytes the precomputed K/V of an evaluation set may take per device: a quarter of the
+  smallest device memory where the backend reports it (GPU; COCO 5K images at base in bf16
+  is 18 GB), else 4 GB."""
+  stats = [d.memory_stats() or {} for d in jax.local_devices()]
+  limits = [s["bytes_limit"] for s in stats if "bytes_limit" in s]
+  return min(limits) // 4 if limits else 4 << 30
+
+
 def run_retrieval(
   fns: _Fns,
   data: eval_data.RetrievalSet,
@@ -143,20 +186,26 @@ def run_retrieval(
   k_test: int,
   itm_chunk: int,
   prefix: str = "eval/retrieval",
+  kv_bytes_limit: int | None = None,
 ) -> dict[str, float]:
   """ITC features for all images (or videos) and texts, then the official ITM re-ranking
-  (docs/fidelity.md#retrieval-protocol)."""
+  (docs/fidelity.md#retrieval-protocol). Every image's cross-attention K/V are computed once and
+  kept on the devices when they take at most `kv_bytes_limit` bytes (None: `kv_budget`), else
+  each ITM chunk projects them from the gathered vision tokens; same scores either way."""
   encode = fns.encode_videos if data.pixels.ndim == 5 else fns.encode_images
   vis_tokens, img_feat = fns.batched(encode, batch, data.pixels)
   txt_states, txt_feat = fns.batched(fns.encode_texts, batch, data.ids, data.mask)
 
+  vision = fns.put_replicated(vis_tokens)
+  on_device = [fns.put_replicated(x) for x in (txt_states, data.mask)]
+  kv_bytes = 2 * vis_tokens.shape[0] * vis_tokens.shape[1] * fns.kv_row_bytes
+  if kv_bytes <= (kv_budget() if kv_bytes_limit is None else kv_bytes_limit):
+    itm, first = fns.itm_kv, fns.vision_kv(fns.state, vision)
+  else:
+    itm, first = fns.itm, vision
+
   def itm_score_fn(img_idx: np.ndarray, txt_idx: np.ndarray) -> np.ndarray:
-    scores = fns.itm(
-      fns.state,
-      fns.put(vis_tokens[img_idx]),
-      fns.put(txt_states[txt_idx]),
-      fns.put(data.mask[txt_idx]),
-    )
+    scores = itm(fns.state, first, *on_device, fns.put(img_idx), fns.put(txt_idx))
     return np.asarray(jax.device_get(scores))
 
   out = retrieval.evaluate_retrieval(

@@ -139,7 +139,17 @@ class ModelConfig:
   frame_len: int = 0  # 0: no video frame embedding
   dtype: Any = jnp.float32  # compute dtype
   param_dtype: Any = jnp.float32
-  remat: bool = False  # rematerialise each transformer block in the backward pass
+  # What each scanned layer keeps for the backward pass: False / "none", True / "full",
+  # "save_matmuls", "save_dots" or "save_all_but_attention" (layers.REMAT_POLICIES,
+  # docs/train_step.md#rematerialisation); `remat_vision` / `_text` / `_fusion`
+  # override it for one tower (None = follow `remat`). The numbers are the same for all.
+  remat: bool | str = False
+  remat_vision: str | None = None
+  remat_text: str | None = None
+  remat_fusion: str | None = None  # also the VQA answer decoder's layers
+  # Attention core: "einsum" (default), "xla" or "cudnn" (`jax.nn.dot_product_attention`;
+  # models/attention.py says where each applies and when it falls back).
+  attention: str = "einsum"
   # Fine-tuning heads, optional parts of the model (absent by default; docs/finetuning.md):
   decoder_layers: int = 0  # VQA answer decoder `text_decoder` (official: 6 layers); 0 = none
   cls_labels: int = 0  # classes of `cls_head` (NLVR2 2, MSRVTT-QA 1500); 0 = no cls_head
@@ -151,6 +161,11 @@ class ModelConfig:
 
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)
+
+  def tower_remat(self, tower: str) -> bool | str:
+    """The remat setting of "vision", "text" or "fusion": its own override, else `remat`."""
+    own = getattr(self, f"remat_{tower}")
+    return self.remat if own is None else own
 
   @classmethod
   def tiny(cls, **kw) -> "ModelConfig":
@@ -237,3 +252,23 @@ class ModelConfig:
     if name not in factories:
       raise ValueError(f"unknown model variant {name!r}; expected one of {sorted(factories)}")
     return factories[name](**kw)
+
+
+def remat_fields(remat: bool, policy: str) -> dict:
+  """ModelConfig remat fields from a run config's `model.remat` and `model.remat_policy`:
+  '' = `remat` (False: none, True: full) for every tower; a policy name ("save_matmuls") for
+  every tower; or per tower "vision=save_matmuls,text=none,fusion=full" (towers not named follow
+  `remat`). Policies go into the per-tower fields, so `remat` stays the config's bool."""
+  towers = ("vision", "text", "fusion")
+  if "=" not in policy:
+    return {"remat": remat, **({f"remat_{t}": policy for t in towers} if policy else {})}
+  out = {"remat": remat}
+  for part in filter(None, (p.strip() for p in policy.split(","))):
+    tower, _, name = part.partition("=")
+    if tower not in towers or not name:
+      raise ValueError(
+        f"config.model.remat_policy {policy!r}: {part!r} is not tower=policy with tower one of "
+        "vision, text, fusion"
+      )
+    out[f"remat_{tower}"] = name
+  return out

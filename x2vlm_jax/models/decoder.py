@@ -30,7 +30,16 @@ class TextDecoder(FusionTower):
   def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, remat: bool = False, rngs):
     layer_cfg = dataclasses.replace(cfg.fusion, depth=cfg.decoder_layers, drop_path_rate=0.0)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
-    super().__init__(layer_cfg, cfg.text, cfg.text.width, remat=remat, causal=True, rngs=rngs, **kw)
+    super().__init__(
+      layer_cfg,
+      cfg.text,
+      cfg.text.width,
+      remat=remat,
+      causal=True,
+      attention=cfg.attention,
+      rngs=rngs,
+      **kw,
+    )
     self.embeddings = TextEmbeddings(cfg.text, rngs=rngs, **kw)
     self.mlm_head = MlmHead(cfg.text.width, cfg.text.vocab_size, cfg.text.ln_eps, rngs=rngs, **kw)
 

@@ -34,13 +34,23 @@ class FusionLayer(nnx.Module):
   """One fusion layer; cross-attention takes precomputed per-layer K/V."""
 
   def __init__(
-    self, cfg: FusionConfig, width: int, vision_width: int, *, dtype, param_dtype, rngs: nnx.Rngs
+    self,
+    cfg: FusionConfig,
+    width: int,
+    vision_width: int,
+    *,
+    dtype,
+    param_dtype,
+    attention: str = "einsum",
+    rngs: nnx.Rngs,
   ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.rate = cfg.dropout
-    self.self_attn = Attention(width, cfg.num_heads, **kw)
+    self.self_attn = Attention(width, cfg.num_heads, attention=attention, **kw)
     self.self_norm = L.LayerNorm(width, cfg.ln_eps, **kw)
-    self.cross_attn = Attention(width, cfg.num_heads, kv_width=vision_width, **kw)
+    self.cross_attn = Attention(
+      width, cfg.num_heads, kv_width=vision_width, attention=attention, **kw
+    )
     self.cross_norm = L.LayerNorm(width, cfg.ln_eps, **kw)
     self.mlp = L.Mlp(width, cfg.mlp_dim, kernel_init=L.normal(0.02), **kw)
     self.mlp_norm = L.LayerNorm(width, cfg.ln_eps, **kw)
@@ -70,8 +80,9 @@ class FusionTower(nnx.Module):
     *,
     dtype=jnp.float32,
     param_dtype=jnp.float32,
-    remat: bool = False,
+    remat: bool | str = False,
     causal: bool = False,
+    attention: str = "einsum",
     rngs: nnx.Rngs,
   ):
     if not 0.0 <= cfg.drop_path_rate < 1.0:
@@ -81,7 +92,9 @@ class FusionTower(nnx.Module):
     self.causal = causal  # self-attention sees earlier positions only (the VQA answer decoder)
     self.width, self.vision_width = text.width, vision_width
     self.layers = L.stacked(
-      lambda r: FusionLayer(cfg, text.width, vision_width, rngs=r, **kw), cfg.depth, rngs
+      lambda r: FusionLayer(cfg, text.width, vision_width, attention=attention, rngs=r, **kw),
+      cfg.depth,
+      rngs,
     )
 
   def vision_kv(self, vision: jax.Array) -> VisionKV:

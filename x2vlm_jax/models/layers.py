@@ -12,6 +12,7 @@ deterministic (evaluation).
 
 from __future__ import annotations
 
+import contextvars
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -253,12 +254,39 @@ def dot_attention(
   q [B, L, H, dh], k/v [B, S, H, dh], bias broadcastable to [B, H, L, S] -> [B, L, H, dh].
   Dropout on the probabilities only when `key` is given (BERT attention_probs_dropout).
   """
-  logits = jnp.einsum("blhd,bshd->bhls", q, k).astype(jnp.float32)  # [B, H, L, S]
-  if bias is not None:
+  # float32 logits straight out of the matmul (bf16 inputs accumulate and round into float32).
+  logits = jnp.einsum("blhd,bshd->bhls", q, k, preferred_element_type=jnp.float32)  # [B, H, L, S]
+  if bias is not None and bias.shape[0] == 1 < logits.shape[0] and bias.ndim == logits.ndim:
+    logits = add_shared_bias(logits, jnp.broadcast_to(bias, (1, *logits.shape[1:])))
+  elif bias is not None:
     logits = logits + bias
   probs = jax.nn.softmax(logits, axis=-1)
   probs = dropout(probs, dropout_rate, key)
   return jnp.einsum("bhls,bshd->blhd", probs.astype(v.dtype), v)
+
+
+@jax.custom_vjp
+def add_shared_bias(x: jax.Array, bias: jax.Array) -> jax.Array:
+  """x [B, ...] + bias [1, ...] (one bias shared by the batch: the vision tower's relative
+  position bias [1, H, S, S]). Same value as `x + bias`; the bias gradient, the sum of x's
+  gradient over the batch, is computed as a ones-vector matmul instead of a reduction over the
+  leading axis, which XLA CPU runs ~100x slower (measured on [8, 12, 197, 197], 2026-12-02, same
+  process: 101-125 ms vs 0.8-1.6 ms; docs/benchmarks.md). Full float32 precision (no TF32)."""
+  return x + bias
+
+
+def _add_shared_bias_fwd(x, bias):
+  return x + bias, None
+
+
+def _add_shared_bias_bwd(_, g):
+  n = g.shape[0]
+  ones = jnp.ones((n,), g.dtype)
+  db = jnp.einsum("b,bx->x", ones, g.reshape(n, -1), precision=jax.lax.Precision.HIGHEST)
+  return g, db.reshape((1, *g.shape[1:]))
+
+
+add_shared_bias.defvjp(_add_shared_bias_fwd, _add_shared_bias_bwd)
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -320,23 +348,65 @@ def stacked(make: Callable[[nnx.Rngs], nnx.Module], depth: int, rngs: nnx.Rngs) 
   return create(keys)
 
 
+# Rematerialisation policies of a scanned tower (`ModelConfig.remat`, per tower `remat_*`):
+#   none          keep every activation of every layer for the backward pass;
+#   full          keep only each layer's input, recompute the rest (`nnx.remat`);
+#   save_matmuls  keep the outputs of the weight matmuls (no batch dims: projections and MLP),
+#                 recompute the cheap element-wise work and the attention core (its [B, H, L, S]
+#                 logits and probabilities are not saved);
+#   save_dots     keep the outputs of every matmul, attention's batched ones included;
+#   save_all_but_attention  no remat of the layer, but the attention core (softmax(q.k + bias).v)
+#                 keeps only its inputs: its [B, H, L, S] logits and probabilities are recomputed
+#                 (`recompute_attention`). A checkpoint-name policy cannot do this: softmax's own
+#                 residuals are unnamed intermediates.
+REMAT_POLICIES = {
+  "none": None,
+  "full": None,
+  "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "save_dots": jax.checkpoint_policies.dots_saveable,
+  "save_all_but_attention": None,
+}
+# Set while a tower with "save_all_but_attention" is traced; read by `attention.attend`.
+_RECOMPUTE_ATTENTION = contextvars.ContextVar("recompute_attention", default=False)
+
+
+def recompute_attention() -> bool:
+  """Whether the attention core being traced should keep only its inputs for the backward."""
+  return _RECOMPUTE_ATTENTION.get()
+
+
+def remat_name(remat: bool | str) -> str:
+  """A remat setting (bool as before: False = none, True = full, or a policy name) -> its name."""
+  if isinstance(remat, (bool, np.bool_)):
+    return "full" if remat else "none"
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat policy {remat!r} is not one of {sorted(REMAT_POLICIES)} or a bool")
+  return remat
+
+
 def scan_layers(
-  layers: nnx.Module, body: Callable, x: jax.Array, xs: Any, *, remat: bool = False
+  layers: nnx.Module, body: Callable, x: jax.Array, xs: Any, *, remat: bool | str = False
 ) -> jax.Array:
   """Runs `x = body(layer_i, x, xs_i)` over a stacked module with `nnx.scan`.
 
   xs: pytree of per-layer inputs with a leading depth axis (drop-path rates, dropout keys,
-  precomputed cross-attention K/V). With `remat`, each layer's activations are recomputed in the
-  backward pass (`nnx.remat`), trading FLOPs for memory.
+  precomputed cross-attention K/V). `remat`: a `REMAT_POLICIES` name (or a bool: True = full)
+  saying what each layer keeps for the backward pass; the numbers are the same for all.
   """
-  fn = nnx.remat(body) if remat else body
+  name = remat_name(remat)
+  plain = name in ("none", "save_all_but_attention")
+  fn = body if plain else nnx.remat(body, policy=REMAT_POLICIES[name])
   scan = nnx.scan(
     fn,
     in_axes=(0, nnx.Carry, 0),
     out_axes=nnx.Carry,
     transform_metadata={nnx.PARTITION_NAME: "layers"},
   )
-  return scan(layers, x, xs)
+  token = _RECOMPUTE_ATTENTION.set(name == "save_all_but_attention")
+  try:  # the body is traced inside this call
+    return scan(layers, x, xs)
+  finally:
+    _RECOMPUTE_ATTENTION.reset(token)
 
 
 def depth_scale(depth: int) -> np.ndarray:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from x2vlm_jax.models import layers as L
+from x2vlm_jax.models.attention import attend
 from x2vlm_jax.models.config import TextConfig
 
 TEXT_MASK_VALUE = -10000.0  # BERT's self-attention mask, docs/fidelity.md#attention-mask-values
@@ -35,13 +36,14 @@ class Attention(nnx.Module):
     kv_width: int | None = None,
     dtype,
     param_dtype,
+    attention: str = "einsum",
     rngs: nnx.Rngs,
   ):
     if width % num_heads:
       raise ValueError(f"text width {width} is not divisible by {num_heads} heads")
     h, dh = num_heads, width // num_heads
     kv_width = width if kv_width is None else kv_width
-    self.head_dim = dh
+    self.head_dim, self.attention = dh, attention
     init = L.normal(0.02)  # BERT initializer_range
     kw = dict(kernel_init=init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     heads = dict(kernel_names=("embed", "heads", "kv"), bias_names=("heads", "kv"))
@@ -68,7 +70,7 @@ class Attention(nnx.Module):
     """x [B, L, D]; kv from `project_kv`; bias [B, 1, 1, S] -> output dense [B, L, D], before the
     residual branch (`branch`) and LN. Dropout on the probabilities only when `key` is given."""
     q = self.query(x) * self.head_dim**-0.5  # [B, L, H, dh]
-    ctx = L.dot_attention(q, kv[0], kv[1], bias, dropout_rate=dropout_rate, key=key)
+    ctx = attend(q, kv[0], kv[1], bias, impl=self.attention, dropout_rate=dropout_rate, key=key)
     return self.out(ctx)
 
 
@@ -88,10 +90,10 @@ class TextLayer(nnx.Module):
   """x = LN(x + branch(attn(x))); x = LN(x + branch(fc2(gelu(fc1 x)))) (`branch`: dropout or
   drop path)."""
 
-  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, attention="einsum", rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.rate = cfg.dropout
-    self.attn = Attention(cfg.width, cfg.num_heads, **kw)
+    self.attn = Attention(cfg.width, cfg.num_heads, attention=attention, **kw)
     self.attn_norm = L.LayerNorm(cfg.width, cfg.ln_eps, **kw)
     self.mlp = L.Mlp(cfg.width, cfg.mlp_dim, kernel_init=L.normal(0.02), **kw)
     self.mlp_norm = L.LayerNorm(cfg.width, cfg.ln_eps, **kw)
@@ -170,7 +172,8 @@ class TextTower(nnx.Module):
     *,
     dtype=jnp.float32,
     param_dtype=jnp.float32,
-    remat: bool = False,
+    remat: bool | str = False,
+    attention: str = "einsum",
     rngs: nnx.Rngs,
   ):
     if not 0.0 <= cfg.drop_path_rate < 1.0:
@@ -178,7 +181,9 @@ class TextTower(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.cfg, self.remat = cfg, remat
     self.embeddings = TextEmbeddings(cfg, rngs=rngs, **kw)
-    self.layers = L.stacked(lambda r: TextLayer(cfg, rngs=r, **kw), cfg.depth, rngs)
+    self.layers = L.stacked(
+      lambda r: TextLayer(cfg, attention=attention, rngs=r, **kw), cfg.depth, rngs
+    )
 
   def __call__(
     self,

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from x2vlm_jax.models import layers as L
+from x2vlm_jax.models.attention import attend
 from x2vlm_jax.models.config import VisionConfig
 
 # CLIP normalisation statistics, used by the official code even for the BEiT backbone
@@ -133,10 +134,10 @@ class VisionAttention(nnx.Module):
   """Multi-head self-attention with fused qkv, q/v biases (key bias fixed at 0) and a learned
   relative position bias table of this block."""
 
-  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, attention="einsum", rngs: nnx.Rngs):
     d, h = cfg.width, cfg.num_heads
     dh = d // h
-    self.num_heads, self.head_dim, self.dtype = h, dh, dtype
+    self.num_heads, self.head_dim, self.dtype, self.attention = h, dh, dtype, attention
     init = L.trunc_normal(0.02)
     self.qkv = L.Dense(
       (d,),
@@ -169,17 +170,17 @@ class VisionAttention(nnx.Module):
     v = qkv[:, :, 2] + self.v_bias[...].astype(self.dtype)
     bias = self.rel_pos_bias[...].astype(jnp.float32)[rel_index]  # [S, S, H]
     bias = einops.rearrange(bias, "q k h -> 1 h q k")
-    out = L.dot_attention(q, k, v, bias)  # [B, S, H, dh]
+    out = attend(q, k, v, bias, impl=self.attention)  # [B, S, H, dh]
     return self.proj(out)
 
 
 class VisionBlock(nnx.Module):
   """Pre-LN block with layer scale: x + dp(g1 * attn(ln1 x)); then + dp(g2 * mlp(ln2 x))."""
 
-  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, attention="einsum", rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm1 = L.LayerNorm(cfg.width, cfg.ln_eps, **kw)
-    self.attn = VisionAttention(cfg, **kw)
+    self.attn = VisionAttention(cfg, attention=attention, **kw)
     self.norm2 = L.LayerNorm(cfg.width, cfg.ln_eps, **kw)
     self.mlp = L.Mlp(cfg.width, cfg.mlp_dim, kernel_init=L.trunc_normal(0.02), **kw)
     self.gamma_1 = L.param(
@@ -232,7 +233,8 @@ class VisionTower(nnx.Module):
     *,
     dtype=jnp.float32,
     param_dtype=jnp.float32,
-    remat: bool = False,
+    remat: bool | str = False,
+    attention: str = "einsum",
     rngs: nnx.Rngs,
   ):
     if cfg.image_size % cfg.patch_size:
@@ -265,7 +267,9 @@ class VisionTower(nnx.Module):
       if cfg.abs_pos_embed
       else None
     )
-    self.blocks = L.stacked(lambda r: VisionBlock(cfg, rngs=r, **kw), cfg.depth, rngs)
+    self.blocks = L.stacked(
+      lambda r: VisionBlock(cfg, attention=attention, rngs=r, **kw), cfg.depth, rngs
+    )
     # fix_init_weight: proj and fc2 of block i divided by sqrt(2 (i + 1))
     # (docs/fidelity.md#vision-initialisation).
     scale = L.depth_scale(cfg.depth)

@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 
 from x2vlm_jax import sharding
 from x2vlm_jax.models import layers as L
+from x2vlm_jax.models.attention import check_impl
 from x2vlm_jax.models.config import ModelConfig
 from x2vlm_jax.models.decoder import TextDecoder
 from x2vlm_jax.models.fusion import FusionTower, VisionKV
@@ -42,9 +43,11 @@ class X2VLM(nnx.Module):
     self.cfg = cfg
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     dv, dt = cfg.vision.width, cfg.text.width
-    self.vision = VisionTower(cfg.vision, remat=cfg.remat, rngs=rngs, **kw)
-    self.text = TextTower(cfg.text, remat=cfg.remat, rngs=rngs, **kw)
-    self.fusion = FusionTower(cfg.fusion, cfg.text, dv, remat=cfg.remat, rngs=rngs, **kw)
+    remat = {t: L.remat_name(cfg.tower_remat(t)) for t in ("vision", "text", "fusion")}
+    att = dict(attention=check_impl(cfg.attention), rngs=rngs, **kw)
+    self.vision = VisionTower(cfg.vision, remat=remat["vision"], **att)
+    self.text = TextTower(cfg.text, remat=remat["text"], **att)
+    self.fusion = FusionTower(cfg.fusion, cfg.text, dv, remat=remat["fusion"], **att)
     self.vision_proj = Projection(dv, cfg.embed_dim, rngs=rngs, **kw)
     self.text_proj = Projection(dt, cfg.embed_dim, rngs=rngs, **kw)
     self.temp = L.param(rngs, L.constant(cfg.temp_init), (), (), cfg.param_dtype)
@@ -63,7 +66,7 @@ class X2VLM(nnx.Module):
     # Fine-tuning heads last, so the parameters above draw the same initial values with or
     # without them (docs/finetuning.md).
     self.text_decoder = (
-      TextDecoder(cfg, remat=cfg.remat, rngs=rngs, **kw) if cfg.decoder_layers > 0 else None
+      TextDecoder(cfg, remat=remat["fusion"], rngs=rngs, **kw) if cfg.decoder_layers > 0 else None
     )
     self.cls_head = (
       MlpHead(cfg.cls_inputs * dt, cfg.cls_labels, cfg.head_ln_eps, rngs=rngs, **kw)
