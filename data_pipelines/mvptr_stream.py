@@ -1,0 +1,201 @@
+"""The MVPTR pre-training stream: a grain pipeline of fixed-shape batches from a record source.
+
+  range(len(source)) -> process shard [process_index::process_count] -> shuffle(seed, per epoch)
+  -> repeat(num_epochs) -> map_with_index: read the record, `build_example` with
+     np.random.default_rng([seed, process_index, position])   (position in this stream)
+  -> skip, count and stack `batch_size` examples (here, in the consuming process)
+
+Every stream element is a pure function of its position, so the iterator's state is the next
+position, the batch counter and the skip counters (a small JSON-able dict): restoring it
+reproduces the remaining batches bit for bit (the design of `mixture.py` / `packing.py`).
+A record whose reader raises `SkipRecord` is dropped, counted per reason (`skip_counts()`) and
+logged with its record id and field. A finite stream (num_epochs) drops its last partial batch,
+so every batch has the same shapes.
+
+The source is any random-access source of MVPTR records (`mvptr_oscar.OscarSource`): dicts with
+words / phrases / tags int32, regions float32 [n, D], image_id int64. A batch holds every
+`mvptr_examples.build_example` field stacked on a leading [B] axis, plus `image_id` int64 [B].
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grain
+import numpy as np
+
+from data_pipelines import features as F
+from data_pipelines.mixture import seed32
+from data_pipelines.mvptr_examples import MvptrExampleSpec, build_example
+
+STATE_VERSION = 1
+IMAGE_ID = "image_id"
+_log = logging.getLogger(__name__)
+
+
+class ExampleFn:
+  """Reads record `index` and builds its example; a SkipRecord becomes ('skip', error)."""
+
+  def __init__(self, source, spec: MvptrExampleSpec, seed: int, process_index: int):
+    self.source, self.spec, self.seed_key = source, spec, (int(seed), int(process_index))
+
+  def __call__(self, position: int, index: int):
+    try:
+      record = self.source[int(index)]
+    except F.SkipRecord as e:
+      return ("skip", e)
+    rng = np.random.default_rng([*self.seed_key, int(position)])
+    try:
+      example = build_example(
+        rng, record["words"], record["phrases"], record["tags"], record["regions"], self.spec
+      )
+    except Exception as e:  # a config / code problem, not bad data: fail naming the record
+      rid = record.get("id", f"record {index}")
+      raise RuntimeError(f"{rid}: build_example failed: {type(e).__name__}: {e}") from e
+    example[IMAGE_ID] = np.int64(record["image_id"])
+    return ("ok", example)
+
+
+def example_stream(
+  source, spec, seed, process_index, process_count, num_epochs=None, shuffle=True
+) -> grain.MapDataset:
+  """MapDataset whose element i is ('ok', example) or ('skip', SkipRecord) (module docstring)."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  if int(seed) < 0:
+    raise ValueError(f"seed must be >= 0, got {seed}")
+  ds = grain.MapDataset.range(len(source))[process_index::process_count]
+  if len(ds) == 0:
+    raise ValueError(f"process {process_index}/{process_count}: no records in its shard")
+  if shuffle:
+    ds = ds.shuffle(seed=seed32(seed, 15))
+  if num_epochs != 1:
+    if num_epochs is not None and num_epochs < 1:
+      raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
+    ds = ds.repeat(num_epochs)
+  return ds.map_with_index(ExampleFn(source, spec, seed, process_index))
+
+
+class MvptrIterator(grain.DatasetIterator):
+  """Batches of MVPTR pre-training examples; `get_state()` / `set_state()` resume exactly.
+
+  state = {'version', 'position' (next stream element), 'batch_index', 'exhausted',
+           'skips' {reason: n}, 'config' (seed, batch size, shard, records: must match)}
+  """
+
+  def __init__(self, stream: grain.MapDataset, batch_size: int, config: dict, read_threads=1):
+    super().__init__()
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    self._stream, self._batch_size, self._config = stream, int(batch_size), dict(config)
+    self._read_threads = int(read_threads)
+    self._reader = None
+    self._position, self._batch_index, self._exhausted = 0, 0, False
+    self._skips: dict[str, int] = {}
+
+  def _next_element(self):
+    if self._exhausted:
+      return None
+    if self._reader is None:
+      options = grain.ReadOptions(num_threads=self._read_threads, prefetch_buffer_size=8)
+      self._reader = iter(self._stream[self._position :].to_iter_dataset(options))
+    try:
+      item = next(self._reader)
+    except StopIteration:
+      self._exhausted = True
+      self._close_reader()
+      return None
+    self._position += 1
+    return item
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    self._assert_not_closed()
+    examples = []
+    while len(examples) < self._batch_size:
+      item = self._next_element()
+      if item is None:
+        raise StopIteration  # a finite stream's last partial batch is dropped
+      status, value = item
+      if status == "skip":
+        self._skips[value.reason] = self._skips.get(value.reason, 0) + 1
+        _log.warning("skipped %s", value)  # names the record, the reason and the field
+        continue
+      examples.append(value)
+    self._batch_index += 1
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+  def skip_counts(self) -> dict[str, int]:
+    """Records dropped so far, per skip reason (only reasons that occurred)."""
+    return dict(self._skips)
+
+  def get_state(self) -> dict:
+    return {
+      "version": STATE_VERSION,
+      "position": int(self._position),
+      "batch_index": int(self._batch_index),
+      "exhausted": bool(self._exhausted),
+      "skips": dict(sorted(self._skips.items())),
+      "config": dict(self._config),
+    }
+
+  def set_state(self, state: dict) -> None:
+    keys = {"version", "position", "batch_index", "exhausted", "skips", "config"}
+    if set(state) != keys or state["version"] != STATE_VERSION:
+      raise ValueError(
+        f"MVPTR iterator state has keys {sorted(state)}, expected {sorted(keys)}"
+        f" (version {STATE_VERSION})"
+      )
+    if dict(state["config"]) != self._config:
+      raise ValueError(f"MVPTR iterator state is for {state['config']}, this one {self._config}")
+    unknown = set(state["skips"]) - set(F.SKIP_REASONS)
+    if unknown:
+      raise ValueError(f"MVPTR iterator state has unknown skip reasons {sorted(unknown)}")
+    self._close_reader()
+    self._position = int(state["position"])
+    self._batch_index = int(state["batch_index"])
+    self._exhausted = bool(state["exhausted"])
+    self._skips = {str(k): int(v) for k, v in state["skips"].items()}
+
+  def _close_reader(self) -> None:
+    if self._reader is not None:
+      self._reader.close()
+      self._reader = None
+
+  def close(self) -> None:
+    """Stops the read threads (idempotent)."""
+    self._close_reader()
+    super().close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def pretrain_iterator(
+  source,
+  spec: MvptrExampleSpec,
+  batch_size: int,
+  seed: int,
+  process_index: int,
+  process_count: int,
+  num_epochs: int | None = None,
+  *,
+  shuffle: bool = True,
+  read_threads: int = 1,
+) -> MvptrIterator:
+  """This process's stream of pre-training batches (module docstring): a dict of every
+  `build_example` field with a leading [batch_size] axis, plus image_id int64 [batch_size].
+  num_epochs None repeats forever; shuffle False keeps the shard's record order."""
+  stream = example_stream(source, spec, seed, process_index, process_count, num_epochs, shuffle)
+  config = {
+    "seed": int(seed),
+    "batch_size": int(batch_size),
+    "process_index": int(process_index),
+    "process_count": int(process_count),
+    "records": len(source),
+    "num_epochs": num_epochs,
+    "shuffle": bool(shuffle),
+  }
+  return MvptrIterator(stream, batch_size, config, read_threads)
