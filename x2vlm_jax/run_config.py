@@ -38,7 +38,6 @@ from x2vlm_jax.evaluators import settings as eval_settings
 from x2vlm_jax.models.config import ModelConfig
 from x2vlm_jax.models.mvptr_config import MvptrConfig
 
-
 # Resuming with any of these changed is a different experiment (refused unless allowed).
 # `_model_resolved` is the model config after the variant table and `model.text_config_from`
 # are applied (`run_json`): every field that shapes a parameter, whatever set it.

@@ -1,7 +1,8 @@
 """MVPTR stage 2 at the paper's settings (configs/mvptr/common.py): all six objectives, 30
 epochs, starting from the parameters of stage 1's newest checkpoint (not its optimizer state).
 
-  python train.py --config=configs/mvptr/stage2.py:spec=DATA/pretrain.yaml,pairs=N,stage1=RUNS/mvptr_stage1 \
+  python train.py \
+      --config=configs/mvptr/stage2.py:spec=DATA/pretrain.yaml,pairs=N,stage1=RUNS/mvptr_stage1 \
       --workdir=RUNS/mvptr_stage2
 """
 

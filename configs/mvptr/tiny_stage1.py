@@ -24,6 +24,9 @@ def tiny(stage: int, spec: str):
   c.model.mvptr.update(
     {"word_vocab_size": WORD_VOCAB, "vocab_size": WORD_VOCAB + PHRASES, "region_dim": 2054}
   )
+  # MvptrConfig.tiny's stacks, listed so that a command line can change them (the tests run one
+  # layer per stack: compile time).
+  c.model.mvptr.update({"depth": 3, "phrase_layer": 1, "dropout": 0.1})
   c.data.tokenizer = "minilm"
   c.data.mvptr.spec = spec
   c.data.mvptr.update({"max_tokens": 20, "max_phrases": 6, "max_tags": 6, "max_regions": 4})
