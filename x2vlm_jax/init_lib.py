@@ -233,11 +233,6 @@ def _initialize_mvptr(init: InitConfig, model, mesh, notes: list[str]) -> InitRe
   learning rate for every parameter, so nothing is fresh."""
   from x2vlm_jax import init_mvptr  # pylint: disable=g-import-not-at-top
 
-  for key, value in (("beit_path", init.beit_path), ("official_th", init.official_th)):
-    if value:
-      raise ValueError(f"config.init.{key}: not a weight source of an MVPTR model")
-  if init.params_dir:
-    raise ValueError("config.init.params_dir: not a weight source of an MVPTR model")
   if init.checkpoint:
     _from_checkpoint(model, init, mesh, notes)
   elif init.bert_dir:
@@ -278,9 +273,13 @@ def initialize(init: InitConfig, model_cfg: ModelConfig, mesh, key) -> InitResul
       "InitConfig.checkpoint needs checkpoint_model, the architecture the run was trained with "
       "(run_config.init_config reads it from the checkpoint's saved config)"
     )
+  mvptr = family.name(model_cfg) == "mvptr"
+  for name in ("beit_path", "official_th", "params_dir"):
+    if mvptr and getattr(init, name):
+      raise ValueError(f"config.init.{name}: not a weight source of an MVPTR model")
   model = family.create_sharded(model_cfg, mesh, key)
   notes: list[str] = []
-  if family.name(model_cfg) == "mvptr":
+  if mvptr:
     return _initialize_mvptr(init, model, mesh, notes)
   params_state = nnx.state(model, nnx.Param)
   scratch = optim.from_scratch_fresh_paths(params_state)

@@ -45,10 +45,12 @@ def data_section(spec: str) -> mlc.ConfigDict:
   )
 
 
-def loss_section() -> mlc.ConfigDict:
-  """`loss.mvptr`: the paper variant of every objective; weights = the stage's (all 1)."""
+def loss_section(stage: int) -> mlc.ConfigDict:
+  """`loss.mvptr`: the paper variant of every objective; the stage's objectives at weight 1
+  (listed, so a command line can change one: `--config.loss.mvptr.weights.wpg=0.5`)."""
   variants = {n: "paper" for n in ("mcr_v", "mcr_s", "vsc", "wpg", "itm")}
-  return mlc.ConfigDict({**variants, "vsc_shards": 1, "weights": {}})
+  names = ("mcr_v", "mcr_s", "vsc") + (("wpg", "itm", "mlm") if stage == 2 else ())
+  return mlc.ConfigDict({**variants, "vsc_shards": 1, "weights": {n: 1.0 for n in names}})
 
 
 def stage_config(stage: int, variant: str = "base") -> mlc.ConfigDict:
@@ -62,7 +64,7 @@ def stage_config(stage: int, variant: str = "base") -> mlc.ConfigDict:
   c.init.phrase_words = ""  # JSON {phrase id: word-piece ids} for the BERT phrase rows
   c.data.tokenizer = "data/bert-base-uncased"  # captions -> bert-base-uncased word pieces
   c.data.mvptr = data_section("")
-  c.loss.mvptr = loss_section()
+  c.loss.mvptr = loss_section(stage)
   c.batch.image = GLOBAL_BATCH
   c.optim.lr = 1e-4
   c.optim.b2 = 0.999
