@@ -27,8 +27,8 @@ dataset spec (the official yaml; JSON is valid YAML, so `.json` and `.yaml` file
 
 Relative paths are under the spec file's directory (the official root); `data_dir` replaces
 that base for the feature paths (the official `--data_dir`). Row indices of imageid2idx.json
-count every line of its TSV; the byte offsets come from our cached newline scan
-(`sources.line_index`), not from the `.lineidx` files (written for the official reader only).
+count every line of its TSV; the byte offsets come from the official `.lineidx` next to the
+TSV when it fits the file, else from our cached newline scan (`sources.line_index`).
 
 A record is {words, phrases, tags: int32 word-piece / phrase ids, regions: float32
 [n, img_feature_dim], image_id: int64 (`image_key_id`), id: "<corpus file>:<line>"}. A bad
@@ -47,10 +47,9 @@ import numpy as np
 
 from data_pipelines import features as F
 from data_pipelines import fileio, mvptr_regions, sources
-from data_pipelines.mvptr_phrases import PhraseTable, load_sg_file
+from data_pipelines.mvptr_phrases import DATASET_ALIASES, PhraseTable, load_sg_file
 
 FEATURE_FILE, LABEL_FILE, OFFSET_MAP = "features.tsv", "predictions_gt.tsv", "imageid2idx.json"
-DATASET_ALIASES = {"cc": "googlecc"}  # the official reader's one renaming
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,11 +71,17 @@ def read_spec_file(path: str | os.PathLike) -> dict:
   with open(path) as f:
     text = f.read()
   try:
-    return json.loads(text)
+    spec = json.loads(text)
   except ValueError:
     import yaml  # only for real YAML specs (the official ones)
 
-    return yaml.safe_load(text)
+    try:
+      spec = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+      raise ValueError(f"{path}: neither JSON nor YAML: {e}") from None
+  if not isinstance(spec, dict):
+    raise ValueError(f"{path}: holds a {type(spec).__name__}, not a mapping of spec keys")
+  return spec
 
 
 def load_spec(spec, root: str | None = None, data_dir: str | None = None) -> OscarSpec:
@@ -126,29 +131,59 @@ def split_key(key: str) -> tuple[str, str, str | None]:
 
 
 class TsvRows:
-  """Row access to a TSV file: row r (0-based, every line counted) -> its bytes."""
+  """Row access to a TSV file: row r (0-based, every line counted, as the official TSVFile
+  does) -> its bytes. The row offsets come from the official `<name>.lineidx` when it exists
+  and passes a spot check (huge VinVL feature files ship one), else from our cached newline
+  scan (`sources.line_index`)."""
 
   def __init__(self, path: str, cache_dir: str | None = None):
     self.path = path
-    offsets, numbers = sources.line_index(path, cache_dir)
-    n = int(numbers[-1]) if len(numbers) else 0
-    self.offsets = np.full(n + 1, -1, np.int64)  # [rows + 1]; -1: a blank row
-    self.offsets[numbers - 1] = offsets
-    self.offsets[n] = fileio.stat_key(path)[1] if n else 0
+    size = fileio.stat_key(path)[1]
+    starts = _official_lineidx(path, size)
+    if starts is None:
+      offsets, numbers = sources.line_index(path, cache_dir)
+      n = int(numbers[-1]) if len(numbers) else 0
+      starts = np.full(n, -1, np.int64)  # -1: a blank row
+      starts[numbers - 1] = offsets
+    # ends[r]: where row r's bytes stop at the latest (the next non-blank row, or the file end).
+    nxt = np.where(starts < 0, size, starts)
+    nxt = np.minimum.accumulate(nxt[::-1])[::-1]
+    self.starts = starts  # [rows]
+    self.ends = np.append(nxt[1:], size).astype(np.int64)  # [rows]
 
   def __len__(self) -> int:
-    return len(self.offsets) - 1
+    return len(self.starts)
 
   def row(self, r: int) -> bytes | None:
     """The bytes of row r without its newline; None for a blank row or r out of range."""
-    if not 0 <= r < len(self) or self.offsets[r] < 0:
+    if not 0 <= r < len(self) or self.starts[r] < 0:
       return None
-    nxt = self.offsets[r + 1 :]
-    end = int(nxt[nxt >= 0][0])
     with fileio.open_binary(self.path) as f:
-      f.seek(int(self.offsets[r]))
-      data = f.read(end - int(self.offsets[r]))
+      f.seek(int(self.starts[r]))
+      data = f.read(int(self.ends[r] - self.starts[r]))
     return data.split(b"\n", 1)[0].rstrip(b"\r")
+
+
+def _official_lineidx(path: str, size: int, checks: int = 16) -> np.ndarray | None:
+  """Row starts from `<path minus extension>.lineidx` (one decimal byte offset per line), or
+  None when there is none or it does not fit the file (offsets not increasing, past the end,
+  or a sampled offset not right after a newline: a stale index)."""
+  idx = os.path.splitext(path)[0] + ".lineidx"
+  if fileio.is_url(path) or not os.path.isfile(idx):
+    return None
+  with open(idx, "rb") as f:
+    try:
+      starts = np.array(f.read().split(), dtype=np.int64)
+    except ValueError:
+      return None
+  if len(starts) == 0 or starts[0] != 0 or (np.diff(starts) <= 0).any() or starts[-1] >= size:
+    return None
+  with open(path, "rb") as f:
+    for k in np.linspace(1, len(starts) - 1, min(checks, len(starts) - 1)).astype(int):
+      f.seek(int(starts[k]) - 1)
+      if f.read(1) != b"\n":
+        return None
+  return starts
 
 
 class KeyedTsv:

@@ -25,6 +25,8 @@ import numpy as np
 
 from data_pipelines import features as F
 
+DATASET_ALIASES = {"cc": "googlecc"}  # the official reader's one renaming of a key's dataset
+
 
 def label_key_crc(key: str) -> int:
   """crc32 of a label key: each sg entry's key, compared with its corpus line's when read."""
@@ -76,20 +78,24 @@ class SgIndex:
   dataset, and the problem of a malformed entry."""
 
   def __init__(self, entries: list, vocab: PhraseTable | None, path: str = "sg_file"):
-    ids, offsets, crcs, names, self.bad, self.dropped = [], [0], [], [], {}, 0
+    ids, offsets, crcs, self.bad, self.dropped = [], [0], [], {}, 0
+    names: dict[str, int] = {}  # dataset name of a label key -> its code
+    dataset, qa = [], []
     known = vocab.ids if vocab is not None else None
     for r, entry in enumerate(entries):
       got, key = self._entry(r, entry, vocab, known, path)
       ids.extend(got)
       offsets.append(len(ids))
       crcs.append(label_key_crc(key) if key is not None else -1)
-      names.append(key)
+      parts = key.split("_") if key is not None else [""]
+      dataset.append(names.setdefault(DATASET_ALIASES.get(parts[0], parts[0]), len(names)))
+      qa.append("qa" in parts)
     self.ids = np.asarray(ids, np.int32)  # [total phrases]
     self.offsets = np.asarray(offsets, np.int64)  # [rows + 1]
     self.crcs = np.asarray(crcs, np.int64)  # [rows]; -1: no key
-    parts = [k.split("_") if k is not None else [] for k in names]
-    self._dataset = [p[0] if p else None for p in parts]
-    self._qa = np.asarray(["qa" in p for p in parts], bool)
+    self._dataset = np.asarray(dataset, np.int32)  # [rows] code of the key's dataset
+    self._names = list(names)  # code -> dataset name
+    self._qa = np.asarray(qa, bool)  # [rows]
 
   def _entry(self, r, entry, vocab, known, path) -> tuple[list[int], str | None]:
     where = f"{path}[{r}]"
@@ -97,8 +103,14 @@ class SgIndex:
       self.bad[r] = (where, "need [phrases, word map, label key]")
       return [], None
     key = entry[2] if len(entry) >= 3 and isinstance(entry[2], str) else None
+    items = entry[0]
+    if all(type(i) is int for i in items):  # the official pre-training file: ids only
+      if known is None and all(i >= 0 for i in items):
+        return items, key
+      if known is not None and known.issuperset(items):
+        return items, key
     out = []
-    for k, item in enumerate(entry[0]):
+    for k, item in enumerate(items):
       if isinstance(item, int) and not isinstance(item, bool):
         if item < 0 or (known is not None and item not in known):
           self.bad[r] = (f"{where}.phrases[{k}]", f"phrase id {item} not in the vocabulary")
@@ -126,8 +138,7 @@ class SgIndex:
       return None  # kept, and reported as a bad record when read
     if self._qa[r]:
       return "qa"
-    name = self._dataset[r]
-    if {"cc": "googlecc"}.get(name, name) not in datasets:
+    if self._names[self._dataset[r]] not in datasets:
       return "other_dataset"
     return None
 

@@ -9,7 +9,8 @@ row raises `features.SkipRecord` naming the record and the field (the shared bad
 'bad_field_type' for a missing column or a non-integer box count, 'corrupt_image' for features
 that are not base64 or do not hold num_boxes x dim float32 values.
 
-Not yet here: the corpus TSV, label/tag files, scene-graph phrase files and offset maps.
+The rest of the layout (corpus TSV, label files, scene-graph phrase file, offset maps) is read by
+`mvptr_oscar.py` and written by `mvptr_oscar_write.py`.
 """
 
 from __future__ import annotations

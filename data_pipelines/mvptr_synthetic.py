@@ -8,10 +8,14 @@ Per image of the world (`ShapesWorld.scene` / `record`, image kind):
   plus small Gaussian noise, followed by the 6 box values of its exact box;
 - tags (detector classes): the shape names;
 - captions: the world's two captions;
-- phrases per caption: the tuples the caption states, known exactly from the scene: objects
-  (shape,), attributes (shape, colour) and (shape, size), relations (subject shape, relation,
-  object shape) with relation one of `RELATIONS`. Single-word objects take the BERT word id of
-  the shape name; attribute and relation tuples get ids from 30522 on (`phrase_vocab`).
+- phrases per caption: the tuples the caption states, known exactly from the scene: relations
+  (subject shape, relation, object shape) with relation one of `RELATIONS`, objects (shape,),
+  attributes (shape, colour) and (shape, size), in that order. Single-word objects take the
+  BERT word id of the shape name; attribute and relation tuples get ids from 30522 on
+  (`phrase_vocab`).
+
+Phrase-grounding ground truth: `grounding.json` next to the corpus (per corpus line, the
+region row each sg phrase denotes, -1 if ambiguous), read with `grounding_targets`.
 
 `write_splits` writes a train split and a held-out split (retrieval evaluation: its images and
 their captions) from disjoint worlds (`synthetic.TRAIN_SEED` / `HELDOUT_SEED`); held-out image
@@ -21,6 +25,7 @@ ids start at `HELDOUT_ID_BASE` so image ids never collide across splits.
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 import numpy as np
@@ -28,6 +33,7 @@ import numpy as np
 from data_pipelines import features as F
 from data_pipelines import mvptr_regions
 from data_pipelines import synthetic as S
+from data_pipelines.mvptr_oscar import OscarSource, load_tokenizer
 from data_pipelines.mvptr_oscar_write import LayoutWriter
 from data_pipelines.mvptr_phrases import PhraseTable
 
@@ -42,6 +48,7 @@ RELATIONS = {
   "below": "below",
 }
 HELDOUT_ID_BASE = 1_000_000
+GROUNDING_FILE = "grounding.json"  # per corpus line: the region row of each sg phrase
 FIRST_PHRASE_ID = 30522  # bert-base-uncased word vocabulary size
 
 
@@ -86,26 +93,53 @@ def phrase_vocab(tokenizer) -> PhraseTable:
   return PhraseTable(table)
 
 
-def caption_phrases(caption: str, shapes) -> list[tuple[str, ...]]:
-  """The tuples a world caption states (objects, their attributes, the relation it names)."""
-  out = []
-  for s in shapes:
-    if s.phrase() in caption:  # 'a large red circle'
-      out += [(s.shape,), (s.shape, s.colour), (s.shape, s.size)]
-    elif s.phrase(with_size=False) in caption:  # 'a red circle at the top left'
-      out += [(s.shape,), (s.shape, s.colour)]
+def grounded_phrases(caption: str, shapes) -> list[tuple[tuple[str, ...], int]]:
+  """(tuple, region) of each tuple a world caption states: the relation it names, then its
+  objects, then their attributes (this order keeps the most specific tuples when `max_phrases`
+  cuts the list). region = the index of the shape (= region row) the tuple denotes in this
+  caption (a relation: its subject), -1 when it denotes several ((circle,) in a caption naming
+  two circles)."""
+  rels, objs, attrs = [], [], []
   for a in shapes:
     for b in shapes:
       if a is not b and f"{a.phrase()} {S.relation(a, b)} {b.phrase()}" == caption:
-        out.append((a.shape, RELATIONS[S.relation(a, b)], b.shape))
-  return list(dict.fromkeys(out))
+        rels.append(((a.shape, RELATIONS[S.relation(a, b)], b.shape), shapes.index(a)))
+  for k, s in enumerate(shapes):
+    if s.phrase() in caption:  # 'a large red circle'
+      objs.append(((s.shape,), k))
+      attrs += [((s.shape, s.colour), k), ((s.shape, s.size), k)]
+    elif s.phrase(with_size=False) in caption:  # 'a red circle at the top left'
+      objs.append(((s.shape,), k))
+      attrs.append(((s.shape, s.colour), k))
+  regions: dict[tuple, set[int]] = {}
+  for t, k in rels + objs + attrs:
+    regions.setdefault(t, set()).add(k)
+  return [(t, min(ks) if len(ks) == 1 else -1) for t, ks in regions.items()]
+
+
+def caption_phrases(caption: str, shapes) -> list[tuple[str, ...]]:
+  """The tuples a world caption states, in `grounded_phrases` order."""
+  return [t for t, _ in grounded_phrases(caption, shapes)]
+
+
+def grounding_targets(source, max_phrases: int) -> np.ndarray:
+  """int32 [len(source), max_phrases]: for each record of a synthetic layout (an
+  `OscarSource`), the region row each of its first max_phrases phrases denotes (phrase-grounding
+  ground truth from `GROUNDING_FILE`); -1 for an ambiguous phrase or an empty slot."""
+  with open(os.path.join(os.path.dirname(source.spec.corpus_file), GROUNDING_FILE)) as f:
+    lines = json.load(f)
+  out = np.full((len(source), max_phrases), -1, np.int32)
+  for i in range(len(source)):
+    g = lines[source.location(i)[1] - 1][:max_phrases]
+    out[i, : len(g)] = g
+  return out
 
 
 def write(root: str, n_images: int, seed: int, first_id: int, tokenizer) -> str:
   """Images 0..n-1 of the world with `seed` as one layout under `root`; returns the spec path."""
   world = S.ShapesWorld(seed=seed)
   writer = LayoutWriter(root, DATASET, phrase_vocab(tokenizer))
-  size = world.cfg.image_size
+  size, grounding = world.cfg.image_size, []
   for i in range(n_images):
     _, shapes = world.scene(i, F.IMAGE)
     rng = np.random.default_rng([PROJECTION_SEED, seed, i])
@@ -115,14 +149,17 @@ def write(root: str, n_images: int, seed: int, first_id: int, tokenizer) -> str:
       image_id, region_vectors(shapes, size, rng), [s.shape for s in shapes], boxes, size, size
     )
     for caption in world.record(F.IMAGE, i)["captions"]:
-      writer.add_caption(image_id, caption, caption_phrases(caption, shapes))
-  return writer.close()
+      grounded = grounded_phrases(caption, shapes)
+      writer.add_caption(image_id, caption, [t for t, _ in grounded])
+      grounding.append([k for _, k in grounded])  # every tuple is in the vocabulary
+  spec = writer.close()
+  with open(os.path.join(root, GROUNDING_FILE), "w") as f:
+    json.dump(grounding, f)
+  return spec
 
 
 def write_splits(out_dir: str, n_train: int, n_heldout: int, tokenizer=None) -> dict[str, str]:
   """{'train': spec path, 'heldout': spec path} under out_dir/train and out_dir/heldout."""
-  from data_pipelines.mvptr_oscar import load_tokenizer
-
   tok = load_tokenizer(tokenizer)
   return {
     "train": write(os.path.join(out_dir, "train"), n_train, S.TRAIN_SEED, 0, tok),
@@ -130,3 +167,26 @@ def write_splits(out_dir: str, n_train: int, n_heldout: int, tokenizer=None) -> 
       os.path.join(out_dir, "heldout"), n_heldout, S.HELDOUT_SEED, HELDOUT_ID_BASE, tok
     ),
   }
+
+
+def main(argv: list[str] | None = None) -> int:
+  """`python -m data_pipelines.mvptr_synthetic OUT_DIR [--train N] [--heldout N]`: writes both
+  splits; stdout is a JSON summary (spec paths, records, phrase vocabulary size)."""
+  import argparse
+
+  parser = argparse.ArgumentParser(prog="python -m data_pipelines.mvptr_synthetic")
+  parser.add_argument("out_dir")
+  parser.add_argument("--train", type=int, default=400, help="train images (2 captions each)")
+  parser.add_argument("--heldout", type=int, default=100, help="held-out images")
+  parser.add_argument("--tokenizer", help="HF tokenizer dir (default: MiniLM, bert-base-uncased)")
+  args = parser.parse_args(argv)
+  tok = load_tokenizer(args.tokenizer)
+  specs = write_splits(args.out_dir, args.train, args.heldout, tok)
+  summary = {k: {"spec": p, "records": len(OscarSource(p, tok))} for k, p in specs.items()}
+  summary["vocab_size"] = max(phrase_vocab(tok).ids) + 1
+  print(json.dumps(summary))
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -58,6 +58,20 @@ def test_resume_mid_epoch_is_bit_identical(source):
     mvptr_stream.pretrain_iterator(source, T.SPEC, 4, 8, 0, 1).set_state(state)
 
 
+def test_worker_processes_give_the_same_batches_and_state(source):
+  threads = mvptr_stream.pretrain_iterator(source, T.SPEC, 4, 2, 0, 1)
+  expected = _take(threads, 4)
+  with mvptr_stream.pretrain_iterator(source, T.SPEC, 4, 2, 0, 1, num_workers=1) as procs:
+    for a, b in zip(expected[:2], _take(procs, 2)):
+      _equal(a, b)
+    state = procs.get_state()
+  assert state == {**threads.get_state(), "position": 8, "batch_index": 2}
+  resumed = mvptr_stream.pretrain_iterator(source, T.SPEC, 4, 2, 0, 1)
+  resumed.set_state(state)
+  for a, b in zip(expected[2:], _take(resumed, 2)):
+    _equal(a, b)
+
+
 class _Records:
   """Record i has image_id i; the indices in `bad` raise SkipRecord (a reader fault)."""
 
@@ -93,3 +107,11 @@ def test_skipped_records_are_counted_and_logged(caplog):
   assert it.skip_counts() == {"missing_image": 2}
   assert it.get_state()["skips"] == {"missing_image": 2}
   assert "corpus.tsv:3: missing_image in field 'image_feature'" in caplog.text
+
+
+def test_heldout_arrays_are_unmasked_and_ordered():
+  arrays, skips = mvptr_stream.heldout_arrays(_Records(6, bad={4}), T.SPEC)
+  assert skips == {"missing_image": 1} and arrays["index"].tolist() == [0, 1, 2, 3, 5]
+  assert arrays["image_id"].tolist() == [0, 1, 2, 3, 5]
+  assert (arrays["text_labels"] == -1).all() and (arrays["tag_labels"] == -1).all()
+  assert arrays["text_ids"][:, 1].tolist() == [2000, 2001, 2002, 2003, 2005]  # never masked

@@ -4,17 +4,20 @@
     python -m data_pipelines.tools.validate SPLIT.json --refs REFS.p --instances INST.json ...
 
 PATH is a JSON-lines file or directory, a JSON-array file (the fine-tuning formats; entries are
-numbered from 1), an ArrayRecord dataset directory, or with --refs/--instances a RefCOCO-style
-split file (region records, boxes kept exact as in grounding fine-tuning). Every record is
-read (reader faults: bad JSON, wrong types, missing/corrupt images, empty captions, empty
-videos) and checked with `checks.check_record` (decoding, captions that clean or tokenise to
-nothing, unusable region elems). Each bad record prints as `file:line: reason: field: detail`
+numbered from 1), an ArrayRecord dataset directory, with --refs/--instances a RefCOCO-style
+split file (region records, boxes kept exact as in grounding fine-tuning), or an MVPTR
+Oscar/VinVL dataset spec (a `.yaml`/`.yml` file, or any file with --oscar; every corpus line is
+read as `mvptr_oscar.OscarSource` reads it: features, labels, phrases, tokenisation; the
+pre-training counts then come from the reader alone). Every other record is read (reader
+faults: bad JSON, wrong types, missing/corrupt images, empty captions, empty videos) and
+checked with `checks.check_record` (decoding, captions that clean or tokenise to nothing,
+unusable region elems). Each bad record prints as `file:line: reason: field: detail`
 (ArrayRecord: `dataset_dir:index`), then the per-reason counts; the exit code is 1 if any
 record is bad.
 
 Exit codes: 0 every record is good; 1 bad records were found (listed); 2 usage error (bad
 arguments, argparse's convention); 3 the input cannot be read at all (missing path, not a
-recognised format, unreadable refs/instances file), reported on one line on stderr.
+recognised format, unreadable refs/instances file or MVPTR spec), reported on one line on stderr.
 """
 
 from __future__ import annotations
@@ -102,11 +105,13 @@ def validate(
 
 
 def validate_source(
-  source, tokenizer: Any = None, preproc_cfg: F.PreprocConfig = F.PreprocConfig()
+  source, tokenizer: Any = None, preproc_cfg: F.PreprocConfig = F.PreprocConfig(), check=True
 ) -> Report:
-  """Reads and checks every record of a source with `location(i)` (any reader here)."""
+  """Reads and checks every record of a source with `location(i)` (any reader here); `check`
+  False: the reader's own checks only (MVPTR records are not canonical records)."""
   tokenizer = tokenizer or default_tokenizer(preproc_cfg.max_tokens)
-  problems = [p for _, _, p in iter_checked(source, tokenizer, preproc_cfg) if p is not None]
+  checked = iter_checked(source, tokenizer, preproc_cfg, check)
+  problems = [p for _, _, p in checked if p is not None]
   return Report(total=len(source), problems=problems)
 
 
@@ -148,20 +153,25 @@ def _refcoco_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _open(args: argparse.Namespace):
-  """(source, preproc exact_boxes) for the command line."""
+  """(source, preproc exact_boxes, canonical records to check) for the command line."""
   from data_pipelines.sources import detect_kind, is_arrayrecord, is_json_array, open_source
 
   if args.refs or args.instances:
     from data_pipelines.refcoco import RefcocoSource
 
     src = RefcocoSource(args.path, args.refs, args.instances, args.image_root, args.split)
-    return src, True
+    return src, True, True
+  if args.oscar or str(args.path).endswith((".yaml", ".yml")):
+    from data_pipelines.mvptr_oscar import OscarSource
+
+    tok = default_tokenizer(args.max_tokens, args.tokenizer)
+    return OscarSource(args.path, tok, data_dir=args.data_dir), False, False
   kind = args.kind
   if kind is None and not is_arrayrecord(args.path):
     kind = detect_kind(args.path)
   array = kind is not None and not is_arrayrecord(args.path) and is_json_array(args.path)
   fmt = format_from_args(args, kind, array) if kind else None
-  return open_source(args.path, kind, fmt), False
+  return open_source(args.path, kind, fmt), False, True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,14 +194,17 @@ def main(argv: list[str] | None = None) -> int:
   )
   parser.add_argument("--quiet", action="store_true", help="print only the counts")
   _refcoco_args(parser)
+  parser.add_argument("--oscar", action="store_true", help="PATH is an MVPTR dataset spec")
+  parser.add_argument("--data-dir", help="MVPTR spec: base of the feature paths (--data_dir)")
   args = parser.parse_args(argv)
   try:
-    source, exact = _open(args)
+    source, exact, check = _open(args)
   except (OSError, ValueError) as e:  # nothing to validate: not a report of bad records
     print(f"validate: {args.path}: {e}", file=sys.stderr)
     return EXIT_UNREADABLE
   cfg = dataclasses.replace(F.PreprocConfig(), max_tokens=args.max_tokens, exact_boxes=exact)
-  report = validate_source(source, default_tokenizer(args.max_tokens, args.tokenizer), cfg)
+  tokenizer = default_tokenizer(args.max_tokens, args.tokenizer)
+  report = validate_source(source, tokenizer, cfg, check)
   if not args.quiet:
     for p in report.problems:
       print(p)
