@@ -89,4 +89,5 @@ def streams_config(cfg, model_cfg: MvptrConfig, sizes: F.BatchSizes):
     batch_size=sizes.image_batch,
     source={k: str(d.get(k) or "") for k in SOURCE_KEYS},
     tokenizer=str(assets.minilm_dir()) if tokenizer == "minilm" else tokenizer,
+    options={k: int(cfg.data[k]) for k in ("num_workers", "read_threads")},
   )

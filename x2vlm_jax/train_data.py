@@ -170,12 +170,14 @@ class MvptrStreamsConfig:
     batch_size: rows per process.
     source: `spec` (the Oscar-layout dataset spec file), `data_dir`, `index_cache_dir`.
     tokenizer: directory of the captions' WordPiece tokenizer.
+    options: reader options (num_workers, read_threads).
   """
 
   spec: Any
   batch_size: int
   source: Mapping[str, str]
   tokenizer: str
+  options: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
 def _oscar_iterator(cfg: MvptrStreamsConfig, seed: int, process_index: int, process_count: int):
@@ -189,7 +191,7 @@ def _oscar_iterator(cfg: MvptrStreamsConfig, seed: int, process_index: int, proc
     data_dir=src.get("data_dir") or None,
   )
   return mvptr_stream.pretrain_iterator(
-    source, cfg.spec, cfg.batch_size, seed, process_index, process_count
+    source, cfg.spec, cfg.batch_size, seed, process_index, process_count, **cfg.options
   )
 
 
