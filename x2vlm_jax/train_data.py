@@ -11,6 +11,9 @@ batch from the main (LAION) loader and throws it away (docs/fidelity.md#aux-stre
 the main stream where it is, so no main-stream data is wasted. The batches a step trains on
 follow the same distribution; the official run just moves through LAION 1/0.85 times faster.
 
+MVPTR runs (`model.family = 'mvptr'`) read one stream of region-feature batches instead,
+`MvptrStreams` (the same interface: `next`, state, skip counts, close; docs/mvptr.md#training).
+
 State. Every stream's state is a small JSON dict (data_pipelines/mixture.py). With several
 processes each has its own; `gather_process_states` collects all of them (to be saved by the
 checkpoint) and each process restores its own entry.
