@@ -33,6 +33,12 @@ def test_stage_configs_are_the_papers():
   assert [n for n, w in one.weights if w] == ["mcr_v", "mcr_s", "vsc"]
   assert all(w == 1 for _, w in objectives_for(2, c2.loss.mvptr).weights)
   assert rc.task(c1).name == "mvptr_stage1" and rc.step_config(c2).mvptr["itm"] == "paper"
+  # The tiny table ends exactly at the synthetic world's last phrase id.
+  from data_pipelines import mvptr_synthetic
+  from data_pipelines.mvptr_oscar import load_tokenizer
+
+  ids = mvptr_synthetic.phrase_vocab(load_tokenizer(None)).ids
+  assert max(ids) + 1 == rc.model_config(tiny_stage1.get_config("spec=s")).vocab_size
   t1 = tiny_stage2.get_config("spec=s,stage1=w")
   assert rc.model_config(t1) == rc.model_config(tiny_stage1.get_config("spec=s"))
   with pytest.raises(ValueError, match="stage1=..."):
