@@ -38,6 +38,7 @@ SLOW_FIRST = (
   "test_finetune_tasks.py",
   "test_finetune_qa.py",
   "test_train_faults.py",
+  "test_mvptr_train.py",  # four train.py runs of the two MVPTR stages
 )
 
 

@@ -1,5 +1,7 @@
 """A run's final weights in every format users load: our params directory, safetensors and the
-official `.th` (when torch is importable), under `<workdir>/export`."""
+official `.th` (when torch is importable), under `<workdir>/export`. An MVPTR run writes our
+params directory and `model.safetensors` with the official MVPTR state-dict names
+(`convert.mvptr.params_to_mvptr`; the official code reads a plain PyTorch state dict)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import numpy as np
 from etils import epath
 
 from x2vlm_jax import params_io
+from x2vlm_jax.models import family
 from x2vlm_jax.models.config import ModelConfig
 
 
@@ -30,6 +33,13 @@ def export_params(
 
     host = jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
   if jax.process_index() != 0:
+    return
+  if family.name(model_cfg) == "mvptr":
+    from x2vlm_jax.convert.mvptr import params_to_mvptr  # pylint: disable=g-import-not-at-top
+
+    config = params_io.config_to_dict(model_cfg)
+    save_safetensors(out / "model.safetensors", params_to_mvptr(host, model_cfg), config)
+    log(f"export: {out}/params, model.safetensors (official MVPTR names)")
     return
   sd = official.params_to_official(host, model_cfg)
   cfg_dict = official_config_dict(model_cfg)

@@ -46,8 +46,9 @@ from etils import epath
 from flax import nnx
 
 from x2vlm_jax import optim, paths, treepath
+from x2vlm_jax.models import family
 from x2vlm_jax.models.config import ModelConfig
-from x2vlm_jax.models.x2vlm import X2VLM, create_sharded
+from x2vlm_jax.models.x2vlm import X2VLM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +73,8 @@ class InitConfig:
   # The architecture the checkpoint was trained with (needed with `checkpoint`;
   # `run_config.init_config` builds it from the checkpoint's saved run config).
   checkpoint_model: ModelConfig | None = None
+  # MVPTR with bert_dir: JSON {phrase id: word-piece ids} for the phrase rows (init_mvptr.py).
+  phrase_words: str = ""
 
 
 def _check_exists(path: str, key: str) -> epath.Path:
@@ -189,15 +192,24 @@ def _from_checkpoint(model: X2VLM, init: InitConfig, mesh, notes: list[str]) -> 
 
   src_cfg = init.checkpoint_model
   ckpt_dir = checkpoint_dir(init.checkpoint)
+  src, dst = family.name(src_cfg), family.name(model.cfg)
+  if src != dst:
+    raise ValueError(f"config.init.checkpoint: a {src} run cannot initialise a {dst} model")
   layout = train_state.ParamLayout.build(src_cfg, mesh)
-  # Fail on an architecture that cannot be adapted before reading any array.
-  adapt.plan_adaptation(
-    {p: x.shape for p, x in treepath.flatten(layout.abstract())}, src_cfg, model.cfg
-  )
+  # Fail on an architecture that cannot be adapted before reading any array. MVPTR has nothing
+  # to adapt: a parameter of another shape is an error of `apply_params`, naming it.
+  if dst == "x2vlm":
+    adapt.plan_adaptation(
+      {p: x.shape for p, x in treepath.flatten(layout.abstract())}, src_cfg, model.cfg
+    )
   # Read-only: the source run may still be writing its next step.
   with ckpt_lib.CheckpointManager(ckpt_dir, read_only=True) as manager:
     params, step = train_state.restore_params(manager, layout)
   notes.append(f"checkpoint {ckpt_dir} step {step}: parameters only (no optimizer state)")
+  if dst == "mvptr":
+    from x2vlm_jax.convert import apply  # pylint: disable=g-import-not-at-top
+
+    return apply.apply_params(model, params)
   return _load(model, params, src_cfg, notes)
 
 
@@ -214,6 +226,23 @@ def _decoder_from_towers(model: X2VLM, notes: list[str]) -> set[str]:
   apply.apply_params(model, treepath.unflatten_dict(decoder))
   notes.append(note)
   return {"text_decoder.layers.cross_attn", "text_decoder.layers.cross_norm"}
+
+
+def _initialize_mvptr(init: InitConfig, model, mesh, notes: list[str]) -> InitResult:
+  """MVPTR: random, BERT as the paper states, or a checkpoint's parameters (init_mvptr.py); one
+  learning rate for every parameter, so nothing is fresh."""
+  from x2vlm_jax import init_mvptr  # pylint: disable=g-import-not-at-top
+
+  if init.checkpoint:
+    _from_checkpoint(model, init, mesh, notes)
+  elif init.bert_dir:
+    bert = str(_check_exists(init.bert_dir, "bert_dir"))
+    init_mvptr.from_bert(model, bert, init.phrase_words, notes)
+  else:
+    notes.append("no init source: every parameter from its initializer")
+  for n in notes:
+    logging.info("init: %s", n)
+  return InitResult(model, (), tuple(notes))
 
 
 def initialize(init: InitConfig, model_cfg: ModelConfig, mesh, key) -> InitResult:
@@ -244,8 +273,14 @@ def initialize(init: InitConfig, model_cfg: ModelConfig, mesh, key) -> InitResul
       "InitConfig.checkpoint needs checkpoint_model, the architecture the run was trained with "
       "(run_config.init_config reads it from the checkpoint's saved config)"
     )
-  model = create_sharded(model_cfg, mesh, key)
+  mvptr = family.name(model_cfg) == "mvptr"
+  for name in ("beit_path", "official_th", "params_dir"):
+    if mvptr and getattr(init, name):
+      raise ValueError(f"config.init.{name}: not a weight source of an MVPTR model")
+  model = family.create_sharded(model_cfg, mesh, key)
   notes: list[str] = []
+  if mvptr:
+    return _initialize_mvptr(init, model, mesh, notes)
   params_state = nnx.state(model, nnx.Param)
   scratch = optim.from_scratch_fresh_paths(params_state)
   if official_th:

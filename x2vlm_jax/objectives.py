@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +64,8 @@ class StepConfig:
   image_ids: bool = False
   # Captioning (tasks_caption.py): the official label smoothing of the masked-token loss.
   label_smoothing: float = 0.1
+  # MVPTR tasks (tasks_mvptr_pretrain.py): the `loss.mvptr` section (variants, weights).
+  mvptr: Mapping[str, Any] | None = None
 
 
 class KindKeys(NamedTuple):

@@ -146,6 +146,13 @@ WEIGHT_DECAY_RULES: tuple[tuple[str, bool, str], ...] = (
   ("fusion.*norm.scale", False, "attention / crossattention / output .LayerNorm.weight"),
   ("mlm_head.norm.scale", False, "cls.predictions.transform.LayerNorm.weight"),
   ("text_decoder.*norm.scale", False, "text_decoder.* .LayerNorm.weight (the VQA decoder)"),
+  # MVPTR (docs/mvptr.md): the official no-decay list is ['bias', 'LayerNorm.weight'].
+  ("embeddings.norm.scale", False, "MVPTR bert.embeddings.LayerNorm.weight"),
+  ("txt_encoder.*norm.scale", False, "MVPTR bert.txt_encoder.layer.i.* .LayerNorm.weight"),
+  ("vis_encoder.*norm.scale", False, "MVPTR bert.vis_encoder.layer.i.* .LayerNorm.weight"),
+  ("mul_encoder.*norm.scale", False, "MVPTR bert.mul_encoder.layer.i.* .LayerNorm.weight"),
+  ("tag_mlm_head.norm.scale", False, "MVPTR half_mlm.transform.LayerNorm.weight"),
+  ("phrase_mlm_head.norm.scale", False, "MVPTR paper's phrase head (no official key)"),
 )
 # Everything else decays: kernels, embedding tables, gamma_1/gamma_2, cls_token, temp,
 # frame_embed: none of their official names contains a no-decay substring

@@ -6,7 +6,8 @@ ConfigDict itself. The model config is the one source of truth for the image res
 patch size: batch shapes and preprocessing read them from it.
 
   task(cfg)                                -> the run's Task (tasks.py)
-  model_config(cfg)                        -> ModelConfig (variant + overrides)
+  model_config(cfg)                        -> ModelConfig (variant + overrides), or MvptrConfig
+                                              when model.family = 'mvptr' (run_config_mvptr.py)
   init_config(cfg)                         -> InitConfig (initial weight sources)
   saved_model_config(saved)                -> ModelConfig of a run from its saved run config
   run_json(cfg, model_cfg), resume_check   -> the config saved with checkpoints; its check
@@ -15,6 +16,7 @@ patch size: batch shapes and preprocessing read them from it.
   batch_sizes(cfg, model_cfg, mesh, ...)   -> per-process BatchSizes of one micro-batch
   preproc_config(cfg, model_cfg)           -> PreprocConfig (training transforms)
   streams_config(cfg)                      -> StreamsConfig (training data sources)
+  run_config_mvptr.streams_config(...)     -> MvptrStreamsConfig (MVPTR training data)
   loop_config(cfg)                         -> LoopConfig (steps, cadences, fault handling)
   eval_config(cfg.eval)                    -> EvalConfig (evaluators and their data)
   tokenizer_dir(cfg), resolve_dir(path)    -> where the tokenizer / BERT files are
@@ -31,8 +33,10 @@ from jax.sharding import Mesh
 
 from data_pipelines import features as F
 from x2vlm_jax import assets, ckpt_config, init_lib, objectives, optim, sharding, tasks, train_data
+from x2vlm_jax import run_config_mvptr as mvptr_rc
 from x2vlm_jax.evaluators import settings as eval_settings
 from x2vlm_jax.models.config import ModelConfig, remat_fields
+from x2vlm_jax.models.mvptr_config import MvptrConfig
 
 # Resuming with any of these changed is a different experiment (refused unless allowed).
 # `_model_resolved` is the model config after the variant table and `model.text_config_from`
@@ -64,13 +68,23 @@ def resolve_dir(path: str) -> str:
   return str(assets.minilm_dir()) if path == "minilm" else path
 
 
-def model_config(cfg) -> ModelConfig:
-  """ModelConfig from the config's `model` section (variant + overrides)."""
-  m = cfg.model
+family = mvptr_rc.family  # config.model.family: 'x2vlm' | 'mvptr'
+
+
+def _dtype(m):
   try:
-    dtype = jnp.dtype(m.dtype).type
+    return jnp.dtype(m.dtype).type
   except TypeError as e:
     raise ValueError(f"config.model.dtype {m.dtype!r} is not a dtype name") from e
+
+
+def model_config(cfg) -> ModelConfig | MvptrConfig:
+  """ModelConfig from the config's `model` section (variant + overrides); MvptrConfig for the
+  family 'mvptr'."""
+  m = cfg.model
+  if family(cfg) == "mvptr":
+    return mvptr_rc.model_config(m, _dtype(m))
+  dtype = _dtype(m)
   base = ModelConfig.named(m.variant)
   if m.text_config_from:
     # Text tower sized like a given BERT (e.g. the demo's MiniLM); the fusion layers take the
@@ -130,10 +144,11 @@ def init_config(cfg) -> init_lib.InitConfig:
     checkpoint_model=(
       saved_model_config(init_lib.saved_run_config(checkpoint)) if checkpoint else None
     ),
+    phrase_words=str(i.get("phrase_words", "")),
   )
 
 
-def saved_model_config(saved: Mapping) -> ModelConfig:
+def saved_model_config(saved: Mapping) -> ModelConfig | MvptrConfig:
   """The ModelConfig of a run from the run config saved with its checkpoints (a JSON dict, as
   `CheckpointManager.saved_config()` returns it): its `model` section through `model_config`."""
   model = saved.get("model")
@@ -167,6 +182,7 @@ def optim_config(cfg) -> optim.OptimConfig:
 def task(cfg) -> tasks.Task:
   """The run's task (`config.task`), checked against the configured batch kinds."""
   t = tasks.get(str(cfg.task))
+  mvptr_rc.check_task_family(t, cfg)
   t.check_batch({k: int(cfg.batch[k]) for k in F.KINDS})
   return t
 
@@ -182,6 +198,7 @@ def step_config(cfg) -> objectives.StepConfig:
     objectives=t.objectives,
     image_ids=t.image_ids,
     label_smoothing=float(cfg.loss.get("label_smoothing", 0.1)),
+    mvptr=dict(cfg.loss.get("mvptr") or {}) if t.family == "mvptr" else None,
   )
 
 
@@ -210,7 +227,7 @@ def _per_process(name: str, value: int, process_count: int, shards: int, accum: 
 
 
 def batch_sizes(
-  cfg, model_cfg: ModelConfig, mesh: Mesh, process_count: int, accum_steps: int = 1
+  cfg, model_cfg: ModelConfig | MvptrConfig, mesh: Mesh, process_count: int, accum_steps: int = 1
 ) -> F.BatchSizes:
   """Per-process BatchSizes of one micro-batch from the config's GLOBAL per-update sizes.
 
@@ -233,9 +250,11 @@ def batch_sizes(
     raise ValueError("config.batch.region > 0 needs config.batch.region_max_images > 0")
   if not any(sizes[f] for f in ("image_batch", "region_batch", "video_batch")):
     raise ValueError("config.batch: every kind has batch size 0; nothing to train on")
+  # MVPTR batches carry region features, not pixels: no image resolution.
+  vision = getattr(model_cfg, "vision", None)
   return F.BatchSizes(
-    image_res=model_cfg.vision.image_size,
-    patch_size=model_cfg.vision.patch_size,
+    image_res=vision.image_size if vision else 0,
+    patch_size=vision.patch_size if vision else 1,
     max_tokens=int(cfg.data.max_tokens),
     max_masks=int(cfg.data.max_masks),
     frame_len=int(cfg.batch.frame_len),

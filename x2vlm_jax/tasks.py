@@ -22,6 +22,10 @@ selection, export -- is the same code for every task (`train_lib.py`). A config 
                     docs/finetuning.md#captioning)
   video_qa          video kind + answer class; cls_head on the fused [CLS]
                     (tasks_cls.py, docs/finetuning.md#video-qa)
+  mvptr_stage1      MVPTR (model.family 'mvptr'), image kind = region features + tags +
+                    phrases + caption; MCR^v + MCR^s + VSC on the uni-modal stacks
+                    (tasks_mvptr_pretrain.py, docs/mvptr.md#training)
+  mvptr_stage2      the same batches; all six MVPTR objectives
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from collections.abc import Callable, Mapping
 from jax.sharding import Mesh
 
 from data_pipelines import features as F
-from x2vlm_jax import objectives, tasks_caption, tasks_cls, tasks_vqa
+from x2vlm_jax import objectives, tasks_caption, tasks_cls, tasks_mvptr_pretrain, tasks_vqa
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +56,7 @@ class Task:
   evaluators: tuple[str, ...] = ()  # evaluators that report on this task
   loss: Callable[[objectives.StepConfig, Mesh | None], Callable] | None = None
   fields: str = ""  # kind-specific batch fields (features.TASK_KIND key), '' = none
+  family: str = "x2vlm"  # the model family it trains (config.model.family)
 
   def make_loss(self, step_cfg: objectives.StepConfig, mesh: Mesh | None):
     """`loss(model, batch, key, itm) -> (loss, metrics)` of the task's train step."""
@@ -101,6 +106,12 @@ TASKS = {
     evaluators=("video_qa",),
     loss=tasks_cls.make_video_qa_loss,
     fields=F.VIDEO_QA,
+  ),
+  "mvptr_stage1": Task(
+    "mvptr_stage1", (F.IMAGE,), (), loss=tasks_mvptr_pretrain.stage_loss(1), family="mvptr"
+  ),
+  "mvptr_stage2": Task(
+    "mvptr_stage2", (F.IMAGE,), (), loss=tasks_mvptr_pretrain.stage_loss(2), family="mvptr"
   ),
 }
 

@@ -11,6 +11,9 @@ batch from the main (LAION) loader and throws it away (docs/fidelity.md#aux-stre
 the main stream where it is, so no main-stream data is wasted. The batches a step trains on
 follow the same distribution; the official run just moves through LAION 1/0.85 times faster.
 
+MVPTR runs (`model.family = 'mvptr'`) read one stream of region-feature batches instead,
+`MvptrStreams` (the same interface: `next`, state, skip counts, close; docs/mvptr.md#training).
+
 State. Every stream's state is a small JSON dict (data_pipelines/mixture.py). With several
 processes each has its own; `gather_process_states` collects all of them (to be saved by the
 checkpoint) and each process restores its own entry.
@@ -21,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -158,6 +162,95 @@ class DataStreams:
     """Stops worker processes."""
     for it in self._streams.values():
       it.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class MvptrStreamsConfig:
+  """The MVPTR training stream (built by `run_config_mvptr.streams_config`).
+
+  Attributes:
+    spec: the example lengths, masking rates and special ids (`MvptrExampleSpec`).
+    batch_size: rows per process.
+    source: `spec` (the Oscar-layout dataset spec file), `data_dir`, `index_cache_dir`.
+    tokenizer: directory of the captions' WordPiece tokenizer.
+    options: reader options (num_workers, read_threads).
+  """
+
+  spec: Any
+  batch_size: int
+  source: Mapping[str, str]
+  tokenizer: str
+  options: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+
+def _oscar_iterator(cfg: MvptrStreamsConfig, seed: int, process_index: int, process_count: int):
+  from data_pipelines import mvptr_oscar, mvptr_stream  # pylint: disable=g-import-not-at-top
+
+  src = cfg.source
+  source = mvptr_oscar.OscarSource(
+    src["spec"],
+    tokenizer=cfg.tokenizer,
+    index_cache_dir=src.get("index_cache_dir") or None,
+    data_dir=src.get("data_dir") or None,
+  )
+  return mvptr_stream.pretrain_iterator(
+    source, cfg.spec, cfg.batch_size, seed, process_index, process_count, **cfg.options
+  )
+
+
+class MvptrStreams:
+  """The stream of an MVPTR run, with `DataStreams`' interface: one main stream of the image
+  kind whose rows are `mvptr_examples.build_example` fields (region features, tags, phrases,
+  caption). Host bookkeeping as the other kinds: `record_id` = the row's image id, so
+  `train.log_example_ids` works. No aux stream.
+
+  make_iterator(cfg, seed, process_index, process_count) -> an iterator with get_state /
+  set_state / skip_counts / close (default: `mvptr_stream.pretrain_iterator` over
+  `mvptr_oscar.OscarSource`).
+  """
+
+  kinds = (F.IMAGE,)
+  aux_prob: Mapping[str, float] = {}
+  _NAME = f"main/{F.IMAGE}"
+
+  def __init__(
+    self,
+    cfg: MvptrStreamsConfig,
+    seed: int,
+    process_index: int,
+    process_count: int,
+    *,
+    make_iterator=None,
+  ):
+    self._it = (make_iterator or _oscar_iterator)(cfg, int(seed), process_index, process_count)
+
+  def next(self, step: int) -> tuple[dict, dict[str, bool]]:
+    del step  # one stream, no aux coin
+    rows = dict(next(self._it))
+    image_id = np.asarray(rows.pop("image_id"))
+    rows.pop("id", None)
+    n = image_id.shape[0]
+    rows[F.RECORD_ID], rows[F.SOURCE_ID] = image_id, np.zeros(n, np.int64)
+    rows[F.VALID] = np.ones(n, np.int32)
+    return {F.IMAGE: rows}, {}
+
+  def get_state(self) -> dict:
+    return {self._NAME: self._it.get_state()}
+
+  def set_state(self, state: Mapping) -> None:
+    if set(state) != {self._NAME}:
+      raise ValueError(f"saved data state has streams {sorted(state)}, this run has {[self._NAME]}")
+    self._it.set_state(dict(state[self._NAME]))
+
+  def skip_counts(self) -> dict[str, int]:
+    """'main/image/<reason>' -> records skipped so far by this process."""
+    counts = dict(self._it.skip_counts())
+    if counts and all(isinstance(v, Mapping) for v in counts.values()):  # {kind: {reason: n}}
+      counts = {r: n for reasons in counts.values() for r, n in reasons.items()}
+    return {f"{self._NAME}/{reason}": int(n) for reason, n in counts.items()}
+
+  def close(self) -> None:
+    self._it.close()
 
 
 def example_ids(batch: Mapping) -> dict[str, list[list[int]]]:

@@ -202,17 +202,18 @@ class _Run:
     )
 
   def open_streams(self, allow_config_change: bool) -> None:
-    """The tokenizer and data streams, positioned where the checkpoint left them."""
-    self.tokenizer = Tokenizer(rc.tokenizer_dir(self.cfg), int(self.cfg.data.max_tokens))
-    self.streams = train_data.DataStreams(
-      rc.streams_config(self.cfg),
-      self.sizes,
-      rc.preproc_config(self.cfg, self.model_cfg),
-      self.tokenizer,
-      self.loop.seed,
-      jax.process_index(),
-      jax.process_count(),
-    )
+    """The tokenizer and data streams, positioned where the checkpoint left them (MVPTR: its
+    pre-tokenised region-feature stream, `train_data.MvptrStreams`)."""
+    where = (self.loop.seed, jax.process_index(), jax.process_count())
+    if rc.family(self.cfg) == "mvptr":
+      mvptr_cfg = rc.mvptr_rc.streams_config(self.cfg, self.model_cfg, self.sizes)
+      self.streams = train_data.MvptrStreams(mvptr_cfg, *where)
+    else:
+      self.tokenizer = Tokenizer(rc.tokenizer_dir(self.cfg), int(self.cfg.data.max_tokens))
+      preproc = rc.preproc_config(self.cfg, self.model_cfg)
+      self.streams = train_data.DataStreams(
+        rc.streams_config(self.cfg), self.sizes, preproc, self.tokenizer, *where
+      )
     saved = self.data_state
     if saved is None:
       return
@@ -305,9 +306,10 @@ def _reporter(run: _Run, writer, manager, jstep: step_jit.JittedStep) -> train_r
   loop, optim_cfg = run.loop, rc.optim_config(run.cfg)
   lr = optim.lr_schedule(optim_cfg)
   # Analytic FLOPs of the global step per device (XLA's cost analysis counts a scanned layer
-  # once); the ITM variant is the larger one.
-  flops = lambda: (
-    flops_lib.step_flops(
+  # once); the ITM variant is the larger one. Not counted for MVPTR (0 = unknown).
+  flops = lambda: float(
+    rc.family(run.cfg) == "x2vlm"
+    and flops_lib.step_flops(
       run.model_cfg, run.sizes, itm=any(jstep.compiled_variants), objectives=run.task.objectives
     )
     * loop.accum_steps

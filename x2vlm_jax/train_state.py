@@ -2,7 +2,8 @@
 
 The state is a plain dict pytree, so it checkpoints as is:
 
-  {'params':          nested dict of arrays (the X2VLM parameters, `nnx.to_pure_dict` layout),
+  {'params':          nested dict of arrays (the model's parameters, `nnx.to_pure_dict` layout;
+                     X2VLM or MVPTR, whichever family the model config is: `models/family.py`),
    'opt_state':       the optax state of `optim.make_optimizer`,
    'step':            int32, updates applied so far,
    'nonfinite_run':   int32, consecutive skipped (non-finite) updates,
@@ -34,8 +35,11 @@ from jax.sharding import PartitionSpec as P
 
 from x2vlm_jax import checkpoint as ckpt_lib
 from x2vlm_jax import optim, sharding
+from x2vlm_jax.models import family
 from x2vlm_jax.models.config import ModelConfig
-from x2vlm_jax.models.x2vlm import X2VLM, abstract_model
+from x2vlm_jax.models.mvptr_config import MvptrConfig
+
+AnyModelConfig = ModelConfig | MvptrConfig  # the family is the config's class (`family.name`)
 
 COUNTERS = ("step", "nonfinite_run", "nonfinite_total")
 TRAIN, RNG = "train", "rng"  # the two entries of a checkpointed state
@@ -48,8 +52,8 @@ def init_state(params: dict, tx: optax.GradientTransformation) -> dict:
   return state
 
 
-def model_from_params(graphdef, abstract_params: nnx.State, params: dict) -> X2VLM:
-  """The X2VLM whose parameters are `params` (a pure nested dict; inside or outside jit)."""
+def model_from_params(graphdef, abstract_params: nnx.State, params: dict) -> nnx.Module:
+  """The model whose parameters are `params` (a pure nested dict; inside or outside jit)."""
   st = jax.tree.map(lambda x: x, abstract_params)  # a fresh State to fill, same metadata
   nnx.replace_by_pure_dict(st, params)
   return nnx.merge(graphdef, st)
@@ -70,15 +74,15 @@ def _opt_state_shardings(
 class ParamLayout:
   """The model's parameters on one mesh: graph, abstract parameters and their shardings."""
 
-  model_cfg: ModelConfig
+  model_cfg: AnyModelConfig
   mesh: Mesh
   graphdef: Any  # nnx.GraphDef of the model (parameters split off)
   abstract_params: nnx.State  # ShapeDtypeStruct leaves, with the logical-axis metadata
   shardings: dict  # a NamedSharding per parameter (pure nested dict)
 
   @classmethod
-  def build(cls, model_cfg: ModelConfig, mesh: Mesh) -> ParamLayout:
-    graphdef, abstract_params = nnx.split(abstract_model(model_cfg), nnx.Param)
+  def build(cls, model_cfg: AnyModelConfig, mesh: Mesh) -> ParamLayout:
+    graphdef, abstract_params = nnx.split(family.abstract(model_cfg), nnx.Param)
     shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_params, mesh))
     return cls(model_cfg, mesh, graphdef, abstract_params, shardings)
 
@@ -86,7 +90,7 @@ class ParamLayout:
     """The parameters as a pure dict of ShapeDtypeStructs carrying their shardings."""
     return ckpt_lib.abstract_target(nnx.to_pure_dict(self.abstract_params), self.shardings)
 
-  def model(self, params: dict) -> X2VLM:
+  def model(self, params: dict) -> nnx.Module:
     """The model holding `params` (a pure dict, e.g. `state['params']`)."""
     return model_from_params(self.graphdef, self.abstract_params, params)
 
@@ -109,7 +113,7 @@ class TrainStateSpec:
 
   @classmethod
   def build(
-    cls, model_cfg: ModelConfig, optim_cfg: optim.OptimConfig, mesh: Mesh, fresh_paths=()
+    cls, model_cfg: AnyModelConfig, optim_cfg: optim.OptimConfig, mesh: Mesh, fresh_paths=()
   ) -> TrainStateSpec:
     layout = ParamLayout.build(model_cfg, mesh)
     tx = optim.make_optimizer(optim_cfg, tuple(fresh_paths))
@@ -123,7 +127,7 @@ class TrainStateSpec:
     return cls(layout, tx, tuple(fresh_paths), shardings)
 
   @property
-  def model_cfg(self) -> ModelConfig:
+  def model_cfg(self) -> AnyModelConfig:
     return self.params.model_cfg
 
   @property
@@ -138,7 +142,7 @@ class TrainStateSpec:
   def param_shardings(self) -> dict:
     return self.params.shardings
 
-  def model(self, params: dict) -> X2VLM:
+  def model(self, params: dict) -> nnx.Module:
     """The model holding `params` (e.g. `state['params']`)."""
     return self.params.model(params)
 
@@ -163,7 +167,7 @@ class TrainStateSpec:
     cfg = self.model_cfg
 
     def fn(k):
-      params = nnx.state(X2VLM(cfg, rngs=nnx.Rngs(params=k)), nnx.Param)
+      params = nnx.state(family.construct(cfg, nnx.Rngs(params=k)), nnx.Param)
       return init_state(nnx.to_pure_dict(params), self.tx)
 
     return jax.jit(fn, out_shardings=self.shardings, compiler_options=compiler_options)(key)

@@ -27,7 +27,10 @@ LossFn = Callable[..., tuple[jax.Array, dict]]
 
 
 def clamp_temp(params: dict, cfg: ModelConfig) -> dict:
-  """`params` with `temp` clamped to [cfg.temp_min, cfg.temp_max] (0.001, 0.5)."""
+  """`params` with `temp` clamped to [cfg.temp_min, cfg.temp_max] (0.001, 0.5). A model without
+  `temp` (MVPTR: its `logit_scale` is never clamped in the official code) is returned as is."""
+  if "temp" not in params:
+    return params
   return {**params, "temp": jnp.clip(params["temp"], cfg.temp_min, cfg.temp_max)}
 
 

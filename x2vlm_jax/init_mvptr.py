@@ -1,0 +1,60 @@
+"""Initial weights of an MVPTR run (docs/mvptr.md#training): the MVPTR branch of
+`init_lib.initialize`.
+
+  nothing      every parameter from its initializer (the tiny CPU configs)
+  bert_dir     a 12-layer BERT as the paper states (`convert.mvptr_init.init_from_bert`: textual
+               and visual stacks <- layers 0..depth-1, cross-modal <- the next depth layers, word
+               rows <- BERT's words, each phrase row <- the mean of its words' rows, from the
+               JSON `init.phrase_words` {phrase id: [word-piece ids]}; without it phrase rows stay
+               at their initializer)
+  checkpoint   (`init_lib`, shared with X²-VLM) the parameters of an MVPTR run's newest good
+               checkpoint: stage 2 starts from stage 1's checkpoint, parameters only
+
+Every parameter of MVPTR is trained at the one learning rate (paper and code have no
+multiplier for new parameters), so an MVPTR run has no fresh parameter group.
+"""
+
+from __future__ import annotations
+
+import json
+
+from flax import nnx
+
+from x2vlm_jax import paths
+from x2vlm_jax.convert import adapt
+
+
+def phrase_words(path: str) -> dict[int, list[int]]:
+  """{phrase id: word-piece ids} from a JSON object file; '' = none."""
+  if not path:
+    return {}
+  p = paths.path(path)
+  if not p.exists():
+    raise FileNotFoundError(f"config.init.phrase_words = {path!r} does not exist")
+  raw = json.loads(p.read_text())
+  if not isinstance(raw, dict):
+    raise ValueError(f"config.init.phrase_words {path}: expected a JSON object id -> word ids")
+  try:
+    return {int(k): [int(w) for w in v] for k, v in raw.items()}
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"config.init.phrase_words {path}: bad entry ({e})") from None
+
+
+def from_bert(model, bert_dir: str, phrase_words_path: str, notes: list[str]) -> None:
+  """Writes the paper's BERT initialisation into `model` (an MVPTR, parameters sharded)."""
+  from x2vlm_jax.convert import apply, hf, mvptr_init  # pylint: disable=g-import-not-at-top
+
+  sd = hf.read_state_dict(bert_dir)
+  host = _nested_host(nnx.to_pure_dict(nnx.state(model, nnx.Param)))  # the `init` fill-ins
+  params, report = mvptr_init.init_from_bert(
+    sd, model.cfg, phrase_words(phrase_words_path), init=host
+  )
+  apply.apply_params(model, params)
+  notes.append(f"MVPTR from BERT {bert_dir}:\n{report.summary()}")
+
+
+def _nested_host(tree):
+  """A nested dict of (sharded) arrays -> the same of host numpy arrays."""
+  if isinstance(tree, dict):
+    return {k: _nested_host(v) for k, v in tree.items()}
+  return adapt.to_host(tree)

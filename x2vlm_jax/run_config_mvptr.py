@@ -1,0 +1,93 @@
+"""The config sections of the model-family switch (`model.family`) and of MVPTR runs, turned into
+typed settings (the X²-VLM ones are `run_config.py`, which calls these):
+
+  family(cfg)                               'x2vlm' (also when absent) | 'mvptr'
+  check_task_family(task, cfg)              the task trains the configured family
+  model_config(cfg.model, dtype)            MvptrConfig: `variant` tiny | base + `model.mvptr`
+  streams_config(cfg, model_cfg, sizes)     MvptrStreamsConfig: `data.mvptr` + the model's sizes
+
+Errors name the config field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from data_pipelines import features as F
+from data_pipelines.mvptr_examples import MvptrExampleSpec
+from x2vlm_jax import assets, train_data
+from x2vlm_jax.models.mvptr_config import MvptrConfig
+
+FAMILIES = ("x2vlm", "mvptr")  # x2vlm_jax/models/family.py
+# `data.mvptr` keys that are not example lengths / masking settings (MvptrExampleSpec).
+SOURCE_KEYS = ("spec", "data_dir", "index_cache_dir")
+# MvptrExampleSpec fields the model decides (one source of truth).
+MODEL_KEYS = ("region_dim", "word_vocab_size", "vocab_size")
+
+
+def family(cfg) -> str:
+  """config.model.family: 'x2vlm' (also when absent: configs and saved runs before MVPTR) or
+  'mvptr'."""
+  name = str(cfg.model.get("family", "x2vlm"))
+  if name not in FAMILIES:
+    raise ValueError(f"config.model.family = {name!r}: expected one of {list(FAMILIES)}")
+  return name
+
+
+def check_task_family(task, cfg) -> None:
+  """Raises naming both fields when `config.task` trains another family than the model's."""
+  if task.family != family(cfg):
+    raise ValueError(
+      f"config.task = {task.name!r} trains a {task.family} model; config.model.family is "
+      f"{family(cfg)!r}"
+    )
+
+
+def model_config(m, dtype) -> MvptrConfig:
+  """MvptrConfig from a `model` section with family 'mvptr': `variant` 'tiny' | 'base', the
+  `mvptr` sub-section's MvptrConfig fields on top, `dtype` (parsed), `remat`."""
+  variants = {"tiny": MvptrConfig.tiny, "base": MvptrConfig.base}
+  if m.variant not in variants:
+    raise ValueError(f"config.model.variant = {m.variant!r}: MVPTR has {list(variants)}")
+  fields = {f.name for f in dataclasses.fields(MvptrConfig)} - {"dtype", "param_dtype", "remat"}
+  given = dict(m.get("mvptr") or {})
+  unknown = sorted(set(given) - fields)
+  if unknown:
+    raise ValueError(f"config.model.mvptr: unknown fields {unknown}; known: {sorted(fields)}")
+  try:
+    return variants[m.variant](**given, dtype=dtype, remat=bool(m.remat))
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"config.model.mvptr: {e}") from None
+
+
+def streams_config(cfg, model_cfg: MvptrConfig, sizes: F.BatchSizes):
+  """The MVPTR training stream: `data.mvptr` (the Oscar-layout spec file and the example
+  lengths / masking rates), the tokenizer of the captions (`data.tokenizer`), the model's table
+  and region sizes, the per-process batch (`sizes.image_batch`)."""
+  d = dict(cfg.data.get("mvptr") or {})
+  spec_fields = {f.name for f in dataclasses.fields(MvptrExampleSpec)} - set(MODEL_KEYS)
+  unknown = sorted(set(d) - spec_fields - set(SOURCE_KEYS))
+  if unknown:
+    raise ValueError(
+      f"config.data.mvptr: unknown keys {unknown}; known: {sorted(spec_fields | set(SOURCE_KEYS))}"
+    )
+  if not d.get("spec"):
+    raise ValueError("config.data.mvptr.spec: the dataset spec file (Oscar layout) is not set")
+  spec = MvptrExampleSpec(
+    **{k: v for k, v in d.items() if k in spec_fields},
+    **{k: getattr(model_cfg, k) for k in MODEL_KEYS},
+  )
+  length = spec.max_tokens + spec.max_phrases
+  if length > model_cfg.max_positions:
+    raise ValueError(
+      f"config.data.mvptr.max_tokens + max_phrases = {length} exceeds the model's "
+      f"max_positions {model_cfg.max_positions} (config.model.mvptr.max_positions)"
+    )
+  tokenizer = str(cfg.data.tokenizer or "minilm")
+  return train_data.MvptrStreamsConfig(
+    spec=spec,
+    batch_size=sizes.image_batch,
+    source={k: str(d.get(k) or "") for k in SOURCE_KEYS},
+    tokenizer=str(assets.minilm_dir()) if tokenizer == "minilm" else tokenizer,
+    options={k: int(cfg.data[k]) for k in ("num_workers", "read_threads")},
+  )
