@@ -6,8 +6,7 @@ ConfigDict itself. The model config is the one source of truth for the image res
 patch size: batch shapes and preprocessing read them from it.
 
   task(cfg)                                -> the run's Task (tasks.py)
-  model_config(cfg)                        -> ModelConfig (variant + overrides), or MvptrConfig
-                                              when model.family = 'mvptr' (run_config_mvptr.py)
+  model_config(cfg)                        -> ModelConfig, or MvptrConfig for family 'mvptr'
   init_config(cfg)                         -> InitConfig (initial weight sources)
   saved_model_config(saved)                -> ModelConfig of a run from its saved run config
   run_json(cfg, model_cfg), resume_check   -> the config saved with checkpoints; its check
@@ -15,8 +14,7 @@ patch size: batch shapes and preprocessing read them from it.
   step_config(cfg)                         -> StepConfig (what one step computes)
   batch_sizes(cfg, model_cfg, mesh, ...)   -> per-process BatchSizes of one micro-batch
   preproc_config(cfg, model_cfg)           -> PreprocConfig (training transforms)
-  streams_config(cfg)                      -> StreamsConfig (training data sources)
-  run_config_mvptr.streams_config(...)     -> MvptrStreamsConfig (MVPTR training data)
+  streams_config(cfg)                      -> StreamsConfig (training data; MVPTR: run_config_mvptr)
   loop_config(cfg)                         -> LoopConfig (steps, cadences, fault handling)
   eval_config(cfg.eval)                    -> EvalConfig (evaluators and their data)
   tokenizer_dir(cfg), resolve_dir(path)    -> where the tokenizer / BERT files are
