@@ -55,6 +55,11 @@ def retrieval_eval(spec: str, k_c: int, k_i: int, split: str = "val") -> mlc.Con
   return mlc.ConfigDict({"data": {split: heldout(spec)}, "k_c": k_c, "k_i": k_i, "max_images": 0})
 
 
+def grounding_eval(spec: str, variant: str, split: str = "val") -> mlc.ConfigDict:
+  """The `eval.mvptr_grounding` section on one held-out split of a synthetic layout."""
+  return mlc.ConfigDict({"data": {split: heldout(spec)}, "variant": variant, "max_phrases": 0})
+
+
 def retrieval_config(opts: dict, per_gpu: int, epochs: int) -> mlc.ConfigDict:
   """Retrieval at the official settings: lr 4e-5, lengths 50 / 30 tags / 50 regions / 5
   phrases, k_c 128 / k_i 64, selection on the held-out split's re-ranked r_mean."""

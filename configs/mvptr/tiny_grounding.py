@@ -24,8 +24,6 @@ def get_config(arg=None):
   c.train.eval_every = 100
   c.eval.evaluators = ("mvptr_grounding",)
   c.eval.batch_size = 32
-  c.eval.mvptr_grounding = mlc.ConfigDict(
-    {"data": {"heldout": ft.heldout(opts["val"])}, "variant": "code", "max_phrases": 0}
-  )
+  c.eval.mvptr_grounding = ft.grounding_eval(opts["val"], "code", split="heldout")
   c.train.select_metric = "eval/mvptr_grounding/heldout/acc"
   return c

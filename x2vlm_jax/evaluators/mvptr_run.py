@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from x2vlm_jax import tasks_mvptr as TM
 from x2vlm_jax.evaluators import mvptr_retrieval as MR
 from x2vlm_jax.evaluators.settings import (
   EvalConfig,
@@ -90,10 +91,14 @@ def _retrieval(model, sec: MvptrRetrievalSettings, cfg: EvalConfig, say) -> dict
   return metrics
 
 
-def grounding_chance(region_mask) -> float:
-  """Percentage a uniformly random choice among the real regions gets right in expectation,
-  counting one right region per phrase (the synthetic world's regions do not overlap)."""
-  return 100.0 * float(np.mean(1.0 / np.sum(np.asarray(region_mask) > 0, axis=1)))
+def grounding_chance(data, inclusive: bool) -> float:
+  """Expected accuracy (percent) of a uniformly random choice among each row's real regions:
+  the mean fraction of real regions whose IoU with the ground truth passes the threshold."""
+
+  iou = np.asarray(TM.region_iou(data["region_boxes"], data["gt_box"]))
+  real = np.asarray(data["region_mask"]) > 0
+  right = (iou >= 0.5) if inclusive else (iou > 0.5)
+  return 100.0 * float(np.mean(np.sum(right & real, axis=1) / np.sum(real, axis=1)))
 
 
 def _grounding(model, sec: MvptrGroundingSettings, cfg: EvalConfig, say) -> dict[str, float]:
@@ -113,7 +118,7 @@ def _grounding(model, sec: MvptrGroundingSettings, cfg: EvalConfig, say) -> dict
     )
     out |= {
       f"{name}/num_phrases": float(data["gt_box"].shape[0]),
-      f"{name}/chance_acc": grounding_chance(data["region_mask"]),
+      f"{name}/chance_acc": grounding_chance(data, inclusive=sec.variant == "code"),
       f"{name}/seconds": time.time() - t0,
     }
     metrics.update(out)
