@@ -1,9 +1,9 @@
 """MVPTR fine-tuning on the one training loop (`train_lib`, tasks `mvptr_retrieval` /
 `mvptr_grounding`, configs/mvptr/tiny_retrieval.py + tiny_grounding.py) on the synthetic shapes
 world in the Oscar layout: from a stage checkpoint (its pre-training heads dropped, the task's
-head fresh), the periodic evaluation writes the documented metrics and keeps the best
-parameters, and a stopped run resumes through the same loop (the bit-identical resume of the
-loop: tests/test_mvptr_train.py, tests/test_finetune_tasks.py).
+head fresh), the periodic evaluation (retrieval and grounding) writes the documented metrics and
+keeps the best parameters, and a stopped run resumes through the same loop (the loop's
+bit-identical resume: tests/test_mvptr_train.py, tests/test_finetune_tasks.py).
 
 In this process (no subprocess start-up), sharing one persistent compilation cache. The stage
 checkpoint is one step of tiny stage 1 with the code's MCR variants (no Hungarian host callback,
@@ -15,6 +15,7 @@ import pathlib
 
 import pytest
 
+from configs.mvptr import finetune as ft
 from configs.mvptr import tiny_grounding, tiny_retrieval, tiny_stage1
 from x2vlm_jax import train_lib
 
@@ -54,6 +55,9 @@ def _config(module, data, stage, cache, **train):
   )
   c.train.update(train)
   c.eval.batch_size = 8
+  # The grounding evaluator too (the paper's zero-shot variant needs no grounding head).
+  c.eval.evaluators = ("mvptr_retrieval", "mvptr_grounding")
+  c.eval.mvptr_grounding = ft.grounding_eval(data["heldout"], "paper", split="heldout")
   return c
 
 
@@ -81,17 +85,40 @@ def test_retrieval_finetune_evaluates_selects_and_resumes(data, stage, cache, tm
     assert all(name in metrics[step] for name in RETRIEVAL), sorted(metrics[step])
   assert metrics[4]["eval/mvptr_retrieval/heldout/chance_r1"] == pytest.approx(100 / 6)
   assert all(f"train/loss/mvptr_retrieval/{t}" in metrics[3] for t in ("vsc", "itm"))
+  assert all(name in metrics[4] for name in GROUNDING), sorted(metrics[4])
+  assert 0 < metrics[4]["eval/mvptr_grounding/heldout/chance_acc"] < 100
+  assert metrics[4]["eval/mvptr_grounding/heldout/num_phrases"] > 6  # several per image
   best = json.loads((tmp_path / "best" / "best.json").read_text())
   assert best["metric"] == "eval/mvptr_retrieval/heldout/r_mean" and best["step"] in (2, 4)
   saved = json.loads((tmp_path / "best" / best["dir"] / "model_config.json").read_text())
   assert saved["heads"] == "retrieval"
 
 
-def test_grounding_finetune_evaluates(data, stage, cache, tmp_path):
-  c = _config(tiny_grounding, data, stage, cache, total_steps=2)
-  train_lib.train_and_evaluate(c, tmp_path)
-  metrics = _metrics(tmp_path)
-  assert all(name in metrics[2] for name in GROUNDING), sorted(metrics[2])
-  assert 0 < metrics[2]["eval/mvptr_grounding/heldout/chance_acc"] < 100
-  assert metrics[2]["eval/mvptr_grounding/heldout/num_phrases"] > 6  # several per image
-  assert "train/loss/mvptr_grounding" in metrics[1]
+def test_grounding_stream_rows_and_resume(data):
+  """The `mvptr_grounding` task's rows: one per grounded phrase, batches reproduced from the
+  saved position (the loss: tests/test_mvptr_finetune.py; the task end to end: the demo)."""
+  import numpy as np
+
+  from data_pipelines import mvptr_grounding_stream as G
+  from data_pipelines.mvptr_oscar import OscarSource
+  from x2vlm_jax import run_config_mvptr, tasks_mvptr_finetune
+  from x2vlm_jax.run_config import model_config
+
+  c = tiny_grounding.get_config(f"spec={data['train']},val={data['heldout']},stage2=x")
+  spec = run_config_mvptr.example_spec(c, model_config(c))
+  assert spec.word_rate == spec.tag_rate == spec.phrase_rate == 0  # fine-tuning masks nothing
+  table, skips = G.grounding_table(OscarSource(data["train"]), spec)
+  n = table["gt_box"].shape[0]
+  assert not skips and n > 2 * 24  # several phrases per caption
+  assert (table["phrase_mask"].sum(axis=1) == 1).all()
+  it = G.GroundingBatches(table, 16, 0, 0, 1)
+  first = [next(it) for _ in range(n // 16 + 2)]  # into the second epoch
+  again = G.GroundingBatches(table, 16, 0, 0, 1)
+  state = json.loads(json.dumps(it.get_state()))  # as a checkpoint stores it
+  again.set_state({**state, "position": 3})
+  for got, want in zip([next(again) for _ in range(len(first) - 3)], first[3:], strict=True):
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+  with pytest.raises(ValueError, match="does not fit"):
+    again.set_state({"version": 1, "position": 0, "rows": n + 1})
+  with pytest.raises(ValueError, match="grounding = 'box'"):
+    tasks_mvptr_finetune.settings("grounding", {"grounding": "box"})

@@ -94,7 +94,6 @@ def _retrieval(model, sec: MvptrRetrievalSettings, cfg: EvalConfig, say) -> dict
 def grounding_chance(data, inclusive: bool) -> float:
   """Expected accuracy (percent) of a uniformly random choice among each row's real regions:
   the mean fraction of real regions whose IoU with the ground truth passes the threshold."""
-
   iou = np.asarray(TM.region_iou(data["region_boxes"], data["gt_box"]))
   real = np.asarray(data["region_mask"]) > 0
   right = (iou >= 0.5) if inclusive else (iou > 0.5)
