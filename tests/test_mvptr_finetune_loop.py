@@ -122,3 +122,19 @@ def test_grounding_stream_rows_and_resume(data):
     again.set_state({"version": 1, "position": 0, "rows": n + 1})
   with pytest.raises(ValueError, match="grounding = 'box'"):
     tasks_mvptr_finetune.settings("grounding", {"grounding": "box"})
+
+
+def test_bad_settings_name_the_field():
+  from x2vlm_jax import tasks_mvptr_finetune
+  from x2vlm_jax.evaluators import mvptr_run
+  from x2vlm_jax.evaluators.settings import EvalConfig, MvptrRetrievalSettings
+
+  with pytest.raises(ValueError, match=r"unknown keys \['wpg'\] for mvptr_retrieval"):
+    tasks_mvptr_finetune.settings("retrieval", {"wpg": "paper"})
+  with pytest.raises(ValueError, match="itm_negatives = 'random'"):
+    tasks_mvptr_finetune.settings("retrieval", {"itm_negatives": "random"})
+  sec = MvptrRetrievalSettings(data=(("val", ({"type": "json", "spec": "x"},)),))
+  with pytest.raises(ValueError, match=r"eval\.mvptr_retrieval\.data\.val\[0\]: an MVPTR split"):
+    mvptr_run.evaluate(None, EvalConfig(mvptr_retrieval=sec, mvptr_inputs=(None, "")), print)
+  with pytest.raises(ValueError, match="needs EvalConfig.mvptr_inputs"):
+    mvptr_run.evaluate(None, EvalConfig(mvptr_retrieval=sec), print)

@@ -47,19 +47,20 @@ def _source(entry: dict, tokenizer: str, where: str):
   )
 
 
-def _split_rows(name, entries, inputs, say, targets: int = 0):
+def _split_rows(evaluator, split, entries, inputs, say, targets: int = 0):
   """Stacked unmasked rows of a split's sources (+ grounding targets [N, targets] if > 0)."""
+  field = f"eval.{evaluator}.data" + (f".{split}" if split else "")
   from data_pipelines import mvptr_stream, mvptr_synthetic  # pylint: disable=g-import-not-at-top
 
   if inputs is None:
-    raise ValueError(f"eval.{name}: MVPTR evaluation needs EvalConfig.mvptr_inputs (an MVPTR run)")
+    raise ValueError(f"{field}: MVPTR evaluation needs EvalConfig.mvptr_inputs (an MVPTR run)")
   example, tokenizer = inputs
   parts, goals = [], []
   for i, entry in enumerate(entries):
-    src = _source(dict(entry), tokenizer, f"eval.{name}.data[{i}]")
+    src = _source(dict(entry), tokenizer, f"{field}[{i}]")
     rows, skips = mvptr_stream.heldout_arrays(src, example)
     if skips:
-      say(f"{name}: skipped {skips}")
+      say(f"{field}[{i}]: skipped {skips}")
     parts.append(rows)
     if targets:
       goals.append(mvptr_synthetic.grounding_targets(src, targets)[rows["index"]])
@@ -71,7 +72,7 @@ def _retrieval(model, sec: MvptrRetrievalSettings, cfg: EvalConfig, say) -> dict
   metrics = {}
   for split, entries in sec.data:
     t0, name = time.time(), prefix("mvptr_retrieval", split)
-    rows, _ = _split_rows(name, entries, cfg.mvptr_inputs, say)
+    rows, _ = _split_rows("mvptr_retrieval", split, entries, cfg.mvptr_inputs, say)
     images, texts, txt2img = MR.retrieval_inputs(rows)
     if sec.max_images and images["regions"].shape[0] > sec.max_images:
       keep = txt2img < sec.max_images  # the first images in order of appearance
@@ -108,7 +109,7 @@ def _grounding(model, sec: MvptrGroundingSettings, cfg: EvalConfig, say) -> dict
     t0, name = time.time(), prefix("mvptr_grounding", split)
     example = cfg.mvptr_inputs[0] if cfg.mvptr_inputs else None
     width = example.max_phrases if example is not None else 0
-    rows, targets = _split_rows(name, entries, cfg.mvptr_inputs, say, targets=width)
+    rows, targets = _split_rows("mvptr_grounding", split, entries, cfg.mvptr_inputs, say, width)
     data = FE.grounding_rows(rows, targets)
     if sec.max_phrases:
       data = {k: v[: sec.max_phrases] for k, v in data.items()}
