@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo finetune-demo caption-demo test bench clean
+.PHONY: install demo finetune-demo caption-demo mvptr-demo test bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,9 @@ finetune-demo: $(STAMP)
 
 caption-demo: $(STAMP)
 	$(BIN)/python -m x2vlm_jax.finetune_demo --tasks=caption --workdir=/tmp/x2vlm_caption_demo
+
+mvptr-demo: $(STAMP)
+	$(BIN)/python -m x2vlm_jax.mvptr_demo
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -39,6 +39,7 @@ SLOW_FIRST = (
   "test_finetune_qa.py",
   "test_train_faults.py",
   "test_mvptr_train.py",  # four train.py runs of the two MVPTR stages
+  "test_mvptr_finetune_loop.py",  # a stage run, then a stopped and resumed retrieval fine-tune
 )
 
 

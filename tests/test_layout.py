@@ -54,6 +54,7 @@ LAYERS = {
   "x2vlm_jax.tasks_mvptr": 5,
   "x2vlm_jax.tasks_caption": 5,
   "x2vlm_jax.tasks_mvptr_pretrain": 5,
+  "x2vlm_jax.tasks_mvptr_finetune": 5,
   "x2vlm_jax.caption_decode": 5,
   "x2vlm_jax.evaluators": 6,  # beside the loop: never imports it
   "x2vlm_jax.run_config": 7,
@@ -66,6 +67,7 @@ LAYERS = {
   "x2vlm_jax.demo": 8,
   "x2vlm_jax.finetune_demo": 8,
   "x2vlm_jax.vqa_demo": 8,
+  "x2vlm_jax.mvptr_demo": 8,
   "configs": 8,
 }
 EXACT = {"x2vlm_jax": 1}  # the package itself (a prefix entry would hide unlisted modules)

@@ -207,9 +207,9 @@ def _from_checkpoint(model: X2VLM, init: InitConfig, mesh, notes: list[str]) -> 
     params, step = train_state.restore_params(manager, layout)
   notes.append(f"checkpoint {ckpt_dir} step {step}: parameters only (no optimizer state)")
   if dst == "mvptr":
-    from x2vlm_jax.convert import apply  # pylint: disable=g-import-not-at-top
+    from x2vlm_jax import init_mvptr  # pylint: disable=g-import-not-at-top
 
-    return apply.apply_params(model, params)
+    return init_mvptr.checkpoint_params(model, params, src_cfg, notes)
   return _load(model, params, src_cfg, notes)
 
 

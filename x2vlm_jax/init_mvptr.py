@@ -8,7 +8,9 @@
                JSON `init.phrase_words` {phrase id: [word-piece ids]}; without it phrase rows stay
                at their initializer)
   checkpoint   (`init_lib`, shared with X²-VLM) the parameters of an MVPTR run's newest good
-               checkpoint: stage 2 starts from stage 1's checkpoint, parameters only
+               checkpoint: stage 2 starts from stage 1's checkpoint, parameters only; a
+               fine-tuning model (another `heads`) from a pre-training run's: the source's heads
+               are dropped and the task's head keeps its initializer (`checkpoint_params`)
 
 Every parameter of MVPTR is trained at the one learning rate (paper and code have no
 multiplier for new parameters), so an MVPTR run has no fresh parameter group.
@@ -51,6 +53,25 @@ def from_bert(model, bert_dir: str, phrase_words_path: str, notes: list[str]) ->
   )
   apply.apply_params(model, params)
   notes.append(f"MVPTR from BERT {bert_dir}:\n{report.summary()}")
+
+
+def checkpoint_params(model, params, src_cfg, notes: list[str]) -> frozenset[str]:
+  """Writes a checkpoint's parameters into `model`; returns the paths it did not hold. With the
+  same `heads` every parameter must match; with other heads (pre-training -> fine-tuning) the
+  top-level modules the model lacks (the source's heads) are dropped and named in `notes`."""
+  from x2vlm_jax import treepath  # pylint: disable=g-import-not-at-top
+  from x2vlm_jax.convert import apply  # pylint: disable=g-import-not-at-top
+
+  if src_cfg.heads != model.cfg.heads:
+    ours = {p.split(".")[0] for p in treepath.flatten_state(nnx.state(model, nnx.Param))}
+    flat = treepath.flatten_dict(params)
+    dropped = sorted({p.split(".")[0] for p in flat} - ours)
+    params = treepath.unflatten_dict({p: v for p, v in flat.items() if p.split(".")[0] in ours})
+    notes.append(f"heads {src_cfg.heads!r} -> {model.cfg.heads!r}: dropped {dropped}")
+  missing = apply.apply_params(model, params)
+  if missing:
+    notes.append(f"from their initializer (not in the checkpoint): {sorted(missing)}")
+  return missing
 
 
 def _nested_host(tree):

@@ -5,6 +5,7 @@ typed settings (the X²-VLM ones are `run_config.py`, which calls these):
   check_task_family(task, cfg)              the task trains the configured family
   model_config(cfg.model, dtype)            MvptrConfig: `variant` tiny | base + `model.mvptr`
   streams_config(cfg, model_cfg, sizes)     MvptrStreamsConfig: `data.mvptr` + the model's sizes
+  eval_inputs(cfg, model_cfg)               (example spec, tokenizer) of the MVPTR evaluators
 
 Errors name the config field.
 """
@@ -60,10 +61,15 @@ def model_config(m, dtype) -> MvptrConfig:
     raise ValueError(f"config.model.mvptr: {e}") from None
 
 
-def streams_config(cfg, model_cfg: MvptrConfig, sizes: F.BatchSizes):
-  """The MVPTR training stream: `data.mvptr` (the Oscar-layout spec file and the example
-  lengths / masking rates), the tokenizer of the captions (`data.tokenizer`), the model's table
-  and region sizes, the per-process batch (`sizes.image_batch`)."""
+# Fine-tuning tasks read unmasked rows: the config's masking rates are ignored (set to 0).
+FINETUNE_ROWS = {"mvptr_retrieval": "pairs", "mvptr_grounding": "grounding"}
+RATES = ("word_rate", "tag_rate", "phrase_rate")
+
+
+def example_spec(cfg, model_cfg: MvptrConfig) -> MvptrExampleSpec:
+  """`data.mvptr`'s example lengths / masking rates + the model's table and region sizes
+  (unknown keys and a too long stream A are errors naming the field); fine-tuning tasks
+  (FINETUNE_ROWS) mask nothing."""
   d = dict(cfg.data.get("mvptr") or {})
   spec_fields = {f.name for f in dataclasses.fields(MvptrExampleSpec)} - set(MODEL_KEYS)
   unknown = sorted(set(d) - spec_fields - set(SOURCE_KEYS))
@@ -71,23 +77,45 @@ def streams_config(cfg, model_cfg: MvptrConfig, sizes: F.BatchSizes):
     raise ValueError(
       f"config.data.mvptr: unknown keys {unknown}; known: {sorted(spec_fields | set(SOURCE_KEYS))}"
     )
-  if not d.get("spec"):
-    raise ValueError("config.data.mvptr.spec: the dataset spec file (Oscar layout) is not set")
-  spec = MvptrExampleSpec(
-    **{k: v for k, v in d.items() if k in spec_fields},
-    **{k: getattr(model_cfg, k) for k in MODEL_KEYS},
-  )
+  given = {k: v for k, v in d.items() if k in spec_fields}
+  if str(cfg.get("task", "")) in FINETUNE_ROWS:
+    given.update({k: 0.0 for k in RATES})
+  spec = MvptrExampleSpec(**given, **{k: getattr(model_cfg, k) for k in MODEL_KEYS})
   length = spec.max_tokens + spec.max_phrases
   if length > model_cfg.max_positions:
     raise ValueError(
       f"config.data.mvptr.max_tokens + max_phrases = {length} exceeds the model's "
       f"max_positions {model_cfg.max_positions} (config.model.mvptr.max_positions)"
     )
+  return spec
+
+
+def _tokenizer(cfg) -> str:
   tokenizer = str(cfg.data.tokenizer or "minilm")
+  return str(assets.minilm_dir()) if tokenizer == "minilm" else tokenizer
+
+
+def eval_inputs(cfg, model_cfg: MvptrConfig) -> tuple[MvptrExampleSpec, str]:
+  """(example spec, tokenizer dir) the MVPTR evaluators read their splits with
+  (`EvalConfig.mvptr_inputs`): the run's lengths, nothing masked."""
+  spec = example_spec(cfg, model_cfg)
+  return dataclasses.replace(spec, **{k: 0.0 for k in RATES}), _tokenizer(cfg)
+
+
+def streams_config(cfg, model_cfg: MvptrConfig, sizes: F.BatchSizes):
+  """The MVPTR training stream: `data.mvptr` (the Oscar-layout spec file and the example
+  lengths / masking rates), the tokenizer of the captions (`data.tokenizer`), the model's table
+  and region sizes, the per-process batch (`sizes.image_batch`); which rows the task trains on
+  (`rows`: 'pretrain' masked rows, 'pairs' unmasked, 'grounding' one row per grounded phrase)."""
+  spec = example_spec(cfg, model_cfg)
+  d = dict(cfg.data.get("mvptr") or {})
+  if not d.get("spec"):
+    raise ValueError("config.data.mvptr.spec: the dataset spec file (Oscar layout) is not set")
   return train_data.MvptrStreamsConfig(
     spec=spec,
     batch_size=sizes.image_batch,
     source={k: str(d.get(k) or "") for k in SOURCE_KEYS},
-    tokenizer=str(assets.minilm_dir()) if tokenizer == "minilm" else tokenizer,
+    tokenizer=_tokenizer(cfg),
     options={k: int(cfg.data[k]) for k in ("num_workers", "read_threads")},
+    rows=FINETUNE_ROWS.get(str(cfg.get("task", "")), "pretrain"),
   )

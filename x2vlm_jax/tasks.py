@@ -26,6 +26,9 @@ selection, export -- is the same code for every task (`train_lib.py`). A config 
                     phrases + caption; MCR^v + MCR^s + VSC on the uni-modal stacks
                     (tasks_mvptr_pretrain.py, docs/mvptr.md#training)
   mvptr_stage2      the same batches; all six MVPTR objectives
+  mvptr_retrieval   MVPTR fine-tuning: unmasked pairs; VSC + ITM with the retrieval classifier
+                    (tasks_mvptr_finetune.py, docs/mvptr.md#fine-tuning)
+  mvptr_grounding   one row per grounded phrase; phrase-region cosine regressed on IoU
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from jax.sharding import Mesh
 
 from data_pipelines import features as F
 from x2vlm_jax import objectives, tasks_caption, tasks_cls, tasks_mvptr_pretrain, tasks_vqa
+from x2vlm_jax import tasks_mvptr_finetune as mvptr_ft
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +116,22 @@ TASKS = {
   ),
   "mvptr_stage2": Task(
     "mvptr_stage2", (F.IMAGE,), (), loss=tasks_mvptr_pretrain.stage_loss(2), family="mvptr"
+  ),
+  "mvptr_retrieval": Task(
+    "mvptr_retrieval",
+    (F.IMAGE,),
+    (),
+    evaluators=("mvptr_retrieval",),
+    loss=mvptr_ft.retrieval_loss,
+    family="mvptr",
+  ),
+  "mvptr_grounding": Task(
+    "mvptr_grounding",
+    (F.IMAGE,),
+    (),
+    evaluators=("mvptr_grounding",),
+    loss=mvptr_ft.grounding_loss,
+    family="mvptr",
   ),
 }
 

@@ -174,6 +174,8 @@ class MvptrStreamsConfig:
     source: `spec` (the Oscar-layout dataset spec file), `data_dir`, `index_cache_dir`.
     tokenizer: directory of the captions' WordPiece tokenizer.
     options: reader options (num_workers, read_threads).
+    rows: 'pretrain' (masked rows) | 'pairs' (the same stream, unmasked: the spec's rates are 0)
+      | 'grounding' (one row per grounded phrase, `mvptr_grounding_stream.py`).
   """
 
   spec: Any
@@ -181,6 +183,7 @@ class MvptrStreamsConfig:
   source: Mapping[str, str]
   tokenizer: str
   options: Mapping[str, int] = dataclasses.field(default_factory=dict)
+  rows: str = "pretrain"
 
 
 def _oscar_iterator(cfg: MvptrStreamsConfig, seed: int, process_index: int, process_count: int):
@@ -193,6 +196,11 @@ def _oscar_iterator(cfg: MvptrStreamsConfig, seed: int, process_index: int, proc
     index_cache_dir=src.get("index_cache_dir") or None,
     data_dir=src.get("data_dir") or None,
   )
+  if cfg.rows == "grounding":
+    from data_pipelines import mvptr_grounding_stream as G  # pylint: disable=g-import-not-at-top
+
+    table, _ = G.grounding_table(source, cfg.spec)
+    return G.GroundingBatches(table, cfg.batch_size, seed, process_index, process_count)
   return mvptr_stream.pretrain_iterator(
     source, cfg.spec, cfg.batch_size, seed, process_index, process_count, **cfg.options
   )

@@ -13,18 +13,29 @@ test split, which a config reproduces only by naming the test metric
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
 from etils import epath
 
 from x2vlm_jax import metrics_writer, params_io
+from x2vlm_jax import run_config as rc
 from x2vlm_jax.evaluators import run as eval_run
 from x2vlm_jax.evaluators.settings import EvalConfig
 from x2vlm_jax.models.config import ModelConfig
 
 BEST_DIR = "best"
 BEST_JSON = "best.json"
+
+
+def run_eval_config(cfg, model_cfg) -> EvalConfig:
+  """The evaluation of a training run: `run_config.eval_config(cfg.eval)`; an MVPTR run's
+  evaluators also get the example lengths and tokenizer of its `data` section."""
+  eval_cfg = rc.eval_config(cfg.eval)
+  if rc.family(cfg) == "mvptr":
+    eval_cfg = dataclasses.replace(eval_cfg, mvptr_inputs=rc.mvptr_rc.eval_inputs(cfg, model_cfg))
+  return eval_cfg
 
 
 class PeriodicEval:

@@ -290,7 +290,7 @@ class _Saver:
 
 def _periodic_eval(run: _Run, writer) -> train_eval.PeriodicEval:
   return train_eval.PeriodicEval(
-    rc.eval_config(run.cfg.eval),
+    train_eval.run_eval_config(run.cfg, run.model_cfg),
     run.spec.model,
     run.tokenizer,
     run.mesh,

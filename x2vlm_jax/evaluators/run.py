@@ -307,6 +307,11 @@ def evaluate(
   """
   where = "" if step is None else f" (step {step})"
   say = (lambda s: log(s + where)) if log else (lambda _: None)
+  mvptr = eval_cfg.mvptr_inputs is not None or any(n.startswith("mvptr_") for n in eval_cfg.names)
+  if mvptr:  # an MVPTR run: its own evaluators (mvptr_run.py; errors name what is missing)
+    from x2vlm_jax.evaluators import mvptr_run  # pylint: disable=g-import-not-at-top
+
+    return mvptr_run.evaluate(model, eval_cfg, say)
   fns = _Fns(model, mesh)
   batch = fns.round_batch(eval_cfg.batch_size)
   res, frame_len = model.cfg.vision.image_size, max(model.cfg.frame_len, 1)

@@ -87,6 +87,33 @@ class CaptionSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class MvptrRetrievalSettings:
+  """MVPTR retrieval (`evaluators/mvptr_retrieval.py`): VSC coarse ranking, then the joint
+  pass's match probability re-ranks the top `k_c` texts per image and `k_i` images per text
+  (official 128 / 64), on at most `max_images` images per split (0 = all). Entries:
+  `{'type': 'oscar', 'spec': <Oscar-layout spec file>, 'data_dir': ''}`; the example lengths
+  and the tokenizer are the run's (`EvalConfig.mvptr_inputs`)."""
+
+  data: Splits
+  k_c: int = 128
+  k_i: int = 64
+  max_images: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class MvptrGroundingSettings:
+  """MVPTR phrase grounding (`evaluators/mvptr_retrieval.py`): the region of highest phrase
+  similarity, correct at IoU > 0.5, over every grounded phrase of a synthetic layout (the
+  targets of `mvptr_synthetic.grounding_targets`), at most `max_phrases` per split (0 = all).
+  `variant` 'paper' (zero-shot: mean phrase token vs regions, last layer) or 'code' (the
+  fine-tuned [CLS] query at the phrase layer). Entries: as retrieval."""
+
+  data: Splits
+  variant: str = "code"
+  max_phrases: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalConfig:
   """Which evaluators run (a section each; None = not run) and the batch per jitted call."""
 
@@ -96,7 +123,12 @@ class EvalConfig:
   nlvr2: ClassifySettings | None = None
   video_qa: ClassifySettings | None = None
   caption: CaptionSettings | None = None
+  mvptr_retrieval: MvptrRetrievalSettings | None = None
+  mvptr_grounding: MvptrGroundingSettings | None = None
   batch_size: int = 32
+  # MVPTR runs: (MvptrExampleSpec, tokenizer dir) of the run's `data` section, which the MVPTR
+  # evaluators read their splits with (`run_config_mvptr.eval_inputs`; None elsewhere).
+  mvptr_inputs: object = None
 
   @property
   def names(self) -> tuple[str, ...]:
@@ -111,6 +143,8 @@ EVALUATORS = {
   "nlvr2": ClassifySettings,
   "video_qa": ClassifySettings,
   "caption": CaptionSettings,
+  "mvptr_retrieval": MvptrRetrievalSettings,
+  "mvptr_grounding": MvptrGroundingSettings,
 }
 
 

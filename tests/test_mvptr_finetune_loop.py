@@ -1,0 +1,140 @@
+"""MVPTR fine-tuning on the one training loop (`train_lib`, tasks `mvptr_retrieval` /
+`mvptr_grounding`, configs/mvptr/tiny_retrieval.py + tiny_grounding.py) on the synthetic shapes
+world in the Oscar layout: from a stage checkpoint (its pre-training heads dropped, the task's
+head fresh), the periodic evaluation (retrieval and grounding) writes the documented metrics and
+keeps the best parameters, and a stopped run resumes through the same loop (the loop's
+bit-identical resume: tests/test_mvptr_train.py, tests/test_finetune_tasks.py).
+
+In this process (no subprocess start-up), sharing one persistent compilation cache. The stage
+checkpoint is one step of tiny stage 1 with the code's MCR variants (no Hungarian host callback,
+which stalls the 8 simulated devices' all-gathers; tests/test_mvptr_train.py runs the paper's).
+"""
+
+import json
+import pathlib
+
+import pytest
+
+from configs.mvptr import finetune as ft
+from configs.mvptr import tiny_grounding, tiny_retrieval, tiny_stage1
+from x2vlm_jax import train_lib
+
+STEPS = 4
+RETRIEVAL = [
+  f"eval/mvptr_retrieval/heldout/{m}" for m in ("txt_r1", "img_r1", "r_mean", "chance_r1")
+] + ["eval/mvptr_retrieval/heldout_uni/r_mean"]
+GROUNDING = [f"eval/mvptr_grounding/heldout/{m}" for m in ("acc", "chance_acc", "num_phrases")]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  from data_pipelines import mvptr_synthetic
+
+  return mvptr_synthetic.write_splits(str(tmp_path_factory.mktemp("mvft")), 24, 6)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("mvft_cache"))
+
+
+@pytest.fixture(scope="module")
+def stage(data, cache, tmp_path_factory):
+  c = tiny_stage1.get_config(f"spec={data['train']}")
+  c.loss.mvptr.update({"mcr_v": "code", "mcr_s": "code"})
+  c.train.update({"total_steps": 1, "compilation_cache_dir": cache})
+  workdir = tmp_path_factory.mktemp("stage") / "run"
+  train_lib.train_and_evaluate(c, workdir)
+  return str(workdir)
+
+
+def _config(module, data, stage, cache, **train):
+  c = module.get_config(f"spec={data['train']},val={data['heldout']},stage2={stage}")
+  c.train.update(
+    {"total_steps": STEPS, "eval_every": 2, "log_every": 1, "compilation_cache_dir": cache}
+  )
+  c.train.update(train)
+  c.eval.batch_size = 8
+  # The grounding evaluator too (the paper's zero-shot variant needs no grounding head).
+  c.eval.evaluators = ("mvptr_retrieval", "mvptr_grounding")
+  c.eval.mvptr_grounding = ft.grounding_eval(data["heldout"], "paper", split="heldout")
+  return c
+
+
+def _metrics(workdir) -> dict[int, dict]:
+  out = {}
+  for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    r = json.loads(line)
+    out.setdefault(r["step"], {}).update(r["metrics"])
+  return out
+
+
+def test_retrieval_finetune_evaluates_selects_and_resumes(data, stage, cache, tmp_path):
+  stopped = train_lib.train_and_evaluate(
+    _config(tiny_retrieval, data, stage, cache, stop_after=2), tmp_path
+  )
+  assert stopped.status == "stopped"
+  log = (tmp_path / "train.log").read_text()
+  assert "heads 'pretrain' -> 'retrieval': dropped ['itm_head', 'mlm_head'," in log
+  assert "from their initializer (not in the checkpoint): ['classifier.bias'," in log
+  train_lib.train_and_evaluate(_config(tiny_retrieval, data, stage, cache), tmp_path)
+  assert "resumed from step 2" in (tmp_path / "train.log").read_text()
+  metrics = _metrics(tmp_path)
+  assert sorted(metrics) == list(range(1, STEPS + 1))  # one run, its steps each once
+  for step in (2, 4):
+    assert all(name in metrics[step] for name in RETRIEVAL), sorted(metrics[step])
+  assert metrics[4]["eval/mvptr_retrieval/heldout/chance_r1"] == pytest.approx(100 / 6)
+  assert all(f"train/loss/mvptr_retrieval/{t}" in metrics[3] for t in ("vsc", "itm"))
+  assert all(name in metrics[4] for name in GROUNDING), sorted(metrics[4])
+  assert 0 < metrics[4]["eval/mvptr_grounding/heldout/chance_acc"] < 100
+  assert metrics[4]["eval/mvptr_grounding/heldout/num_phrases"] > 6  # several per image
+  best = json.loads((tmp_path / "best" / "best.json").read_text())
+  assert best["metric"] == "eval/mvptr_retrieval/heldout/r_mean" and best["step"] in (2, 4)
+  saved = json.loads((tmp_path / "best" / best["dir"] / "model_config.json").read_text())
+  assert saved["heads"] == "retrieval"
+
+
+def test_grounding_stream_rows_and_resume(data):
+  """The `mvptr_grounding` task's rows: one per grounded phrase, batches reproduced from the
+  saved position (the loss: tests/test_mvptr_finetune.py; the task end to end: the demo)."""
+  import numpy as np
+
+  from data_pipelines import mvptr_grounding_stream as G
+  from data_pipelines.mvptr_oscar import OscarSource
+  from x2vlm_jax import run_config_mvptr, tasks_mvptr_finetune
+  from x2vlm_jax.run_config import model_config
+
+  c = tiny_grounding.get_config(f"spec={data['train']},val={data['heldout']},stage2=x")
+  spec = run_config_mvptr.example_spec(c, model_config(c))
+  assert spec.word_rate == spec.tag_rate == spec.phrase_rate == 0  # fine-tuning masks nothing
+  table, skips = G.grounding_table(OscarSource(data["train"]), spec)
+  n = table["gt_box"].shape[0]
+  assert not skips and n > 2 * 24  # several phrases per caption
+  assert (table["phrase_mask"].sum(axis=1) == 1).all()
+  it = G.GroundingBatches(table, 16, 0, 0, 1)
+  first = [next(it) for _ in range(n // 16 + 2)]  # into the second epoch
+  again = G.GroundingBatches(table, 16, 0, 0, 1)
+  state = json.loads(json.dumps(it.get_state()))  # as a checkpoint stores it
+  again.set_state({**state, "position": 3})
+  for got, want in zip([next(again) for _ in range(len(first) - 3)], first[3:], strict=True):
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+  with pytest.raises(ValueError, match="does not fit"):
+    again.set_state({"version": 1, "position": 0, "rows": n + 1})
+  with pytest.raises(ValueError, match="grounding = 'box'"):
+    tasks_mvptr_finetune.settings("grounding", {"grounding": "box"})
+
+
+def test_bad_settings_name_the_field():
+  from x2vlm_jax import tasks_mvptr_finetune
+  from x2vlm_jax.evaluators import mvptr_run
+  from x2vlm_jax.evaluators.settings import EvalConfig, MvptrRetrievalSettings
+
+  with pytest.raises(ValueError, match=r"unknown keys \['wpg'\] for mvptr_retrieval"):
+    tasks_mvptr_finetune.settings("retrieval", {"wpg": "paper"})
+  with pytest.raises(ValueError, match="itm_negatives = 'random'"):
+    tasks_mvptr_finetune.settings("retrieval", {"itm_negatives": "random"})
+  sec = MvptrRetrievalSettings(data=(("val", ({"type": "json", "spec": "x"},)),))
+  with pytest.raises(ValueError, match=r"eval\.mvptr_retrieval\.data\.val\[0\]: an MVPTR split"):
+    mvptr_run.evaluate(None, EvalConfig(mvptr_retrieval=sec, mvptr_inputs=(None, "")), print)
+  with pytest.raises(ValueError, match="needs EvalConfig.mvptr_inputs"):
+    mvptr_run.evaluate(None, EvalConfig(mvptr_retrieval=sec), print)
