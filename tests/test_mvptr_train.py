@@ -33,8 +33,9 @@ MEAN_OF = 8  # "falls": mean of the first vs the last MEAN_OF steps
 XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 DEVICES = {1: 1, 2: 2}  # simulated CPU devices per stage (stage 2 data-parallel)
 STAGE1_TERMS = ("mcr_v", "mcr_s", "vsc")
-# ITM is left out: from a random cross-modal stack it stays at ln 2 for the first hundreds of
-# steps of the tiny run (docs/mvptr.md#training); its value is checked to be finite only.
+# ITM is left out: with the paper's hard negatives (drawn from the VSC distribution; never a true
+# match of the caption in the shapes world) the random-init tiny model stays at ln 2 for the
+# whole 300-step run (docs/mvptr.md#training); its value is checked to be finite only.
 STAGE2_TERMS = ("mcr_v", "mcr_s", "vsc", "wpg", "mlm")
 
 
