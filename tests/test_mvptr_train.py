@@ -8,7 +8,8 @@ errors: tests/test_mvptr_config.py.)
 
 Every run is a `train.py` subprocess: stage 1 on one CPU device, the stage-2 runs data-parallel
 on 2 simulated devices (the paper's Hungarian assignment is solved in the graph, so the sharded
-step runs; with a host callback it stalled the all-gathers). Compilation and start-up dominate:
+step runs; the host-callback version aborts on 2 devices at the first step, XLA all-gather
+rendezvous timeout). Compilation and start-up dominate:
 few steps per stage, and the three stage-2 runs (reference, killed, restarted) share one
 persistent compilation cache, so only the first compiles the step.
 """
