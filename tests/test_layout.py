@@ -33,6 +33,7 @@ LAYERS = {
   "x2vlm_jax.losses": 3,
   "x2vlm_jax.mvptr_losses": 3,
   "x2vlm_jax.mvptr_concepts": 3,
+  "x2vlm_jax.mvptr_assign": 3,
   "x2vlm_jax.shard_concat": 3,
   "x2vlm_jax.optim": 3,
   "x2vlm_jax.checkpoint": 3,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
+from x2vlm_jax import mvptr_assign as MA
 from x2vlm_jax import mvptr_concepts as MC
 from x2vlm_jax import mvptr_losses as ML
 
@@ -71,6 +72,29 @@ def test_hungarian_assignment_is_optimal_and_equals_scipy():
     np.testing.assert_allclose(achieved, brute_force(cost))
   with pytest.raises(ValueError, match="concept id"):
     MC.hungarian_targets(probs[:, :, :3], labels)
+
+
+def test_in_graph_hungarian_equals_scipy():
+  """The jitted solver = the SciPy host reference on random (tie-free) probabilities: random
+  masks of every density, rows with no masked slot, rows with every slot masked, repeated
+  concepts; at a small and at the largest tag length (30)."""
+  f = jax.jit(MA.hungarian_targets)
+  for b, t, v in ((96, 7, 11), (12, 30, 40)):
+    probs = RNG.dirichlet(np.ones(v), size=(b, t)).astype(np.float32)
+    density = RNG.random((b, 1))
+    labels = np.where(RNG.random((b, t)) < density, RNG.integers(0, v, (b, t)), -1)
+    labels[0], labels[1] = -1, RNG.integers(0, v, t)  # none masked; all masked
+    labels[2] = RNG.permutation(v)[:t] if t <= v else labels[2]  # all masked, distinct concepts
+    labels[3] = -1
+    labels[3, RNG.integers(0, t)] = RNG.integers(0, v)  # exactly one
+    got = np.asarray(f(probs, labels))
+    np.testing.assert_array_equal(got, MC.hungarian_targets(probs, labels))
+  # The bare solver on square costs (no padding) = linear_sum_assignment's columns.
+  cost = RNG.random((20, 9, 9)).astype(np.float32)
+  cols = np.asarray(jax.jit(jax.vmap(MA.solve))(cost))
+  np.testing.assert_array_equal(cols, [linear_sum_assignment(c)[1] for c in cost])
+  with pytest.raises(ValueError, match="do not fit"):
+    MA.hungarian_targets(probs[:, :3], labels)
 
 
 def test_mcr_loss_paper_targets_and_code_off():

@@ -7,7 +7,8 @@
   is not asked to say *which* masked slot held which concept: per example, the masked slots
   and the masked concepts are matched by `scipy.optimize.linear_sum_assignment` minimising
   sum(1 - p(slot, concept)), on stop-gradient probabilities outside `jit`, and the matched
-  concept becomes the slot's CE label (`mvptr_losses.mcr_loss`).
+  concept becomes the slot's CE label (`mvptr_losses.mcr_loss`). The training step uses the
+  in-graph twin `mvptr_assign.hungarian_targets`; this host version is its reference in tests.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ what the results claim) or "code" (Junction4Nako/mvp_pytorch, `BiBertImgForPreTr
 facts are in MVPTR_REFERENCE.md section 3. Everything is float32.
 
 - MCR (visual tags / textual phrases): `mcr_loss` -- masked-concept cross-entropy. Paper: labels
-  assigned to the masked slots by Hungarian matching (host step `mvptr_concepts.hungarian_targets`,
+  assigned to the masked slots by Hungarian matching (in-graph `mvptr_assign.hungarian_targets`,
   fed back as `labels`), phrases included. Code: plain word-piece CE on tags at their own slots
   (the same CE, labels unpermuted) and *no* phrase loss (`mcr_loss(..., enabled=False)` = 0).
 - VSC: `vsc_loss` -- symmetric InfoNCE, exp(logit_scale) x cosine; paper over the global batch,
@@ -47,7 +47,7 @@ def mcr_loss(logits, labels, weights, *, enabled: bool = True):
   """Masked-concept reconstruction: CE at the masked slots, mean over them.
 
   logits [B, M, V] over the concept vocabulary at the gathered slots; labels [B, M] (paper: the
-  Hungarian-permuted concepts of `mvptr_concepts.hungarian_targets`; code: the original
+  Hungarian-permuted concepts of `mvptr_assign.hungarian_targets`; code: the original
   word piece of each slot); weights [B, M] 1 = a real masked slot. `enabled=False` is the released
   code's textual MCR (phrase labels set to -1): the loss is exactly 0 with no gradient.
   Returns (loss, accuracy)."""

@@ -13,8 +13,8 @@ Batch (arrays; -1 labels = not a target):
   tag_ids, tag_mask, tag_labels [B, T]: stream B's tag part and its masked-tag labels (MCR^v);
   regions [B, R, region_dim], region_mask [B, R].
 
-The paper's Hungarian label assignment runs on the host inside the jitted step through
-`jax.pure_callback` on stop-gradient probabilities (`mvptr_concepts.hungarian_targets`).
+The paper's Hungarian label assignment runs in the graph on stop-gradient probabilities
+(`mvptr_assign.hungarian_targets`, an exact solver; no host callback, so the step shards).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from x2vlm_jax import losses, mvptr_concepts
+from x2vlm_jax import losses, mvptr_assign
 from x2vlm_jax import mvptr_losses as ML
 
 NAMES = ("mcr_v", "mcr_s", "vsc", "wpg", "itm", "mlm")
@@ -66,11 +66,9 @@ class MvptrObjectives:
 
 
 def _hungarian(logits, labels):
-  """Host Hungarian re-assignment of the masked tag labels (stop-gradient probabilities)."""
+  """In-graph Hungarian re-assignment of the masked concept labels (stop-gradient probs)."""
   probs = jax.nn.softmax(jax.lax.stop_gradient(logits.astype(jnp.float32)), axis=-1)
-  out = jax.ShapeDtypeStruct(labels.shape, jnp.int32)
-  host = lambda p, y: mvptr_concepts.hungarian_targets(p, y).astype("int32")  # noqa: E731
-  return jax.pure_callback(host, out, probs, labels.astype(jnp.int32))
+  return mvptr_assign.hungarian_targets(probs, labels)
 
 
 def _uni_modal_terms(model, batch, keys, s: MvptrObjectives, terms: dict):
