@@ -28,7 +28,7 @@ import grain
 import numpy as np
 
 from data_pipelines import features as F
-from data_pipelines import workers
+from data_pipelines import packing, workers
 from data_pipelines.mixture import seed32
 from data_pipelines.mvptr_examples import MvptrExampleSpec, build_example
 
@@ -93,7 +93,7 @@ def example_stream(
   return ds.map_with_index(ExampleFn(source, spec, seed, process_index))
 
 
-class MvptrIterator(grain.DatasetIterator):
+class MvptrIterator(packing.PositionIterator):
   """Batches of MVPTR pre-training examples; `get_state()` / `set_state()` resume exactly.
 
   state = {'version', 'position' (next stream element), 'batch_index', 'exhausted',
@@ -108,9 +108,6 @@ class MvptrIterator(grain.DatasetIterator):
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     self._stream, self._batch_size, self._config = stream, int(batch_size), dict(config)
     self._read_threads, self._num_workers = int(read_threads), int(num_workers)
-    self._reader = None
-    self._position, self._batch_index, self._exhausted = 0, 0, False
-    self._skips: dict[str, int] = {}
 
   def _next_element(self):
     if self._exhausted:
@@ -155,19 +152,8 @@ class MvptrIterator(grain.DatasetIterator):
     self._batch_index += 1
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
-  def skip_counts(self) -> dict[str, int]:
-    """Records dropped so far, per skip reason (only reasons that occurred)."""
-    return dict(self._skips)
-
   def get_state(self) -> dict:
-    return {
-      "version": STATE_VERSION,
-      "position": int(self._position),
-      "batch_index": int(self._batch_index),
-      "exhausted": bool(self._exhausted),
-      "skips": dict(sorted(self._skips.items())),
-      "config": dict(self._config),
-    }
+    return {"version": STATE_VERSION, **self._counters(), "config": dict(self._config)}
 
   def set_state(self, state: dict) -> None:
     keys = {"version", "position", "batch_index", "exhausted", "skips", "config"}
@@ -178,24 +164,7 @@ class MvptrIterator(grain.DatasetIterator):
       )
     if dict(state["config"]) != self._config:
       raise ValueError(f"MVPTR iterator state is for {state['config']}, this one {self._config}")
-    unknown = set(state["skips"]) - set(F.SKIP_REASONS)
-    if unknown:
-      raise ValueError(f"MVPTR iterator state has unknown skip reasons {sorted(unknown)}")
-    self._close_reader()
-    self._position = int(state["position"])
-    self._batch_index = int(state["batch_index"])
-    self._exhausted = bool(state["exhausted"])
-    self._skips = {str(k): int(v) for k, v in state["skips"].items()}
-
-  def _close_reader(self) -> None:
-    if self._reader is not None:
-      self._reader.close()
-      self._reader = None
-
-  def close(self) -> None:
-    """Stops the read threads and worker processes (idempotent)."""
-    self._close_reader()
-    super().close()
+    self._restore_counters(state, "MVPTR iterator state")
 
   def __enter__(self):
     return self

@@ -281,7 +281,54 @@ class PackIterDataset(grain.IterDataset):
     return f"PackIterDataset(kind={self.kind}, workers={self.num_workers})"
 
 
-class PackIterator(grain.DatasetIterator):
+class PositionIterator(grain.DatasetIterator):
+  """The resumable core of our batch iterators (PackIterator, mvptr_stream.MvptrIterator): the
+  next stream position, batches produced, end of stream and skip counts, which are the whole
+  JSON state, and the reader (threads / worker processes) reopened from the position."""
+
+  def __init__(self):
+    super().__init__()
+    self._reader = None
+    self._position = 0
+    self._batch_index = 0
+    self._exhausted = False
+    self._skips: dict[str, int] = {}
+
+  def skip_counts(self) -> dict[str, int]:
+    """Records dropped so far, per skip reason (only reasons that occurred)."""
+    return dict(self._skips)
+
+  def _counters(self) -> dict:
+    return {
+      "position": int(self._position),
+      "batch_index": int(self._batch_index),
+      "exhausted": bool(self._exhausted),
+      "skips": dict(sorted(self._skips.items())),
+    }
+
+  def _restore_counters(self, state: dict, who: str) -> None:
+    """Checks the skip reasons of a saved state, closes the reader and takes the counters."""
+    unknown = set(state["skips"]) - set(F.SKIP_REASONS)
+    if unknown:
+      raise ValueError(f"{who} has unknown skip reasons {sorted(unknown)}")
+    self._close_reader()
+    self._position = int(state["position"])
+    self._batch_index = int(state["batch_index"])
+    self._exhausted = bool(state["exhausted"])
+    self._skips = {str(k): int(v) for k, v in state["skips"].items()}
+
+  def _close_reader(self) -> None:
+    if self._reader is not None:
+      self._reader.close()
+      self._reader = None
+
+  def close(self) -> None:
+    """Stops the read threads and worker processes (idempotent)."""
+    self._close_reader()
+    super().close()
+
+
+class PackIterator(PositionIterator):
   """Iterator of `PackIterDataset`; its state is JSON-serialisable and worker-count independent.
 
   state = {'position': next stream index, 'batch_index': sub-batches produced,
@@ -291,11 +338,6 @@ class PackIterator(grain.DatasetIterator):
   def __init__(self, ds: PackIterDataset):
     super().__init__()
     self._ds = ds
-    self._reader = None
-    self._position = 0
-    self._batch_index = 0
-    self._exhausted = False
-    self._skips: dict[str, int] = {}
 
   # -- reading ---------------------------------------------------------------------------------
 
@@ -344,17 +386,8 @@ class PackIterator(grain.DatasetIterator):
 
   # -- state -----------------------------------------------------------------------------------
 
-  def skip_counts(self) -> dict[str, int]:
-    """Records dropped so far, per skip reason (only reasons that occurred)."""
-    return dict(self._skips)
-
   def get_state(self) -> dict:
-    return {
-      "position": int(self._position),
-      "batch_index": int(self._batch_index),
-      "exhausted": bool(self._exhausted),
-      "skips": dict(sorted(self._skips.items())),
-    }
+    return self._counters()
 
   def set_state(self, state: dict) -> None:
     keys = {"position", "batch_index", "exhausted", "skips"}
@@ -362,26 +395,7 @@ class PackIterator(grain.DatasetIterator):
       raise ValueError(
         f"{self._ds.kind}: iterator state has keys {sorted(state)}, expected {sorted(keys)}"
       )
-    unknown = set(state["skips"]) - set(F.SKIP_REASONS)
-    if unknown:
-      raise ValueError(
-        f"{self._ds.kind}: iterator state has unknown skip reasons {sorted(unknown)}"
-      )
-    self._close_reader()
-    self._position = int(state["position"])
-    self._batch_index = int(state["batch_index"])
-    self._exhausted = bool(state["exhausted"])
-    self._skips = {str(k): int(v) for k, v in state["skips"].items()}
-
-  def _close_reader(self) -> None:
-    if self._reader is not None:
-      self._reader.close()
-      self._reader = None
-
-  def close(self) -> None:
-    """Stops the worker processes (idempotent)."""
-    self._close_reader()
-    super().close()
+    self._restore_counters(state, f"{self._ds.kind}: iterator state")
 
   def __str__(self) -> str:
     return f"PackIterator(kind={self._ds.kind}, position={self._position})"
