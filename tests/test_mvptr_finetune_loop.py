@@ -16,7 +16,7 @@ import pathlib
 import pytest
 
 from configs.mvptr import finetune as ft
-from configs.mvptr import tiny_grounding, tiny_retrieval, tiny_stage1
+from configs.mvptr import tiny_grounding, tiny_retrieval, tiny_stage1, tiny_ve, tiny_vqa
 from x2vlm_jax import train_lib
 
 STEPS = 4
@@ -138,3 +138,77 @@ def test_bad_settings_name_the_field():
     mvptr_run.evaluate(None, EvalConfig(mvptr_retrieval=sec, mvptr_inputs=(None, "")), print)
   with pytest.raises(ValueError, match="needs EvalConfig.mvptr_inputs"):
     mvptr_run.evaluate(None, EvalConfig(mvptr_retrieval=sec), print)
+
+
+# -- VQA and SNLI-VE (tasks mvptr_vqa / mvptr_ve, configs/mvptr/tiny_vqa.py + tiny_ve.py) -------
+TASK_STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def qa_data(tmp_path_factory):
+  from data_pipelines import mvptr_synthetic_qa
+
+  return mvptr_synthetic_qa.write_splits(str(tmp_path_factory.mktemp("mvqa")), 16, 4)
+
+
+def _task_config(module, specs, stage, cache):
+  c = module.get_config(f"spec={specs['train']},val={specs['heldout']},stage2={stage}")
+  c.train.update(
+    {"total_steps": TASK_STEPS, "eval_every": 3, "log_every": 1, "compilation_cache_dir": cache}
+  )
+  c.eval.batch_size = 32
+  return c
+
+
+def _losses(metrics, name):
+  return [metrics[s][name] for s in sorted(metrics) if name in metrics[s]]
+
+
+def test_vqa_head_starts_from_the_mlm_rows_of_each_answer(qa_data, stage):
+  """`init.checkpoint` of a pre-training run -> the VQA head = mean MLM rows / biases of each
+  answer's word pieces (the label file's answers through the run's tokenizer)."""
+  import jax
+  import numpy as np
+
+  from data_pipelines import mvptr_task_sources as TS
+  from x2vlm_jax import init_lib, sharding
+  from x2vlm_jax import run_config as rc
+
+  c = tiny_vqa.get_config(f"spec={qa_data['vqa']['train']},val=x,stage2={stage}")
+  init = rc.init_config(c)
+  pieces = TS.answer_pieces(qa_data["vqa"]["train"])  # the MiniLM (bert-base) vocabulary
+  assert init.qa_answer_pieces == tuple(tuple(p) for p in pieces)
+  assert any(len(p) > 1 for p in pieces)  # 'top left', 'bottom right': means over two rows
+  mesh = sharding.make_mesh({"data": -1})
+  got = init_lib.initialize(init, rc.model_config(c), mesh, jax.random.key(0))
+  assert any("vqa_head: 25 answers from the mean MLM rows" in n for n in got.notes)
+  src = init_lib.InitConfig(checkpoint=stage, checkpoint_model=init.checkpoint_model)
+  pre = init_lib.initialize(src, init.checkpoint_model, mesh, jax.random.key(1)).model
+  word, mlm = np.asarray(pre.embeddings.word[...]), pre.mlm_head
+  head = got.model.vqa_head
+  for a, ids in enumerate(pieces):
+    np.testing.assert_allclose(np.asarray(head.decoder[...])[a], word[ids].mean(0), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(head.bias[...])[a], np.asarray(mlm.bias[...])[ids].mean())
+  np.testing.assert_array_equal(head.dense.kernel[...], mlm.dense.kernel[...])
+  np.testing.assert_array_equal(head.norm.scale[...], mlm.norm.scale[...])
+  wrong = c.copy_and_resolve_references()
+  wrong.model.mvptr.qa_answers = 7
+  with pytest.raises(ValueError, match="qa_answers = 7, but the answer list"):
+    init_lib.initialize(init, rc.model_config(wrong), mesh, jax.random.key(0))
+
+
+@pytest.mark.parametrize("task", ["vqa", "ve"])
+def test_task_trains_evaluates_and_selects(task, qa_data, stage, cache, tmp_path):
+  module = {"vqa": tiny_vqa, "ve": tiny_ve}[task]
+  train_lib.train_and_evaluate(_task_config(module, qa_data[task], stage, cache), tmp_path)
+  metrics = _metrics(tmp_path)
+  assert sorted(metrics) == list(range(1, TASK_STEPS + 1))
+  loss = _losses(metrics, f"train/loss/mvptr_{task}")
+  assert len(loss) == TASK_STEPS and sum(loss[-2:]) < sum(loss[:2]), loss
+  name, chance = {"vqa": ("score", "best_constant"), "ve": ("acc", "majority_acc")}[task]
+  for step in (3, 6):
+    m = {k.rsplit("/", 1)[1]: v for k, v in metrics[step].items() if f"mvptr_{task}/heldout" in k}
+    assert 0 <= m[name] <= 100 and 0 < m[chance] <= 100, m
+  best = json.loads((tmp_path / "best" / "best.json").read_text())
+  assert best["metric"] == f"eval/mvptr_{task}/heldout/{name}" and best["step"] in (3, 6)
+  assert "train/loss/total" in metrics[1]
