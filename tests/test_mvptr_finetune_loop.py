@@ -165,42 +165,51 @@ def _losses(metrics, name):
 
 
 def test_vqa_head_starts_from_the_mlm_rows_of_each_answer(qa_data, stage):
-  """`init.checkpoint` of a pre-training run -> the VQA head = mean MLM rows / biases of each
-  answer's word pieces (the label file's answers through the run's tokenizer)."""
-  import jax
+  """A VQA run from a pre-training checkpoint: its answers' word pieces (the label file through
+  the run's tokenizer) -> the VQA head = mean MLM rows / biases of each answer's pieces, the
+  transform the MLM head's (`init_mvptr.checkpoint_params`, which `init_lib.initialize` calls
+  with them: its note is asserted in the training run below)."""
   import numpy as np
+  from flax import nnx
 
   from data_pipelines import mvptr_task_sources as TS
-  from x2vlm_jax import init_lib, sharding
+  from x2vlm_jax import checkpoint as ckpt_lib
+  from x2vlm_jax import init_lib, init_mvptr, sharding, train_state
   from x2vlm_jax import run_config as rc
+  from x2vlm_jax.models.mvptr import MVPTR
 
   c = tiny_vqa.get_config(f"spec={qa_data['vqa']['train']},val=x,stage2={stage}")
   init = rc.init_config(c)
-  pieces = TS.answer_pieces(qa_data["vqa"]["train"])  # the MiniLM (bert-base) vocabulary
+  pieces = TS.answer_pieces(qa_data["vqa"]["train"])  # MiniLM = the bert-base vocabulary
   assert init.qa_answer_pieces == tuple(tuple(p) for p in pieces)
   assert any(len(p) > 1 for p in pieces)  # 'top left', 'bottom right': means over two rows
-  mesh = sharding.make_mesh({"data": -1})
-  got = init_lib.initialize(init, rc.model_config(c), mesh, jax.random.key(0))
-  assert any("vqa_head: 25 answers from the mean MLM rows" in n for n in got.notes)
-  src = init_lib.InitConfig(checkpoint=stage, checkpoint_model=init.checkpoint_model)
-  pre = init_lib.initialize(src, init.checkpoint_model, mesh, jax.random.key(1)).model
-  word, mlm = np.asarray(pre.embeddings.word[...]), pre.mlm_head
-  head = got.model.vqa_head
+  layout = train_state.ParamLayout.build(init.checkpoint_model, sharding.make_mesh({"data": -1}))
+  with ckpt_lib.CheckpointManager(init_lib.checkpoint_dir(stage), read_only=True) as manager:
+    params, _ = train_state.restore_params(manager, layout)
+  model, notes = MVPTR(rc.model_config(c), rngs=nnx.Rngs(0)), []
+  init_mvptr.checkpoint_params(model, params, init.checkpoint_model, notes, init.qa_answer_pieces)
+  assert any("vqa_head: 25 answers from the mean MLM rows" in n for n in notes), notes
+  word, mlm = np.asarray(params["embeddings"]["word"]), params["mlm_head"]
+  head = nnx.to_pure_dict(nnx.state(model.vqa_head, nnx.Param))
   for a, ids in enumerate(pieces):
-    np.testing.assert_allclose(np.asarray(head.decoder[...])[a], word[ids].mean(0), rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(head.bias[...])[a], np.asarray(mlm.bias[...])[ids].mean())
-  np.testing.assert_array_equal(head.dense.kernel[...], mlm.dense.kernel[...])
-  np.testing.assert_array_equal(head.norm.scale[...], mlm.norm.scale[...])
-  wrong = c.copy_and_resolve_references()
-  wrong.model.mvptr.qa_answers = 7
+    np.testing.assert_allclose(head["decoder"][a], word[ids].mean(0), rtol=1e-6)
+    np.testing.assert_allclose(head["bias"][a], np.asarray(mlm["bias"])[ids].mean(), rtol=1e-6)
+  np.testing.assert_array_equal(head["dense"]["kernel"], mlm["dense"]["kernel"])
+  np.testing.assert_array_equal(head["norm"]["scale"], mlm["norm"]["scale"])
+  wrong = MVPTR(rc.model_config(c).replace(qa_answers=7), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="qa_answers = 7, but the answer list"):
-    init_lib.initialize(init, rc.model_config(wrong), mesh, jax.random.key(0))
+    init_mvptr.checkpoint_params(wrong, params, init.checkpoint_model, [], init.qa_answer_pieces)
 
 
 @pytest.mark.parametrize("task", ["vqa", "ve"])
 def test_task_trains_evaluates_and_selects(task, qa_data, stage, cache, tmp_path):
   module = {"vqa": tiny_vqa, "ve": tiny_ve}[task]
   train_lib.train_and_evaluate(_task_config(module, qa_data[task], stage, cache), tmp_path)
+  log = (tmp_path / "train.log").read_text()
+  assert f"heads 'pretrain' -> '{task}': dropped ['itm_head', 'logit_scale', 'mlm_head'," in log
+  if task == "vqa":  # the head from the answers' MLM rows, not its initializer
+    assert "vqa_head: 25 answers from the mean MLM rows of their word pieces" in log
+    assert "from their initializer" not in log
   metrics = _metrics(tmp_path)
   assert sorted(metrics) == list(range(1, TASK_STEPS + 1))
   loss = _losses(metrics, f"train/loss/mvptr_{task}")
