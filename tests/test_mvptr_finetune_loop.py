@@ -1,9 +1,10 @@
 """MVPTR fine-tuning on the one training loop (`train_lib`, tasks `mvptr_retrieval` /
-`mvptr_grounding`, configs/mvptr/tiny_retrieval.py + tiny_grounding.py) on the synthetic shapes
-world in the Oscar layout: from a stage checkpoint (its pre-training heads dropped, the task's
-head fresh), the periodic evaluation (retrieval and grounding) writes the documented metrics and
-keeps the best parameters, and a stopped run resumes through the same loop (the loop's
-bit-identical resume: tests/test_mvptr_train.py, tests/test_finetune_tasks.py).
+`mvptr_grounding` / `mvptr_vqa` / `mvptr_ve`, configs/mvptr/tiny_*.py) on the synthetic shapes
+world (Oscar layout; the official VQA / SNLI-VE files): from a stage checkpoint (its pre-training
+heads dropped, the task's head fresh -- the VQA head from the MLM rows of its answers), the
+periodic evaluation writes the documented metrics and keeps the best parameters, the task losses
+fall, and a stopped run resumes through the same loop (the loop's bit-identical resume:
+tests/test_mvptr_train.py, tests/test_finetune_tasks.py).
 
 In this process (no subprocess start-up), sharing one persistent compilation cache. The stage
 checkpoint is one step of tiny stage 1 with the code's MCR variants (no Hungarian host callback,
