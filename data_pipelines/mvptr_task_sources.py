@@ -202,6 +202,12 @@ class TaskSource:
   def __repr__(self) -> str:
     return f"TaskSource({self.path!r}, task={self.task}, records={len(self)})"
 
+  def location(self, i: int) -> tuple[str, int]:
+    """(questions / pairs file, 1-based entry or line number) of record i (the validator's)."""
+    if not -len(self) <= i < len(self):
+      raise IndexError(f"record {i} out of range for {len(self)} records")
+    return self.spec["questions" if self.task == "vqa" else "pairs"], int(self.rows[i]) + 1
+
   def __getitem__(self, i: int) -> dict:
     """Record i; raises `SkipRecord` for a bad entry (never anything else)."""
     k = int(self.rows[i])

@@ -97,6 +97,12 @@ def test_bad_records_are_skipped_counted_and_named(specs, tmp_path):
   rows, skips = mvptr_stream.heldout_arrays(src, SPEC, build=FE.task_row)
   assert rows["answer_scores"].shape == (n, 25)
   assert skips == {"bad_field_type": 2, "missing_image": 1}
+  from data_pipelines.tools import validate
+
+  assert validate.main([vqa, "--mvptr-task", "--quiet"]) == validate.EXIT_BAD_RECORDS
+  report = validate.validate_source(src, check=False)
+  assert report.counts == {"bad_field_type": 2, "missing_image": 1}
+  assert str(report.problems[0]).startswith(f"{read_task_spec(vqa)['questions']}:{n + 1}: ")
   _append(
     ve,
     "pairs",
