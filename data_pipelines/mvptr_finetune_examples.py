@@ -5,6 +5,7 @@ masking (fine-tuning corrupts nothing) plus the targets each task of
   retrieval  the stream fields only (every row is a matched pair)
   vqa        answer_scores [A]: soft score of each answer index (official `target_tensor`)
   ve         ve_label: contradiction 0, neutral 1, entailment 2 (official `label_mapping`)
+             (both tasks: `task_row` of a `mvptr_task_sources` record, with text_type_ids)
   grounding  region_boxes [max_regions, 4] corner boxes zero-padded like the regions, gt_box [4],
              phrase_mask [max_tokens + max_phrases]: 1 on the stream-A slots of a word-piece span
 """
@@ -26,6 +27,28 @@ def pair_fields(words, phrases, tags, regions, spec: MvptrExampleSpec) -> dict[s
   plain = dataclasses.replace(spec, word_rate=0.0, tag_rate=0.0, phrase_rate=0.0)
   row = build_example(np.random.default_rng(0), words, phrases, tags, regions, plain)
   return {k: row[k] for k in STREAMS}
+
+
+TARGETS = ("answer_scores", "ve_label")
+
+
+def task_row(rng, record, spec: MvptrExampleSpec) -> dict[str, np.ndarray]:
+  """A VQA / SNLI-VE row from a `mvptr_task_sources` record (the stream's `build`): the pair
+  streams, then the record's `text_tags` appended to stream A after its [SEP] with segment 1,
+  cut to the free slots (official `--use_b_text`), `text_type_ids`, and the task's target."""
+  del rng  # fine-tuning masks nothing
+  row = pair_fields(record["words"], record["phrases"], record["tags"], record["regions"], spec)
+  n, la = int(row["text_mask"].sum()), row["text_ids"].shape[0]
+  extra = np.asarray(record.get("text_tags", ()), np.int32)[: la - n]
+  row["text_ids"][n : n + extra.size] = extra
+  row["text_mask"][n : n + extra.size] = 1
+  types = np.zeros(la, np.int32)
+  types[n : n + extra.size] = 1
+  row["text_type_ids"] = types
+  for k in TARGETS:
+    if k in record:
+      row[k] = np.asarray(record[k])
+  return row
 
 
 def vqa_scores(answer_labels, scores, num_answers: int, record: str = "?") -> np.ndarray:

@@ -52,8 +52,9 @@ class ExampleFn:
   record id, field, detail)) -- plain strings, which travel from worker processes (the
   exception itself does not pickle)."""
 
-  def __init__(self, source, spec: MvptrExampleSpec, seed: int, process_index: int):
+  def __init__(self, source, spec: MvptrExampleSpec, seed: int, process_index: int, build=None):
     self.source, self.spec, self.seed_key = source, spec, (int(seed), int(process_index))
+    self.build = build  # None: `build_example` of the record's parts
 
   def __call__(self, position: int, index: int):
     try:
@@ -62,9 +63,12 @@ class ExampleFn:
       return ("skip", (e.reason, e.record_id, e.field, e.detail))
     rng = np.random.default_rng([*self.seed_key, int(position)])
     try:
-      example = build_example(
-        rng, record["words"], record["phrases"], record["tags"], record["regions"], self.spec
-      )
+      if self.build is not None:
+        example = self.build(rng, record, self.spec)
+      else:
+        example = build_example(
+          rng, record["words"], record["phrases"], record["tags"], record["regions"], self.spec
+        )
     except Exception as e:  # a config / code problem, not bad data: fail naming the record
       rid = record.get("id", f"record {index}")
       raise RuntimeError(f"{rid}: build_example failed: {type(e).__name__}: {e}") from e
@@ -73,10 +77,11 @@ class ExampleFn:
 
 
 def example_stream(
-  source, spec, seed, process_index, process_count, num_epochs=None, shuffle=True
+  source, spec, seed, process_index, process_count, num_epochs=None, shuffle=True, build=None
 ) -> grain.MapDataset:
   """MapDataset whose element i is ('ok', example) or ('skip', (reason, record id, field,
-  detail)) (module docstring)."""
+  detail)) (module docstring); `build(rng, record, spec)` replaces `build_example` (the
+  fine-tuning rows of `mvptr_finetune_examples.task_row`)."""
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
   if int(seed) < 0:
@@ -90,7 +95,7 @@ def example_stream(
     if num_epochs is not None and num_epochs < 1:
       raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
     ds = ds.repeat(num_epochs)
-  return ds.map_with_index(ExampleFn(source, spec, seed, process_index))
+  return ds.map_with_index(ExampleFn(source, spec, seed, process_index, build))
 
 
 class MvptrIterator(packing.PositionIterator):
@@ -185,13 +190,17 @@ def pretrain_iterator(
   shuffle: bool = True,
   read_threads: int = 1,
   num_workers: int = 0,
+  build=None,
 ) -> MvptrIterator:
   """This process's stream of pre-training batches (module docstring): a dict of every
   `build_example` field with a leading [batch_size] axis, plus image_id int64 [batch_size].
   num_epochs None repeats forever; shuffle False keeps the shard's record order; num_workers > 0
   runs the reading and `build_example` in that many worker processes (the source must pickle;
-  scripts keep their top level under `if __name__ == "__main__":`, `workers.py`)."""
-  stream = example_stream(source, spec, seed, process_index, process_count, num_epochs, shuffle)
+  scripts keep their top level under `if __name__ == "__main__":`, `workers.py`); `build` as
+  `example_stream`."""
+  stream = example_stream(
+    source, spec, seed, process_index, process_count, num_epochs, shuffle, build
+  )
   config = {
     "seed": int(seed),
     "batch_size": int(batch_size),
@@ -204,13 +213,15 @@ def pretrain_iterator(
   return MvptrIterator(stream, batch_size, config, read_threads, num_workers)
 
 
-def heldout_arrays(source, spec: MvptrExampleSpec) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+def heldout_arrays(
+  source, spec: MvptrExampleSpec, build=None
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
   """Every record of a (small, held-out) source in order, unmasked (all masking rates 0), as
   stacked `build_example` fields + image_id int64 [N] and record index int64 [N] ('index');
   with the skip counts of the records left out. For retrieval evaluation: captions of one image
-  share its image_id."""
+  share its image_id. `build` as `example_stream`."""
   plain = dataclasses.replace(spec, word_rate=0.0, tag_rate=0.0, phrase_rate=0.0)
-  rows, skips, fn = [], {}, ExampleFn(source, plain, 0, 0)
+  rows, skips, fn = [], {}, ExampleFn(source, plain, 0, 0, build)
   for i in range(len(source)):
     status, value = fn(i, i)
     if status == "skip":

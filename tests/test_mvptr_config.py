@@ -117,3 +117,40 @@ def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match=rf"config\.init\.{name}: not a weight source of an MVPTR"):
       init = init_lib.InitConfig(**{name: "x"})
       init_lib.initialize(init, MvptrConfig.tiny(), _mesh(), jax.random.key(0))
+
+
+def test_vqa_and_ve_configs_are_the_official_settings():
+  from configs.mvptr import snli_ve, vqa
+  from x2vlm_jax import tasks_mvptr_finetune
+
+  opts = "spec=d/train.json,pairs=6400,val=d/val.json,stage2=runs/s2"
+  want = {  # batch, lr, steps (epochs x pairs / batch), lengths, heads, answers, dropout
+    "mvptr_vqa": (256, 5e-5, 625, (128, 5, 30, 50), "vqa", 3129, 0.3),
+    "mvptr_ve": (512, 4e-5, 313, (70, 5, 20, 70), "ve", 0, 0.1),
+  }
+  for module in (vqa, snli_ve):
+    c = module.get_config(opts)
+    batch, lr, steps, lengths, heads, answers, dropout = want[c.task]
+    assert (c.batch.image, c.optim.lr, c.train.total_steps) == (batch, lr, steps)
+    assert (c.optim.weight_decay, c.optim.warmup_steps, c.optim.clip_norm) == (0.05, 0, 1.0)
+    m = rc.model_config(c)
+    assert (m.heads, m.qa_answers, m.dropout, m.vocab_size) == (heads, answers, dropout, 86051)
+    s = rc.mvptr_rc.streams_config(c, m, rc.batch_sizes(c, m, _mesh(), 1))
+    assert s.rows == "task" and s.source["spec"] == "d/train.json"
+    assert (s.spec.max_tokens, s.spec.max_phrases, s.spec.max_tags, s.spec.max_regions) == lengths
+    assert s.spec.word_rate == s.spec.tag_rate == s.spec.phrase_rate == 0  # nothing masked
+    e = rc.eval_config(c.eval)
+    assert e.names == (c.task,) and getattr(e, c.task).data == (
+      ("val", ({"type": "task", "spec": "d/val.json"},)),
+    )
+    assert c.train.select_metric.startswith(f"eval/{c.task}/val/")
+    assert rc.task(c).evaluators == (c.task,)
+    with pytest.raises(ValueError, match=rf"unknown keys \['x'\] for {c.task}"):
+      tasks_mvptr_finetune.settings(heads, {"x": 1})
+  # Every parameter of the VQA head has its official group (its LayerNorm weight: no decay).
+  state = nnx.state(family.abstract(MvptrConfig.tiny(heads="vqa", qa_answers=5)), nnx.Param)
+  groups = {
+    p: optim.param_group(p, (), optim.OptimConfig()).name for p in treepath.flatten_state(state)
+  }
+  assert groups["vqa_head.norm.scale"] == groups["vqa_head.bias"] == "base/no_decay"
+  assert groups["vqa_head.decoder"] == groups["vqa_head.dense.kernel"] == "base/decay"

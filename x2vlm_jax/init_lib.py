@@ -75,6 +75,9 @@ class InitConfig:
   checkpoint_model: ModelConfig | None = None
   # MVPTR with bert_dir: JSON {phrase id: word-piece ids} for the phrase rows (init_mvptr.py).
   phrase_words: str = ""
+  # MVPTR VQA from a pre-training checkpoint: each answer's word pieces, whose MLM rows the VQA
+  # head starts from (`run_config_mvptr.answer_pieces`; init_mvptr.py).
+  qa_answer_pieces: tuple[tuple[int, ...], ...] = ()
 
 
 def _check_exists(path: str, key: str) -> epath.Path:
@@ -209,7 +212,7 @@ def _from_checkpoint(model: X2VLM, init: InitConfig, mesh, notes: list[str]) -> 
   if dst == "mvptr":
     from x2vlm_jax import init_mvptr  # pylint: disable=g-import-not-at-top
 
-    return init_mvptr.checkpoint_params(model, params, src_cfg, notes)
+    return init_mvptr.checkpoint_params(model, params, src_cfg, notes, init.qa_answer_pieces)
   return _load(model, params, src_cfg, notes)
 
 

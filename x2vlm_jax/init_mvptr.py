@@ -10,7 +10,9 @@
   checkpoint   (`init_lib`, shared with X²-VLM) the parameters of an MVPTR run's newest good
                checkpoint: stage 2 starts from stage 1's checkpoint, parameters only; a
                fine-tuning model (another `heads`) from a pre-training run's: the source's heads
-               are dropped and the task's head keeps its initializer (`checkpoint_params`)
+               are dropped and the task's head keeps its initializer (`checkpoint_params`),
+               except the VQA head: from the MLM rows of each answer's word pieces
+               (`convert.mvptr_init.init_qa_head_from_mlm`, the official `base_for_vqa`)
 
 Every parameter of MVPTR is trained at the one learning rate (paper and code have no
 multiplier for new parameters), so an MVPTR run has no fresh parameter group.
@@ -55,13 +57,17 @@ def from_bert(model, bert_dir: str, phrase_words_path: str, notes: list[str]) ->
   notes.append(f"MVPTR from BERT {bert_dir}:\n{report.summary()}")
 
 
-def checkpoint_params(model, params, src_cfg, notes: list[str]) -> frozenset[str]:
+def checkpoint_params(model, params, src_cfg, notes: list[str], answer_pieces=()) -> frozenset[str]:
   """Writes a checkpoint's parameters into `model`; returns the paths it did not hold. With the
   same `heads` every parameter must match; with other heads (pre-training -> fine-tuning) the
-  top-level modules the model lacks (the source's heads) are dropped and named in `notes`."""
+  top-level modules the model lacks (the source's heads) are dropped and named in `notes`; a
+  VQA model from a pre-training run gets its head from the MLM rows of `answer_pieces` (each
+  answer's word pieces, in answer order)."""
   from x2vlm_jax import treepath  # pylint: disable=g-import-not-at-top
   from x2vlm_jax.convert import apply  # pylint: disable=g-import-not-at-top
 
+  if model.cfg.heads == "vqa" and src_cfg.heads == "pretrain":
+    params = {**params, "vqa_head": _vqa_head(model, params, answer_pieces, notes)}
   if src_cfg.heads != model.cfg.heads:
     ours = {p.split(".")[0] for p in treepath.flatten_state(nnx.state(model, nnx.Param))}
     flat = treepath.flatten_dict(params)
@@ -72,6 +78,22 @@ def checkpoint_params(model, params, src_cfg, notes: list[str]) -> frozenset[str
   if missing:
     notes.append(f"from their initializer (not in the checkpoint): {sorted(missing)}")
   return missing
+
+
+def _vqa_head(model, params, answer_pieces, notes: list[str]) -> dict:
+  """The VQA head of `init_qa_head_from_mlm` on the checkpoint's word rows and MLM head."""
+  from x2vlm_jax.convert.mvptr_init import init_qa_head_from_mlm  # pylint: disable=g-import-not-at-top
+
+  n = model.cfg.qa_answers
+  if len(answer_pieces) != n:
+    raise ValueError(
+      f"config.model.mvptr.qa_answers = {n}, but the answer list of config.data.mvptr.spec has "
+      f"{len(answer_pieces)} answers (the VQA head starts from each answer's MLM rows)"
+    )
+  host = _nested_host({"embeddings": {"word": params["embeddings"]["word"]}})
+  host["mlm_head"] = _nested_host(params["mlm_head"])
+  notes.append(f"vqa_head: {n} answers from the mean MLM rows of their word pieces")
+  return init_qa_head_from_mlm(host, answer_pieces)
 
 
 def _nested_host(tree):

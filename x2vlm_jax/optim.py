@@ -153,6 +153,7 @@ WEIGHT_DECAY_RULES: tuple[tuple[str, bool, str], ...] = (
   ("mul_encoder.*norm.scale", False, "MVPTR bert.mul_encoder.layer.i.* .LayerNorm.weight"),
   ("tag_mlm_head.norm.scale", False, "MVPTR half_mlm.transform.LayerNorm.weight"),
   ("phrase_mlm_head.norm.scale", False, "MVPTR paper's phrase head (no official key)"),
+  ("vqa_head.norm.scale", False, "MVPTR VQA cls.predictions.transform.LayerNorm.weight"),
 )
 # Everything else decays: kernels, embedding tables, gamma_1/gamma_2, cls_token, temp,
 # frame_embed: none of their official names contains a no-decay substring

@@ -143,6 +143,7 @@ def init_config(cfg) -> init_lib.InitConfig:
       saved_model_config(init_lib.saved_run_config(checkpoint)) if checkpoint else None
     ),
     phrase_words=str(i.get("phrase_words", "")),
+    qa_answer_pieces=mvptr_rc.answer_pieces(cfg),
   )
 
 

@@ -62,7 +62,12 @@ def model_config(m, dtype) -> MvptrConfig:
 
 
 # Fine-tuning tasks read unmasked rows: the config's masking rates are ignored (set to 0).
-FINETUNE_ROWS = {"mvptr_retrieval": "pairs", "mvptr_grounding": "grounding"}
+FINETUNE_ROWS = {
+  "mvptr_retrieval": "pairs",
+  "mvptr_grounding": "grounding",
+  "mvptr_vqa": "task",  # `data.mvptr.spec` is a task spec (data_pipelines/mvptr_task_sources.py)
+  "mvptr_ve": "task",
+}
 RATES = ("word_rate", "tag_rate", "phrase_rate")
 
 
@@ -106,7 +111,8 @@ def streams_config(cfg, model_cfg: MvptrConfig, sizes: F.BatchSizes):
   """The MVPTR training stream: `data.mvptr` (the Oscar-layout spec file and the example
   lengths / masking rates), the tokenizer of the captions (`data.tokenizer`), the model's table
   and region sizes, the per-process batch (`sizes.image_batch`); which rows the task trains on
-  (`rows`: 'pretrain' masked rows, 'pairs' unmasked, 'grounding' one row per grounded phrase)."""
+  (`rows`: 'pretrain' masked rows, 'pairs' unmasked, 'grounding' one row per grounded phrase,
+  'task' VQA / SNLI-VE rows of a task spec)."""
   spec = example_spec(cfg, model_cfg)
   d = dict(cfg.data.get("mvptr") or {})
   if not d.get("spec"):
@@ -119,3 +125,18 @@ def streams_config(cfg, model_cfg: MvptrConfig, sizes: F.BatchSizes):
     options={k: int(cfg.data[k]) for k in ("num_workers", "read_threads")},
     rows=FINETUNE_ROWS.get(str(cfg.get("task", "")), "pretrain"),
   )
+
+
+def answer_pieces(cfg) -> tuple[tuple[int, ...], ...]:
+  """The word pieces of each answer of an `mvptr_vqa` run started from a checkpoint (what its
+  VQA head is initialised from, `init_mvptr.checkpoint_params`): the answers of the label file
+  of `data.mvptr.spec`, through the run's tokenizer; () for every other run."""
+  if str(cfg.get("task", "")) != "mvptr_vqa" or not str(cfg.init.get("checkpoint", "")):
+    return ()
+  from data_pipelines import mvptr_task_sources  # pylint: disable=g-import-not-at-top
+
+  spec = str(dict(cfg.data.get("mvptr") or {}).get("spec") or "")
+  if not spec:
+    raise ValueError("config.data.mvptr.spec: the VQA task spec (its answer list) is not set")
+  pieces = mvptr_task_sources.answer_pieces(spec, _tokenizer(cfg))
+  return tuple(tuple(int(i) for i in p) for p in pieces)

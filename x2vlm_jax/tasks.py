@@ -29,6 +29,8 @@ selection, export -- is the same code for every task (`train_lib.py`). A config 
   mvptr_retrieval   MVPTR fine-tuning: unmasked pairs; VSC + ITM with the retrieval classifier
                     (tasks_mvptr_finetune.py, docs/mvptr.md#fine-tuning)
   mvptr_grounding   one row per grounded phrase; phrase-region cosine regressed on IoU
+  mvptr_vqa         VQA rows (official run_vqa.py files); BCE of the MLM-initialised answer head
+  mvptr_ve          SNLI-VE rows (official run_ve.py files); 3-way classifier CE
 """
 
 from __future__ import annotations
@@ -132,6 +134,12 @@ TASKS = {
     evaluators=("mvptr_grounding",),
     loss=mvptr_ft.grounding_loss,
     family="mvptr",
+  ),
+  "mvptr_vqa": Task(
+    "mvptr_vqa", (F.IMAGE,), (), evaluators=("mvptr_vqa",), loss=mvptr_ft.vqa_loss, family="mvptr"
+  ),
+  "mvptr_ve": Task(
+    "mvptr_ve", (F.IMAGE,), (), evaluators=("mvptr_ve",), loss=mvptr_ft.ve_loss, family="mvptr"
   ),
 }
 

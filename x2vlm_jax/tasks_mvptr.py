@@ -36,15 +36,14 @@ Tasks (`LOSSES`):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from x2vlm_jax import box_ops, losses
 from x2vlm_jax import mvptr_losses as ML
+from x2vlm_jax.convert.mvptr_init import init_qa_head_from_mlm  # noqa: F401  (re-exported)
 from x2vlm_jax.models import layers as L
 from x2vlm_jax.models.mvptr import MVPTR
 
@@ -174,32 +173,6 @@ def vqa_loss(model: MVPTR, batch: Mapping, key):
   best = jnp.argmax(logits, axis=-1)
   score = jnp.mean(jnp.take_along_axis(scores, best[:, None], axis=1))
   return loss, {"loss/mvptr_vqa": loss, "score/mvptr_vqa": score, "loss/total": loss}
-
-
-def init_qa_head_from_mlm(params: Mapping[str, Any], answer_token_ids: Sequence[Sequence[int]]):
-  """The VQA head of a pre-trained model (P App. A.3.2): answer a's decoder row and bias are the
-  means of the MLM decoder rows (= the tied word rows of the table) and of the MLM bias over
-  a's word pieces; the transform (dense + LayerNorm) is the MLM head's. `params`: our nested
-  pure dict of a pre-training model (`embeddings.word`, `mlm_head`). Returns the `vqa_head`
-  subtree {dense, norm, decoder [A, D], bias [A]} (numpy, float32 as the table)."""
-  word = np.asarray(params["embeddings"]["word"])
-  mlm = params["mlm_head"]
-  bias = np.asarray(mlm["bias"])
-  rows, biases = [], []
-  for a, ids in enumerate(answer_token_ids):
-    ids = np.asarray(list(ids), np.int64)
-    if ids.size == 0:
-      raise ValueError(f"answer {a} has no word pieces")
-    if ids.min() < 0 or ids.max() >= bias.shape[0]:
-      raise ValueError(f"answer {a}: word pieces {ids.tolist()} outside [0, {bias.shape[0]})")
-    rows.append(word[ids].mean(axis=0))
-    biases.append(bias[ids].mean())
-  return {
-    "dense": jax.tree.map(np.array, dict(mlm["dense"])),  # copies
-    "norm": jax.tree.map(np.array, dict(mlm["norm"])),
-    "decoder": np.stack(rows).astype(word.dtype),
-    "bias": np.asarray(biases, bias.dtype),
-  }
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,6 +6,10 @@ losses of `tasks_mvptr.py` on the image kind's rows, with the config's `loss.mvp
                     itm_negatives 'hardest' (code) | 'sample'
   mvptr_grounding   one row per grounded phrase (`data_pipelines/mvptr_grounding_stream.py`);
                     phrase-region cosine regressed on IoU. Key: grounding 'code' | 'paper'
+  mvptr_vqa         VQA rows (`data_pipelines/mvptr_task_sources.py`, official run_vqa.py
+                    files); BCE of the VQA head vs the soft scores. No keys. The head starts
+                    from the MLM rows of each answer's word pieces (`init_mvptr`)
+  mvptr_ve          SNLI-VE rows (official run_ve.py files); 3-way CE. No keys
 
 The model carries the task's heads (`config.model.mvptr.heads`, checked here before anything
 compiles); evaluation: `evaluators/mvptr_run.py`. Errors name the config field.
@@ -26,6 +30,8 @@ SECTION = "config.loss.mvptr"
 KEYS = {
   "retrieval": {"vsc": "paper", "vsc_shards": 1, "itm_negatives": "hardest"},
   "grounding": {"grounding": "code"},
+  "vqa": {},
+  "ve": {},
 }
 CHOICES = {
   "vsc": ML.VARIANTS,
@@ -88,3 +94,24 @@ def grounding_loss(step_cfg, mesh: Mesh | None):
     )
 
   return loss
+
+
+def _classify_loss(task: str):
+  """`make_loss` of `mvptr_vqa` / `mvptr_ve`: the pure loss of `tasks_mvptr.LOSSES`."""
+
+  def make(step_cfg, mesh: Mesh | None):
+    del mesh
+    settings(task, step_cfg.mvptr)  # no keys: any is an error naming the field
+
+    def loss(model, batch, key, itm: bool):
+      del itm
+      _check_heads(model, task)
+      return TM.LOSSES[task](model, batch[F.IMAGE], None if step_cfg.deterministic else key)
+
+    return loss
+
+  return make
+
+
+vqa_loss = _classify_loss("vqa")
+ve_loss = _classify_loss("ve")

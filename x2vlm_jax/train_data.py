@@ -175,7 +175,8 @@ class MvptrStreamsConfig:
     tokenizer: directory of the captions' WordPiece tokenizer.
     options: reader options (num_workers, read_threads).
     rows: 'pretrain' (masked rows) | 'pairs' (the same stream, unmasked: the spec's rates are 0)
-      | 'grounding' (one row per grounded phrase, `mvptr_grounding_stream.py`).
+      | 'grounding' (one row per grounded phrase, `mvptr_grounding_stream.py`) | 'task' (VQA /
+      SNLI-VE rows: `source.spec` is a task spec, `mvptr_task_sources.py`).
   """
 
   spec: Any
@@ -190,6 +191,23 @@ def _oscar_iterator(cfg: MvptrStreamsConfig, seed: int, process_index: int, proc
   from data_pipelines import mvptr_oscar, mvptr_stream  # pylint: disable=g-import-not-at-top
 
   src = cfg.source
+  if cfg.rows == "task":
+    from data_pipelines import mvptr_finetune_examples as FE  # pylint: disable=g-import-not-at-top
+    from data_pipelines import mvptr_task_sources as TS  # pylint: disable=g-import-not-at-top
+
+    task = TS.TaskSource(
+      src["spec"], cfg.tokenizer, cfg.spec.vocab_size, src["index_cache_dir"] or None
+    )
+    return mvptr_stream.pretrain_iterator(
+      task,
+      cfg.spec,
+      cfg.batch_size,
+      seed,
+      process_index,
+      process_count,
+      **cfg.options,
+      build=FE.task_row,
+    )
   source = mvptr_oscar.OscarSource(
     src["spec"],
     tokenizer=cfg.tokenizer,

@@ -76,3 +76,28 @@ def retrieval_config(opts: dict, per_gpu: int, epochs: int) -> mlc.ConfigDict:
   c.eval.mvptr_retrieval = retrieval_eval(opts["val"], k_c=128, k_i=64)
   c.train.select_metric = "eval/mvptr_retrieval/val/r_mean"
   return c
+
+
+def task_eval(spec: str, split: str = "val") -> mlc.ConfigDict:
+  """The `eval.mvptr_vqa` / `eval.mvptr_ve` section on one held-out task spec."""
+  return mlc.ConfigDict({"data": {split: [{"type": "task", "spec": spec}]}, "max_rows": 0})
+
+
+TASK_METRIC = {"mvptr_vqa": "score", "mvptr_ve": "acc"}
+
+
+def task_config(task: str, opts: dict, per_gpu: int, epochs: int, lengths: dict):
+  """VQA / SNLI-VE at the official settings: the task spec `spec` (data_pipelines/
+  mvptr_task_sources.py) of `pairs` training rows, the held-out spec `val`, from `stage2`,
+  evaluated once per epoch, the best `score` / `acc` kept."""
+  heads = task.removeprefix("mvptr_")
+  c = finetune_config(task, heads)
+  c.data.mvptr.update({"spec": opts["spec"], **lengths})
+  c.init.checkpoint = opts["stage2"]
+  c.batch.image = per_gpu * GPUS
+  c.train.total_steps = steps(epochs, int(opts["pairs"]), c.batch.image)
+  c.train.eval_every = math.ceil(int(opts["pairs"]) / c.batch.image)  # once per epoch
+  c.eval.evaluators = (task,)
+  c.eval[task] = task_eval(opts["val"])
+  c.train.select_metric = f"eval/{task}/val/{TASK_METRIC[task]}"
+  return c

@@ -8,7 +8,8 @@ numbered from 1), an ArrayRecord dataset directory, with --refs/--instances a Re
 split file (region records, boxes kept exact as in grounding fine-tuning), or an MVPTR
 Oscar/VinVL dataset spec (a `.yaml`/`.yml` file, or any file with --oscar; every corpus line is
 read as `mvptr_oscar.OscarSource` reads it: features, labels, phrases, tokenisation; the
-pre-training counts then come from the reader alone). Every other record is read (reader
+pre-training counts then come from the reader alone), or with --mvptr-task an MVPTR VQA / SNLI-VE
+task spec (`mvptr_task_sources.TaskSource`, likewise). Every other record is read (reader
 faults: bad JSON, wrong types, missing/corrupt images, empty captions, empty videos) and
 checked with `checks.check_record` (decoding, captions that clean or tokenise to nothing,
 unusable region elems). Each bad record prints as `file:line: reason: field: detail`
@@ -161,6 +162,10 @@ def _open(args: argparse.Namespace):
 
     src = RefcocoSource(args.path, args.refs, args.instances, args.image_root, args.split)
     return src, True, True
+  if args.mvptr_task:
+    from data_pipelines.mvptr_task_sources import TaskSource
+
+    return TaskSource(args.path, default_tokenizer(args.max_tokens, args.tokenizer)), False, False
   if args.oscar or str(args.path).endswith((".yaml", ".yml")):
     from data_pipelines.mvptr_oscar import OscarSource
 
@@ -196,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
   _refcoco_args(parser)
   parser.add_argument("--oscar", action="store_true", help="PATH is an MVPTR dataset spec")
   parser.add_argument("--data-dir", help="MVPTR spec: base of the feature paths (--data_dir)")
+  parser.add_argument("--mvptr-task", action="store_true", help="PATH is a VQA / VE task spec")
   args = parser.parse_args(argv)
   try:
     source, exact, check = _open(args)

@@ -1,7 +1,8 @@
 """MVPTR's initialisation from a 12-layer BERT, as the paper states (P section 4.1, 3.1.1):
 textual and visual stacks <- BERT layers 0..depth-1, cross-modal stack <- layers depth..2*depth-1,
 the word rows of the table <- BERT's word embeddings, each new phrase row <- the mean of its
-words' embeddings (neither is in the released code, reference section 8).
+words' embeddings (neither is in the released code, reference section 8). Also the VQA head
+of a pre-trained model (`init_qa_head_from_mlm`, P App. A.3.2).
 
 The BERT state dict (Hugging Face layout, keys with or without `bert.`) is renamed into an
 official MVPTR state dict and imported by the strict `convert.mvptr.mvptr_to_params`, so every
@@ -88,3 +89,29 @@ def init_from_bert(
   fill = np.asarray(init["embeddings"]["word"])
   sd = bert_to_mvptr_state(bert, cfg, phrase_words, fill)
   return mvptr_to_params(sd, cfg, allow=["missing"], init=init)
+
+
+def init_qa_head_from_mlm(params: Mapping[str, Any], answer_token_ids: Sequence[Sequence[int]]):
+  """The VQA head of a pre-trained model (P App. A.3.2): answer a's decoder row and bias are the
+  means of the MLM decoder rows (= the tied word rows of the table) and of the MLM bias over
+  a's word pieces; the transform (dense + LayerNorm) is the MLM head's. `params`: our nested
+  pure dict of a pre-training model (`embeddings.word`, `mlm_head`). Returns the `vqa_head`
+  subtree {dense, norm, decoder [A, D], bias [A]} (numpy, float32 as the table)."""
+  word = np.asarray(params["embeddings"]["word"])
+  mlm = params["mlm_head"]
+  bias = np.asarray(mlm["bias"])
+  rows, biases = [], []
+  for a, ids in enumerate(answer_token_ids):
+    ids = np.asarray(list(ids), np.int64)
+    if ids.size == 0:
+      raise ValueError(f"answer {a} has no word pieces")
+    if ids.min() < 0 or ids.max() >= bias.shape[0]:
+      raise ValueError(f"answer {a}: word pieces {ids.tolist()} outside [0, {bias.shape[0]})")
+    rows.append(word[ids].mean(axis=0))
+    biases.append(bias[ids].mean())
+  return {
+    "dense": {k: np.array(v) for k, v in mlm["dense"].items()},  # copies
+    "norm": {k: np.array(v) for k, v in mlm["norm"].items()},
+    "decoder": np.stack(rows).astype(word.dtype),
+    "bias": np.asarray(biases, bias.dtype),
+  }

@@ -7,6 +7,8 @@ of `mvptr_retrieval.py`.
                     .../<split>_uni/... the VSC ranking alone, chance_r1, num_images, num_texts
   mvptr_grounding   eval/mvptr_grounding[/<split>]/acc over the grounded phrases of a synthetic
                     layout (`mvptr_synthetic.grounding_targets`), chance_acc, num_phrases
+  mvptr_vqa         eval/mvptr_vqa[/<split>]/score, best_constant (`mvptr_qa.py`; task specs)
+  mvptr_ve          eval/mvptr_ve[/<split>]/acc, majority_acc
 
 Evaluation sets are small (held-out splits); every process builds the same arrays.
 """
@@ -19,6 +21,7 @@ from collections.abc import Callable
 import numpy as np
 
 from x2vlm_jax import tasks_mvptr as TM
+from x2vlm_jax.evaluators import mvptr_qa
 from x2vlm_jax.evaluators import mvptr_retrieval as MR
 from x2vlm_jax.evaluators.settings import (
   EvalConfig,
@@ -135,4 +138,7 @@ def evaluate(model, eval_cfg: EvalConfig, say: Callable[[str], None]) -> dict[st
     metrics.update(_retrieval(model, eval_cfg.mvptr_retrieval, eval_cfg, say))
   if eval_cfg.mvptr_grounding is not None:
     metrics.update(_grounding(model, eval_cfg.mvptr_grounding, eval_cfg, say))
+  for task in ("mvptr_vqa", "mvptr_ve"):
+    if getattr(eval_cfg, task) is not None:
+      metrics.update(mvptr_qa.evaluate(model, task, getattr(eval_cfg, task), eval_cfg, say))
   return metrics

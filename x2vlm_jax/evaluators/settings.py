@@ -114,6 +114,17 @@ class MvptrGroundingSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class MvptrTaskSettings:
+  """MVPTR VQA (`mvptr_vqa`: VQA score of the argmax answer) or SNLI-VE (`mvptr_ve`:
+  accuracy), `evaluators/mvptr_qa.py`, on at most `max_rows` rows per split (0 = all). Entries:
+  `{'type': 'task', 'spec': <task spec of data_pipelines/mvptr_task_sources.py>}`; the example
+  lengths and the tokenizer are the run's (`EvalConfig.mvptr_inputs`)."""
+
+  data: Splits
+  max_rows: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalConfig:
   """Which evaluators run (a section each; None = not run) and the batch per jitted call."""
 
@@ -125,6 +136,8 @@ class EvalConfig:
   caption: CaptionSettings | None = None
   mvptr_retrieval: MvptrRetrievalSettings | None = None
   mvptr_grounding: MvptrGroundingSettings | None = None
+  mvptr_vqa: MvptrTaskSettings | None = None
+  mvptr_ve: MvptrTaskSettings | None = None
   batch_size: int = 32
   # MVPTR runs: (MvptrExampleSpec, tokenizer dir) of the run's `data` section, which the MVPTR
   # evaluators read their splits with (`run_config_mvptr.eval_inputs`; None elsewhere).
@@ -145,6 +158,8 @@ EVALUATORS = {
   "caption": CaptionSettings,
   "mvptr_retrieval": MvptrRetrievalSettings,
   "mvptr_grounding": MvptrGroundingSettings,
+  "mvptr_vqa": MvptrTaskSettings,
+  "mvptr_ve": MvptrTaskSettings,
 }
 
 

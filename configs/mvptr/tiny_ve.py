@@ -1,0 +1,25 @@
+"""MVPTR SNLI-VE fine-tuning of the tiny model on the synthetic shapes world (CPU): hypotheses
+the scene entails, contradicts or leaves open (`data_pipelines/mvptr_synthetic_qa.py`, written
+in the official `run_ve.py` files), from a tiny stage-2 run as configs/mvptr/tiny_retrieval.py.
+
+  python train.py --config=configs/mvptr/tiny_ve.py:spec=DIR/train/ve.json,\
+val=DIR/heldout/ve.json,stage2=RUNS/s2 --workdir=RUNS/ve
+
+Held-out accuracy every 100 steps, the best kept.
+"""
+
+from configs.mvptr import common as mc
+from configs.mvptr import finetune as ft
+from configs.mvptr.tiny_retrieval import tiny_finetune
+
+
+def get_config(arg=None):
+  opts = mc.parse(arg, ("spec", "val", "stage2"))
+  c = tiny_finetune("mvptr_ve", "ve", opts)
+  c.train.total_steps = 300
+  c.train.eval_every = 100
+  c.eval.evaluators = ("mvptr_ve",)
+  c.eval.batch_size = 32
+  c.eval.mvptr_ve = ft.task_eval(opts["val"], split="heldout")
+  c.train.select_metric = "eval/mvptr_ve/heldout/acc"
+  return c
