@@ -202,10 +202,12 @@ def op_events(events: list[dict], module: str | None = None) -> tuple[str, list[
   return module, [e for e in ops if e["args"].get("hlo_module") == module]
 
 
-def exclusive_times(ops: list[dict]) -> list[float]:
-  """Each event's duration minus that of the op events nested in it on its thread (us)."""
+def exclusive_times(ops: list[dict]) -> tuple[list[float], list[bool]]:
+  """Each event's duration minus that of the op events nested in it on its thread (us), and
+  whether it ran nested in another op (in a loop body or called computation)."""
   order = sorted(range(len(ops)), key=lambda i: (ops[i]["tid"], ops[i]["ts"], -ops[i]["dur"]))
   excl = [float(e["dur"]) for e in ops]
+  nested = [False] * len(ops)
   stack: list[int] = []
   tid = None
   for i in order:
@@ -216,8 +218,9 @@ def exclusive_times(ops: list[dict]) -> list[float]:
       stack.pop()
     if stack:
       excl[stack[-1]] -= e["dur"]
+      nested[i] = True
     stack.append(i)
-  return [max(x, 0.0) for x in excl]
+  return [max(x, 0.0) for x in excl], nested
 
 
 def _busy_us(intervals: list[tuple[float, float]]) -> float:
@@ -264,23 +267,26 @@ def summarize(
   """Per-step cost by category and by op of one module's executions in a trace (times in ms)."""
   module, ops = op_events(events, module)
   steps = len({e["args"].get("run_id", "") for e in ops})
-  excl = exclusive_times(ops)
+  excl, nested = exclusive_times(ops)
   hlo = hlo or {}
   infos = {}
   per_op: dict[str, list[float]] = {}
-  for e, x in zip(ops, excl):
+  in_loops: dict[str, float] = collections.Counter()  # exclusive us nested in a while / call
+  for e, x, inner in zip(ops, excl, nested):
     name = e["args"]["hlo_op"]
     if name not in infos:
       infos[name] = hlo.get(name) or info_from_name(name)
     rec = per_op.setdefault(name, [0, 0.0])
     rec[0] += 1
     rec[1] += x
+    in_loops[name] += x if inner else 0.0
   total_us = sum(excl)
-  cats = {c: [0, 0.0] for c in CATEGORIES}
+  cats = {c: [0, 0.0, 0.0] for c in CATEGORIES}
   for name, (n, us) in per_op.items():
     rec = cats[category(infos[name])]
     rec[0] += n
     rec[1] += us
+    rec[2] += in_loops[name]
   span_us, busy_us = _spans(ops)
 
   def count(pred) -> float:
@@ -314,8 +320,9 @@ def summarize(
         "ms_per_step": round(us / steps / 1e3, 3),
         "share": round(us / total_us, 4) if total_us else 0.0,
         "ops_per_step": round(n / steps, 1),
+        "ms_per_step_in_loops": round(loop_us / steps / 1e3, 3),
       }
-      for c, (n, us) in sorted(cats.items(), key=lambda kv: -kv[1][1])
+      for c, (n, us, loop_us) in sorted(cats.items(), key=lambda kv: -kv[1][1])
       if n
     ],
     "top_ops": [
@@ -353,13 +360,13 @@ def markdown(summary: dict) -> str:
   lines = [
     " ".join(head),
     "",
-    "| category | ms / step | share | ops / step |",
-    "|---|---|---|---|",
+    "| category | ms / step | share | ops / step | of which nested in a while / call, ms |",
+    "|---|---|---|---|---|",
   ]
   for c in s["categories"]:
     lines.append(
       f"| {c['category']} | {c['ms_per_step']:.2f} | {100 * c['share']:.1f} % "
-      f"| {c['ops_per_step']:.0f} |"
+      f"| {c['ops_per_step']:.0f} | {c['ms_per_step_in_loops']:.2f} |"
     )
   lines += [
     "",

@@ -163,7 +163,7 @@ def _model_and_sizes(args):
   return cfg, sizes, per_update
 
 
-def _time(fn, n: int) -> tuple[list[float], object]:
+def timed(fn, n: int) -> tuple[list[float], object]:
   """Wall seconds of n calls of fn(i) (each waited for), and the last result."""
   import jax
 
@@ -260,7 +260,7 @@ def build(args) -> dict:
     else None
   )
   spec = TrainStateSpec.build(cfg, optim.OptimConfig(total_steps=10_000, warmup_steps=0), mesh)
-  (init_s,), state = _time(
+  (init_s,), state = timed(
     lambda _: spec.init(jax.random.key(0, impl="rbg"), compiler_options=options), 1
   )
   batch = global_batch.put(
@@ -268,8 +268,8 @@ def build(args) -> dict:
   )
   step = step_jit.pretrain_step(spec, StepConfig(), accum, compiler_options=options)
   key = jax.random.key(1)
-  (lower_s,), lowered = _time(lambda _: step.lower(state, batch, key, itm), 1)
-  (compile_s,), compiled = _time(lambda _: lowered.compile(), 1)
+  (lower_s,), lowered = timed(lambda _: step.lower(state, batch, key, itm), 1)
+  (compile_s,), compiled = timed(lambda _: lowered.compile(), 1)
   return dict(
     cfg=cfg,
     sizes=sizes,
@@ -303,8 +303,8 @@ def main():
   b = build(args)
   state0 = b["state"]  # the report counts the parameters of the initial state
   run = stepper(b)
-  _time(run, args.warmup)
-  times, metrics = _time(lambda i: run(1000 + i), args.steps)
+  timed(run, args.warmup)
+  times, metrics = timed(lambda i: run(1000 + i), args.steps)
   timings = {k: b[k] for k in ("init_s", "lower_s", "compile_s")} | {"times": times}
   out = _report(
     args, b["cfg"], b["sizes"], b["per_update"], b["mesh"], state0, b["compiled"], metrics, timings
