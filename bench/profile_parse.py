@@ -261,26 +261,29 @@ def _short_source(source: str, width: int = 70) -> str:
   return source if len(source) <= width else "..." + source[-(width - 3) :]
 
 
+def _per_op(ops: list[dict]) -> tuple[dict, dict, float]:
+  """({op: [executions, exclusive us]}, {op: exclusive us nested in a while / call}, total us)."""
+  excl, nested = exclusive_times(ops)
+  per_op: dict[str, list[float]] = {}
+  in_loops: dict[str, float] = collections.Counter()
+  for e, x, inner in zip(ops, excl, nested):
+    name = e["args"]["hlo_op"]
+    rec = per_op.setdefault(name, [0, 0.0])
+    rec[0] += 1
+    rec[1] += x
+    in_loops[name] += x if inner else 0.0
+  return per_op, in_loops, sum(excl)
+
+
 def summarize(
   events: list[dict], hlo: dict[str, OpInfo] | None = None, module: str | None = None, top: int = 25
 ) -> dict:
   """Per-step cost by category and by op of one module's executions in a trace (times in ms)."""
   module, ops = op_events(events, module)
   steps = len({e["args"].get("run_id", "") for e in ops})
-  excl, nested = exclusive_times(ops)
   hlo = hlo or {}
-  infos = {}
-  per_op: dict[str, list[float]] = {}
-  in_loops: dict[str, float] = collections.Counter()  # exclusive us nested in a while / call
-  for e, x, inner in zip(ops, excl, nested):
-    name = e["args"]["hlo_op"]
-    if name not in infos:
-      infos[name] = hlo.get(name) or info_from_name(name)
-    rec = per_op.setdefault(name, [0, 0.0])
-    rec[0] += 1
-    rec[1] += x
-    in_loops[name] += x if inner else 0.0
-  total_us = sum(excl)
+  per_op, in_loops, total_us = _per_op(ops)
+  infos = {name: hlo.get(name) or info_from_name(name) for name in per_op}
   cats = {c: [0, 0.0, 0.0] for c in CATEGORIES}
   for name, (n, us) in per_op.items():
     rec = cats[category(infos[name])]
