@@ -3,10 +3,13 @@
 On XLA CPU (jax 0.10) the thunk executor records one trace event per executed HLO op (a "thunk")
 when the host tracer is on: in the Chrome / Perfetto trace JSON these are complete events
 (`ph == "X"`) whose `args` carry `hlo_module`, `hlo_op` and `run_id` (one per execution of the
-module). A `while` (or `call`, `conditional`) event encloses the events of its body ops on the
-same thread, so every op is charged its EXCLUSIVE time (its duration minus that of the op events
-nested in it); what is left to a `while` is its loop bookkeeping. Paired `end: <op>` markers and
-the executor's own events carry no `hlo_op` and are ignored.
+module). A `while` (or `call`, `conditional`) event encloses the events of those of its body
+ops that ran on the same thread, so every op is charged its EXCLUSIVE time (its duration minus
+that of the op events nested in it); what is left to a `while` is its loop bookkeeping plus any
+wait for body ops the executor ran on another thread (XLA CPU runs independent ops of one
+computation concurrently). Whether an op belongs to a loop / call body is therefore read from
+the HLO (its computation is not the entry one), and from same-thread nesting only without it.
+Paired `end: <op>` markers and the executor's own events carry no `hlo_op` and are ignored.
 
 The op names say little by themselves (`ynn_fusion.40` may be a GEMM or a reduction), so the
 optimised HLO text of the module (`compiled.as_text()`) is parsed too: each op's opcode, output
@@ -64,6 +67,7 @@ class OpInfo:
   fused: frozenset = frozenset()  # opcodes inside the fused computation
   root: str = ""  # opcode of the fused computation's root
   source: str = ""  # metadata op_name
+  in_body: bool | None = None  # in a while body / called computation (None: not from the HLO)
 
 
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
@@ -89,7 +93,7 @@ def parse_hlo(text: str) -> dict[str, OpInfo]:
   calls: dict[str, str] = {}
   comps: dict[str, list[str]] = collections.defaultdict(list)
   roots: dict[str, str] = {}
-  comp = None
+  comp, in_body = None, None
   for line in text.splitlines():
     if line.startswith("}"):
       comp = None
@@ -97,6 +101,7 @@ def parse_hlo(text: str) -> dict[str, OpInfo]:
     m = _COMP.match(line)
     if m and not line.startswith(" "):
       comp = m.group(1)
+      in_body = not line.startswith("ENTRY")
       continue
     m = _INSTR.match(line)
     if not m or comp is None:
@@ -106,7 +111,7 @@ def parse_hlo(text: str) -> dict[str, OpInfo]:
     op = re.match(r"([\w\-]+)\(", after)
     if not op:
       continue
-    info = OpInfo(opcode=op.group(1), shape=shape)
+    info = OpInfo(opcode=op.group(1), shape=shape, in_body=in_body)
     kind = re.search(r"\bkind=(k\w+)", after)
     custom = re.search(r'"fusion_config":\{"kind":"(\w+)"', after)
     info.kind = (kind.group(1) if kind else "") + (f"/{custom.group(1)}" if custom else "")
@@ -193,7 +198,7 @@ def op_events(events: list[dict], module: str | None = None) -> tuple[str, list[
   if not ops:
     raise ValueError(
       "the trace has no per-op events (args.hlo_op): was the host tracer on "
-      "(ProfileOptions.host_tracer_level >= 2)?"
+      "(ProfileOptions.host_tracer_level >= 1)?"
     )
   counts = collections.Counter(e["args"].get("hlo_module") for e in ops)
   module = module or counts.most_common(1)[0][0]
@@ -284,6 +289,9 @@ def summarize(
   hlo = hlo or {}
   per_op, in_loops, total_us = _per_op(ops)
   infos = {name: hlo.get(name) or info_from_name(name) for name in per_op}
+  for name, info in infos.items():
+    if info.in_body is not None:  # the HLO knows; the trace only sees same-thread nesting
+      in_loops[name] = per_op[name][1] if info.in_body else 0.0
   cats = {c: [0, 0.0, 0.0] for c in CATEGORIES}
   for name, (n, us) in per_op.items():
     rec = cats[category(infos[name])]
@@ -363,7 +371,7 @@ def markdown(summary: dict) -> str:
   lines = [
     " ".join(head),
     "",
-    "| category | ms / step | share | ops / step | of which nested in a while / call, ms |",
+    "| category | ms / step | share | ops / step | of which in loop / call bodies, ms |",
     "|---|---|---|---|---|",
   ]
   for c in s["categories"]:

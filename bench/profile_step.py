@@ -81,7 +81,7 @@ def _profile(args) -> tuple[str, dict]:
   train_step.timed(run, args.warmup)
   plain, _ = train_step.timed(lambda i: run(1000 + i), args.steps)
   options = jax.profiler.ProfileOptions()
-  options.host_tracer_level = 2  # per-thunk events (level 1 has none)
+  options.host_tracer_level = 2  # host events, including one per executed HLO op (thunk)
   options.python_tracer_level = 0
   load = os.getloadavg()
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True, profiler_options=options):

@@ -33,14 +33,14 @@ HLO = """HloModule jit_step, entry_computation_layout={(f32[8,16]{1,0})->f32[]}
 
 %body.7 (p: (s32[], f32[8,16])) -> (s32[], f32[8,16]) {
   %p = (s32[], f32[8,16]{1,0}) parameter(0)
+  %copy.2 = u32[] copy(%p)
+  %ynn_fusion.1 = f32[8,16]{1,0} fusion(%p, %p), kind=kCustom, @DOT @YNN
   ROOT %t = (s32[], f32[8,16]{1,0}) tuple(%p)
 }
 
 ENTRY %main.10 (Arg_0.1: f32[8,16]) -> f32[] {
   %Arg_0.1 = f32[8,16]{1,0} parameter(0)
   %copy.1 = f32[8,16]{1,0} copy(%Arg_0.1)
-  %copy.2 = u32[] copy(%Arg_0.1)
-  %ynn_fusion.1 = f32[8,16]{1,0} fusion(%copy.1, %copy.1), kind=kCustom, @DOT @YNN
   %ynn_fusion.2 = f32[8]{0} fusion(%copy.1), kind=kCustom, @SUM @YNN
   %add_convert_fusion = u32[8,16]{1,0} fusion(%copy.1), kind=kLoop, @RNG
   %while.3 = (s32[], /*index=1*/f32[8,16]{1,0}) while(%t0), condition=%cond.8, body=%body.7
@@ -90,6 +90,7 @@ def events():
 def test_parse_hlo_reads_opcodes_kinds_and_fused_computations():
   hlo = pp.parse_hlo(HLO)
   assert hlo["copy.1"].opcode == "copy" and hlo["copy.2"].shape == "u32[]"
+  assert not hlo["copy.1"].in_body and hlo["copy.2"].in_body and not hlo["while.3"].in_body
   assert hlo["ynn_fusion.1"].kind == "kCustom/__ynn_fusion"
   assert hlo["ynn_fusion.1"].fused == {"parameter", "dot"}
   assert hlo["ynn_fusion.2"].root == "reduce"
@@ -146,6 +147,9 @@ def test_summary_per_step(events):
   assert cats["GEMM (dot)"]["ms_per_step_in_loops"] == pytest.approx(0.040)
   assert cats["GEMM (dot)"]["share"] == pytest.approx(0.4444, abs=1e-4)
   assert cats["while / call bookkeeping"]["ms_per_step"] == pytest.approx(0.008)
+  assert cats["reduce"]["ms_per_step_in_loops"] == 0.0  # ran during the loop, not in it
+  without_hlo = {c["category"]: c for c in pp.summarize(events)["categories"]}
+  assert without_hlo["GEMM (dot)"]["ms_per_step_in_loops"] == pytest.approx(0.040)  # nesting
   assert sum(c["share"] for c in s["categories"]) == pytest.approx(1.0, abs=1e-3)
   top = s["top_ops"]
   assert [o["name"] for o in top] == ["ynn_fusion.1", "ynn_fusion.2", "while.3"]
