@@ -68,6 +68,7 @@ class OpInfo:
   root: str = ""  # opcode of the fused computation's root
   source: str = ""  # metadata op_name
   in_body: bool | None = None  # in a while body / called computation (None: not from the HLO)
+  operand: str = ""  # the first operand's name
 
 
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
@@ -112,6 +113,8 @@ def parse_hlo(text: str) -> dict[str, OpInfo]:
     if not op:
       continue
     info = OpInfo(opcode=op.group(1), shape=shape, in_body=in_body)
+    first = re.match(r"[\w\-]+\(%?([\w.\-]+)", after)
+    info.operand = first.group(1) if first else ""
     kind = re.search(r"\bkind=(k\w+)", after)
     custom = re.search(r'"fusion_config":\{"kind":"(\w+)"', after)
     info.kind = (kind.group(1) if kind else "") + (f"/{custom.group(1)}" if custom else "")
@@ -304,12 +307,19 @@ def summarize(
     return round(sum(n for name, (n, _) in per_op.items() if pred(infos[name])) / steps, 1)
 
   ranked = sorted(per_op.items(), key=lambda kv: -kv[1][1])[:top]
-  copies = {"small": [0, 0.0], "tensor": [0, 0.0]}  # small: <= 4 elements (keys, counters)
+  # small: <= 4 elements (keys, counters); of_fills: copies of a broadcast fill (a zero-filled
+  # buffer copied into each loop / output buffer that starts from it)
+  copies = {"small": [0, 0.0], "tensor": [0, 0.0], "of_fills": [0, 0.0]}
   for name, (n, us) in per_op.items():
-    if infos[name].opcode == "copy" and infos[name].shape:
-      rec = copies["small" if _elements(infos[name].shape) <= 4 else "tensor"]
-      rec[0] += n
-      rec[1] += us
+    info = infos[name]
+    if info.opcode != "copy" or not info.shape:
+      continue
+    kinds = ["small" if _elements(info.shape) <= 4 else "tensor"]
+    if info.operand in hlo and category(hlo[info.operand]) == "broadcast fill":
+      kinds.append("of_fills")
+    for k in kinds:
+      copies[k][0] += n
+      copies[k][1] += us
   return {
     "module": module,
     "steps": steps,
@@ -366,7 +376,8 @@ def markdown(summary: dict) -> str:
     head.append(
       f"Copies of <= 4 elements (keys, counters): {c['small']['per_step']:.0f} per step, "
       f"{c['small']['ms_per_step']:.2f} ms; larger copies: {c['tensor']['per_step']:.0f}, "
-      f"{c['tensor']['ms_per_step']:.2f} ms."
+      f"{c['tensor']['ms_per_step']:.2f} ms, of which copies of a broadcast fill: "
+      f"{c['of_fills']['per_step']:.0f}, {c['of_fills']['ms_per_step']:.2f} ms."
     )
   lines = [
     " ".join(head),

@@ -31,6 +31,11 @@ HLO = """HloModule jit_step, entry_computation_layout={(f32[8,16]{1,0})->f32[]}
   ROOT %reduce.5 = f32[8]{0} reduce(%param_0.3, %constant.4), dimensions={1}, to_apply=%add
 }
 
+%wrapped_bc.6 (param_0.9: f32[]) -> f32[8,16] {
+  %param_0.9 = f32[] parameter(0)
+  ROOT %broadcast.3 = f32[8,16]{1,0} broadcast(%param_0.9), dimensions={}
+}
+
 %body.7 (p: (s32[], f32[8,16])) -> (s32[], f32[8,16]) {
   %p = (s32[], f32[8,16]{1,0}) parameter(0)
   %copy.2 = u32[] copy(%p)
@@ -40,7 +45,8 @@ HLO = """HloModule jit_step, entry_computation_layout={(f32[8,16]{1,0})->f32[]}
 
 ENTRY %main.10 (Arg_0.1: f32[8,16]) -> f32[] {
   %Arg_0.1 = f32[8,16]{1,0} parameter(0)
-  %copy.1 = f32[8,16]{1,0} copy(%Arg_0.1)
+  %wrapped_broadcast.6 = f32[8,16]{1,0} fusion(%r), kind=kLoop, calls=%wrapped_bc.6
+  %copy.1 = f32[8,16]{1,0} copy(%wrapped_broadcast.6)
   %ynn_fusion.2 = f32[8]{0} fusion(%copy.1), kind=kCustom, @SUM @YNN
   %add_convert_fusion = u32[8,16]{1,0} fusion(%copy.1), kind=kLoop, @RNG
   %while.3 = (s32[], /*index=1*/f32[8,16]{1,0}) while(%t0), condition=%cond.8, body=%body.7
@@ -90,6 +96,8 @@ def events():
 def test_parse_hlo_reads_opcodes_kinds_and_fused_computations():
   hlo = pp.parse_hlo(HLO)
   assert hlo["copy.1"].opcode == "copy" and hlo["copy.2"].shape == "u32[]"
+  assert hlo["copy.1"].operand == "wrapped_broadcast.6"
+  assert pp.category(hlo["wrapped_broadcast.6"]) == "broadcast fill"
   assert not hlo["copy.1"].in_body and hlo["copy.2"].in_body and not hlo["while.3"].in_body
   assert hlo["ynn_fusion.1"].kind == "kCustom/__ynn_fusion"
   assert hlo["ynn_fusion.1"].fused == {"parameter", "dot"}
@@ -142,6 +150,7 @@ def test_summary_per_step(events):
   assert s["busy_ms"] == pytest.approx(0.060)  # +1..+5, +10..+60 (with +15..+45), +70..+76
   assert s["ops_per_step"] == 7 and s["copies_per_step"] == 3 and s["scalar_ops_per_step"] == 2
   assert s["copies_by_size"]["small"] == {"per_step": 2, "ms_per_step": 0.002}
+  assert s["copies_by_size"]["of_fills"] == {"per_step": 1, "ms_per_step": 0.004}  # copy.1
   cats = {c["category"]: c for c in s["categories"]}
   assert cats["GEMM (dot)"]["ms_per_step"] == pytest.approx(0.040)
   assert cats["GEMM (dot)"]["ms_per_step_in_loops"] == pytest.approx(0.040)
