@@ -323,6 +323,7 @@ def summarize(
   return {
     "module": module,
     "steps": steps,
+    "devices": len({e["args"].get("device_ordinal", "") for e in ops}),
     "span_ms": round(span_us / 1e3, 3),
     "busy_ms": round(busy_us / 1e3, 3),
     "op_ms": round(total_us / steps / 1e3, 3),
@@ -365,7 +366,8 @@ def markdown(summary: dict) -> str:
   """The summary as two Markdown tables (categories, top ops) under a few figures."""
   s = summary
   head = [
-    f"module `{s['module']}`, {s['steps']} profiled steps; per step: first-to-last op "
+    f"module `{s['module']}`, {s['steps']} profiled steps on {s['devices']} device(s) (figures "
+    "per step, summed over the devices); per step: first-to-last op "
     f"{s['span_ms']:.1f} ms, some op running {s['busy_ms']:.1f} ms, op time (exclusive, summed "
     f"over threads) {s['op_ms']:.1f} ms; {s['ops_per_step']:.0f} ops executed "
     f"({s['copies_per_step']:.0f} copies, {s['scalar_ops_per_step']:.0f} with a scalar output); "

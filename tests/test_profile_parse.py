@@ -143,7 +143,7 @@ def test_exclusive_times_subtract_nested_ops_on_the_same_thread(events):
 
 def test_summary_per_step(events):
   s = pp.summarize(events, pp.parse_hlo(HLO), top=3)
-  assert s["module"] == "jit_step" and s["steps"] == 2
+  assert s["module"] == "jit_step" and s["steps"] == 2 and s["devices"] == 1
   # per run: copy 4 + while 8 + 2 x dot 20 + 2 x copy 1 + reduce 30 + rng 6 = 90 us
   assert s["op_ms"] == pytest.approx(0.090)
   assert s["span_ms"] == pytest.approx(0.075)  # first op at +1, last ends at +76
