@@ -362,6 +362,11 @@ def summarize(
   }
 
 
+def _short_shape(shape: str) -> str:
+  """An array type as is; a loop's tuple type by its element count (the JSON has it whole)."""
+  return f"tuple of {shape.count('[')}" if shape.startswith("(") else f"`{shape}`"
+
+
 def markdown(summary: dict) -> str:
   """The summary as two Markdown tables (categories, top ops) under a few figures."""
   s = summary
@@ -401,6 +406,6 @@ def markdown(summary: dict) -> str:
     src = o["source"].replace("|", "\\|")
     lines.append(
       f"| `{o['name']}` | {o['category']} | {o['count_per_step']:g} | {o['ms_per_step']:.2f} "
-      f"| {100 * o['share']:.1f} % | `{o['shape']}` | {src} |"
+      f"| {100 * o['share']:.1f} % | {_short_shape(o['shape'])} | {src} |"
     )
   return "\n".join(lines) + "\n"
