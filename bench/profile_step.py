@@ -17,8 +17,8 @@ copies / transposes, dynamic-update-slices, random bits, ...) and the `--top` op
 
 Figures: `op time` is the EXCLUSIVE time of every op summed over the executor's threads (XLA
 CPU runs independent ops concurrently, so it can exceed the step); shares are of that sum.
-The profiler costs time per op (a tiny op is a few microseconds), so a traced step is slower
-than an untraced one (both are printed); the ranking, not the absolute figure, is the result.
+The tracer records two events per op, so a traced step of many small ops can be slower than an
+untraced one (both are printed); the ranking, not the absolute figure, is the result.
 """
 
 from __future__ import annotations
