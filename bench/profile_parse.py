@@ -37,6 +37,9 @@ _CONTROL = {"while", "conditional", "call"}
 _LAYOUT = {"copy", "transpose"}
 _MOVE_ONLY = {"copy", "transpose", "bitcast", "reshape", "parameter"}
 _FILL_ONLY = {"broadcast", "constant", "iota", "parameter", "bitcast", "reshape"}
+_SLICES = {"dynamic-slice", "dynamic-update-slice"}
+# what a slice read / write may fuse and still only move data
+_SLICE_MOVES = _MOVE_ONLY | _FILL_ONLY | _SLICES | {"slice", "tuple", "get-tuple-element"}
 
 CATEGORIES = (
   "GEMM (dot)",
@@ -44,7 +47,8 @@ CATEGORIES = (
   "rng (random bits, dropout masks)",
   "collectives",
   "gather / scatter",
-  "dynamic-slice / dynamic-update-slice",
+  "dynamic-slice / update (data movement)",
+  "fusion: elementwise with dynamic-slice / update",
   "copy / transpose",
   "reduce",
   "broadcast fill",
@@ -167,8 +171,10 @@ def category(info: OpInfo) -> str:
     return "convolution"
   if _has(info, "gather", "scatter", "select-and-scatter"):
     return "gather / scatter"
-  if _has(info, "dynamic-slice", "dynamic-update-slice"):
-    return "dynamic-slice / dynamic-update-slice"
+  if _has(info, *_SLICES):
+    if info.opcode in _SLICES or info.fused <= _SLICE_MOVES:
+      return "dynamic-slice / update (data movement)"
+    return "fusion: elementwise with dynamic-slice / update"  # the math of a layer, in a loop
   if info.opcode in _LAYOUT or (info.fused and info.fused <= _MOVE_ONLY):
     return "copy / transpose"
   if info.opcode == "fusion" and info.root in _LAYOUT and info.fused <= _MOVE_ONLY | _FILL_ONLY:

@@ -117,7 +117,9 @@ def test_categories_from_hlo_and_from_names():
   by_name = {
     "wrapped_copy.4": "copy / transpose",
     "transpose_copy_fusion.2": "copy / transpose",
-    "bitcast_dynamic-update-slice_fusion.3": "dynamic-slice / dynamic-update-slice",
+    "bitcast_dynamic-update-slice_fusion.3": "dynamic-slice / update (data movement)",
+    "subtract_dynamic-slice_fusion": "fusion: elementwise with dynamic-slice / update",
+    "dynamic-slice.5": "dynamic-slice / update (data movement)",
     "bitcast_gather_fusion": "gather / scatter",
     "wrapped_broadcast.29": "broadcast fill",
     "broadcast_add_fusion.7": "fusion: loop (elementwise)",
