@@ -289,6 +289,24 @@ def _per_op(ops: list[dict]) -> tuple[dict, dict, float]:
   return per_op, in_loops, sum(excl)
 
 
+def _copies(per_op: dict, infos: dict, hlo: dict) -> dict[str, list[float]]:
+  """[executions, us] of the copies by kind. small: <= 4 elements (keys, counters), else
+  tensor; of_fills: copies of a broadcast fill (a zero-filled buffer copied into each loop /
+  output buffer that starts from it)."""
+  copies = {"small": [0, 0.0], "tensor": [0, 0.0], "of_fills": [0, 0.0]}
+  for name, (n, us) in per_op.items():
+    info = infos[name]
+    if info.opcode != "copy" or not info.shape:
+      continue
+    kinds = ["small" if _elements(info.shape) <= 4 else "tensor"]
+    if info.operand in hlo and category(hlo[info.operand]) == "broadcast fill":
+      kinds.append("of_fills")
+    for k in kinds:
+      copies[k][0] += n
+      copies[k][1] += us
+  return copies
+
+
 def summarize(
   events: list[dict], hlo: dict[str, OpInfo] | None = None, module: str | None = None, top: int = 25
 ) -> dict:
@@ -313,19 +331,7 @@ def summarize(
     return round(sum(n for name, (n, _) in per_op.items() if pred(infos[name])) / steps, 1)
 
   ranked = sorted(per_op.items(), key=lambda kv: -kv[1][1])[:top]
-  # small: <= 4 elements (keys, counters); of_fills: copies of a broadcast fill (a zero-filled
-  # buffer copied into each loop / output buffer that starts from it)
-  copies = {"small": [0, 0.0], "tensor": [0, 0.0], "of_fills": [0, 0.0]}
-  for name, (n, us) in per_op.items():
-    info = infos[name]
-    if info.opcode != "copy" or not info.shape:
-      continue
-    kinds = ["small" if _elements(info.shape) <= 4 else "tensor"]
-    if info.operand in hlo and category(hlo[info.operand]) == "broadcast fill":
-      kinds.append("of_fills")
-    for k in kinds:
-      copies[k][0] += n
-      copies[k][1] += us
+  copies = _copies(per_op, infos, hlo)
   return {
     "module": module,
     "steps": steps,
