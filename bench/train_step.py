@@ -44,8 +44,11 @@ import sys
 import time
 
 
-def _args():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def parser(description: str = __doc__) -> argparse.ArgumentParser:
+  """The model, batch and mesh flags (bench/profile_step.py adds its own to them)."""
+  p = argparse.ArgumentParser(
+    description=description, formatter_class=argparse.RawTextHelpFormatter
+  )
   p.add_argument("--variant", default="tiny", choices=["tiny", "demo", "base", "large"])
   p.add_argument("--image_batch", type=int, default=8)
   p.add_argument("--region_batch", type=int, default=8)
@@ -88,7 +91,7 @@ def _args():
     "--cpu_devices", type=int, default=0, help="simulate N CPU devices (sets XLA_FLAGS; CPU only)"
   )
   p.add_argument("--fast_compile", action="store_true")
-  return p.parse_args()
+  return p
 
 
 def _mesh_shape(text: str) -> dict[str, int]:
@@ -160,7 +163,7 @@ def _model_and_sizes(args):
   return cfg, sizes, per_update
 
 
-def _time(fn, n: int) -> tuple[list[float], object]:
+def timed(fn, n: int) -> tuple[list[float], object]:
   """Wall seconds of n calls of fn(i) (each waited for), and the last result."""
   import jax
 
@@ -230,8 +233,11 @@ def _report(args, cfg, sizes, per_update, mesh, state, compiled, metrics, timing
   return out
 
 
-def main():
-  args = _args()
+def build(args) -> dict:
+  """The trainer's step for the flags, compiled, with its state and batch (see the docstring).
+
+  Returns cfg, sizes, per_update, mesh, state, batch, key, compiled, init_s, lower_s, compile_s.
+  """
   if args.cpu_devices:
     os.environ["XLA_FLAGS"] = (
       os.environ.get("XLA_FLAGS", "")
@@ -254,7 +260,7 @@ def main():
     else None
   )
   spec = TrainStateSpec.build(cfg, optim.OptimConfig(total_steps=10_000, warmup_steps=0), mesh)
-  (init_s,), state = _time(
+  (init_s,), state = timed(
     lambda _: spec.init(jax.random.key(0, impl="rbg"), compiler_options=options), 1
   )
   batch = global_batch.put(
@@ -262,19 +268,47 @@ def main():
   )
   step = step_jit.pretrain_step(spec, StepConfig(), accum, compiler_options=options)
   key = jax.random.key(1)
-  (lower_s,), lowered = _time(lambda _: step.lower(state, batch, key, itm), 1)
-  (compile_s,), compiled = _time(lambda _: lowered.compile(), 1)
+  (lower_s,), lowered = timed(lambda _: step.lower(state, batch, key, itm), 1)
+  (compile_s,), compiled = timed(lambda _: lowered.compile(), 1)
+  return dict(
+    cfg=cfg,
+    sizes=sizes,
+    per_update=per_update,
+    mesh=mesh,
+    state=state,
+    batch=batch,
+    key=key,
+    compiled=compiled,
+    init_s=init_s,
+    lower_s=lower_s,
+    compile_s=compile_s,
+  )
 
-  holder = {"state": state}
+
+def stepper(built: dict):
+  """run(i): one step of the compiled step on the built state (kept in `built`), its metrics."""
+  import jax
 
   def run(i):
-    holder["state"], metrics = compiled(holder["state"], batch, jax.random.fold_in(key, i))
+    built["state"], metrics = built["compiled"](
+      built["state"], built["batch"], jax.random.fold_in(built["key"], i)
+    )
     return metrics
 
-  _time(run, args.warmup)
-  times, metrics = _time(lambda i: run(1000 + i), args.steps)
-  timings = {"init_s": init_s, "lower_s": lower_s, "compile_s": compile_s, "times": times}
-  out = _report(args, cfg, sizes, per_update, mesh, state, compiled, metrics, timings)
+  return run
+
+
+def main():
+  args = parser().parse_args()
+  b = build(args)
+  state0 = b["state"]  # the report counts the parameters of the initial state
+  run = stepper(b)
+  timed(run, args.warmup)
+  times, metrics = timed(lambda i: run(1000 + i), args.steps)
+  timings = {k: b[k] for k in ("init_s", "lower_s", "compile_s")} | {"times": times}
+  out = _report(
+    args, b["cfg"], b["sizes"], b["per_update"], b["mesh"], state0, b["compiled"], metrics, timings
+  )
   print(json.dumps(out, indent=1))
   if args.out:
     with open(args.out, "a", encoding="utf-8") as f:
