@@ -1,17 +1,19 @@
 """MVPTR's two pre-training stages on the shared trainer (`train.py`, tasks mvptr_stage1 /
 mvptr_stage2, configs/mvptr/tiny_stage*.py) over the synthetic shapes world written in the
 Oscar layout: stage 1, then stage 2 from stage 1's checkpoint (parameters only); every weighted
-objective's loss falls (mean of the first vs the last MEAN_OF steps) except ITM (STAGE2_TERMS);
-kill -9 in the middle of stage 2 and a restart give the uninterrupted run's parameters,
-optimizer state and metrics bit for bit; the export holds the official MVPTR names. (Config
-errors: tests/test_mvptr_config.py.)
+objective's loss falls, ITM included (mean of the first vs the last steps); kill -9 in the middle
+of stage 2 and a restart give the uninterrupted run's parameters, optimizer state and metrics bit
+for bit; the export holds the official MVPTR names. (Config errors: tests/test_mvptr_config.py.)
 
 Every run is a `train.py` subprocess: stage 1 on one CPU device, the stage-2 runs data-parallel
 on 2 simulated devices (the paper's Hungarian assignment is solved in the graph, so the sharded
 step runs; the host-callback version aborts on 2 devices at the first step, XLA all-gather
-rendezvous timeout). Compilation and start-up dominate:
-few steps per stage, and the three stage-2 runs (reference, killed, restarted) share one
-persistent compilation cache, so only the first compiles the step.
+rendezvous timeout). Compilation and start-up dominate: few steps per stage, and the three
+stage-2 runs (reference, killed, restarted) share one persistent compilation cache, so only the
+first compiles the step. ITM needs more: with the paper's hard negatives it leaves ln 2 only
+after ~200 stage-2 steps (docs/mvptr.md#training), so one more stage-2 run goes the config's
+whole 400 steps, on one device with XLA's default options (compiles in ~16 s, steps ~2.5x faster
+than with the cheap options).
 """
 
 from __future__ import annotations
@@ -27,17 +29,17 @@ import time
 import numpy as np
 import pytest
 
+from configs.mvptr import tiny_stage1
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 30  # per stage (the configs: 40 and 300)
 KILL_AFTER = 10  # the interrupted stage-2 run is killed once this step is committed
 MEAN_OF = 8  # "falls": mean of the first vs the last MEAN_OF steps
+MEAN_OF_LONG = 40  # the same for the 400-step run (ITM's per-step values are noisy)
 XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 DEVICES = {1: 1, 2: 2}  # simulated CPU devices per stage (stage 2 data-parallel)
 STAGE1_TERMS = ("mcr_v", "mcr_s", "vsc")
-# ITM is left out: with the paper's hard negatives (drawn from the VSC distribution; never a true
-# match of the caption in the shapes world) the random-init tiny model stays at ln 2 for the
-# whole 300-step run (docs/mvptr.md#training); its value is checked to be finite only.
-STAGE2_TERMS = ("mcr_v", "mcr_s", "vsc", "wpg", "mlm")
+STAGE2_TERMS = ("mcr_v", "mcr_s", "vsc", "wpg", "itm", "mlm")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,7 @@ def spec(tmp_path_factory):
   from data_pipelines import mvptr_synthetic
 
   out = tmp_path_factory.mktemp("mvptr_data")
-  return mvptr_synthetic.write_splits(str(out), n_train=96, n_heldout=8)["train"]
+  return mvptr_synthetic.write_splits(str(out), n_train=256, n_heldout=8)["train"]
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +55,14 @@ def cache_dir(tmp_path_factory):
   return tmp_path_factory.mktemp("xla_cache")
 
 
-def _args(config, workdir, cache, *extra):
+def _args(config, workdir, cache, *extra, steps=STEPS):
   return [
     sys.executable,
     str(ROOT / "train.py"),
     f"--config={config}",
     f"--workdir={workdir}",
     f"--config.train.compilation_cache_dir={cache}",
-    f"--config.train.total_steps={STEPS}",
+    f"--config.train.total_steps={steps}",
     "--config.train.log_every=1",
     "--config.train.ckpt_every=10",
     "--alsologtostderr",
@@ -68,19 +70,23 @@ def _args(config, workdir, cache, *extra):
   ]
 
 
-def _start(config, workdir, cache, *extra):
-  n = DEVICES[2 if "stage2" in config else 1]
-  flags = f"--xla_force_host_platform_device_count={n} {XLA_FLAGS}"
+def _start(config, workdir, cache, *extra, long=False):
+  """A train.py run; `long`: the config's whole stage 2 on one device with XLA's default
+  options (no cheap compile flags), else STEPS steps with them."""
+  n = 1 if long else DEVICES[2 if "stage2" in config else 1]
+  flags = f"--xla_force_host_platform_device_count={n}" + ("" if long else f" {XLA_FLAGS}")
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, PYTHONPATH=str(ROOT))
+  steps = tiny_stage1.tiny(2, "").train.total_steps if long else STEPS
+  if long:
+    extra = ("--config.train.fast_compile=False", "--config.train.ckpt_every=1000", *extra)
   log = open(f"{workdir}.log", "ab")
-  proc = subprocess.Popen(
-    _args(config, workdir, cache, *extra), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-  )
+  args = _args(config, workdir, cache, *extra, steps=steps)
+  proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
   return proc, log
 
 
-def _run(config, workdir, cache, *extra) -> str:
-  return _finish(*_start(config, workdir, cache, *extra), workdir)
+def _run(config, workdir, cache, *extra, long=False) -> str:
+  return _finish(*_start(config, workdir, cache, *extra, long=long), workdir)
 
 
 def _finish(proc, log, workdir) -> str:
@@ -168,17 +174,31 @@ def stage2(spec, stage1, cache_dir, tmp_path_factory):
   return workdir, out, killed
 
 
-def test_stage1_then_stage2_every_objective_falls(stage1, stage2):
+@pytest.fixture(scope="module")
+def stage2_long(spec, stage1, cache_dir, tmp_path_factory):
+  """The config's whole stage 2 (400 steps) from the same stage-1 checkpoint."""
+  workdir = tmp_path_factory.mktemp("s2_long") / "run"
+  t0 = time.time()
+  _run(_stage2(spec, stage1), workdir, cache_dir, long=True)
+  print(f"stage 2, 400 steps: {time.time() - t0:.1f} s")
+  return workdir
+
+
+def test_stage1_then_stage2_every_objective_falls(stage1, stage2, stage2_long):
   import jax
 
   s2, out, _ = stage2
   first = _falls(stage1, STAGE1_TERMS)
-  second = _falls(s2, STAGE2_TERMS)
-  print("stage 1 (first, last MEAN_OF steps):", first, "\nstage 2:", second)
+  second = _falls(s2, [t for t in STAGE2_TERMS if t != "itm"])
+  whole = _falls(stage2_long, STAGE2_TERMS, MEAN_OF_LONG)
+  print("stage 1 (first, last MEAN_OF steps):", first, "\nstage 2:", second, "\nlong:", whole)
   # The runs are deterministic (seeded data order, masking and negatives; fixed XLA flags).
   assert all(after < before for before, after in first.values()), first
+  # Over STEPS steps every objective but ITM falls (ITM's turn comes later) ...
   assert all(after < before for before, after in second.values()), second
-  assert all(np.isfinite(m["train/loss/itm"]) for _, m in _lines(s2))
+  # ... over the config's 400 steps, all six (ITM by more than noise: 0.69 -> ~0.6).
+  assert all(after < before for before, after in whole.values()), whole
+  assert whole["itm"][1] < whole["itm"][0] - 0.02, whole
   # Stage 1 never computes the joint terms; stage 2 starts from stage 1's last parameters.
   assert not any(k.endswith(("/wpg", "/itm", "/mlm")) for _, m in _lines(stage1) for k in m)
   assert f"init: checkpoint {stage1}/checkpoints step {STEPS}: parameters only" in out

@@ -32,7 +32,7 @@ import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SIZES = {"train": 300, "heldout": 50, "stage1": 40, "stage2": 300, "retrieval": 300}
+SIZES = {"train": 300, "heldout": 50, "stage1": 40, "stage2": 400, "retrieval": 300}
 CI_SIZES = {"train": 24, "heldout": 6, "stage1": 2, "stage2": 2, "retrieval": 2}
 RET = "eval/mvptr_retrieval/heldout"
 GRD = "eval/mvptr_grounding/heldout"
