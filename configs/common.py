@@ -239,6 +239,11 @@ def pretrain_config(variant: str) -> mlc.ConfigDict:
     )
   ]
   c.data.num_workers = 6
+  # Save only the matmul outputs for the backward pass (recompute softmax / GELU / LayerNorm):
+  # measured on the 2-core CPU, base mixed step 18.72 -> 15.53 s and peak memory 11.49 -> 7.07 GB
+  # (the official PyTorch step: 28.15 s, 8.78 GiB RSS; docs/benchmarks.md). GPU rows of both
+  # settings: bench/gpu.sh. `remat_policy = "none"` turns it off.
+  c.model.remat_policy = "save_matmuls"
   return c
 
 

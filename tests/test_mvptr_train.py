@@ -3,7 +3,8 @@ mvptr_stage2, configs/mvptr/tiny_stage*.py) over the synthetic shapes world writ
 Oscar layout: stage 1, then stage 2 from stage 1's checkpoint (parameters only); every weighted
 objective's loss falls, ITM included (mean of the first vs the last steps); kill -9 in the middle
 of stage 2 and a restart give the uninterrupted run's parameters, optimizer state and metrics bit
-for bit; the export holds the official MVPTR names. (Config errors: tests/test_mvptr_config.py.)
+for bit; the export holds the official MVPTR names; retrieval fine-tuning from the pre-trained
+stage 2: VSC and ITM fall. (Config errors: tests/test_mvptr_config.py.)
 
 Every run is a `train.py` subprocess: stage 1 on one CPU device, the stage-2 runs data-parallel
 on 2 simulated devices (the paper's Hungarian assignment is solved in the graph, so the sharded
@@ -13,7 +14,7 @@ stage-2 runs (reference, killed, restarted) share one persistent compilation cac
 first compiles the step. ITM needs more: with the paper's hard negatives it leaves ln 2 only
 after ~200 stage-2 steps (docs/mvptr.md#training), so one more stage-2 run goes the config's
 whole 400 steps, on one device with XLA's default options (compiles in ~16 s, steps ~2.5x faster
-than with the cheap options).
+than with the cheap options), and retrieval fine-tuning runs RETRIEVAL_STEPS steps from it.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ STEPS = 30  # per stage (the configs: 40 and 300)
 KILL_AFTER = 10  # the interrupted stage-2 run is killed once this step is committed
 MEAN_OF = 8  # "falls": mean of the first vs the last MEAN_OF steps
 MEAN_OF_LONG = 40  # the same for the 400-step run (ITM's per-step values are noisy)
+RETRIEVAL_STEPS = 150  # retrieval fine-tuning from the 400-step stage 2 (the config: 300)
+RETRIEVAL_TERMS = ("mvptr_retrieval/vsc", "mvptr_retrieval/itm")
 XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 DEVICES = {1: 1, 2: 2}  # simulated CPU devices per stage (stage 2 data-parallel)
 STAGE1_TERMS = ("mcr_v", "mcr_s", "vsc")
@@ -43,11 +46,16 @@ STAGE2_TERMS = ("mcr_v", "mcr_s", "vsc", "wpg", "itm", "mlm")
 
 
 @pytest.fixture(scope="module")
-def spec(tmp_path_factory):
+def splits(tmp_path_factory):
   from data_pipelines import mvptr_synthetic
 
   out = tmp_path_factory.mktemp("mvptr_data")
-  return mvptr_synthetic.write_splits(str(out), n_train=256, n_heldout=8)["train"]
+  return mvptr_synthetic.write_splits(str(out), n_train=256, n_heldout=8)
+
+
+@pytest.fixture(scope="module")
+def spec(splits):
+  return splits["train"]
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +78,14 @@ def _args(config, workdir, cache, *extra, steps=STEPS):
   ]
 
 
-def _start(config, workdir, cache, *extra, long=False):
-  """A train.py run; `long`: the config's whole stage 2 on one device with XLA's default
-  options (no cheap compile flags), else STEPS steps with them."""
+def _start(config, workdir, cache, *extra, long=False, steps=None):
+  """A train.py run; `long`: on one device with XLA's default options (no cheap compile flags)
+  for `steps` (default: the config's whole stage 2), else STEPS steps with them."""
   n = 1 if long else DEVICES[2 if "stage2" in config else 1]
   flags = f"--xla_force_host_platform_device_count={n}" + ("" if long else f" {XLA_FLAGS}")
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, PYTHONPATH=str(ROOT))
-  steps = tiny_stage1.tiny(2, "").train.total_steps if long else STEPS
+  if steps is None:
+    steps = tiny_stage1.tiny(2, "").train.total_steps if long else STEPS
   if long:
     extra = ("--config.train.fast_compile=False", "--config.train.ckpt_every=1000", *extra)
   log = open(f"{workdir}.log", "ab")
@@ -85,8 +94,8 @@ def _start(config, workdir, cache, *extra, long=False):
   return proc, log
 
 
-def _run(config, workdir, cache, *extra, long=False) -> str:
-  return _finish(*_start(config, workdir, cache, *extra, long=long), workdir)
+def _run(config, workdir, cache, *extra, long=False, steps=None) -> str:
+  return _finish(*_start(config, workdir, cache, *extra, long=long, steps=steps), workdir)
 
 
 def _finish(proc, log, workdir) -> str:
@@ -130,9 +139,11 @@ def _train_state(workdir, step) -> dict:
 
 def _falls(workdir, names, k=MEAN_OF) -> dict[str, tuple[float, float]]:
   """objective -> (mean of the first k steps' loss, mean of the last k)."""
-  rows = [m for _, m in _lines(workdir)]
-  mean = lambda part, n: float(np.mean([r[f"train/loss/{n}"] for r in part]))  # noqa: E731
-  return {n: (mean(rows[:k], n), mean(rows[-k:], n)) for n in names}
+  out = {}
+  for n in names:  # the training lines (an evaluation step may log on a line of its own)
+    v = [m[f"train/loss/{n}"] for _, m in _lines(workdir) if f"train/loss/{n}" in m]
+    out[n] = (float(np.mean(v[:k])), float(np.mean(v[-k:])))
+  return out
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +192,21 @@ def stage2_long(spec, stage1, cache_dir, tmp_path_factory):
   t0 = time.time()
   _run(_stage2(spec, stage1), workdir, cache_dir, long=True)
   print(f"stage 2, 400 steps: {time.time() - t0:.1f} s")
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def retrieval(splits, stage2_long, cache_dir, tmp_path_factory):
+  """Retrieval fine-tuning (configs/mvptr/tiny_retrieval.py) from the 400-step stage 2."""
+  workdir = tmp_path_factory.mktemp("retrieval") / "run"
+  config = (
+    f"{ROOT}/configs/mvptr/tiny_retrieval.py:spec={splits['train']},val={splits['heldout']},"
+    f"stage2={stage2_long}"
+  )
+  t0 = time.time()
+  every = f"--config.train.eval_every={RETRIEVAL_STEPS}"
+  _run(config, workdir, cache_dir, every, long=True, steps=RETRIEVAL_STEPS)
+  print(f"retrieval fine-tuning, {RETRIEVAL_STEPS} steps: {time.time() - t0:.1f} s")
   return workdir
 
 
@@ -235,3 +261,13 @@ def test_kill9_mid_stage2_then_resume_is_bit_identical(spec, stage1, stage2, cac
   got, want = _train_state(workdir, STEPS), _train_state(reference, STEPS)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_array_equal(a, b)  # parameters, optimizer state, counters
+
+
+def test_retrieval_finetune_after_stage2_every_objective_falls(retrieval):
+  """The third link of the chain: from the pre-trained stage 2, fine-tuning's VSC and the fresh
+  ITM `classifier` (the code's hardest negatives) both fall."""
+  falls = _falls(retrieval, RETRIEVAL_TERMS, MEAN_OF_LONG)
+  print("retrieval fine-tuning (first, last MEAN_OF_LONG steps):", falls)
+  assert all(after < before for before, after in falls.values()), falls
+  lines = _lines(retrieval)
+  assert "eval/mvptr_retrieval/heldout/r_mean" in lines[-1][1]
