@@ -239,10 +239,11 @@ def pretrain_config(variant: str) -> mlc.ConfigDict:
     )
   ]
   c.data.num_workers = 6
-  # Save only the matmul outputs for the backward pass (recompute softmax / GELU / LayerNorm):
-  # measured on the 2-core CPU, base mixed step 18.72 -> 15.53 s and peak memory 11.49 -> 7.07 GB
-  # (the official PyTorch step: 28.15 s, 8.78 GiB RSS; docs/benchmarks.md). GPU rows of both
-  # settings: bench/gpu.sh. `remat_policy = "none"` turns it off.
+  # Keep only the weight-matmul outputs for the backward pass (recompute the attention core and
+  # the element-wise work): base mixed step on the 2-core CPU peak memory 11.49 -> 7.07 GB (8.02
+  # GiB RSS; the official PyTorch step 8.8 GiB) at the same speed within noise (14.6-14.8 s vs
+  # 15.3-18.2 s; official 24.7-27.3 s), docs/benchmarks.md. GPU rows of both: bench/gpu.sh.
+  # `remat_policy = "none"` turns it off.
   c.model.remat_policy = "save_matmuls"
   return c
 
