@@ -103,7 +103,7 @@ def region_boxes(regions) -> np.ndarray:
 def grounding_rows(rows, targets) -> dict[str, np.ndarray]:
   """Phrase-grounding rows from stacked unmasked example rows (e.g. `mvptr_stream.heldout_arrays`)
   and, per row and phrase slot, the region row the phrase denotes (-1 = none; e.g.
-  `mvptr_synthetic.grounding_targets`): one output row per grounded phrase with the stream
+  `mvptr_grounding_file.grounding_targets`): one output row per grounded phrase with the stream
   fields, `region_boxes` from the region vectors, `gt_box` = the denoted region's box and a
   `phrase_mask` on the phrase's stream-A slot."""
   targets = np.asarray(targets)

@@ -16,7 +16,12 @@ kept in `image_ids.json`):
   that occurs right before the name ("large red circle" -> (circle, large), (circle, red)).
   Relations are not extracted. Tuples outside the vocabulary are dropped; without a given
   vocabulary one is built from the tuples seen in >= min_count captions (single-word objects of
-  one word piece -> their word id, the rest ids from 30522 in sorted order).
+  one word piece -> their word id, the rest ids from 30522 in sorted order);
+- phrase-grounding targets (`mvptr_grounding_file`, `grounding.json`): a written phrase whose
+  object names exactly one kept object elem of the record is grounded to that elem's region row
+  (an attribute tuple to the elem it describes); a name shared by several elems is ambiguous
+  (-1). So a grounding data set in our region records (Flickr30K Entities or RefCOCO boxes with
+  their phrases, VG objects) gives `mvptr_grounding` its targets.
 A record that cannot be read, has no image size, no usable box or features of the wrong shape is
 skipped and reported (`Problem`), like the other converters.
 """
@@ -33,6 +38,7 @@ import numpy as np
 
 from data_pipelines import checks, mvptr_regions
 from data_pipelines import features as F
+from data_pipelines.mvptr_grounding_file import write_grounding
 from data_pipelines.mvptr_oscar_write import LayoutWriter
 from data_pipelines.mvptr_phrases import PhraseTable
 from data_pipelines.text_ops import pre_caption
@@ -99,6 +105,17 @@ def npy_features(directory: str) -> Callable:
   return load
 
 
+def _name_rows(objects: dict[int, str], keep: list[int]) -> dict[str, int]:
+  """object name -> region row (position in `keep`) of the one kept elem with that name; a name
+  several kept elems share maps to -1 (ambiguous)."""
+  rows: dict[str, int] = {}
+  for row, j in enumerate(keep):
+    if j in objects:
+      name = objects[j]
+      rows[name] = -1 if name in rows else row
+  return rows
+
+
 def _regions(record: dict, features_fn: Callable) -> tuple[np.ndarray, list[int], list, tuple]:
   """(region vectors, kept elem indices, their xyxy boxes, (width, height)) of one record."""
   rid = record["id"]
@@ -146,15 +163,20 @@ def convert_records(
   vocab = vocab or build_vocab(tuples.values(), tokenizer, min_count)
   writer, ids, captions = LayoutWriter(out_dir, dataset, vocab), {}, 0
   objects = {i: dict(object_elems(r, max_object_words)) for i, r, _ in good}
+  grounding = []
   for k, (i, record, (vectors, keep, xyxy, size)) in enumerate(good):
     ids[str(k)] = record["id"]
     classes = [objects[i][j] for j in keep if j in objects[i]]
     boxes = [b for j, b in zip(keep, xyxy) if j in objects[i]]
     writer.add_image(str(k), vectors, classes, boxes, *size)
+    rows = _name_rows(objects[i], keep)
     for c in record["captions"]:
       writer.add_caption(str(k), c, tuples[(i, c)])
+      kept = [t for t in tuples[(i, c)] if t in vocab.tuple_to_id]  # what the writer keeps
+      grounding.append([rows.get(t[0], -1) for t in kept])
       captions += 1
   spec = writer.close()
+  write_grounding(out_dir, grounding)
   with open(os.path.join(out_dir, "image_ids.json"), "w") as f:
     json.dump(ids, f)
   skipped = collections.Counter(p.reason for p in problems)
@@ -164,5 +186,6 @@ def convert_records(
     "captions": captions,
     "skipped": {r: skipped[r] for r in F.SKIP_REASONS if skipped[r]},
     "dropped_phrases": writer.dropped_phrases,
+    "grounded_phrases": sum(t >= 0 for line in grounding for t in line),
     "phrases": len(vocab.tuple_to_id),
   }

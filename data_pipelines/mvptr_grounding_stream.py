@@ -1,6 +1,7 @@
 """The training stream of MVPTR phrase-grounding fine-tuning (task `mvptr_grounding`,
-docs/mvptr.md#fine-tuning): one row per grounded phrase of a synthetic Oscar layout, built once
-in memory (`mvptr_stream.heldout_arrays` unmasked rows -> `mvptr_synthetic.grounding_targets` ->
+docs/mvptr.md#fine-tuning): one row per grounded phrase of an Oscar layout with grounding
+targets (the synthetic world's or the region converter's), built once in memory
+(`mvptr_stream.heldout_arrays` unmasked rows -> `mvptr_grounding_file.grounding_targets` ->
 `mvptr_finetune_examples.grounding_rows`), then batches of a fresh permutation per epoch.
 
 The rows are a pure function of the layout, and the batch at a position a pure function of
@@ -14,9 +15,10 @@ from __future__ import annotations
 import numpy as np
 
 from data_pipelines import mvptr_finetune_examples as FE
-from data_pipelines import mvptr_stream, mvptr_synthetic
+from data_pipelines import mvptr_stream
 from data_pipelines.mixture import seed32
 from data_pipelines.mvptr_examples import MvptrExampleSpec
+from data_pipelines.mvptr_grounding_file import grounding_targets
 
 STATE_VERSION = 1
 
@@ -25,7 +27,7 @@ def grounding_table(source, spec: MvptrExampleSpec) -> tuple[dict[str, np.ndarra
   """Every grounded phrase of `source` as one row (`grounding_rows` fields + image_id); with
   the skip counts of the records left out."""
   rows, skips = mvptr_stream.heldout_arrays(source, spec)
-  targets = mvptr_synthetic.grounding_targets(source, spec.max_phrases)[rows["index"]]
+  targets = grounding_targets(source, spec.max_phrases)[rows["index"]]
   table = FE.grounding_rows(rows, targets)
   n, _ = np.nonzero((targets >= 0) & (np.asarray(rows["phrase_valid"]) > 0))  # as grounding_rows
   table["image_id"] = np.asarray(rows[mvptr_stream.IMAGE_ID])[n]

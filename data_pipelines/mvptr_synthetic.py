@@ -33,6 +33,7 @@ import numpy as np
 from data_pipelines import features as F
 from data_pipelines import mvptr_regions
 from data_pipelines import synthetic as S
+from data_pipelines.mvptr_grounding_file import write_grounding
 from data_pipelines.mvptr_oscar import OscarSource, load_tokenizer
 from data_pipelines.mvptr_oscar_write import LayoutWriter
 from data_pipelines.mvptr_phrases import PhraseTable
@@ -48,7 +49,6 @@ RELATIONS = {
   "below": "below",
 }
 HELDOUT_ID_BASE = 1_000_000
-GROUNDING_FILE = "grounding.json"  # per corpus line: the region row of each sg phrase
 FIRST_PHRASE_ID = 30522  # bert-base-uncased word vocabulary size
 
 
@@ -122,19 +122,6 @@ def caption_phrases(caption: str, shapes) -> list[tuple[str, ...]]:
   return [t for t, _ in grounded_phrases(caption, shapes)]
 
 
-def grounding_targets(source, max_phrases: int) -> np.ndarray:
-  """int32 [len(source), max_phrases]: for each record of a synthetic layout (an
-  `OscarSource`), the region row each of its first max_phrases phrases denotes (phrase-grounding
-  ground truth from `GROUNDING_FILE`); -1 for an ambiguous phrase or an empty slot."""
-  with open(os.path.join(os.path.dirname(source.spec.corpus_file), GROUNDING_FILE)) as f:
-    lines = json.load(f)
-  out = np.full((len(source), max_phrases), -1, np.int32)
-  for i in range(len(source)):
-    g = lines[source.location(i)[1] - 1][:max_phrases]
-    out[i, : len(g)] = g
-  return out
-
-
 def write(root: str, n_images: int, seed: int, first_id: int, tokenizer) -> str:
   """Images 0..n-1 of the world with `seed` as one layout under `root`; returns the spec path."""
   world = S.ShapesWorld(seed=seed)
@@ -153,8 +140,7 @@ def write(root: str, n_images: int, seed: int, first_id: int, tokenizer) -> str:
       writer.add_caption(image_id, caption, [t for t, _ in grounded])
       grounding.append([k for _, k in grounded])  # every tuple is in the vocabulary
   spec = writer.close()
-  with open(os.path.join(root, GROUNDING_FILE), "w") as f:
-    json.dump(grounding, f)
+  write_grounding(root, grounding)
   return spec
 
 

@@ -154,3 +154,29 @@ def test_vqa_and_ve_configs_are_the_official_settings():
   }
   assert groups["vqa_head.norm.scale"] == groups["vqa_head.bias"] == "base/no_decay"
   assert groups["vqa_head.decoder"] == groups["vqa_head.dense.kernel"] == "base/decay"
+
+
+def test_grounding_config_is_the_official_setting():
+  from configs.mvptr import grounding
+
+  c = grounding.get_config("spec=d/train/oscar.yaml,rows=5120,val=d/val/oscar.yaml,stage2=runs/s2")
+  # 64 per GPU x 8, lr 4e-5, 25 epochs over 5,120 phrase rows, lengths 30 / 5 / 20 / 50.
+  assert (c.batch.image, c.optim.lr, c.train.total_steps, c.train.eval_every) == (
+    512,
+    4e-5,
+    250,
+    10,
+  )
+  assert (c.optim.weight_decay, c.optim.warmup_steps, c.optim.clip_norm) == (0.05, 0, 1.0)
+  m = rc.model_config(c)
+  assert m.heads == "grounding" and m.vocab_size == 86051
+  s = rc.mvptr_rc.streams_config(c, m, rc.batch_sizes(c, m, _mesh(), 1))
+  assert (s.spec.max_tokens, s.spec.max_phrases, s.spec.max_tags, s.spec.max_regions) == (
+    30, 5, 20, 50,
+  )  # fmt: skip
+  e = rc.eval_config(c.eval)
+  assert e.names == ("mvptr_grounding",) and c.loss.mvptr.grounding == "paper"
+  assert e.mvptr_grounding.variant == "paper"
+  code = grounding.get_config("spec=a,rows=1,val=b,stage2=c,variant=code")
+  assert code.loss.mvptr.grounding == "code" and code.eval.mvptr_grounding.variant == "code"
+  assert rc.task(c).evaluators == ("mvptr_grounding",)

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from data_pipelines import features as F
+from data_pipelines import mvptr_grounding_file, mvptr_stream, mvptr_synthetic
 from data_pipelines import mvptr_oscar as MO
-from data_pipelines import mvptr_stream, mvptr_synthetic
 from data_pipelines import synthetic as S
 from data_pipelines.tools import mvptr_convert, validate
 from tests import mvptr_data_testlib as T
@@ -63,7 +63,7 @@ def test_synthetic_round_trip_equals_the_world(layout):
   assert relations > 0
   # Grounding ground truth: the region each phrase denotes shows that phrase's shape / colour
   # (descriptions recovered from the region features through the fixed projection).
-  targets = mvptr_synthetic.grounding_targets(source, 12)
+  targets = mvptr_grounding_file.grounding_targets(source, 12)
   id_to_tuple = {v: t for t, v in vocab.tuple_to_id.items()}
   proj, checked = mvptr_synthetic.projection(), 0
   for i in range(len(source)):
@@ -273,4 +273,17 @@ def test_region_jsonl_converter_round_trip(tmp_path, capsys):
     assert {id_to_tuple[p] for p in record["phrases"].tolist()} == stated
   ids = json.loads((tmp_path / "out/image_ids.json").read_text())
   assert ids == {"0": records[0]["id"], "1": records[2]["id"], "2": records[4]["id"]}
+  # Grounding targets: a phrase naming exactly one elem -> that elem's region row, else -1.
+  targets = mvptr_grounding_file.grounding_targets(source, 12)
+  id_to_tuple = {v: t for t, v in source.vocab.tuple_to_id.items()}
+  grounded = 0
+  for k, (i, (record, _)) in enumerate(zip([0, 2, 4], _records(source))):
+    names = [el["captions"][0] for el in records[i]["elems"]]
+    for slot, pid in enumerate(record["phrases"].tolist()):
+      name = id_to_tuple[pid][0]
+      want = names.index(name) if names.count(name) == 1 else -1
+      assert targets[k, slot] == want, (k, slot, name, names)
+      grounded += want >= 0
+    assert (targets[k, len(record["phrases"]) :] == -1).all()
+  assert grounded == summary["grounded_phrases"] > 0
   assert validate.main([summary["spec"], "--quiet"]) == validate.EXIT_OK

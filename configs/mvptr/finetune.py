@@ -56,7 +56,7 @@ def retrieval_eval(spec: str, k_c: int, k_i: int, split: str = "val") -> mlc.Con
 
 
 def grounding_eval(spec: str, variant: str, split: str = "val") -> mlc.ConfigDict:
-  """The `eval.mvptr_grounding` section on one held-out split of a synthetic layout."""
+  """The `eval.mvptr_grounding` section on one held-out split of a layout with grounding targets."""
   return mlc.ConfigDict({"data": {split: heldout(spec)}, "variant": variant, "max_phrases": 0})
 
 

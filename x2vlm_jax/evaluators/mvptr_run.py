@@ -5,8 +5,8 @@ of `mvptr_retrieval.py`.
 
   mvptr_retrieval   eval/mvptr_retrieval[/<split>]/{txt_r1, ..., r_mean} (ITM re-ranked),
                     .../<split>_uni/... the VSC ranking alone, chance_r1, num_images, num_texts
-  mvptr_grounding   eval/mvptr_grounding[/<split>]/acc over the grounded phrases of a synthetic
-                    layout (`mvptr_synthetic.grounding_targets`), chance_acc, num_phrases
+  mvptr_grounding   eval/mvptr_grounding[/<split>]/acc over the grounded phrases of a
+                    layout (`mvptr_grounding_file.grounding_targets`), chance_acc, num_phrases
   mvptr_vqa         eval/mvptr_vqa[/<split>]/score, best_constant (`mvptr_qa.py`; task specs)
   mvptr_ve          eval/mvptr_ve[/<split>]/acc, majority_acc
 
@@ -53,7 +53,7 @@ def _source(entry: dict, tokenizer: str, where: str):
 def _split_rows(evaluator, split, entries, inputs, say, targets: int = 0):
   """Stacked unmasked rows of a split's sources (+ grounding targets [N, targets] if > 0)."""
   field = f"eval.{evaluator}.data" + (f".{split}" if split else "")
-  from data_pipelines import mvptr_stream, mvptr_synthetic  # pylint: disable=g-import-not-at-top
+  from data_pipelines import mvptr_grounding_file, mvptr_stream  # pylint: disable=g-import-not-at-top
 
   if inputs is None:
     raise ValueError(f"{field}: MVPTR evaluation needs EvalConfig.mvptr_inputs (an MVPTR run)")
@@ -66,7 +66,7 @@ def _split_rows(evaluator, split, entries, inputs, say, targets: int = 0):
       say(f"{field}[{i}]: skipped {skips}")
     parts.append(rows)
     if targets:
-      goals.append(mvptr_synthetic.grounding_targets(src, targets)[rows["index"]])
+      goals.append(mvptr_grounding_file.grounding_targets(src, targets)[rows["index"]])
   rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
   return rows, (np.concatenate(goals) if targets else None)
 

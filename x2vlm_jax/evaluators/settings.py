@@ -104,7 +104,7 @@ class MvptrRetrievalSettings:
 class MvptrGroundingSettings:
   """MVPTR phrase grounding (`evaluators/mvptr_retrieval.py`): the region of highest phrase
   similarity, correct at IoU > 0.5, over every grounded phrase of a synthetic layout (the
-  targets of `mvptr_synthetic.grounding_targets`), at most `max_phrases` per split (0 = all).
+  targets of `mvptr_grounding_file.grounding_targets`), at most `max_phrases` per split (0 = all).
   `variant` 'paper' (zero-shot: mean phrase token vs regions, last layer) or 'code' (the
   fine-tuned [CLS] query at the phrase layer). Entries: as retrieval."""
 
