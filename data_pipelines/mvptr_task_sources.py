@@ -23,6 +23,9 @@ command line points at:
                 imageid2idx.json (keys' last "_" part = the image id, as official) +
                 predictions.tsv (image id, JSON {"objects": [{"class"}]}): the tags
   use_b_text    the official `--use_b_text`: tags also appended to the text (segment 1)
+  test          (VQA) a split without answers (test-dev / test-std): every question is kept,
+                "an" / "s" may be missing (zero target), "q_id" is required (the result
+                file's question_id)
 
 A record is {words, phrases, tags, text_tags (tags again with use_b_text, else empty) int32,
 regions float32 [n, 2054], image_id int64, id "<file>:<index>", answer_scores [A] float32 (VQA)
@@ -48,7 +51,7 @@ from data_pipelines.mvptr_phrases import PhraseTable, as_tuple
 
 TASKS = ("vqa", "ve")
 FILES = {"vqa": ("questions", "sg_file", "label_file"), "ve": ("pairs", "sg_file")}
-OPTIONAL = ("id2phrase_file", "img_feature_dim", "use_b_text", "img_feat_dir", "task")
+OPTIONAL = ("id2phrase_file", "img_feature_dim", "use_b_text", "img_feat_dir", "task", "test")
 FEATURES, INDEX, TAGS = "features.tsv", "imageid2idx.json", "predictions.tsv"
 
 
@@ -70,6 +73,9 @@ def read_task_spec(path: str) -> dict:
     if out.get(k) and not os.path.isabs(out[k]):
       out[k] = os.path.join(root, out[k])
   out.setdefault("use_b_text", task == "vqa")  # the official VQA command passes it
+  out["test"] = bool(out.get("test", False))
+  if out["test"] and task != "vqa":
+    raise ValueError(f"{path}: 'test' (a split without answers) is for 'vqa' task specs")
   out.setdefault("img_feature_dim", 2054)
   return out
 
@@ -171,7 +177,7 @@ class TaskSource:
   def __init__(self, spec: str, tokenizer=None, vocab_size=None, index_cache_dir=None):
     self.path, self.spec = spec, read_task_spec(spec)
     s = self.spec
-    self.task, self.use_b_text = s["task"], bool(s["use_b_text"])
+    self.task, self.use_b_text, self.test = s["task"], bool(s["use_b_text"]), s["test"]
     self.tokenizer, self.vocab_size = load_tokenizer(tokenizer), vocab_size
     self.images = ImageStore(s["img_feat_dir"], int(s["img_feature_dim"]), index_cache_dir)
     self.sg = _load_json(s["sg_file"])
@@ -188,7 +194,7 @@ class TaskSource:
       raise ValueError(f"{s['sg_file']}: {len(self.sg)} entries for {len(self.entries)} records")
     keep, self.excluded = [], {}
     for i, e in enumerate(self.entries):
-      if self.task == "vqa" and isinstance(e, dict) and e.get("an") == []:
+      if self.task == "vqa" and not self.test and isinstance(e, dict) and e.get("an") == []:
         self.excluded["no_answer"] = self.excluded.get("no_answer", 0) + 1  # official: dropped
       elif self.task == "ve" and not e.strip():
         self.excluded["blank_line"] = self.excluded.get("blank_line", 0) + 1
@@ -207,6 +213,12 @@ class TaskSource:
     if not -len(self) <= i < len(self):
       raise IndexError(f"record {i} out of range for {len(self)} records")
     return self.spec["questions" if self.task == "vqa" else "pairs"], int(self.rows[i]) + 1
+
+  def question_id(self, i: int) -> int:
+    """The "q_id" of VQA record i (-1 where the entry has none; a test split requires it)."""
+    e = self.entries[int(self.rows[i])]
+    q = e.get("q_id", -1) if isinstance(e, dict) else -1
+    return int(q) if isinstance(q, int) else -1
 
   def __getitem__(self, i: int) -> dict:
     """Record i; raises `SkipRecord` for a bad entry (never anything else)."""
@@ -247,6 +259,10 @@ class TaskSource:
     q, an, s = e.get("q"), e.get("an"), e.get("s")
     if not isinstance(q, str) or not q.strip():
       raise F.SkipRecord("empty_caption", rid, "q", repr(q)[:60])
+    if self.test:
+      if not isinstance(e.get("q_id"), int):
+        raise F.SkipRecord("bad_field_type", rid, "q_id", "a test question needs an integer id")
+      an, s = (an, s) if an else ([], [])
     if not isinstance(an, list) or not isinstance(s, list) or len(an) != len(s):
       raise F.SkipRecord("bad_field_type", rid, "an/s", "need answer labels and scores alike")
     if "img_id" not in e:

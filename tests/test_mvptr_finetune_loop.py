@@ -230,3 +230,10 @@ def test_task_trains_evaluates_and_selects(task, qa_data, stage, cache, tmp_path
   best = json.loads((tmp_path / "best" / "best.json").read_text())
   assert best["metric"] == f"eval/mvptr_{task}/heldout/{name}" and best["step"] in (3, 6)
   assert "train/loss/total" in metrics[1]
+  if task == "vqa":  # the official result file of every evaluation: question_id -> answer
+    from data_pipelines import mvptr_synthetic_qa
+
+    result = json.loads((tmp_path / "results_6" / "mvptr_vqa_result_heldout.json").read_text())
+    n = metrics[6]["eval/mvptr_vqa/heldout/num_questions"]
+    assert len(result) == n and len({r["question_id"] for r in result}) == n
+    assert all(r["answer"] in mvptr_synthetic_qa.ANSWERS for r in result)

@@ -134,3 +134,29 @@ def test_spec_and_label_file_errors(specs, tmp_path):
   gaps.write_text(json.dumps({"yes": 0, "no": 2}))
   with pytest.raises(ValueError, match="labels must be 0..1"):
     read_answers(str(gaps))
+
+
+def test_a_vqa_test_split_keeps_unanswered_questions_with_their_ids(specs, tmp_path):
+  """test-dev / test-std: no answers, every question kept, its q_id for the result file."""
+  s = read_task_spec(specs["vqa"]["heldout"])
+  with open(s["questions"]) as f:
+    qla = json.load(f)
+  for e in qla:
+    del e["an"], e["s"]
+  qla[1].pop("q_id")  # a test question without an id: skipped, named
+  (tmp_path / "qla.json").write_text(json.dumps(qla))
+  spec = {"task": "vqa", "test": True, "questions": str(tmp_path / "qla.json")}
+  spec |= {k: s[k] for k in ("sg_file", "label_file", "img_feat_dir")}
+  (tmp_path / "test.json").write_text(json.dumps(spec))
+  src = TaskSource(str(tmp_path / "test.json"), vocab_size=SPEC.vocab_size)
+  assert len(src) == len(qla) and src.excluded == {}
+  assert [src.question_id(i) for i in range(len(src))] == [e.get("q_id", -1) for e in qla]
+  assert not src[0]["answer_scores"].any()
+  with pytest.raises(F.SkipRecord, match="q_id"):
+    src[1]
+  rows, skips = mvptr_stream.heldout_arrays(src, SPEC, build=FE.task_row)
+  assert skips == {"bad_field_type": 1} and len(rows["index"]) == len(qla) - 1
+  ve = dict(read_task_spec(specs["ve"]["heldout"]), test=True)
+  (tmp_path / "ve.json").write_text(json.dumps(ve))
+  with pytest.raises(ValueError, match="'test'"):
+    read_task_spec(str(tmp_path / "ve.json"))

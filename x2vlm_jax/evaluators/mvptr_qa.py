@@ -6,6 +6,9 @@ the questions) and `run_ve.py` (accuracy of the argmax class):
                            /best_constant the same of the best single answer for every question
                                           (what a model ignoring its inputs can reach)
                            /num_questions
+                                          + the official result file mvptr_vqa_result[_<split>].json
+                                          ([{question_id, answer}]) in the result directory; a
+                                          test split (no answers) gives only that file and the count
   eval/mvptr_ve[/<split>]/acc             100 x accuracy
                           /majority_acc   the most frequent class's share
                           /num_pairs
@@ -19,6 +22,7 @@ the same arrays.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping
 
@@ -26,6 +30,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from x2vlm_jax import paths
 from x2vlm_jax import tasks_mvptr as TM
 from x2vlm_jax.evaluators.settings import EvalConfig, MvptrTaskSettings, prefix
 
@@ -81,7 +86,8 @@ def _metrics(task: str, name: str, out: np.ndarray, target: np.ndarray) -> dict[
 
 
 def split_rows(task: str, split: str, entries, inputs, say) -> dict[str, np.ndarray]:
-  """Stacked rows of a split's task specs (errors name `eval.<task>.data.<split>[i]`)."""
+  """Stacked rows of a split's task specs (errors name `eval.<task>.data.<split>[i]`); VQA rows
+  also carry `question_id` int64 and the split's `answers` (one label file for the split)."""
   from data_pipelines import mvptr_finetune_examples as FE  # pylint: disable=g-import-not-at-top
   from data_pipelines import mvptr_stream  # pylint: disable=g-import-not-at-top
   from data_pipelines.mvptr_task_sources import TaskSource  # pylint: disable=g-import-not-at-top
@@ -90,7 +96,7 @@ def split_rows(task: str, split: str, entries, inputs, say) -> dict[str, np.ndar
   if inputs is None:
     raise ValueError(f"{field}: MVPTR evaluation needs EvalConfig.mvptr_inputs (an MVPTR run)")
   example, tokenizer = inputs
-  parts = []
+  parts, answers = [], None
   for i, entry in enumerate(entries):
     entry = dict(entry)
     if entry.get("type") != "task" or set(entry) - {"type", "spec"} or not entry.get("spec"):
@@ -101,19 +107,45 @@ def split_rows(task: str, split: str, entries, inputs, say) -> dict[str, np.ndar
     rows, skips = mvptr_stream.heldout_arrays(src, example, build=FE.task_row)
     if skips:
       say(f"{field}[{i}]: skipped {skips}")
+    if task == "mvptr_vqa":
+      rows["question_id"] = np.asarray([src.question_id(int(j)) for j in rows["index"]], np.int64)
+      if answers is not None and src.answers != answers:
+        raise ValueError(f"{field}[{i}]: its label file differs from the split's first")
+      answers = src.answers
     parts.append(rows)
-  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  return out if answers is None else {**out, "answers": answers}
 
 
-def evaluate(model, task: str, sec: MvptrTaskSettings, cfg: EvalConfig, say) -> dict[str, float]:
+def evaluate(
+  model, task: str, sec: MvptrTaskSettings, cfg: EvalConfig, say, result_dir=None
+) -> dict[str, float]:
   """`task` 'mvptr_vqa' | 'mvptr_ve' on every split of `sec` (module docstring)."""
-  metrics = {}
+  metrics, out_dir = {}, sec.result_dir or result_dir
   for split, entries in sec.data:
     t0, name = time.time(), prefix(task, split)
     rows = split_rows(task, split, entries, cfg.mvptr_inputs, say)
+    answers = rows.pop("answers", None)
     if sec.max_rows:
       rows = {k: v[: sec.max_rows] for k, v in rows.items()}
     out = logits(model, rows, task, cfg.batch_size)
-    metrics |= _metrics(task, name, out, np.asarray(rows[TARGET[task]]))
+    target = np.asarray(rows[TARGET[task]])
+    if task == "mvptr_vqa" and out_dir and jax.process_index() == 0:
+      path = write_vqa_result(out_dir, split, rows["question_id"], out, answers)
+      say(f"{name}: wrote {path}")
+    if task == "mvptr_vqa" and not target.any():  # a test split: no answers to score
+      metrics[f"{name}/num_questions"] = float(len(target))
+    else:
+      metrics |= _metrics(task, name, out, target)
     metrics[f"{name}/seconds"] = time.time() - t0
   return metrics
+
+
+def write_vqa_result(out_dir, split: str, question_ids, logits_, answers) -> str:
+  """The official VQA result file: [{"question_id", "answer": the argmax answer}]."""
+  best = np.argmax(np.asarray(logits_), axis=1)
+  rows = [{"question_id": int(q), "answer": answers[int(b)]} for q, b in zip(question_ids, best)]
+  path = paths.path(out_dir) / f"mvptr_vqa_result{'_' + split if split else ''}.json"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(rows))
+  return str(path)

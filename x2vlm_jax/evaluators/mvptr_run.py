@@ -128,8 +128,11 @@ def _grounding(model, sec: MvptrGroundingSettings, cfg: EvalConfig, say) -> dict
   return metrics
 
 
-def evaluate(model, eval_cfg: EvalConfig, say: Callable[[str], None]) -> dict[str, float]:
-  """The configured MVPTR evaluators on `model` (an MVPTR); other evaluators are an error."""
+def evaluate(
+  model, eval_cfg: EvalConfig, say: Callable[[str], None], result_dir: str | None = None
+) -> dict[str, float]:
+  """The configured MVPTR evaluators on `model` (an MVPTR); other evaluators are an error.
+  `result_dir`: where the VQA result files go unless the settings name one."""
   other = [n for n in eval_cfg.names if not n.startswith("mvptr_")]
   if other:
     raise ValueError(f"eval.evaluators {other} evaluate X²-VLM models; this run trains MVPTR")
@@ -140,5 +143,6 @@ def evaluate(model, eval_cfg: EvalConfig, say: Callable[[str], None]) -> dict[st
     metrics.update(_grounding(model, eval_cfg.mvptr_grounding, eval_cfg, say))
   for task in ("mvptr_vqa", "mvptr_ve"):
     if getattr(eval_cfg, task) is not None:
-      metrics.update(mvptr_qa.evaluate(model, task, getattr(eval_cfg, task), eval_cfg, say))
+      sec = getattr(eval_cfg, task)
+      metrics.update(mvptr_qa.evaluate(model, task, sec, eval_cfg, say, result_dir))
   return metrics

@@ -311,7 +311,7 @@ def evaluate(
   if mvptr:  # an MVPTR run: its own evaluators (mvptr_run.py; errors name what is missing)
     from x2vlm_jax.evaluators import mvptr_run  # pylint: disable=g-import-not-at-top
 
-    return mvptr_run.evaluate(model, eval_cfg, say)
+    return mvptr_run.evaluate(model, eval_cfg, say, result_dir)
   fns = _Fns(model, mesh)
   batch = fns.round_batch(eval_cfg.batch_size)
   res, frame_len = model.cfg.vision.image_size, max(model.cfg.frame_len, 1)

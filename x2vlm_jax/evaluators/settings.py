@@ -118,10 +118,13 @@ class MvptrTaskSettings:
   """MVPTR VQA (`mvptr_vqa`: VQA score of the argmax answer) or SNLI-VE (`mvptr_ve`:
   accuracy), `evaluators/mvptr_qa.py`, on at most `max_rows` rows per split (0 = all). Entries:
   `{'type': 'task', 'spec': <task spec of data_pipelines/mvptr_task_sources.py>}`; the example
-  lengths and the tokenizer are the run's (`EvalConfig.mvptr_inputs`)."""
+  lengths and the tokenizer are the run's (`EvalConfig.mvptr_inputs`). VQA also writes the
+  official result file (question_id -> answer; test splits have no answers, only this file) of
+  each split to `result_dir` (during training: the run's workdir when empty)."""
 
   data: Splits
   max_rows: int = 0
+  result_dir: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
