@@ -1,6 +1,6 @@
 """Why does ITM stay at ln 2 in the tiny MVPTR runs? A CPU diagnosis outside the suite.
 
-  python bench/mvptr_itm_diag.py [--images 256 --stage1 40 --stage2 300 --lr 2e-3
+  python bench/mvptr_itm_diag.py [--images 256 --stage1 40 --stage2 400 --lr 1e-3
       --weights vsc=1,itm=10 --negatives paper|uniform]
 
 An in-process replica of the tiny stages (configs/mvptr/tiny_stage1.py / tiny_stage2.py: the same
@@ -119,8 +119,8 @@ def main():
   p = argparse.ArgumentParser()
   p.add_argument("--images", type=int, default=256)
   p.add_argument("--stage1", type=int, default=40)
-  p.add_argument("--stage2", type=int, default=300)
-  p.add_argument("--lr", type=float, default=2e-3)
+  p.add_argument("--stage2", type=int, default=400)
+  p.add_argument("--lr", type=float, default=1e-3)
   p.add_argument("--weights", default="", help="stage-2 weights, e.g. vsc=1,itm=10")
   p.add_argument("--negatives", choices=("paper", "uniform"), default="paper")
   args = p.parse_args()
