@@ -8,8 +8,10 @@ model, synthetic shapes-world data, weights, AdamW with warm-up 1/5 and linear d
 that prints, every 50 stage-2 steps, the terms and: the share of drawn ITM negative pairs whose
 image truly matches the caption by the world's ground truth (upper bound: either caption of the
 text's image holds for the negative image), the mean match probability of positives and
-negatives, and the spread of the pooled joint [CLS] across rows. `--negatives uniform` draws the
-ITM / WPG negatives uniformly instead of from the VSC distribution (a diagnosis, not the paper).
+negatives, the spread of the pooled joint [CLS] across rows, and the entropy of the VSC draw.
+`--negatives uniform` draws the ITM / WPG negatives uniformly instead of from the VSC
+distribution, `itm_uniform` / `wpg_uniform` only one term's, `--itm_temp` softens the ITM draw,
+`--width` changes the stacks' width (diagnoses, not the paper).
 Figures: docs/mvptr.md#training.
 """
 
@@ -72,7 +74,14 @@ def diagnose(model, b, image_ids, key, truth) -> dict:
   pos = model.fuse(text, b["text_mask"], regions, b["region_mask"]).pooled
   neg = model.fuse(text[ti], b["text_mask"][ti], regions[ii], b["region_mask"][ii]).pooled
   p_match = lambda pooled: float(jnp.mean(jax.nn.softmax(model.itm_logits(pooled))[:, 0]))  # noqa: E731
+  # The draw's entropy (nats; uniform over the other N - 1 columns: ln(N - 1)): how hard the
+  # VSC-drawn negatives have become.
+  off = jnp.where(jnp.eye(sim.shape[0], dtype=bool), -jnp.inf, jnp.exp(scale) * sim)
+  probs = jax.nn.softmax(off, axis=1)
+  entropy = -jnp.sum(jnp.where(probs > 0, probs * jnp.log(probs), 0.0), axis=1)
   return {
+    "draw_entropy": round(float(jnp.mean(entropy)), 3),
+    "distinct_image_negatives": len(set(np.asarray(hard_img).tolist())),
     "true_match_negatives": float(np.mean(match)),
     "p_match_pos": p_match(pos),
     "p_match_neg": p_match(neg),
@@ -115,6 +124,25 @@ def run_stage(stage, model, it, c, args, truth):
   print(f"stage {stage} ({time.time() - t0:.0f} s), first vs last 10 steps:", falls, flush=True)
 
 
+def _patch_draws(negatives: str, itm_temp: float) -> None:
+  """Changes one term's negative draw. `mvptr_objectives._joint_terms` calls `pick_negatives`
+  three times per trace, in this order: ITM image, ITM text, WPG image; the eager calls of
+  `diagnose` are not counted (they see concrete arrays, not tracers)."""
+  draw, calls = ML.pick_negatives, [0]
+
+  def patched(k, sim, sc, mode, valid=None, shards=1):
+    if isinstance(sim, jax.core.Tracer):
+      calls[0] += 1
+      term = "itm" if calls[0] % 3 in (1, 2) else "wpg"
+      if negatives == f"{term}_uniform":
+        mode = "uniform"
+      if term == "itm":
+        sim = sim * itm_temp
+    return draw(k, sim, sc, mode, valid, shards)
+
+  ML.pick_negatives = patched
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--images", type=int, default=256)
@@ -122,7 +150,14 @@ def main():
   p.add_argument("--stage2", type=int, default=400)
   p.add_argument("--lr", type=float, default=1e-3)
   p.add_argument("--weights", default="", help="stage-2 weights, e.g. vsc=1,itm=10")
-  p.add_argument("--negatives", choices=("paper", "uniform"), default="paper")
+  p.add_argument(
+    "--negatives",
+    choices=("paper", "uniform", "itm_uniform", "wpg_uniform"),
+    default="paper",
+    help="uniform: ITM and WPG negatives drawn uniformly; itm_/wpg_uniform: only that term's",
+  )
+  p.add_argument("--itm_temp", type=float, default=1.0, help="ITM draw from softmax(t x logits)")
+  p.add_argument("--width", type=int, default=0, help="stack width (heads = width / 32)")
   args = p.parse_args()
   root = tempfile.mkdtemp(prefix="mvptr_itm_")
   spec = MS.write_splits(os.path.join(root, "data"), args.images, 8)["train"]
@@ -130,6 +165,11 @@ def main():
   mc = RC.model_config(c.model, jnp.float32)
   ex = RC.streams_config(c, mc, type("Sizes", (), {"image_batch": 8})()).spec
   it = pretrain_iterator(OscarSource(spec), ex, 8, 0, 0, 1)
+  if args.width:
+    c.model.mvptr.update({"width": args.width, "num_heads": args.width // 32})
+    c.model.mvptr.mlp_dim = 4 * args.width
+  if args.negatives in ("itm_uniform", "wpg_uniform") or args.itm_temp != 1.0:
+    _patch_draws(args.negatives, args.itm_temp)
   if args.negatives == "uniform":  # the terms draw through this module attribute
     draw = ML.pick_negatives
     ML.pick_negatives = lambda k, sim, sc, mode, valid=None, shards=1: draw(
