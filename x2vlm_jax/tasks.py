@@ -119,28 +119,17 @@ TASKS = {
   "mvptr_stage2": Task(
     "mvptr_stage2", (F.IMAGE,), (), loss=tasks_mvptr_pretrain.stage_loss(2), family="mvptr"
   ),
-  "mvptr_retrieval": Task(
-    "mvptr_retrieval",
-    (F.IMAGE,),
-    (),
-    evaluators=("mvptr_retrieval",),
-    loss=mvptr_ft.retrieval_loss,
-    family="mvptr",
-  ),
-  "mvptr_grounding": Task(
-    "mvptr_grounding",
-    (F.IMAGE,),
-    (),
-    evaluators=("mvptr_grounding",),
-    loss=mvptr_ft.grounding_loss,
-    family="mvptr",
-  ),
-  "mvptr_vqa": Task(
-    "mvptr_vqa", (F.IMAGE,), (), evaluators=("mvptr_vqa",), loss=mvptr_ft.vqa_loss, family="mvptr"
-  ),
-  "mvptr_ve": Task(
-    "mvptr_ve", (F.IMAGE,), (), evaluators=("mvptr_ve",), loss=mvptr_ft.ve_loss, family="mvptr"
-  ),
+  **{
+    f"mvptr_{name}": Task(
+      f"mvptr_{name}", (F.IMAGE,), (), evaluators=(f"mvptr_{name}",), loss=loss, family="mvptr"
+    )
+    for name, loss in (
+      ("retrieval", mvptr_ft.retrieval_loss),
+      ("grounding", mvptr_ft.grounding_loss),
+      ("vqa", mvptr_ft.vqa_loss),
+      ("ve", mvptr_ft.ve_loss),
+    )
+  },
 }
 
 

@@ -15,17 +15,11 @@ import ml_collections as mlc
 
 from configs.mvptr import common as mc
 from configs.mvptr import finetune as ft
-from configs.mvptr.tiny_retrieval import tiny_finetune
+from configs.mvptr.tiny_retrieval import tiny_finetune, tiny_schedule
 
 
 def get_config(arg=None):
   opts = mc.parse(arg, ("spec", "val", "stage2"))
   c = tiny_finetune("mvptr_grounding", "grounding", opts)
   c.loss.mvptr = mlc.ConfigDict({"grounding": "paper"})
-  c.train.total_steps = 300
-  c.train.eval_every = 100
-  c.eval.evaluators = ("mvptr_grounding",)
-  c.eval.batch_size = 32
-  c.eval.mvptr_grounding = ft.grounding_eval(opts["val"], "paper", split="heldout")
-  c.train.select_metric = "eval/mvptr_grounding/heldout/acc"
-  return c
+  return tiny_schedule(c, ft.grounding_eval(opts["val"], "paper", split="heldout"), "acc")

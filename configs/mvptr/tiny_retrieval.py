@@ -34,13 +34,19 @@ def tiny_finetune(task: str, heads: str, opts: dict):
   return c
 
 
+def tiny_schedule(c, section, metric: str):
+  """The tiny fine-tuning runs' schedule: 300 steps, the task's evaluator (`section`, its
+  `eval.<task>` settings) on the held-out split every 100, the best `metric` kept."""
+  c.train.total_steps = 300
+  c.train.eval_every = 100
+  c.eval.evaluators = (c.task,)
+  c.eval.batch_size = 32
+  c.eval[c.task] = section
+  c.train.select_metric = f"eval/{c.task}/heldout/{metric}"
+  return c
+
+
 def get_config(arg=None):
   opts = mc.parse(arg, ("spec", "val", "stage2"))
   c = tiny_finetune("mvptr_retrieval", "retrieval", opts)
-  c.train.total_steps = 300
-  c.train.eval_every = 100
-  c.eval.evaluators = ("mvptr_retrieval",)
-  c.eval.batch_size = 32
-  c.eval.mvptr_retrieval = ft.retrieval_eval(opts["val"], k_c=16, k_i=8, split="heldout")
-  c.train.select_metric = "eval/mvptr_retrieval/heldout/r_mean"
-  return c
+  return tiny_schedule(c, ft.retrieval_eval(opts["val"], k_c=16, k_i=8, split="heldout"), "r_mean")

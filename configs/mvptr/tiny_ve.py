@@ -10,16 +10,10 @@ Held-out accuracy every 100 steps, the best kept.
 
 from configs.mvptr import common as mc
 from configs.mvptr import finetune as ft
-from configs.mvptr.tiny_retrieval import tiny_finetune
+from configs.mvptr.tiny_retrieval import tiny_finetune, tiny_schedule
 
 
 def get_config(arg=None):
   opts = mc.parse(arg, ("spec", "val", "stage2"))
   c = tiny_finetune("mvptr_ve", "ve", opts)
-  c.train.total_steps = 300
-  c.train.eval_every = 100
-  c.eval.evaluators = ("mvptr_ve",)
-  c.eval.batch_size = 32
-  c.eval.mvptr_ve = ft.task_eval(opts["val"], split="heldout")
-  c.train.select_metric = "eval/mvptr_ve/heldout/acc"
-  return c
+  return tiny_schedule(c, ft.task_eval(opts["val"], split="heldout"), "acc")

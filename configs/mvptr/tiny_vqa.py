@@ -11,7 +11,7 @@ Held-out VQA score every 100 steps, the best kept.
 
 from configs.mvptr import common as mc
 from configs.mvptr import finetune as ft
-from configs.mvptr.tiny_retrieval import tiny_finetune
+from configs.mvptr.tiny_retrieval import tiny_finetune, tiny_schedule
 
 
 def get_config(arg=None):
@@ -21,10 +21,4 @@ def get_config(arg=None):
   c = tiny_finetune("mvptr_vqa", "vqa", opts)
   answers = TS.read_answers(TS.read_task_spec(opts["spec"])["label_file"])
   c.model.mvptr.qa_answers = len(answers)
-  c.train.total_steps = 300
-  c.train.eval_every = 100
-  c.eval.evaluators = ("mvptr_vqa",)
-  c.eval.batch_size = 32
-  c.eval.mvptr_vqa = ft.task_eval(opts["val"], split="heldout")
-  c.train.select_metric = "eval/mvptr_vqa/heldout/score"
-  return c
+  return tiny_schedule(c, ft.task_eval(opts["val"], split="heldout"), "score")
