@@ -4,8 +4,9 @@
   workdir, through the same path layers a bucket takes (tests/fake_gcs.py: fsspec's gcs
   protocol and orbax's TensorStore spec land in a local folder); the error naming the `[gcs]`
   extra when no client is installed;
-* an honest progress line: the ETA after the compile window is within 20 % of the time that
-  really remained (unit tests of the estimator: test_progress_eta.py).
+* an honest progress line: the ETA after the compile window is the steady step time times the
+  steps left, and within 50 % of the time that really remained (unit tests of the estimator:
+  test_progress_eta.py).
 """
 
 import json
@@ -108,18 +109,22 @@ def test_eval_loads_from_the_bucket_read_only(launched):
 
 
 def test_eta_after_compile_is_honest(launched):
-  """After the compile window (steps 1-8), the ETA of step 32 (from the steady windows 8-32)
-  predicts the rest of the run (32 steps, up to the line at 64) within 20 %. The prediction
-  rests on 24 steps so that the other pytest worker, which shares the 2 cores and changes the
-  step time when it starts or ends a compile, moves it less. Before this estimator the ETA at
-  this point included the compile (5x too long)."""
+  """After the compile window (steps 1-8), the ETA of step 32 is the remaining 32 steps at the
+  steady step time that the lines themselves show (steps 8-32, within 10 %), and it predicts the
+  time that really remained within 50 %. The second bound is loose on purpose: the other pytest
+  worker shares the 2 cores and speeds up or slows down the rest of the run when it starts or
+  ends a compile (a 20 % bound failed once on CI-like load: ETA 17.3 s, real 14.4 s). Before this
+  estimator the ETA at this point included the compile (5x too long); exact estimator behaviour
+  is unit-tested in test_progress_eta.py."""
   *_, lines = launched
   assert [s for s, _, _ in lines] == list(range(8, STEPS + 1, 8))
   t_end = lines[-1][1]
   for step, t, eta in lines[:4]:
     print(f"ETA at step {step}: {eta:.2f} s, real remaining {t_end - t:.2f} s")
-  _, t32, eta32 = lines[3]
-  assert eta32 == pytest.approx(t_end - t32, rel=0.2)
+  (_, t8, _), (_, t32, eta32) = lines[0], lines[3]
+  steady = (STEPS - 32) * (t32 - t8) / (32 - 8)
+  assert eta32 == pytest.approx(steady, rel=0.1)
+  assert eta32 == pytest.approx(t_end - t32, rel=0.5)
 
 
 def test_missing_client_names_the_extra(monkeypatch):
