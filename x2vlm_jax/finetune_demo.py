@@ -12,7 +12,8 @@ retrieval and grounding (and, with `--tasks=caption`, captioning), against its z
    RefCOCO+-style grounding (train / val / testA / testB).
 3. For each task: evaluates the pre-trained model zero-shot with `eval.py`, fine-tunes it with
    `train.py --config=configs/finetune/demo.py:task=...` (init.checkpoint = the pre-trained
-   run), and evaluates the fine-tuned model on the same held-out splits.
+   run), which evaluates the fine-tuned model on the same held-out splits at its last step
+   (the grounding boxes: <workdir>/<task>_run/grounding_<step>_<split>.png).
 4. Prints zero-shot vs fine-tuned numbers and the wall time of each stage; writes them to
    <workdir>/summary.json.
 """
@@ -116,17 +117,31 @@ def run_task(
     work / f"{task}_train.log",
   )
   times["fine_tune"] = time.time() - t0
-  t0 = time.time()
-  tuned = _evaluate(config, run, work / f"{task}_fine_tuned")
-  times["fine_tuned_eval"] = time.time() - t0
+  step, tuned = final_evaluation(run / "metrics.jsonl")
   if task == "caption":
-    show_captions(data / task, work / f"{task}_fine_tuned_results")
+    show_captions(data / task, run / f"results_{step}")
   return {
     "zero_shot": zero,
     "fine_tuned": tuned,
     "seconds": times,
     "losses": demo.read_losses(run / "metrics.jsonl"),
   }
+
+
+def final_evaluation(metrics_jsonl: pathlib.Path) -> tuple[int, dict]:
+  """(step, metrics) of the fine-tuning run's last evaluation: the loop evaluates the final
+  parameters on the held-out splits at its last step (eval_every divides total_steps), so
+  running eval.py on the final checkpoint again would only repeat that work."""
+  last, final_step = None, -1
+  with open(metrics_jsonl) as f:
+    for line in f:
+      record = json.loads(line)
+      final_step = max(final_step, record["step"])
+      if any(k.startswith("eval/") for k in record["metrics"]):
+        last = record
+  if last is None or last["step"] != final_step:
+    raise RuntimeError(f"{metrics_jsonl}: no evaluation logged at the last step {final_step}")
+  return last["step"], last["metrics"]
 
 
 def show_captions(data: pathlib.Path, results: pathlib.Path) -> None:
