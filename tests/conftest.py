@@ -5,12 +5,22 @@ the 2-core CI machine; they are switched off for the whole session (subprocesses
 """
 
 import os
+import shutil
+import tempfile
 
 _XLA_TEST_FLAGS = (
   "--xla_force_host_platform_device_count=8 "
   "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 )
 os.environ.setdefault("XLA_FLAGS", _XLA_TEST_FLAGS)
+# One persistent XLA cache for the whole session: both pytest workers and every subprocess that
+# names no cache of its own (eval.py, converters) read it, so a program compiled once (the same
+# tiny step built again by another test file after `_drop_compiled_code`, the same evaluator in
+# two demo runs) is loaded instead of compiled again. Made by the controller (workers inherit the
+# variable) and removed at its end.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="x2vlm_test_xla_cache_")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -41,6 +51,11 @@ SLOW_FIRST = (
   "test_mvptr_train.py",  # four train.py runs of the two MVPTR stages
   "test_mvptr_finetune_loop.py",  # a stage run, then a stopped and resumed retrieval fine-tune
 )
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE and not hasattr(config, "workerinput"):  # the controller, after the workers
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
