@@ -4,7 +4,7 @@
       --region_max_images 4 --video_batch 0 --max_tokens 40 --image_res 224
       --dtype float32|bfloat16 --remat [full|save_matmuls|save_dots|save_all_but_attention|none]
       --attention einsum|xla|cudnn --mesh data=1,fsdp=-1,tensor=1 --steps 5
-      --peak_tflops 989 --cpu_devices 8 --fast_compile --out rows.jsonl]
+      --peak_tflops 989 --cpu_devices 8 --fast_compile --cpu_xla_defaults --out rows.jsonl]
 
 A model given by its dimensions instead of a variant: `--dims` overrides the variant's sizes,
 e.g. the official code's tiny test model (every tower 64 wide with 4 heads and MLP 256; 2 vision,
@@ -33,6 +33,8 @@ K/V projections, the MLM decoder at the masked positions; backward = 2x forward;
 recomputation not counted, as usual for MFU), and MFU uses it.
 Batch sizes are global (over the whole mesh). `--fast_compile` uses the CPU compile options of
 the tests (much faster compilation, slower code); never use it for reported speeds.
+`--cpu_xla_defaults` compiles without the trainer's `step_jit.CPU_STEP_OPTIONS` (A/B;
+bench/cpu_options_ab.py compares both in one process).
 """
 
 from __future__ import annotations
@@ -91,6 +93,11 @@ def parser(description: str = __doc__) -> argparse.ArgumentParser:
     "--cpu_devices", type=int, default=0, help="simulate N CPU devices (sets XLA_FLAGS; CPU only)"
   )
   p.add_argument("--fast_compile", action="store_true")
+  p.add_argument(
+    "--cpu_xla_defaults",
+    action="store_true",
+    help="CPU: XLA's default options instead of the trainer's step_jit.CPU_STEP_OPTIONS (A/B)",
+  )
   return p
 
 
@@ -212,6 +219,9 @@ def _report(args, cfg, sizes, per_update, mesh, state, compiled, metrics, timing
     "batch": {k: v for k, v in examples.items() if v},
     "accum_steps": accum,
     "fast_compile": args.fast_compile,
+    "cpu_options": "fast_compile"
+    if args.fast_compile
+    else ("xla_defaults" if args.cpu_xla_defaults else "step"),
     "init_s": round(init_s, 2),
     "lower_s": round(lower_s, 2),
     "compile_s": round(compile_s, 2),
@@ -254,11 +264,9 @@ def build(args) -> dict:
   cfg, sizes, per_update = _model_and_sizes(args)
   accum, itm = args.accum_steps, not args.no_itm
   mesh = sharding.make_mesh(_mesh_shape(args.mesh))
-  options = (
-    {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-    if args.fast_compile
-    else None
-  )
+  options = step_jit.compile_options(args.fast_compile)  # the trainer's (train_lib)
+  if args.cpu_xla_defaults and not args.fast_compile:
+    options = None
   spec = TrainStateSpec.build(cfg, optim.OptimConfig(total_steps=10_000, warmup_steps=0), mesh)
   (init_s,), state = timed(
     lambda _: spec.init(jax.random.key(0, impl="rbg"), compiler_options=options), 1
