@@ -18,7 +18,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_step  # noqa: E402  (bench/train_step.py, beside this file)
@@ -38,17 +37,14 @@ def main():
     built = train_step.build(args)
     run = train_step.stepper(built)
     loss = float(jax.device_get(run(0))["loss/total"])
-    for i in range(1, args.warmup + 1):
-      jax.block_until_ready(run(i))
+    train_step.timed(lambda i: run(1 + i), args.warmup)
     runs[setting] = run
     report[setting] = {"compile_s": round(built["compile_s"], 2), "first_loss": loss, "times": []}
     print(f"{setting}: compiled in {built['compile_s']:.1f} s", file=sys.stderr, flush=True)
   for r in range(args.rounds):
     for setting, run in runs.items():
-      for i in range(args.steps):
-        t = time.perf_counter()
-        jax.block_until_ready(run(1000 * (r + 1) + i))
-        report[setting]["times"].append(time.perf_counter() - t)
+      times, _ = train_step.timed(lambda i, run=run: run(1000 * (r + 1) + i), args.steps)
+      report[setting]["times"] += times
   for row in report.values():
     times = sorted(row.pop("times"))
     row |= {
