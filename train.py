@@ -72,7 +72,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   _init_distributed()
-  from x2vlm_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from x2vlm_jax import cpu_host, train_lib  # pylint: disable=g-import-not-at-top
+
+  # Before anything touches a device: on CPU, steps stop re-faulting their memory (cpu_host).
+  t = _CONFIG.value.train
+  cpu_host.setup(bool(t.get("cpu_host_tuning", True)), bool(t.get("cpu_sync_dispatch", False)))
 
   train_lib.train_and_evaluate(
     _CONFIG.value,

@@ -34,7 +34,10 @@ recomputation not counted, as usual for MFU), and MFU uses it.
 Batch sizes are global (over the whole mesh). `--fast_compile` uses the CPU compile options of
 the tests (much faster compilation, slower code); never use it for reported speeds.
 `--cpu_xla_defaults` compiles without the trainer's `step_jit.CPU_STEP_OPTIONS` (A/B;
-bench/cpu_options_ab.py compares both in one process).
+bench/cpu_options_ab.py compares both in one process). The host settings of the trainer
+(`x2vlm_jax.cpu_host`: glibc keeps the step's memory mapped) are made as in train.py with the
+configs' defaults; `--no_cpu_host_tuning` leaves glibc's defaults and `--cpu_sync_dispatch` adds
+`train.cpu_sync_dispatch` (A/B between processes; `page_faults_per_step` shows the effect).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 
@@ -93,6 +97,16 @@ def parser(description: str = __doc__) -> argparse.ArgumentParser:
     "--cpu_devices", type=int, default=0, help="simulate N CPU devices (sets XLA_FLAGS; CPU only)"
   )
   p.add_argument("--fast_compile", action="store_true")
+  p.add_argument(
+    "--no_cpu_host_tuning",
+    action="store_true",
+    help="leave glibc's malloc defaults (x2vlm_jax.cpu_host; A/B)",
+  )
+  p.add_argument(
+    "--cpu_sync_dispatch",
+    action="store_true",
+    help="CPU executions on the dispatching thread (train.cpu_sync_dispatch; x2vlm_jax.cpu_host)",
+  )
   p.add_argument(
     "--cpu_xla_defaults",
     action="store_true",
@@ -222,6 +236,8 @@ def _report(args, cfg, sizes, per_update, mesh, state, compiled, metrics, timing
     "cpu_options": "fast_compile"
     if args.fast_compile
     else ("xla_defaults" if args.cpu_xla_defaults else "step"),
+    "cpu_host": timings.get("cpu_host"),
+    "page_faults_per_step": timings.get("page_faults_per_step"),  # host minor faults, timed steps
     "init_s": round(init_s, 2),
     "lower_s": round(lower_s, 2),
     "compile_s": round(compile_s, 2),
@@ -257,7 +273,10 @@ def build(args) -> dict:
   import jax
 
   from data_pipelines.testing.random_batch import random_batch
-  from x2vlm_jax import global_batch, optim, sharding, step_jit
+  from x2vlm_jax import cpu_host, global_batch, optim, sharding, step_jit
+
+  # As train.py, before any device use.
+  host = cpu_host.setup(not args.no_cpu_host_tuning, args.cpu_sync_dispatch)
   from x2vlm_jax.objectives import StepConfig
   from x2vlm_jax.train_state import TrainStateSpec
 
@@ -290,6 +309,7 @@ def build(args) -> dict:
     init_s=init_s,
     lower_s=lower_s,
     compile_s=compile_s,
+    cpu_host=host,
   )
 
 
@@ -312,8 +332,11 @@ def main():
   state0 = b["state"]  # the report counts the parameters of the initial state
   run = stepper(b)
   timed(run, args.warmup)
+  faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   times, metrics = timed(lambda i: run(1000 + i), args.steps)
+  faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / args.steps
   timings = {k: b[k] for k in ("init_s", "lower_s", "compile_s")} | {"times": times}
+  timings |= {"cpu_host": b["cpu_host"], "page_faults_per_step": round(faults)}
   out = _report(
     args, b["cfg"], b["sizes"], b["per_update"], b["mesh"], state0, b["compiled"], metrics, timings
   )

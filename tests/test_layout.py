@@ -26,6 +26,7 @@ LAYERS = {
   "x2vlm_jax.preemption": 1,
   "x2vlm_jax.metrics_writer": 1,
   "x2vlm_jax.run_env": 1,
+  "x2vlm_jax.cpu_host": 1,
   "x2vlm_jax.paths": 1,
   "x2vlm_jax.cli": 1,
   "x2vlm_jax.global_batch": 1,
