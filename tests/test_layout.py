@@ -62,6 +62,7 @@ LAYERS = {
   "x2vlm_jax.run_config": 7,
   "x2vlm_jax.run_config_mvptr": 7,
   "x2vlm_jax.train_data": 7,
+  "x2vlm_jax.train_batches": 7,
   "x2vlm_jax.train_report": 7,
   "x2vlm_jax.train_lib": 7,
   "x2vlm_jax.export": 7,

@@ -6,7 +6,8 @@
      state of every stream and process) or initialised from the configured weights (`init_lib`)
      with a fresh optimizer; the data streams; the jitted step of the config's task
      (`tasks.py`, `step_jit.task_step`; ITM and no-ITM variants compiled on first use);
-  2. the loop: preemption check, the step's batch (`_Batches`), the step, metrics read one step
+  2. the loop: preemption check, the step's batch (`train_batches`: made one step ahead on a
+     background thread), the step, metrics read one step
      late (`train_report.Reporter`), then checkpoint / evaluation and model selection
      (`train_eval.py`) / profiling when due;
   3. the export of the final weights (`export.py`).
@@ -21,7 +22,6 @@ import dataclasses
 import json
 import logging as py_logging
 import os
-import pathlib
 import time
 
 import jax
@@ -36,7 +36,6 @@ from data_pipelines.text_ops import Tokenizer
 from x2vlm_jax import checkpoint as ckpt_lib
 from x2vlm_jax import (
   export,
-  global_batch,
   init_lib,
   metrics_writer,
   optim,
@@ -45,6 +44,7 @@ from x2vlm_jax import (
   run_env,
   sharding,
   step_jit,
+  train_batches,
   train_data,
   train_eval,
   train_report,
@@ -77,31 +77,6 @@ def itm_for_step(loop: rc.LoopConfig, step: int, aux_choice, image_aux: bool) ->
   if image_aux:
     itm = itm and bool(aux_choice.get(F.IMAGE, False))
   return itm
-
-
-class _Batches:
-  """The step's global batch: `accum_steps` host micro-batches, logged, put on the mesh."""
-
-  def __init__(
-    self, streams: train_data.DataStreams, mesh, accum_steps: int, ids_path: pathlib.Path | None
-  ):
-    self.streams, self.mesh, self.accum, self.ids_path = streams, mesh, accum_steps, ids_path
-
-  def next(self, step: int) -> tuple[dict, dict[str, bool]]:
-    """(global batch, kind -> aux chosen); the aux coin depends on the step only."""
-    micro = []
-    for i in range(self.accum):
-      local, choice = self.streams.next(step)
-      if self.ids_path is not None:
-        with self.ids_path.open("a") as f:
-          f.write(
-            json.dumps(
-              {"step": step, "micro": i, "ids": train_data.example_ids(local), "aux": choice}
-            )
-            + "\n"
-          )
-      micro.append(local)
-    return global_batch.put(micro, self.mesh), choice
 
 
 @dataclasses.dataclass
@@ -259,8 +234,11 @@ def _write_reports(run: _Run, writer: metrics_writer.MetricsWriter) -> None:
 class _Saver:
   """Saves {state, base key} + data positions + config; remembers the last saved step."""
 
-  def __init__(self, manager: ckpt_lib.CheckpointManager, run: _Run, logdir: paths.LogDir):
-    self.manager, self.run, self.logdir = manager, run, logdir
+  def __init__(
+    self, manager: ckpt_lib.CheckpointManager, run: _Run, logdir: paths.LogDir, data_state
+  ):
+    # data_state: () -> the streams' positions after the last batch consumed by a step
+    self.manager, self.run, self.logdir, self.data_state = manager, run, logdir, data_state
     self.last_saved = run.start_step if run.resumed else None
     # The base key's data as a replicated global array (a single-device array cannot be saved
     # by several processes).
@@ -273,7 +251,7 @@ class _Saver:
     """Saves `step`; logs and returns the seconds the loop was blocked."""
     t0 = time.monotonic()
     self.last_saved = step
-    data_iter = train_data.gather_process_states(self.run.streams.get_state())
+    data_iter = train_data.gather_process_states(self.data_state())
     self.manager.save(
       step,
       self.run.spec.checkpoint_item(state, self.rng_data),
@@ -406,9 +384,19 @@ def _loop(run: _Run, manager, writer, watcher, logdir: paths.LogDir) -> tuple[st
   )
   ids_path = logdir.local / EXAMPLE_IDS.format(jax.process_index())
   ids_path = ids_path if loop.log_example_ids else None
-  batches = _Batches(run.streams, run.mesh, loop.accum_steps, ids_path)
+  end = loop.total_steps if loop.stop_after < 0 else min(loop.total_steps, loop.stop_after)
+  batches = train_batches.StepBatches(run.streams, run.mesh, loop.accum_steps, ids_path, end)
   reporter = _reporter(run, writer, manager, jstep)
-  saver = _Saver(manager, run, logdir)
+  try:
+    return _steps(run, manager, writer, watcher, logdir, jstep, batches, reporter)
+  finally:
+    batches.close()  # before the streams close (train_and_evaluate)
+
+
+def _steps(run: _Run, manager, writer, watcher, logdir, jstep, batches, reporter):
+  """The loop proper of `_loop`: (status, step)."""
+  loop = run.loop
+  saver = _Saver(manager, run, logdir, batches.data_state)
   evaluation = _periodic_eval(run, writer)
   base_key, image_aux = _base_key(loop), F.IMAGE in run.streams.aux_prob
   profile, step = loop.profile_steps, run.start_step
