@@ -71,10 +71,12 @@ def test_kept_heap_stops_per_call_page_faults():
   made_off, faults_off = _faults_per_call("off")
   made_on, faults_on = _faults_per_call("on")
   assert (made_off, made_on) == (False, True)
-  # Defaults: the block is mapped afresh on every call (10k pages of 4 KiB; 10-14k faults per
-  # call measured); kept heap + sync dispatch: the same pages every call (0 measured).
-  assert faults_off > 1000, faults_off
-  assert faults_on < 100, (faults_on, faults_off)
+  # Defaults: the block is mapped afresh on every call (10k pages of 4 KiB: 10-14k faults per
+  # call measured here; ~20 where transparent huge pages are always on); kept heap + sync
+  # dispatch: the same pages every call (0 measured).
+  if faults_off == 0:
+    pytest.skip("glibc's defaults do not re-fault the block on this host (another allocator?)")
+  assert faults_on <= faults_off / 20, (faults_on, faults_off)
 
 
 def test_sync_dispatch_once_backends_exist_is_refused():
