@@ -39,7 +39,7 @@ def main(argv):
   from absl import logging  # pylint: disable=g-import-not-at-top
 
   from data_pipelines.text_ops import Tokenizer  # pylint: disable=g-import-not-at-top
-  from x2vlm_jax import paths, run_config, run_env, sharding  # pylint: disable=g-import-not-at-top
+  from x2vlm_jax import cpu_host, paths, run_config, run_env, sharding  # pylint: disable=g-import-not-at-top
   from x2vlm_jax.evaluators import run, weights  # pylint: disable=g-import-not-at-top
 
   run_env.quiet_orbax()  # orbax's INFO lines would bury the result
@@ -53,6 +53,9 @@ def main(argv):
       file=sys.stderr,
     )
     sys.exit(2)
+  # Before anything touches a device: on CPU, the encoder and ITM calls stop re-faulting their
+  # temporary memory (cpu_host; the same setting as train.py's).
+  cpu_host.setup(bool((cfg.get("train") or {}).get("cpu_host_tuning", True)))
   mesh = sharding.make_mesh(cfg.mesh.to_dict())
   model, source = weights.load_model(
     run_config.model_config(cfg),

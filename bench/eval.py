@@ -2,7 +2,8 @@
 
   python bench/eval.py [--variant tiny|base|large --dims ... --image_res 224 --num_images 500
       --texts_per_image 5 --k_test 128 --batch 64 --itm_chunk 256 --max_tokens 30
-      --dtype float32|bfloat16 --attention einsum|xla|cudnn --mesh data=1 --out rows.jsonl]
+      --dtype float32|bfloat16 --attention einsum|xla|cudnn --mesh data=1 --out rows.jsonl
+      --no_cpu_host_tuning]
 
 Runs the evaluator's own code (`evaluators.run.run_retrieval`: the jitted image / text encoders
 over fixed-size batches, the ITC similarities, the official top-k ITM re-ranking in chunks of
@@ -53,6 +54,11 @@ def _args():
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--attention", default="einsum", choices=["einsum", "xla", "cudnn"])
   p.add_argument("--mesh", default="data=-1")
+  p.add_argument(
+    "--no_cpu_host_tuning",
+    action="store_true",
+    help="leave glibc's malloc defaults (x2vlm_jax.cpu_host; eval.py keeps the heap: A/B)",
+  )
   p.add_argument("--tag", default="", help="a name for the row (bench/gpu.sh: the row name)")
   p.add_argument("--out", default="", help="also append the JSON row to this file")
   return p.parse_args()
@@ -135,10 +141,12 @@ def main():
   import jax
   import jax.numpy as jnp
 
-  from x2vlm_jax import sharding
+  from x2vlm_jax import cpu_host, sharding
   from x2vlm_jax.evaluators import run as eval_run
   from x2vlm_jax.models.config import ModelConfig
   from x2vlm_jax.models.x2vlm import create_sharded
+
+  host = cpu_host.setup(not args.no_cpu_host_tuning)  # as eval.py does
 
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
   cfg = dims_lib.with_dims(
@@ -181,6 +189,7 @@ def main():
   times = {"warmup": warmup_s, "images": t1 - t0, "texts": t2 - t1, "total": t3 - t2}
   out = _report(args, cfg, mesh, model, data, times, count["pairs"])
   out["itm_route"] = count.get("route")
+  out["cpu_host"] = host
   print(json.dumps(out, indent=1))
   if args.out:
     with open(args.out, "a", encoding="utf-8") as f:

@@ -3,7 +3,7 @@
   python bench/train_step.py --variant tiny|base [--image_batch 8 --region_batch 8
       --region_max_images 4 --video_batch 0 --max_tokens 40 --image_res 224
       --dtype float32|bfloat16 --remat [full|save_matmuls|save_dots|save_all_but_attention|none]
-      --attention einsum|xla|cudnn --mesh data=1,fsdp=-1,tensor=1 --steps 5
+      --attention einsum|xla|cudnn --scan_unroll 1 --mesh data=1,fsdp=-1,tensor=1 --steps 5
       --peak_tflops 989 --cpu_devices 8 --fast_compile --cpu_xla_defaults --out rows.jsonl]
 
 A model given by its dimensions instead of a variant: `--dims` overrides the variant's sizes,
@@ -26,15 +26,15 @@ Reports examples/s per kind, the step time, FLOPs per step, MFU = model FLOPs / 
 else XLA's `memory_analysis()` of the compiled step).
 
 FLOPs: `xla_flops_*` is XLA's `compiled.cost_analysis()`, which counts the body of a while loop
-ONCE, and every tower is a scan over its layers, so it undercounts by about the depth (checked:
-a 16-step scan of a matmul reports the FLOPs of one). `model_flops_per_step` is therefore an
-analytic count of the matmul and attention FLOPs of the step as written (every tower call, the
-K/V projections, the MLM decoder at the masked positions; backward = 2x forward; remat
-recomputation not counted, as usual for MFU), and MFU uses it.
+ONCE, and every tower is a scan over its layers (unless `--scan_unroll` >= its depth), so it
+undercounts by about the depth (checked: a 16-step scan of a matmul reports the FLOPs of one).
+`model_flops_per_step` is therefore an analytic count of the matmul and attention FLOPs of the
+step as written (every tower call, the K/V projections, the MLM decoder at the masked positions;
+backward = 2x forward; remat recomputation not counted, as usual for MFU), and MFU uses it.
 Batch sizes are global (over the whole mesh). `--fast_compile` uses the CPU compile options of
 the tests (much faster compilation, slower code); never use it for reported speeds.
 `--cpu_xla_defaults` compiles without the trainer's `step_jit.CPU_STEP_OPTIONS` (A/B;
-bench/cpu_options_ab.py compares both in one process). The host settings of the trainer
+bench/step_ab.py compares both in one process). The host settings of the trainer
 (`x2vlm_jax.cpu_host`: glibc keeps the step's memory mapped) are made as in train.py with the
 configs' defaults; `--no_cpu_host_tuning` leaves glibc's defaults and `--cpu_sync_dispatch` adds
 `train.cpu_sync_dispatch` (A/B between processes; `page_faults_per_step` shows the effect).
@@ -74,6 +74,12 @@ def parser(description: str = __doc__) -> argparse.ArgumentParser:
     help="remat policy of every tower (bare --remat: full)",
   )
   p.add_argument("--attention", default="einsum", choices=["einsum", "xla", "cudnn"])
+  p.add_argument(
+    "--scan_unroll",
+    type=int,
+    default=1,
+    help="layers per iteration of each tower's layer loop (model.scan_unroll; >= depth: no loop)",
+  )
   p.add_argument("--dims", default="", help="model dimensions overriding the variant (above)")
   p.add_argument("--tag", default="", help="a name for the row (bench/gpu.sh: the row name)")
   p.add_argument("--out", default="", help="also append the JSON row to this file (JSON lines)")
@@ -158,6 +164,7 @@ def _model_and_sizes(args):
     dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
     remat=args.remat,
     attention=args.attention,
+    scan_unroll=args.scan_unroll,
   )
   if args.video_batch:
     kw["frame_len"] = args.frame_len
@@ -225,6 +232,7 @@ def _report(args, cfg, sizes, per_update, mesh, state, compiled, metrics, timing
     "dtype": args.dtype,
     "remat": args.remat,
     "attention": args.attention,
+    "scan_unroll": args.scan_unroll,
     "dims": args.dims or None,
     "tag": args.tag or None,
     "itm": itm,

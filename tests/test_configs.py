@@ -142,3 +142,12 @@ def test_cli_overrides_and_typos():
     _parse(["--config.optim.lrr=0.5"])
   with pytest.raises(Exception):
     _parse(["--config.train.seed=abc"])
+
+
+def test_scan_unroll_option():
+  from x2vlm_jax import run_config
+
+  assert run_config.model_config(_parse([])).scan_unroll == 1
+  assert run_config.model_config(_parse(["--config.model.scan_unroll=2"])).scan_unroll == 2
+  with pytest.raises(ValueError, match=r"scan_unroll 0 \(config.model.scan_unroll\)"):
+    run_config.model_config(_parse(["--config.model.scan_unroll=0"]))

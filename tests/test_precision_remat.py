@@ -1,4 +1,5 @@
-"""Remat policies per tower give the gradients of no remat (<= 1e-6 relative), and the bfloat16
+"""Remat policies per tower and unrolled layer loops (`scan_unroll`) give the gradients of no
+remat in rolled loops (<= 1e-6 relative), and the bfloat16
 compute policy keeps parameters, optimizer state, softmax, LayerNorm statistics and losses in
 float32 (read from the traced program), the loss within 5e-3 of float32 on the tiny model
 (measured 1.0e-3)."""
@@ -35,8 +36,9 @@ def _spec(cfg, mesh):
   return TrainStateSpec.build(cfg, optim.OptimConfig(total_steps=10), mesh)
 
 
-def _tower_grads(cfg, mesh, params):
-  """Gradients of a loss through all three towers, dropout and drop path active."""
+def _tower_grads(cfg, mesh, params, jaxpr=False):
+  """Gradients of a loss through all three towers, dropout and drop path active (or, with
+  `jaxpr`, the traced gradient program)."""
   spec = _spec(cfg, mesh)
   pixels = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3)), jnp.uint8)
   ids = jnp.asarray(np.random.default_rng(1).integers(1, 500, (3, 6)), jnp.int32)
@@ -51,14 +53,21 @@ def _tower_grads(cfg, mesh, params):
     fused = m.fuse(text, mask, vision, vmask, jnp.asarray([0, 1, 1]), keys[2])
     return jnp.sum(jnp.sin(fused.astype(jnp.float32)))
 
+  if jaxpr:
+    return jax.make_jaxpr(jax.grad(loss))(params)
   return jax.jit(jax.grad(loss), compiler_options=FAST_COMPILE)(params)
 
 
-def test_remat_policies_keep_gradients(mesh, params):
+def test_remat_policies_and_unrolled_loops_keep_gradients(mesh, params):
   ref = _tower_grads(ModelConfig.tiny(), mesh, params)
-  # One compile covers three policies, one per tower ("full" is nnx.remat's own default).
+  # One compile covers three policies, one per tower ("full" is nnx.remat's own default), and
+  # the layer loops unrolled.
   fields = remat_fields(True, "vision=save_matmuls,text=save_all_but_attention,fusion=save_dots")
-  cfg = ModelConfig.tiny(**fields)
+  cfg = ModelConfig.tiny(**fields, scan_unroll=True)
+  traced = _eqns(_tower_grads(cfg, mesh, params, jaxpr=True).jaxpr)
+  # Every layer loop, forward and backward, unrolled: jax records True as the depth (2).
+  unrolls = [e.params["unroll"] for e in traced if e.primitive.name == "scan"]
+  assert len(unrolls) == 6 and set(unrolls) == {2}, unrolls
   assert [cfg.tower_remat(t) for t in ("vision", "text", "fusion")] == [
     "save_matmuls",
     "save_all_but_attention",
@@ -141,14 +150,20 @@ def test_model_keeps_params_float32_in_bf16():
   assert {x.dtype for x in jax.tree.leaves(state)} == {jnp.dtype(jnp.float32)}
 
 
-def test_resume_ignores_attention_and_remat_policy():
+def test_resume_ignores_attention_remat_policy_and_unroll():
   """Old checkpoints (saved before these keys existed) resume; changing them is allowed; the
   model section stays critical otherwise."""
   from x2vlm_jax import ckpt_config, run_config
 
   new = {
-    "model": {"variant": "tiny", "remat": False, "attention": "xla", "remat_policy": "full"},
-    "_model_resolved": {"remat": False, "attention": "xla", "remat_text": "full"},
+    "model": {
+      "variant": "tiny",
+      "remat": False,
+      "attention": "xla",
+      "remat_policy": "full",
+      "scan_unroll": 2,
+    },
+    "_model_resolved": {"remat": False, "attention": "xla", "remat_text": "full", "scan_unroll": 2},
   }
   old = {"model": {"variant": "tiny", "remat": False}, "_model_resolved": {"remat": False}}
   assert run_config.resume_check(new, False)(old) == []

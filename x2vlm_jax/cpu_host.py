@@ -71,8 +71,8 @@ def backends_initialized() -> bool:
 
 def setup(keep: bool = True, sync_dispatch: bool = False) -> dict[str, bool]:
   """Makes the settings asked for where they apply (see the module docstring); returns which were
-  made. Process-wide: entry points call it (train.py, bench/train_step.py) before anything
-  touches a device, not library code."""
+  made. Process-wide: entry points call it (train.py, eval.py, bench/train_step.py,
+  bench/eval.py) before anything touches a device, not library code."""
   done = {"keep_heap": False, "sync_dispatch": False}
   if sync_dispatch:
     if backends_initialized():

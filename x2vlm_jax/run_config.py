@@ -56,9 +56,8 @@ STREAM_KEYS = ("data", "loss.aux_iter_perc")
 NEUTRAL_KEYS = ("data.num_workers", "data.worker_buffer_size", "data.read_threads")
 # How the step computes, not what (same numbers up to rounding): free to change on resume, and
 # absent from the configs of runs saved before they existed.
-FREE_KEYS = tuple(
-  f"{s}.{k}" for s in ("model", "_model_resolved") for k in ("attention", "remat_policy")
-) + tuple(f"_model_resolved.remat_{t}" for t in ("vision", "text", "fusion"))
+_HOW = ("attention", "remat_policy", "scan_unroll", "remat_vision", "remat_text", "remat_fusion")
+FREE_KEYS = tuple(f"{s}.{k}" for s in ("model", "_model_resolved") for k in _HOW)
 
 
 def resolve_dir(path: str) -> str:
@@ -110,6 +109,7 @@ def model_config(cfg) -> ModelConfig | MvptrConfig:
     dtype=dtype,
     **remat_fields(bool(m.remat), str(m.get("remat_policy", ""))),  # older configs: no policy
     attention=str(m.get("attention", "einsum")),
+    scan_unroll=m.get("scan_unroll", 1),  # checked by ModelConfig
     # The fine-tuning heads (absent from pre-training configs and older saved configs).
     decoder_layers=int(m.get("decoder_layers", 0)),
     cls_labels=int(m.get("cls_labels", 0)),

@@ -147,6 +147,11 @@ class ModelConfig:
   remat_vision: str | None = None
   remat_text: str | None = None
   remat_fusion: str | None = None  # also the VQA answer decoder's layers
+  # Layers per iteration of each tower's layer loop (`lax.scan` unroll): 1 = a rolled loop
+  # (default: compile time independent of depth), True = every layer inlined. Same numbers and
+  # parameter layout either way; unrolling removes the loop's stacked-buffer bookkeeping, which
+  # pays on op-bound small models (docs/benchmarks.md#unrolled-layer-loops) and costs compile time.
+  scan_unroll: int | bool = 1
   # Attention core: "einsum" (default), "xla" or "cudnn" (`jax.nn.dot_product_attention`;
   # models/attention.py says where each applies and when it falls back).
   attention: str = "einsum"
@@ -158,6 +163,13 @@ class ModelConfig:
   # 6-layer BERT cross encoder (its own `cross_encoder.*` keys) and the MLM head (`mlm_head.*`)
   # has its own, untied decoder matrix. Structure and computation of the towers are unchanged.
   xvlm_plus: bool = False
+
+  def __post_init__(self):
+    u = self.scan_unroll
+    if not isinstance(u, bool) and not (isinstance(u, int) and u >= 1):
+      raise ValueError(
+        f"scan_unroll {u!r} (config.model.scan_unroll) is not a positive layer count or a bool"
+      )
 
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)

@@ -35,6 +35,7 @@ class TextDecoder(FusionTower):
       cfg.text,
       cfg.text.width,
       remat=remat,
+      unroll=cfg.scan_unroll,
       causal=True,
       attention=cfg.attention,
       rngs=rngs,

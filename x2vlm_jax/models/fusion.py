@@ -81,6 +81,7 @@ class FusionTower(nnx.Module):
     dtype=jnp.float32,
     param_dtype=jnp.float32,
     remat: bool | str = False,
+    unroll: int | bool = 1,
     causal: bool = False,
     attention: str = "einsum",
     rngs: nnx.Rngs,
@@ -89,6 +90,7 @@ class FusionTower(nnx.Module):
       raise ValueError(f"FusionConfig.drop_path_rate must be in [0, 1), got {cfg.drop_path_rate}")
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.cfg, self.dtype, self.remat = cfg, dtype, remat
+    self.unroll = unroll  # layers per scan iteration (ModelConfig.scan_unroll)
     self.causal = causal  # self-attention sees earlier positions only (the VQA answer decoder)
     self.width, self.vision_width = text.width, vision_width
     self.layers = L.stacked(
@@ -159,4 +161,4 @@ class FusionTower(nnx.Module):
       return layer(h, text_bias, (k, v), vision_bias, ks, deterministic, path_rate=rate)
 
     x = L.constrain(text.astype(self.dtype), L.ACT)
-    return L.scan_layers(self.layers, body, x, xs, remat=self.remat)
+    return L.scan_layers(self.layers, body, x, xs, remat=self.remat, unroll=self.unroll)

@@ -406,19 +406,27 @@ def remat_name(remat: bool | str) -> str:
 
 
 def scan_layers(
-  layers: nnx.Module, body: Callable, x: jax.Array, xs: Any, *, remat: bool | str = False
+  layers: nnx.Module,
+  body: Callable,
+  x: jax.Array,
+  xs: Any,
+  *,
+  remat: bool | str = False,
+  unroll: int | bool = 1,
 ) -> jax.Array:
   """Runs `x = body(layer_i, x, xs_i)` over a stacked module with `nnx.scan`.
 
   xs: pytree of per-layer inputs with a leading depth axis (drop-path rates, dropout keys,
   precomputed cross-attention K/V). `remat`: a `REMAT_POLICIES` name (or a bool: True = full)
   saying what each layer keeps for the backward pass; the numbers are the same for all.
+  `unroll`: layers per loop iteration (`lax.scan`'s unroll; True = no loop), same numbers.
   """
   name = remat_name(remat)
   plain = name in ("none", "save_all_but_attention")
   fn = body if plain else nnx.remat(body, policy=REMAT_POLICIES[name])
   scan = nnx.scan(
     fn,
+    unroll=unroll,
     in_axes=(0, nnx.Carry, 0),
     out_axes=nnx.Carry,
     transform_metadata={nnx.PARTITION_NAME: "layers"},

@@ -173,6 +173,7 @@ class TextTower(nnx.Module):
     dtype=jnp.float32,
     param_dtype=jnp.float32,
     remat: bool | str = False,
+    unroll: int | bool = 1,
     attention: str = "einsum",
     rngs: nnx.Rngs,
   ):
@@ -180,6 +181,7 @@ class TextTower(nnx.Module):
       raise ValueError(f"TextConfig.drop_path_rate must be in [0, 1), got {cfg.drop_path_rate}")
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.cfg, self.remat = cfg, remat
+    self.unroll = unroll  # layers per scan iteration (ModelConfig.scan_unroll)
     self.embeddings = TextEmbeddings(cfg, rngs=rngs, **kw)
     self.layers = L.stacked(
       lambda r: TextLayer(cfg, attention=attention, rngs=r, **kw), cfg.depth, rngs
@@ -224,4 +226,4 @@ class TextTower(nnx.Module):
       rate = xs[1] if len(xs) == 2 else None
       return layer(h, bias, xs[0], deterministic, path_rate=rate)
 
-    return L.scan_layers(self.layers, body, x, xs, remat=self.remat)
+    return L.scan_layers(self.layers, body, x, xs, remat=self.remat, unroll=self.unroll)

@@ -234,6 +234,7 @@ class VisionTower(nnx.Module):
     dtype=jnp.float32,
     param_dtype=jnp.float32,
     remat: bool | str = False,
+    unroll: int | bool = 1,
     attention: str = "einsum",
     rngs: nnx.Rngs,
   ):
@@ -242,6 +243,7 @@ class VisionTower(nnx.Module):
     if cfg.width % cfg.num_heads:
       raise ValueError(f"vision width {cfg.width} is not divisible by {cfg.num_heads} heads")
     self.cfg, self.dtype, self.remat = cfg, dtype, remat
+    self.unroll = unroll  # layers per scan iteration (ModelConfig.scan_unroll)
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     p, d = cfg.patch_size, cfg.width
     init = L.trunc_normal(0.02)
@@ -307,7 +309,7 @@ class VisionTower(nnx.Module):
       rate, ks = xs
       return block(h, rel_index, rate, ks, deterministic)
 
-    x = L.scan_layers(self.blocks, body, x, (rates, keys), remat=self.remat)
+    x = L.scan_layers(self.blocks, body, x, (rates, keys), remat=self.remat, unroll=self.unroll)
     patches = self.fc_norm(x[:, 1:])  # [N, T, D]; BEiT's CLS output is discarded
     mean = jnp.mean(patches.astype(jnp.float32), axis=1, keepdims=True).astype(patches.dtype)
     return L.constrain(jnp.concatenate([mean, patches], axis=1), L.ACT)  # [N, 1+T, D]

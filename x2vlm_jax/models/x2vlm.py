@@ -44,7 +44,7 @@ class X2VLM(nnx.Module):
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     dv, dt = cfg.vision.width, cfg.text.width
     remat = {t: L.remat_name(cfg.tower_remat(t)) for t in ("vision", "text", "fusion")}
-    att = dict(attention=check_impl(cfg.attention), rngs=rngs, **kw)
+    att = dict(attention=check_impl(cfg.attention), unroll=cfg.scan_unroll, rngs=rngs, **kw)
     self.vision = VisionTower(cfg.vision, remat=remat["vision"], **att)
     self.text = TextTower(cfg.text, remat=remat["text"], **att)
     self.fusion = FusionTower(cfg.fusion, cfg.text, dv, remat=remat["fusion"], **att)
