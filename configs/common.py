@@ -76,8 +76,9 @@ def base_config() -> mlc.ConfigDict:
   c.model.remat_policy = ""
   # Attention core: einsum | xla | cudnn (x2vlm_jax/models/attention.py).
   c.model.attention = "einsum"
-  # Layers per iteration of each tower's layer loop: 1 = rolled; True = unrolled (faster on
-  # small op-bound models, longer compile; docs/benchmarks.md#unrolled-layer-loops).
+  # Layers per iteration of each tower's layer loop: 1 = rolled; a number >= the tower's depth
+  # = unrolled (faster on small op-bound models, slower on base, longer compile;
+  # docs/benchmarks.md#unrolled-layer-loops).
   c.model.scan_unroll = 1
   # '' = the variant's text tower; else a BERT directory ('minilm' allowed) whose config.json
   # sizes the text tower (fusion heads / FFN follow it).

@@ -1,8 +1,7 @@
 """Remat policies per tower and unrolled layer loops (`scan_unroll`) give the gradients of no
-remat in rolled loops (<= 1e-6 relative), and the bfloat16
-compute policy keeps parameters, optimizer state, softmax, LayerNorm statistics and losses in
-float32 (read from the traced program), the loss within 5e-3 of float32 on the tiny model
-(measured 1.0e-3)."""
+remat in rolled loops (<= 1e-6 relative), and the bfloat16 compute policy keeps parameters,
+optimizer state, softmax, LayerNorm statistics and losses in float32 (read from the traced
+program), the loss within 5e-3 of float32 on the tiny model (measured 1.0e-3)."""
 
 import jax
 import jax.numpy as jnp

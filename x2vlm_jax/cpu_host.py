@@ -16,9 +16,9 @@ dispatch the block is allocated by one of XLA's worker threads, whose glibc heap
 `sync_dispatch` (off by default) runs each execution on the thread that dispatches it
 (`jax_cpu_enable_async_dispatch=False`), whose allocations come from glibc's main heap, which has
 no such limit: the block stops faulting at any size (base: 1.05 M -> 0.17 M faults per step; the
-rest are other allocations of the worker threads). But the input
-pipeline, which runs on that same thread in the trainer, then no longer overlaps the step: the
-tiny config's training run drops from 131-145 to 86-89 examples/s. Worth it only when a step
+rest are other allocations of the worker threads). But the trainer's input pipeline then no
+longer keeps up with the step, even on its own batch thread (train_batches): the tiny config's
+training run drops from 184-188 to 117-121 examples/s. Worth it only when a step
 takes seconds and its batch milliseconds (base-size models on CPU). It must be set before JAX
 creates its backends.
 
